@@ -1,0 +1,24 @@
+"""Every setting lsa-serve reads from the environment, in one place (prefix ``LSA_``).
+
+Values are read when asked for, never at import time, so tests can set them per case.
+"""
+import os
+
+
+def kernel_backend() -> str:
+    """``LSA_KERNELS``: ``auto`` (Triton on CUDA tensors, torch reference elsewhere),
+    ``triton`` (always Triton; on CPU tensors this needs ``TRITON_INTERPRET=1``) or ``torch``."""
+    value = os.environ.get("LSA_KERNELS", "auto").strip().lower()
+    if value not in ("auto", "triton", "torch"):
+        raise ValueError(f"LSA_KERNELS must be auto, triton or torch, got {value!r}")
+    return value
+
+
+def model_dir() -> str | None:
+    """``LSA_MODEL_DIR``: extra directory searched for model names given to ``--model``."""
+    return os.environ.get("LSA_MODEL_DIR") or None
+
+
+def haystack_dir() -> str | None:
+    """``LSA_HAYSTACK``: directory of long text files for evaluation (default: ../shared/data/haystack)."""
+    return os.environ.get("LSA_HAYSTACK") or None
