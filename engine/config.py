@@ -1,0 +1,209 @@
+"""Frozen configs, parsed once at the edge (CLI, Serve args) and passed down as fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import InvalidRequestError, ModelFormatError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling: ``linear`` (positions / factor) or ``llama3`` (Llama 3.1 frequency bands)."""
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and constants of a Llama-family decoder (Llama 2/3/3.1, Qwen2/2.5, Mistral)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V for one token over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _itemsize(dtype)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dictionary."""
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = cfg.get("model_type")
+            if model_type in ("llama", "mistral", "qwen2"):
+                arch = model_type
+            else:
+                raise UnsupportedModelError(
+                    f"architecture {archs or model_type!r} is not supported; lsa-serve runs "
+                    f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense GQA Llama family)"
+                )
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            kv_heads = int(cfg.get("num_key_value_heads") or heads)
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            max_pos = int(cfg.get("max_position_embeddings", 4096))
+            if arch == "mistral" and cfg.get("sliding_window"):
+                # We do not implement sliding-window attention: serve only what fits inside it.
+                max_pos = min(max_pos, int(cfg["sliding_window"]))
+            if arch == "qwen2" and cfg.get("use_sliding_window"):
+                raise UnsupportedModelError("Qwen2 with use_sliding_window=true is not supported")
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+            config = cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+                max_position_embeddings=max_pos,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+                o_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, UnsupportedModelError):
+                raise
+            raise ModelFormatError(f"config.json is missing or has a bad field: {exc!r}") from exc
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ModelFormatError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+
+def _parse_rope_scaling(raw: dict | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    kind = raw.get("rope_type") or raw.get("type")
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", factor=float(raw["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            factor=float(raw["factor"]),
+            low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+        )
+    raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (use default, linear or llama3)")
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``auto`` (or None) is bf16 on CUDA and fp32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise InvalidRequestError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Block KV cache: device reserve and host mirror."""
+
+    block_size: int = 64
+    num_device_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
+    device_kv_bytes: int | None = None  # cap on the device pool when sizing automatically
+    host_mirror: bool = True
+    num_host_blocks: int | None = None  # None: same as the device pool
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 8
+    max_model_len: int | None = None  # None: the model's context length
+    prefill_chunk: int = 1024  # tokens per prefill segment
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.prefill_chunk < 1:
+            raise InvalidRequestError("max_num_seqs and prefill_chunk must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine process needs; built once by the CLI or the Serve app."""
+
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype, self.device)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["ModelConfig", "RopeScaling", "CacheConfig", "SchedulerConfig", "EngineConfig",
+           "parse_dtype", "ceil_div"]

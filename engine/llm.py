@@ -1,0 +1,195 @@
+"""The engine: one process, one device. Requests in, completions out, continuous batching."""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+
+from engine.attention import PagedAttention
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
+from engine.kv_cache import BlockKVCache
+from engine.model import LlamaForCausalLM
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.scheduler import Scheduler
+from engine.sequence import Completion, Sequence, Status
+
+DEFAULT_CPU_KV_BYTES = 4 << 30
+
+
+class LLMEngine:
+    """``add_request`` then ``step`` until done, or ``generate`` for a list of prompts."""
+
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = torch.device(config.device)
+        self.dtype = next(model.parameters()).dtype
+        mc: ModelConfig = model.config
+        self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.eos_ids = set(mc.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        cache_cfg = config.cache
+        num_device = cache_cfg.num_device_blocks or self._auto_device_blocks(mc)
+        num_host = cache_cfg.num_host_blocks if cache_cfg.num_host_blocks is not None else num_device
+        self.cache = BlockKVCache(mc, cache_cfg.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
+                                  self.dtype, self.device)
+        self.attention = PagedAttention(self.cache, mc.head_dim)
+        self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
+                                   can_admit=lambda s: self.cache.blocks.can_admit(s.max_len),
+                                   admit=lambda s: self.cache.admit(s.seq_id, s.max_len))
+        self._generators: dict[int, torch.Generator | None] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Load the model named by ``config.model`` (registry name, HF directory or GGUF)."""
+        from engine.loader import load_model
+        from engine.tokenizer import Tokenizer
+        from engine.weights import resolve_model
+
+        source = resolve_model(config.model)
+        tokenizer = Tokenizer(source)
+        torch.manual_seed(config.seed)
+        return cls(load_model(source, config.device, config.torch_dtype), config, tokenizer)
+
+    def _auto_device_blocks(self, mc: ModelConfig) -> int:
+        bs = self.config.cache.block_size
+        want = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs)
+        cap = self.config.cache.device_kv_bytes
+        if cap is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                cap = int(free * 0.85)
+            else:
+                cap = DEFAULT_CPU_KV_BYTES
+        return max(1, min(want, cap // (mc.kv_bytes_per_token(self.dtype) * bs)))
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str = "", chat: bool = False) -> Sequence:
+        params = params or SamplingParams()
+        ids = self._encode(prompt, chat)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; the context holds {self.max_model_len} including at least one "
+                f"generated token: shorten the prompt")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens > room:
+            params = SamplingParams(**{**params.__dict__, "max_tokens": room})
+        seq = Sequence(ids, params, request_id=request_id)
+        if self.cache.blocks.blocks_for(seq.max_len) > self.cache.blocks.device.num_blocks:
+            raise CacheFullError(
+                f"request needs {seq.max_len} tokens of KV but the whole device cache holds "
+                f"{self.cache.blocks.device.num_blocks * self.cache.block_size}; lower max_tokens or give the "
+                f"cache more blocks")
+        self._generators[seq.seq_id] = make_generator(params, self.device)
+        self.scheduler.add(seq)
+        return seq
+
+    def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidRequestError("the prompt is empty: give some text or token ids")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer: pass token ids")
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: give some text or token ids")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"token ids must be integers in [0, {vocab})")
+        return ids
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")
+
+    # ------------------------------------------------------------ stepping
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Run one prefill segment and one decode batch; returns the sequences finished now."""
+        plan = self.scheduler.schedule()
+        finished = []
+        if plan.decode:
+            t0 = time.perf_counter()
+            ids = [s.seq_id for s in plan.decode]
+            tokens = torch.tensor([s.last_token for s in plan.decode], device=self.device)
+            positions = torch.tensor([s.num_cached for s in plan.decode], device=self.device)
+            self.attention.plan_decode(ids)
+            hidden = self.model(tokens, positions, self.attention)
+            self.cache.commit(ids, [1] * len(ids))
+            next_tokens = sample(self.model.logits(hidden), [s.params for s in plan.decode],
+                                 [self._generators[i] for i in ids])
+            dt = time.perf_counter() - t0
+            for seq, tok in zip(plan.decode, next_tokens):
+                seq.num_cached += 1
+                seq.decode_s += dt
+                if self._append(seq, tok):
+                    finished.append(seq)
+        if plan.prefill is not None:
+            seq, start, end = plan.prefill, plan.prefill.num_cached, plan.prefill_end
+            t0 = time.perf_counter()
+            self.attention.plan_prefill(seq.seq_id, start, end)
+            tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
+            hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
+            self.cache.commit([seq.seq_id], [end - start])
+            seq.num_cached = end
+            if end == seq.prompt_len:
+                tok = sample(self.model.logits(hidden[-1:]), [seq.params], [self._generators[seq.seq_id]])[0]
+                seq.status = Status.DECODE
+                seq.prefill_s += time.perf_counter() - t0
+                if self._append(seq, tok):
+                    finished.append(seq)
+            else:
+                seq.prefill_s += time.perf_counter() - t0
+        return finished
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Add a generated token; finish the sequence if a stop condition holds."""
+        seq.output_ids.append(token)
+        reason = None
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            reason = "length"
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            for stop in seq.params.stop:
+                cut = seq.text.find(stop)
+                if cut >= 0:
+                    seq.text, reason = seq.text[:cut], "stop"
+                    break
+        if reason:
+            self._finish(seq, reason)
+        return reason is not None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.status in (Status.PREFILL, Status.DECODE):
+            seq.kv = self.cache.accounting(seq.seq_id).as_dict()
+            self.cache.release(seq.seq_id)
+        seq.status = Status.FINISHED
+        self.scheduler.remove(seq)
+        self._generators.pop(seq.seq_id, None)
+
+    # ------------------------------------------------------------ convenience
+
+    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | None = None,
+                 chat: bool = False) -> list[Completion]:
+        seqs = [self.add_request(p, params, chat=chat) for p in prompts]
+        while any(s.status is not Status.FINISHED for s in seqs):
+            self.step()
+        return [Completion(s.request_id, s.prompt_ids, s.output_ids, s.text, s.finish_reason, s.prefill_s,
+                           s.decode_s, s.kv) for s in seqs]
