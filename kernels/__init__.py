@@ -1,0 +1,102 @@
+"""GPU math of lsa-serve: sparse paged decode attention, block scoring, paged KV write.
+
+Every function here runs its Triton kernel on CUDA tensors and its plain-torch reference
+(``kernels.reference``) elsewhere; ``LSA_KERNELS`` overrides that (see ``kernels.dispatch``).
+The pool layout is docs/kv-layout.md; the design is docs/kernels.md. No model, no Ray.
+"""
+import torch
+
+from . import reference
+from .dispatch import pick
+
+__all__ = ["sparse_decode_attention", "block_scores", "select_blocks", "paged_kv_write",
+           "reference"]
+
+
+def sparse_decode_attention(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
+                            return_block_mass=False, *, out=None, mass_out=None):
+    """Decode attention of one query per sequence over the KV blocks its table row lists.
+
+    Args:
+        q:           [N, Hq, D] one decode query per sequence (bf16 / fp16; fp32 too).
+        k_cache:     [S, Hkv, B, D] one layer of the pool, e.g. ``kv_pool[l, 0]``; any
+                     strides, but the head dim should be contiguous for speed.
+        v_cache:     [S, Hkv, B, D] same shape and dtype, e.g. ``kv_pool[l, 1]``.
+        block_table: [N, M] int32 slot ids; entries ``>= num_blocks[n]`` are never read.
+        num_blocks:  [N] int32, >= 1: valid entries of each row.
+        last_len:    [N] int32 in 1..B: valid tokens of the last listed block; every other
+                     listed block is full. Full blocks may be listed in any order.
+        scale:       softmax scale (usually D ** -0.5).
+        return_block_mass: also return each listed block's share of the softmax.
+        out, mass_out: optional preallocated outputs (e.g. static buffers for CUDA graphs).
+
+    Returns:
+        out [N, Hq, D] in q's dtype; with ``return_block_mass`` also mass [N, Hq, M] fp32
+        (sums to 1 over a row's listed blocks, 0 for padding entries).
+
+    Query head i uses KV head i // (Hq // Hkv) (the repeat_interleave GQA convention).
+    """
+    fn = pick(q, "sparse_attention", "sparse_decode_attention")
+    return fn(q, k_cache, v_cache, block_table, num_blocks, last_len, scale, return_block_mass,
+              out=out, mass_out=mass_out)
+
+
+def block_scores(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None):
+    """Score blocks from their key summaries: Quest upper bound and mean-key dot product.
+
+    Args:
+        q:           [N, Hq, D] queries, or [N, W, Hq, D] a window of W recent queries.
+        kmin, kmax, kmean: [R, Hkv, D] summary rows (one layer), same dtype and strides.
+        block_table: [N, M] int32 summary row ids; entries ``>= num_blocks[n]`` are never read.
+        num_blocks:  [N] int32 valid entries of each row.
+        out:         optional preallocated (quest, meandot).
+
+    Returns:
+        (quest, meandot), each [N, Hkv, M] fp32: ``quest = sum_d max(q_d kmin_d, q_d kmax_d)``
+        and ``meandot = q . kmean``, each maxed over the query heads of the KV group (and
+        over the W queries of a window); ``-inf`` for entries ``>= num_blocks``.
+    """
+    fn = pick(q, "block_scores", "block_scores")
+    return fn(q, kmin, kmax, kmean, block_table, num_blocks, out=out)
+
+
+def paged_kv_write(k, v, k_cache, v_cache, slot_ids, offsets, kmin=None, kmax=None, kmean=None,
+                   summary_ids=None):
+    """Write new tokens' K and V into their pool slots; optionally refresh block summaries.
+
+    Args:
+        k, v:        [T, Hkv, D] new tokens (cast to the cache dtype).
+        k_cache, v_cache: [S, Hkv, B, D] one layer of the pool, written in place.
+        slot_ids:    [T] int32 / int64 device slot of each token's block.
+        offsets:     [T] int32 / int64 position inside the block, 0..B-1.
+        kmin, kmax, kmean: optional [R, Hkv, D] summary rows (same dtype and strides).
+        summary_ids: [T] summary row of each token's block (the same for all tokens of a block).
+
+    After the call, for every block touched, ``kmin/kmax/kmean[summary_ids[t]]`` are the
+    min / max / mean over ``k_cache[slot, h, 0 : max offset written in this call + 1]``, i.e.
+    the block's whole valid prefix, so decode (one token at a time) and prefill (many tokens
+    of a block at once) both leave correct summaries. Tokens of one call must not share a
+    (slot, offset).
+    """
+    fn = pick(k, "kv_write", "paged_kv_write")
+    fn(k, v, k_cache, v_cache, slot_ids, offsets, kmin, kmax, kmean, summary_ids)
+
+
+def select_blocks(scores, num_blocks, k=None, threshold=None, top_p=None):
+    """Choose blocks from scores: top-k, score threshold and/or top-p of mass (plain torch).
+
+    Args:
+        scores:     [N, M] or [N, H, M] (e.g. ``block_scores`` output or block mass).
+        num_blocks: [N] valid entries per row; the rest is never selected.
+        k:          keep at most k blocks (the highest scores).
+        threshold:  keep only blocks with ``score >= threshold``.
+        top_p:      keep the smallest highest-score prefix whose summed score reaches
+                    ``top_p`` of the row's total (for non-negative scores such as mass).
+        Filters compose: threshold, then top_p, then k. None of them keeps every listed block.
+
+    Returns:
+        (idx, count): idx [..., K] int64 column indices into the row (not slot ids), sorted by
+        score descending, -1 after the first ``count`` entries; K = min(k, M) if k else M.
+        count [...] int32 number of selected blocks.
+    """
+    return reference.select_blocks(scores, num_blocks, k=k, threshold=threshold, top_p=top_p)

@@ -1,0 +1,34 @@
+"""Backend choice: Triton on CUDA tensors, the torch reference elsewhere.
+
+``LSA_KERNELS`` (read through :func:`lsa_env.kernel_backend`, at every call) overrides it:
+``torch`` always uses the reference, ``triton`` always uses Triton (on CPU tensors that needs
+``TRITON_INTERPRET=1`` set before the first kernel call). The Triton modules are imported on
+first use, so importing ``kernels`` compiles nothing and reads no environment.
+"""
+import importlib
+
+import torch
+
+import lsa_env
+
+from . import reference
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when a kernel called with tensor ``t`` runs its Triton version."""
+    backend = lsa_env.kernel_backend()
+    if backend == "auto":
+        return t.is_cuda
+    return backend == "triton"
+
+
+def triton_impl(module: str, name: str):
+    """The Triton function ``name`` of ``kernels.<module>``, imported on first use."""
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def pick(t: torch.Tensor, module: str, name: str):
+    """The implementation of kernel ``name`` to run on tensor ``t``."""
+    if use_triton(t):
+        return triton_impl(module, f"{name}_triton")
+    return getattr(reference, name)

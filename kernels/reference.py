@@ -1,0 +1,132 @@
+"""Plain-torch references of every kernel in this package.
+
+They define what the Triton kernels compute, run on any device, and are what the
+dispatcher uses off CUDA. Arithmetic is fp32 (fp64 when the inputs are fp64); outputs
+follow the contracts in ``kernels/__init__.py`` and ``docs/kv-layout.md``.
+"""
+import torch
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_mask(block_table: torch.Tensor, num_blocks: torch.Tensor, last_len: torch.Tensor,
+               block_size: int) -> torch.Tensor:
+    """[N, M, B] bool: which (listed block, token) pairs are valid.
+
+    Entries ``j < num_blocks[n]`` are listed; the last listed one holds ``last_len[n]`` tokens,
+    every other listed one is full.
+    """
+    n_rows, width = block_table.shape
+    dev = block_table.device
+    j = torch.arange(width, device=dev)[None, :]                         # [1, M]
+    nb = num_blocks.to(dev).long()[:, None]                              # [N, 1]
+    valid_len = torch.where(j == nb - 1, last_len.to(dev).long()[:, None],
+                            torch.full_like(j, block_size))              # [N, M]
+    valid_len = torch.where(j < nb, valid_len, torch.zeros_like(valid_len))
+    t = torch.arange(block_size, device=dev)
+    return t[None, None, :] < valid_len[:, :, None]                      # [N, M, B]
+
+
+def sparse_decode_attention(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
+                            return_block_mass=False, *, out=None, mass_out=None):
+    """Reference of :func:`kernels.sparse_decode_attention`; see there for the contract."""
+    n_seq, n_qh, head_dim = q.shape
+    n_slots, n_kvh, block_size, _ = k_cache.shape
+    group = n_qh // n_kvh
+    cdt = _compute_dtype(q)
+    idx = block_table.long().clamp(0, n_slots - 1)       # padding entries may hold anything
+    valid = token_mask(block_table, num_blocks, last_len, block_size)      # [N, M, B]
+    k = k_cache[idx].to(cdt)                              # [N, M, Hkv, B, D]
+    v = v_cache[idx].to(cdt)
+    v = v.masked_fill(~valid[:, :, None, :, None], 0.0)   # unwritten slots may hold NaN
+    qg = q.to(cdt).view(n_seq, n_kvh, group, head_dim)    # [N, Hkv, G, D]
+    s = torch.einsum("nhgd,nmhbd->nhgmb", qg, k) * scale  # [N, Hkv, G, M, B]
+    s = s.masked_fill(~valid[:, None, None, :, :], float("-inf"))
+    p = torch.softmax(s.flatten(-2), dim=-1).view_as(s)
+    o = torch.einsum("nhgmb,nmhbd->nhgd", p, v).reshape(n_seq, n_qh, head_dim)
+    out = o.to(q.dtype) if out is None else out.copy_(o)
+    if not return_block_mass:
+        return out
+    mass = p.sum(-1).reshape(n_seq, n_qh, -1).float()    # [N, Hq, M]
+    mass = mass if mass_out is None else mass_out.copy_(mass)
+    return out, mass
+
+
+def block_scores(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None):
+    """Reference of :func:`kernels.block_scores`; see there for the contract."""
+    if q.dim() == 3:
+        q = q[:, None]                                    # [N, W=1, Hq, D]
+    n_seq, window, n_qh, head_dim = q.shape
+    n_rows, n_kvh, _ = kmin.shape
+    group = n_qh // n_kvh
+    cdt = _compute_dtype(q)
+    idx = block_table.long().clamp(0, n_rows - 1)
+    qg = q.to(cdt).view(n_seq, window, n_kvh, group, head_dim)      # [N, W, Hkv, G, D]
+    # sum_d max(q_d kmin_d, q_d kmax_d) = q+ . kmax + q- . kmin   (kmin <= kmax)
+    quest = (torch.einsum("nwhgd,nmhd->nhwgm", qg.clamp(min=0), kmax[idx].to(cdt))
+             + torch.einsum("nwhgd,nmhd->nhwgm", qg.clamp(max=0), kmin[idx].to(cdt)))
+    meandot = torch.einsum("nwhgd,nmhd->nhwgm", qg, kmean[idx].to(cdt))
+    quest = quest.flatten(2, 3).amax(2).float()           # [N, Hkv, M]
+    meandot = meandot.flatten(2, 3).amax(2).float()
+    listed = torch.arange(block_table.shape[1], device=q.device)[None, :] < \
+        num_blocks.to(q.device).long()[:, None]           # [N, M]
+    listed = listed[:, None, :]
+    neg_inf = float("-inf")
+    quest, meandot = quest.masked_fill(~listed, neg_inf), meandot.masked_fill(~listed, neg_inf)
+    if out is not None:
+        quest, meandot = out[0].copy_(quest), out[1].copy_(meandot)
+    return quest, meandot
+
+
+def paged_kv_write(k, v, k_cache, v_cache, slot_ids, offsets, kmin=None, kmax=None, kmean=None,
+                   summary_ids=None):
+    """Reference of :func:`kernels.paged_kv_write`; see there for the contract."""
+    slot = slot_ids.long()
+    off = offsets.long()
+    k_cache[slot, :, off] = k.to(k_cache.dtype)           # [T, Hkv, D] into [S, Hkv, B, D]
+    v_cache[slot, :, off] = v.to(v_cache.dtype)
+    if kmin is None:
+        return
+    n_slots, _, block_size, _ = k_cache.shape
+    max_off = torch.full((n_slots,), -1, dtype=torch.long, device=slot.device)
+    max_off.scatter_reduce_(0, slot, off, reduce="amax")
+    rep = (off == max_off[slot]).nonzero().flatten()      # one token per touched block
+    rs = slot[rep]
+    blk = k_cache[rs].to(_compute_dtype(k_cache))         # [R, Hkv, B, D]
+    valid = torch.arange(block_size, device=slot.device)[None, :] <= max_off[rs][:, None]  # [R, B]
+    vm = valid[:, None, :, None]                          # [R, 1, B, 1]
+    rows = summary_ids.long()[rep]
+    kmin[rows] = blk.masked_fill(~vm, float("inf")).amin(2).to(kmin.dtype)
+    kmax[rows] = blk.masked_fill(~vm, float("-inf")).amax(2).to(kmax.dtype)
+    count = valid.sum(1).to(blk.dtype)[:, None, None]
+    kmean[rows] = (blk.masked_fill(~vm, 0.0).sum(2) / count).to(kmean.dtype)
+
+
+def select_blocks(scores, num_blocks, k=None, threshold=None, top_p=None):
+    """See :func:`kernels.select_blocks`."""
+    width = scores.shape[-1]
+    listed = torch.arange(width, device=scores.device) < \
+        num_blocks.to(scores.device).long().view(-1, *([1] * (scores.dim() - 1)))
+    s = scores.float().masked_fill(~listed, float("-inf"))
+    keep = listed.expand_as(s).clone()
+    if threshold is not None:
+        keep &= s >= threshold
+    order = torch.sort(torch.where(keep, s, torch.full_like(s, float("-inf"))),
+                       dim=-1, descending=True, stable=True)
+    sorted_s, idx = order.values, order.indices
+    kept = torch.gather(keep, -1, idx)                    # keep flags in score order
+    if top_p is not None:
+        w = torch.where(kept, sorted_s, torch.zeros_like(sorted_s)).clamp(min=0)
+        before = w.cumsum(-1) - w                         # mass strictly before each entry
+        total = w.sum(-1, keepdim=True)
+        kept &= before < top_p * total
+    count = kept.sum(-1)
+    if k is not None:
+        count = count.clamp(max=k)
+    kept &= torch.arange(width, device=s.device) < count[..., None]
+    idx = torch.where(kept, idx, torch.full_like(idx, -1))
+    if k is not None and k < width:
+        idx = idx[..., :k]
+    return idx, count.to(torch.int32)
