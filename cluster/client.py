@@ -183,8 +183,11 @@ class LSAClient:
         return [m["id"] for m in self.request("GET", "/v1/models")["data"]]
 
     def healthy(self) -> bool:
+        """True when ``/-/healthz`` answers 2xx. Behind Ray Serve the proxy itself answers
+        this path, with the plain text ``success``."""
         try:
-            self.request("GET", "/-/healthz")
+            with self._open("GET", "/-/healthz", None, "*/*") as resp:
+                resp.read()
             return True
         except LSAError:
             return False
@@ -245,7 +248,10 @@ class Session:
 def _decode(raw: bytes, content_type: str) -> Any:
     if not raw:
         return None
-    if content_type.split(";")[0].strip() == MSGPACK:
+    media_type = content_type.split(";")[0].strip()
+    if media_type.startswith("text/"):
+        return raw.decode("utf-8", "replace")
+    if media_type == MSGPACK:
         try:
             return msgpack.unpackb(raw, raw=False)
         except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:

@@ -68,8 +68,8 @@ class FakeLSAServer:
         """Returns (status, payload, extra headers) or (status, list of SSE events)."""
         if self.broken_after is not None and self.num_created >= self.broken_after:
             return 500, _err("worker crashed", "internal_error"), {}
-        if (method, path) == ("GET", "/-/healthz"):
-            return 200, {"status": "ok"}, {}
+        if (method, path) == ("GET", "/-/healthz"):  # as the Serve proxy answers it
+            return 200, b"success", {}
         if (method, path) == ("GET", "/v1/models"):
             return 200, {"object": "list", "data": [{"id": "fake-lsa", "object": "model"}]}, {}
         if (method, path) == ("POST", "/v1/completions"):
@@ -178,7 +178,9 @@ class FakeLSAServer:
                     self.wfile.write(b"data: [DONE]\n\n")
                     self.close_connection = True
                     return
-                if "msgpack" in self.headers.get("Accept", ""):
+                if isinstance(payload, bytes):
+                    data, out_type = payload, "text/plain"
+                elif "msgpack" in self.headers.get("Accept", ""):
                     data, out_type = msgpack.packb(payload), "application/msgpack"
                 else:
                     data, out_type = json.dumps(payload).encode(), "application/json"
@@ -219,7 +221,7 @@ def server():
 
 def test_generate_chat_models_health(server):
     client = LSAClient(server.url)
-    assert client.healthy()
+    assert client.healthy() and client.request("GET", "/-/healthz") == "success"
     assert client.models() == ["fake-lsa"]
     assert client.generate("hello there", max_tokens=4) == "echo hello there"
     assert client.chat([{"role": "user", "content": "hi"}]) == "you said hi"

@@ -156,3 +156,20 @@ def test_context_file_is_relative_to_jobs_file(tmp_path):
     with FakeLSAServer() as server:
         summary = LSAClient(server.url).run_batch(path, tmp_path / "o.jsonl", progress=False)
     assert summary.accuracy == 1.0
+
+
+def test_lsa_batch_cli(tmp_path, capsys):
+    from cluster.cli import main
+
+    jobs = make_jobs(tmp_path, 3)
+    out = tmp_path / "cli.jsonl"
+    with FakeLSAServer() as server:
+        argv = [str(jobs), "--url", server.url, "--out", str(out), "--no-progress", "--msgpack"]
+        assert main(argv) == 0
+        assert "3 done, 0 failed, 0 already done; accuracy 50.0% of 6" in capsys.readouterr().out
+        assert main(argv) == 0
+        assert "0 done, 0 failed, 3 already done" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    assert main([str(bad), "--out", str(out)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
