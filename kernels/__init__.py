@@ -56,7 +56,7 @@ def block_scores(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None):
         and ``meandot = q . kmean``, each maxed over the query heads of the KV group (and
         over the W queries of a window); ``-inf`` for entries ``>= num_blocks``.
     """
-    fn = pick(q, "block_scores", "block_scores")
+    fn = pick(q, "scoring", "block_scores")
     return fn(q, kmin, kmax, kmean, block_table, num_blocks, out=out)
 
 

@@ -55,10 +55,11 @@ def _summary_kernel(
     slot = tl.load(SLOTS + pid_t).to(tl.int64)
     off = tl.load(OFFSETS + pid_t).to(tl.int32)
     last = tl.load(MAX_OFF + slot)
-    is_rep = off == last                                             # one program per block works
+    # only the token at its block's max offset works; the others see an empty block
+    limit = tl.where(off == last, last, -1)
     offs_b = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    valid = (offs_b <= last) & is_rep                                 # [B]
+    valid = offs_b <= limit                                           # [B]
     ptrs = (K_CACHE + slot * stride_cs + pid_h * stride_ch + offs_b[:, None] * stride_cb
             + offs_d[None, :] * stride_cd)
     k = tl.load(ptrs, mask=valid[:, None], other=0.0).to(tl.float32)  # [B, D]
@@ -67,7 +68,7 @@ def _summary_kernel(
     k_mean = tl.sum(k, 0) / (last + 1).to(tl.float32)
     row = tl.load(SUMMARY_IDS + pid_t).to(tl.int64)
     s_off = row * stride_r + pid_h * stride_rh + offs_d * stride_rd
-    keep = (offs_d < HEAD_DIM) & is_rep
+    keep = offs_d < tl.where(limit >= 0, HEAD_DIM, 0)
     tl.store(KMIN + s_off, k_min.to(KMIN.dtype.element_ty), mask=keep)
     tl.store(KMAX + s_off, k_max.to(KMAX.dtype.element_ty), mask=keep)
     tl.store(KMEAN + s_off, k_mean.to(KMEAN.dtype.element_ty), mask=keep)
