@@ -76,6 +76,8 @@ class ModelConfig:
             kv_heads = int(cfg.get("num_key_value_heads") or heads)
             head_dim = int(cfg.get("head_dim") or hidden // heads)
             max_pos = int(cfg.get("max_position_embeddings", 4096))
+            # transformers >= 5 writes rope_parameters (theta inside); older configs rope_scaling.
+            rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
             if arch == "mistral" and cfg.get("sliding_window"):
                 # We do not implement sliding-window attention: serve only what fits inside it.
                 max_pos = min(max_pos, int(cfg["sliding_window"]))
@@ -93,8 +95,8 @@ class ModelConfig:
                 num_kv_heads=kv_heads,
                 head_dim=head_dim,
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rope_scaling=_parse_rope_scaling(rope),
                 max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -43,6 +43,8 @@ class LLMEngine:
                                    can_admit=lambda s: self.cache.blocks.can_admit(s.max_len),
                                    admit=lambda s: self.cache.admit(s.seq_id, s.max_len))
         self._generators: dict[int, torch.Generator | None] = {}
+        # Called with (sequence, logits [V] float32) for every token the engine samples.
+        self.on_logits: Callable[[Sequence, torch.Tensor], None] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -130,8 +132,11 @@ class LLMEngine:
             self.attention.plan_decode(ids)
             hidden = self.model(tokens, positions, self.attention)
             self.cache.commit(ids, [1] * len(ids))
-            next_tokens = sample(self.model.logits(hidden), [s.params for s in plan.decode],
-                                 [self._generators[i] for i in ids])
+            logits = self.model.logits(hidden)
+            if self.on_logits is not None:
+                for seq, row in zip(plan.decode, logits):
+                    self.on_logits(seq, row)
+            next_tokens = sample(logits, [s.params for s in plan.decode], [self._generators[i] for i in ids])
             dt = time.perf_counter() - t0
             for seq, tok in zip(plan.decode, next_tokens):
                 seq.num_cached += 1
@@ -147,7 +152,10 @@ class LLMEngine:
             self.cache.commit([seq.seq_id], [end - start])
             seq.num_cached = end
             if end == seq.prompt_len:
-                tok = sample(self.model.logits(hidden[-1:]), [seq.params], [self._generators[seq.seq_id]])[0]
+                logits = self.model.logits(hidden[-1:])
+                if self.on_logits is not None:
+                    self.on_logits(seq, logits[0])
+                tok = sample(logits, [seq.params], [self._generators[seq.seq_id]])[0]
                 seq.status = Status.DECODE
                 seq.prefill_s += time.perf_counter() - t0
                 if self._append(seq, tok):
@@ -185,6 +193,25 @@ class LLMEngine:
         self._generators.pop(seq.seq_id, None)
 
     # ------------------------------------------------------------ convenience
+
+    @torch.inference_mode()
+    def prompt_logits(self, ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Prefill ``ids`` alone, segment by segment, yielding (start, logits [T, V] float32) of
+        every position; the KV is released at the end. For perplexity and parity checks."""
+        seq = Sequence(self._encode(ids, chat=False), SamplingParams(max_tokens=1))
+        if seq.prompt_len > self.max_model_len:
+            raise PromptTooLongError(f"text has {seq.prompt_len} tokens; the context holds {self.max_model_len}")
+        self.cache.admit(seq.seq_id, seq.prompt_len)
+        try:
+            for start in range(0, seq.prompt_len, self.config.scheduler.prefill_chunk):
+                end = min(seq.prompt_len, start + self.config.scheduler.prefill_chunk)
+                self.attention.plan_prefill(seq.seq_id, start, end)
+                tokens = torch.tensor(ids[start:end], device=self.device)
+                hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
+                self.cache.commit([seq.seq_id], [end - start])
+                yield start, self.model.logits(hidden)
+        finally:
+            self.cache.release(seq.seq_id)
 
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | None = None,
                  chat: bool = False) -> list[Completion]:
