@@ -93,12 +93,13 @@ class BlockManager:
     def append_slots(self, seq_id: int, num_new: int) -> tuple[list[int], list[int]]:
         """Slots and in-block offsets for the next ``num_new`` tokens; opens blocks as needed."""
         seq = self.seqs[seq_id]
+        if self.blocks_for(seq.num_tokens + num_new) > len(seq.slots) + len(seq.reserved):
+            raise CacheFullError(f"sequence {seq_id} would run past the {len(seq.slots) + len(seq.reserved)} "
+                                 f"blocks it reserved")
         slots, offsets = [], []
         for pos in range(seq.num_tokens, seq.num_tokens + num_new):
             j, off = divmod(pos, self.block_size)
             if j == len(seq.slots):
-                if not seq.reserved:
-                    raise CacheFullError(f"sequence {seq_id} ran past the tokens it reserved")
                 seq.slots.append(seq.reserved.pop())
             slots.append(seq.slots[j])
             offsets.append(off)
