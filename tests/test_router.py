@@ -60,8 +60,9 @@ class SessionHolder:
 @pytest.fixture(scope="module")
 def handle():
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH")}
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH", "HOME")}
     os.environ["RAY_TMPDIR"] = tmp
+    os.environ["HOME"] = tmp  # Ray 2.60 writes its auth token to ~/.ray/auth_token
     # Replicas and the controller import cluster.router and this module by name.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")]
                                                + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
