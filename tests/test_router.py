@@ -66,7 +66,7 @@ def handle():
     # Replicas and the controller import cluster.router and this module by name.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")]
                                                + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield serve.run(SessionHolder.bind(CAPACITY), name="router-test", route_prefix=None)
     finally:

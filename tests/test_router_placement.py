@@ -1,0 +1,71 @@
+"""One actor per node with node affinity, on a multi-node ray.cluster_utils.Cluster; a node
+that joins later gets its own actor, existing ones are kept."""
+import os
+import shutil
+import tempfile
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cluster.placement import ensure_per_node  # noqa: E402
+
+
+@ray.remote(num_cpus=0)
+class NodeProbe:
+    def __init__(self, capacity):
+        self.capacity = capacity
+
+    def where(self):
+        return ray.get_runtime_context().get_node_id(), ray.get_runtime_context().get_actor_id()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "HOME")}
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ["HOME"] = tmp  # Ray 2.60 writes its auth token to ~/.ray/auth_token
+    c = Cluster(initialize_head=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1, resources={"kv_store": 1})
+    c.add_node(num_cpus=1, resources={"kv_store": 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="lsa-test")
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def placements(handles):
+    return {node: ray.get(h.where.remote()) for node, h in handles.items()}
+
+
+def test_one_actor_per_node_and_a_late_node_gets_one(cluster):
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    first = placements(ensure_per_node(NodeProbe, "kv", 1 << 20))
+    assert set(first) == alive and len(alive) == 3
+    assert all(node == where for node, (where, _) in first.items())
+
+    again = placements(ensure_per_node(NodeProbe, "kv", 1 << 20))
+    assert again == first  # idempotent, and detached: the same actors outlived their handles
+
+    late = cluster.add_node(num_cpus=1, resources={"kv_store": 1})
+    cluster.wait_for_nodes()
+    after = placements(ensure_per_node(NodeProbe, "kv", 1 << 20))
+    assert set(after) - set(first) == {late.node_id}
+    assert after[late.node_id][0] == late.node_id
+    assert {n: after[n] for n in first} == first
+
+    kv_only = ensure_per_node(NodeProbe, "kv-big", 1 << 30,
+                              node_filter=lambda n: n["Resources"].get("kv_store", 0) >= 1)
+    assert set(kv_only) == set(after) - {cluster.head_node.node_id}
