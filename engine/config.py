@@ -187,6 +187,54 @@ class SchedulerConfig:
             raise InvalidRequestError("max_num_seqs and prefill_chunk must be positive")
 
 
+POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which KV blocks decode attends to, and which live on the device.
+
+    ``budget`` is the resident fraction of a sequence's blocks, sinks and tail included; every
+    policy but ``full`` is held to it. See docs/lsa.md for each policy.
+    """
+
+    name: str = "full"
+    budget: float = 0.10
+    cycle: int = 64  # decode steps between Level-1 refreshes (lsa)
+    sink_blocks: int = 1
+    tail_blocks: int = 1  # complete recent blocks always resident, besides the open one
+    target_layers: tuple[int, ...] | None = None  # Level-1 scoring layers; None: 3 over the middle
+    query_window: int = 8  # recent decode queries the zero-training indexer scores with
+    threshold: float | None = None  # select by score >= threshold, budget as the cap
+    level2_topk: int | None = None  # per step and layer: attend to the top-k resident blocks
+    per_layer: bool = False  # one resident set per layer instead of one shared by all layers
+    page_blocks: int = 1  # recall whole pages of this many blocks
+    lookahead: int = 1  # cycles between computing a plan and applying it (1: the paper's)
+    observation_window: int = 32  # snapkv: prompt queries that vote
+    indexer: str | None = None  # learned indexer directory; None: zero-training (Quest bounds)
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise InvalidRequestError(f"unknown policy {self.name!r}; use one of {', '.join(POLICIES)}")
+        if not 0.0 < self.budget <= 1.0:
+            raise InvalidRequestError(f"budget must be in (0, 1], got {self.budget}")
+        if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.page_blocks < 1:
+            raise InvalidRequestError("cycle and page_blocks must be >= 1, sink_blocks and tail_blocks >= 0")
+        if self.lookahead not in (0, 1):
+            raise InvalidRequestError("lookahead must be 0 (plan applied at once) or 1 (next cycle)")
+        if self.target_layers is not None and not isinstance(self.target_layers, tuple):
+            object.__setattr__(self, "target_layers", tuple(self.target_layers))
+
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        """Level-1 target layers: the configured ones, or three spread over the middle."""
+        if self.target_layers is not None:
+            bad = [i for i in self.target_layers if not 0 <= i < num_layers]
+            if bad:
+                raise InvalidRequestError(f"target layers {bad} outside 0..{num_layers - 1}")
+            return self.target_layers
+        return tuple(sorted({num_layers * k // 8 for k in (3, 4, 5)}))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine process needs; built once by the CLI or the Serve app."""
@@ -197,6 +245,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -207,5 +256,5 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["ModelConfig", "RopeScaling", "CacheConfig", "SchedulerConfig", "EngineConfig",
+__all__ = ["ModelConfig", "RopeScaling", "CacheConfig", "SchedulerConfig", "PolicyConfig", "EngineConfig",
            "parse_dtype", "ceil_div"]

@@ -166,6 +166,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int) -> bool:
         """Add a generated token; finish the sequence if a stop condition holds."""
+        if seq.forced is not None:
+            token = seq.forced[len(seq.output_ids)]
         seq.output_ids.append(token)
         reason = None
         if token in self.eos_ids and not seq.params.ignore_eos:
@@ -193,6 +195,34 @@ class LLMEngine:
         self._generators.pop(seq.seq_id, None)
 
     # ------------------------------------------------------------ convenience
+
+    def score_continuation(self, context: list[int], continuation: list[int]) -> torch.Tensor:
+        """Log-probabilities [len(continuation)] of ``continuation`` after ``context``, teacher-forced
+        through the decode path (so the attention policy is what is measured; the first token is
+        scored from the prefill)."""
+        if not continuation:
+            raise InvalidRequestError("continuation is empty")
+        seq = self.add_request(context, SamplingParams(max_tokens=len(continuation), ignore_eos=True))
+        if len(seq.output_ids) or seq.params.max_tokens < len(continuation):
+            self.abort(seq)
+            raise PromptTooLongError("context plus continuation exceed the model's context")
+        seq.forced = list(continuation)
+        logprobs: list[torch.Tensor] = []
+        previous = self.on_logits
+
+        def record(s: Sequence, row: torch.Tensor) -> None:
+            if s is seq:
+                logprobs.append(torch.log_softmax(row.float(), -1)[continuation[len(s.output_ids)]])
+            elif previous is not None:
+                previous(s, row)
+
+        self.on_logits = record
+        try:
+            while seq.status is not Status.FINISHED:
+                self.step()
+        finally:
+            self.on_logits = previous
+        return torch.stack(logprobs).cpu()
 
     @torch.inference_mode()
     def prompt_logits(self, ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
