@@ -60,23 +60,20 @@ class SessionHolder:
 @pytest.fixture(scope="module")
 def handle():
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH", "HOME")}
+    saved = dict(os.environ)  # ray.init also sets RAY_AUTH_MODE here; put all of it back
     os.environ["RAY_TMPDIR"] = tmp
     os.environ["HOME"] = tmp  # Ray 2.60 writes its auth token to ~/.ray/auth_token
     # Replicas and the controller import cluster.router and this module by name.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")]
-                                               + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
+                                               + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH") else []))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield serve.run(SessionHolder.bind(CAPACITY), name="router-test", route_prefix=None)
     finally:
         serve.shutdown()
         ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

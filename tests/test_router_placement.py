@@ -24,7 +24,7 @@ class NodeProbe:
 @pytest.fixture(scope="module")
 def cluster():
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "HOME")}
+    saved = dict(os.environ)  # ray.init also sets RAY_AUTH_MODE here; put all of it back
     os.environ["RAY_TMPDIR"] = tmp
     os.environ["HOME"] = tmp  # Ray 2.60 writes its auth token to ~/.ray/auth_token
     c = Cluster(initialize_head=True,
@@ -38,11 +38,8 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
