@@ -189,7 +189,7 @@ def scores_bench(ctx, copy_bw, window, sweep):
     if sweep:
         row["sweep"] = {f"{bm}/{w}": graph_bench(lambda: block_scores_triton(
             q, kmin, kmax, kmean, table, nb, block_m=bm, num_warps=w), rep=30)
-            for bm in (16, 32, 64) for w in (2, 4, 8)}
+            for bm in (32, 64, 128) for w in (4, 8)}
     return row
 
 

@@ -3,12 +3,15 @@
 ```
 grid (cdiv(M, BLOCK_M), H_kv, N)
   program (i, h, n): table entries m in [i*BLOCK_M, (i+1)*BLOCK_M) of row n
-    rows   = block_table[n, m]                       summary row ids
-    kmin/kmax/kmean[rows, h, :]  -> [BLOCK_M, D]     read once, fp32 in registers
-    for every query w of the window, every head g of KV group h:
-      quest[m]   = max(quest[m],   sum_d max(q_d kmin_d, q_d kmax_d))
-      meandot[m] = max(meandot[m], sum_d q_d kmean_d)
+    rows = block_table[n, m]                         summary row ids
+    kmin/kmax/kmean[rows, h, :]  -> [BLOCK_M, D]     read once
+    q rows r = w*G + g: the G heads of KV group h for each of the W window queries, [R_PAD, D]
+    quest   = kmax @ max(q, 0)^T + kmin @ min(q, 0)^T  [BLOCK_M, R_PAD]   (three tl.dot,
+    meandot = kmean @ q^T                               [BLOCK_M, R_PAD]    fp32 accumulate)
+    -> max over the R valid rows
 ```
+sum_d max(q_d kmin_d, q_d kmax_d) = sum_d (q_d+ kmax_d + q_d- kmin_d) whenever kmin <= kmax,
+which summaries of real keys satisfy. q is rounded to the summaries' dtype for the dot.
 """
 import torch
 import triton
@@ -22,8 +25,9 @@ def _block_scores_kernel(
     stride_r, stride_rh, stride_rd,          # shared by kmin / kmax / kmean (asserted equal)
     stride_tn, stride_tm,
     stride_on, stride_oh, stride_om,         # shared by both outputs
-    width, window,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    width,
+    GROUP: tl.constexpr, WINDOW: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -32,31 +36,42 @@ def _block_scores_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, ROWS_PAD)
     in_row = offs_m < width
     listed = offs_m < n_blocks
+    valid_r = offs_r < WINDOW * GROUP
+
+    q_ptrs = (Q + pid_n * stride_qn + (offs_r // GROUP)[:, None] * stride_qw
+              + (pid_h * GROUP + offs_r % GROUP)[:, None] * stride_qh + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=valid_r[:, None], other=0.0).to(KMIN.dtype.element_ty)  # [R_PAD, D]
+    q_pos = tl.trans(tl.maximum(q, 0.0).to(q.dtype))                  # [D, R_PAD]
+    q_neg = tl.trans(tl.minimum(q, 0.0).to(q.dtype))
+    q_t = tl.trans(q)
+
     rows = tl.load(TABLE + pid_n * stride_tn + offs_m * stride_tm, mask=listed, other=0).to(tl.int64)
     s_ptrs = rows[:, None] * stride_r + pid_h * stride_rh + offs_d[None, :] * stride_rd
-    kmin = tl.load(KMIN + s_ptrs, mask=listed[:, None], other=0.0).to(tl.float32)   # [BLOCK_M, D]
-    kmax = tl.load(KMAX + s_ptrs, mask=listed[:, None], other=0.0).to(tl.float32)
-    kmean = tl.load(KMEAN + s_ptrs, mask=listed[:, None], other=0.0).to(tl.float32)
+    kmin = tl.load(KMIN + s_ptrs, mask=listed[:, None], other=0.0)   # [BLOCK_M, D]
+    kmax = tl.load(KMAX + s_ptrs, mask=listed[:, None], other=0.0)
+    kmean = tl.load(KMEAN + s_ptrs, mask=listed[:, None], other=0.0)
+    if IEEE_DOT:
+        quest = tl.dot(kmax, q_pos, input_precision="ieee")
+        quest = tl.dot(kmin, q_neg, quest, input_precision="ieee")
+        meandot = tl.dot(kmean, q_t, input_precision="ieee")
+    else:
+        quest = tl.dot(kmin, q_neg, tl.dot(kmax, q_pos))             # [BLOCK_M, R_PAD] fp32
+        meandot = tl.dot(kmean, q_t)
 
-    quest = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    meandot = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    q_row = Q + pid_n * stride_qn + (pid_h * GROUP) * stride_qh + offs_d * stride_qd
-    for w in range(0, window):
-        for g in tl.static_range(GROUP):
-            qv = tl.load(q_row + w * stride_qw + g * stride_qh).to(tl.float32)[None, :]  # [1, D]
-            quest = tl.maximum(quest, tl.sum(tl.maximum(qv * kmin, qv * kmax), 1))
-            meandot = tl.maximum(meandot, tl.sum(qv * kmean, 1))
-
-    quest = tl.where(listed, quest, float("-inf"))
-    meandot = tl.where(listed, meandot, float("-inf"))
+    neg_inf = float("-inf")
+    quest = tl.max(tl.where(valid_r[None, :], quest, neg_inf), 1)     # [BLOCK_M]
+    meandot = tl.max(tl.where(valid_r[None, :], meandot, neg_inf), 1)
+    quest = tl.where(listed, quest, neg_inf)
+    meandot = tl.where(listed, meandot, neg_inf)
     o_off = pid_n * stride_on + pid_h * stride_oh + offs_m * stride_om
     tl.store(QUEST + o_off, quest, mask=in_row)
     tl.store(MEANDOT + o_off, meandot, mask=in_row)
 
 
-def block_scores_triton(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None, block_m=32,
+def block_scores_triton(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None, block_m=64,
                         num_warps=4):
     """Triton version of :func:`kernels.block_scores` (same contract)."""
     q4 = q[:, None] if q.dim() == 3 else q                # [N, W, Hq, D]
@@ -80,8 +95,9 @@ def block_scores_triton(q, kmin, kmax, kmean, block_table, num_blocks, *, out=No
     _block_scores_kernel[grid](
         q4, kmin, kmax, kmean, block_table, num_blocks, quest, meandot,
         *q4.stride(), *kmin.stride(), *block_table.stride(), *quest.stride(),
-        width, window,
-        GROUP=n_qh // n_kvh, BLOCK_M=block_m, HEAD_DIM=head_dim,
+        width,
+        GROUP=n_qh // n_kvh, WINDOW=window, ROWS_PAD=max(16, triton.next_power_of_2(window * n_qh // n_kvh)),
+        BLOCK_M=block_m, HEAD_DIM=head_dim, IEEE_DOT=kmin.dtype == torch.float32,
         num_warps=num_warps,
     )
     return quest, meandot

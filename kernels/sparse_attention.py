@@ -148,15 +148,37 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(n_seq: int, n_kvh: int, width: int, device: torch.device) -> int:
-    """Split count so pass 1 launches about eight programs per SM, each with >= 4 blocks.
+def default_num_stages(block: int, head_dim: int, elem_bytes: int) -> int:
+    """Deepest pipeline (<= 3) whose K and V tiles fit in shared memory twice over."""
+    tile = block * head_dim * elem_bytes
+    return 3 if 6 * tile <= 160 * 1024 else 2 if 4 * tile <= 160 * 1024 else 1
 
-    Many short programs keep the last wave small (measured on the H200: 1M x 8 seqs at 10%
-    ran at 3.9 TB/s with 576 programs, 4.4 TB/s with 1152).
+
+def default_num_splits(n_seq: int, n_kvh: int, width: int, device: torch.device,
+                       stages: int = 3, tile_bytes: int = 16384) -> int:
+    """Split count that fills whole waves of the GPU, about two of them.
+
+    Resident programs per SM are estimated from shared memory (``stages`` K and V tiles per
+    program, 228 KB per SM). The smallest split count giving >= 1.5 waves at >= 95% wave
+    efficiency wins; if the table is too narrow for that, the most efficient one (>= 2 blocks
+    per split). Measured on the H200, 512K x 1 seq at 13.5%, 3 stages (2 programs per SM):
+    66 splits (2.0 waves) 85.5 us, 33 (1 wave) 89.7 us, 132 (4 waves) 87.0 us; with 2 stages
+    (3 per SM, so 66 splits = 1.33 waves) 99.9 us.
     """
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    want = max(1, math.ceil(8 * sms / (n_seq * n_kvh)))
-    return max(1, min(want, math.ceil(width / 4)))
+    per_sm = max(1, min(4, (228 * 1024) // (2 * stages * tile_bytes + 1024)))
+    slots = sms * per_sm
+    base = n_seq * n_kvh
+    max_splits = max(1, min(1024, math.ceil(width / 2)))
+    best, best_eff = 1, 0.0
+    for splits in range(1, max_splits + 1):
+        waves = base * splits / slots
+        eff = waves / math.ceil(waves)
+        if waves >= 1.5 and eff >= 0.95:
+            return splits
+        if eff > best_eff + 1e-9:
+            best, best_eff = splits, eff
+    return best
 
 
 def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
@@ -182,10 +204,11 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
     width = block_table.shape[1]
     group = n_qh // n_kvh
     dev = q.device
+    if num_stages is None:
+        num_stages = default_num_stages(block, head_dim, k_cache.element_size())
     if num_splits is None:
-        num_splits = default_num_splits(n_seq, n_kvh, width, dev)
-    if num_stages is None:  # 2 measured best for B=64, D=128 bf16; K+V stages must fit in smem
-        num_stages = 2 if block * head_dim * k_cache.element_size() <= 32768 else 1
+        num_splits = default_num_splits(n_seq, n_kvh, width, dev, num_stages,
+                                        block * head_dim * k_cache.element_size())
     num_splits = max(1, min(num_splits, width))
     blocks_per_split = math.ceil(width / num_splits)
     num_splits = math.ceil(width / blocks_per_split)
