@@ -7,6 +7,7 @@ import sys
 import time
 
 from engine.errors import LSAError
+from engine.evaluation import add_eval_parser, run_eval
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(demo)
     _sampling_args(demo)
     demo.set_defaults(max_tokens=32)
+    add_eval_parser(sub)
     return parser
 
 
@@ -150,7 +152,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "eval": run_eval}[args.command](args)
     except LSAError as exc:
         print(f"lsa: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,230 @@
+"""``lsa eval``: accuracy of the attention policies against full attention on one model.
+
+The model is loaded once; one engine is built per (policy, budget) over it, ``full`` once
+(it has no budget) and first, since its greedy tokens are the agreement reference. Every
+policy sees the same prompts. Tasks live in :mod:`engine.eval_tasks`, the report in
+:mod:`engine.eval_report`; docs/accuracy.md says what each task measures.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import InvalidRequestError
+from engine.eval_tasks import TASKS, TaskSpec, build_samples, load_needles, run_sample
+
+POLICY_NAMES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values: {exc}") from exc
+    return parse
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="accuracy harness: needle-in-a-haystack, multi-key retrieval, "
+                              "perplexity and agreement with full attention, per policy and budget")
+    g = p.add_argument_group("grid")
+    g.add_argument("--tasks", type=_csv(str), default=TASKS, help=f"comma-separated, of {','.join(TASKS)}")
+    g.add_argument("--policies", type=_csv(str), default=("full", "lsa"), help=f"of {','.join(POLICY_NAMES)}")
+    g.add_argument("--budgets", type=_csv(float), default=(0.1,), help="resident fractions, e.g. 0.05,0.1,0.2")
+    g.add_argument("--contexts", type=_csv(int), default=(2048, 4096), help="context lengths in tokens "
+                   "(shortened to fit the model with the generated tokens)")
+    g.add_argument("--depths", type=_csv(float), default=(0.1, 0.3, 0.5, 0.7, 0.9), help="needle depths, 0..1")
+    g.add_argument("--limit", type=int, default=None, help="samples per grid cell (default: every needle for "
+                   "niah, 2 for the other tasks)")
+    g.add_argument("--keep-going", action="store_true", help="record a failing (policy, budget) and go on")
+    d = p.add_argument_group("data")
+    d.add_argument("--haystack", default=None, help="directory of .txt files (default: shared essays, else "
+                   "synthetic filler)")
+    d.add_argument("--needles", default=None, help='JSONL of {"needle","question","answer"} (default: built-in)')
+    d.add_argument("--text", default=None, help="text file for ppl and agreement (default: the haystack)")
+    d.add_argument("--num-keys", type=int, default=4, help="multikey: needles per prompt, one asked")
+    d.add_argument("--max-tokens", type=int, default=32, help="tokens generated for niah and multikey")
+    d.add_argument("--ppl-tokens", type=int, default=256, help="ppl: last tokens of each window, teacher-forced")
+    d.add_argument("--agreement-tokens", type=int, default=64, help="agreement: greedy tokens compared")
+    d.add_argument("--seed", type=int, default=0)
+    e = p.add_argument_group("engine")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
+    e.add_argument("--prefill-chunk", type=int, default=1024)
+    a = p.add_argument_group("policy (see PolicyConfig)")
+    a.add_argument("--cycle", type=int, default=64, help="decode steps between Level-1 refreshes")
+    a.add_argument("--sink-blocks", type=int, default=1)
+    a.add_argument("--tail-blocks", type=int, default=1)
+    a.add_argument("--page-blocks", type=int, default=1, help="recall whole pages of this many blocks")
+    a.add_argument("--target-layers", type=_csv(int), default=None, help="Level-1 scoring layers")
+    a.add_argument("--threshold", type=float, default=None, help="select by score, the budget as the cap")
+    a.add_argument("--level2-topk", type=int, default=None)
+    a.add_argument("--per-layer", action="store_true", help="one resident set per layer")
+    a.add_argument("--indexer", default=None, help="learned indexer directory")
+    p.add_argument("--out", default="eval-out", help="directory for results.json, results.md, accuracy.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _runs(policies, budgets) -> list[tuple[str, float | None]]:
+    """(policy, budget) pairs: full once without a budget and first, the others per budget."""
+    bad = [name for name in policies if name not in POLICY_NAMES]
+    if bad:
+        raise InvalidRequestError(f"unknown policies {bad}; use {', '.join(POLICY_NAMES)}")
+    runs = [("full", None)] if "full" in policies else []
+    return runs + [(name, b) for name in dict.fromkeys(policies) if name != "full" for b in budgets]
+
+
+def _policy(args, name: str, budget: float | None):
+    from engine.config import PolicyConfig
+
+    return PolicyConfig(name=name, budget=1.0 if budget is None else budget, cycle=args.cycle,
+                        sink_blocks=args.sink_blocks, tail_blocks=args.tail_blocks,
+                        target_layers=args.target_layers, threshold=args.threshold,
+                        level2_topk=args.level2_topk, per_layer=args.per_layer, page_blocks=args.page_blocks,
+                        indexer=args.indexer)
+
+
+def load(model_name: str, device: str, dtype: str):
+    """(model, tokenizer) shared by every engine of the run."""
+    from engine.config import parse_dtype
+    from engine.loader import load_model
+    from engine.tokenizer import Tokenizer
+    from engine.weights import resolve_model
+
+    source = resolve_model(model_name)
+    return load_model(source, device, parse_dtype(dtype, device)), Tokenizer(source)
+
+
+def _validate(args) -> None:
+    bad_tasks = [t for t in args.tasks if t not in TASKS]
+    if bad_tasks:
+        raise InvalidRequestError(f"unknown tasks {bad_tasks}; use {', '.join(TASKS)}")
+    if not args.tasks or not args.contexts or not args.policies:
+        raise InvalidRequestError("--tasks, --policies and --contexts need at least one value")
+    if any(not 0.0 <= d <= 1.0 for d in args.depths):
+        raise InvalidRequestError(f"depths must be in [0, 1], got {args.depths}")
+    if any(not 0.0 < b <= 1.0 for b in args.budgets):
+        raise InvalidRequestError(f"budgets must be in (0, 1], got {args.budgets}")
+    if args.limit is not None and args.limit < 1:
+        raise InvalidRequestError("--limit must be >= 1")
+    if min(args.max_tokens, args.ppl_tokens, args.agreement_tokens) < 1:
+        raise InvalidRequestError("--max-tokens, --ppl-tokens and --agreement-tokens must be >= 1")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_eval(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.eval_report import run_label, write_outputs
+    from engine.haystack import BUILTIN_NEEDLES, haystack_dir, load_haystack
+    from engine.llm import LLMEngine
+
+    _validate(args)
+    runs = _runs(args.policies, args.budgets)
+    needles = load_needles(args.needles) if args.needles else BUILTIN_NEEDLES
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t_start = time.perf_counter()
+    model, tokenizer = load(args.model, device, args.dtype)
+    load_s = time.perf_counter() - t_start
+
+    longest_new = max(args.max_tokens, args.agreement_tokens)
+    model_len = min(model.config.max_position_embeddings, max(args.contexts) + longest_new)
+    spec = TaskSpec(contexts=args.contexts, depths=args.depths, needles=tuple(needles), limit=args.limit,
+                    num_keys=args.num_keys, ppl_tokens=args.ppl_tokens, agreement_tokens=args.agreement_tokens,
+                    max_tokens=args.max_tokens, max_model_len=model_len, seed=args.seed)
+    haystack_source = args.haystack or haystack_dir()
+    haystack = load_haystack(args.haystack, min_chars=8 * max(args.contexts), seed=args.seed)
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else haystack
+    if args.text and not text.strip():
+        raise InvalidRequestError(f"--text file {args.text} is empty")
+    t0 = time.perf_counter()
+    samples = [s for task in args.tasks for s in build_samples(task, spec, tokenizer,
+                                                               text if task in ("ppl", "agreement") else haystack)]
+    build_s = time.perf_counter() - t0
+
+    def make_engine(name: str, budget: float | None) -> LLMEngine:
+        config = EngineConfig(model=args.model, device=device, dtype=args.dtype, seed=args.seed,
+                              cache=CacheConfig(block_size=args.block_size),
+                              scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=model_len,
+                                                        prefill_chunk=args.prefill_chunk),
+                              policy=_policy(args, name, budget))
+        return LLMEngine(model, config, tokenizer)
+
+    reference: dict[str, list[int]] = {}
+    agreement_samples = [s for s in samples if s.task == "agreement"]
+    need_reference = bool(agreement_samples) and "full" not in args.policies
+    total = len(samples) * len(runs) + (len(agreement_samples) if need_reference else 0)
+    bar = tqdm(total=total, unit="sample", disable=args.quiet, file=sys.stderr)
+    records, errors, run_times = [], [], []
+    if need_reference:
+        bar.set_description("full (agreement reference)")
+        engine = make_engine("full", None)
+        for s in agreement_samples:
+            run_sample(engine, s, spec, reference, is_reference=True)
+            bar.update()
+    for name, budget in runs:
+        bar.set_description(run_label(name, budget))
+        t_run = time.perf_counter()
+        try:
+            engine = make_engine(name, budget)
+            for s in samples:
+                record = run_sample(engine, s, spec, reference, is_reference=name == "full")
+                records.append({"policy": name, "budget": budget, **record})
+                bar.update()
+        except Exception as exc:  # noqa: BLE001 - recorded with --keep-going, re-raised otherwise
+            if not args.keep_going:
+                bar.close()
+                raise
+            errors.append({"policy": name, "budget": budget, "error": f"{type(exc).__name__}: {exc}"})
+        run_times.append({"policy": name, "budget": budget, "seconds": round(time.perf_counter() - t_run, 2)})
+    bar.close()
+
+    from engine.eval_report import aggregate
+
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+    config.update(command=_command_line(args), device=device, haystack_source=str(haystack_source or "synthetic filler"),
+                  num_needles=len(needles), max_model_len=model_len, git_commit=_git_commit(),
+                  runs=[run_label(n, b) for n, b in runs])
+    result = {"config": config,
+              "timings": {"load_model_s": round(load_s, 2), "build_samples_s": round(build_s, 2),
+                          "total_s": round(time.perf_counter() - t_start, 2), "runs": run_times},
+              "aggregates": aggregate(records), "errors": errors, "records": records}
+    paths = write_outputs(Path(args.out), result)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _command_line(args) -> str:
+    """``lsa eval`` with the flags that differ from their defaults, to rerun the same grid."""
+    parser = argparse.ArgumentParser()
+    defaults = vars(add_eval_parser(parser.add_subparsers()).parse_args([]))
+    words = ["lsa", "eval"]
+    for key, value in vars(args).items():
+        if key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        else:
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                if isinstance(value, tuple) else str(value)
+            words += [flag, shlex.quote(text)]
+    return " ".join(words)
