@@ -71,7 +71,7 @@ def _block_scores_kernel(
     tl.store(MEANDOT + o_off, meandot, mask=in_row)
 
 
-def block_scores_triton(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None, block_m=64,
+def block_scores_triton(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None, block_m=32,
                         num_warps=4):
     """Triton version of :func:`kernels.block_scores` (same contract)."""
     q4 = q[:, None] if q.dim() == 3 else q                # [N, W, Hq, D]
