@@ -1,11 +1,16 @@
-"""Block bookkeeping in plain Python: slot allocation and per-sequence block tables.
+"""Block bookkeeping in plain Python: slot allocation, reservations, residency, host ids.
 
 No tensors here; the cache (engine/kv_cache.py) owns the memory these ids point into.
 
     positions  0 ........ B-1 | B ....... 2B-1 | 2B .. n-1
-    logical    block 0        | block 1        | block 2 (partial: the tail)
-    slots      [s5]           [s1]             [s8]          <- device slots (reserve)
-    host       [h0]           [h3]             -             <- host mirror ids, complete blocks only
+    logical    block 0        | block 1        | block 2 (open: the partial tail)
+    host       h0             | h3             | -            <- host mirror ids, complete blocks only
+    group 0    slot 5         | (evicted)      | slot 8       <- device residency, per layer group
+
+A *group* is a set of layers that share one resident set: one group of all layers (the
+default), or one group per layer. Each group has its own slot allocator over the same slot
+range of the pool. A sequence *reserves* slots per group when admitted, so that decode never
+runs dry; allocations beyond the reservation are refused.
 """
 from __future__ import annotations
 
@@ -42,31 +47,37 @@ class BlockAllocator:
             )
         return [self._free.popleft() for _ in range(n)]
 
-    def free(self, ids: list[int]) -> None:
-        self._free.extend(i for i in ids if i >= 0)
+    def free(self, ids) -> None:
+        self._free.extend(ids)
 
 
 @dataclass
 class SequenceBlocks:
-    """Where one sequence's blocks live. ``slots[j]`` is -1 when block j is not on the device."""
-
     num_tokens: int = 0
-    slots: list[int] = field(default_factory=list)
-    host_ids: list[int] = field(default_factory=list)  # complete blocks mirrored so far
-    reserved: list[int] = field(default_factory=list)  # device slots held for future blocks
+    host_ids: list[int] = field(default_factory=list)  # complete blocks, in logical order
+    resident: list[dict[int, int]] = field(default_factory=list)  # per group: logical block -> slot
+    reserve: int = 0  # slots this sequence may hold in each group
 
     def num_blocks(self, block_size: int) -> int:
         return -(-self.num_tokens // block_size)
 
 
 class BlockManager:
-    """Per-sequence block tables over a device allocator and (optionally) a host allocator."""
+    """Per-sequence residency over per-group device allocators and one host allocator."""
 
-    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int):
+    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int, num_groups: int = 1):
         self.block_size = block_size
-        self.device = BlockAllocator(num_device_blocks, "device")
+        self.device = [BlockAllocator(num_device_blocks, "device") for _ in range(num_groups)]
         self.host = BlockAllocator(num_host_blocks, "host")
         self.seqs: dict[int, SequenceBlocks] = {}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.device)
+
+    @property
+    def num_device_blocks(self) -> int:
+        return self.device[0].num_blocks
 
     @property
     def mirrored(self) -> bool:
@@ -75,39 +86,71 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_admit(self, max_tokens: int) -> bool:
-        return self.device.can_allocate(self.blocks_for(max_tokens))
+    # ------------------------------------------------------------ reservations
 
-    def admit(self, seq_id: int, max_tokens: int) -> None:
-        """Reserve device slots for up to ``max_tokens`` tokens, so decode never runs dry."""
+    def _unreserved(self, group: int) -> int:
+        promised = sum(max(0, s.reserve - len(s.resident[group])) for s in self.seqs.values())
+        return self.device[group].num_free - promised
+
+    def can_reserve(self, num_blocks: int, seq_id: int | None = None) -> bool:
+        have = self.seqs[seq_id].reserve if seq_id is not None else 0
+        return all(self._unreserved(g) >= num_blocks - have for g in range(self.num_groups))
+
+    def admit(self, seq_id: int, num_blocks: int) -> None:
+        """Reserve ``num_blocks`` slots in every group for a new sequence."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} is already in the cache")
-        self.seqs[seq_id] = SequenceBlocks(reserved=self.device.allocate(self.blocks_for(max_tokens)))
+        if not self.can_reserve(num_blocks):
+            raise CacheFullError(f"device KV cache cannot reserve {num_blocks} blocks; wait for running requests "
+                                 f"or give the cache more blocks")
+        self.seqs[seq_id] = SequenceBlocks(resident=[{} for _ in self.device], reserve=num_blocks)
+
+    def set_reserve(self, seq_id: int, num_blocks: int) -> None:
+        """Shrink (or grow, if capacity allows) a sequence's reservation; never below what it holds."""
+        seq = self.seqs[seq_id]
+        held = max(len(r) for r in seq.resident)
+        num_blocks = max(num_blocks, held)
+        if num_blocks > seq.reserve and not self.can_reserve(num_blocks, seq_id):
+            raise CacheFullError(f"cannot grow the reservation of sequence {seq_id} to {num_blocks} blocks")
+        seq.reserve = num_blocks
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id)
-        self.device.free(seq.slots)
-        self.device.free(seq.reserved)
+        for group, resident in enumerate(seq.resident):
+            self.device[group].free(resident.values())
         self.host.free(seq.host_ids)
 
-    def append_slots(self, seq_id: int, num_new: int) -> tuple[list[int], list[int]]:
-        """Slots and in-block offsets for the next ``num_new`` tokens; opens blocks as needed."""
+    # ------------------------------------------------------------ residency
+
+    def _allocate(self, seq: SequenceBlocks, group: int, n: int) -> list[int]:
+        if len(seq.resident[group]) + n > seq.reserve:
+            raise CacheFullError(f"a sequence would hold {len(seq.resident[group]) + n} device blocks, past the "
+                                 f"{seq.reserve} it reserved")
+        return self.device[group].allocate(n)
+
+    def append_slots(self, seq_id: int, num_new: int) -> list[tuple[list[int], list[int]]]:
+        """Per group: slots and in-block offsets of the next ``num_new`` tokens (opens blocks)."""
         seq = self.seqs[seq_id]
-        if self.blocks_for(seq.num_tokens + num_new) > len(seq.slots) + len(seq.reserved):
-            raise CacheFullError(f"sequence {seq_id} would run past the {len(seq.slots) + len(seq.reserved)} "
-                                 f"blocks it reserved")
-        slots, offsets = [], []
-        for pos in range(seq.num_tokens, seq.num_tokens + num_new):
-            j, off = divmod(pos, self.block_size)
-            if j == len(seq.slots):
-                seq.slots.append(seq.reserved.pop())
-            slots.append(seq.slots[j])
-            offsets.append(off)
-        return slots, offsets
+        first, last = seq.num_tokens // self.block_size, (seq.num_tokens + num_new - 1) // self.block_size
+        new_blocks = [j for j in range(first, last + 1) if j not in seq.resident[0]]
+        for group in range(self.num_groups):
+            if len(seq.resident[group]) + len(new_blocks) > seq.reserve:
+                raise CacheFullError(f"sequence {seq_id} would run past the {seq.reserve} blocks it reserved")
+        out = []
+        for group, resident in enumerate(seq.resident):
+            for j, slot in zip(new_blocks, self._allocate(seq, group, len(new_blocks))):
+                resident[j] = slot
+            slots, offsets = [], []
+            for pos in range(seq.num_tokens, seq.num_tokens + num_new):
+                j, off = divmod(pos, self.block_size)
+                slots.append(resident[j])
+                offsets.append(off)
+            out.append((slots, offsets))
+        return out
 
     def commit(self, seq_id: int, num_new: int) -> list[tuple[int, int]]:
-        """Advance the length; returns (device slot, host id) for each block completed now,
-        allocating host ids for them (the caller copies the data)."""
+        """Advance the length; returns (logical block, host id) of each block completed now,
+        allocating the host ids (the caller copies the data)."""
         seq = self.seqs[seq_id]
         seq.num_tokens += num_new
         done = []
@@ -115,12 +158,33 @@ class BlockManager:
             j = len(seq.host_ids)
             host_id = self.host.allocate(1)[0]
             seq.host_ids.append(host_id)
-            done.append((seq.slots[j], host_id))
+            done.append((j, host_id))
         return done
 
-    def table(self, seq_id: int, pending: int = 0) -> tuple[list[int], int]:
-        """All device slots of a sequence in order and the valid length of the last one,
-        counting ``pending`` tokens appended but not yet committed."""
-        n = self.seqs[seq_id].num_tokens + pending
-        num_blocks = self.blocks_for(n)
-        return self.seqs[seq_id].slots[:num_blocks], n - (num_blocks - 1) * self.block_size
+    def evict(self, seq_id: int, group: int, blocks) -> None:
+        resident = self.seqs[seq_id].resident[group]
+        self.device[group].free([resident.pop(j) for j in blocks])
+
+    def load(self, seq_id: int, group: int, blocks: list[int]) -> list[int]:
+        """Give each (non-resident, complete, mirrored) block a slot; the caller copies the data."""
+        seq = self.seqs[seq_id]
+        bad = [j for j in blocks if j >= len(seq.host_ids) or j in seq.resident[group]]
+        if bad:
+            raise ValueError(f"blocks {bad} of sequence {seq_id} are not in the host mirror or already resident")
+        for j, slot in zip(blocks, self._allocate(seq, group, len(blocks))):
+            seq.resident[group][j] = slot
+        return slots
+
+    def table(self, seq_id: int, group: int = 0, pending: int = 0) -> tuple[list[int], list[int], int]:
+        """Resident blocks of a sequence in logical order, the block holding the last token last.
+
+        Returns (logical ids, slots, valid tokens of the last listed block), counting ``pending``
+        tokens appended but not yet committed."""
+        seq = self.seqs[seq_id]
+        n = seq.num_tokens + pending
+        last_block = (n - 1) // self.block_size
+        logical = sorted(j for j in seq.resident[group] if j <= last_block)
+        if not logical or logical[-1] != last_block:
+            raise ValueError(f"the block holding the last token of sequence {seq_id} is not resident")
+        resident = seq.resident[group]
+        return logical, [resident[j] for j in logical], n - last_block * self.block_size

@@ -137,6 +137,8 @@ def plot(rows: list[dict], path: Path) -> bool:
                 ax.plot([b for b, _ in pts], [scale * v for _, v in pts], marker="o", label=policy)
         if budgets:
             ax.set_xticks(budgets)
+        if kind == "pct":
+            ax.set_ylim(-3, 103)
         ax.set_xlabel("budget (resident fraction of the context)")
         ax.set_ylabel(metric + (" %" if kind == "pct" else "") + ("" if higher else " (lower is better)"))
         ax.set_title(task)
@@ -149,7 +151,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def write_outputs(out_dir: Path, result: dict) -> dict[str, str]:
-    """``result.json``, ``results.md`` and ``accuracy.png`` (if matplotlib is present) in ``out_dir``."""
+    """``results.json``, ``results.md`` and ``accuracy.png`` (if matplotlib is present) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "accuracy.png"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str))

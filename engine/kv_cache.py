@@ -1,9 +1,12 @@
-"""Block KV cache: the device pool (reserve), block tables, the host mirror and accounting.
+"""Block KV cache: the device pool (reserve), residency, the host mirror, summaries, accounting.
 
 Layouts are the contract in docs/kv-layout.md:
 
-    pool : [L, 2, S, H_kv, B, D]   on the device; kernels see pool[l, 0] / pool[l, 1]
-    host : [N_host, L, 2, H_kv, B, D]   one complete block of all layers is one contiguous copy
+    pool          : [L, 2, S, H_kv, B, D]   device; kernels see pool[l, 0] / pool[l, 1]
+    host          : [N_host, L, 2, H_kv, B, D]   one complete block of all layers = one copy
+    host_summary  : [N_host, L, 3, H_kv, D]  min / max / mean key of every complete block (host)
+    index_keys    : [L_idx, 3, N_host, H_kv, D]  device copies for the Level-1 layers only
+    slot_summary  : [L, 3, S, H_kv, D]  device, per resident slot (Level-2, Quest)
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ from engine.config import ModelConfig
 
 @dataclass(frozen=True)
 class KVAccounting:
-    """Bytes of KV, in the model dtype. ``full`` is what full attention over every token needs."""
+    """Bytes of KV in the model dtype. ``full`` is what full attention over every token needs;
+    ``device`` is the physical device KV: resident slots (sinks, tail, selected) plus index keys."""
 
-    device_bytes: int  # device slots in use (reserved-but-empty slots not counted)
+    device_bytes: int
     device_capacity_bytes: int  # the whole device pool
     host_bytes: int  # host-mirror blocks in use
     full_bytes: int  # tokens x bytes per token, all layers, K and V
     num_tokens: int
+    index_bytes: int = 0  # summaries kept on the device (included in device_bytes)
 
     @property
     def device_fraction(self) -> float:
@@ -33,27 +38,41 @@ class KVAccounting:
     def as_dict(self) -> dict:
         return {"device_kv_bytes": self.device_bytes, "device_kv_capacity_bytes": self.device_capacity_bytes,
                 "host_kv_bytes": self.host_bytes, "full_kv_bytes": self.full_bytes,
-                "num_tokens": self.num_tokens, "device_kv_fraction": round(self.device_fraction, 6)}
+                "index_kv_bytes": self.index_bytes, "num_tokens": self.num_tokens,
+                "device_kv_fraction": round(self.device_fraction, 6)}
 
 
 class BlockKVCache:
-    def __init__(self, config: ModelConfig, block_size: int, num_device_blocks: int,
-                 num_host_blocks: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: ModelConfig, block_size: int, num_device_blocks: int, num_host_blocks: int,
+                 dtype: torch.dtype, device: torch.device | str, groups: list[list[int]] | None = None,
+                 index_layers: tuple[int, ...] = (), slot_summaries: bool = False):
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
         layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
-        self.blocks = BlockManager(block_size, num_device_blocks, num_host_blocks)
+        self.groups = groups or [list(range(layers))]
+        self.group_of = {layer: g for g, members in enumerate(self.groups) for layer in members}
+        self.blocks = BlockManager(block_size, num_device_blocks, num_host_blocks, len(self.groups))
         self.pool = torch.empty(layers, 2, num_device_blocks, heads, block_size, dim, dtype=dtype, device=self.device)
         pin = self.device.type == "cuda"
         self.host = torch.empty(num_host_blocks, layers, 2, heads, block_size, dim, dtype=dtype, pin_memory=pin)
+        self.host_summary = torch.empty(num_host_blocks, layers, 3, heads, dim, dtype=dtype, pin_memory=pin)
+        self.index_layers = tuple(index_layers)
+        self.index_keys = torch.empty(len(index_layers), 3, num_host_blocks, heads, dim, dtype=dtype,
+                                      device=self.device)
+        self.slot_summary = (torch.empty(layers, 3, num_device_blocks, heads, dim, dtype=dtype, device=self.device)
+                             if slot_summaries else None)
         self.bytes_per_token = config.kv_bytes_per_token(dtype)
-        self.bytes_per_block = self.bytes_per_token * block_size
+        self.bytes_per_block = self.bytes_per_token * block_size  # all layers
+        self.bytes_per_layer_block = self.bytes_per_block // layers
+        self.summary_bytes_per_layer_block = 3 * heads * dim * self.pool.element_size()
+        self.blocks_copied = 0
+        self.bytes_copied = 0
 
     # ------------------------------------------------------------ sequences
 
-    def admit(self, seq_id: int, max_tokens: int) -> None:
-        self.blocks.admit(seq_id, max_tokens)
+    def admit(self, seq_id: int, num_blocks: int) -> None:
+        self.blocks.admit(seq_id, num_blocks)
 
     def release(self, seq_id: int) -> None:
         self.blocks.release(seq_id)
@@ -65,46 +84,98 @@ class BlockKVCache:
         """(k_cache, v_cache) of one layer, each [S, H_kv, B, D]."""
         return self.pool[layer, 0], self.pool[layer, 1]
 
-    def append_slots(self, seq_ids: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device slots and offsets for the next tokens of each sequence, flattened in order."""
-        slots, offsets = [], []
+    def append_slots(self, seq_ids: list[int], counts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group: device slots and offsets of the next tokens of each sequence, flattened."""
+        per_group = [([], []) for _ in self.groups]
         for seq_id, n in zip(seq_ids, counts):
-            s, o = self.blocks.append_slots(seq_id, n)
-            slots += s
-            offsets += o
-        return (torch.tensor(slots, dtype=torch.int32, device=self.device),
-                torch.tensor(offsets, dtype=torch.int32, device=self.device))
+            for g, (s, o) in enumerate(self.blocks.append_slots(seq_id, n)):
+                per_group[g][0].extend(s)
+                per_group[g][1].extend(o)
+        return [(torch.tensor(s, dtype=torch.int32, device=self.device),
+                 torch.tensor(o, dtype=torch.int32, device=self.device)) for s, o in per_group]
 
     def commit(self, seq_ids: list[int], counts: list[int]) -> None:
-        """Advance lengths after a forward step; copy newly completed blocks to the host mirror."""
-        done = []
+        """Advance lengths after a forward step; mirror newly completed blocks to the host with
+        their key summaries (and refresh device index keys)."""
+        done = []  # (device slot in group 0 ... per group, host id)
         for seq_id, n in zip(seq_ids, counts):
-            done += self.blocks.commit(seq_id, n)
-        if done:
-            slots = torch.tensor([s for s, _ in done], device=self.device)
-            hosts = torch.tensor([h for _, h in done])
-            blocks = self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5)  # [n, L, 2, H, B, D]
-            self.host[hosts] = blocks.to("cpu")
+            seq = self.blocks.seqs[seq_id]
+            done += [([r[j] for r in seq.resident], h) for j, h in self.blocks.commit(seq_id, n)]
+        if not done:
+            return
+        hosts = torch.tensor([h for _, h in done])
+        for g, members in enumerate(self.groups):
+            slots = torch.tensor([s[g] for s, _ in done], device=self.device)
+            if len(members) == self.pool.shape[0]:
+                self._mirror(hosts, slice(None), self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5))
+            else:
+                for layer in members:
+                    self._mirror(hosts, slice(layer, layer + 1), self.pool[layer, :, slots].transpose(0, 1)[:, None])
+        if self.slot_summary is not None:
+            for g, members in enumerate(self.groups):
+                slots = torch.tensor([s[g] for s, _ in done], device=self.device)
+                for layer in members:
+                    self.slot_summary[layer, :, slots] = self.host_summary[hosts, layer].to(self.device).transpose(0, 1)
+        if self.index_layers:
+            idx = torch.tensor(self.index_layers)
+            self.index_keys[:, :, hosts.to(self.device)] = (
+                self.host_summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
 
-    def block_tables(self, seq_ids: list[int], pending: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(block_table [N, M] int32, num_blocks [N] int32, last_len [N] int32) over all blocks,
-        counting ``pending`` appended-but-uncommitted tokens per sequence."""
-        rows, lasts = [], []
+    def _mirror(self, hosts: torch.Tensor, layers: slice, blocks: torch.Tensor) -> None:
+        """blocks [n, Lsel, 2, H, B, D] of complete blocks -> host mirror rows and key summaries."""
+        keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]
+        summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2)  # [n, Lsel, 3, H, D]
+        self.host[hosts, layers] = blocks.to("cpu")
+        self.host_summary[hosts, layers] = summary.to(device="cpu", dtype=self.dtype)
+
+    # ------------------------------------------------------------ residency changes
+
+    def evict(self, seq_id: int, group: int, blocks: list[int]) -> None:
+        """Drop blocks from the device; no copy, the host mirror has them."""
+        if blocks:
+            self.blocks.evict(seq_id, group, blocks)
+
+    def load(self, seq_id: int, group: int, blocks: list[int]) -> None:
+        """Copy mirrored blocks host -> device slots (and their summaries, if kept per slot)."""
+        if not blocks:
+            return
+        slots = self.blocks.load(seq_id, group, blocks)
+        host_ids = self.blocks.seqs[seq_id].host_ids
+        hosts = torch.tensor([host_ids[j] for j in blocks])
+        dst = torch.tensor(slots, device=self.device)
+        members = self.groups[group]
+        for layer in members:
+            data = self.host[hosts, layer].to(self.device, non_blocking=True)  # [n, 2, H, B, D]
+            self.pool[layer, :, dst] = data.transpose(0, 1)
+            if self.slot_summary is not None:
+                self.slot_summary[layer, :, dst] = self.host_summary[hosts, layer].to(self.device).transpose(0, 1)
+        self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
+        self.bytes_copied += len(blocks) * len(members) * self.bytes_per_layer_block
+
+    # ------------------------------------------------------------ tables for attention
+
+    def block_tables(self, seq_ids: list[int], group: int = 0, pending: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """(block_table [N, M] int32, num_blocks [N] int32, last_len [N] int32, logical ids per row)
+        over each sequence's resident blocks, counting ``pending`` uncommitted tokens."""
+        rows, lasts, logical = [], [], []
         for seq_id in seq_ids:
-            slots, last = self.blocks.table(seq_id, pending)
+            ids, slots, last = self.blocks.table(seq_id, group, pending)
             rows.append(slots)
             lasts.append(last)
+            logical.append(ids)
         width = max(len(r) for r in rows)
         table = torch.zeros(len(rows), width, dtype=torch.int32)
         for i, r in enumerate(rows):
             table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
         return (table.to(self.device), torch.tensor([len(r) for r in rows], dtype=torch.int32, device=self.device),
-                torch.tensor(lasts, dtype=torch.int32, device=self.device))
+                torch.tensor(lasts, dtype=torch.int32, device=self.device), logical)
 
     def gather(self, seq_id: int, layer: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous K and V of the first ``num_tokens`` tokens of one layer: [H_kv, n, D] each."""
-        slots = self.blocks.seqs[seq_id].slots[: self.blocks.blocks_for(num_tokens)]
-        idx = torch.tensor(slots, device=self.device)
+        """Contiguous K and V of the first ``num_tokens`` tokens of one layer: [H_kv, n, D] each.
+        Every block in range must be resident (prefill keeps the whole prompt on the device)."""
+        resident = self.blocks.seqs[seq_id].resident[self.group_of[layer]]
+        idx = torch.tensor([resident[j] for j in range(self.blocks.blocks_for(num_tokens))], device=self.device)
         k_cache, v_cache = self.layer(layer)
         k = k_cache[idx].permute(1, 0, 2, 3).flatten(1, 2)[:, :num_tokens]  # [H, n, D]
         v = v_cache[idx].permute(1, 0, 2, 3).flatten(1, 2)[:, :num_tokens]
@@ -123,9 +194,12 @@ class BlockKVCache:
         """For one sequence, or totals over all sequences when ``seq_id`` is None."""
         seqs = [self.blocks.seqs[seq_id]] if seq_id is not None else list(self.blocks.seqs.values())
         tokens = sum(s.num_tokens for s in seqs)
-        device_blocks = sum(len(s.slots) for s in seqs)
+        layer_blocks = sum(len(r) * len(self.groups[g]) for s in seqs for g, r in enumerate(s.resident))
         host_blocks = sum(len(s.host_ids) for s in seqs)
-        capacity = self.blocks.device.num_blocks * self.bytes_per_block
-        return KVAccounting(device_bytes=device_blocks * self.bytes_per_block, device_capacity_bytes=capacity,
-                            host_bytes=host_blocks * self.bytes_per_block, full_bytes=tokens * self.bytes_per_token,
-                            num_tokens=tokens)
+        index = host_blocks * len(self.index_layers) * self.summary_bytes_per_layer_block
+        if self.slot_summary is not None:
+            index += layer_blocks * self.summary_bytes_per_layer_block
+        capacity = self.blocks.num_device_blocks * self.bytes_per_block
+        return KVAccounting(device_bytes=layer_blocks * self.bytes_per_layer_block + index,
+                            device_capacity_bytes=capacity, host_bytes=host_blocks * self.bytes_per_block,
+                            full_bytes=tokens * self.bytes_per_token, num_tokens=tokens, index_bytes=index)

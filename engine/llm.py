@@ -11,6 +11,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
 from engine.kv_cache import BlockKVCache
 from engine.model import LlamaForCausalLM
+from engine.policies import make_policy
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Completion, Sequence, Status
@@ -34,17 +35,28 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         cache_cfg = config.cache
+        self.policy = make_policy(config.policy, mc.num_layers, cache_cfg.block_size)
+        if self.policy.offloads and not cache_cfg.host_mirror:
+            raise InvalidRequestError(f"policy {config.policy.name!r} evicts blocks to the host mirror; "
+                                      f"enable the host mirror")
         num_device = cache_cfg.num_device_blocks or self._auto_device_blocks(mc)
         num_host = cache_cfg.num_host_blocks if cache_cfg.num_host_blocks is not None else num_device
+        if self.policy.offloads and cache_cfg.num_host_blocks is None:
+            num_host = config.scheduler.max_num_seqs * -(-self.max_model_len // cache_cfg.block_size)
         self.cache = BlockKVCache(mc, cache_cfg.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
-                                  self.dtype, self.device)
-        self.attention = PagedAttention(self.cache, mc.head_dim)
+                                  self.dtype, self.device, groups=self.policy.groups(),
+                                  index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries)
+        self.policy.bind(self.cache)
+        self.attention = PagedAttention(self.cache, self.policy, mc.head_dim)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
-                                   can_admit=lambda s: self.cache.blocks.can_admit(s.max_len),
-                                   admit=lambda s: self.cache.admit(s.seq_id, s.max_len))
+                                   can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
+                                   admit=lambda s: self.cache.admit(s.seq_id, self._admit_blocks(s)))
         self._generators: dict[int, torch.Generator | None] = {}
         # Called with (sequence, logits [V] float32) for every token the engine samples.
         self.on_logits: Callable[[Sequence, torch.Tensor], None] | None = None
+
+    def _admit_blocks(self, seq: Sequence) -> int:
+        return self.policy.admit_blocks(seq.prompt_len, seq.max_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -84,12 +96,12 @@ class LLMEngine:
         if params.max_tokens > room:
             params = SamplingParams(**{**params.__dict__, "max_tokens": room})
         seq = Sequence(ids, params, request_id=request_id)
-        if self.cache.blocks.blocks_for(seq.max_len) > self.cache.blocks.device.num_blocks:
+        if self._admit_blocks(seq) > self.cache.blocks.num_device_blocks:
             raise CacheFullError(
-                f"request needs {seq.max_len} tokens of KV but the whole device cache holds "
-                f"{self.cache.blocks.device.num_blocks * self.cache.block_size}; lower max_tokens or give the "
-                f"cache more blocks")
+                f"request needs {self._admit_blocks(seq)} device blocks but the whole device cache holds "
+                f"{self.cache.blocks.num_device_blocks}; lower max_tokens or give the cache more blocks")
         self._generators[seq.seq_id] = make_generator(params, self.device)
+        seq.copies_at_start = (self.cache.blocks_copied, self.cache.bytes_copied)
         self.scheduler.add(seq)
         return seq
 
@@ -129,6 +141,7 @@ class LLMEngine:
             ids = [s.seq_id for s in plan.decode]
             tokens = torch.tensor([s.last_token for s in plan.decode], device=self.device)
             positions = torch.tensor([s.num_cached for s in plan.decode], device=self.device)
+            self.policy.before_decode(ids)
             self.attention.plan_decode(ids)
             hidden = self.model(tokens, positions, self.attention)
             self.cache.commit(ids, [1] * len(ids))
@@ -146,12 +159,15 @@ class LLMEngine:
         if plan.prefill is not None:
             seq, start, end = plan.prefill, plan.prefill.num_cached, plan.prefill_end
             t0 = time.perf_counter()
-            self.attention.plan_prefill(seq.seq_id, start, end)
+            self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
             tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
             hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
             self.cache.commit([seq.seq_id], [end - start])
             seq.num_cached = end
             if end == seq.prompt_len:
+                self.policy.after_prefill(seq.seq_id)
+                if self.policy.offloads:
+                    self.policy.shrink_reserve(seq.seq_id, seq.max_len)
                 logits = self.model.logits(hidden[-1:])
                 if self.on_logits is not None:
                     self.on_logits(seq, logits[0])
@@ -188,11 +204,18 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         if seq.status in (Status.PREFILL, Status.DECODE):
-            seq.kv = self.cache.accounting(seq.seq_id).as_dict()
+            seq.kv = {**self.cache.accounting(seq.seq_id).as_dict(), **self._policy_stats(seq)}
             self.cache.release(seq.seq_id)
+            self.policy.forget(seq.seq_id)
         seq.status = Status.FINISHED
         self.scheduler.remove(seq)
         self._generators.pop(seq.seq_id, None)
+
+    def _policy_stats(self, seq: Sequence) -> dict:
+        """Copy counters since the sequence started (exact when it ran alone)."""
+        return {"policy": self.config.policy.name, "budget": self.config.policy.budget,
+                "blocks_copied": self.cache.blocks_copied - seq.copies_at_start[0],
+                "bytes_copied": self.cache.bytes_copied - seq.copies_at_start[1], **self.policy.stats()}
 
     # ------------------------------------------------------------ convenience
 
@@ -231,7 +254,7 @@ class LLMEngine:
         seq = Sequence(self._encode(ids, chat=False), SamplingParams(max_tokens=1))
         if seq.prompt_len > self.max_model_len:
             raise PromptTooLongError(f"text has {seq.prompt_len} tokens; the context holds {self.max_model_len}")
-        self.cache.admit(seq.seq_id, seq.prompt_len)
+        self.cache.admit(seq.seq_id, self.cache.blocks.blocks_for(seq.prompt_len))
         try:
             for start in range(0, seq.prompt_len, self.config.scheduler.prefill_chunk):
                 end = min(seq.prompt_len, start + self.config.scheduler.prefill_chunk)

@@ -31,6 +31,7 @@ class Sequence:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv: dict = field(default_factory=dict)  # accounting snapshot taken when the sequence finishes
+    copies_at_start: tuple[int, int] = (0, 0)  # cache copy counters when the request was added
     forced: list[int] | None = None  # teacher forcing: append these instead of sampled tokens
 
     def __post_init__(self):

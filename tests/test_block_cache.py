@@ -23,22 +23,43 @@ def test_allocator_hands_out_distinct_ids_and_refuses_when_empty():
 
 def test_manager_tables_follow_appends():
     bm = BlockManager(block_size=4, num_device_blocks=10, num_host_blocks=10)
-    bm.admit(7, max_tokens=10)  # 3 blocks reserved
-    assert bm.device.num_used == 3
-    slots, offs = bm.append_slots(7, 6)
+    bm.admit(7, 3)  # 3 blocks reserved
+    assert not bm.can_reserve(8) and bm.can_reserve(7)  # reservations count before allocation
+    [(slots, offs)] = bm.append_slots(7, 6)
     assert offs == [0, 1, 2, 3, 0, 1] and len(set(slots)) == 2
-    completed = bm.commit(7, 6)
-    assert len(completed) == 1 and completed[0][0] == slots[0]  # block 0 is complete
-    table, last = bm.table(7)
-    assert table == [slots[0], slots[4]] and last == 2
+    assert bm.device[0].num_used == 2
+    assert bm.commit(7, 6) == [(0, bm.seqs[7].host_ids[0])]  # block 0 is complete and mirrored
+    logical, table, last = bm.table(7)
+    assert logical == [0, 1] and table == [slots[0], slots[4]] and last == 2
     with pytest.raises(CacheFullError):
         bm.append_slots(7, 7)  # 13 tokens > 3 reserved blocks of 4
-    assert bm.table(7) == ([slots[0], slots[4]], 2)  # a refused append changes nothing
-    more, _ = bm.append_slots(7, 3)  # three more tokens cross into block 2
-    table, last = bm.table(7, pending=3)
-    assert table == [slots[0], slots[4], more[-1]] and last == 1
+    assert bm.table(7)[1:] == ([slots[0], slots[4]], 2)  # a refused append changes nothing
+    [(more, _)] = bm.append_slots(7, 3)  # three more tokens cross into block 2
+    logical, table, last = bm.table(7, pending=3)
+    assert logical == [0, 1, 2] and table == [slots[0], slots[4], more[-1]] and last == 1
     bm.release(7)
-    assert bm.device.num_used == 0 and bm.host.num_used == 0
+    assert bm.device[0].num_used == 0 and bm.host.num_used == 0
+
+
+def test_evict_and_load_keep_the_table_in_logical_order():
+    bm = BlockManager(block_size=2, num_device_blocks=8, num_host_blocks=8, num_groups=2)
+    bm.admit(1, 5)
+    bm.append_slots(1, 9)  # blocks 0..4, the last one open
+    bm.commit(1, 9)
+    bm.evict(1, 0, [1, 2])
+    assert bm.table(1, 0)[0] == [0, 3, 4] and bm.table(1, 1)[0] == [0, 1, 2, 3, 4]
+    bm.load(1, 0, [2])
+    assert bm.table(1, 0)[0] == [0, 2, 3, 4]
+    bm.evict(1, 0, [4])
+    used = bm.device[0].num_used
+    with pytest.raises(ValueError, match="not in the host mirror"):
+        bm.load(1, 0, [4])  # the open block was never mirrored
+    assert bm.device[0].num_used == used  # nothing leaked
+    bm.load(1, 1, []) if False else None
+    assert bm.table(1, 1)[0] == [0, 1, 2, 3, 4]
+    bm.device[0].free([])  # no-op
+    bm.set_reserve(1, 2)  # cannot go below what a group holds
+    assert bm.seqs[1].reserve == 5
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -50,10 +71,10 @@ def test_appends_across_boundaries_and_host_mirror(block_size):
     lengths = {0: 0, 1: 0}
     truth = {0: [], 1: []}  # per sequence: list of [L, 2, H, D] token K/V
     for s in truth:
-        cache.admit(s, 60)
+        cache.admit(s, 60 // block_size + 1)
     # uneven chunks, interleaved between two sequences, crossing block boundaries
     for s, n in [(0, 3), (1, block_size + 1), (0, block_size), (1, 1), (0, 2 * block_size + 5), (1, 7)]:
-        slots, offsets = cache.append_slots([s], [n])
+        [(slots, offsets)] = cache.append_slots([s], [n])
         kv = torch.randn(n, CFG.num_layers, 2, CFG.num_kv_heads, CFG.head_dim)
         for layer in range(CFG.num_layers):
             cache.write(layer, kv[:, layer, 0], kv[:, layer, 1], slots, offsets)
@@ -67,15 +88,50 @@ def test_appends_across_boundaries_and_host_mirror(block_size):
             k, v = cache.gather(s, layer, n)  # [H, n, D]
             assert torch.equal(k.permute(1, 0, 2), want[:, layer, 0])
             assert torch.equal(v.permute(1, 0, 2), want[:, layer, 1])
-        # host mirror: every complete block, equal to the device copy, nothing more
+        # host mirror: every complete block, equal to the device copy, with exact key summaries
         host_ids = cache.host_blocks(s)
         assert len(host_ids) == n // block_size
-        slots, _ = cache.blocks.table(s)
+        _, slots, _ = cache.blocks.table(s)
         for j, hid in enumerate(host_ids):
-            device_block = cache.pool[:, :, slots[j]]  # [L, 2, H, B, D]
-            assert torch.equal(cache.host[hid], device_block)
+            assert torch.equal(cache.host[hid], cache.pool[:, :, slots[j]])
             tokens = want[j * block_size:(j + 1) * block_size]  # [B, L, 2, H, D]
             assert torch.equal(cache.host[hid], tokens.permute(1, 2, 3, 0, 4))
+            keys = tokens[:, :, 0].double()  # [B, L, H, D]
+            summary = cache.host_summary[hid].double()  # [L, 3, H, D]
+            assert torch.equal(summary[:, 0], keys.amin(0)) and torch.equal(summary[:, 1], keys.amax(0))
+            assert torch.allclose(summary[:, 2], keys.mean(0), atol=1e-6)
+
+
+def test_offload_round_trip_restores_exact_blocks():
+    """Evict complete blocks from the device, load them back into other slots: same bytes."""
+    torch.manual_seed(0)
+    cache = BlockKVCache(CFG, 4, num_device_blocks=12, num_host_blocks=12, dtype=torch.float16, device="cpu",
+                         groups=[[0], [1], [2]], index_layers=(1,), slot_summaries=True)
+    cache.admit(0, 6)
+    per_group = cache.append_slots([0], [22])  # blocks 0..5, block 5 open
+    kv = torch.randn(22, CFG.num_layers, 2, CFG.num_kv_heads, CFG.head_dim).half()
+    for layer, (slots, offsets) in enumerate(per_group):
+        cache.write(layer, kv[:, layer, 0], kv[:, layer, 1], slots, offsets)
+    cache.commit([0], [22])
+    before = [cache.gather(0, layer, 22) for layer in range(3)]
+    for g in range(3):
+        cache.evict(0, g, [1, 2, 3])
+    assert cache.blocks_copied == 0  # eviction copies nothing
+    taken = cache.blocks.device[0].allocate(3)  # force different slots on reload
+    for g in range(3):
+        cache.load(0, g, [3, 1, 2])
+    assert cache.blocks_copied == 9 and cache.bytes_copied == 9 * cache.bytes_per_layer_block
+    for layer in range(3):
+        k, v = cache.gather(0, layer, 22)
+        assert torch.equal(k, before[layer][0]) and torch.equal(v, before[layer][1])
+        resident = cache.blocks.seqs[0].resident[layer]
+        for j in (1, 2, 3):  # per-slot summaries travelled with the blocks
+            assert torch.equal(cache.slot_summary[layer, :, resident[j]], cache.host_summary[
+                cache.blocks.seqs[0].host_ids[j], layer])
+    assert not set(taken) & set(cache.blocks.seqs[0].resident[0].values())
+    # device index keys hold the Level-1 layer's summaries of every complete block
+    host_ids = torch.tensor(cache.blocks.seqs[0].host_ids)
+    assert torch.equal(cache.index_keys[0][:, host_ids], cache.host_summary[host_ids, 1].transpose(0, 1))
 
 
 def test_accounting_is_exact():
@@ -85,8 +141,8 @@ def test_accounting_is_exact():
     per_token = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 2  # K+V, fp16
     assert cache.bytes_per_token == per_token
     for s, n in [(0, 20), (1, 8)]:
-        cache.admit(s, 40)
-        slots, offsets = cache.append_slots([s], [n])
+        cache.admit(s, 5)
+        cache.append_slots([s], [n])
         cache.commit([s], [n])
     acc0 = cache.accounting(0)
     assert acc0.full_bytes == 20 * per_token
@@ -98,5 +154,7 @@ def test_accounting_is_exact():
     assert total.host_bytes == 3 * block_size * per_token
     assert total.device_capacity_bytes == 16 * block_size * per_token
     assert total.device_capacity_bytes == cache.pool.numel() * cache.pool.element_size()
+    cache.evict(0, 0, [0])
+    assert cache.accounting(0).device_bytes == 2 * block_size * per_token
     cache.release(0)
     assert cache.accounting().full_bytes == 8 * per_token

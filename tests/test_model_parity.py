@@ -69,7 +69,7 @@ def test_prefill_logits_match(pair):
         want = hf(torch.tensor([ids])).logits[0].float()
     assert got.shape == want.shape
     assert (got - want).abs().max().item() < ATOL
-    assert engine.cache.blocks.device.num_used == 0  # prompt_logits released its blocks
+    assert engine.cache.blocks.device[0].num_used == 0  # prompt_logits released its blocks
 
 
 def test_continuous_batch_decode_matches(pair):

@@ -1,0 +1,146 @@
+"""Lookahead Sparse Attention: Level-1 lookahead retrieval at cycle boundaries, Level-2 inside.
+
+    decode step   0 ......... N-1 | N ......... 2N-1 | 2N ...
+    cycle         0               | 1                | 2
+    plan          P1 computed     | P2 computed      | P3 computed      (lookahead = 1)
+    resident      P0 (prefill)    | P1 applied       | P2 applied
+
+At each boundary the indexer scores every complete block of the sequence at the target
+layers (cross-layer max) from the queries of the last W decode steps; the plan it yields is
+applied one cycle later (``lookahead=1``, the paper's; ``0`` applies it at once). Applying a
+plan copies in only the blocks that changed; evicting costs nothing (the host mirror has
+every complete block). Sinks, the recent tail and the open block are always resident.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+import kernels
+from engine.policies import OffloadPolicy, narrow
+
+
+class QuestIndexer:
+    """Zero-training indexer: Quest upper bounds of the recent queries against the block
+    key summaries, normalised per layer and head (log-softmax over blocks) so that layers can
+    be compared, then maxed over heads."""
+
+    def score(self, queries: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor,
+              host_ids: torch.Tensor) -> torch.Tensor:
+        """queries [W, Hq, D]; summaries [R, Hkv, D]; host_ids [M] -> scores [M] (higher = needed)."""
+        m = host_ids.numel()
+        quest, _ = kernels.block_scores(queries[None], kmin, kmax, kmean, host_ids[None].to(torch.int32),
+                                        torch.tensor([m], dtype=torch.int32, device=host_ids.device))
+        scaled = quest[0] * queries.shape[-1] ** -0.5  # [Hkv, M]
+        return torch.log_softmax(scaled, dim=-1).amax(0)
+
+
+class LSAPolicy(OffloadPolicy):
+    def __init__(self, config, num_layers, block_size):
+        super().__init__(config, num_layers, block_size)
+        self.targets = config.layers(num_layers)
+        self.prefill_window = config.query_window
+        self.slot_summaries = config.level2_topk is not None
+        if config.indexer:
+            from engine.indexer import LearnedIndexer
+
+            self.indexer = LearnedIndexer.load(config.indexer)
+        else:
+            self.indexer = QuestIndexer()
+        self._queries: dict[int, dict[int, deque]] = {}  # seq -> layer -> recent queries [Hq, D]
+        self._step: dict[int, int] = {}  # decode steps done per sequence
+        self._plan: dict[int, list[list[int]]] = {}  # pending plan: per group, ranked blocks
+        self.cycles = 0
+
+    def index_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.num_layers)) if self.config.per_layer else self.targets
+
+    # ------------------------------------------------------------ queries
+
+    def observes_prefill(self, layer: int) -> bool:
+        return layer in self.index_layers()
+
+    def observe_prefill(self, seq_id, layer, q, keys, scale):
+        window = self._queries.setdefault(seq_id, {}).setdefault(layer, deque(maxlen=self.config.query_window))
+        window.extend(q[-self.config.query_window:].clone())
+
+    def observe_decode(self, layer, seq_ids, q):
+        if layer not in self.index_layers():
+            return
+        for i, s in enumerate(seq_ids):
+            self._queries[s][layer].append(q[i].clone())
+
+    # ------------------------------------------------------------ Level-1
+
+    def rank(self, seq_id: int) -> list[list[int]]:
+        """Per group: complete blocks, best first (whole pages together when page_blocks > 1)."""
+        host_ids = self.cache.blocks.seqs[seq_id].host_ids
+        if not host_ids:
+            return [[] for _ in self.groups()]
+        ids = torch.tensor(host_ids, device=self.cache.device)
+        per_layer = {}
+        for li, layer in enumerate(self.index_layers()):
+            queries = torch.stack(list(self._queries[seq_id][layer]))  # [W, Hq, D]
+            keys = self.cache.index_keys[li]
+            per_layer[layer] = self.indexer.score(queries, keys[0], keys[1], keys[2], ids)
+        ranked = []
+        for members in self.groups():
+            layers = [m for m in members if m in per_layer] or list(per_layer)
+            score = torch.stack([per_layer[m] for m in layers]).amax(0)  # cross-layer max, [M]
+            ranked.append(self._pages(score))
+        return ranked
+
+    def _pages(self, score: torch.Tensor) -> list[int]:
+        page = self.config.page_blocks
+        if self.config.threshold is not None:
+            score = torch.where(score.exp() >= self.config.threshold, score, torch.full_like(score, float("-inf")))
+        if page == 1:
+            order = torch.argsort(score, descending=True)
+            return [j for j in order.tolist() if score[j] > float("-inf")]
+        m = score.numel()
+        pad = (-m) % page
+        page_score = torch.nn.functional.pad(score, (0, pad), value=float("-inf")).view(-1, page).amax(1)
+        out = []
+        for p in torch.argsort(page_score, descending=True).tolist():
+            if page_score[p] > float("-inf"):
+                out += [j for j in range(p * page, min(m, (p + 1) * page))]
+        return out
+
+    def _apply_ranked(self, seq_id: int, ranked: list[list[int]]) -> None:
+        for g, blocks in enumerate(ranked):
+            self.apply(seq_id, g, self.target_set(seq_id, blocks))
+
+    def after_prefill(self, seq_id: int) -> None:
+        ranked = self.rank(seq_id)  # from the prompt's last W queries
+        self._apply_ranked(seq_id, ranked)
+        self._plan[seq_id] = ranked
+        self._step[seq_id] = 0
+
+    def before_decode(self, seq_ids: list[int]) -> None:
+        for s in seq_ids:
+            step = self._step[s]
+            if step and step % self.config.cycle == 0:
+                if self.config.lookahead:
+                    self._apply_ranked(s, self._plan[s])  # computed one cycle ago
+                    self._plan[s] = self.rank(s)  # for the next boundary
+                else:
+                    self._apply_ranked(s, self.rank(s))
+                self.cycles += 1
+            self._step[s] = step + 1
+
+    # ------------------------------------------------------------ Level-2
+
+    def select(self, layer, q, table, num_blocks, last_len, logical):
+        if self.config.level2_topk is None:
+            return None
+        summary = self.cache.slot_summary[layer]
+        quest, _ = kernels.block_scores(q, summary[0], summary[1], summary[2], table, num_blocks - 1)
+        return narrow(quest.amax(1), table, num_blocks, last_len, lambda c: self.config.level2_topk + 1)
+
+    def forget(self, seq_id: int) -> None:
+        for state in (self._queries, self._step, self._plan):
+            state.pop(seq_id, None)
+
+    def stats(self) -> dict:
+        return {"misses": self.misses, "cycles": self.cycles}

@@ -1,0 +1,259 @@
+"""Attention policies: which KV blocks decode attends to and which live on the device.
+
+Every policy but ``full`` works at the same budget, counted the same way: the resident set of
+a sequence is at most ``floor(budget * num_blocks)`` blocks, sinks and tail included (never
+fewer than the block holding the current token). The hooks the engine calls:
+
+    admit_blocks(prompt_len, max_len)   slots to reserve when a sequence is admitted
+    after_prefill(seq_id)               the prompt is in the cache: pick the first resident set
+    before_decode(seq_ids)              per step, before the tables are built: boundaries, swaps
+    observe_prefill(...) / observe_decode(...)   queries seen at the Level-1 layers
+    select(layer, ...)                  per step and layer: narrow the table (Level-2, Quest, oracle)
+
+The LSA policy itself is in engine/lsa.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernels
+from engine.config import PolicyConfig
+from engine.kv_cache import BlockKVCache
+
+
+class Policy:
+    """Full attention: every block resident, nothing selected. Base of the others."""
+
+    offloads = False  # evicts blocks to the host mirror
+    slot_summaries = False  # keeps per-slot key summaries on the device
+    prefill_window = 0  # prompt queries observed at the end of prefill
+
+    def __init__(self, config: PolicyConfig, num_layers: int, block_size: int):
+        self.config = config
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.cache: BlockKVCache | None = None
+
+    def bind(self, cache: BlockKVCache) -> None:
+        self.cache = cache
+
+    def groups(self) -> list[list[int]]:
+        layers = list(range(self.num_layers))
+        return [[i] for i in layers] if self.config.per_layer and self.offloads else [layers]
+
+    def index_layers(self) -> tuple[int, ...]:
+        return ()
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def budget_blocks(self, num_blocks: int) -> int:
+        return max(1, math.floor(self.config.budget * num_blocks + 1e-9))
+
+    def admit_blocks(self, prompt_len: int, max_len: int) -> int:
+        return self.blocks_for(max_len)
+
+    def after_prefill(self, seq_id: int) -> None:
+        pass
+
+    def before_decode(self, seq_ids: list[int]) -> None:
+        pass
+
+    def observes_prefill(self, layer: int) -> bool:
+        return False
+
+    def observe_prefill(self, seq_id: int, layer: int, q: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+        pass
+
+    def observe_decode(self, layer: int, seq_ids: list[int], q: torch.Tensor) -> None:
+        pass
+
+    def select(self, layer, q, table, num_blocks, last_len, logical):
+        """Return a narrower (table, num_blocks, last_len) for this layer, or None for all of it."""
+        return None
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+class OffloadPolicy(Policy):
+    """Keeps only a resident set on the device; everything else lives in the host mirror."""
+
+    offloads = True
+
+    def __init__(self, config, num_layers, block_size):
+        super().__init__(config, num_layers, block_size)
+        self.misses = 0
+        self.swaps = 0  # residency changes applied
+
+    def decode_reserve(self, max_len: int) -> int:
+        growth = -(-self.config.cycle // self.block_size) + 1
+        return self.budget_blocks(self.blocks_for(max_len)) + growth + 1
+
+    def admit_blocks(self, prompt_len: int, max_len: int) -> int:
+        # the whole prompt is on the device while it is prefilled, then the reserve shrinks
+        return max(self.blocks_for(prompt_len + 1), self.decode_reserve(max_len))
+
+    def must_keep(self, seq_id: int) -> list[int]:
+        """Blocks always resident, most important first: the open block, the tail, the sinks."""
+        n = self.cache.num_tokens(seq_id)
+        open_block = n // self.block_size
+        tail = list(range(open_block - 1, max(-1, open_block - 1 - self.config.tail_blocks), -1))
+        sinks = list(range(min(self.config.sink_blocks, open_block)))
+        keep = [open_block] if n % self.block_size else []  # an empty open block is not allocated yet
+        return list(dict.fromkeys(keep + tail + sinks))
+
+    def target_set(self, seq_id: int, ranked: list[int]) -> list[int]:
+        """must_keep, then ``ranked`` blocks, up to the budget at the current length."""
+        n = self.cache.num_tokens(seq_id)
+        budget = self.budget_blocks(self.blocks_for(n + 1))
+        complete = n // self.block_size
+        chosen = self.must_keep(seq_id)[:budget]
+        seen = set(chosen)
+        for j in ranked:
+            if len(chosen) >= budget:
+                break
+            if j not in seen and 0 <= j < complete:
+                chosen.append(j)
+                seen.add(j)
+        return chosen
+
+    def apply(self, seq_id: int, group: int, wanted: list[int]) -> None:
+        """Make the resident set of one group exactly ``wanted`` (plus the open block): evict
+        what is not wanted (no copy), copy in only what is missing."""
+        resident = self.cache.blocks.seqs[seq_id].resident[group]
+        n = self.cache.num_tokens(seq_id)
+        open_block = n // self.block_size if n % self.block_size else None
+        want = set(wanted) | ({open_block} if open_block is not None else set())
+        evict = [j for j in resident if j not in want]
+        load = sorted(j for j in want if j not in resident)
+        mirrored = len(self.cache.blocks.seqs[seq_id].host_ids)
+        missing = [j for j in load if j >= mirrored]
+        self.misses += len(missing)
+        self.cache.evict(seq_id, group, evict)
+        self.cache.load(seq_id, group, [j for j in load if j < mirrored])
+        self.swaps += 1
+
+    def shrink_reserve(self, seq_id: int, max_len: int) -> None:
+        self.cache.blocks.set_reserve(seq_id, self.decode_reserve(max_len))
+
+    def stats(self) -> dict:
+        return {"misses": self.misses}
+
+
+class StreamingPolicy(OffloadPolicy):
+    """StreamingLLM: attention sinks plus a recent window, the window filling the budget."""
+
+    def _update(self, seq_id: int) -> None:
+        n = self.cache.num_tokens(seq_id)
+        recent = list(range(n // self.block_size, -1, -1))
+        for g in range(len(self.groups())):
+            self.apply(seq_id, g, self.target_set(seq_id, recent))
+
+    def after_prefill(self, seq_id: int) -> None:
+        self._update(seq_id)
+
+    def before_decode(self, seq_ids: list[int]) -> None:
+        for s in seq_ids:  # the window slides once per block: evictions only, never a copy
+            if self.cache.num_tokens(s) % self.block_size == 0:
+                self._update(s)
+
+
+class SnapKVPolicy(OffloadPolicy):
+    """SnapKV: blocks chosen once from the attention of the prompt's last queries (the
+    observation window), fixed after prefill; generated tokens are kept as they come."""
+
+    def __init__(self, config, num_layers, block_size):
+        super().__init__(config, num_layers, block_size)
+        self.prefill_window = config.observation_window
+        self._votes: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> block mass [M]
+
+    def observes_prefill(self, layer: int) -> bool:
+        return True
+
+    def observe_prefill(self, seq_id, layer, q, keys, scale):
+        mass = window_block_mass(q, keys, scale, self.block_size)  # [Hkv, M]
+        self._votes.setdefault(seq_id, {})[layer] = mass.amax(0)  # a block counts if any head needs it
+
+    def after_prefill(self, seq_id: int) -> None:
+        votes = self._votes.pop(seq_id)
+        for g, members in enumerate(self.groups()):
+            score = torch.stack([votes[layer] for layer in members]).amax(0)
+            ranked = torch.argsort(score, descending=True).tolist()
+            self.apply(seq_id, g, self.target_set(seq_id, ranked))
+
+    def before_decode(self, seq_ids: list[int]) -> None:
+        pass  # fixed after prefill; new blocks are opened by the append path and stay
+
+    def forget(self, seq_id: int) -> None:
+        self._votes.pop(seq_id, None)
+
+
+class QuestPolicy(Policy):
+    """Quest: all KV on the device; per step and layer, the top blocks by the query-aware upper
+    bound sum_d max(q_d min_d, q_d max_d), the current block always in."""
+
+    slot_summaries = True
+
+    def select(self, layer, q, table, num_blocks, last_len, logical):
+        quest, _ = kernels.block_scores(q, self.cache.slot_summary[layer, 0], self.cache.slot_summary[layer, 1],
+                                        self.cache.slot_summary[layer, 2], table, num_blocks - 1)
+        return narrow(quest.amax(1), table, num_blocks, last_len, self.budget_blocks)
+
+
+class OraclePolicy(Policy):
+    """Oracle: per step and layer, the blocks holding the most true attention mass (computed
+    by full attention first); an upper bound for any selection at this budget."""
+
+    def select(self, layer, q, table, num_blocks, last_len, logical):
+        k_cache, v_cache = self.cache.layer(layer)
+        _, mass = kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len,
+                                                  q.shape[-1] ** -0.5, return_block_mass=True)
+        return narrow(mass.sum(1), table, num_blocks, last_len, self.budget_blocks)
+
+
+def narrow(scores, table, num_blocks, last_len, budget_fn):
+    """Keep, per row, the last listed block plus the best-scoring others up to the budget.
+    scores [N, M] over the listed blocks (the last one is ignored)."""
+    n, width = table.shape
+    counts = num_blocks.tolist()
+    keep = [budget_fn(c) for c in counts]
+    valid = torch.arange(width, device=table.device)[None, :] < (num_blocks - 1)[:, None]
+    order = torch.argsort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True)
+    out_w = max(keep)
+    out = torch.zeros(n, out_w, dtype=table.dtype, device=table.device)
+    out_n = torch.empty_like(num_blocks)
+    for i in range(n):
+        others = order[i, : min(keep[i], counts[i]) - 1]
+        row = torch.cat([table[i, others.sort().values], table[i, counts[i] - 1: counts[i]]])
+        out[i, : len(row)] = row
+        out_n[i] = len(row)
+    return out, out_n, last_len
+
+
+def window_block_mass(q: torch.Tensor, keys: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """Attention mass per KV head and block of the last W prompt queries, causal.
+
+    q [W, Hq, D] (positions n-W..n-1), keys [Hkv, n, D] -> [Hkv, num_blocks] (mean over queries)."""
+    w, hq, d = q.shape
+    hkv, n, _ = keys.shape
+    qg = q.float().view(w, hkv, hq // hkv, d)  # [W, Hkv, G, D]
+    s = torch.einsum("whgd,hnd->hgwn", qg, keys.float()) * scale  # [Hkv, G, W, n]
+    causal = torch.arange(n)[None, :] <= torch.arange(n - w, n)[:, None]  # [W, n]
+    p = torch.softmax(s.masked_fill(~causal.to(s.device), float("-inf")), dim=-1)
+    per_token = p.mean((1, 2))  # [Hkv, n]
+    pad = (-n) % block_size
+    return torch.nn.functional.pad(per_token, (0, pad)).view(hkv, -1, block_size).sum(-1)
+
+
+def make_policy(config: PolicyConfig, num_layers: int, block_size: int) -> Policy:
+    from engine.lsa import LSAPolicy
+
+    classes = {"full": Policy, "streaming": StreamingPolicy, "snapkv": SnapKVPolicy, "quest": QuestPolicy,
+               "oracle": OraclePolicy, "lsa": LSAPolicy}
+    return classes[config.name](config, num_layers, block_size)
