@@ -58,6 +58,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
     e.add_argument("--prefill-chunk", type=int, default=1024)
+    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's; 1 is "
+                   "steadier on a small machine shared with other work)")
     a = p.add_argument_group("policy (see PolicyConfig)")
     a.add_argument("--cycle", type=int, default=64, help="decode steps between Level-1 refreshes")
     a.add_argument("--sink-blocks", type=int, default=1)
@@ -140,6 +142,8 @@ def run_eval(args) -> int:
     runs = _runs(args.policies, args.budgets)
     needles = load_needles(args.needles) if args.needles else BUILTIN_NEEDLES
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model, tokenizer = load(args.model, device, args.dtype)
     load_s = time.perf_counter() - t_start

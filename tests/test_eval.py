@@ -1,0 +1,183 @@
+"""``lsa eval`` end to end on SmolLM2 at a tiny context (every task, every policy), plus the
+pieces that decide the numbers: needle scoring, needles-file validation, multi-key prompts,
+token agreement. The model is loaded once for the module and handed to ``lsa eval``."""
+import json
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from engine import evaluation  # noqa: E402
+from engine.cli import main  # noqa: E402
+from engine.errors import InvalidRequestError, ModelNotFoundError  # noqa: E402
+from engine.eval_tasks import (TaskSpec, agreement, answer_found, build_samples, load_needles,  # noqa: E402
+                               multikey_needles)
+from engine.haystack import synthetic_filler  # noqa: E402
+from engine.weights import resolve_model  # noqa: E402
+
+try:
+    resolve_model("smollm2-135m")
+except ModelNotFoundError as exc:  # pragma: no cover - the test extra installs it
+    pytest.skip(f"embedded model not installed: {exc}", allow_module_level=True)
+
+POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+TINY = ["--contexts", "384", "--depths", "0.5", "--limit", "1", "--max-tokens", "6", "--ppl-tokens", "16",
+        "--agreement-tokens", "8", "--block-size", "16", "--budgets", "0.25", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    # One thread: on a small shared CPU, two torch threads competing with other processes
+    # stall for seconds per step; one thread keeps the module well under 90 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield evaluation.load("smollm2-135m", "cpu", "auto")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def shared_model(loaded, monkeypatch):
+    """``lsa eval`` uses the module's model instead of loading its own."""
+    monkeypatch.setattr(evaluation, "load", lambda *a: loaded)
+    return loaded
+
+
+def _spec(**kw):
+    base = dict(contexts=(384,), depths=(0.5,), needles=(), limit=1, max_tokens=6, max_model_len=8192)
+    return TaskSpec(**{**base, **kw})
+
+
+# ------------------------------------------------------------------ end to end
+
+@pytest.mark.parametrize("policy", [
+    pytest.param(p, marks=() if p == "full" else pytest.mark.xfail(raises=NotImplementedError, strict=False))
+    for p in POLICIES])
+def test_eval_end_to_end(policy, shared_model, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["eval", "--policies", policy, "--tasks", "niah,multikey,ppl,agreement", "--out", str(out), *TINY])
+    assert rc == 0
+
+    result = json.loads((out / "results.json").read_text())
+    assert {"config", "timings", "aggregates", "records", "errors"} <= set(result)
+    assert result["errors"] == []
+    assert result["config"]["command"].startswith("lsa eval --policies " + policy)
+    assert result["timings"]["total_s"] > 0
+    records = result["records"]
+    assert sorted(r["task"] for r in records) == ["agreement", "multikey", "niah", "ppl"]
+    assert {r["policy"] for r in records} == {policy}
+    assert {r["budget"] for r in records} == ({None} if policy == "full" else {0.25})
+    by_task = {r["task"]: r for r in records}
+    for task in ("niah", "multikey"):
+        r = by_task[task]
+        assert r["correct"] == answer_found(r["reply"], r["answer"])
+        assert 0 < len(r["token_ids"]) <= 6 and "device_kv_fraction" in r["kv"]
+    assert by_task["ppl"]["scored_tokens"] == 16 and by_task["ppl"]["ppl"] > 1.0
+    assert len(by_task["agreement"]["token_ids"]) == 8
+    assert 0.0 <= by_task["agreement"]["agreement"] <= 1.0
+
+    totals = {r["task"]: r for r in result["aggregates"] if r["context"] == "all"}
+    assert set(totals) == {"niah", "multikey", "ppl", "agreement"}
+    assert totals["niah"]["accuracy"] == float(by_task["niah"]["correct"])
+    assert totals["ppl"]["ppl"] == pytest.approx(by_task["ppl"]["ppl"])
+    if policy == "full":  # the reference compared with itself
+        assert totals["agreement"]["agreement"] == 1.0
+        assert by_task["agreement"]["first_divergence"] is None
+
+    md = (out / "results.md").read_text()
+    for task in ("niah", "multikey", "ppl", "agreement"):
+        assert f"### {task}:" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {policy} |"))
+    assert len(row.split("|")) == len(md.splitlines()[md.splitlines().index(row) - 2].split("|"))
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_needles_file_is_reported_before_loading(tmp_path, capsys, monkeypatch):
+    def no_load(*a):
+        raise AssertionError("the model must not load for a bad needles file")
+
+    monkeypatch.setattr(evaluation, "load", no_load)
+    bad = tmp_path / "needles.jsonl"
+    bad.write_text('{"needle": "The code is 42.", "question": "What is the code?", "answer": "42"}\n\n'
+                   '{"needle": "The colour is red.", "question": "What colour?"}\n')
+    assert main(["eval", "--needles", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3" in err and "answer" in err
+
+
+# ------------------------------------------------------------------ scoring and data
+
+def test_answer_found():
+    assert answer_found("The passphrase is blue lantern.", "blue lantern")
+    assert answer_found("THE PASSPHRASE IS BLUE LANTERN", "Blue Lantern")
+    assert not answer_found("The passphrase is red lantern.", "blue lantern")
+    assert not answer_found("", "mango")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "not valid JSON"),
+    ('["a", "b"]', "expected an object"),
+    ('{"needle": "x is 1.", "question": "x?"}', "answer missing"),
+    ('{"needle": "x is 1.", "question": "", "answer": "1"}', "question missing"),
+    ('{"needle": "x is 1.", "question": "x?", "answer": 1}', "answer missing"),
+    ('{"needle": "x is 1.", "question": "x?", "answer": "2"}', "does not appear in the needle"),
+])
+def test_needles_file_validation(tmp_path, line, message):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"needle": "The code is 42.", "question": "What is the code?", "answer": "42"}\n' + line + "\n")
+    with pytest.raises(InvalidRequestError, match=rf"n\.jsonl:2: .*{message}"):
+        load_needles(path)
+
+
+def test_needles_file_ok_and_empty(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"needle": "The code is 42.", "question": "What is the code?", "answer": "42"}\n')
+    (needle,) = load_needles(path)
+    assert (needle.question, needle.answer) == ("What is the code?", "42")
+    path.write_text("\n\n")
+    with pytest.raises(InvalidRequestError, match="no needles"):
+        load_needles(path)
+    with pytest.raises(InvalidRequestError, match="cannot read"):
+        load_needles(tmp_path / "missing.jsonl")
+
+
+def test_multikey_prompt_holds_every_key_and_asks_one(loaded):
+    _, tokenizer = loaded
+    spec = _spec(num_keys=4, limit=3)
+    samples = build_samples("multikey", spec, tokenizer, synthetic_filler(20_000))
+    assert len(samples) == 3
+    for s in samples:
+        text = tokenizer.decode(list(s.prompt_ids))
+        document, question = text.split("</document>")
+        needles, asked = multikey_needles(4, random.Random(f"0/384/0.5/{s.index}"))
+        assert all(n.needle in document for n in needles)
+        keys = [n.needle.split(" for ")[1].split(" is:")[0] for n in needles]
+        assert [k for k in keys if k in question] == [keys[asked]]
+        assert s.answer == needles[asked].answer and s.answer not in s.distractors
+        assert len(s.distractors) == 3 and len(set(keys)) == 4
+
+
+def test_window_samples_fit_the_model(loaded):
+    _, tokenizer = loaded
+    spec = _spec(contexts=(300, 1000), limit=2, ppl_tokens=40, agreement_tokens=10, max_model_len=500)
+    text = synthetic_filler(30_000)
+    ppl = build_samples("ppl", spec, tokenizer, text)
+    assert [len(s.prompt_ids) + len(s.continuation) for s in ppl] == [300, 300, 500, 500]
+    assert all(len(s.continuation) == 40 for s in ppl) and ppl[0].prompt_ids != ppl[1].prompt_ids
+    agree = build_samples("agreement", spec, tokenizer, text)
+    assert [len(s.prompt_ids) for s in agree] == [300, 300, 490, 490]
+
+
+def test_agreement():
+    assert agreement([1, 2, 3, 4], [1, 2, 3, 4]) == (1.0, None)
+    assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == (0.75, 2)
+    assert agreement([1, 2, 3, 4], [1, 2]) == (0.5, 2)
+    assert agreement([5], [6]) == (0.0, 0)
+
+
+def test_runs_full_once_and_first():
+    runs = evaluation._runs(("lsa", "full", "quest"), (0.05, 0.1))
+    assert runs == [("full", None), ("lsa", 0.05), ("lsa", 0.1), ("quest", 0.05), ("quest", 0.1)]
+    with pytest.raises(InvalidRequestError, match="unknown policies"):
+        evaluation._runs(("dense",), (0.1,))
