@@ -55,6 +55,11 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+# kv keys left out of the markdown (still in the JSON): shown elsewhere, or sizes, not counters
+_NOT_COLUMNS = {"device_kv_fraction", "budget", "device_kv_bytes", "device_kv_capacity_bytes", "host_kv_bytes",
+                "full_kv_bytes", "index_kv_bytes", "num_tokens"}
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -75,9 +80,7 @@ def markdown(rows: list[dict], errors: list[dict]) -> str:
             continue
         metric, kind, higher = METRICS[task]
         contexts = sorted({r["context"] for r in task_rows if r["context"] != "all"})
-        extra = sorted({k for r in task_rows for k in r["kv"]} - {"device_kv_fraction"}
-                       - {"device_kv_bytes", "device_kv_capacity_bytes", "host_kv_bytes", "full_kv_bytes",
-                          "num_tokens"})
+        extra = sorted({k for r in task_rows for k in r["kv"]} - _NOT_COLUMNS)
         unit = " %" if kind == "pct" else ""
         out.append(f"### {task}: {metric}{unit} ({'higher' if higher else 'lower'} is better)\n")
         header = ["policy", "budget"] + [str(c) for c in contexts] + ["all", "n", "device KV %"] + extra
