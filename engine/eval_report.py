@@ -20,18 +20,21 @@ def run_label(policy: str, budget: float | None) -> str:
 
 
 def aggregate(records: list[dict]) -> list[dict]:
-    """One row per (policy, budget, task, context) and one per (policy, budget, task) over all
-    contexts (``context: "all"``): the task's metric, sample count, mean wall time, and the mean
+    """One row per (policy, budget, task, context), one per (policy, budget, task) over all
+    contexts (``context: "all"``), and for niah and multikey one per context and depth (``depth``
+    set; None in the others): the task's metric, sample count, mean wall time, and the mean
     of every numeric key of the policies' ``kv`` dicts (device_kv_fraction, misses, ...)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if "error" in r:
             continue
-        groups[(r["policy"], r["budget"], r["task"], r["context"])].append(r)
-        groups[(r["policy"], r["budget"], r["task"], "all")].append(r)
+        groups[(r["policy"], r["budget"], r["task"], r["context"], None)].append(r)
+        groups[(r["policy"], r["budget"], r["task"], "all", None)].append(r)
+        if r["depth"] is not None:
+            groups[(r["policy"], r["budget"], r["task"], r["context"], r["depth"])].append(r)
     rows = []
-    for (policy, budget, task, context), rs in groups.items():
-        row = {"policy": policy, "budget": budget, "task": task, "context": context, "n": len(rs),
+    for (policy, budget, task, context, depth), rs in groups.items():
+        row = {"policy": policy, "budget": budget, "task": task, "context": context, "depth": depth, "n": len(rs),
                "mean_wall_s": round(sum(r["wall_s"] for r in rs) / len(rs), 4)}
         if task in ("niah", "multikey"):
             row["accuracy"] = sum(r["correct"] for r in rs) / len(rs)
@@ -51,7 +54,8 @@ def aggregate(records: list[dict]) -> list[dict]:
         row["kv"] = {k: sum(r["kv"][k] for r in rs if k in r["kv"]) / sum(k in r["kv"] for r in rs) for k in kv_keys}
         rows.append(row)
     rows.sort(key=lambda r: (r["task"], r["policy"] != "full", r["policy"], r["budget"] or 0,
-                             math.inf if r["context"] == "all" else r["context"]))
+                             math.inf if r["context"] == "all" else r["context"],
+                             -1.0 if r["depth"] is None else r["depth"]))
     return rows
 
 
@@ -75,7 +79,7 @@ def markdown(rows: list[dict], errors: list[dict]) -> str:
     mean device-KV fraction, and the other kv counters the policies report (means per sample)."""
     out = []
     for task in METRICS:
-        task_rows = [r for r in rows if r["task"] == task]
+        task_rows = [r for r in rows if r["task"] == task and r["depth"] is None]
         if not task_rows:
             continue
         metric, kind, higher = METRICS[task]
@@ -122,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    totals = [r for r in rows if r["context"] == "all"]
+    totals = [r for r in rows if r["context"] == "all" and r["depth"] is None]
     tasks = [t for t in METRICS if any(r["task"] == t for r in totals)]
     if not tasks:
         return False

@@ -134,13 +134,21 @@ def run_eval(args) -> int:
     from tqdm import tqdm
 
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.eval_report import run_label, write_outputs
+    from engine.eval_report import aggregate, run_label, write_outputs
     from engine.haystack import BUILTIN_NEEDLES, haystack_dir, load_haystack
     from engine.llm import LLMEngine
 
     _validate(args)
     runs = _runs(args.policies, args.budgets)
     needles = load_needles(args.needles) if args.needles else BUILTIN_NEEDLES
+    haystack_source = args.haystack or haystack_dir()
+    try:  # bad paths are reported before the model loads
+        haystack = load_haystack(args.haystack, min_chars=8 * max(args.contexts), seed=args.seed)
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else haystack
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read the evaluation text: {exc}") from exc
+    if not text.strip():
+        raise InvalidRequestError(f"--text file {args.text} is empty")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,11 +161,6 @@ def run_eval(args) -> int:
     spec = TaskSpec(contexts=args.contexts, depths=args.depths, needles=tuple(needles), limit=args.limit,
                     num_keys=args.num_keys, ppl_tokens=args.ppl_tokens, agreement_tokens=args.agreement_tokens,
                     max_tokens=args.max_tokens, max_model_len=model_len, seed=args.seed)
-    haystack_source = args.haystack or haystack_dir()
-    haystack = load_haystack(args.haystack, min_chars=8 * max(args.contexts), seed=args.seed)
-    text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else haystack
-    if args.text and not text.strip():
-        raise InvalidRequestError(f"--text file {args.text} is empty")
     t0 = time.perf_counter()
     samples = [s for task in args.tasks for s in build_samples(task, spec, tokenizer,
                                                                text if task in ("ppl", "agreement") else haystack)]
@@ -197,14 +200,14 @@ def run_eval(args) -> int:
                 bar.close()
                 raise
             errors.append({"policy": name, "budget": budget, "error": f"{type(exc).__name__}: {exc}"})
+            bar.update(len(samples) - len([r for r in records if (r["policy"], r["budget"]) == (name, budget)]))
         run_times.append({"policy": name, "budget": budget, "seconds": round(time.perf_counter() - t_run, 2)})
     bar.close()
 
-    from engine.eval_report import aggregate
-
     config = {k: v for k, v in vars(args).items() if k != "command"}
-    config.update(command=_command_line(args), device=device, haystack_source=str(haystack_source or "synthetic filler"),
-                  num_needles=len(needles), max_model_len=model_len, git_commit=_git_commit(),
+    config.update(command=_command_line(args), device=device,
+                  haystack_source=str(haystack_source or "synthetic filler"), num_needles=len(needles),
+                  max_model_len=model_len, git_commit=_git_commit(),
                   runs=[run_label(n, b) for n, b in runs])
     result = {"config": config,
               "timings": {"load_model_s": round(load_s, 2), "build_samples_s": round(build_s, 2),

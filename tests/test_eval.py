@@ -51,9 +51,7 @@ def _spec(**kw):
 
 # ------------------------------------------------------------------ end to end
 
-@pytest.mark.parametrize("policy", [
-    pytest.param(p, marks=() if p == "full" else pytest.mark.xfail(raises=NotImplementedError, strict=False))
-    for p in POLICIES])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_eval_end_to_end(policy, shared_model, tmp_path):
     out = tmp_path / "out"
     rc = main(["eval", "--policies", policy, "--tasks", "niah,multikey,ppl,agreement", "--out", str(out), *TINY])
@@ -81,6 +79,8 @@ def test_eval_end_to_end(policy, shared_model, tmp_path):
     assert set(totals) == {"niah", "multikey", "ppl", "agreement"}
     assert totals["niah"]["accuracy"] == float(by_task["niah"]["correct"])
     assert totals["ppl"]["ppl"] == pytest.approx(by_task["ppl"]["ppl"])
+    (depth_row,) = [r for r in result["aggregates"] if r["task"] == "niah" and r["depth"] is not None]
+    assert (depth_row["context"], depth_row["depth"], depth_row["n"]) == (384, 0.5, 1)
     if policy == "full":  # the reference compared with itself
         assert totals["agreement"]["agreement"] == 1.0
         assert by_task["agreement"]["first_divergence"] is None
@@ -93,7 +93,27 @@ def test_eval_end_to_end(policy, shared_model, tmp_path):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_needles_file_is_reported_before_loading(tmp_path, capsys, monkeypatch):
+def test_keep_going_records_a_failing_policy(shared_model, tmp_path, monkeypatch):
+    real = evaluation.run_sample
+
+    def run_sample(engine, *a, **kw):
+        if engine.config.policy.name == "streaming":
+            raise RuntimeError("boom")
+        return real(engine, *a, **kw)
+
+    monkeypatch.setattr(evaluation, "run_sample", run_sample)
+    out = tmp_path / "out"
+    argv = ["eval", "--policies", "full,streaming", "--tasks", "niah", "--out", str(out), *TINY]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+    assert main([*argv, "--keep-going"]) == 1
+    result = json.loads((out / "results.json").read_text())
+    assert result["errors"] == [{"policy": "streaming", "budget": 0.25, "error": "RuntimeError: boom"}]
+    assert [r["policy"] for r in result["records"]] == ["full"]
+    assert "streaming@0.25: RuntimeError: boom" in (out / "results.md").read_text()
+
+
+def test_bad_inputs_are_reported_before_loading(tmp_path, capsys, monkeypatch):
     def no_load(*a):
         raise AssertionError("the model must not load for a bad needles file")
 
@@ -104,6 +124,8 @@ def test_bad_needles_file_is_reported_before_loading(tmp_path, capsys, monkeypat
     assert main(["eval", "--needles", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and "answer" in err
+    assert main(["eval", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "cannot read the evaluation text" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ scoring and data
