@@ -171,7 +171,8 @@ class BlockManager:
         bad = [j for j in blocks if j >= len(seq.host_ids) or j in seq.resident[group]]
         if bad:
             raise ValueError(f"blocks {bad} of sequence {seq_id} are not in the host mirror or already resident")
-        for j, slot in zip(blocks, self._allocate(seq, group, len(blocks))):
+        slots = self._allocate(seq, group, len(blocks))
+        for j, slot in zip(blocks, slots):
             seq.resident[group][j] = slot
         return slots
 

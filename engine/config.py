@@ -210,7 +210,9 @@ class PolicyConfig:
     per_layer: bool = False  # one resident set per layer instead of one shared by all layers
     page_blocks: int = 1  # recall whole pages of this many blocks
     lookahead: int = 1  # cycles between computing a plan and applying it (1: the paper's)
-    observation_window: int = 32  # snapkv: prompt queries that vote
+    observation_window: int = 32  # snapkv, and lsa's first plan: prompt queries that vote
+    first_plan: str = "attention"  # lsa's plan at the end of prefill: "attention" (exact, from the
+    #   observation window, while the prompt's KV is on the device) or "indexer"
     indexer: str | None = None  # learned indexer directory; None: zero-training (Quest bounds)
 
     def __post_init__(self):
@@ -220,6 +222,8 @@ class PolicyConfig:
             raise InvalidRequestError(f"budget must be in (0, 1], got {self.budget}")
         if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.page_blocks < 1:
             raise InvalidRequestError("cycle and page_blocks must be >= 1, sink_blocks and tail_blocks >= 0")
+        if self.first_plan not in ("attention", "indexer"):
+            raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if self.lookahead not in (0, 1):
             raise InvalidRequestError("lookahead must be 0 (plan applied at once) or 1 (next cycle)")
         if self.target_layers is not None and not isinstance(self.target_layers, tuple):

@@ -18,7 +18,7 @@ from collections import deque
 import torch
 
 import kernels
-from engine.policies import OffloadPolicy, narrow
+from engine.policies import OffloadPolicy, narrow, window_block_mass
 
 
 class QuestIndexer:
@@ -40,7 +40,7 @@ class LSAPolicy(OffloadPolicy):
     def __init__(self, config, num_layers, block_size):
         super().__init__(config, num_layers, block_size)
         self.targets = config.layers(num_layers)
-        self.prefill_window = config.query_window
+        self.prefill_window = max(config.query_window, config.observation_window)
         self.slot_summaries = config.level2_topk is not None
         if config.indexer:
             from engine.indexer import LearnedIndexer
@@ -51,6 +51,7 @@ class LSAPolicy(OffloadPolicy):
         self._queries: dict[int, dict[int, deque]] = {}  # seq -> layer -> recent queries [Hq, D]
         self._step: dict[int, int] = {}  # decode steps done per sequence
         self._plan: dict[int, list[list[int]]] = {}  # pending plan: per group, ranked blocks
+        self._first: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> prefill block scores
         self.cycles = 0
 
     def index_layers(self) -> tuple[int, ...]:
@@ -64,6 +65,9 @@ class LSAPolicy(OffloadPolicy):
     def observe_prefill(self, seq_id, layer, q, keys, scale):
         window = self._queries.setdefault(seq_id, {}).setdefault(layer, deque(maxlen=self.config.query_window))
         window.extend(q[-self.config.query_window:].clone())
+        if self.config.first_plan == "attention":
+            mass = window_block_mass(q, keys, scale, self.block_size)  # [Hkv, M], exact
+            self._first.setdefault(seq_id, {})[layer] = mass.clamp_min(1e-30).log().amax(0)
 
     def observe_decode(self, layer, seq_ids, q):
         if layer not in self.index_layers():
@@ -73,17 +77,21 @@ class LSAPolicy(OffloadPolicy):
 
     # ------------------------------------------------------------ Level-1
 
-    def rank(self, seq_id: int) -> list[list[int]]:
-        """Per group: complete blocks, best first (whole pages together when page_blocks > 1)."""
+    def rank(self, seq_id: int, per_layer: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
+        """Per group: complete blocks, best first (whole pages together when page_blocks > 1).
+        ``per_layer`` gives ready scores [M] per index layer; otherwise the indexer scores."""
         host_ids = self.cache.blocks.seqs[seq_id].host_ids
         if not host_ids:
             return [[] for _ in self.groups()]
-        ids = torch.tensor(host_ids, device=self.cache.device)
-        per_layer = {}
-        for li, layer in enumerate(self.index_layers()):
-            queries = torch.stack(list(self._queries[seq_id][layer]))  # [W, Hq, D]
-            keys = self.cache.index_keys[li]
-            per_layer[layer] = self.indexer.score(queries, keys[0], keys[1], keys[2], ids)
+        if per_layer is None:
+            ids = torch.tensor(host_ids, device=self.cache.device)
+            per_layer = {}
+            for li, layer in enumerate(self.index_layers()):
+                queries = torch.stack(list(self._queries[seq_id][layer]))  # [W, Hq, D]
+                keys = self.cache.index_keys[li]
+                per_layer[layer] = self.indexer.score(queries, keys[0], keys[1], keys[2], ids)
+        else:
+            per_layer = {layer: s[: len(host_ids)] for layer, s in per_layer.items()}
         ranked = []
         for members in self.groups():
             layers = [m for m in members if m in per_layer] or list(per_layer)
@@ -112,7 +120,8 @@ class LSAPolicy(OffloadPolicy):
             self.apply(seq_id, g, self.target_set(seq_id, blocks))
 
     def after_prefill(self, seq_id: int) -> None:
-        ranked = self.rank(seq_id)  # from the prompt's last W queries
+        # from the prompt's last queries: exact attention while the prompt is on the device, or the indexer
+        ranked = self.rank(seq_id, self._first.pop(seq_id, None))
         self._apply_ranked(seq_id, ranked)
         self._plan[seq_id] = ranked
         self._step[seq_id] = 0
@@ -139,7 +148,7 @@ class LSAPolicy(OffloadPolicy):
         return narrow(quest.amax(1), table, num_blocks, last_len, lambda c: self.config.level2_topk + 1)
 
     def forget(self, seq_id: int) -> None:
-        for state in (self._queries, self._step, self._plan):
+        for state in (self._queries, self._step, self._plan, self._first):
             state.pop(seq_id, None)
 
     def stats(self) -> dict:

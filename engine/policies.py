@@ -2,7 +2,7 @@
 
 Every policy but ``full`` works at the same budget, counted the same way: the resident set of
 a sequence is at most ``floor(budget * num_blocks)`` blocks, sinks and tail included (never
-fewer than the block holding the current token). The hooks the engine calls:
+fewer than sinks + tail + the current block, so very short contexts keep those). The hooks the engine calls:
 
     admit_blocks(prompt_len, max_len)   slots to reserve when a sequence is admitted
     after_prefill(seq_id)               the prompt is in the cache: pick the first resident set
@@ -50,7 +50,10 @@ class Policy:
         return -(-tokens // self.block_size)
 
     def budget_blocks(self, num_blocks: int) -> int:
-        return max(1, math.floor(self.config.budget * num_blocks + 1e-9))
+        """Resident blocks allowed for a sequence of ``num_blocks`` blocks: floor(budget * n), but
+        never fewer than the sinks, the tail and the current block."""
+        floor = self.config.sink_blocks + self.config.tail_blocks + 1
+        return min(num_blocks, max(floor, math.floor(self.config.budget * num_blocks + 1e-9)))
 
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         return self.blocks_for(max_len)
@@ -172,6 +175,7 @@ class SnapKVPolicy(OffloadPolicy):
         super().__init__(config, num_layers, block_size)
         self.prefill_window = config.observation_window
         self._votes: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> block mass [M]
+        self._ranked: dict[int, list[list[int]]] = {}  # seq -> per group: prompt blocks, best first
 
     def observes_prefill(self, layer: int) -> bool:
         return True
@@ -182,16 +186,24 @@ class SnapKVPolicy(OffloadPolicy):
 
     def after_prefill(self, seq_id: int) -> None:
         votes = self._votes.pop(seq_id)
+        self._ranked[seq_id] = []
         for g, members in enumerate(self.groups()):
             score = torch.stack([votes[layer] for layer in members]).amax(0)
-            ranked = torch.argsort(score, descending=True).tolist()
+            self._ranked[seq_id].append(torch.argsort(score, descending=True).tolist())
+        self._update(seq_id)
+
+    def _update(self, seq_id: int) -> None:
+        for g, ranked in enumerate(self._ranked[seq_id]):
             self.apply(seq_id, g, self.target_set(seq_id, ranked))
 
     def before_decode(self, seq_ids: list[int]) -> None:
-        pass  # fixed after prefill; new blocks are opened by the append path and stay
+        for s in seq_ids:  # the ranking is fixed; generated blocks leave once out of the tail
+            if self.cache.num_tokens(s) % self.block_size == 0:
+                self._update(s)
 
     def forget(self, seq_id: int) -> None:
         self._votes.pop(seq_id, None)
+        self._ranked.pop(seq_id, None)
 
 
 class QuestPolicy(Policy):
