@@ -11,7 +11,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
 from engine.kv_cache import BlockKVCache
 from engine.model import LlamaForCausalLM
-from engine.policies import make_policy
+from engine.policies import Policy, make_policy
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Completion, Sequence, Status
@@ -22,7 +22,8 @@ DEFAULT_CPU_KV_BYTES = 4 << 30
 class LLMEngine:
     """``add_request`` then ``step`` until done, or ``generate`` for a list of prompts."""
 
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None):
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None, policy: Policy | None = None):
+        """``policy`` overrides the one ``config.policy`` names (e.g. a tracing policy)."""
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -35,7 +36,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         cache_cfg = config.cache
-        self.policy = make_policy(config.policy, mc.num_layers, cache_cfg.block_size)
+        self.policy = policy or make_policy(config.policy, mc.num_layers, cache_cfg.block_size)
         if self.policy.offloads and not cache_cfg.host_mirror:
             raise InvalidRequestError(f"policy {config.policy.name!r} evicts blocks to the host mirror; "
                                       f"enable the host mirror")
