@@ -35,7 +35,8 @@ def _sync(device):
 
 
 def bench_batch(model, config: ModelConfig, device, batch: int, context: int, steps: int, repeats: int) -> dict:
-    steps_total = steps * repeats + 8
+    # room for the decode steps some sequences take while the others are still prefilling
+    steps_total = steps * repeats + 8 + batch * (-(-context // 2048)) + 8
     engine = LLMEngine(model, EngineConfig(
         device=str(device),
         cache=CacheConfig(block_size=64, num_device_blocks=batch * (-(-(context + steps_total) // 64)),
@@ -52,19 +53,23 @@ def bench_batch(model, config: ModelConfig, device, batch: int, context: int, st
     prefill_s = time.perf_counter() - t0
     for _ in range(4):  # warm-up
         engine.step()
-    times = []
+    times, rates = [], []
     for _ in range(repeats):
+        before = sum(len(s.output_ids) for s in seqs)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         _sync(device)
-        times.append((time.perf_counter() - t0) / steps)
+        dt = time.perf_counter() - t0
+        assert all(s.status is Status.DECODE for s in seqs), "a sequence finished inside the timed window"
+        times.append(dt / steps)
+        rates.append((sum(len(s.output_ids) for s in seqs) - before) / dt)
     med = statistics.median(times)
     acc = engine.cache.accounting()
     return {"batch": batch, "context": context, "prefill_s": prefill_s, "step_ms_median": med * 1e3,
             "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
-            "tokens_per_s": batch / med, "device_kv_bytes": acc.device_bytes, "full_kv_bytes": acc.full_bytes,
+            "tokens_per_s": statistics.median(rates), "device_kv_bytes": acc.device_bytes, "full_kv_bytes": acc.full_bytes,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 

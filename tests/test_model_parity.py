@@ -101,7 +101,8 @@ def test_continuous_batch_decode_matches(pair):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the GPU machine)")
 def test_cuda_bf16_matches(pair):
     """The same model in bf16 on CUDA (Triton kernels) against transformers in fp32 on CPU:
-    relative L2 error of the logits < 2e-2 and top-1 agreement >= 95%, prefill and decode."""
+    relative L2 error of the logits < 2e-2, and the same top-1 token wherever transformers'
+    top-2 margin exceeds 0.1 (closer calls may flip in bf16 without being errors)."""
     hf, ours = pair
     model = ours.to(device="cuda", dtype=torch.bfloat16)
     model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
@@ -120,6 +121,9 @@ def test_cuda_bf16_matches(pair):
             want = hf(torch.tensor([full])).logits[0].float()[seq.prompt_len - 1:len(full) - 1]
         got = torch.stack(recorded[seq.seq_id])
         assert (got - want).norm() / want.norm() < 2e-2
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.1
+        assert clear.sum() >= len(clear) // 2
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
     ours.to(device="cpu", dtype=torch.float32)
     ours.model.rotary.inv_freq = ours.model.rotary.inv_freq.float()
