@@ -70,6 +70,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--level2-topk", type=int, default=None)
     a.add_argument("--per-layer", action="store_true", help="one resident set per layer")
     a.add_argument("--indexer", default=None, help="learned indexer directory")
+    a.add_argument("--lookahead", type=int, default=1, help="1: a plan is applied one cycle after it is computed")
+    a.add_argument("--first-plan", default="attention", help="lsa's plan at the end of prefill: attention|indexer")
+    a.add_argument("--query-window", type=int, default=8, help="recent decode queries the indexer scores with")
+    a.add_argument("--observation-window", type=int, default=32, help="prompt queries that vote (snapkv, lsa)")
     p.add_argument("--out", default="eval-out", help="directory for results.json, results.md, accuracy.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -91,7 +95,8 @@ def _policy(args, name: str, budget: float | None):
                         sink_blocks=args.sink_blocks, tail_blocks=args.tail_blocks,
                         target_layers=args.target_layers, threshold=args.threshold,
                         level2_topk=args.level2_topk, per_layer=args.per_layer, page_blocks=args.page_blocks,
-                        indexer=args.indexer)
+                        indexer=args.indexer, lookahead=args.lookahead, first_plan=args.first_plan,
+                        query_window=args.query_window, observation_window=args.observation_window)
 
 
 def load(model_name: str, device: str, dtype: str):
