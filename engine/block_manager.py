@@ -65,10 +65,13 @@ class SequenceBlocks:
 class BlockManager:
     """Per-sequence residency over per-group device allocators and one host allocator."""
 
-    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int, num_groups: int = 1):
+    def __init__(self, block_size: int, num_device_blocks: int, num_host_blocks: int, num_groups: int = 1,
+                 host_allocator: BlockAllocator | None = None):
         self.block_size = block_size
         self.device = [BlockAllocator(num_device_blocks, "device") for _ in range(num_groups)]
-        self.host = BlockAllocator(num_host_blocks, "host")
+        # an external host allocator hands out ids of a shared arena (engine/sessions.py)
+        self.host = host_allocator if host_allocator is not None else BlockAllocator(num_host_blocks, "host")
+        self._mirrored = host_allocator is not None or num_host_blocks > 0
         self.seqs: dict[int, SequenceBlocks] = {}
 
     @property
@@ -81,7 +84,7 @@ class BlockManager:
 
     @property
     def mirrored(self) -> bool:
-        return self.host.num_blocks > 0
+        return self._mirrored
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -113,6 +116,22 @@ class BlockManager:
         if num_blocks > seq.reserve and not self.can_reserve(num_blocks, seq_id):
             raise CacheFullError(f"cannot grow the reservation of sequence {seq_id} to {num_blocks} blocks")
         seq.reserve = num_blocks
+
+    def attach_prefix(self, seq_id: int, host_ids: list[int]) -> None:
+        """Start an admitted, empty sequence with complete blocks already in the host mirror
+        (a session's prefix); the caller loads them onto the device."""
+        seq = self.seqs[seq_id]
+        if seq.num_tokens or seq.host_ids:
+            raise ValueError(f"sequence {seq_id} already holds tokens")
+        seq.host_ids = list(host_ids)
+        seq.num_tokens = len(host_ids) * self.block_size
+
+    def detach_host(self, seq_id: int, num_blocks: int) -> list[int]:
+        """Take the first ``num_blocks`` host ids away from a sequence, so that releasing it
+        does not free them (a session keeps them)."""
+        seq = self.seqs[seq_id]
+        kept, seq.host_ids = seq.host_ids[:num_blocks], seq.host_ids[num_blocks:]
+        return kept
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id)

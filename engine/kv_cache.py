@@ -45,18 +45,26 @@ class KVAccounting:
 class BlockKVCache:
     def __init__(self, config: ModelConfig, block_size: int, num_device_blocks: int, num_host_blocks: int,
                  dtype: torch.dtype, device: torch.device | str, groups: list[list[int]] | None = None,
-                 index_layers: tuple[int, ...] = (), slot_summaries: bool = False):
+                 index_layers: tuple[int, ...] = (), slot_summaries: bool = False, arena=None):
+        """``arena`` (engine.sessions.HostArena): an external host mirror (e.g. a KV store's
+        shared memory) with its own host-id allocator, instead of a private one."""
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
         layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
         self.groups = groups or [list(range(layers))]
         self.group_of = {layer: g for g, members in enumerate(self.groups) for layer in members}
-        self.blocks = BlockManager(block_size, num_device_blocks, num_host_blocks, len(self.groups))
+        if arena is not None:
+            num_host_blocks = arena.host.shape[0]
+        self.blocks = BlockManager(block_size, num_device_blocks, num_host_blocks, len(self.groups),
+                                   host_allocator=arena.allocator if arena is not None else None)
         self.pool = torch.empty(layers, 2, num_device_blocks, heads, block_size, dim, dtype=dtype, device=self.device)
         pin = self.device.type == "cuda"
-        self.host = torch.empty(num_host_blocks, layers, 2, heads, block_size, dim, dtype=dtype, pin_memory=pin)
-        self.host_summary = torch.empty(num_host_blocks, layers, 3, heads, dim, dtype=dtype, pin_memory=pin)
+        if arena is not None:
+            self.host, self.host_summary = arena.host, arena.summary
+        else:
+            self.host = torch.empty(num_host_blocks, layers, 2, heads, block_size, dim, dtype=dtype, pin_memory=pin)
+            self.host_summary = torch.empty(num_host_blocks, layers, 3, heads, dim, dtype=dtype, pin_memory=pin)
         self.index_layers = tuple(index_layers)
         self.index_keys = torch.empty(len(index_layers), 3, num_host_blocks, heads, dim, dtype=dtype,
                                       device=self.device)
@@ -76,6 +84,20 @@ class BlockKVCache:
 
     def release(self, seq_id: int) -> None:
         self.blocks.release(seq_id)
+
+    def attach_prefix(self, seq_id: int, host_ids: list[int]) -> None:
+        """Give an admitted sequence a prefix of mirrored blocks and load all of them onto the
+        device (every group), refreshing their device index keys from the host summaries."""
+        if not host_ids:
+            return
+        self.blocks.attach_prefix(seq_id, host_ids)
+        if self.index_layers:
+            hosts = torch.tensor(host_ids)
+            idx = torch.tensor(self.index_layers)
+            self.index_keys[:, :, hosts.to(self.device)] = (
+                self.host_summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
+        for g in range(len(self.groups)):
+            self.load(seq_id, g, list(range(len(host_ids))))
 
     def num_tokens(self, seq_id: int) -> int:
         return self.blocks.seqs[seq_id].num_tokens

@@ -22,8 +22,10 @@ DEFAULT_CPU_KV_BYTES = 4 << 30
 class LLMEngine:
     """``add_request`` then ``step`` until done, or ``generate`` for a list of prompts."""
 
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None, policy: Policy | None = None):
-        """``policy`` overrides the one ``config.policy`` names (e.g. a tracing policy)."""
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None, policy: Policy | None = None,
+                 arena=None):
+        """``policy`` overrides the one ``config.policy`` names (e.g. a tracing policy).
+        ``arena``: an external host mirror and host-id allocator (engine.sessions.HostArena)."""
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -46,15 +48,22 @@ class LLMEngine:
             num_host = config.scheduler.max_num_seqs * -(-self.max_model_len // cache_cfg.block_size)
         self.cache = BlockKVCache(mc, cache_cfg.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
                                   self.dtype, self.device, groups=self.policy.groups(),
-                                  index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries)
+                                  index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries,
+                                  arena=arena)
         self.policy.bind(self.cache)
         self.attention = PagedAttention(self.cache, self.policy, mc.head_dim)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
-                                   admit=lambda s: self.cache.admit(s.seq_id, self._admit_blocks(s)))
+                                   admit=self._admit)
         self._generators: dict[int, torch.Generator | None] = {}
         # Called with (sequence, logits [V] float32) for every token the engine samples.
         self.on_logits: Callable[[Sequence, torch.Tensor], None] | None = None
+
+    def _admit(self, seq: Sequence) -> None:
+        self.cache.admit(seq.seq_id, self._admit_blocks(seq))
+        if seq.prefix_host_ids:  # a session turn: its prefix is loaded, not prefilled
+            self.cache.attach_prefix(seq.seq_id, seq.prefix_host_ids)
+            seq.num_cached = len(seq.prefix_host_ids) * self.cache.block_size
 
     def _admit_blocks(self, seq: Sequence) -> int:
         return self.policy.admit_blocks(seq.prompt_len, seq.max_len)
@@ -206,6 +215,7 @@ class LLMEngine:
         seq.finish_reason = reason
         if seq.status in (Status.PREFILL, Status.DECODE):
             seq.kv = {**self.cache.accounting(seq.seq_id).as_dict(), **self._policy_stats(seq)}
+            seq.kept_host_ids = self.cache.blocks.detach_host(seq.seq_id, seq.keep_host_blocks)
             self.cache.release(seq.seq_id)
             self.policy.forget(seq.seq_id)
         seq.status = Status.FINISHED

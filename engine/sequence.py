@@ -33,6 +33,9 @@ class Sequence:
     kv: dict = field(default_factory=dict)  # accounting snapshot taken when the sequence finishes
     copies_at_start: tuple[int, int] = (0, 0)  # cache copy counters when the request was added
     forced: list[int] | None = None  # teacher forcing: append these instead of sampled tokens
+    prefix_host_ids: list[int] = field(default_factory=list)  # session blocks already mirrored (not prefilled)
+    keep_host_blocks: int = 0  # leading host blocks a session keeps when the sequence finishes
+    kept_host_ids: list[int] = field(default_factory=list)  # ... filled in when it finishes
 
     def __post_init__(self):
         if not self.request_id:

@@ -1,0 +1,115 @@
+"""Engine sessions: a follow-up turn equals a fresh request over the whole prompt and skips the
+prefix prefill; LRU eviction of idle sessions; host blocks accounted."""
+import pytest
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.sampling import SamplingParams
+from engine.sessions import ArenaLayout, SessionNotFound, local_sessions
+
+TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
+BLOCK = 8
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(TINY, "cpu", torch.float32, seed=5)
+
+
+def config(policy="full", chunk=40, **kw):
+    return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
+                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=chunk),
+                        policy=PolicyConfig(name=policy, **kw))
+
+
+def manager(model, policy="full", host_blocks=200, **kw):
+    layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
+    return local_sessions(lambda arena: LLMEngine(model, config(policy, **kw), arena=arena), layout, host_blocks)
+
+
+def tokens(n, seed):
+    return torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def with_logits(mgr):
+    rows = {}
+    mgr.engine.on_logits = lambda seq, row: rows.setdefault(seq.seq_id, []).append(row.clone())
+    return rows
+
+
+def fresh(model, ids, policy="full", **kw):
+    engine = LLMEngine(model, config(policy, **kw))
+    rows = {}
+    engine.on_logits = lambda seq, row: rows.setdefault(seq.seq_id, []).append(row.clone())
+    seq = engine.add_request(ids, GREEDY)
+    while engine.has_work():
+        engine.step()
+    return seq.output_ids, torch.stack(rows[seq.seq_id])
+
+
+@pytest.mark.parametrize("context_len", [157, 160])  # a partial tail block, and none
+def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
+    mgr = manager(model)
+    rows = with_logits(mgr)
+    context = tokens(context_len, 1)
+    created = mgr.run(mgr.create("doc", context))
+    assert created.prefill_tokens == context_len
+    assert mgr.table.session_bytes("doc") == (context_len // BLOCK) * mgr.table.block_bytes
+    for i, q_len in enumerate((9, 23, 4)):
+        question = tokens(q_len, 10 + i)
+        turn = mgr.run(mgr.ask("doc", question, GREEDY))
+        want_ids, want_logits = fresh(model, context + question)
+        assert turn.seq.output_ids == want_ids
+        torch.testing.assert_close(torch.stack(rows[turn.seq.seq_id]), want_logits, rtol=1e-5, atol=1e-5)
+        # only the partial context block (< B tokens) and the question were prefilled
+        assert turn.prefill_tokens == context_len % BLOCK + q_len
+    # the session still holds exactly its complete context blocks; nothing else leaked
+    assert mgr.table.stats()["session_blocks"] == context_len // BLOCK
+    assert not mgr.engine.cache.blocks.seqs
+    assert mgr.delete("doc")
+    with pytest.raises(SessionNotFound):
+        mgr.ask("doc", [5], GREEDY)
+    mgr.trim_pool()
+    assert mgr.table.num_free == mgr.table.num_blocks
+
+
+def test_concurrent_turns_on_one_and_several_sessions(model):
+    mgr = manager(model)
+    contexts = {"a": tokens(130, 2), "b": tokens(75, 3)}
+    for sid, ctx in contexts.items():
+        mgr.run(mgr.create(sid, ctx))
+    asks = [("a", tokens(7, 20)), ("b", tokens(11, 21)), ("a", tokens(5, 22))]
+    seqs = [(sid, q, mgr.ask(sid, q, GREEDY)) for sid, q in asks]
+    while mgr.engine.has_work():
+        mgr.step()
+    for sid, q, seq in seqs:
+        assert seq.output_ids == fresh(model, contexts[sid] + q)[0]
+    assert mgr.table.records["a"].pins == 0
+
+
+def test_lsa_turn_matches_fresh_lsa(model):
+    # one prefill segment each, so both observe the same last 32 prompt queries
+    mgr = manager(model, "lsa", budget=0.3, cycle=4, chunk=512)
+    context, question = tokens(300, 4), tokens(10, 5)
+    mgr.run(mgr.create("s", context))
+    turn = mgr.run(mgr.ask("s", question, GREEDY))
+    assert turn.seq.output_ids == fresh(model, context + question, "lsa", budget=0.3, cycle=4, chunk=512)[0]
+    window = mgr.engine.policy.prefill_window  # the observation window is prefilled again
+    assert window <= turn.prefill_tokens < window + BLOCK
+
+
+def test_idle_sessions_evicted_lru_with_a_clear_error(model):
+    mgr = manager(model, host_blocks=40)  # 40 blocks: room for about two 14-block sessions
+    for i, sid in enumerate(("old", "mid", "new")):
+        mgr.run(mgr.create(sid, tokens(112, 30 + i)))
+        mgr.trim_pool()
+        if sid == "mid":
+            mgr.run(mgr.ask("old", [4, 5], SamplingParams(max_tokens=2)))  # "old" is now more recent
+            mgr.trim_pool()
+    assert set(mgr.table.records) == {"old", "new"}
+    with pytest.raises(SessionNotFound, match="evicted"):
+        mgr.ask("mid", [4], GREEDY)
