@@ -22,3 +22,12 @@ def model_dir() -> str | None:
 def haystack_dir() -> str | None:
     """``LSA_HAYSTACK``: directory of long text files for evaluation (default: ../shared/data/haystack)."""
     return os.environ.get("LSA_HAYSTACK") or None
+
+
+def kv_dir() -> str:
+    """``LSA_KV_DIR``: where KV stores create their shared-memory block arenas (default
+    ``/dev/shm``, else the temp directory)."""
+    value = os.environ.get("LSA_KV_DIR")
+    if value:
+        return value
+    return "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()

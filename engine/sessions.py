@@ -156,11 +156,7 @@ class SessionRecord:
     host_ids: list[int]  # complete context blocks in this arena, logical order
     last_used: float = field(default_factory=time.monotonic)
     pins: int = 0  # turns running on it: never evicted while pinned
-    remote: dict = field(default_factory=dict)  # logical block -> (store key, host id there): spilled
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.host_ids) + len(self.remote)
+    # host id < 0: the block is held by another node's store (actors/kv_store.py)
 
 
 class SessionTable:
@@ -184,7 +180,7 @@ class SessionTable:
         return len(self.free)
 
     def session_bytes(self, sid: str) -> int:
-        return len(self.records[sid].host_ids) * self.block_bytes
+        return sum(i >= 0 for i in self.records[sid].host_ids) * self.block_bytes
 
     def idle_sessions(self) -> list[str]:
         """Evictable sessions, least recently used first."""
@@ -202,7 +198,7 @@ class SessionTable:
 
     def evict(self, sid: str, reason: str) -> list[int]:
         rec = self.records.pop(sid)
-        self.free.extend(rec.host_ids)
+        self.free.extend(i for i in rec.host_ids if i >= 0)  # < 0: held by another store
         self.evicted[sid] = reason
         while len(self.evicted) > self._remember:
             self.evicted.popitem(last=False)
@@ -265,11 +261,11 @@ class SessionTable:
         rec = self.records.pop(sid, None)
         if rec is None:
             return False
-        self.free.extend(rec.host_ids)
+        self.free.extend(i for i in rec.host_ids if i >= 0)
         return True
 
     def stats(self) -> dict:
-        used = sum(len(r.host_ids) for r in self.records.values())
+        used = sum(sum(i >= 0 for i in r.host_ids) for r in self.records.values())
         leased = sum(len(v) for v in self.leases.values())
         return {"sessions": len(self.records), "session_blocks": used, "leased_blocks": leased,
                 "free_blocks": len(self.free), "capacity_blocks": self.num_blocks,
@@ -357,7 +353,7 @@ class SessionManager:
             raise InvalidRequestError("the question is empty")
         rec = self.table.pin(sid)
         try:
-            if rec.remote:
+            if any(h < 0 for h in rec.host_ids):
                 raise SessionNotFound(f"session {sid} has blocks on other nodes that were not staged")
             # a policy that observes the prompt's last queries (snapkv, lsa's first plan) sees
             # as many of them as a fresh request would: they are prefilled again

@@ -1,0 +1,330 @@
+"""The node's host KV store: one block arena in shared memory, the sessions it holds.
+
+    /dev/shm/lsa-kv-<cluster>-<node>.arena   [N blocks of K/V][N key summaries]
+        ^ mapped by every DecodeWorker on the node (torch.from_file(shared=True)): no copy
+
+``KVStoreCore`` is plain Python (tests drive it directly); ``KVStore`` is the Ray actor,
+exactly one per node (cluster/placement.py), detached so that it outlives the workers.
+
+Host ids go three ways: free, leased to a worker's engine (in-flight sequences), or owned
+by a session (its complete context blocks). A session's blocks can also live in another
+node's store (*spilled*, when this node's arena was full); the Indexer's prefetch plan
+*stages* them back into this arena before a turn needs them. Blocks travel between nodes as
+tensors through the Ray object store.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+import lsa_env
+from engine.errors import CacheFullError
+from engine.sessions import ArenaLayout, HostArena, SessionNotFound, SessionTable
+
+SPILLED = -1  # host id of a block held by another store
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """What a worker needs of a pinned session (a small message between actors)."""
+
+    id: str
+    tokens: list[int]
+    host_ids: list[int]  # this arena, logical order; SPILLED where not staged yet
+
+    @property
+    def complete(self) -> bool:
+        return SPILLED not in self.host_ids
+
+
+def arena_path(cluster: str, node: str, directory: str | None = None) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"lsa-kv-{cluster}-{node}")
+    return os.path.join(directory or lsa_env.kv_dir(), name + ".arena")
+
+
+class KVStoreCore:
+    """``fetch(store_key, host_ids) -> (data, summary)`` reads blocks from another store
+    (the actor passes a Ray call; tests pass a dict lookup)."""
+
+    def __init__(self, key: str, layout: ArenaLayout, capacity_bytes: int, path: str, fetch=None):
+        self.key = key
+        self.layout = layout
+        self.path = path
+        self.num_blocks = layout.num_blocks(capacity_bytes)
+        if self.num_blocks < 1:
+            raise CacheFullError(f"kv store capacity {capacity_bytes} bytes is less than one block "
+                                 f"({layout.block_bytes} bytes)")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(self.num_blocks * layout.block_bytes)
+        self.arena = HostArena.from_file(path, layout, self.num_blocks)
+        self.table = SessionTable(self.num_blocks, layout.block_bytes)
+        self.fetch = fetch
+        self.lock = threading.RLock()
+        self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session -> logical -> (store, id)
+        self.staged: dict[str, dict[int, int]] = {}  # session -> logical -> local id
+        self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
+        self.blocks_sent = self.blocks_received = 0
+
+    # -- what a worker needs --------------------------------------------------------------
+
+    def info(self) -> dict:
+        lay = self.layout
+        return {"key": self.key, "path": self.path, "num_blocks": self.num_blocks, "block_bytes": lay.block_bytes,
+                "layout": [lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, str(lay.dtype)]}
+
+    def lease(self, owner: str, n: int) -> list[int]:
+        with self.lock:
+            return self.table.lease(owner, n)
+
+    def give_back(self, owner: str, ids: list[int]) -> None:
+        with self.lock:
+            self.table.give_back(owner, ids)
+
+    def drop_owner(self, owner: str) -> int:
+        with self.lock:
+            return self.table.drop_owner(owner)
+
+    def put(self, owner: str, sid: str, tokens: list[int], host_ids: list[int]) -> None:
+        with self.lock:
+            self.table.put(owner, sid, tokens, host_ids)
+
+    def view(self, sid: str) -> SessionView:
+        rec = self.table.get(sid)
+        ids = list(rec.host_ids)
+        for j, local in self.staged.get(sid, {}).items():
+            ids[j] = local
+        return SessionView(sid, list(rec.tokens), ids)
+
+    def pin(self, sid: str) -> SessionView:
+        with self.lock:
+            self.table.pin(sid)
+            return self.view(sid)
+
+    def unpin(self, sid: str) -> None:
+        with self.lock:
+            self.table.unpin(sid)
+            rec = self.table.records.get(sid)
+            if rec is not None and rec.pins == 0:
+                self._drop_staged(sid)
+
+    def has(self, sid: str) -> bool:
+        return sid in self.table.records
+
+    def delete(self, sid: str) -> bool:
+        with self.lock:
+            self._drop_staged(sid)
+            self.remote.pop(sid, None)
+            return self.table.delete(sid)
+
+    def stats(self) -> dict:
+        with self.lock:
+            s = self.table.stats()
+            spilled = sum(len(r) for r in self.remote.values())
+            return {**s, "key": self.key, "capacity_bytes": self.num_blocks * self.layout.block_bytes,
+                    "session_bytes": s["session_blocks"] * self.layout.block_bytes,
+                    "free_bytes": s["free_blocks"] * self.layout.block_bytes, "spilled_blocks": spilled,
+                    "staged_blocks": sum(len(v) for v in self.staged.values()),
+                    "foreign_blocks": sum(len(v) for v in self.foreign.values()),
+                    "blocks_sent": self.blocks_sent, "blocks_received": self.blocks_received}
+
+    # -- serving blocks to other nodes ----------------------------------------------------
+
+    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of blocks: (data [n, L, 2, H, B, D], summary [n, L, 3, H, D])."""
+        idx = torch.tensor(host_ids, dtype=torch.long)
+        with self.lock:
+            self.blocks_sent += len(host_ids)
+            return self.arena.host[idx].clone(), self.arena.summary[idx].clone()
+
+    def write_blocks(self, owner: str, data: torch.Tensor, summary: torch.Tensor) -> list[int]:
+        """Store blocks for ``owner`` (another store's spilled session); returns their ids."""
+        with self.lock:
+            ids = self.table.lease(owner, data.shape[0])
+            idx = torch.tensor(ids, dtype=torch.long)
+            self.arena.host[idx] = data
+            self.arena.summary[idx] = summary
+            self.foreign.setdefault(owner, []).extend(ids)
+            self.blocks_received += len(ids)
+            return ids
+
+    def free_blocks(self, owner: str, ids: list[int]) -> None:
+        with self.lock:
+            self.table.give_back(owner, ids)
+            held = self.foreign.get(owner, [])
+            self.foreign[owner] = [i for i in held if i not in set(ids)]
+
+    # -- spilling and staging -------------------------------------------------------------
+
+    def spill_plan(self, sid: str, num_blocks: int) -> list[int]:
+        """The session's last ``num_blocks`` local blocks (logical ids): sinks stay home."""
+        rec = self.table.get(sid)
+        local = [j for j, h in enumerate(rec.host_ids) if h != SPILLED and j > 0]
+        return local[-num_blocks:] if num_blocks else []
+
+    def spill(self, sid: str, logical: list[int], peer: str, write) -> None:
+        """Move blocks of an idle session to store ``peer`` (``write(data, summary) -> ids``)."""
+        with self.lock:
+            rec = self.table.get(sid)
+            if rec.pins:
+                raise CacheFullError(f"session {sid} is in use and cannot spill")
+            local = [rec.host_ids[j] for j in logical]
+            data, summary = self.read_blocks(local)
+        remote_ids = write(data, summary)
+        with self.lock:
+            for j, rid in zip(logical, remote_ids):
+                rec.host_ids[j] = SPILLED
+                self.remote.setdefault(sid, {})[j] = (peer, rid)
+            self.table.free.extend(local)
+
+    def missing(self, sid: str) -> dict[str, list[tuple[int, int]]]:
+        """Blocks of a session not in this arena: store -> [(logical, id there)]."""
+        staged = self.staged.get(sid, {})
+        out: dict[str, list[tuple[int, int]]] = {}
+        for j, (peer, rid) in sorted(self.remote.get(sid, {}).items()):
+            if j not in staged:
+                out.setdefault(peer, []).append((j, rid))
+        return out
+
+    def stage(self, sid: str) -> int:
+        """Copy the session's spilled blocks into this arena (until it is idle again);
+        returns the number of blocks fetched."""
+        self.table.get(sid)
+        fetched = 0
+        for peer, blocks in self.missing(sid).items():
+            data, summary = self.fetch(peer, [rid for _, rid in blocks])
+            with self.lock:
+                ids = self.table.lease(f"stage:{sid}", len(blocks))
+                idx = torch.tensor(ids, dtype=torch.long)
+                self.arena.host[idx] = data
+                self.arena.summary[idx] = summary
+                self.staged.setdefault(sid, {}).update({j: i for (j, _), i in zip(blocks, ids)})
+                self.blocks_received += len(ids)
+                fetched += len(ids)
+        return fetched
+
+    def _drop_staged(self, sid: str) -> None:
+        if self.staged.pop(sid, None) is not None:
+            self.table.drop_owner(f"stage:{sid}")
+
+
+# ---------------------------------------------------------------- the Ray actor
+
+
+def store_name(node_id: str) -> str:
+    from cluster.placement import actor_name
+
+    return actor_name("kvstore", node_id)
+
+
+def _make_actor():
+    import ray
+
+    @ray.remote(max_concurrency=16)
+    class KVStore(KVStoreCore):
+        """One per node: ``ensure_per_node(KVStore, "kvstore", cluster, capacity, layout)``."""
+
+        def __init__(self, cluster: str, capacity_bytes: int, layout: tuple, directory: str | None = None):
+            node = ray.get_runtime_context().get_node_id()
+            from engine.config import DTYPES
+            lay = ArenaLayout(*layout[:4], DTYPES[layout[4].replace("torch.", "")])
+            super().__init__(node, lay, capacity_bytes, arena_path(cluster, node, directory), fetch=self._fetch)
+            self.namespace = ray.get_runtime_context().namespace
+            self.owners: dict[str, str] = {}  # lease owner -> actor id, to reap dead workers
+
+        def _peer(self, node: str):
+            return ray.get_actor(store_name(node), namespace=self.namespace)
+
+        def _fetch(self, node: str, ids: list[int]):
+            return ray.get(self._peer(node).read_blocks.remote(ids))
+
+        def node_id(self) -> str:
+            return self.key
+
+        def attach(self, owner: str, actor_id: str | None) -> dict:
+            self.reap()
+            if actor_id:
+                self.owners[owner] = actor_id
+            return self.info()
+
+        def reap(self) -> int:
+            """Free the leases of workers whose actor died."""
+            freed = 0
+            for owner, actor_id in list(self.owners.items()):
+                info = ray._private.state.state.actor_table(actor_id)
+                if info and info.get("State") == "DEAD":
+                    freed += self.drop_owner(owner)
+                    del self.owners[owner]
+            return freed
+
+        def lease(self, owner: str, n: int) -> list[int]:
+            try:
+                return super().lease(owner, n)
+            except CacheFullError:
+                self.reap()
+                self.make_room(n)
+                return super().lease(owner, n)
+
+        def make_room(self, n: int) -> None:
+            """Spill idle sessions to the peer store with the most free blocks before the
+            table falls back to evicting them."""
+            while self.table.num_free < n:
+                idle = [s for s in self.table.idle_sessions()
+                        if any(h != SPILLED for h in self.table.records[s].host_ids[1:])]
+                peers = self._peers_by_room()
+                if not idle or not peers:
+                    return
+                peer, room = peers[0]
+                sid = idle[0]
+                logical = self.spill_plan(sid, min(room, n - self.table.num_free))
+                if not logical:
+                    return
+                handle = self._peer(peer)
+                self.spill(sid, logical, peer,
+                           lambda d, s: ray.get(handle.write_blocks.remote(f"spill:{self.key}:{sid}", d, s)))
+
+        def _peers_by_room(self) -> list[tuple[str, int]]:
+            out = []
+            for node in ray.nodes():
+                if not node["Alive"] or node["NodeID"] == self.key:
+                    continue
+                try:
+                    stats = ray.get(self._peer(node["NodeID"]).stats.remote(), timeout=5)
+                except Exception:
+                    continue
+                if stats["free_blocks"] > 0:
+                    out.append((node["NodeID"], stats["free_blocks"]))
+            return sorted(out, key=lambda p: -p[1])
+
+        def delete(self, sid: str) -> bool:
+            for peer, _ in self.missing(sid).items():
+                try:
+                    self._peer(peer).drop_foreign.remote(f"spill:{self.key}:{sid}")
+                except Exception:
+                    pass
+            return super().delete(sid)
+
+        def drop_foreign(self, owner: str) -> None:
+            with self.lock:
+                self.foreign.pop(owner, None)
+                self.table.drop_owner(owner)
+
+        def stage_session(self, sid: str) -> int:
+            return self.stage(sid)
+
+    return KVStore
+
+
+_actor = None
+
+
+def __getattr__(name: str):
+    global _actor
+    if name == "KVStore":
+        if _actor is None:
+            _actor = _make_actor()
+        return _actor
+    raise AttributeError(name)

@@ -1,0 +1,170 @@
+"""actors/ without Ray: KV stores over shared-memory arenas, a decode worker (background loop,
+concurrent requests), spilling a session to another store and staging it back (Indexer),
+a worker restart that resumes sessions without prefill."""
+import concurrent.futures as cf
+
+import pytest
+import torch
+
+from actors.decode_worker import DecodeWorkerCore
+from actors.indexer import IndexerCore
+from actors.kv_store import SPILLED, KVStoreCore, arena_path
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.sampling import SamplingParams
+from engine.sessions import ArenaLayout, SessionNotFound
+
+TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
+BLOCK = 8
+LAYOUT = ArenaLayout.of(TINY, BLOCK, torch.float32)
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(TINY, "cpu", torch.float32, seed=7)
+
+
+def make_engine(model):
+    cfg = EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
+                       scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=64), policy=PolicyConfig("full"))
+    return lambda arena: LLMEngine(model, cfg, arena=arena)
+
+
+def tokens(n, seed):
+    return torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture()
+def stores(tmp_path):
+    made = {}
+
+    def fetch(key, ids):
+        return made[key].read_blocks(ids)
+
+    for key, blocks in (("node-a", 60), ("node-b", 200)):
+        made[key] = KVStoreCore(key, LAYOUT, blocks * LAYOUT.block_bytes,
+                                arena_path("test", key, str(tmp_path)), fetch=fetch)
+    return made
+
+
+def reference(model, ids):
+    engine = make_engine(model)(None)
+    return engine.generate([ids], GREEDY)[0].token_ids
+
+
+def test_arena_is_shared_memory_mapped_without_copy(stores, model):
+    store = stores["node-a"]
+    worker = DecodeWorkerCore.build(make_engine(model), store, "w0")
+    try:
+        assert store.info()["path"].startswith(str(store.path.rsplit("/", 1)[0]))
+        worker.create_session("s", tokens(50, 1)).result(timeout=60)
+        ids = store.view("s").host_ids
+        # the worker wrote the blocks through its own mapping; the store reads the same bytes
+        assert torch.equal(worker.engine.cache.host[ids], store.arena.host[ids])
+        assert store.arena.host[ids].abs().sum() > 0
+    finally:
+        worker.close()
+
+
+def test_concurrent_requests_and_sessions(stores, model):
+    worker = DecodeWorkerCore.build(make_engine(model), stores["node-b"], "w0")
+    try:
+        context = tokens(90, 2)
+        created = worker.create_session("doc", context).result(timeout=60)
+        assert created.prefill_tokens == 90
+        questions = [tokens(5 + i, 10 + i) for i in range(4)]
+        futures = [worker.ask("doc", q, GREEDY) for q in questions]
+        futures.append(worker.generate(tokens(30, 3), GREEDY))
+        results = [f.result(timeout=60) for f in futures]
+        for q, r in zip(questions, results):
+            assert r.token_ids == reference(model, context + q)
+            assert r.prefill_tokens == 90 % BLOCK + len(q)
+        assert results[-1].token_ids == reference(model, tokens(30, 3))
+        assert worker.stats()["generated_tokens"] >= 50
+        assert worker.delete_session("doc").result(timeout=10)
+        with pytest.raises(SessionNotFound):
+            worker.ask("doc", [5], GREEDY).result(timeout=10)
+    finally:
+        worker.close()
+
+
+def test_worker_restart_resumes_sessions_from_the_store(stores, model):
+    store = stores["node-b"]
+    context, question = tokens(120, 4), tokens(6, 5)
+    first = DecodeWorkerCore.build(make_engine(model), store, "w-old")
+    first.create_session("s", context).result(timeout=60)
+    first.close()
+    store.drop_owner("w-old")  # what the actor's reap does for a dead worker
+    second = DecodeWorkerCore.build(make_engine(model), store, "w-new")
+    try:
+        r = second.ask("s", question, GREEDY).result(timeout=60)
+        assert r.prefill_tokens == 120 % BLOCK + len(question)  # no prefix re-prefill
+        assert r.token_ids == reference(model, context + question)
+    finally:
+        second.close()
+
+
+def test_spilled_session_staged_by_the_indexer_decodes_like_a_local_one(stores, model):
+    a, b = stores["node-a"], stores["node-b"]
+    context, question = tokens(200, 6), tokens(7, 8)
+    worker = DecodeWorkerCore.build(make_engine(model), a, "wa",
+                                    prefetch=lambda sid: indexer.prefetch(sid, "node-a"))
+    indexer = IndexerCore(None, stage=lambda node, sid: stores[node].stage(sid))
+    try:
+        worker.create_session("big", context).result(timeout=60)
+        before = a.view("big").host_ids
+        original = a.read_blocks(before)
+        logical = a.spill_plan("big", 15)  # the last 15 of 25 blocks go to node-b
+        a.spill("big", logical, "node-b", lambda d, s: b.write_blocks("spill:node-a:big", d, s))
+        view = a.view("big")
+        assert view.host_ids.count(SPILLED) == 15 and b.stats()["foreign_blocks"] == 15
+        # blocks fetched across nodes are byte-identical
+        remote = [rid for _, rid in a.missing("big")["node-b"]]
+        data, summary = b.read_blocks(remote)
+        assert torch.equal(data, original[0][logical]) and torch.equal(summary, original[1][logical])
+        r = worker.ask("big", question, GREEDY).result(timeout=60)
+        assert indexer.stats()["prefetched_blocks"] == {"node-a": 15}
+        assert r.token_ids == reference(model, context + question)
+        assert r.prefill_tokens == 200 % BLOCK + len(question)
+        assert a.stats()["staged_blocks"] == 0  # staging copies are dropped once the turn is done
+    finally:
+        worker.close()
+
+
+def test_store_evicts_idle_sessions_lru_with_a_clear_error(stores, model):
+    a = stores["node-a"]  # 60 blocks
+    worker = DecodeWorkerCore.build(make_engine(model), a, "wa", spare_blocks=0)
+    try:
+        for i in range(4):  # 16 blocks each: the fourth evicts the first
+            worker.create_session(f"s{i}", tokens(128, 20 + i)).result(timeout=60)
+        with pytest.raises(SessionNotFound, match="evicted"):
+            worker.ask("s0", [3, 4], GREEDY).result(timeout=10)
+        assert worker.ask("s3", [3, 4], GREEDY).result(timeout=60).prefill_tokens == 2
+    finally:
+        worker.close()
+
+
+def test_bad_requests_fail_their_future_not_the_worker(stores, model):
+    worker = DecodeWorkerCore.build(make_engine(model), stores["node-b"], "w0")
+    try:
+        with pytest.raises(Exception, match="token ids"):
+            worker.generate([999], GREEDY).result(timeout=10)
+        with pytest.raises(Exception, match="empty"):
+            worker.create_session("e", []).result(timeout=10)
+        assert worker.generate([3, 4, 5], GREEDY).result(timeout=60).finish_reason == "length"
+    finally:
+        worker.close()
+
+
+def test_many_concurrent_callers(stores, model):
+    worker = DecodeWorkerCore.build(make_engine(model), stores["node-b"], "w0")
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda i: worker.generate(tokens(20, 40 + i), GREEDY).result(timeout=120),
+                                 range(8)))
+        assert [o.token_ids for o in outs] == [reference(model, tokens(20, 40 + i)) for i in range(8)]
+    finally:
+        worker.close()
