@@ -8,6 +8,8 @@ import time
 
 from engine.errors import LSAError
 from engine.evaluation import add_eval_parser, run_eval
+from engine.indexer import add_train_indexer_parser, run_train_indexer
+from engine.traces import add_dump_traces_parser, run_dump_traces
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(demo)
     demo.set_defaults(max_tokens=32)
     add_eval_parser(sub)
+    add_dump_traces_parser(sub)
+    add_train_indexer_parser(sub)
     return parser
 
 
@@ -152,7 +156,8 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo, "eval": run_eval}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "eval": run_eval, "dump-traces": run_dump_traces,
+                "train-indexer": run_train_indexer}[args.command](args)
     except LSAError as exc:
         print(f"lsa: error: {exc}", file=sys.stderr)
         return 2
