@@ -22,6 +22,17 @@ class IndexerCore:
         self.plans: dict[str, dict] = {}  # session -> last reported plan
         self.prefetched = defaultdict(int)  # node -> blocks staged there
         self.num_plans = 0
+        self.workers: dict[str, dict] = {}  # worker -> its last published stats
+
+    def report_worker(self, worker: str, stats: dict | None) -> None:
+        """Workers publish their counters here (for /metrics); None: the worker is gone."""
+        if stats is None:
+            self.workers.pop(worker, None)
+        else:
+            self.workers[worker] = stats
+
+    def worker_stats(self) -> dict[str, dict]:
+        return dict(self.workers)
 
     def weights(self) -> dict[str, bytes] | None:
         """The indexer's files (name -> bytes), or None for the zero-training indexer."""

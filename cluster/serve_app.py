@@ -1,0 +1,422 @@
+"""``cluster:app``: the Ray Serve application (``serve run cluster:app model=... policy=...``).
+
+    HTTP -> Ingress (this file: OpenAI API, sessions, msgpack, API keys, /metrics)
+              | DeploymentHandle, KVLocalityRouter (session -> holder, new -> most free KV)
+              v
+            DecodeWorker replicas (cluster/workers.py) -> node KVStore, Indexer (actors/)
+
+Every error is an HTTP 4xx/5xx answer ``{"error": {"message", "type"}}``; the client
+(cluster/client.py) implements the other side of the contract.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, Optional
+
+import msgpack
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from cluster.workers import DecodeWorker, WorkerConfig, indexer_handle
+from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError
+
+MSGPACK = "application/msgpack"
+DOC_HEAD = "Read the following document carefully and answer the questions after it.\n\n<document>\n"
+DOC_TAIL = "\n</document>\n\n"
+QUESTION = "Question: {question} Answer in one short sentence."
+SENTINEL = "\x00LSA-SPLIT\x00"
+
+
+class AppArgs(BaseModel):
+    """Application arguments (``serve run cluster:app key=value`` or a config file's ``args``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str = "smollm2-135m"
+    policy: str = "full"
+    budget: float = 0.10
+    block_size: int = 64
+    num_workers: int = 1
+    kv_store_bytes: int = 1 << 30
+    api_keys: list[str] = Field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_num_seqs: int = 8
+    prefill_chunk: int = 1024
+    max_model_len: Optional[int] = None
+    device_kv_bytes: Optional[int] = None
+    indexer: Optional[str] = None
+    kv_dir: Optional[str] = None
+    cluster: str = "lsa"
+    worker_num_cpus: float = 1.0
+    worker_num_gpus: float = 0.0
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    torch_threads: Optional[int] = None
+    routing_stats_period_s: float = 1.0
+    default_max_tokens: int = 128
+
+    def worker(self) -> WorkerConfig:
+        return WorkerConfig(model=self.model, device=self.device, dtype=self.dtype, policy=self.policy,
+                            budget=self.budget, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+                            prefill_chunk=self.prefill_chunk, max_model_len=self.max_model_len,
+                            device_kv_bytes=self.device_kv_bytes, kv_store_bytes=self.kv_store_bytes,
+                            kv_dir=self.kv_dir, cluster=self.cluster, indexer=self.indexer,
+                            torch_threads=self.torch_threads)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.headers = status, message, type, headers or {}
+
+
+def classify(exc: BaseException) -> HTTPError:
+    """Map an engine error (possibly wrapped by Ray) to an HTTP answer."""
+    from engine.sessions import SessionNotFound
+
+    cause = exc
+    for _ in range(3):
+        inner = getattr(cause, "cause", None)
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    msg = str(getattr(cause, "args", [""])[0] if getattr(cause, "args", None) else cause)
+    if isinstance(cause, HTTPError):
+        return cause
+    if isinstance(cause, SessionNotFound):
+        return HTTPError(404, msg, "session_not_found")
+    if isinstance(cause, PromptTooLongError):
+        return HTTPError(400, msg, "context_length_exceeded")
+    if isinstance(cause, InvalidRequestError):
+        return HTTPError(400, msg, "invalid_request_error")
+    if isinstance(cause, CacheFullError):
+        return HTTPError(503, msg, "overloaded", {"Retry-After": "1"})
+    if isinstance(cause, LSAError):
+        return HTTPError(400, msg, "invalid_request_error")
+    return HTTPError(500, f"{type(cause).__name__}: {msg}"[:1000], "internal_error")
+
+
+class Ingress:
+    def __init__(self, worker, args: dict):
+        from actors.models import model_layout
+
+        self.args = AppArgs(**args)
+        self.worker = worker
+        self.tokenizer = _load_tokenizer(self.args)
+        mc, dtype = model_layout(self.args.worker().engine_config())
+        self.kv_bytes_per_token = mc.kv_bytes_per_token(dtype)
+        self.sessions: dict[str, list[int]] = {}  # session -> context ids (to rebuild anywhere)
+        self.indexer = indexer_handle(self.args.indexer)
+        self.started = time.time()
+        self.requests = 0
+        self.errors = 0
+        self._layout = (mc.num_layers, mc.num_kv_heads, mc.head_dim, self.args.block_size, str(dtype))
+        self._placer = None
+
+    async def _place_stores(self, period_s: float = 10.0) -> None:
+        from actors.kv_store import KVStore
+        from cluster.placement import ensure_per_node
+
+        cfg = self.args.worker()
+        while True:
+            try:
+                await asyncio.to_thread(ensure_per_node, KVStore, "kvstore", cfg.cluster, cfg.kv_store_bytes,
+                                        self._layout, cfg.kv_dir, num_cpus=0)
+            except Exception:  # a node going away mid-pass; the next pass retries
+                pass
+            await asyncio.sleep(period_s)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        self.requests += 1
+        if self._placer is None:  # a node that joins later gets its KV store within seconds
+            self._placer = asyncio.get_running_loop().create_task(self._place_stores())
+        try:
+            self._authorize(request)
+            return await self._route(request)
+        except Exception as exc:  # every failure is an answer
+            err = classify(exc)
+            self.errors += 1
+            return self._reply(request, {"error": {"message": err.message, "type": err.type}}, err.status,
+                               err.headers)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.args.api_keys or request.url.path in ("/metrics", "/health"):
+            return
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:].strip() not in self.args.api_keys:
+            raise HTTPError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            "authentication_error")
+
+    async def _body(self, request: Request) -> dict:
+        raw = await request.body()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        try:
+            body = msgpack.unpackb(raw, raw=False) if ctype == MSGPACK else json.loads(raw or b"{}")
+        except Exception as e:
+            raise HTTPError(400, f"cannot parse the request body ({ctype or 'json'}): {e}", "invalid_request_error")
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the request body must be an object", "invalid_request_error")
+        return body
+
+    def _reply(self, request: Request, payload: Any, status: int = 200, headers: dict | None = None) -> Response:
+        if MSGPACK in request.headers.get("accept", ""):
+            return Response(msgpack.packb(payload, use_bin_type=True), status, headers, media_type=MSGPACK)
+        return JSONResponse(payload, status, headers)
+
+    async def _route(self, request: Request) -> Response:
+        method, parts = request.method, [p for p in request.url.path.split("/") if p]
+        if parts == ["health"] or parts == ["-", "healthz"]:
+            return PlainTextResponse("ok")
+        if parts == ["metrics"]:
+            return PlainTextResponse(await self.metrics(), media_type="text/plain; version=0.0.4")
+        if parts[:1] != ["v1"]:
+            raise HTTPError(404, f"no route {method} {request.url.path}", "not_found")
+        route = parts[1:]
+        if route == ["models"] and method == "GET":
+            return self._reply(request, {"object": "list", "data": [
+                {"id": self.args.model, "object": "model", "owned_by": "lsa-serve", "created": int(self.started)}]})
+        if route in (["completions"], ["chat", "completions"]) and method == "POST":
+            return await self.openai(request, chat=route[0] == "chat")
+        if route == ["sessions"] and method == "POST":
+            return self._reply(request, await self.create_session(await self._body(request)))
+        if len(route) == 3 and route[0] == "sessions" and route[2] == "ask" and method == "POST":
+            return self._reply(request, await self.ask(route[1], await self._body(request)))
+        if len(route) == 2 and route[0] == "sessions" and method == "DELETE":
+            return self._reply(request, await self.delete_session(route[1]))
+        known = ["models"], ["completions"], ["chat", "completions"], ["sessions"]
+        if route in known or (route[:1] == ["sessions"] and len(route) in (2, 3)):
+            raise HTTPError(405, f"method {method} not allowed on {request.url.path}", "method_not_allowed")
+        raise HTTPError(404, f"no route {method} {request.url.path}", "not_found")
+
+    # -- OpenAI ---------------------------------------------------------------------------
+
+    def _params(self, body: dict) -> dict:
+        params = {k: body.get(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                                            "ignore_eos")}
+        if params["max_tokens"] is None:
+            params["max_tokens"] = body.get("max_completion_tokens") or self.args.default_max_tokens
+        for key, kind in (("max_tokens", int), ("temperature", (int, float)), ("top_p", (int, float))):
+            if params[key] is not None and (not isinstance(params[key], kind) or isinstance(params[key], bool)):
+                raise HTTPError(400, f"{key} must be a number", "invalid_request_error")
+        if isinstance(params["stop"], str):
+            params["stop"] = [params["stop"]]
+        from cluster.workers import sampling
+
+        sampling(params)  # validates here: a bad value is a 400 before any worker sees it
+        return params
+
+    def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise HTTPError(400, "'messages' must be a non-empty list", "invalid_request_error")
+            return self.tokenizer.encode_chat(messages)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str) and prompt:
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            return prompt
+        raise HTTPError(400, "'prompt' must be a non-empty string or list of token ids", "invalid_request_error")
+
+    async def openai(self, request: Request, chat: bool) -> Response:
+        body = await self._body(request)
+        model = body.get("model")
+        if model not in (None, self.args.model):
+            raise HTTPError(404, f"model {model!r} is not served here; GET /v1/models lists {self.args.model!r}",
+                            "model_not_found")
+        ids, params = self._prompt_ids(body, chat), self._params(body)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.args.model}
+        if body.get("stream"):
+            return await self._stream(ids, params, head, chat)
+        out = await self.worker.options(method_name="generate").remote(ids, params)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": out["text"]}}
+                  if chat else {"index": 0, "text": out["text"], "logprobs": None})
+        choice["finish_reason"] = out["finish_reason"]
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(out["token_ids"]),
+                 "total_tokens": len(ids) + len(out["token_ids"])}
+        return self._reply(request, {**head, "choices": [choice], "usage": usage})
+
+    async def _stream(self, ids, params, head, chat) -> Response:
+        gen = self.worker.options(method_name="stream", stream=True).remote(ids, params)
+        kind = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        # the first item is awaited here, so that a bad request is a 4xx, not a broken stream
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        def event(piece: str | None, finish: str | None = None) -> bytes:
+            if chat:
+                delta = {"content": piece} if piece is not None else {}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**kind, 'choices': [choice]})}\n\n".encode()
+
+        async def events():
+            item = first
+            try:
+                if chat:
+                    yield f"data: {json.dumps({**kind, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n".encode()
+                while item is not None:
+                    if isinstance(item, dict):
+                        yield event(None, item["finish_reason"])
+                        break
+                    yield event(item)
+                    item = await gen.__anext__()
+            except StopAsyncIteration:
+                pass
+            except Exception as exc:
+                err = classify(exc)
+                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _session_ids(self, body: dict) -> list[int]:
+        context, ids = body.get("context"), body.get("context_ids")
+        if isinstance(context, str) and context.strip():
+            text = self.tokenizer.chat_prompt([{"role": "user", "content": DOC_HEAD + context + DOC_TAIL + SENTINEL}]) \
+                if self.tokenizer.has_chat_template else DOC_HEAD + context + DOC_TAIL + SENTINEL
+            return self.tokenizer.encode(text.split(SENTINEL)[0], add_special_tokens=False)
+        if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
+            return ids
+        raise HTTPError(400, "a session needs 'context' (non-empty text) or 'context_ids' (token ids)",
+                        "invalid_request_error")
+
+    def _question_ids(self, sid: str, body: dict) -> list[int]:
+        question = body.get("question")
+        if isinstance(question, list) and question and all(type(t) is int for t in question):
+            return question
+        if not isinstance(question, str) or not question.strip():
+            raise HTTPError(400, "'question' must be non-empty text (or token ids)", "invalid_request_error")
+        suffix = ""
+        if self.tokenizer.has_chat_template:
+            suffix = self.tokenizer.chat_prompt([{"role": "user", "content": SENTINEL}]).split(SENTINEL)[1]
+        return self.tokenizer.encode(QUESTION.format(question=question.strip()) + suffix, add_special_tokens=False)
+
+    async def create_session(self, body: dict) -> dict:
+        ids = self._session_ids(body)
+        sid = uuid.uuid4().hex
+        out = await self.worker.options(method_name="create_session").remote(
+            session_id=sid, context_ids=ids, kv_bytes=len(ids) * self.kv_bytes_per_token)
+        self.sessions[sid] = ids
+        return {"id": sid, "num_tokens": len(ids), "prefill_tokens": out["prefill_tokens"],
+                "prefill_s": round(out["prefill_s"], 4), "replica": out["replica"], "node": out["node"]}
+
+    async def ask(self, sid: str, body: dict) -> dict:
+        if sid not in self.sessions:
+            raise HTTPError(404, f"no session {sid} (deleted, evicted or never created): create it with "
+                            f"POST /v1/sessions", "session_not_found")
+        question, params = self._question_ids(sid, body), self._params(body)
+        try:
+            out = await self.worker.options(method_name="ask").remote(
+                session_id=sid, question_ids=question, params=params, context_ids=self.sessions[sid])
+        except Exception as exc:
+            err = classify(exc)
+            if err.type == "session_not_found":  # evicted: the client creates it again
+                self.sessions.pop(sid, None)
+            raise err from None
+        return {"session": sid, "text": out["text"], "num_tokens": len(out["token_ids"]),
+                "prefill_tokens": out["prefill_tokens"], "decode_s": round(out["decode_s"], 4),
+                "prefill_s": round(out["prefill_s"], 4), "finish_reason": out["finish_reason"],
+                "replica": out["replica"], "node": out["node"], "held": out["held"]}
+
+    async def delete_session(self, sid: str) -> dict:
+        if self.sessions.pop(sid, None) is None:
+            raise HTTPError(404, f"no session {sid}", "session_not_found")
+        await self.worker.options(method_name="delete_session").remote(session_id=sid)
+        return {"deleted": sid}
+
+    # -- metrics --------------------------------------------------------------------------
+
+    async def metrics(self) -> str:
+        workers = await self.indexer.worker_stats.remote()
+        return prometheus(workers, self.sessions, self.requests, self.errors)
+
+
+def prometheus(workers: dict[str, dict], sessions: dict, requests: int, errors: int) -> str:
+    """Text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, samples: list[tuple[dict, float]]) -> None:
+        lines.append(f"# HELP lsa_{name} {help}")
+        lines.append(f"# TYPE lsa_{name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"lsa_{name}{{{lab}}} {float(value):.6g}" if lab else f"lsa_{name} {float(value):.6g}")
+
+    stores = {w["node"]: w["store"] for w in workers.values()}
+    per_worker = lambda key: [({"replica": r}, w.get(key, 0)) for r, w in sorted(workers.items())]  # noqa: E731
+    metric("sessions", "gauge", "Sessions known to the ingress.", [({}, len(sessions))])
+    metric("requests_total", "counter", "HTTP requests.", [({}, requests)])
+    metric("request_errors_total", "counter", "HTTP requests answered with an error.", [({}, errors)])
+    metric("worker_sessions", "gauge", "Sessions a worker holds.", per_worker("sessions"))
+    metric("queue_length", "gauge", "Requests waiting for admission.", per_worker("queue"))
+    metric("running_requests", "gauge", "Requests in the batch.", per_worker("running"))
+    metric("device_kv_bytes", "gauge", "KV bytes on the device.", per_worker("device_kv_bytes"))
+    metric("resident_fraction", "gauge", "Device KV over full-context KV of running requests.",
+           per_worker("resident_fraction"))
+    metric("blocks_copied_total", "counter", "Single-layer blocks copied host to device.",
+           per_worker("blocks_copied"))
+    metric("misses_total", "counter", "Blocks needed but not in the host mirror.", per_worker("misses"))
+    metric("generated_tokens_total", "counter", "Tokens generated.", per_worker("generated_tokens"))
+    metric("prefill_tokens_total", "counter", "Prompt tokens computed (not loaded from a store).",
+           per_worker("prefill_tokens"))
+    metric("tokens_per_second", "gauge", "Generated tokens per busy second.", per_worker("tokens_per_s"))
+    metric("host_kv_bytes", "gauge", "Host KV bytes held by sessions, per node store.",
+           [({"node": n}, s["session_bytes"]) for n, s in sorted(stores.items())])
+    metric("host_kv_capacity_bytes", "gauge", "Host KV arena size, per node store.",
+           [({"node": n}, s["capacity_bytes"]) for n, s in sorted(stores.items())])
+    metric("host_kv_free_bytes", "gauge", "Free host KV bytes, per node store.",
+           [({"node": n}, s["free_bytes"]) for n, s in sorted(stores.items())])
+    metric("evictions_total", "counter", "Idle sessions evicted, per node store.",
+           [({"node": n}, s["evictions"]) for n, s in sorted(stores.items())])
+    metric("spilled_blocks", "gauge", "Session blocks held by another node's store.",
+           [({"node": n}, s["spilled_blocks"]) for n, s in sorted(stores.items())])
+    return "\n".join(lines) + "\n"
+
+
+def _load_tokenizer(args: AppArgs):
+    from actors.models import TINY_RANDOM, ByteTokenizer
+
+    if args.model == TINY_RANDOM:
+        return ByteTokenizer()
+    from engine.tokenizer import Tokenizer
+    from engine.weights import resolve_model
+
+    return Tokenizer(resolve_model(args.model))
+
+
+def app(args: dict):
+    """The application builder Serve calls with the arguments as a dict."""
+    parsed = AppArgs(**(args or {}))
+    parsed.worker().engine_config()  # a bad policy or block size fails here, before deploying
+    router = RequestRouterConfig(request_router_class="cluster.router:KVLocalityRouter",
+                                 request_routing_stats_period_s=parsed.routing_stats_period_s)
+    options = {"num_cpus": parsed.worker_num_cpus, "num_gpus": parsed.worker_num_gpus}
+    if parsed.worker_resources:
+        options["resources"] = parsed.worker_resources
+    worker = DecodeWorker.options(num_replicas=parsed.num_workers, ray_actor_options=options,
+                                  request_router_config=router).bind(parsed.worker())
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=256,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(worker, parsed.model_dump())
+
+
+__all__ = ["app", "AppArgs", "Ingress", "prometheus"]
+_ = ray  # ray is imported for Serve's worker processes

@@ -1,0 +1,227 @@
+"""The DecodeWorker Serve deployment: a ``DecodeWorkerCore`` per replica (one per GPU), the
+node's KVStore found (or created) with node affinity, the Indexer for prefetch plans.
+
+Replicas publish ``{"sessions", "free_kv_bytes"}`` through ``record_routing_stats`` so that
+``KVLocalityRouter`` (cluster/router.py) sends a session's turns back here. Each answer
+carries ``replica`` and ``held`` (this replica's own record: it created or served the
+session before this turn), which the tests check for every follow-up.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import ray
+from ray import serve
+
+from actors.decode_worker import DecodeWorkerCore
+from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
+from engine.sampling import SamplingParams
+from engine.sessions import SessionNotFound
+
+INDEXER_NAME = "lsa-indexer"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker replica needs; built from the application arguments."""
+
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "auto"
+    policy: str = "full"
+    budget: float = 0.10
+    block_size: int = 64
+    max_num_seqs: int = 8
+    prefill_chunk: int = 1024
+    max_model_len: int | None = None
+    device_kv_bytes: int | None = None
+    kv_store_bytes: int = 1 << 30
+    kv_dir: str | None = None
+    cluster: str = "lsa"  # names the arenas: two apps on one machine do not share one
+    indexer: str | None = None
+    torch_threads: int | None = None
+    extra_policy: dict = field(default_factory=dict)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, device=self.device, dtype=self.dtype,
+            cache=CacheConfig(block_size=self.block_size, device_kv_bytes=self.device_kv_bytes),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, prefill_chunk=self.prefill_chunk,
+                                      max_model_len=self.max_model_len),
+            policy=PolicyConfig(name=self.policy, budget=self.budget, indexer=self.indexer, **self.extra_policy))
+
+
+class StoreProxy:
+    """``KVStoreCore``'s interface over the node's KVStore actor (blocking calls)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getattr__(self, name):
+        method = getattr(self.handle, name)
+        return lambda *a, **kw: ray.get(method.remote(*a, **kw))
+
+
+def node_store(cfg: WorkerConfig, node_id: str, layout: tuple):
+    from actors.kv_store import KVStore
+    from cluster.placement import ensure_per_node
+
+    handles = ensure_per_node(KVStore, "kvstore", cfg.cluster, cfg.kv_store_bytes, layout, cfg.kv_dir,
+                              node_filter=lambda n: n["NodeID"] == node_id, num_cpus=0)
+    return handles[node_id]
+
+
+def indexer_handle(weights: str | None):
+    from actors.indexer import Indexer
+
+    return Indexer.options(name=INDEXER_NAME, get_if_exists=True, lifetime="detached", num_cpus=0).remote(weights)
+
+
+def sampling(body: dict) -> SamplingParams:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+    return SamplingParams(**{k: body[k] for k in keys if body.get(k) is not None})
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+class DecodeWorker:
+    def __init__(self, cfg: WorkerConfig):
+        from actors.models import build_engine, model_layout
+
+        if cfg.torch_threads:
+            import torch
+            torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.owner = f"worker:{self.replica}"
+        mc, dtype = model_layout(cfg.engine_config())
+        layout = (mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, str(dtype))
+        self.store_handle = node_store(cfg, self.node_id, layout)
+        self.store = StoreProxy(self.store_handle)
+        ray.get(self.store_handle.attach.remote(self.owner, ctx.get_actor_id()))
+        self.indexer = indexer_handle(cfg.indexer)
+        self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine_config(), arena), self.store,
+                                           self.owner, pin=cfg.device.startswith("cuda"),
+                                           prefetch=self._prefetch, locate=self._locate)
+        self.held: set[str] = set()
+        self.served = 0
+
+    # -- helpers of the core --------------------------------------------------------------
+
+    def _prefetch(self, sid: str) -> int:
+        return ray.get(self.indexer.prefetch.remote(sid, self.node_id))
+
+    def _locate(self, sid: str):
+        """A session held by another node's store: its tokens and blocks, and how to drop it there."""
+        from actors.kv_store import SPILLED, store_name
+
+        for node in ray.nodes():
+            if not node["Alive"] or node["NodeID"] == self.node_id:
+                continue
+            try:
+                store = ray.get_actor(store_name(node["NodeID"]), namespace=ctx_namespace())
+                if not ray.get(store.has.remote(sid), timeout=10):
+                    continue
+                view = ray.get(store.pin.remote(sid))
+                try:
+                    if SPILLED in view.host_ids:
+                        ray.get(store.stage_session.remote(sid))
+                        view = ray.get(store.view.remote(sid))
+                    data, summary = ray.get(store.read_blocks.remote(view.host_ids))
+                finally:
+                    ray.get(store.unpin.remote(sid))
+            except Exception:
+                continue
+            return view.tokens, data, summary, lambda s=store: ray.get(s.delete.remote(sid))
+        return None
+
+    # -- what Serve and the router call ---------------------------------------------------
+
+    def record_routing_stats(self) -> dict:
+        stats = self.store.stats()
+        self.held = {s for s in self.held if self.store.has(s)}
+        worker = {**self.core.stats(), "sessions": len(self.held), "node": self.node_id, "store": stats}
+        self.indexer.report_worker.remote(self.replica, worker)
+        return {"sessions": sorted(self.held), "free_kv_bytes": stats["free_bytes"]}
+
+    def record_replica_metadata(self) -> dict:
+        return {"kv_capacity_bytes": self.store.info()["num_blocks"] * self.store.info()["block_bytes"],
+                "node_id": self.node_id}
+
+    def check_health(self) -> None:
+        if not self.core._thread.is_alive():
+            raise RuntimeError("the decode loop died")
+
+    async def _await(self, fut):
+        return await asyncio.wrap_future(fut)
+
+    def _answer(self, result, **extra) -> dict:
+        return {**asdict(result), "replica": self.replica, "node": self.node_id, **extra}
+
+    async def create_session(self, session_id: str, context_ids: list[int], kv_bytes: int = 0) -> dict:
+        result = await self._await(self.core.create_session(session_id, context_ids))
+        self.held.add(session_id)
+        return self._answer(result, held=True)
+
+    async def ask(self, session_id: str, question_ids: list[int], params: dict,
+                  context_ids: list[int] | None = None) -> dict:
+        held = session_id in self.held
+        try:
+            result = await self._await(self.core.ask(session_id, question_ids, sampling(params), context_ids))
+        except SessionNotFound:
+            self.held.discard(session_id)
+            raise
+        self.held.add(session_id)
+        self.served += 1
+        return self._answer(result, held=held)
+
+    async def delete_session(self, session_id: str) -> bool:
+        self.held.discard(session_id)
+        return await self._await(self.core.delete_session(session_id))
+
+    async def generate(self, ids: list[int], params: dict, session_id: str | None = None) -> dict:
+        return self._answer(await self._await(self.core.generate(ids, sampling(params))))
+
+    async def stream(self, ids: list[int], params: dict, session_id: str | None = None):
+        """Yields text pieces, then a final dict (the whole result)."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        sent = 0
+
+        def on_text(text: str, done: bool) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        fut = self.core.generate(ids, sampling(params), on_text=on_text)
+        done = asyncio.ensure_future(asyncio.wrap_future(fut))
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                text = getter.result()
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                continue
+            getter.cancel()
+            result = done.result()  # raises the request's error
+            if len(result.text) > sent:
+                yield result.text[sent:]
+            yield self._answer(result)
+            return
+
+    def stats(self) -> dict:
+        return {**self.core.stats(), "replica": self.replica, "node": self.node_id, "held": sorted(self.held),
+                "pid": os.getpid(), "time": time.time()}
+
+    def __del__(self):
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+
+
+def ctx_namespace() -> str:
+    return ray.get_runtime_context().namespace
