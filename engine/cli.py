@@ -38,7 +38,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsa", description="lsa-serve: long-context LLM serving with "
                                      "Lookahead Sparse Attention")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_subcommands(sub) -> None:
+    """Register this CLI's subcommands on ``sub`` (``lsa`` in cluster/cli.py adds its own);
+    ``COMMANDS`` maps each name to its handler."""
     gen = sub.add_parser("generate", help="generate from one prompt")
     gen.add_argument("prompt", nargs="?", help="prompt text (or --prompt-file)")
     gen.add_argument("--prompt", dest="prompt_opt", help=argparse.SUPPRESS)
@@ -59,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_dump_traces_parser(sub)
     add_train_indexer_parser(sub)
-    return parser
 
 
 def _make_engine(args):
@@ -153,11 +158,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "eval": run_eval, "dump-traces": run_dump_traces,
+            "train-indexer": run_train_indexer}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo, "eval": run_eval, "dump-traces": run_dump_traces,
-                "train-indexer": run_train_indexer}[args.command](args)
+        return COMMANDS[args.command](args)
     except LSAError as exc:
         print(f"lsa: error: {exc}", file=sys.stderr)
         return 2
