@@ -164,12 +164,12 @@ def test_lsa_batch_cli(tmp_path, capsys):
     jobs = make_jobs(tmp_path, 3)
     out = tmp_path / "cli.jsonl"
     with FakeLSAServer() as server:
-        argv = [str(jobs), "--url", server.url, "--out", str(out), "--no-progress", "--msgpack"]
+        argv = ["batch", str(jobs), "--url", server.url, "--out", str(out), "--no-progress", "--msgpack"]
         assert main(argv) == 0
         assert "3 done, 0 failed, 0 already done; accuracy 50.0% of 6" in capsys.readouterr().out
         assert main(argv) == 0
         assert "0 done, 0 failed, 3 already done" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
-    assert main([str(bad), "--out", str(out)]) == 2
+    assert main(["batch", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err

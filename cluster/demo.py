@@ -1,0 +1,131 @@
+"""``lsa cluster-demo``: the whole system on one machine.
+
+Starts a local Ray cluster and ``cluster:app`` on the embedded SmolLM2 (CPU), writes a batch
+of long-context jobs (documents from the shared haystack, or synthetic filler, each with
+facts hidden at several depths and one question per fact), runs them through the client as
+sessions (each document prefilled once, every question a turn on it), prints the answers,
+the accuracy and the KV numbers from /metrics, and shuts everything down.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+FACTS = (
+    ("The secret passphrase for the archive is 'blue lantern'.", "What is the secret passphrase for the archive?",
+     "blue lantern"),
+    ("Maria's favourite fruit is the mango.", "What is Maria's favourite fruit?", "mango"),
+    ("The lighthouse keeper's cat is named Pickles.", "What is the name of the lighthouse keeper's cat?",
+     "Pickles"),
+    ("The meeting with the architects will take place in Lisbon.", "In which city will the meeting with the "
+     "architects take place?", "Lisbon"),
+    ("The password to the garden shed is 'copper kettle'.", "What is the password to the garden shed?",
+     "copper kettle"),
+    ("Captain Ortega's ship is called the Silver Heron.", "What is Captain Ortega's ship called?", "Silver Heron"),
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("cluster-demo", help="local Ray cluster + cluster:app + a batch of long-context sessions")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--policy", default="full")
+    p.add_argument("--budget", type=float, default=0.10)
+    p.add_argument("--docs", type=int, default=2, help="documents (sessions)")
+    p.add_argument("--facts", type=int, default=3, help="hidden facts (questions) per document")
+    p.add_argument("--context-tokens", type=int, default=2000, help="about this many tokens per document")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--haystack", default=None, help="directory of .txt files (default: shared essays, else "
+                   "synthetic filler)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.set_defaults(func=run)
+
+
+def make_jobs(num_docs: int, facts_per_doc: int, context_tokens: int, haystack: str | None,
+              max_tokens: int) -> list[dict]:
+    from engine.haystack import load_haystack
+
+    chars = context_tokens * 4  # about 4 characters a token for English prose
+    text = load_haystack(haystack, min_chars=chars * num_docs + 1)
+    jobs = []
+    for d in range(num_docs):
+        body = text[d * chars:(d + 1) * chars]
+        facts = [FACTS[(d * facts_per_doc + i) % len(FACTS)] for i in range(facts_per_doc)]
+        pieces, prev = [], 0
+        for i, (fact, _, _) in enumerate(facts):  # spread from 10% to 90% of the document
+            at = int(len(body) * (0.1 + 0.8 * i / max(1, len(facts) - 1)))
+            cut = body.rfind(". ", prev, at)
+            at = cut + 1 if cut > prev else at
+            pieces += [body[prev:at], " " + fact + " "]
+            prev = at
+        pieces.append(body[prev:])
+        jobs.append({"id": f"doc-{d}", "context": "".join(pieces).strip(), "questions": [q for _, q, _ in facts],
+                     "answers": [a for _, _, a in facts], "max_tokens": max_tokens})
+    return jobs
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            base = name.split("{")[0]
+            out[base] = out.get(base, 0.0) + float(value)
+    return out
+
+
+def run(args) -> int:
+    from cluster.batch import run_batch
+    from cluster.client import LSAClient
+    from cluster.local import local_app
+
+    t0 = time.perf_counter()
+    jobs = make_jobs(args.docs, args.facts, args.context_tokens, args.haystack, args.max_tokens)
+    work = Path(tempfile.mkdtemp(prefix="lsa-demo-"))
+    jobs_path, out_path = work / "jobs.jsonl", work / "results.jsonl"
+    jobs_path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    app_args = {"model": args.model, "policy": args.policy, "budget": args.budget,
+                "num_workers": args.num_workers, "max_num_seqs": 4, "default_max_tokens": args.max_tokens}
+    print(f"starting a local Ray cluster and cluster:app ({args.model}, policy {args.policy}, "
+          f"{args.num_workers} worker(s))...", file=sys.stderr)
+    try:
+        with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
+            print(f"serving at {url} after {time.perf_counter() - t0:.0f} s; {len(jobs)} documents x "
+                  f"{args.facts} questions", file=sys.stderr)
+            client = LSAClient(url, timeout_s=900)
+            summary = run_batch(client, jobs_path, out_path, concurrency=args.concurrency, progress=True)
+            time.sleep(1.2)  # workers publish their counters every second
+            metrics = scrape(url)
+    except KeyboardInterrupt:
+        print("interrupted: the cluster is shut down", file=sys.stderr)
+        return 130
+    results = {r["id"]: r for r in map(json.loads, out_path.read_text().splitlines())}
+    for job in jobs:
+        r = results.get(job["id"], {})
+        print(f"\n{job['id']} ({len(job['context'])} characters)")
+        if r.get("error"):
+            print(f"  error: {r['error']}")
+            continue
+        for q, a, want, ok in zip(job["questions"], r["answers"], job["answers"], r["correct"]):
+            print(f"  Q: {q}\n  A: {a.strip()!r}  [{'correct' if ok else 'expected ' + repr(want)}]")
+    acc = "n/a" if summary.accuracy is None else f"{summary.num_correct}/{summary.num_checked} " \
+                                                  f"({summary.accuracy:.0%})"
+    mib = 1 / 2 ** 20
+    print(f"\naccuracy {acc}; {summary.succeeded} jobs done, {summary.failed} failed; "
+          f"{time.perf_counter() - t0:.0f} s in all")
+    print(f"KV: host store {metrics.get('lsa_host_kv_bytes', 0) * mib:.1f} MiB held by sessions at the end "
+          f"(arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB); "
+          f"prompt tokens computed {metrics.get('lsa_prefill_tokens_total', 0):.0f} "
+          f"(the documents once, then only each question); blocks copied host->device "
+          f"{metrics.get('lsa_blocks_copied_total', 0):.0f}; misses {metrics.get('lsa_misses_total', 0):.0f}; "
+          f"{metrics.get('lsa_generated_tokens_total', 0):.0f} tokens generated, "
+          f"{metrics.get('lsa_tokens_per_second', 0):.1f} tokens/s per busy worker")
+    return 0 if summary.failed == 0 else 1
