@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lsa demo
+	$(BIN)/lsa cluster-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -312,6 +312,15 @@ def _make_actor():
                 self.foreign.pop(owner, None)
                 self.table.drop_owner(owner)
 
+        def spill_session(self, sid: str, num_blocks: int, peer: str) -> list[int]:
+            """Move the last ``num_blocks`` local blocks of an idle session to ``peer``'s store
+            (what ``make_room`` does under pressure); returns their logical ids."""
+            logical = self.spill_plan(sid, num_blocks)
+            handle = self._peer(peer)
+            self.spill(sid, logical, peer,
+                       lambda d, s: ray.get(handle.write_blocks.remote(f"spill:{self.key}:{sid}", d, s)))
+            return logical
+
         def stage_session(self, sid: str) -> int:
             return self.stage(sid)
 

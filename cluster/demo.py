@@ -121,8 +121,8 @@ def run(args) -> int:
     mib = 1 / 2 ** 20
     print(f"\naccuracy {acc}; {summary.succeeded} jobs done, {summary.failed} failed; "
           f"{time.perf_counter() - t0:.0f} s in all")
-    print(f"KV: host store {metrics.get('lsa_host_kv_bytes', 0) * mib:.1f} MiB held by sessions at the end "
-          f"(arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB); "
+    print(f"KV: host store arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB, "
+          f"{metrics.get('lsa_evictions_total', 0):.0f} evictions; "
           f"prompt tokens computed {metrics.get('lsa_prefill_tokens_total', 0):.0f} "
           f"(the documents once, then only each question); blocks copied host->device "
           f"{metrics.get('lsa_blocks_copied_total', 0):.0f}; misses {metrics.get('lsa_misses_total', 0):.0f}; "

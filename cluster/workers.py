@@ -146,7 +146,8 @@ class DecodeWorker:
         self.held = {s for s in self.held if self.store.has(s)}
         worker = {**self.core.stats(), "sessions": len(self.held), "node": self.node_id, "store": stats}
         self.indexer.report_worker.remote(self.replica, worker)
-        return {"sessions": sorted(self.held), "free_kv_bytes": stats["free_bytes"]}
+        # room for sessions: blocks leased to engines for requests in flight come back soon
+        return {"sessions": sorted(self.held), "free_kv_bytes": stats["capacity_bytes"] - stats["session_bytes"]}
 
     def record_replica_metadata(self) -> dict:
         return {"kv_capacity_bytes": self.store.info()["num_blocks"] * self.store.info()["block_bytes"],
