@@ -18,6 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.client import LSAClient, SessionNotFound  # noqa: E402
 
@@ -40,7 +41,9 @@ def server():
     os.environ["LSA_KV_DIR"] = tmp
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH")
                                                                else []))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="lsa-app-test")
+    # a Cluster head rather than ray.init's own local cluster: a later module can start another
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    ray.init(address=c.address, log_to_driver=False, namespace="lsa-app-test")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from cluster import app
@@ -57,6 +60,7 @@ def server():
             if name["name"].startswith(("kvstore:", "lsa-indexer")):
                 ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]))
         ray.shutdown()
+        c.shutdown()
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(tmp, ignore_errors=True)
