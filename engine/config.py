@@ -213,7 +213,8 @@ class PolicyConfig:
     observation_window: int = 32  # snapkv, and lsa's first plan: prompt queries that vote
     first_plan: str = "attention"  # lsa's plan at the end of prefill: "attention" (exact, from the
     #   observation window, while the prompt's KV is on the device) or "indexer"
-    indexer: str | None = None  # learned indexer directory; None: zero-training (Quest bounds)
+    indexer: str | None = None  # learned indexer directory; None: zero-training (block summaries)
+    index_score: str = "quest"  # zero-training indexer: "quest" (bounds) or "mean" (mean-key dot)
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -222,6 +223,8 @@ class PolicyConfig:
             raise InvalidRequestError(f"budget must be in (0, 1], got {self.budget}")
         if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.page_blocks < 1:
             raise InvalidRequestError("cycle and page_blocks must be >= 1, sink_blocks and tail_blocks >= 0")
+        if self.index_score not in ("quest", "mean"):
+            raise InvalidRequestError("index_score must be 'quest' or 'mean'")
         if self.first_plan not in ("attention", "indexer"):
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if self.lookahead not in (0, 1):

@@ -70,6 +70,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--level2-topk", type=int, default=None)
     a.add_argument("--per-layer", action="store_true", help="one resident set per layer")
     a.add_argument("--indexer", default=None, help="learned indexer directory")
+    a.add_argument("--index-score", default="quest", help="zero-training indexer: quest|mean")
     a.add_argument("--lookahead", type=int, default=1, help="1: a plan is applied one cycle after it is computed")
     a.add_argument("--first-plan", default="attention", help="lsa's plan at the end of prefill: attention|indexer")
     a.add_argument("--query-window", type=int, default=8, help="recent decode queries the indexer scores with")
@@ -96,7 +97,8 @@ def _policy(args, name: str, budget: float | None):
                         target_layers=args.target_layers, threshold=args.threshold,
                         level2_topk=args.level2_topk, per_layer=args.per_layer, page_blocks=args.page_blocks,
                         indexer=args.indexer, lookahead=args.lookahead, first_plan=args.first_plan,
-                        query_window=args.query_window, observation_window=args.observation_window)
+                        query_window=args.query_window, observation_window=args.observation_window,
+                        index_score=args.index_score)
 
 
 def load(model_name: str, device: str, dtype: str):

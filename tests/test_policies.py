@@ -11,7 +11,7 @@ from engine.sampling import SamplingParams
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
-BLOCK = 8
+BLOCK = 16  # the smallest block the Triton kernels take
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -28,7 +28,7 @@ def engine_for(model, **policy):
     return LLMEngine(model, cfg)
 
 
-def prompts(n=3, lengths=(150, 97, 203), seed=0):
+def prompts(n=3, lengths=(300, 197, 406), seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 64, (length,), generator=gen).tolist() for length in lengths[:n]]
 
@@ -143,7 +143,7 @@ def test_every_policy_generates(model, name):
 
 def test_page_recall_and_threshold_and_level2_run(model):
     for policy in (dict(page_blocks=2), dict(threshold=0.01), dict(level2_topk=3), dict(lookahead=0),
-                   dict(first_plan="indexer")):
+                   dict(first_plan="indexer"), dict(first_plan="indexer", index_score="mean")):
         engine = engine_for(model, name="lsa", budget=0.25, cycle=4, **policy)
         seqs, logits = run(engine, prompts(2), max_tokens=24)
         assert all(len(s.output_ids) == 24 for s in seqs), policy
