@@ -22,7 +22,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO.parent / "shared" / "data" / "kuberay"
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB each
-APP_ARGS = {"model", "policy", "budget", "block_size", "num_workers", "kv_store_bytes"}
+APP_ARGS = {"model", "policy", "budget", "block_size", "num_workers", "kv_store_bytes", "device", "worker_num_gpus"}
 
 
 # -- ray up --------------------------------------------------------------------------------
