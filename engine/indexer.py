@@ -420,7 +420,8 @@ def run_train_indexer(args) -> int:
     losses = train_indexer(model, train, cfg, progress=not args.quiet)
     train_s = time.perf_counter() - t0
     scorers = {"learned": lambda s: cross_layer_scores(model, s),
-               "quest (zero-training)": lambda s: cross_layer_scores(QuestIndexer(), s),
+               "quest (zero-training)": lambda s: cross_layer_scores(QuestIndexer("quest"), s),
+               "mean-key (zero-training)": lambda s: cross_layer_scores(QuestIndexer("mean"), s),
                "recency": lambda s: cross_layer_scores(RecencyIndexer(), s),
                "learned, untrained": lambda s: cross_layer_scores(untrained, s),
                "oracle (future mass)": lambda s: s["mass"].float().mean(0)}
