@@ -36,7 +36,7 @@ def sparse_decode_attention(q, k_cache, v_cache, block_table, num_blocks, last_l
 
     Query head i uses KV head i // (Hq // Hkv) (the repeat_interleave GQA convention).
     """
-    fn = pick(q, "sparse_attention", "sparse_decode_attention")
+    fn = pick(q, "sparse_attention", "sparse_decode_attention", q.shape[-1], k_cache.shape[2])
     return fn(q, k_cache, v_cache, block_table, num_blocks, last_len, scale, return_block_mass,
               out=out, mass_out=mass_out)
 
@@ -56,7 +56,7 @@ def block_scores(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None):
         and ``meandot = q . kmean``, each maxed over the query heads of the KV group (and
         over the W queries of a window); ``-inf`` for entries ``>= num_blocks``.
     """
-    fn = pick(q, "scoring", "block_scores")
+    fn = pick(q, "scoring", "block_scores", q.shape[-1])
     return fn(q, kmin, kmax, kmean, block_table, num_blocks, out=out)
 
 
@@ -78,7 +78,7 @@ def paged_kv_write(k, v, k_cache, v_cache, slot_ids, offsets, kmin=None, kmax=No
     of a block at once) both leave correct summaries. Tokens of one call must not share a
     (slot, offset).
     """
-    fn = pick(k, "kv_write", "paged_kv_write")
+    fn = pick(k, "kv_write", "paged_kv_write", k.shape[-1])
     fn(k, v, k_cache, v_cache, slot_ids, offsets, kmin, kmax, kmean, summary_ids)
 
 
