@@ -21,12 +21,13 @@ from engine.errors import CacheFullError
 
 
 class BlockAllocator:
-    """Hands out integer ids from a fixed pool; frees them in any order."""
+    """Hands out integer ids from a pool (``range(num_blocks)``, or the given ``ids``); frees
+    them in any order."""
 
-    def __init__(self, num_blocks: int, what: str = "device"):
-        self.num_blocks = num_blocks
+    def __init__(self, num_blocks: int = 0, what: str = "device", ids=None):
+        self._free = deque(range(num_blocks) if ids is None else ids)
+        self.num_blocks = len(self._free)
         self.what = what
-        self._free = deque(range(num_blocks))
 
     @property
     def num_free(self) -> int:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.block_manager import BlockAllocator
 from engine.errors import CacheFullError, InvalidRequestError, LSAError
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
@@ -36,33 +37,11 @@ class SessionNotFound(LSAError):
     """The session is unknown here, or its KV was evicted: create it again."""
 
 
-class IdPool:
+class IdPool(BlockAllocator):
     """A ``BlockAllocator`` over an arbitrary, growable set of host ids."""
 
-    what = "host"
-
     def __init__(self, ids=()):
-        self._free = deque(ids)
-        self.num_blocks = len(self._free)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if not self.can_allocate(n):
-            raise CacheFullError(f"host KV pool is empty: {n} blocks wanted, {self.num_free} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, ids) -> None:
-        self._free.extend(ids)
+        super().__init__(what="host", ids=ids)
 
     def add(self, ids) -> None:
         """Ids leased into the pool."""
