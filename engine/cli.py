@@ -22,6 +22,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill segment")
     g.add_argument("--max-num-seqs", type=int, default=4, help="sequences decoded together")
     g.add_argument("--no-host-mirror", action="store_true", help="do not mirror complete blocks to host RAM")
+    g.add_argument("--policy", default="full", help="full, lsa, quest, streaming, snapkv or oracle (docs/lsa.md)")
+    g.add_argument("--budget", type=float, default=0.10, help="resident fraction of the context, sinks and tail "
+                   "included (every policy but full)")
+    g.add_argument("--cycle", type=int, default=64, help="lsa: decode steps between Level-1 refreshes")
+    g.add_argument("--indexer", default=None, help="lsa: learned indexer directory (lsa train-indexer)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -70,14 +75,15 @@ def add_subcommands(sub) -> None:
 def _make_engine(args):
     import torch
 
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
     from engine.llm import LLMEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(
         model=args.model, device=device, dtype=args.dtype,
         cache=CacheConfig(block_size=args.block_size, host_mirror=not args.no_host_mirror),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk))
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk),
+        policy=PolicyConfig(name=args.policy, budget=args.budget, cycle=args.cycle, indexer=args.indexer))
     return LLMEngine.from_config(config)
 
 

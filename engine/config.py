@@ -168,10 +168,13 @@ class CacheConfig:
     device_kv_bytes: int | None = None  # cap on the device pool when sizing automatically
     host_mirror: bool = True
     num_host_blocks: int | None = None  # None: same as the device pool
+    host_dtype: str | None = None  # None: the model dtype; "fp8": e4m3 blocks + per-(block, layer, K/V, head) scales
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
+        if self.host_dtype not in (None, "fp8"):
+            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {self.host_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Layouts are the contract in docs/kv-layout.md:
     pool          : [L, 2, S, H_kv, B, D]   device; kernels see pool[l, 0] / pool[l, 1]
     host          : [N_host, L, 2, H_kv, B, D]   one complete block of all layers = one copy
     host_summary  : [N_host, L, 3, H_kv, D]  min / max / mean key of every complete block (host)
+    host_scale    : [N_host, L, 2, H_kv]  float32, only with the FP8 mirror (host holds e4m3 then)
     index_keys    : [L_idx, 3, N_host, H_kv, D]  device copies for the Level-1 layers only
     slot_summary  : [L, 3, S, H_kv, D]  device, per resident slot (Level-2, Quest)
 """
@@ -17,6 +18,23 @@ import torch
 import kernels
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
+from engine.errors import InvalidRequestError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+
+def quantize_fp8(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks [..., B, D] -> (e4m3 [..., B, D], scale [...] float32), one scale per leading index
+    (per block, layer, K/V and KV head): scale = amax / 448, so every value is in range."""
+    x = blocks.float()
+    scale = (x.abs().amax((-2, -1)) / FP8_MAX).clamp_min(1e-12)
+    return (x / scale[..., None, None]).to(FP8), scale
+
+
+def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize_fp8``: e4m3 [..., B, D] and scale [...] -> [..., B, D] in ``dtype``."""
+    return (data.float() * scale.float()[..., None, None]).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -45,9 +63,18 @@ class KVAccounting:
 class BlockKVCache:
     def __init__(self, config: ModelConfig, block_size: int, num_device_blocks: int, num_host_blocks: int,
                  dtype: torch.dtype, device: torch.device | str, groups: list[list[int]] | None = None,
-                 index_layers: tuple[int, ...] = (), slot_summaries: bool = False, arena=None):
+                 index_layers: tuple[int, ...] = (), slot_summaries: bool = False, arena=None,
+                 host_dtype: str | None = None):
         """``arena`` (engine.sessions.HostArena): an external host mirror (e.g. a KV store's
-        shared memory) with its own host-id allocator, instead of a private one."""
+        shared memory) with its own host-id allocator, instead of a private one.
+        ``host_dtype="fp8"``: complete blocks are kept in host RAM as float8 e4m3 with one float32
+        scale per (block, layer, K/V, KV head), and dequantized on the device after each copy;
+        summaries stay in the model dtype."""
+        if host_dtype not in (None, "fp8"):
+            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {host_dtype!r}")
+        if host_dtype and arena is not None:
+            raise InvalidRequestError("the FP8 host mirror needs a private arena (shared arenas hold the model dtype)")
+        self.host_fp8 = host_dtype == "fp8"
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
@@ -63,8 +90,11 @@ class BlockKVCache:
         if arena is not None:
             self.host, self.host_summary = arena.host, arena.summary
         else:
-            self.host = torch.empty(num_host_blocks, layers, 2, heads, block_size, dim, dtype=dtype, pin_memory=pin)
+            self.host = torch.empty(num_host_blocks, layers, 2, heads, block_size, dim,
+                                    dtype=FP8 if self.host_fp8 else dtype, pin_memory=pin)
             self.host_summary = torch.empty(num_host_blocks, layers, 3, heads, dim, dtype=dtype, pin_memory=pin)
+        self.host_scale = (torch.empty(num_host_blocks, layers, 2, heads, dtype=torch.float32, pin_memory=pin)
+                           if self.host_fp8 else None)
         self.index_layers = tuple(index_layers)
         self.index_keys = torch.empty(len(index_layers), 3, num_host_blocks, heads, dim, dtype=dtype,
                                       device=self.device)
@@ -73,6 +103,10 @@ class BlockKVCache:
         self.bytes_per_token = config.kv_bytes_per_token(dtype)
         self.bytes_per_block = self.bytes_per_token * block_size  # all layers
         self.bytes_per_layer_block = self.bytes_per_block // layers
+        # host RAM (and bytes over PCIe) per block of all layers: data, plus scales with FP8
+        self.host_bytes_per_block = (self.host.element_size() * layers * 2 * heads * block_size * dim
+                                     + (layers * 2 * heads * 4 if self.host_fp8 else 0))
+        self.host_bytes_per_layer_block = self.host_bytes_per_block // layers
         self.summary_bytes_per_layer_block = 3 * heads * dim * self.pool.element_size()
         self.blocks_copied = 0
         self.bytes_copied = 0
@@ -147,7 +181,12 @@ class BlockKVCache:
         """blocks [n, Lsel, 2, H, B, D] of complete blocks -> host mirror rows and key summaries."""
         keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]
         summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2)  # [n, Lsel, 3, H, D]
-        self.host[hosts, layers] = blocks.to("cpu")
+        if self.host_fp8:  # quantized where the blocks are, so only e4m3 bytes cross to the host
+            data, scale = quantize_fp8(blocks)
+            self.host[hosts, layers] = data.to("cpu")
+            self.host_scale[hosts, layers] = scale.to("cpu")
+        else:
+            self.host[hosts, layers] = blocks.to("cpu")
         self.host_summary[hosts, layers] = summary.to(device="cpu", dtype=self.dtype)
 
     # ------------------------------------------------------------ residency changes
@@ -168,11 +207,14 @@ class BlockKVCache:
         members = self.groups[group]
         for layer in members:
             data = self.host[hosts, layer].to(self.device, non_blocking=True)  # [n, 2, H, B, D]
+            if self.host_fp8:
+                scale = self.host_scale[hosts, layer].to(self.device, non_blocking=True)  # [n, 2, H]
+                data = dequantize_fp8(data, scale, self.dtype)
             self.pool[layer, :, dst] = data.transpose(0, 1)
             if self.slot_summary is not None:
                 self.slot_summary[layer, :, dst] = self.host_summary[hosts, layer].to(self.device).transpose(0, 1)
         self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
-        self.bytes_copied += len(blocks) * len(members) * self.bytes_per_layer_block
+        self.bytes_copied += len(blocks) * len(members) * self.host_bytes_per_layer_block
 
     # ------------------------------------------------------------ tables for attention
 
@@ -223,5 +265,5 @@ class BlockKVCache:
             index += layer_blocks * self.summary_bytes_per_layer_block
         capacity = self.blocks.num_device_blocks * self.bytes_per_block
         return KVAccounting(device_bytes=layer_blocks * self.bytes_per_layer_block + index,
-                            device_capacity_bytes=capacity, host_bytes=host_blocks * self.bytes_per_block,
+                            device_capacity_bytes=capacity, host_bytes=host_blocks * self.host_bytes_per_block,
                             full_bytes=tokens * self.bytes_per_token, num_tokens=tokens, index_bytes=index)

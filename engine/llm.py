@@ -49,7 +49,7 @@ class LLMEngine:
         self.cache = BlockKVCache(mc, cache_cfg.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
                                   self.dtype, self.device, groups=self.policy.groups(),
                                   index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries,
-                                  arena=arena)
+                                  arena=arena, host_dtype=cache_cfg.host_dtype)
         self.policy.bind(self.cache)
         self.attention = PagedAttention(self.cache, self.policy, mc.head_dim)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
@@ -224,9 +224,12 @@ class LLMEngine:
 
     def _policy_stats(self, seq: Sequence) -> dict:
         """Copy counters since the sequence started (exact when it ran alone)."""
-        return {"policy": self.config.policy.name, "budget": self.config.policy.budget,
-                "blocks_copied": self.cache.blocks_copied - seq.copies_at_start[0],
-                "bytes_copied": self.cache.bytes_copied - seq.copies_at_start[1], **self.policy.stats()}
+        stats = {"policy": self.config.policy.name, "budget": self.config.policy.budget,
+                 "blocks_copied": self.cache.blocks_copied - seq.copies_at_start[0],
+                 "bytes_copied": self.cache.bytes_copied - seq.copies_at_start[1], **self.policy.stats()}
+        if stats.get("cycles"):
+            stats["bytes_copied_per_cycle"] = stats["bytes_copied"] / stats["cycles"]
+        return stats
 
     # ------------------------------------------------------------ convenience
 

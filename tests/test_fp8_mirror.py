@@ -1,0 +1,108 @@
+"""FP8 host mirror: e4m3 blocks with per-(block, layer, K/V, head) scales, dequantized after the copy."""
+import pytest
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.errors import InvalidRequestError
+from engine.kv_cache import FP8, BlockKVCache, dequantize_fp8, quantize_fp8
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.sampling import SamplingParams
+
+CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=8)
+TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
+
+
+def test_round_trip_error_is_bounded_per_element():
+    gen = torch.Generator().manual_seed(0)
+    # heads with very different ranges: per-head scales keep each one's relative error small
+    blocks = torch.randn(6, 3, 2, 4, 16, 8, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 500.0])[:, None, None]
+    data, scale = quantize_fp8(blocks)
+    assert data.dtype == FP8 and scale.shape == (6, 3, 2, 4)
+    back = dequantize_fp8(data, scale, torch.float32)
+    rel = (back - blocks).abs() / blocks.abs()
+    big = blocks.abs() > scale[..., None, None] * 2 ** -6  # e4m3 normal range (subnormals lose precision)
+    assert rel[big].max() < 0.0625  # 3 mantissa bits: half an ulp is 1/16 at worst
+    assert rel[big].median() < 0.03
+    # absolute error of the tiny (subnormal) values is bounded by the smallest step of the block
+    assert ((back - blocks).abs()[~big] <= scale[..., None, None].expand_as(blocks)[~big] * 2 ** -9 + 1e-12).all()
+    assert torch.allclose(back.abs().amax((-2, -1)), blocks.abs().amax((-2, -1)), rtol=1e-6)  # amax -> 448, exact
+
+
+def _cache(host_dtype, dtype=torch.float32):
+    return BlockKVCache(CFG, 8, num_device_blocks=16, num_host_blocks=16, dtype=dtype, device="cpu",
+                        groups=[[0, 1, 2]], index_layers=(1,), host_dtype=host_dtype)
+
+
+def test_mirror_load_dequantizes_and_accounting_counts_scales():
+    torch.manual_seed(1)
+    exact, fp8 = _cache(None), _cache("fp8")
+    assert fp8.host.dtype == FP8 and fp8.host_scale.shape == (16, 3, 2, 2)
+    kv = torch.randn(27, CFG.num_layers, 2, CFG.num_kv_heads, CFG.head_dim)
+    for cache in (exact, fp8):
+        cache.admit(0, 5)
+        [(slots, offsets)] = cache.append_slots([0], [27])
+        for layer in range(CFG.num_layers):
+            cache.write(layer, kv[:, layer, 0], kv[:, layer, 1], slots, offsets)
+        cache.commit([0], [27])
+    # summaries stay in the model dtype, computed from the unquantized keys
+    ids = torch.tensor(fp8.host_blocks(0))
+    assert torch.equal(fp8.host_summary[ids], exact.host_summary[torch.tensor(exact.host_blocks(0))])
+    assert torch.equal(fp8.index_keys[0][:, ids], fp8.host_summary[ids, 1].transpose(0, 1))
+    fp8.evict(0, 0, [0, 2])
+    fp8.load(0, 0, [2, 0])
+    resident = fp8.blocks.seqs[0].resident[0]
+    for j in (0, 2):
+        h = fp8.host_blocks(0)[j]
+        want = dequantize_fp8(fp8.host[h], fp8.host_scale[h], torch.float32)  # [L, 2, H, B, D]
+        assert torch.equal(fp8.pool[:, :, resident[j]], want)
+        truth = kv[j * 8:(j + 1) * 8].permute(1, 2, 3, 0, 4)
+        assert ((want - truth).abs() <= truth.abs().amax((-2, -1), keepdim=True) / 16).all()
+    # host bytes: one byte per element instead of four (fp32), plus 4-byte scales per (layer, K/V, head)
+    elems = CFG.num_layers * 2 * CFG.num_kv_heads * 8 * CFG.head_dim
+    scales = CFG.num_layers * 2 * CFG.num_kv_heads * 4
+    assert exact.accounting(0).host_bytes == 3 * elems * 4
+    assert fp8.accounting(0).host_bytes == 3 * (elems + scales)
+    assert fp8.bytes_copied == 2 * (elems + scales)  # what crossed: e4m3 data and the scales
+    half = _cache(None, torch.bfloat16)
+    assert fp8.host_bytes_per_block == half.host_bytes_per_block // 2 + scales
+    assert fp8.accounting(0).full_bytes == exact.accounting(0).full_bytes  # full KV stays in the model dtype
+
+
+def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks():
+    model = random_model(TINY, "cpu", torch.float32, seed=3)
+    engine = LLMEngine(model, EngineConfig(
+        cache=CacheConfig(block_size=16, num_device_blocks=64, host_dtype="fp8"),
+        scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=64),
+        policy=PolicyConfig(name="lsa", budget=0.25, cycle=4, lookahead=0, index_score="mean")))
+    cache = engine.cache
+    checked = []
+    original = cache.load
+
+    def load_and_check(seq_id, group, blocks):
+        original(seq_id, group, blocks)
+        resident = cache.blocks.seqs[seq_id].resident[group]
+        for j in blocks:
+            h = cache.host_blocks(seq_id)[j]
+            want = dequantize_fp8(cache.host[h], cache.host_scale[h], cache.dtype)
+            assert torch.equal(cache.pool[:, :, resident[j]], want)
+            checked.append(j)
+
+    cache.load = load_and_check
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (300, 250)]
+    done = engine.generate(ids, SamplingParams(max_tokens=40, ignore_eos=True))
+    assert [len(c.token_ids) for c in done] == [40, 40]
+    assert checked, "no block was ever loaded from the host mirror"
+    kv = done[0].kv
+    assert kv["blocks_copied"] > 0 and kv["device_kv_fraction"] < 0.6
+    assert kv["host_kv_bytes"] == (339 // 16) * cache.host_bytes_per_block
+
+
+def test_fp8_mirror_refuses_bad_settings():
+    with pytest.raises(InvalidRequestError, match="host_dtype"):
+        CacheConfig(host_dtype="int4")
+    with pytest.raises(InvalidRequestError, match="host_dtype"):
+        BlockKVCache(CFG, 8, 4, 4, torch.float32, "cpu", host_dtype="fp16")
