@@ -184,6 +184,9 @@ class SchedulerConfig:
     max_num_seqs: int = 8
     max_model_len: int | None = None  # None: the model's context length
     prefill_chunk: int = 1024  # tokens per prefill segment
+    # offloading policies: prefill layer by layer (the device holds one layer's prompt KV plus the
+    # decode reserve; engine/layerwise.py). None: only when the prompt does not fit the device pool.
+    layerwise_prefill: bool | None = None
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.prefill_chunk < 1:

@@ -177,6 +177,16 @@ class BlockKVCache:
             self.index_keys[:, :, hosts.to(self.device)] = (
                 self.host_summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
 
+    def mirror_layer(self, host_ids: list[int], layer: int, blocks: torch.Tensor) -> None:
+        """Write one layer of complete blocks straight to the host mirror (layer-by-layer
+        prefill): blocks [n, 2, H, B, D] on the device; refreshes the layer's device index keys."""
+        hosts = torch.tensor(host_ids)
+        self._mirror(hosts, slice(layer, layer + 1), blocks[:, None])
+        if layer in self.index_layers:
+            li = self.index_layers.index(layer)
+            self.index_keys[li][:, hosts.to(self.device)] = self.host_summary[hosts, layer].transpose(0, 1).to(
+                self.device)
+
     def _mirror(self, hosts: torch.Tensor, layers: slice, blocks: torch.Tensor) -> None:
         """blocks [n, Lsel, 2, H, B, D] of complete blocks -> host mirror rows and key summaries."""
         keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]

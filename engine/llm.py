@@ -10,6 +10,7 @@ from engine.attention import PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
 from engine.kv_cache import BlockKVCache
+from engine.layerwise import LayerwisePrefill
 from engine.model import LlamaForCausalLM
 from engine.policies import Policy, make_policy
 from engine.sampling import SamplingParams, make_generator, sample
@@ -52,6 +53,7 @@ class LLMEngine:
                                   arena=arena, host_dtype=cache_cfg.host_dtype)
         self.policy.bind(self.cache)
         self.attention = PagedAttention(self.cache, self.policy, mc.head_dim)
+        self.layerwise = LayerwisePrefill(model, self.cache, self.policy, config.scheduler.prefill_chunk)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
                                    admit=self._admit)
@@ -66,7 +68,18 @@ class LLMEngine:
             seq.num_cached = len(seq.prefix_host_ids) * self.cache.block_size
 
     def _admit_blocks(self, seq: Sequence) -> int:
+        if self._layerwise(seq):
+            return self.policy.decode_reserve(seq.max_len)
         return self.policy.admit_blocks(seq.prompt_len, seq.max_len)
+
+    def _layerwise(self, seq: Sequence) -> bool:
+        """Prefill this prompt layer by layer (offloading policies, no session prefix): always
+        with ``layerwise_prefill=True``, or, when unset, if the prompt does not fit the device pool."""
+        mode = self.config.scheduler.layerwise_prefill
+        if mode is False or not self.policy.offloads or seq.prefix_host_ids:
+            return False
+        return bool(mode) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
+                              > self.cache.blocks.num_device_blocks)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -169,10 +182,14 @@ class LLMEngine:
         if plan.prefill is not None:
             seq, start, end = plan.prefill, plan.prefill.num_cached, plan.prefill_end
             t0 = time.perf_counter()
-            self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
-            tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
-            hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
-            self.cache.commit([seq.seq_id], [end - start])
+            if start == 0 and self._layerwise(seq):  # the whole prompt in this step, layer by layer
+                end = seq.prompt_len
+                hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)
+            else:
+                self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
+                tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
+                hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
+                self.cache.commit([seq.seq_id], [end - start])
             seq.num_cached = end
             if end == seq.prompt_len:
                 self.policy.after_prefill(seq.seq_id)
