@@ -70,6 +70,11 @@ def add_subcommands(sub) -> None:
     add_eval_parser(sub)
     add_dump_traces_parser(sub)
     add_train_indexer_parser(sub)
+    try:  # benchmarks/ sits next to the packages: present when run from the repository
+        from benchmarks.decode import add_bench_parser
+    except ImportError:
+        return
+    add_bench_parser(sub)
 
 
 def _make_engine(args):
@@ -164,8 +169,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from benchmarks.decode import run_bench
+
+    return run_bench(args)
+
+
 COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "eval": run_eval, "dump-traces": run_dump_traces,
-            "train-indexer": run_train_indexer}
+            "train-indexer": run_train_indexer, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

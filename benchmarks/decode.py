@@ -1,0 +1,440 @@
+"""``lsa bench decode``: long-context decode, full attention vs LSA, on a Llama-3-8B-shaped model.
+
+    lsa bench decode --contexts 131072 524288 1048576 --batch 1 max --out decode.json
+    python -m benchmarks.decode --config tiny --layers 2 --contexts 4096 --device cpu   # a smoke run
+
+Random weights (fixed seed), bf16 on CUDA. **Prefill is skipped**: each sequence's KV is
+synthetic (random blocks; block summaries around a random mean key) written straight into the
+device pool (full) or the host mirror (lsa; the first resident set is then chosen by the
+indexer from random queries and loaded like any other plan). Decode then runs through the
+engine as served: tokens from the model, Level-1 at every cycle boundary, swaps of changed
+blocks. Selections on random KV churn more than on real text, so bytes copied per cycle are
+an upper estimate.
+
+Windows alternate: batch 1 (and any explicit batch) keeps one full engine and one LSA engine
+alive and times, round-robin, full / lsa at each rho (the LSA engine's budget is switched
+between windows; its reserve is sized for the largest rho, and one cycle runs untimed after
+each switch). ``max`` gives each policy its own largest batch (from free GPU memory and, for
+lsa, host RAM), so those engines run one after the other.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.sampling import SamplingParams
+from engine.sequence import Status
+
+LLAMA3_8B = dict(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                 num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 max_position_embeddings=131072, eos_token_ids=(128001,))
+TINY = dict(architecture="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
+            num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=8192, eos_token_ids=(1,))
+GiB = 2 ** 30
+
+
+def model_config(name: str, layers: int | None, max_len: int) -> ModelConfig:
+    """``llama3-8b`` (default), ``tiny`` (for CPU smoke runs), or a Hugging Face config.json path."""
+    if name == "llama3-8b":
+        from engine.config import RopeScaling
+
+        cfg = ModelConfig(**LLAMA3_8B, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    elif name == "tiny":
+        cfg = ModelConfig(**TINY)
+    else:
+        with open(name) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+    return dataclasses.replace(cfg, num_layers=layers or cfg.num_layers,
+                               max_position_embeddings=max(max_len, cfg.max_position_embeddings))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
+
+
+def device_free_bytes(device: torch.device, cpu_budget: int) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return cpu_budget
+
+
+# ------------------------------------------------------------------ engines with synthetic KV
+
+@dataclasses.dataclass
+class Setup:
+    """How one engine is built: policy, batch, context, steps it must be able to decode."""
+
+    policy: str  # full | lsa
+    rhos: tuple[float, ...]
+    batch: int
+    context: int
+    max_tokens: int
+    block_size: int
+    cycle: int
+    host_dtype: str | None
+
+    @property
+    def max_len(self) -> int:
+        return self.context + self.max_tokens - 1
+
+
+def per_seq_bytes(cfg: ModelConfig, s: Setup, dtype: torch.dtype) -> tuple[int, int]:
+    """(device, host) bytes of KV one sequence needs under setup ``s``."""
+    bs = s.block_size
+    block = cfg.kv_bytes_per_token(dtype) * bs
+    blocks = -(-s.max_len // bs)
+    if s.policy == "full":
+        return blocks * block, 0
+    probe = probe_policy(cfg, s)
+    host_block = (cfg.num_layers * 2 * cfg.num_kv_heads * bs * cfg.head_dim
+                  * (1 if s.host_dtype == "fp8" else torch.empty((), dtype=dtype).element_size())
+                  + (cfg.num_layers * 2 * cfg.num_kv_heads * 4 if s.host_dtype == "fp8" else 0))
+    index = len(probe.index_layers()) * 3 * blocks * cfg.num_kv_heads * cfg.head_dim * 2
+    return probe.decode_reserve(s.max_len) * block + index, blocks * host_block
+
+
+def probe_policy(cfg: ModelConfig, s: Setup):
+    from engine.policies import make_policy
+
+    return make_policy(policy_config(s), cfg.num_layers, s.block_size)
+
+
+def policy_config(s: Setup) -> PolicyConfig:
+    if s.policy == "full":
+        return PolicyConfig(name="full")
+    return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer")
+
+
+def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[LLMEngine, list]:
+    """An engine whose ``batch`` sequences are decoding at ``context`` tokens, prefill skipped."""
+    cfg, bs = model.config, s.block_size
+    lsa = s.policy == "lsa"
+    probe = probe_policy(cfg, s)
+    reserve = probe.decode_reserve(s.max_len) if lsa else -(-s.max_len // bs)
+    engine = LLMEngine(model, EngineConfig(
+        device=str(device),
+        cache=CacheConfig(block_size=bs, num_device_blocks=s.batch * reserve, host_mirror=lsa,
+                          num_host_blocks=s.batch * -(-s.max_len // bs) if lsa else 0, host_dtype=s.host_dtype),
+        scheduler=SchedulerConfig(max_num_seqs=s.batch, max_model_len=s.max_len + 1),
+        policy=policy_config(s)))
+    cache, policy = engine.cache, engine.policy
+    params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True)
+    seqs = []
+    for _ in range(s.batch):
+        seq = engine.add_request(torch.randint(10, cfg.vocab_size, (s.context,), generator=gen).tolist(), params)
+        engine.scheduler.waiting.remove(seq)
+        cache.admit(seq.seq_id, reserve)
+        if lsa:
+            ids = [h for _, h in cache.blocks.commit(seq.seq_id, s.context)]
+            fill_host(cache, ids, gen)
+        else:
+            cache.append_slots([seq.seq_id], [s.context])
+            cache.blocks.commit(seq.seq_id, s.context)
+        seqs.append(seq)
+    if not lsa:
+        cache.pool.normal_(generator=None)
+    for seq in seqs:
+        if lsa:  # the indexer's query window, then the first plan, loaded from the host mirror
+            for layer in policy.index_layers():
+                q = torch.randn(policy.config.query_window, cfg.num_heads, cfg.head_dim, device=device,
+                                dtype=cache.dtype)
+                policy.observe_prefill(seq.seq_id, layer, q, None, cfg.head_dim ** -0.5)
+            policy.after_prefill(seq.seq_id)
+        seq.num_cached = s.context
+        seq.output_ids.append(int(torch.randint(10, cfg.vocab_size, (1,), generator=gen)))
+        seq.status = Status.DECODE
+        engine.scheduler.running.append(seq)
+    _sync(device)
+    return engine, seqs
+
+
+def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64) -> None:
+    """Synthetic complete blocks in the host mirror: a bank of random blocks tiled over the
+    rows, summaries (min <= mean <= max) around a random mean key, and the device index keys."""
+    host = cache.host
+    shape = host.shape[1:]  # [L, 2, H, B, D]
+    bank = torch.randn(bank_blocks, *shape, generator=gen)
+    mean = torch.randn(bank_blocks, shape[0], shape[2], shape[4], generator=gen) * 0.1  # [n, L, H, D]
+    spread = torch.rand(bank_blocks, shape[0], shape[2], shape[4], generator=gen) + 0.5
+    summary = torch.stack([mean - spread, mean + spread, mean], 2).to(cache.dtype)  # [n, L, 3, H, D]
+    if cache.host_fp8:
+        from engine.kv_cache import quantize_fp8
+
+        data, scale = quantize_fp8(bank)
+    else:
+        data, scale = bank.to(cache.dtype), None
+    ids = torch.tensor(host_ids)
+    contiguous = host_ids == list(range(host_ids[0], host_ids[0] + len(host_ids))) if host_ids else True
+    for a in range(0, len(host_ids), bank_blocks):
+        n = min(bank_blocks, len(host_ids) - a)
+        rows = slice(host_ids[a], host_ids[a] + n) if contiguous else ids[a: a + n]  # slices copy fastest
+        host[rows] = data[:n]
+        cache.host_summary[rows] = summary[:n]
+        if scale is not None:
+            cache.host_scale[rows] = scale[:n]
+    for li, layer in enumerate(cache.index_layers):
+        cache.index_keys[li][:, ids.to(cache.device)] = cache.host_summary[ids, layer].transpose(0, 1).to(cache.device)
+
+
+# ------------------------------------------------------------------ timing
+
+class SwapTimer:
+    """Wraps ``policy.before_decode`` (cycle boundaries: Level-1 and the copies, synchronous in
+    this engine) and records its wall time, the device synchronised at its end."""
+
+    def __init__(self, engine: LLMEngine, device: torch.device):
+        self.seconds = 0.0
+        inner = engine.policy.before_decode
+
+        def timed(seq_ids):
+            t0 = time.perf_counter()
+            inner(seq_ids)
+            _sync(device)
+            self.seconds += time.perf_counter() - t0
+
+        engine.policy.before_decode = timed
+
+
+def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -> dict:
+    cache, policy = engine.cache, engine.policy
+    copied0, cycles0, swap0 = cache.bytes_copied, getattr(policy, "cycles", 0), swaps.seconds
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    assert all(s.status is Status.DECODE for s in seqs), "a sequence finished inside the timed window"
+    acc = cache.accounting()
+    cycles = getattr(policy, "cycles", 0) - cycles0
+    return {"step_s": times, "bytes_copied": cache.bytes_copied - copied0, "cycles": cycles,
+            "swap_wait_s": swaps.seconds - swap0, "device_kv_bytes": acc.device_bytes,
+            "device_kv_capacity_bytes": acc.device_capacity_bytes, "full_kv_bytes": acc.full_bytes,
+            "host_kv_bytes": acc.host_bytes, "device_kv_fraction": acc.device_fraction,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def summarise(label: dict, windows: list[dict], batch: int) -> dict:
+    steps = sorted(t for w in windows for t in w["step_s"])
+    p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
+    cycles = sum(w["cycles"] for w in windows)
+    last = windows[-1]
+    return {**label, "batch": batch, "steps": len(steps), "token_ms_median": statistics.median(steps) * 1e3,
+            "token_ms_p99": p99 * 1e3, "timed_s": sum(steps), "tokens_per_s": batch * len(steps) / sum(steps),
+            "device_kv_fraction": last["device_kv_fraction"], "device_kv_bytes": last["device_kv_bytes"],
+            "device_kv_capacity_bytes": last["device_kv_capacity_bytes"], "full_kv_bytes": last["full_kv_bytes"],
+            "host_kv_bytes": last["host_kv_bytes"],
+            "peak_gpu_bytes": max((w["peak_gpu_bytes"] or 0) for w in windows) or None,
+            "cycles": cycles, "bytes_copied_per_cycle": sum(w["bytes_copied"] for w in windows) / cycles if cycles else 0,
+            "swap_wait_ms_per_cycle": 1e3 * sum(w["swap_wait_s"] for w in windows) / cycles if cycles else 0.0,
+            "swap_wait_fraction": sum(w["swap_wait_s"] for w in windows) / sum(steps)}
+
+
+def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
+    """Build every engine of the group, then time windows round-robin over (engine, rho)."""
+    engines = []
+    for s in setups:
+        t0 = time.perf_counter()
+        engine, seqs = build(model, s, device, gen)
+        print(f"  built {s.policy} batch {s.batch} at {s.context} tokens in {time.perf_counter() - t0:.1f} s "
+              f"(synthetic KV, prefill skipped)", file=sys.stderr)
+        engines.append((s, engine, seqs, SwapTimer(engine, device)))
+    pairs = [(i, rho) for i, (s, *_) in enumerate(engines) for rho in (s.rhos if s.policy == "lsa" else (None,))]
+    windows = {p: [] for p in pairs}
+    for _ in range(args.warmup):
+        for s, engine, *_ in engines:
+            engine.step()
+    for _ in range(args.rounds):
+        for i, rho in pairs:
+            s, engine, seqs, swaps = engines[i]
+            if rho is not None and engine.policy.config.budget != rho:
+                engine.policy.config = dataclasses.replace(engine.policy.config, budget=rho)
+                for _ in range(s.cycle):  # one boundary applies the new budget, untimed
+                    engine.step()
+            windows[(i, rho)].append(time_window(engine, seqs, device, args.steps, swaps))
+    rows = []
+    for i, rho in pairs:
+        s = engines[i][0]
+        label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
+                 "alternated": len(pairs) > 1}
+        rows.append(summarise(label, windows[(i, rho)], s.batch))
+    del engines
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype, device) -> list[list[Setup]]:
+    rhos = tuple(args.rhos)
+    max_tokens = args.warmup + args.rounds * (args.steps + args.cycle) * (len(rhos) + 1) + 8
+    host_budget = int(host_available_bytes() * args.host_fraction)
+    activations = args.activation_bytes if args.activation_bytes is not None else (
+        6 * GiB if device.type == "cuda" else 64 * 2 ** 20)
+    dev_budget = int(device_free_bytes(device, args.cpu_device_bytes) * args.device_fraction) - activations
+
+    def setup(policy, batch):
+        host_dtype = None
+        if policy == "lsa":
+            host_dtype = args.host_dtype
+            if host_dtype == "auto":  # the model dtype if one sequence's mirror fits in host RAM, else fp8
+                probe = Setup(policy, rhos, 1, context, max_tokens, args.block_size, args.cycle, None)
+                host_dtype = None if per_seq_bytes(cfg, probe, dtype)[1] <= host_budget else "fp8"
+            host_dtype = None if host_dtype in ("bf16", "model") else host_dtype
+        return Setup(policy, rhos if policy == "lsa" else (), batch, context, max_tokens, args.block_size,
+                     args.cycle, host_dtype)
+
+    def largest(s: Setup) -> int:
+        dev, host = per_seq_bytes(cfg, s, dtype)
+        n = dev_budget // max(dev, 1)
+        if host:
+            n = min(n, host_budget // host)
+        return min(n, args.max_batch)
+
+    groups, skipped = [], []
+    for b in batches:
+        if b == "max":  # each policy alone, at its own largest batch
+            for policy in ("full", "lsa"):
+                n = largest(setup(policy, 1))
+                if n >= 1:
+                    groups.append([setup(policy, n)])
+                else:
+                    skipped.append({"context": context, "policy": policy, "batch": "max",
+                                    "skipped": "one sequence does not fit"})
+            continue
+        group, dev_left, host_left = [], dev_budget, host_budget  # alive together: lsa first, full in what is left
+        for policy in ("lsa", "full"):
+            s = setup(policy, int(b))
+            dev, host = (x * int(b) for x in per_seq_bytes(cfg, s, dtype))
+            if dev <= dev_left and host <= host_left:
+                group.append(s)
+                dev_left, host_left = dev_left - dev, host_left - host
+            else:
+                skipped.append({"context": context, "policy": policy, "batch": int(b),
+                                "skipped": f"KV needs {dev / GiB:.1f} GiB device / {host / GiB:.1f} GiB host; "
+                                           f"{dev_left / GiB:.1f} / {host_left / GiB:.1f} GiB left"})
+        if group:
+            groups.append(group[::-1])
+    return groups, skipped
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ms/tok':>8} {'p99':>8} {'tok/s':>9} "
+            f"{'vs full':>7} {'GPU KV':>7} {'peak GB':>8} {'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
+    print(head)
+    full = {(r["context"], r["batch"]): r for r in rows if r.get("policy") == "full" and "skipped" not in r}
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['context']:>8} {str(r['batch']):>5} {r['policy']:>10}  skipped: {r['skipped']}")
+            continue
+        name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
+        ref = full.get((r["context"], r["batch"]))
+        speed = f"{ref['token_ms_median'] / r['token_ms_median']:.2f}x" if ref and ref is not r else "-"
+        peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
+        host = "fp8" if r["host_dtype"] == "fp8" else ("-" if r["policy"] == "full" else "model")
+        print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {r['token_ms_median']:>8.2f} "
+              f"{r['token_ms_p99']:>8.2f} {r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['device_kv_fraction']:>6.1f}% "
+              f"{peak:>8} {r['host_kv_bytes'] / 1e9:>8.2f} {r['bytes_copied_per_cycle'] / 1e6:>9.1f} "
+              f"{r['swap_wait_ms_per_cycle']:>11.2f}")
+
+
+# ------------------------------------------------------------------ CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="llama3-8b", help="llama3-8b, tiny, or a config.json path (shapes only)")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288, 1048576])
+    p.add_argument("--batch", nargs="+", default=["1", "max"], help="batch sizes, or max (per policy)")
+    p.add_argument("--rhos", type=float, nargs="+", default=[0.10, 0.135], help="lsa budgets")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per timed window")
+    p.add_argument("--rounds", type=int, default=3, help="windows per (policy, rho), alternated")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--cycle", type=int, default=64, help="lsa cycle (decode steps between boundaries)")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--host-dtype", default="auto", help="lsa host mirror: auto (model dtype if it fits, else "
+                   "fp8), model, fp8")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--max-batch", type=int, default=256, help="cap on the computed largest batch")
+    p.add_argument("--device-fraction", type=float, default=0.92, help="share of free GPU memory for KV")
+    p.add_argument("--activation-bytes", type=int, default=None,
+                   help="device memory kept for activations (default 6 GiB on CUDA, 64 MiB on CPU)")
+    p.add_argument("--host-fraction", type=float, default=0.85, help="share of available host RAM for mirrors")
+    p.add_argument("--cpu-device-bytes", type=int, default=2 * GiB, help="'device' memory on a CPU run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_decode.json")
+
+
+def add_bench_parser(sub) -> None:
+    """``lsa bench decode`` (``sub``: the subparsers of the ``lsa`` command)."""
+    bench = sub.add_parser("bench", help="benchmarks")
+    inner = bench.add_subparsers(dest="bench_command", required=True)
+    add_arguments(inner.add_parser("decode", help="long-context decode: full attention vs lsa (synthetic KV)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def run_bench(args) -> int:
+    from engine.config import parse_dtype
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype, device.type)
+    contexts = [c - c % args.block_size for c in args.contexts]
+    cfg = model_config(args.config, args.layers, max(contexts) + 65536)
+    t0 = time.perf_counter()
+    model = random_model(cfg, device, dtype, seed=args.seed)
+    print(f"model: {args.config} shapes, {cfg.num_layers} layers, random weights (seed {args.seed}), {dtype}, "
+          f"on {device} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    print("KV is synthetic: the host mirror (lsa) or the device pool (full) is filled with random blocks and "
+          "summaries; prefill is skipped", file=sys.stderr)
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for context in contexts:
+        groups, skipped = plan_groups(cfg, context, args.batch, args, dtype, device)
+        rows += skipped
+        for group in groups:
+            rows += run_group(model, group, device, args, gen)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "dtype": str(dtype),
+            "model": f"{args.config} shapes, {cfg.num_layers} layers, random weights (seed {args.seed})",
+            "kv": "synthetic (prefill skipped)", "command": " ".join(sys.argv), "args": vars(args),
+            "host_available_bytes": host_available_bytes()}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print_table(rows)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
