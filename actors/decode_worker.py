@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -202,10 +202,21 @@ class DecodeWorkerCore:
         outer: Future = Future()
         outer.set_running_or_notify_cancel()
 
-        def after_create(_):
+        def after_create(created: Future):
+            rebuilt = created.result().prefill_tokens  # counted in the answer: this request computed it
+
+            def answered(f: Future) -> None:
+                if f.exception() is not None:
+                    outer.set_exception(f.exception())
+                else:
+                    r = f.result()
+                    outer.set_result(replace(r, prefill_tokens=r.prefill_tokens + rebuilt))
+
             try:
+                turn: Future = Future()
+                turn.add_done_callback(answered)
                 self._call(lambda: self._track(self.sessions.ask(sid, question, params), on_text)) \
-                    .add_done_callback(lambda f: _relay(f, outer))
+                    .add_done_callback(lambda f: _relay(f, turn))
             except BaseException as exc:
                 outer.set_exception(exc)
 

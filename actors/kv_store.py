@@ -46,10 +46,14 @@ def arena_path(cluster: str, node: str, directory: str | None = None) -> str:
 
 
 class KVStoreCore:
-    """``fetch(store_key, host_ids) -> (data, summary)`` reads blocks from another store
-    (the actor passes a Ray call; tests pass a dict lookup)."""
+    """``fetch(store_key, host_ids) -> (data, summary)`` reads blocks from another store;
+    ``peers() -> [(store_key, free blocks)]`` lists the other stores, and ``write(store_key,
+    owner, data, summary) -> ids`` stores blocks there: with both, a full arena spills idle
+    sessions to the peer with the most room before it evicts anything. (The actor passes
+    Ray calls; tests pass dict lookups.)"""
 
-    def __init__(self, key: str, layout: ArenaLayout, capacity_bytes: int, path: str, fetch=None):
+    def __init__(self, key: str, layout: ArenaLayout, capacity_bytes: int, path: str, fetch=None,
+                 peers=None, write=None):
         self.key = key
         self.layout = layout
         self.path = path
@@ -63,6 +67,9 @@ class KVStoreCore:
         self.arena = HostArena.from_file(path, layout, self.num_blocks)
         self.table = SessionTable(self.num_blocks, layout.block_bytes)
         self.fetch = fetch
+        self.peers = peers
+        self.write = write
+        self.num_spilled = 0  # blocks spilled to make room
         self.lock = threading.RLock()
         self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session -> logical -> (store, id)
         self.staged: dict[str, dict[int, int]] = {}  # session -> logical -> local id
@@ -77,8 +84,33 @@ class KVStoreCore:
                 "layout": [lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, str(lay.dtype)]}
 
     def lease(self, owner: str, n: int) -> list[int]:
+        """``n`` free blocks for ``owner``: spilling idle sessions to peers first when the
+        arena is short, evicting idle sessions (LRU) only when no peer has room."""
+        self.make_room(n)
         with self.lock:
             return self.table.lease(owner, n)
+
+    def make_room(self, n: int, keep: str | None = None) -> int:
+        """Spill idle sessions other than ``keep`` (least recently used first; their last blocks, the sinks stay)
+        to the peer store with the most free blocks until ``n`` blocks are free here, or no
+        peer has room. Returns the blocks spilled. Peer calls run outside the lock."""
+        spilled = 0
+        while self.peers is not None and self.write is not None and self.table.num_free < n:
+            with self.lock:
+                idle = [sid for sid in self.table.idle_sessions() if sid != keep and self.spill_plan(sid, 1)]
+            peers = [p for p in self.peers() if p[1] > 0]
+            if not idle or not peers:
+                break
+            peer, room = max(peers, key=lambda p: p[1])
+            sid = idle[0]
+            with self.lock:
+                logical = self.spill_plan(sid, min(room, n - self.table.num_free))
+            if not logical:
+                break
+            self.spill(sid, logical, peer, lambda d, s, p=peer, o=f"spill:{self.key}:{sid}": self.write(p, o, d, s))
+            spilled += len(logical)
+        self.num_spilled += spilled
+        return spilled
 
     def give_back(self, owner: str, ids: list[int]) -> None:
         with self.lock:
@@ -129,7 +161,8 @@ class KVStoreCore:
                     "free_bytes": s["free_blocks"] * self.layout.block_bytes, "spilled_blocks": spilled,
                     "staged_blocks": sum(len(v) for v in self.staged.values()),
                     "foreign_blocks": sum(len(v) for v in self.foreign.values()),
-                    "blocks_sent": self.blocks_sent, "blocks_received": self.blocks_received}
+                    "blocks_sent": self.blocks_sent, "blocks_received": self.blocks_received,
+                    "blocks_spilled": self.num_spilled}
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
@@ -194,6 +227,7 @@ class KVStoreCore:
         returns the number of blocks fetched."""
         self.table.get(sid)
         fetched = 0
+        self.make_room(sum(len(b) for b in self.missing(sid).values()), keep=sid)
         for peer, blocks in self.missing(sid).items():
             data, summary = self.fetch(peer, [rid for _, rid in blocks])
             with self.lock:
@@ -231,7 +265,8 @@ def _make_actor():
             node = ray.get_runtime_context().get_node_id()
             from engine.config import DTYPES
             lay = ArenaLayout(*layout[:4], DTYPES[layout[4].replace("torch.", "")])
-            super().__init__(node, lay, capacity_bytes, arena_path(cluster, node, directory), fetch=self._fetch)
+            super().__init__(node, lay, capacity_bytes, arena_path(cluster, node, directory), fetch=self._fetch,
+                             peers=self._peers_by_room, write=self._write)
             self.namespace = ray.get_runtime_context().namespace
             self.owners: dict[str, str] = {}  # lease owner -> actor id, to reap dead workers
 
@@ -240,6 +275,9 @@ def _make_actor():
 
         def _fetch(self, node: str, ids: list[int]):
             return ray.get(self._peer(node).read_blocks.remote(ids))
+
+        def _write(self, node: str, owner: str, data, summary) -> list[int]:
+            return ray.get(self._peer(node).write_blocks.remote(owner, data, summary))
 
         def node_id(self) -> str:
             return self.key
@@ -261,30 +299,9 @@ def _make_actor():
             return freed
 
         def lease(self, owner: str, n: int) -> list[int]:
-            try:
-                return super().lease(owner, n)
-            except CacheFullError:
-                self.reap()
-                self.make_room(n)
-                return super().lease(owner, n)
-
-        def make_room(self, n: int) -> None:
-            """Spill idle sessions to the peer store with the most free blocks before the
-            table falls back to evicting them."""
-            while self.table.num_free < n:
-                idle = [s for s in self.table.idle_sessions()
-                        if any(h != SPILLED for h in self.table.records[s].host_ids[1:])]
-                peers = self._peers_by_room()
-                if not idle or not peers:
-                    return
-                peer, room = peers[0]
-                sid = idle[0]
-                logical = self.spill_plan(sid, min(room, n - self.table.num_free))
-                if not logical:
-                    return
-                handle = self._peer(peer)
-                self.spill(sid, logical, peer,
-                           lambda d, s: ray.get(handle.write_blocks.remote(f"spill:{self.key}:{sid}", d, s)))
+            if self.table.num_free < n:
+                self.reap()  # blocks leased to dead workers first
+            return super().lease(owner, n)
 
         def _peers_by_room(self) -> list[tuple[str, int]]:
             out = []

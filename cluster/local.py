@@ -54,7 +54,7 @@ def local_app(app_args: dict, num_cpus: int | None = None, port: int = 8000, hos
             if ray.is_initialized():
                 serve.shutdown()
                 for actor in ray.util.list_named_actors(all_namespaces=True):
-                    if actor["name"].startswith(("kvstore:", "lsa-indexer")):
+                    if actor["name"].startswith(("kvstore:", "lsa-indexer", "lsa-sessions")):
                         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
                 ray.shutdown()
         finally:

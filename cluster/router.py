@@ -14,6 +14,10 @@ What the router knows, per replica (docs/cluster.md):
     its own records   session -> replica it routed there, and the bytes it reserved for
                       new sessions that the replica's stats do not show yet
 
+Holder hint: the keyword argument ``holder`` (a replica's unique id, from the session
+directory), so that an ingress replica that never routed the session, and whose stats
+are not fresh yet, still finds the holder.
+
 Routing key: ``RequestMetadata.session_id`` (``handle.options(session_id=...)``, or the
 HTTP header ``x-session-id`` at the proxy), else the keyword argument ``session_id``.
 A request without a key is placed like a new session (most free capacity).
@@ -47,13 +51,17 @@ class KVLocalityRouter(RequestRouter):
     ``request_router_kwargs``: ``session_kwarg`` (default ``"session_id"``), ``size_kwarg``
     (keyword argument carrying a new session's expected KV bytes, default ``"kv_bytes"``),
     ``reservation_ttl_s`` (how long a reservation waits for the replica's stats to show
-    the session, default 60), ``max_sessions`` (size of the local session table).
+    the session, default 60), ``max_sessions`` (size of the local session table),
+    ``holder_kwarg`` (keyword argument naming the holder replica's unique id: a hint from a
+    shared session record, default ``"holder"``).
     """
 
     def initialize_state(self, session_kwarg: str = "session_id", size_kwarg: str = "kv_bytes",
+                         holder_kwarg: str = "holder",
                          reservation_ttl_s: float = 60.0, max_sessions: int = 200_000):
         self._session_kwarg = session_kwarg
         self._size_kwarg = size_kwarg
+        self._holder_kwarg = holder_kwarg
         self._reservation_ttl_s = reservation_ttl_s
         self._max_sessions = max_sessions
         self._owner: "OrderedDict[str, ReplicaID]" = OrderedDict()
@@ -68,9 +76,14 @@ class KVLocalityRouter(RequestRouter):
         key = pending_request.metadata.session_id or pending_request.kwargs.get(self._session_kwarg)
         return str(key) if key else None
 
-    def holder(self, session: str) -> Optional[ReplicaID]:
-        """The live replica that holds ``session``: this router's own record first (it is
-        newer than any stats), then the sessions replicas publish."""
+    def holder(self, session: str, hint: Optional[str] = None) -> Optional[ReplicaID]:
+        """The live replica that holds ``session``: the ``hint`` (a replica's unique id, from
+        the session directory that every ingress replica shares), then this router's own
+        record (newer than any stats), then the sessions replicas publish."""
+        if hint:
+            for replica_id in self._replicas:
+                if replica_id.unique_id == hint:
+                    return replica_id
         replica_id = self._owner.get(session)
         if replica_id in self._replicas:
             return replica_id
@@ -106,7 +119,7 @@ class KVLocalityRouter(RequestRouter):
         holder: if it is busy the request waits for it rather than lose its KV."""
         session = self.session_key(pending_request)
         if session is not None:
-            replica_id = self.holder(session)
+            replica_id = self.holder(session, pending_request.kwargs.get(self._holder_kwarg))
             for replica in candidate_replicas:
                 if replica.replica_id == replica_id:
                     return [[replica]]

@@ -24,6 +24,7 @@ from ray.serve.config import RequestRouterConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from actors.directory import directory_handle
 from cluster.workers import DecodeWorker, WorkerConfig, indexer_handle
 from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError
 
@@ -43,6 +44,7 @@ class AppArgs(BaseModel):
     budget: float = 0.10
     block_size: int = 64
     num_workers: int = 1
+    num_ingress: int = 1
     kv_store_bytes: int = 1 << 30
     api_keys: list[str] = Field(default_factory=list)
     device: str = "cpu"
@@ -57,6 +59,7 @@ class AppArgs(BaseModel):
     worker_num_cpus: float = 1.0
     worker_num_gpus: float = 0.0
     worker_resources: dict[str, float] = Field(default_factory=dict)
+    ingress_resources: dict[str, float] = Field(default_factory=dict)  # e.g. a CPU node group
     torch_threads: Optional[int] = None
     routing_stats_period_s: float = 1.0
     default_max_tokens: int = 128
@@ -111,8 +114,9 @@ class Ingress:
         self.tokenizer = _load_tokenizer(self.args)
         mc, dtype = model_layout(self.args.worker().engine_config())
         self.kv_bytes_per_token = mc.kv_bytes_per_token(dtype)
-        self.sessions: dict[str, list[int]] = {}  # session -> context ids (to rebuild anywhere)
+        self.directory = directory_handle()  # session records: any ingress replica serves any session
         self.indexer = indexer_handle(self.args.indexer)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
         self.requests = 0
         self.errors = 0
@@ -312,44 +316,61 @@ class Ingress:
     async def create_session(self, body: dict) -> dict:
         ids = self._session_ids(body)
         sid = uuid.uuid4().hex
-        out = await self.worker.options(method_name="create_session").remote(
-            session_id=sid, context_ids=ids, kv_bytes=len(ids) * self.kv_bytes_per_token)
-        self.sessions[sid] = ids
+        out = await self._call_worker("create_session", session_id=sid, context_ids=ids,
+                                      kv_bytes=len(ids) * self.kv_bytes_per_token)
+        await self.directory.create.remote(sid, ids, out["replica"], out["node"])
         return {"id": sid, "num_tokens": len(ids), "prefill_tokens": out["prefill_tokens"],
-                "prefill_s": round(out["prefill_s"], 4), "replica": out["replica"], "node": out["node"]}
+                "prefill_s": round(out["prefill_s"], 4), "replica": out["replica"], "node": out["node"],
+                "ingress": self.replica}
 
     async def ask(self, sid: str, body: dict) -> dict:
-        if sid not in self.sessions:
+        record = await self.directory.get.remote(sid)
+        if record is None:
             raise HTTPError(404, f"no session {sid} (deleted, evicted or never created): create it with "
                             f"POST /v1/sessions", "session_not_found")
         question, params = self._question_ids(sid, body), self._params(body)
         try:
-            out = await self.worker.options(method_name="ask").remote(
-                session_id=sid, question_ids=question, params=params, context_ids=self.sessions[sid])
+            out = await self._call_worker("ask", session_id=sid, question_ids=question, params=params,
+                                          context_ids=record["context_ids"], holder=record["replica"])
         except Exception as exc:
             err = classify(exc)
             if err.type == "session_not_found":  # evicted: the client creates it again
-                self.sessions.pop(sid, None)
+                await self.directory.delete.remote(sid)
             raise err from None
+        self.directory.served.remote(sid, out["replica"], out["node"])
         return {"session": sid, "text": out["text"], "num_tokens": len(out["token_ids"]),
                 "prefill_tokens": out["prefill_tokens"], "decode_s": round(out["decode_s"], 4),
                 "prefill_s": round(out["prefill_s"], 4), "finish_reason": out["finish_reason"],
-                "replica": out["replica"], "node": out["node"], "held": out["held"]}
+                "replica": out["replica"], "node": out["node"], "held": out["held"], "ingress": self.replica}
 
     async def delete_session(self, sid: str) -> dict:
-        if self.sessions.pop(sid, None) is None:
+        if await self.directory.delete.remote(sid) is None:
             raise HTTPError(404, f"no session {sid}", "session_not_found")
-        await self.worker.options(method_name="delete_session").remote(session_id=sid)
+        await self._call_worker("delete_session", session_id=sid)
         return {"deleted": sid}
+
+    async def _call_worker(self, method: str, attempts: int = 4, **kwargs):
+        """A worker call that survives its replica dying under it (node lost, replica killed):
+        Serve drops the dead replica and the next attempt is routed among the live ones."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for attempt in range(attempts):
+            try:
+                return await self.worker.options(method_name=method).remote(**kwargs)
+            except (ActorDiedError, ActorUnavailableError, RayActorError):
+                if attempt == attempts - 1:
+                    raise
+                kwargs.pop("holder", None)
+                await asyncio.sleep(0.5 * 2 ** attempt)
 
     # -- metrics --------------------------------------------------------------------------
 
     async def metrics(self) -> str:
         workers = await self.indexer.worker_stats.remote()
-        return prometheus(workers, self.sessions, self.requests, self.errors)
+        return prometheus(workers, await self.directory.count.remote(), self.requests, self.errors)
 
 
-def prometheus(workers: dict[str, dict], sessions: dict, requests: int, errors: int) -> str:
+def prometheus(workers: dict[str, dict], sessions: int, requests: int, errors: int) -> str:
     """Text exposition format (version 0.0.4)."""
     lines: list[str] = []
 
@@ -362,7 +383,7 @@ def prometheus(workers: dict[str, dict], sessions: dict, requests: int, errors: 
 
     stores = {w["node"]: w["store"] for w in workers.values()}
     per_worker = lambda key: [({"replica": r}, w.get(key, 0)) for r, w in sorted(workers.items())]  # noqa: E731
-    metric("sessions", "gauge", "Sessions known to the ingress.", [({}, len(sessions))])
+    metric("sessions", "gauge", "Sessions in the session directory.", [({}, sessions)])
     metric("requests_total", "counter", "HTTP requests.", [({}, requests)])
     metric("request_errors_total", "counter", "HTTP requests answered with an error.", [({}, errors)])
     metric("worker_sessions", "gauge", "Sessions a worker holds.", per_worker("sessions"))
@@ -413,8 +434,9 @@ def app(args: dict):
         options["resources"] = parsed.worker_resources
     worker = DecodeWorker.options(num_replicas=parsed.num_workers, ray_actor_options=options,
                                   request_router_config=router).bind(parsed.worker())
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=256,
-                               ray_actor_options={"num_cpus": 0})
+    ingress_options = {"num_cpus": 0, **({"resources": parsed.ingress_resources} if parsed.ingress_resources else {})}
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=parsed.num_ingress, max_ongoing_requests=256,
+                               ray_actor_options=ingress_options)
     return ingress.bind(worker, parsed.model_dump())
 
 

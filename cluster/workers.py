@@ -77,7 +77,11 @@ def node_store(cfg: WorkerConfig, node_id: str, layout: tuple):
 def indexer_handle(weights: str | None):
     from actors.indexer import Indexer
 
-    return Indexer.options(name=INDEXER_NAME, get_if_exists=True, lifetime="detached", num_cpus=0).remote(weights)
+    from actors.directory import HEAD
+
+    # on the head node, which outlives worker nodes (as the session directory does)
+    return Indexer.options(name=INDEXER_NAME, get_if_exists=True, lifetime="detached", num_cpus=0,
+                           resources={HEAD: 0.001}).remote(weights)
 
 
 def sampling(body: dict) -> SamplingParams:
@@ -169,7 +173,8 @@ class DecodeWorker:
         return self._answer(result, held=True)
 
     async def ask(self, session_id: str, question_ids: list[int], params: dict,
-                  context_ids: list[int] | None = None) -> dict:
+                  context_ids: list[int] | None = None, holder: str | None = None) -> dict:
+        """``holder``: the replica the session directory names (a routing hint, read by the router)."""
         held = session_id in self.held
         try:
             result = await self._await(self.core.ask(session_id, question_ids, sampling(params), context_ids))

@@ -168,3 +168,33 @@ def test_many_concurrent_callers(stores, model):
         assert [o.token_ids for o in outs] == [reference(model, tokens(20, 40 + i)) for i in range(8)]
     finally:
         worker.close()
+
+
+def test_full_store_spills_to_the_peer_with_most_room_before_evicting(tmp_path, model):
+    made = {}
+    for key, blocks in (("a", 60), ("b", 40), ("c", 120)):
+        made[key] = KVStoreCore(key, LAYOUT, blocks * LAYOUT.block_bytes, arena_path("spill", key, str(tmp_path)),
+                                fetch=lambda peer, ids: made[peer].read_blocks(ids),
+                                peers=lambda me=key: [(k, s.table.num_free) for k, s in made.items() if k != me],
+                                write=lambda peer, owner, d, s: made[peer].write_blocks(owner, d, s))
+    a = made["a"]
+    worker = DecodeWorkerCore.build(make_engine(model), a, "wa", spare_blocks=0, prefetch=a.stage)
+    try:
+        contexts = {f"s{i}": tokens(128, 60 + i) for i in range(4)}  # 16 blocks each; the arena holds 60
+        for sid, ctx in contexts.items():
+            worker.create_session(sid, ctx).result(timeout=60)
+        stats = a.stats()
+        assert stats["evictions"] == 0 and stats["sessions"] == 4  # nothing evicted...
+        assert stats["blocks_spilled"] > 0 and stats["spilled_blocks"] == stats["blocks_spilled"]
+        # ... the oldest idle session's tail went to the peer with the most room (c, not b)
+        assert SPILLED in a.view("s0").host_ids and a.view("s0").host_ids[0] != SPILLED  # sinks stay home
+        assert made["c"].stats()["foreign_blocks"] == stats["blocks_spilled"]
+        assert made["b"].stats()["foreign_blocks"] == 0
+        for sid, ctx in contexts.items():  # every session still answers exactly, without re-prefill
+            question = tokens(5, 70)
+            r = worker.ask(sid, question, GREEDY).result(timeout=60)
+            assert r.token_ids == reference(model, ctx + question)
+            assert r.prefill_tokens == len(question)
+        assert a.stats()["evictions"] == 0
+    finally:
+        worker.close()

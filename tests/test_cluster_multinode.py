@@ -15,6 +15,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from actors.directory import HEAD  # noqa: E402
 from cluster.client import LSAClient  # noqa: E402
 from cluster.local import free_port  # noqa: E402
 
@@ -38,14 +39,15 @@ def cluster():
 
     args = {"model": "tiny-random", "num_workers": 2, "block_size": 16, "kv_store_bytes": 32 << 20,
             "worker_num_cpus": 1, "worker_resources": {"lsa_worker": 1}, "torch_threads": 1,
-            "default_max_tokens": 6, "cluster": "multinode"}
+            "default_max_tokens": 6, "cluster": "multinode", "ingress_resources": {HEAD: 0.001}}
     try:
         serve.run(app(args), name="lsa", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "worker_nodes": [n.node_id for n in workers]}
+        yield {"url": f"http://127.0.0.1:{port}", "worker_nodes": [n.node_id for n in workers], "cluster": c,
+               "nodes": workers}
     finally:
         serve.shutdown()
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["name"].startswith(("kvstore:", "lsa-indexer")):
+            if actor["name"].startswith(("kvstore:", "lsa-indexer", "lsa-sessions")):
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
         ray.shutdown()
         c.shutdown()
@@ -109,3 +111,25 @@ def test_session_spanning_two_nodes_decodes_like_a_local_one(cluster):
     assert spanning["prefill_tokens"] == local["prefill_tokens"]  # staged by the indexer, not re-prefilled
     indexer = ray.get_actor("lsa-indexer", namespace="lsa-multinode")
     assert ray.get(indexer.stats.remote())["prefetched_blocks"].get(home, 0) >= len(logical)
+
+
+def test_session_of_a_lost_node_is_rebuilt_elsewhere(cluster):
+    """The holder's node goes away (its worker and its KV store with it): the next turn is
+    answered by the surviving worker, which prefills the session again from the context
+    ids the session directory keeps. Last in the module: it removes a node."""
+    client = LSAClient(cluster["url"], timeout_s=120)
+    created = client.request("POST", "/v1/sessions", {"context": "The owl sleeps in the barn by day. " * 30})
+    sid, lost = created["id"], created["node"]
+    before = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Who sleeps?", "max_tokens": 8})
+    assert before["prefill_tokens"] < created["num_tokens"]  # held: from the store
+    cluster["cluster"].remove_node(cluster["nodes"][cluster["worker_nodes"].index(lost)])
+
+    after = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Who sleeps?", "max_tokens": 8})
+    assert after["node"] != lost and after["replica"] != before["replica"]
+    assert after["text"] == before["text"]  # the same answer, from a re-prefilled context
+    assert after["prefill_tokens"] >= created["num_tokens"]  # the whole context was computed again
+    directory = ray.get_actor("lsa-sessions", namespace="lsa-multinode")
+    assert ray.get(directory.get.remote(sid))["replica"] == after["replica"]  # the new holder
+    again = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Who sleeps?", "max_tokens": 8})
+    assert again["replica"] == after["replica"] and again["held"] is True
+    assert again["prefill_tokens"] == before["prefill_tokens"]  # held on the new node now

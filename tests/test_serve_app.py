@@ -2,6 +2,7 @@
 serve.run, HTTP with the official openai package (streaming and not), msgpack, sessions,
 errors as 4xx JSON, API keys, /metrics, the batch client, and a worker restart that
 resumes a session from the node's KV store without prefill."""
+import collections
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ def server():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from cluster import app
 
-    args = {"model": "tiny-random", "num_workers": 2, "block_size": 16, "kv_store_bytes": 64 << 20,
+    args = {"model": "tiny-random", "num_workers": 2, "num_ingress": 2, "block_size": 16, "kv_store_bytes": 64 << 20,
             "api_keys": [KEY], "worker_num_cpus": 0.5, "torch_threads": 1, "max_num_seqs": 4,
             "default_max_tokens": 8, "cluster": "apptest"}
     try:
@@ -57,7 +58,7 @@ def server():
     finally:
         serve.shutdown()
         for name in ray.util.list_named_actors(all_namespaces=True):
-            if name["name"].startswith(("kvstore:", "lsa-indexer")):
+            if name["name"].startswith(("kvstore:", "lsa-indexer", "lsa-sessions")):
                 ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]))
         ray.shutdown()
         c.shutdown()
@@ -157,6 +158,26 @@ def test_metrics_and_batch_client(server, client, tmp_path):
               if line and not line.startswith("#")}
     assert sum(v for k, v in values.items() if k.startswith("lsa_generated_tokens_total")) > 0
     assert sum(v for k, v in values.items() if k.startswith("lsa_host_kv_capacity_bytes")) > (64 << 20) - 100_000
+
+
+def test_any_ingress_replica_serves_any_session(server, client):
+    """Two ingress replicas share the session directory: turns of one session answered by
+    either of them all succeed and all land on the worker replica holding the session."""
+    created = client.request("POST", "/v1/sessions", {"context": "Gamma rays and cosmic dust. " * 30})
+    seen = collections.Counter([created["ingress"]])
+    for i in range(40):
+        answer = client.request("POST", f"/v1/sessions/{created['id']}/ask", {"question": f"Q{i}?",
+                                                                              "max_tokens": 2})
+        assert answer["replica"] == created["replica"] and answer["held"] is True
+        assert answer["prefill_tokens"] < 16 + 64 < created["num_tokens"]  # the context came from the store
+        seen[answer["ingress"]] += 1
+        if len(seen) == 2 and min(seen.values()) >= 4:
+            break
+    assert len(seen) == 2 and min(seen.values()) >= 4, seen  # both ingress replicas served the session
+    client.request("DELETE", f"/v1/sessions/{created['id']}")
+    for _ in range(4):  # deleted through one replica: gone for every replica
+        with pytest.raises(SessionNotFound):
+            client.request("POST", f"/v1/sessions/{created['id']}/ask", {"question": "Still there?"})
 
 
 def test_worker_restart_resumes_the_session_without_prefill(server, client):
