@@ -57,6 +57,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
+    e.add_argument("--host-dtype", default=None, choices=["fp8"],
+                   help="host mirror dtype: the model's (default) or fp8 (e4m3 + per-block, per-head scales)")
     e.add_argument("--prefill-chunk", type=int, default=1024)
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's; 1 is "
                    "steadier on a small machine shared with other work)")
@@ -175,7 +177,7 @@ def run_eval(args) -> int:
 
     def make_engine(name: str, budget: float | None) -> LLMEngine:
         config = EngineConfig(model=args.model, device=device, dtype=args.dtype, seed=args.seed,
-                              cache=CacheConfig(block_size=args.block_size),
+                              cache=CacheConfig(block_size=args.block_size, host_dtype=args.host_dtype),
                               scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=model_len,
                                                         prefill_chunk=args.prefill_chunk),
                               policy=_policy(args, name, budget))
