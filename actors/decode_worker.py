@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from actors.plans import PlanReport
 from engine.errors import LSAError
 from engine.sampling import SamplingParams
 from engine.sequence import Status
@@ -46,7 +47,8 @@ class DecodeWorkerCore:
     ``(fetch, drop)`` for a session held by another node's store, or None."""
 
     def __init__(self, engine, store, owner: str, arena_info: dict,
-                 prefetch: Callable[[str], int] | None = None, locate=None, spare_blocks: int = 16):
+                 prefetch: Callable[[str], int] | None = None, locate=None, spare_blocks: int = 16,
+                 plans=None, node: str = ""):
         self.engine = engine
         self.store = store
         self.owner = owner
@@ -54,6 +56,9 @@ class DecodeWorkerCore:
         self.sessions = SessionManager(engine, store, engine.cache.blocks.host, owner, spare_blocks=spare_blocks)
         self.prefetch = prefetch
         self.locate = locate
+        self.plans = plans  # a PlanReporter (actors/plans.py): per-cycle plans to the Indexer
+        self.node = node
+        self._reported: dict[int, object] = {}  # seq_id -> the plan object last reported
         self._commands: queue.Queue = queue.Queue()
         self._pending: dict[int, tuple[Future, Callable | None]] = {}  # seq_id -> (future, on_text)
         self._stop = threading.Event()
@@ -104,11 +109,32 @@ class DecodeWorkerCore:
                 self._fail_all(exc)
                 continue
             self.busy_s += time.perf_counter() - t0
+            if self.plans is not None:
+                self._report_plans()
             self._stream_updates()
             for turn in turns:
                 self._resolve(turn)
             if not self.engine.has_work():
                 self.sessions.trim_pool()
+
+    def _report_plans(self) -> None:
+        """Offer each session turn's new Level-1 plan (context blocks only) to the reporter."""
+        next_plan = getattr(self.engine.policy, "next_plan", None)
+        if next_plan is None:
+            return
+        live = set()
+        for seq_id, turn in self.sessions.turns.items():
+            live.add(seq_id)
+            plan = next_plan(seq_id)
+            if turn.session is None or plan is None or self._reported.get(seq_id) is plan:
+                continue
+            self._reported[seq_id] = plan
+            num_context = len(turn.context) // self.sessions.block_size
+            target = self.engine.policy.target_set  # the budget's worth of each group's ranking
+            blocks = sorted({b for group in plan for b in target(seq_id, group) if b < num_context})
+            self.plans.offer(PlanReport(self.owner, self.node, turn.session, blocks))
+        for seq_id in [s for s in self._reported if s not in live]:
+            del self._reported[seq_id]
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
@@ -150,6 +176,8 @@ class DecodeWorkerCore:
         self._stop.set()
         self._commands.put((lambda: None, Future()))
         self._thread.join(timeout=10)
+        if self.plans is not None:
+            self.plans.close()
 
     # -- requests (any thread) ------------------------------------------------------------
 

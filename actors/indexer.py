@@ -16,9 +16,11 @@ from typing import Callable
 class IndexerCore:
     """``stage(node, sid) -> blocks fetched`` runs a prefetch plan on ``node``'s store."""
 
-    def __init__(self, weights_path: str | None = None, stage: Callable[[str, str], int] | None = None):
+    def __init__(self, weights_path: str | None = None, stage: Callable[[str, str], int] | None = None,
+                 stage_plan: Callable[[str, str, list[int]], int] | None = None):
         self.weights_path = weights_path
         self.stage = stage
+        self.stage_plan = stage_plan  # (node, session, logical blocks) -> blocks fetched there
         self.plans: dict[str, dict] = {}  # session -> last reported plan
         self.prefetched = defaultdict(int)  # node -> blocks staged there
         self.num_plans = 0
@@ -47,6 +49,22 @@ class IndexerCore:
         self.plans[sid] = {"worker": worker, **plan}
         self.num_plans += 1
 
+    def report_plans(self, batch: list[dict]) -> int:
+        """Workers' per-cycle plans (``actors.plans.PlanReport`` dicts, batched): each becomes a
+        prefetch plan for the worker's node store, which stages the planned blocks held by
+        another node. Returns the blocks fetched."""
+        fetched = 0
+        for plan in batch:
+            self.report(plan["worker"], plan["session"], plan)
+            if self.stage_plan is not None and plan["blocks"]:
+                try:
+                    n = self.stage_plan(plan["node"], plan["session"], plan["blocks"])
+                except Exception:  # the session went away meanwhile
+                    continue
+                self.prefetched[plan["node"]] += n
+                fetched += n
+        return fetched
+
     def prefetch(self, sid: str, node: str) -> int:
         """Stage on ``node`` every block of ``sid`` held elsewhere; returns blocks fetched."""
         if self.stage is None:
@@ -73,7 +91,11 @@ def _make_actor():
                 store = ray.get_actor(store_name(node), namespace=namespace)
                 return ray.get(store.stage_session.remote(sid))
 
-            super().__init__(weights_path, stage)
+            def stage_plan(node: str, sid: str, blocks: list[int]) -> int:
+                store = ray.get_actor(store_name(node), namespace=namespace)
+                return ray.get(store.stage_plan.remote(sid, blocks))
+
+            super().__init__(weights_path, stage, stage_plan)
 
     return Indexer
 

@@ -73,6 +73,8 @@ class KVStoreCore:
         self.lock = threading.RLock()
         self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session -> logical -> (store, id)
         self.staged: dict[str, dict[int, int]] = {}  # session -> logical -> local id
+        self.planned: dict[str, set[int]] = {}  # session -> logical blocks a prefetch plan staged
+        self.blocks_prefetched = self.blocks_fetched_at_use = 0
         self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
         self.blocks_sent = self.blocks_received = 0
 
@@ -88,7 +90,12 @@ class KVStoreCore:
         arena is short, evicting idle sessions (LRU) only when no peer has room."""
         self.make_room(n)
         with self.lock:
-            return self.table.lease(owner, n)
+            ids = self.table.lease(owner, n)
+            for sid in [s for s in self.staged if s not in self.table.records]:  # evicted: its copies go too
+                self.staged.pop(sid)
+                self.planned.pop(sid, None)
+                self.table.drop_owner(f"stage:{sid}")
+            return ids
 
     def make_room(self, n: int, keep: str | None = None) -> int:
         """Spill idle sessions other than ``keep`` (least recently used first; their last blocks, the sinks stay)
@@ -141,7 +148,7 @@ class KVStoreCore:
             self.table.unpin(sid)
             rec = self.table.records.get(sid)
             if rec is not None and rec.pins == 0:
-                self._drop_staged(sid)
+                self._drop_staged(sid, keep_planned=True)
 
     def has(self, sid: str) -> bool:
         return sid in self.table.records
@@ -162,7 +169,8 @@ class KVStoreCore:
                     "staged_blocks": sum(len(v) for v in self.staged.values()),
                     "foreign_blocks": sum(len(v) for v in self.foreign.values()),
                     "blocks_sent": self.blocks_sent, "blocks_received": self.blocks_received,
-                    "blocks_spilled": self.num_spilled}
+                    "blocks_spilled": self.num_spilled, "blocks_prefetched": self.blocks_prefetched,
+                    "blocks_fetched_at_use": self.blocks_fetched_at_use}
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
@@ -222,15 +230,25 @@ class KVStoreCore:
                 out.setdefault(peer, []).append((j, rid))
         return out
 
-    def stage(self, sid: str) -> int:
-        """Copy the session's spilled blocks into this arena (until it is idle again);
-        returns the number of blocks fetched."""
+    def stage(self, sid: str, logical: list[int] | None = None, plan: bool = False) -> int:
+        """Copy the session's spilled blocks (all, or those of ``logical``) into this arena;
+        returns the number of blocks fetched. ``plan``: a prefetch plan from the Indexer
+        (the blocks its next cycles want): those copies stay after the turn, until the
+        session is deleted; other staged copies are dropped when the session is idle again.
+        Fetches without a plan happen at use time and are counted as such."""
         self.table.get(sid)
+        want = None if logical is None else set(logical)
+        missing = {peer: [(j, rid) for j, rid in blocks if want is None or j in want]
+                   for peer, blocks in self.missing(sid).items()}
+        self.make_room(sum(len(b) for b in missing.values()), keep=sid)
         fetched = 0
-        self.make_room(sum(len(b) for b in self.missing(sid).values()), keep=sid)
-        for peer, blocks in self.missing(sid).items():
+        for peer, blocks in missing.items():
+            if not blocks:
+                continue
             data, summary = self.fetch(peer, [rid for _, rid in blocks])
             with self.lock:
+                if sid not in self.table.records:
+                    break
                 ids = self.table.lease(f"stage:{sid}", len(blocks))
                 idx = torch.tensor(ids, dtype=torch.long)
                 self.arena.host[idx] = data
@@ -238,11 +256,28 @@ class KVStoreCore:
                 self.staged.setdefault(sid, {}).update({j: i for (j, _), i in zip(blocks, ids)})
                 self.blocks_received += len(ids)
                 fetched += len(ids)
+        with self.lock:
+            if plan and want is not None:
+                self.planned.setdefault(sid, set()).update(j for j in want if j in self.remote.get(sid, {}))
+            if plan:
+                self.blocks_prefetched += fetched
+            else:
+                self.blocks_fetched_at_use += fetched
         return fetched
 
-    def _drop_staged(self, sid: str) -> None:
-        if self.staged.pop(sid, None) is not None:
+    def _drop_staged(self, sid: str, keep_planned: bool = False) -> None:
+        staged = self.staged.pop(sid, None)
+        if staged is None:
+            return
+        keep = self.planned.get(sid, set()) if keep_planned else set()
+        drop = [i for j, i in staged.items() if j not in keep]
+        kept = {j: i for j, i in staged.items() if j in keep}
+        self.table.give_back(f"stage:{sid}", drop)
+        if kept:
+            self.staged[sid] = kept
+        else:
             self.table.drop_owner(f"stage:{sid}")
+            self.planned.pop(sid, None)
 
 
 # ---------------------------------------------------------------- the Ray actor
@@ -340,6 +375,9 @@ def _make_actor():
 
         def stage_session(self, sid: str) -> int:
             return self.stage(sid)
+
+        def stage_plan(self, sid: str, logical: list[int]) -> int:
+            return self.stage(sid, logical, plan=True)
 
     return KVStore
 

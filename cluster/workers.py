@@ -1,5 +1,6 @@
 """The DecodeWorker Serve deployment: a ``DecodeWorkerCore`` per replica (one per GPU), the
-node's KVStore found (or created) with node affinity, the Indexer for prefetch plans.
+node's KVStore found (or created) with node affinity, the Indexer for prefetch plans (each
+LSA cycle's plan is reported to it in batches by a background thread).
 
 Replicas publish ``{"sessions", "free_kv_bytes"}`` through ``record_routing_stats`` so that
 ``KVLocalityRouter`` (cluster/router.py) sends a session's turns back here. Each answer
@@ -17,6 +18,7 @@ import ray
 from ray import serve
 
 from actors.decode_worker import DecodeWorkerCore
+from actors.plans import PlanReporter
 from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
 from engine.sampling import SamplingParams
 from engine.sessions import SessionNotFound
@@ -108,9 +110,12 @@ class DecodeWorker:
         self.store = StoreProxy(self.store_handle)
         ray.get(self.store_handle.attach.remote(self.owner, ctx.get_actor_id()))
         self.indexer = indexer_handle(cfg.indexer)
+        # per-cycle plans go to the Indexer in batches, fire-and-forget: the decode loop never waits
+        plans = PlanReporter(lambda batch: self.indexer.report_plans.remote(batch))
         self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine_config(), arena), self.store,
                                            self.owner, pin=cfg.device.startswith("cuda"),
-                                           prefetch=self._prefetch, locate=self._locate)
+                                           prefetch=self._prefetch, locate=self._locate, plans=plans,
+                                           node=self.node_id)
         self.held: set[str] = set()
         self.served = 0
 

@@ -158,6 +158,11 @@ class LSAPolicy(OffloadPolicy):
         quest, _ = kernels.block_scores(q, summary[0], summary[1], summary[2], table, num_blocks - 1)
         return narrow(quest.amax(1), table, num_blocks, last_len, lambda c: self.config.level2_topk + 1)
 
+    def next_plan(self, seq_id: int) -> list[list[int]] | None:
+        """The plan for the sequence's next boundary (per KV group, ranked logical blocks): a
+        new list object each time one is computed. The cluster reports it for prefetching."""
+        return self._plan.get(seq_id)
+
     def forget(self, seq_id: int) -> None:
         for state in (self._queries, self._step, self._plan, self._first):
             state.pop(seq_id, None)

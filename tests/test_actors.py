@@ -198,3 +198,69 @@ def test_full_store_spills_to_the_peer_with_most_room_before_evicting(tmp_path, 
         assert a.stats()["evictions"] == 0
     finally:
         worker.close()
+
+
+def test_plan_reporter_never_blocks_and_batches():
+    import threading
+    import time
+
+    from actors.plans import PlanReport, PlanReporter
+
+    gate, batches = threading.Event(), []
+    reporter = PlanReporter(lambda b: (gate.wait(10), batches.append(b)), capacity=8, batch=4, period_s=0.01)
+    try:
+        t0 = time.perf_counter()
+        for i in range(100):  # the sender is stuck: offers still return at once
+            reporter.offer(PlanReport("w", "n", f"s{i}", [i]))
+        assert time.perf_counter() - t0 < 0.5
+        gate.set()
+        assert reporter.flush(10)
+        sent = [r["session"] for b in batches for r in b]
+        assert reporter.num_dropped == 100 - len(sent) > 0  # bounded: the oldest went
+        assert sent[-8:] == [f"s{i}" for i in range(92, 100)]  # the newest were all sent
+    finally:
+        reporter.close()
+
+
+def test_per_cycle_plans_stage_spilled_blocks_before_the_turn_needs_them(stores, model):
+    from actors.plans import PlanReporter
+
+    a, b = stores["node-a"], stores["node-b"]
+    indexer = IndexerCore(None, stage_plan=lambda node, sid, blocks: stores[node].stage(sid, blocks, plan=True))
+    reporter = PlanReporter(indexer.report_plans, period_s=0.01)
+    cfg = EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
+                       scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=512),
+                       policy=PolicyConfig("lsa", budget=0.3, cycle=4))
+    worker = DecodeWorkerCore.build(lambda arena: LLMEngine(model, cfg, arena=arena), a, "wa", spare_blocks=0,
+                                    prefetch=a.stage, plans=reporter, node="node-a")
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    try:
+        context = tokens(200, 80)
+        worker.create_session("big", context).result(timeout=60)
+        first = worker.ask("big", tokens(6, 81), params).result(timeout=60)  # held locally: plans reported
+        assert reporter.flush(10) and indexer.stats()["plans"] >= 3  # one per cycle of 4 steps, and more
+        planned = set(indexer.plans["big"]["blocks"])
+        spilled = a.spill_plan("big", 15)  # now the arena is short: the last 15 of 25 blocks go to node-b
+        a.spill("big", spilled, "node-b", lambda d, s: b.write_blocks("spill:node-a:big", d, s))
+        # this turn fetches the spilled blocks at use; the plans of its cycles keep (or stage
+        # again) those the next cycles want, on the worker's node
+        second = worker.ask("big", tokens(6, 81), params).result(timeout=60)
+        assert second.token_ids == first.token_ids
+        assert reporter.flush(10)
+        wanted = set(indexer.plans["big"]["blocks"]) & set(spilled)
+        assert wanted  # the plan wants spilled blocks (sinks are local; the recent tail was spilled)
+        staged = set(a.staged.get("big", {}))
+        assert wanted <= staged  # staged on the worker's node after the plan was reported
+        use_before = a.stats()["blocks_fetched_at_use"]
+        third = worker.ask("big", tokens(6, 81), params).result(timeout=60)
+        assert third.token_ids == first.token_ids == reference_lsa(model, cfg, context + tokens(6, 81), params)
+        fetched_at_use = a.stats()["blocks_fetched_at_use"] - use_before
+        assert fetched_at_use == len(set(spilled) - staged) < len(spilled)  # planned blocks: zero at use
+        assert planned and staged <= set(spilled)  # only spilled blocks are staged copies
+    finally:
+        worker.close()
+
+
+def reference_lsa(model, cfg, ids, params):
+    engine = LLMEngine(model, cfg)
+    return engine.generate([ids], params)[0].token_ids
