@@ -215,16 +215,28 @@ class BlockKVCache:
         hosts = torch.tensor([host_ids[j] for j in blocks])
         dst = torch.tensor(slots, device=self.device)
         members = self.groups[group]
-        for layer in members:
-            data = self.host[hosts, layer].to(self.device, non_blocking=True)  # [n, 2, H, B, D]
-            if self.host_fp8:
-                scale = self.host_scale[hosts, layer].to(self.device, non_blocking=True)  # [n, 2, H]
-                data = dequantize_fp8(data, scale, self.dtype)
-            self.pool[layer, :, dst] = data.transpose(0, 1)
-            if self.slot_summary is not None:
+        if len(members) == self.pool.shape[0]:  # all layers: one gather and one copy per chunk of blocks
+            for a in range(0, len(blocks), self.load_chunk_blocks):
+                data = self._fetch(hosts[a: a + self.load_chunk_blocks], slice(None))  # [n, L, 2, H, B, D]
+                self.pool[:, :, dst[a: a + self.load_chunk_blocks]] = data.permute(1, 2, 0, 3, 4, 5)
+        else:
+            for layer in members:
+                self.pool[layer, :, dst] = self._fetch(hosts, layer).transpose(0, 1)  # [2, n, H, B, D]
+        if self.slot_summary is not None:
+            for layer in members:
                 self.slot_summary[layer, :, dst] = self.host_summary[hosts, layer].to(self.device).transpose(0, 1)
         self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
         self.bytes_copied += len(blocks) * len(members) * self.host_bytes_per_layer_block
+
+    load_chunk_blocks = 64  # blocks (all layers) per host gather + copy: bounds the temporaries
+
+    def _fetch(self, hosts: torch.Tensor, layers) -> torch.Tensor:
+        """Mirrored blocks on the device in the model dtype: [n, ...] of ``host[hosts, layers]``."""
+        data = self.host[hosts, layers].to(self.device, non_blocking=True)
+        if self.host_fp8:
+            scale = self.host_scale[hosts, layers].to(self.device, non_blocking=True)
+            data = dequantize_fp8(data, scale, self.dtype)
+        return data
 
     # ------------------------------------------------------------ tables for attention
 
