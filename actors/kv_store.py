@@ -98,9 +98,15 @@ class KVStoreCore:
             return ids
 
     def make_room(self, n: int, keep: str | None = None) -> int:
-        """Spill idle sessions other than ``keep`` (least recently used first; their last blocks, the sinks stay)
-        to the peer store with the most free blocks until ``n`` blocks are free here, or no
-        peer has room. Returns the blocks spilled. Peer calls run outside the lock."""
+        """Drop staged copies of idle sessions, then spill idle sessions other than ``keep``
+        (least recently used first; their last blocks, the sinks stay) to the peer store with
+        the most free blocks, until ``n`` blocks are free here or no peer has room. Returns the
+        blocks spilled. Peer calls run outside the lock."""
+        with self.lock:  # staged copies of idle sessions are caches (the peer keeps the block): first
+            for sid in [s for s in self.staged if s != keep and getattr(self.table.records.get(s), "pins", 0) == 0]:
+                if self.table.num_free >= n:
+                    break
+                self._drop_staged(sid)
         spilled = 0
         while self.peers is not None and self.write is not None and self.table.num_free < n:
             with self.lock:

@@ -257,6 +257,15 @@ def test_per_cycle_plans_stage_spilled_blocks_before_the_turn_needs_them(stores,
         fetched_at_use = a.stats()["blocks_fetched_at_use"] - use_before
         assert fetched_at_use == len(set(spilled) - staged) < len(spilled)  # planned blocks: zero at use
         assert planned and staged <= set(spilled)  # only spilled blocks are staged copies
+        # under pressure, the idle session's staged copies go first: nothing spilled or evicted
+        before = a.stats()
+        kept = before["staged_blocks"]
+        assert kept > 0
+        ids = a.lease("probe", before["free_blocks"] + kept)
+        after = a.stats()
+        assert after["staged_blocks"] == 0 and after["blocks_spilled"] == before["blocks_spilled"]
+        assert after["evictions"] == before["evictions"] == 0
+        a.give_back("probe", ids)
     finally:
         worker.close()
 
