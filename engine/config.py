@@ -215,6 +215,7 @@ class PolicyConfig:
     level2_topk: int | None = None  # per step and layer: attend to the top-k resident blocks
     per_layer: bool = False  # one resident set per layer instead of one shared by all layers
     page_blocks: int = 1  # recall whole pages of this many blocks
+    neighbors: int = 0  # lsa: with each selected block, also the next this many (a fact spans blocks)
     lookahead: int = 1  # cycles between computing a plan and applying it (1: the paper's)
     observation_window: int = 32  # snapkv, and lsa's first plan: prompt queries that vote
     first_plan: str = "attention"  # lsa's plan at the end of prefill: "attention" (exact, from the
@@ -227,7 +228,8 @@ class PolicyConfig:
             raise InvalidRequestError(f"unknown policy {self.name!r}; use one of {', '.join(POLICIES)}")
         if not 0.0 < self.budget <= 1.0:
             raise InvalidRequestError(f"budget must be in (0, 1], got {self.budget}")
-        if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.page_blocks < 1:
+        if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.page_blocks < 1 \
+                or self.neighbors < 0:
             raise InvalidRequestError("cycle and page_blocks must be >= 1, sink_blocks and tail_blocks >= 0")
         if self.index_score not in ("quest", "mean"):
             raise InvalidRequestError("index_score must be 'quest' or 'mean'")

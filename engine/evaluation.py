@@ -72,6 +72,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--level2-topk", type=int, default=None)
     a.add_argument("--per-layer", action="store_true", help="one resident set per layer")
     a.add_argument("--indexer", default=None, help="learned indexer directory")
+    a.add_argument("--neighbors", type=int, default=0, help="lsa: with each selected block, the next N too")
     a.add_argument("--index-score", default="quest", help="zero-training indexer: quest|mean")
     a.add_argument("--lookahead", type=int, default=1, help="1: a plan is applied one cycle after it is computed")
     a.add_argument("--first-plan", default="attention", help="lsa's plan at the end of prefill: attention|indexer")
@@ -100,7 +101,7 @@ def _policy(args, name: str, budget: float | None):
                         level2_topk=args.level2_topk, per_layer=args.per_layer, page_blocks=args.page_blocks,
                         indexer=args.indexer, lookahead=args.lookahead, first_plan=args.first_plan,
                         query_window=args.query_window, observation_window=args.observation_window,
-                        index_score=args.index_score)
+                        index_score=args.index_score, neighbors=args.neighbors)
 
 
 def load(model_name: str, device: str, dtype: str):

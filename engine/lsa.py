@@ -111,6 +111,19 @@ class LSAPolicy(OffloadPolicy):
         return ranked
 
     def _pages(self, score: torch.Tensor) -> list[int]:
+        """Blocks best first; each followed by its next ``neighbors`` blocks when asked."""
+        ranked = self._ranked_pages(score)
+        if not self.config.neighbors:
+            return ranked
+        out, seen, m = [], set(), score.numel()
+        for j in ranked:
+            for k in range(j, min(m, j + self.config.neighbors + 1)):
+                if k not in seen:
+                    seen.add(k)
+                    out.append(k)
+        return out
+
+    def _ranked_pages(self, score: torch.Tensor) -> list[int]:
         page = self.config.page_blocks
         if self.config.threshold is not None:
             score = torch.where(score.exp() >= self.config.threshold, score, torch.full_like(score, float("-inf")))
