@@ -2,7 +2,9 @@
 with a custom resource), tiny random model: one KVStore per node; new sessions placed by
 free capacity; every follow-up over 24 turns on 4 sessions lands on the replica holding the
 session (by the replica's own record); blocks fetched across nodes are byte-identical; a
-session whose KV spans two nodes decodes the same tokens as when it was held locally."""
+session whose KV spans two nodes decodes the same tokens as when it was held locally; a
+plan reported to the Indexer stages spilled blocks before the turn; a lost node's session
+is rebuilt elsewhere."""
 import concurrent.futures as cf
 import os
 import shutil
@@ -111,6 +113,29 @@ def test_session_spanning_two_nodes_decodes_like_a_local_one(cluster):
     assert spanning["prefill_tokens"] == local["prefill_tokens"]  # staged by the indexer, not re-prefilled
     indexer = ray.get_actor("lsa-indexer", namespace="lsa-multinode")
     assert ray.get(indexer.stats.remote())["prefetched_blocks"].get(home, 0) >= len(logical)
+
+
+def test_reported_plan_stages_spilled_blocks_before_the_turn(cluster):
+    """A plan reported to the Indexer actor becomes a prefetch plan for the worker's node
+    store: the spilled blocks it names are staged there at once, and the turn then fetches
+    nothing across nodes at use time."""
+    client = LSAClient(cluster["url"], timeout_s=120)
+    created = client.request("POST", "/v1/sessions", {"context": "Seven lanterns hang over the bridge. " * 30})
+    sid, home = created["id"], created["node"]
+    other = next(n for n in cluster["worker_nodes"] if n != home)
+    local = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "How many?", "max_tokens": 8})
+    a = store(home)
+    logical = ray.get(a.spill_session.remote(sid, len(ray.get(a.view.remote(sid)).host_ids) // 2, other))
+    before = ray.get(a.stats.remote())
+    indexer = ray.get_actor("lsa-indexer", namespace="lsa-multinode")
+    report = {"worker": local["replica"], "node": home, "session": sid, "blocks": logical}
+    assert ray.get(indexer.report_plans.remote([report])) == len(logical)
+    staged = ray.get(a.stats.remote())
+    assert staged["staged_blocks"] == len(logical)  # on the worker's node before the turn
+    assert staged["blocks_prefetched"] - before["blocks_prefetched"] == len(logical)
+    answer = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "How many?", "max_tokens": 8})
+    assert answer["text"] == local["text"] and answer["prefill_tokens"] == local["prefill_tokens"]
+    assert ray.get(a.stats.remote())["blocks_fetched_at_use"] == before["blocks_fetched_at_use"]  # zero
 
 
 def test_session_of_a_lost_node_is_rebuilt_elsewhere(cluster):
