@@ -13,6 +13,11 @@ __all__ = ["sparse_decode_attention", "block_scores", "select_blocks", "paged_kv
            "reference"]
 
 
+def _dim(t, i: int) -> int | None:
+    """``t.shape[i]``, or None when ``t`` is not a tensor (the kernel's own checks report it)."""
+    return t.shape[i] if isinstance(t, torch.Tensor) else None
+
+
 def sparse_decode_attention(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
                             return_block_mass=False, *, out=None, mass_out=None):
     """Decode attention of one query per sequence over the KV blocks its table row lists.
@@ -36,7 +41,7 @@ def sparse_decode_attention(q, k_cache, v_cache, block_table, num_blocks, last_l
 
     Query head i uses KV head i // (Hq // Hkv) (the repeat_interleave GQA convention).
     """
-    fn = pick(q, "sparse_attention", "sparse_decode_attention", q.shape[-1], k_cache.shape[2])
+    fn = pick(q, "sparse_attention", "sparse_decode_attention", q.shape[-1], _dim(k_cache, 2))
     return fn(q, k_cache, v_cache, block_table, num_blocks, last_len, scale, return_block_mass,
               out=out, mass_out=mass_out)
 
