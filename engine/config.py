@@ -215,7 +215,7 @@ class PolicyConfig:
     level2_topk: int | None = None  # per step and layer: attend to the top-k resident blocks
     per_layer: bool = False  # one resident set per layer instead of one shared by all layers
     page_blocks: int = 1  # recall whole pages of this many blocks
-    neighbors: int = 0  # lsa: with each selected block, also the next this many (a fact spans blocks)
+    neighbors: int = 1  # lsa: with each selected block, also the next this many (a fact spans blocks)
     lookahead: int = 1  # cycles between computing a plan and applying it (1: the paper's)
     observation_window: int = 32  # snapkv, and lsa's first plan: prompt queries that vote
     first_plan: str = "attention"  # lsa's plan at the end of prefill: "attention" (exact, from the

@@ -72,7 +72,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--level2-topk", type=int, default=None)
     a.add_argument("--per-layer", action="store_true", help="one resident set per layer")
     a.add_argument("--indexer", default=None, help="learned indexer directory")
-    a.add_argument("--neighbors", type=int, default=0, help="lsa: with each selected block, the next N too")
+    a.add_argument("--neighbors", type=int, default=1, help="lsa: with each selected block, the next N too")
     a.add_argument("--index-score", default="quest", help="zero-training indexer: quest|mean")
     a.add_argument("--lookahead", type=int, default=1, help="1: a plan is applied one cycle after it is computed")
     a.add_argument("--first-plan", default="attention", help="lsa's plan at the end of prefill: attention|indexer")
