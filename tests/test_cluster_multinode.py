@@ -6,16 +6,13 @@ session whose KV spans two nodes decodes the same tokens as when it was held loc
 plan reported to the Indexer stages spilled blocks before the turn; a lost node's session
 is rebuilt elsewhere."""
 import concurrent.futures as cf
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster import ray_cluster  # noqa: E402
 
 from actors.directory import HEAD  # noqa: E402
 from cluster.client import LSAClient  # noqa: E402
@@ -26,15 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster():
-    tmp = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    saved = dict(os.environ)
-    os.environ.update(RAY_TMPDIR=tmp, HOME=tmp, LSA_KV_DIR=tmp)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH")
-                                                               else []))
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    workers = [c.add_node(num_cpus=2, resources={"lsa_worker": 1}) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="lsa-multinode", log_to_driver=False)
+    nodes = ({"num_cpus": 2, "resources": {"lsa_worker": 1}},) * 2
+    with ray_cluster("lsa-multinode", head_cpus=2, worker_nodes=nodes, serve_app=True) as (c, workers):
+        yield from _serve_app(c, workers)
+
+
+def _serve_app(c, workers):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
     from cluster import app
@@ -42,20 +36,9 @@ def cluster():
     args = {"model": "tiny-random", "num_workers": 2, "block_size": 16, "kv_store_bytes": 32 << 20,
             "worker_num_cpus": 1, "worker_resources": {"lsa_worker": 1}, "torch_threads": 1,
             "default_max_tokens": 6, "cluster": "multinode", "ingress_resources": {HEAD: 0.001}}
-    try:
-        serve.run(app(args), name="lsa", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "worker_nodes": [n.node_id for n in workers], "cluster": c,
-               "nodes": workers}
-    finally:
-        serve.shutdown()
-        for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["name"].startswith(("kvstore:", "lsa-indexer", "lsa-sessions")):
-                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
-        ray.shutdown()
-        c.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-        shutil.rmtree(tmp, ignore_errors=True)
+    serve.run(app(args), name="lsa", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "worker_nodes": [n.node_id for n in workers], "cluster": c,
+           "nodes": workers}
 
 
 def store(node_id):

@@ -4,11 +4,7 @@ holds sessions and reports them (record_routing_stats) and its capacity
 according to the replica itself; each new session must go to the replica with the most
 free capacity, according to the replicas' own accounts."""
 import asyncio
-import os
 import random
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
+from ray_cluster import ray_cluster  # noqa: E402
 
 from cluster.router import KVLocalityRouter  # noqa: E402
 
@@ -59,22 +56,9 @@ class SessionHolder:
 
 @pytest.fixture(scope="module")
 def handle():
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    saved = dict(os.environ)  # ray.init also sets RAY_AUTH_MODE here; put all of it back
-    os.environ["RAY_TMPDIR"] = tmp
-    os.environ["HOME"] = tmp  # Ray 2.60 writes its auth token to ~/.ray/auth_token
-    # Replicas and the controller import cluster.router and this module by name.
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")]
-                                               + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH") else []))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    # replicas and the controller import cluster.router and this module by name
+    with ray_cluster("router-test", head_cpus=2, extra_paths=(REPO / "tests",), serve_app=True):
         yield serve.run(SessionHolder.bind(CAPACITY), name="router-test", route_prefix=None)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_session(handle, sid, size):

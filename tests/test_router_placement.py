@@ -1,13 +1,10 @@
 """One actor per node with node affinity, on a multi-node ray.cluster_utils.Cluster; a node
 that joins later gets its own actor, existing ones are kept."""
-import os
-import shutil
-import tempfile
 
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster import ray_cluster  # noqa: E402
 
 from cluster.placement import ensure_per_node  # noqa: E402
 
@@ -23,24 +20,9 @@ class NodeProbe:
 
 @pytest.fixture(scope="module")
 def cluster():
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    saved = dict(os.environ)  # ray.init also sets RAY_AUTH_MODE here; put all of it back
-    os.environ["RAY_TMPDIR"] = tmp
-    os.environ["HOME"] = tmp  # Ray 2.60 writes its auth token to ~/.ray/auth_token
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1, resources={"kv_store": 1})
-    c.add_node(num_cpus=1, resources={"kv_store": 1})
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="lsa-test")
-    try:
+    nodes = ({"num_cpus": 1, "resources": {"kv_store": 1}},) * 2
+    with ray_cluster("lsa-test", worker_nodes=nodes) as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def placements(handles):

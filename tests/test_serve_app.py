@@ -4,10 +4,7 @@ errors as 4xx JSON, API keys, /metrics, the batch client, and a worker restart t
 resumes a session from the node's KV store without prefill."""
 import collections
 import json
-import os
-import shutil
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster import ray_cluster  # noqa: E402
 
 from cluster.client import LSAClient, SessionNotFound  # noqa: E402
 
@@ -35,16 +32,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    tmp = tempfile.mkdtemp(prefix="s", dir="/tmp")
-    saved = dict(os.environ)
-    os.environ["RAY_TMPDIR"] = tmp
-    os.environ["HOME"] = tmp
-    os.environ["LSA_KV_DIR"] = tmp
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH")
-                                                               else []))
-    # a Cluster head rather than ray.init's own local cluster: a later module can start another
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
-    ray.init(address=c.address, log_to_driver=False, namespace="lsa-app-test")
+    with ray_cluster("lsa-app-test", head_cpus=4, serve_app=True):
+        yield from _serve_app()
+
+
+def _serve_app():
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from cluster import app
@@ -52,19 +44,8 @@ def server():
     args = {"model": "tiny-random", "num_workers": 2, "num_ingress": 2, "block_size": 16, "kv_store_bytes": 64 << 20,
             "api_keys": [KEY], "worker_num_cpus": 0.5, "torch_threads": 1, "max_num_seqs": 4,
             "default_max_tokens": 8, "cluster": "apptest"}
-    try:
-        serve.run(app(args), name="lsa", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        for name in ray.util.list_named_actors(all_namespaces=True):
-            if name["name"].startswith(("kvstore:", "lsa-indexer", "lsa-sessions")):
-                ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]))
-        ray.shutdown()
-        c.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-        shutil.rmtree(tmp, ignore_errors=True)
+    serve.run(app(args), name="lsa", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture()
