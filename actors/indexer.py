@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from actors import lazy_attr
+
 
 class IndexerCore:
     """``stage(node, sid) -> blocks fetched`` runs a prefetch plan on ``node``'s store."""
@@ -100,13 +102,4 @@ def _make_actor():
     return Indexer
 
 
-_actor = None
-
-
-def __getattr__(name: str):
-    global _actor
-    if name == "Indexer":
-        if _actor is None:
-            _actor = _make_actor()
-        return _actor
-    raise AttributeError(name)
+__getattr__ = lazy_attr("Indexer", _make_actor)

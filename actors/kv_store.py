@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 import lsa_env
+from actors import lazy_attr
 from engine.errors import CacheFullError
-from engine.sessions import ArenaLayout, HostArena, SessionNotFound, SessionTable
+from engine.sessions import ArenaLayout, HostArena, SessionTable
 
 SPILLED = -1  # host id of a block held by another store
 
@@ -388,13 +389,4 @@ def _make_actor():
     return KVStore
 
 
-_actor = None
-
-
-def __getattr__(name: str):
-    global _actor
-    if name == "KVStore":
-        if _actor is None:
-            _actor = _make_actor()
-        return _actor
-    raise AttributeError(name)
+__getattr__ = lazy_attr("KVStore", _make_actor)
