@@ -187,6 +187,9 @@ class SchedulerConfig:
     # offloading policies: prefill layer by layer (the device holds one layer's prompt KV plus the
     # decode reserve; engine/layerwise.py). None: only when the prompt does not fit the device pool.
     layerwise_prefill: bool | None = None
+    # decode steps as captured CUDA graphs (engine/graphs.py). None: on CUDA whenever the policy
+    # has no per-step selection (full, lsa without Level-2 top-k, streaming, snapkv); False: eager.
+    cuda_graphs: bool | None = None
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.prefill_chunk < 1:
