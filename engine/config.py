@@ -211,7 +211,9 @@ class PolicyConfig:
     budget: float = 0.10
     cycle: int = 64  # decode steps between Level-1 refreshes (lsa)
     sink_blocks: int = 1
-    tail_blocks: int = 1  # complete recent blocks always resident, besides the open one
+    tail_blocks: int = 1  # complete recent blocks always resident, besides the open one (a minimum)
+    tail_tokens: int = 0  # recent tokens always resident, rounded up to whole blocks; this part of the
+    #   tail takes at most half of the budget left after the sinks and the open block (docs/lsa.md)
     target_layers: tuple[int, ...] | None = None  # Level-1 scoring layers; None: 3 over the middle
     query_window: int = 8  # recent decode queries the zero-training indexer scores with
     threshold: float | None = None  # select by score >= threshold, budget as the cap
@@ -231,9 +233,10 @@ class PolicyConfig:
             raise InvalidRequestError(f"unknown policy {self.name!r}; use one of {', '.join(POLICIES)}")
         if not 0.0 < self.budget <= 1.0:
             raise InvalidRequestError(f"budget must be in (0, 1], got {self.budget}")
-        if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.page_blocks < 1 \
-                or self.neighbors < 0:
-            raise InvalidRequestError("cycle and page_blocks must be >= 1, sink_blocks and tail_blocks >= 0")
+        if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.tail_tokens < 0 \
+                or self.page_blocks < 1 or self.neighbors < 0:
+            raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens "
+                                      "and neighbors >= 0")
         if self.index_score not in ("quest", "mean"):
             raise InvalidRequestError("index_score must be 'quest' or 'mean'")
         if self.first_plan not in ("attention", "indexer"):

@@ -65,7 +65,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     a = p.add_argument_group("policy (see PolicyConfig)")
     a.add_argument("--cycle", type=int, default=64, help="decode steps between Level-1 refreshes")
     a.add_argument("--sink-blocks", type=int, default=1)
-    a.add_argument("--tail-blocks", type=int, default=1)
+    a.add_argument("--tail-blocks", type=int, default=1, help="recent complete blocks always resident (minimum)")
+    a.add_argument("--tail-tokens", type=int, default=0,
+                   help="recent tokens always resident, in whole blocks, at most half the budget left after "
+                   "the sinks and the open block")
     a.add_argument("--page-blocks", type=int, default=1, help="recall whole pages of this many blocks")
     a.add_argument("--target-layers", type=_csv(int), default=None, help="Level-1 scoring layers")
     a.add_argument("--threshold", type=float, default=None, help="select by score, the budget as the cap")
@@ -96,7 +99,7 @@ def _policy(args, name: str, budget: float | None):
     from engine.config import PolicyConfig
 
     return PolicyConfig(name=name, budget=1.0 if budget is None else budget, cycle=args.cycle,
-                        sink_blocks=args.sink_blocks, tail_blocks=args.tail_blocks,
+                        sink_blocks=args.sink_blocks, tail_blocks=args.tail_blocks, tail_tokens=args.tail_tokens,
                         target_layers=args.target_layers, threshold=args.threshold,
                         level2_topk=args.level2_topk, per_layer=args.per_layer, page_blocks=args.page_blocks,
                         indexer=args.indexer, lookahead=args.lookahead, first_plan=args.first_plan,

@@ -2,7 +2,7 @@
 
 Every policy but ``full`` works at the same budget, counted the same way: the resident set of
 a sequence is at most ``floor(budget * num_blocks)`` blocks, sinks and tail included (never
-fewer than sinks + tail + the current block, so very short contexts keep those). The hooks the engine calls:
+fewer than sinks + ``tail_blocks`` + the current block, so very short contexts keep those). The hooks the engine calls:
 
     admit_blocks(prompt_len, max_len)   slots to reserve when a sequence is admitted
     after_prefill(seq_id)               the prompt is in the cache: pick the first resident set
@@ -55,6 +55,15 @@ class Policy:
         floor = self.config.sink_blocks + self.config.tail_blocks + 1
         return min(num_blocks, max(floor, math.floor(self.config.budget * num_blocks + 1e-9)))
 
+    def tail_size(self, num_blocks: int) -> int:
+        """Complete recent blocks always resident (besides the open one) for a sequence of
+        ``num_blocks`` blocks: ``tail_blocks``, or ``tail_tokens`` in whole blocks where that is
+        more, capped at half of the budget left after the sinks and the open block, so that at
+        least as many blocks stay for the selection as the token tail takes."""
+        by_tokens = -(-self.config.tail_tokens // self.block_size)
+        share = (self.budget_blocks(num_blocks) - self.config.sink_blocks - 1) // 2
+        return max(self.config.tail_blocks, min(by_tokens, share))
+
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         return self.blocks_for(max_len)
 
@@ -106,7 +115,8 @@ class OffloadPolicy(Policy):
         """Blocks always resident, most important first: the open block, the tail, the sinks."""
         n = self.cache.num_tokens(seq_id)
         open_block = n // self.block_size
-        tail = list(range(open_block - 1, max(-1, open_block - 1 - self.config.tail_blocks), -1))
+        size = self.tail_size(self.blocks_for(n + 1))
+        tail = list(range(open_block - 1, max(-1, open_block - 1 - size), -1))
         sinks = list(range(min(self.config.sink_blocks, open_block)))
         keep = [open_block] if n % self.block_size else []  # an empty open block is not allocated yet
         return list(dict.fromkeys(keep + tail + sinks))

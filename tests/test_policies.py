@@ -69,7 +69,7 @@ def _check_residency(engine, seq):
     for resident in cache.blocks.seqs[seq.seq_id].resident:
         held = set(resident)
         assert set(range(min(policy.config.sink_blocks, n // BLOCK))) <= held, "a sink block is not resident"
-        tail = set(range(max(0, blocks - 1 - policy.config.tail_blocks), blocks))
+        tail = set(range(max(0, blocks - 1 - policy.tail_size(blocks)), blocks))
         assert tail <= held, "the recent tail is not resident"
         # at a boundary the set is cut to the budget; it grows only by blocks opened since
         assert len(held) <= policy.budget_blocks(blocks) + cycle_growth
@@ -83,6 +83,32 @@ def test_resident_sets_hold_sinks_and_tail_within_budget(model, name, per_layer)
     assert all(len(s.output_ids) == 50 for s in seqs)
     for s in seqs:  # physical device KV well under full once prefill is done
         assert s.kv["device_kv_fraction"] < 0.45
+
+
+@pytest.mark.parametrize("name", ["lsa", "snapkv"])
+def test_tail_in_tokens_is_resident_within_budget(model, name):
+    engine = engine_for(model, name=name, budget=0.4, cycle=8, tail_tokens=64)
+    sizes = []
+
+    def check(engine, seq):
+        _check_residency(engine, seq)
+        sizes.append(engine.policy.tail_size(-(-engine.cache.num_tokens(seq.seq_id) // BLOCK)))
+
+    run(engine, prompts(), max_tokens=40, hook=check)
+    assert max(sizes) == 4  # 64 tokens in 16-token blocks, once the budget has room for it
+
+
+def test_tail_tokens_leave_half_the_budget_to_the_selection(model):
+    policy = engine_for(model, name="lsa", budget=0.1, tail_tokens=256).policy  # 16 blocks of 16
+    for blocks in range(1, 600):
+        budget, tail = policy.budget_blocks(blocks), policy.tail_size(blocks)
+        assert 1 <= tail <= 16 and 1 + tail + 1 <= budget or blocks < 3
+        assert tail == max(1, min(16, (budget - 2) // 2))
+    assert policy.tail_size(128) == 5 and policy.tail_size(512) == 16  # 2K and 8K tokens
+    wide = engine_for(model, name="lsa", budget=0.1, tail_tokens=2, tail_blocks=3).policy
+    assert wide.tail_size(100) == 3  # tail_blocks is a minimum
+    with pytest.raises(InvalidRequestError, match="tail_tokens"):
+        PolicyConfig(name="lsa", tail_tokens=-1)
 
 
 def test_only_changed_blocks_are_copied(model):
