@@ -58,6 +58,7 @@ class SequenceBlocks:
     host_ids: list[int] = field(default_factory=list)  # complete blocks, in logical order
     resident: list[dict[int, int]] = field(default_factory=list)  # per group: logical block -> slot
     reserve: int = 0  # slots this sequence may hold in each group
+    versions: list[int] = field(default_factory=list)  # per group: bumped on every residency change
 
     def num_blocks(self, block_size: int) -> int:
         return -(-self.num_tokens // block_size)
@@ -107,7 +108,8 @@ class BlockManager:
         if not self.can_reserve(num_blocks):
             raise CacheFullError(f"device KV cache cannot reserve {num_blocks} blocks; wait for running requests "
                                  f"or give the cache more blocks")
-        self.seqs[seq_id] = SequenceBlocks(resident=[{} for _ in self.device], reserve=num_blocks)
+        self.seqs[seq_id] = SequenceBlocks(resident=[{} for _ in self.device], reserve=num_blocks,
+                                           versions=[0] * self.num_groups)
 
     def set_reserve(self, seq_id: int, num_blocks: int) -> None:
         """Shrink (or grow, if capacity allows) a sequence's reservation; never below what it holds."""
@@ -160,6 +162,7 @@ class BlockManager:
         for group, resident in enumerate(seq.resident):
             for j, slot in zip(new_blocks, self._allocate(seq, group, len(new_blocks))):
                 resident[j] = slot
+            seq.versions[group] += bool(new_blocks)
             slots, offsets = [], []
             for pos in range(seq.num_tokens, seq.num_tokens + num_new):
                 j, off = divmod(pos, self.block_size)
@@ -182,8 +185,9 @@ class BlockManager:
         return done
 
     def evict(self, seq_id: int, group: int, blocks) -> None:
-        resident = self.seqs[seq_id].resident[group]
-        self.device[group].free([resident.pop(j) for j in blocks])
+        seq = self.seqs[seq_id]
+        self.device[group].free([seq.resident[group].pop(j) for j in blocks])
+        seq.versions[group] += 1
 
     def load(self, seq_id: int, group: int, blocks: list[int]) -> list[int]:
         """Give each (non-resident, complete, mirrored) block a slot; the caller copies the data."""
@@ -194,6 +198,7 @@ class BlockManager:
         slots = self._allocate(seq, group, len(blocks))
         for j, slot in zip(blocks, slots):
             seq.resident[group][j] = slot
+        seq.versions[group] += 1
         return slots
 
     def table(self, seq_id: int, group: int = 0, pending: int = 0) -> tuple[list[int], list[int], int]:

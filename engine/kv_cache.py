@@ -85,7 +85,11 @@ class BlockKVCache:
             num_host_blocks = arena.host.shape[0]
         self.blocks = BlockManager(block_size, num_device_blocks, num_host_blocks, len(self.groups),
                                    host_allocator=arena.allocator if arena is not None else None)
-        self.pool = torch.empty(layers, 2, num_device_blocks, heads, block_size, dim, dtype=dtype, device=self.device)
+        # one slot past the allocators' range: padding rows of a CUDA-graph batch write there
+        self.pool = torch.empty(layers, 2, num_device_blocks + 1, heads, block_size, dim, dtype=dtype,
+                                device=self.device)
+        self.trash_slot = num_device_blocks
+        self.pool[:, :, self.trash_slot].zero_()
         pin = self.device.type == "cuda"
         if arena is not None:
             self.host, self.host_summary = arena.host, arena.summary
@@ -285,7 +289,7 @@ class BlockKVCache:
         index = host_blocks * len(self.index_layers) * self.summary_bytes_per_layer_block
         if self.slot_summary is not None:
             index += layer_blocks * self.summary_bytes_per_layer_block
-        capacity = self.blocks.num_device_blocks * self.bytes_per_block
+        capacity = self.blocks.num_device_blocks * self.bytes_per_block  # the trash slot not counted
         return KVAccounting(device_bytes=layer_blocks * self.bytes_per_layer_block + index,
                             device_capacity_bytes=capacity, host_bytes=host_blocks * self.host_bytes_per_block,
                             full_bytes=tokens * self.bytes_per_token, num_tokens=tokens, index_bytes=index)

@@ -9,6 +9,7 @@ import torch
 from engine.attention import PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
+from engine.graphs import DecodeGraphRunner, per_step_select
 from engine.kv_cache import BlockKVCache
 from engine.layerwise import LayerwisePrefill
 from engine.model import LlamaForCausalLM
@@ -53,6 +54,7 @@ class LLMEngine:
                                   arena=arena, host_dtype=cache_cfg.host_dtype)
         self.policy.bind(self.cache)
         self.attention = PagedAttention(self.cache, self.policy, mc.head_dim)
+        self.graphs = self._graph_runner(config.scheduler.cuda_graphs)
         self.layerwise = LayerwisePrefill(model, self.cache, self.policy, config.scheduler.prefill_chunk)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
@@ -60,6 +62,15 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator | None] = {}
         # Called with (sequence, logits [V] float32) for every token the engine samples.
         self.on_logits: Callable[[Sequence, torch.Tensor], None] | None = None
+
+    def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
+        selects = per_step_select(self.policy)
+        if mode is None:
+            mode = self.device.type == "cuda" and not selects
+        elif mode and selects:
+            raise InvalidRequestError(f"policy {self.config.policy.name!r} selects blocks inside each step; it "
+                                      f"runs eagerly: set cuda_graphs to None or False")
+        return DecodeGraphRunner(self) if mode else None
 
     def _admit(self, seq: Sequence) -> None:
         self.cache.admit(seq.seq_id, self._admit_blocks(seq))
@@ -162,13 +173,15 @@ class LLMEngine:
         if plan.decode:
             t0 = time.perf_counter()
             ids = [s.seq_id for s in plan.decode]
-            tokens = torch.tensor([s.last_token for s in plan.decode], device=self.device)
-            positions = torch.tensor([s.num_cached for s in plan.decode], device=self.device)
             self.policy.before_decode(ids)
-            self.attention.plan_decode(ids)
-            hidden = self.model(tokens, positions, self.attention)
+            if self.graphs is not None:
+                logits = self.graphs.run(ids, [s.last_token for s in plan.decode], [s.num_cached for s in plan.decode])
+            else:
+                tokens = torch.tensor([s.last_token for s in plan.decode], device=self.device)
+                positions = torch.tensor([s.num_cached for s in plan.decode], device=self.device)
+                self.attention.plan_decode(ids)
+                logits = self.model.logits(self.model(tokens, positions, self.attention))
             self.cache.commit(ids, [1] * len(ids))
-            logits = self.model.logits(hidden)
             if self.on_logits is not None:
                 for seq, row in zip(plan.decode, logits):
                     self.on_logits(seq, row)

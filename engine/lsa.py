@@ -83,8 +83,9 @@ class LSAPolicy(OffloadPolicy):
     def observe_decode(self, layer, seq_ids, q):
         if layer not in self.index_layers():
             return
+        q = q.clone()  # one copy for the batch; the windows hold views of its rows
         for i, s in enumerate(seq_ids):
-            self._queries[s][layer].append(q[i].clone())
+            self._queries[s][layer].append(q[i])
 
     # ------------------------------------------------------------ Level-1
 

@@ -1,0 +1,213 @@
+"""Decode steps as captured CUDA graphs.
+
+The eager decode step launches ~20 kernels per layer from Python, so a small batch runs at
+several times its memory floor (docs/perf.md). Here the whole step (embedding, every layer's
+KV write and sparse attention, the LM head) is captured once per (batch bucket, table width
+bucket) and replayed; a step only fills the static inputs and replays:
+
+    host (pinned, int32)   tokens | positions | per group: slots offsets num_blocks last_len table
+       --- one copy --->   the graph's static buffer of the same layout
+    replay                 logits [b, V] in a static output; the index layers' queries too
+
+Rows past the batch (padding up to the bucket) write their token into the pool's trash slot
+and attend to it alone. Table rows are rewritten on the host only when the sequence's
+residency changed (``SequenceBlocks.versions``), so a 1M-token full-attention row is not
+rebuilt every step. Level-1 scoring and swaps stay outside the graph (``policy.before_decode``).
+Policies that narrow the table per step (Quest, oracle, LSA with Level-2 top-k) run eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from engine.errors import InvalidRequestError
+
+
+def per_step_select(policy) -> bool:
+    """Whether the policy narrows block tables inside a step (data-dependent shapes: eager)."""
+    from engine.lsa import LSAPolicy
+    from engine.policies import Policy
+
+    if type(policy).select is Policy.select:
+        return False
+    if isinstance(policy, LSAPolicy):  # Level-2 top-k is its only per-step selection
+        return policy.config.level2_topk is not None
+    return True
+
+
+def observes_decode(policy) -> bool:
+    from engine.policies import Policy
+
+    return type(policy).observe_decode is not Policy.observe_decode
+
+
+def batch_bucket(n: int) -> int:
+    """1, 2, 4, 8, then multiples of 8."""
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
+def width_bucket(w: int) -> int:
+    """At least 16 entries, rounded up to 1/8 of its power of two (<= 12.5% padding)."""
+    step = 1 << max(1, w.bit_length() - 3)
+    return max(16, -(-w // step) * step)
+
+
+@dataclass
+class StaticStep:
+    """Buffers of one captured graph: ``packed`` on the device, ``host`` pinned, same layout."""
+
+    batch: int
+    width: int
+    groups: int
+    packed: torch.Tensor  # int32 [2b + groups * (4b + b * w)]
+    host: torch.Tensor
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # index layer -> [b, Hq, D]
+    logits: torch.Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+    rows: list = field(default_factory=list)  # per group, per row: (seq_id, version, length) held, or None
+
+    def views(self, t: torch.Tensor):
+        """(tokens, positions, per group (slots, offsets, num_blocks, last_len, table)) of ``t``."""
+        b, w = self.batch, self.width
+        tokens, positions = t[:b], t[b: 2 * b]
+        out, at = [], 2 * b
+        for _ in range(self.groups):
+            slots, offsets, num_blocks, last_len = (t[at + i * b: at + (i + 1) * b] for i in range(4))
+            table = t[at + 4 * b: at + 4 * b + b * w].view(b, w)
+            out.append((slots, offsets, num_blocks, last_len, table))
+            at += 4 * b + b * w
+        return tokens, positions, out
+
+
+class DecodeGraphRunner:
+    """Runs the decode forward of a batch through static buffers, captured as CUDA graphs.
+
+    ``capture=False`` runs the same static-buffer forward eagerly (CPU tests of the packing,
+    padding and table caching; the graph itself needs CUDA)."""
+
+    def __init__(self, engine, capture: bool = True):
+        if capture and engine.device.type != "cuda":
+            raise InvalidRequestError("CUDA graphs need a CUDA device; set cuda_graphs=False")
+        self.model = engine.model
+        self.cache = engine.cache
+        self.policy = engine.policy
+        self.capture = capture
+        self.scale = engine.model.config.head_dim ** -0.5
+        self.query_layers = tuple(self.cache.index_layers) if observes_decode(self.policy) else ()
+        self.steps: dict[tuple[int, int], StaticStep] = {}
+        self.mempool = torch.cuda.graph_pool_handle() if capture else None
+        self.captures = 0
+
+    # ------------------------------------------------------------ one step
+
+    def run(self, seq_ids: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Forward of one decode token per sequence: logits [n, V] float32. Appends the tokens'
+        slots (like ``PagedAttention.plan_decode``); the caller commits."""
+        blocks = self.cache.blocks
+        n = len(seq_ids)
+        per_group = [[] for _ in self.cache.groups]  # (slot, offset) per row
+        for seq_id in seq_ids:
+            for g, (slots, offsets) in enumerate(blocks.append_slots(seq_id, 1)):
+                per_group[g].append((slots[0], offsets[0]))
+        width = 1
+        for seq_id in seq_ids:
+            resident = blocks.seqs[seq_id].resident
+            width = max(width, max(len(r) for r in resident))
+        step = self._step(batch_bucket(n), width_bucket(width))
+        self._fill(step, seq_ids, tokens, positions, per_group)
+        step.packed.copy_(step.host, non_blocking=True)
+        if step.graph is not None:
+            step.graph.replay()
+            logits = step.logits
+        else:
+            logits = self._forward(step)
+        for layer in self.query_layers:
+            self.policy.observe_decode(layer, seq_ids, step.queries[layer][:n])
+        return logits[:n].clone()
+
+    def _fill(self, step: StaticStep, seq_ids, tokens, positions, per_group) -> None:
+        n, b, bs = len(seq_ids), step.batch, self.cache.block_size
+        host_tokens, host_positions, groups = step.views(step.host)
+        host_tokens[:n] = torch.tensor(tokens, dtype=torch.int32)
+        host_positions[:n] = torch.tensor(positions, dtype=torch.int32)
+        host_tokens[n:] = 0
+        host_positions[n:] = 0
+        blocks = self.cache.blocks
+        for g, (slots, offsets, num_blocks, last_len, table) in enumerate(groups):
+            rows = step.rows[g]
+            rows_slots = [s for s, _ in per_group[g]] + [self.cache.trash_slot] * (b - n)
+            rows_offsets = [o for _, o in per_group[g]] + [0] * (b - n)
+            slots.copy_(torch.tensor(rows_slots, dtype=torch.int32))
+            offsets.copy_(torch.tensor(rows_offsets, dtype=torch.int32))
+            counts, lasts = [], []
+            for i, seq_id in enumerate(seq_ids):
+                seq = blocks.seqs[seq_id]
+                key = (seq_id, seq.versions[g])
+                length = seq.num_tokens + 1
+                last_block = (length - 1) // bs
+                if rows[i] is None or rows[i][:2] != key:
+                    _, row, _ = blocks.table(seq_id, g, pending=1)
+                    table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+                    rows[i] = key + (len(row),)
+                counts.append(rows[i][2])
+                lasts.append(length - last_block * bs)
+            for i in range(n, b):
+                if rows[i] is not None:
+                    table[i, 0] = self.cache.trash_slot
+                    rows[i] = None
+            num_blocks.copy_(torch.tensor(counts + [1] * (b - n), dtype=torch.int32))
+            last_len.copy_(torch.tensor(lasts + [1] * (b - n), dtype=torch.int32))
+
+    # ------------------------------------------------------------ capture
+
+    def _step(self, batch: int, width: int) -> StaticStep:
+        step = self.steps.get((batch, width))
+        if step is not None:
+            return step
+        groups = len(self.cache.groups)
+        size = 2 * batch + groups * (4 * batch + batch * width)
+        dev = self.cache.device
+        host = torch.zeros(size, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        step = StaticStep(batch, width, groups, torch.zeros(size, dtype=torch.int32, device=dev), host)
+        step.rows = [[None] * batch for _ in range(groups)]
+        # every row a padding row until filled: trash slot, one block, one token
+        _, _, views = step.views(step.host)
+        for slots, _, num_blocks, last_len, table in views:
+            slots.fill_(self.cache.trash_slot)
+            table.fill_(self.cache.trash_slot)
+            num_blocks.fill_(1)
+            last_len.fill_(1)
+        step.packed.copy_(host)
+        cfg = self.model.config
+        step.queries = {layer: torch.zeros(batch, cfg.num_heads, cfg.head_dim, dtype=self.cache.dtype, device=dev)
+                        for layer in self.query_layers}
+        if self.capture:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
+                for _ in range(2):
+                    self._forward(step)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            step.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(step.graph, pool=self.mempool):
+                step.logits = self._forward(step)
+            self.captures += 1
+        self.steps[(batch, width)] = step
+        return step
+
+    def _forward(self, step: StaticStep) -> torch.Tensor:
+        tokens, positions, groups = step.views(step.packed)
+        cache, scale, queries = self.cache, self.scale, step.queries
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            slots, offsets, num_blocks, last_len, table = groups[cache.group_of[layer]]
+            cache.write(layer, k, v, slots, offsets)
+            if layer in queries:
+                queries[layer].copy_(q)
+            k_cache, v_cache = cache.layer(layer)
+            return kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len, scale)
+
+        hidden = self.model(tokens.long(), positions.long(), attend)
+        return self.model.logits(hidden)
