@@ -90,6 +90,7 @@ class Setup:
     block_size: int
     cycle: int
     host_dtype: str | None
+    graphs: bool | None = None  # CUDA-graph decode (None: the engine's auto)
 
     @property
     def max_len(self) -> int:
@@ -133,7 +134,7 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
         device=str(device),
         cache=CacheConfig(block_size=bs, num_device_blocks=s.batch * reserve, host_mirror=lsa,
                           num_host_blocks=s.batch * -(-s.max_len // bs) if lsa else 0, host_dtype=s.host_dtype),
-        scheduler=SchedulerConfig(max_num_seqs=s.batch, max_model_len=s.max_len + 1),
+        scheduler=SchedulerConfig(max_num_seqs=s.batch, max_model_len=s.max_len + 1, cuda_graphs=s.graphs),
         policy=policy_config(s)))
     cache, policy = engine.cache, engine.policy
     params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True)
@@ -277,7 +278,7 @@ def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
     for i, rho in pairs:
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
-                 "alternated": len(pairs) > 1}
+                 "alternated": len(pairs) > 1, "cuda_graphs": engines[i][1].graphs is not None}
         rows.append(summarise(label, windows[(i, rho)], s.batch))
     del engines
     gc.collect()
@@ -303,7 +304,7 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
                 host_dtype = None if per_seq_bytes(cfg, probe, dtype)[1] <= host_budget else "fp8"
             host_dtype = None if host_dtype in ("bf16", "model") else host_dtype
         return Setup(policy, rhos if policy == "lsa" else (), batch, context, max_tokens, args.block_size,
-                     args.cycle, host_dtype)
+                     args.cycle, host_dtype, graphs=False if args.eager else None)
 
     def largest(s: Setup) -> int:
         dev, host = per_seq_bytes(cfg, s, dtype)
@@ -375,6 +376,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-dtype", default="auto", help="lsa host mirror: auto (model dtype if it fits, else "
                    "fp8), model, fp8")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--eager", action="store_true", help="decode steps launched from Python (no CUDA graphs)")
     p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--max-batch", type=int, default=256, help="cap on the computed largest batch")
     p.add_argument("--device-fraction", type=float, default=0.92, help="share of free GPU memory for KV")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Device calls of the GPU machine (docs/perf.md, docs/accuracy.md).
+#   bash benchmarks/gpu_session.sh graphs  CUDA-graph tests, graph vs eager decode, full vs lsa at 128K/512K
 #   bash benchmarks/gpu_session.sh check   CUDA tests + engine decode benchmark; stashes GGUF part 1 in /tmp
 #   bash benchmarks/gpu_session.sh eval    `lsa eval` grids on SmolLM2 (GGUF part 2 carried; must follow
 #                                          a check call while the machine is warm)
@@ -13,6 +14,12 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $phase in
+graphs)
+  timeout 240 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -6
+  timeout 150 python3 -m benchmarks.engine_decode --context 8192 --batch 1 16 --out $OUT/engine_decode.json 2>&1 | tee $OUT/engine_decode.log
+  timeout 300 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 --steps 32 --rounds 3 \
+    --out $OUT/bench_decode.json 2>&1 | tee $OUT/bench_decode.log
+  ;;
 check)
   [ -d ../.gguf_a ] && cp ../.gguf_a/* /tmp/
   [ -d .gguf_a ] && cp .gguf_a/* /tmp/
