@@ -46,6 +46,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             row["scored_tokens"] = tokens
         elif task == "agreement":
             row["agreement"] = sum(r["agreement"] for r in rs) / len(rs)
+            row["agreement_forced"] = sum(r["agreement_forced"] for r in rs) / len(rs)
             firsts = [r["first_divergence"] for r in rs]
             row["identical"] = sum(f is None for f in firsts) / len(rs)
             diverged = [f for f in firsts if f is not None]
@@ -87,9 +88,14 @@ def markdown(rows: list[dict], errors: list[dict]) -> str:
         extra = sorted({k for r in task_rows for k in r["kv"]} - _NOT_COLUMNS)
         unit = " %" if kind == "pct" else ""
         out.append(f"### {task}: {metric}{unit} ({'higher' if higher else 'lower'} is better)\n")
-        header = ["policy", "budget"] + [str(c) for c in contexts] + ["all", "n", "device KV %"] + extra
         if task == "agreement":
-            header.insert(header.index("n"), "first div.")
+            out.append("Free-running: the policy's own greedy tokens against full's, position by position "
+                       "(first div.: mean first differing position of the samples that differ). Teacher-forced: "
+                       "full's tokens fed to the policy; % of positions where its greedy choice is full's token.\n")
+        header = ["policy", "budget"] + [str(c) for c in contexts] + ["all", "n", "device KV %"] + extra
+        if task == "agreement":  # free-running (the metric) and teacher-forced on full's tokens
+            header[header.index("all")] = "all (free-running)"
+            header[header.index("n"):header.index("n")] = ["first div.", "teacher-forced %"]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         by_run: dict[tuple, dict] = defaultdict(dict)
@@ -103,6 +109,7 @@ def markdown(rows: list[dict], errors: list[dict]) -> str:
             if task == "agreement":
                 first = total["mean_first_divergence"]
                 line.append("none" if first is None else f"{first:.1f}")
+                line.append(_fmt(total["agreement_forced"], kind))
             line.append(str(total["n"]))
             frac = total["kv"].get("device_kv_fraction")
             line.append("-" if frac is None else f"{100 * frac:.1f}")

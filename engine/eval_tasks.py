@@ -9,7 +9,8 @@ attention policy is under test and returns a JSON-ready record.
 | niah      | context x depth x needle    | answer string in the greedy reply (case-insensitive)     |
 | multikey  | context x depth x sample    | the asked key's value in the reply; others are distractors |
 | ppl       | context x window            | perplexity of the last tokens, teacher-forced via decode |
-| agreement | context x window            | greedy tokens identical to full attention's, first divergence |
+| agreement | context x window            | greedy tokens identical to full attention's, first divergence; |
+|           |                             | teacher-forced: the policy's argmax on full's tokens     |
 """
 from __future__ import annotations
 
@@ -198,6 +199,32 @@ def agreement(reference: list[int], tokens: list[int]) -> tuple[float, int | Non
     return sum(same) / n, first
 
 
+def forced_argmax(engine, context: list[int], continuation: list[int]) -> list[int]:
+    """The engine's greedy choice at every position of ``continuation`` when it is teacher-forced
+    after ``context`` through the decode path: [len(continuation)] token ids, the first from the
+    prefill's last logits. Position i sees ``context + continuation[:i]`` whatever was chosen before."""
+    from engine.sequence import Status
+
+    seq = engine.add_request(context, SamplingParams(max_tokens=len(continuation), ignore_eos=True))
+    seq.forced = list(continuation)
+    choices: list[int] = []
+    previous = engine.on_logits
+
+    def record(s, row):
+        if s is seq:
+            choices.append(int(row.argmax()))
+        elif previous is not None:
+            previous(s, row)
+
+    engine.on_logits = record
+    try:
+        while seq.status is not Status.FINISHED:
+            engine.step()
+    finally:
+        engine.on_logits = previous
+    return choices
+
+
 def run_sample(engine, sample: Sample, spec: TaskSpec, reference: dict[str, list[int]],
                is_reference: bool = False) -> dict:
     """Run ``sample`` on ``engine``. For agreement, ``reference`` maps sample keys to full
@@ -223,6 +250,10 @@ def run_sample(engine, sample: Sample, spec: TaskSpec, reference: dict[str, list
             if ref is None:
                 raise RuntimeError(f"no full-attention reference for {sample.key}: run full first")
             record["agreement"], record["first_divergence"] = agreement(ref, done.token_ids)
+            # teacher-forced: full's tokens fed back, so one early flip does not change the later context
+            forced = list(ref) if is_reference else forced_argmax(engine, list(sample.prompt_ids), ref)
+            record["forced_token_ids"] = forced
+            record["agreement_forced"] = agreement(ref, forced)[0]
         else:
             record.update(answer=sample.answer, question=sample.question,
                           correct=answer_found(done.text, sample.answer))

@@ -12,7 +12,8 @@ pytest.importorskip("gguf")
 from engine import evaluation  # noqa: E402
 from engine.cli import main  # noqa: E402
 from engine.errors import InvalidRequestError, ModelNotFoundError  # noqa: E402
-from engine.eval_tasks import (TaskSpec, agreement, answer_found, build_samples, load_needles,  # noqa: E402
+from engine.eval_tasks import (TaskSpec, agreement, answer_found, build_samples, forced_argmax,  # noqa: E402
+                               load_needles,
                                multikey_needles)
 from engine.haystack import synthetic_filler  # noqa: E402
 from engine.weights import resolve_model  # noqa: E402
@@ -74,6 +75,8 @@ def test_eval_end_to_end(policy, shared_model, tmp_path):
     assert by_task["ppl"]["scored_tokens"] == 16 and by_task["ppl"]["ppl"] > 1.0
     assert len(by_task["agreement"]["token_ids"]) == 8
     assert 0.0 <= by_task["agreement"]["agreement"] <= 1.0
+    assert len(by_task["agreement"]["forced_token_ids"]) == 8
+    assert 0.0 <= by_task["agreement"]["agreement_forced"] <= 1.0
 
     totals = {r["task"]: r for r in result["aggregates"] if r["context"] == "all"}
     assert set(totals) == {"niah", "multikey", "ppl", "agreement"}
@@ -84,10 +87,12 @@ def test_eval_end_to_end(policy, shared_model, tmp_path):
     if policy == "full":  # the reference compared with itself
         assert totals["agreement"]["agreement"] == 1.0
         assert by_task["agreement"]["first_divergence"] is None
+        assert totals["agreement"]["agreement_forced"] == 1.0
 
     md = (out / "results.md").read_text()
     for task in ("niah", "multikey", "ppl", "agreement"):
         assert f"### {task}:" in md
+    assert "| all (free-running) | first div. | teacher-forced % | n |" in md
     row = next(line for line in md.splitlines() if line.startswith(f"| {policy} |"))
     assert len(row.split("|")) == len(md.splitlines()[md.splitlines().index(row) - 2].split("|"))
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -196,6 +201,27 @@ def test_agreement():
     assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == (0.75, 2)
     assert agreement([1, 2, 3, 4], [1, 2]) == (0.5, 2)
     assert agreement([5], [6]) == (0.0, 0)
+
+
+def test_forced_argmax_reproduces_greedy_under_full_attention(loaded):
+    from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
+    from engine.llm import LLMEngine
+    from engine.sampling import SamplingParams
+
+    model, tokenizer = loaded
+    prompt = tokenizer.encode(synthetic_filler(2000, seed=1), add_special_tokens=False)[:200]
+
+    def engine(**policy):
+        cfg = EngineConfig(device="cpu", cache=CacheConfig(block_size=16),
+                           scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=256), policy=PolicyConfig(**policy))
+        return LLMEngine(model, cfg, tokenizer)
+
+    full = engine(name="full")
+    greedy = full.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    assert forced_argmax(full, prompt, greedy) == greedy  # teacher forcing on its own tokens changes nothing
+    wrong = [greedy[0]] + [(t + 1) % 1000 for t in greedy[1:]]  # forced tokens that are not greedy
+    choices = forced_argmax(engine(name="streaming", budget=0.25), prompt, wrong)
+    assert len(choices) == 8 and choices[0] == greedy[0]  # the first comes from the dense prefill
 
 
 def test_runs_full_once_and_first():
