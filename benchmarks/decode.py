@@ -284,6 +284,9 @@ def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        memory = getattr(getattr(torch, "accelerator", None), "memory", None)
+        if hasattr(memory, "empty_host_cache"):  # pinned buffers torch keeps for reuse
+            memory.empty_host_cache()
     return rows
 
 

@@ -11,6 +11,7 @@ Layouts are the contract in docs/kv-layout.md:
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,31 @@ def quantize_fp8(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize_fp8``: e4m3 [..., B, D] and scale [...] -> [..., B, D] in ``dtype``."""
     return (data.float() * scale.float()[..., None, None]).to(dtype)
+
+
+PIN_REGISTER_BYTES = 1 << 30  # larger host buffers are registered, not drawn from torch's pinned cache
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialised host tensor, page-locked when ``pin`` (copies to the GPU are then DMA).
+
+    Small buffers come from torch's caching pinned allocator; large ones (a 512K-token mirror is
+    64 GiB) are allocated pageable and registered with ``cudaHostRegister`` at their exact size:
+    the caching allocator rounds a request up to a power of two (64.1 GiB -> 128 GiB) and keeps
+    freed buffers for reuse, which a machine with 128 GiB of RAM cannot afford."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if not pin or nbytes < PIN_REGISTER_BYTES:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    t = torch.empty(shape, dtype=dtype)
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+    if int(getattr(err, "value", err)) != 0:  # cannot lock that much: stay pageable (copies are synchronous)
+        return t
+    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    return t
 
 
 @dataclass(frozen=True)
@@ -94,10 +120,10 @@ class BlockKVCache:
         if arena is not None:
             self.host, self.host_summary = arena.host, arena.summary
         else:
-            self.host = torch.empty(num_host_blocks, layers, 2, heads, block_size, dim,
-                                    dtype=FP8 if self.host_fp8 else dtype, pin_memory=pin)
-            self.host_summary = torch.empty(num_host_blocks, layers, 3, heads, dim, dtype=dtype, pin_memory=pin)
-        self.host_scale = (torch.empty(num_host_blocks, layers, 2, heads, dtype=torch.float32, pin_memory=pin)
+            self.host = host_empty((num_host_blocks, layers, 2, heads, block_size, dim),
+                                   FP8 if self.host_fp8 else dtype, pin)
+            self.host_summary = host_empty((num_host_blocks, layers, 3, heads, dim), dtype, pin)
+        self.host_scale = (host_empty((num_host_blocks, layers, 2, heads), torch.float32, pin)
                            if self.host_fp8 else None)
         self.index_layers = tuple(index_layers)
         self.index_keys = torch.empty(len(index_layers), 3, num_host_blocks, heads, dim, dtype=dtype,
