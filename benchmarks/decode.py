@@ -60,8 +60,10 @@ def model_config(name: str, layers: int | None, max_len: int) -> ModelConfig:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the compute stream only: copies staged on the copy stream go on in the background,
+    as they do in serving (where the host waits only for each step's sampled tokens)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def host_available_bytes() -> int:
@@ -217,22 +219,25 @@ class SwapTimer:
 def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -> dict:
     cache, policy = engine.cache, engine.policy
     copied0, cycles0, swap0 = cache.bytes_copied, getattr(policy, "cycles", 0), swaps.seconds
+    late0, ahead0 = cache.blocks_loaded_late, cache.blocks_prefetched
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, peak = [], 0.0
     for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
         engine.step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        peak = max(peak, cache.accounting().device_fraction)  # untimed
     assert all(s.status is Status.DECODE for s in seqs), "a sequence finished inside the timed window"
     acc = cache.accounting()
     cycles = getattr(policy, "cycles", 0) - cycles0
     return {"step_s": times, "bytes_copied": cache.bytes_copied - copied0, "cycles": cycles,
-            "swap_wait_s": swaps.seconds - swap0, "device_kv_bytes": acc.device_bytes,
+            "late_blocks": cache.blocks_loaded_late - late0, "prefetched_blocks": cache.blocks_prefetched - ahead0,
+            "swap_wait_s": swaps.seconds - swap0, "device_kv_bytes": acc.device_bytes, "staged_kv_bytes": acc.staged_bytes,
             "device_kv_capacity_bytes": acc.device_capacity_bytes, "full_kv_bytes": acc.full_bytes,
-            "host_kv_bytes": acc.host_bytes, "device_kv_fraction": acc.device_fraction,
+            "host_kv_bytes": acc.host_bytes, "device_kv_fraction": acc.device_fraction, "peak_device_kv_fraction": peak,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
@@ -244,10 +249,16 @@ def summarise(label: dict, windows: list[dict], batch: int) -> dict:
     return {**label, "batch": batch, "steps": len(steps), "token_ms_median": statistics.median(steps) * 1e3,
             "token_ms_p99": p99 * 1e3, "timed_s": sum(steps), "tokens_per_s": batch * len(steps) / sum(steps),
             "device_kv_fraction": last["device_kv_fraction"], "device_kv_bytes": last["device_kv_bytes"],
+            # without the slots staged for the next plan: what decode attends to, plus index keys
+            "resident_kv_fraction": (last["device_kv_bytes"] - last["staged_kv_bytes"]) / last["full_kv_bytes"],
+            "peak_device_kv_fraction": max(w["peak_device_kv_fraction"] for w in windows),
             "device_kv_capacity_bytes": last["device_kv_capacity_bytes"], "full_kv_bytes": last["full_kv_bytes"],
             "host_kv_bytes": last["host_kv_bytes"],
             "peak_gpu_bytes": max((w["peak_gpu_bytes"] or 0) for w in windows) or None,
             "cycles": cycles, "bytes_copied_per_cycle": sum(w["bytes_copied"] for w in windows) / cycles if cycles else 0,
+            # single-layer blocks copied at the boundary (the plan's blocks not copied ahead) and ahead of it
+            "late_blocks_per_cycle": sum(w["late_blocks"] for w in windows) / cycles if cycles else 0,
+            "prefetched_blocks_per_cycle": sum(w["prefetched_blocks"] for w in windows) / cycles if cycles else 0,
             "swap_wait_ms_per_cycle": 1e3 * sum(w["swap_wait_s"] for w in windows) / cycles if cycles else 0.0,
             "swap_wait_fraction": sum(w["swap_wait_s"] for w in windows) / sum(steps)}
 
@@ -345,7 +356,7 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ms/tok':>8} {'p99':>8} {'tok/s':>9} "
-            f"{'vs full':>7} {'GPU KV':>7} {'peak GB':>8} {'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
+            f"{'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'peak GB':>8} {'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
     print(head)
     full = {(r["context"], r["batch"]): r for r in rows if r.get("policy") == "full" and "skipped" not in r}
     for r in rows:
@@ -358,7 +369,8 @@ def print_table(rows: list[dict]) -> None:
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
         host = "fp8" if r["host_dtype"] == "fp8" else ("-" if r["policy"] == "full" else "model")
         print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {r['token_ms_median']:>8.2f} "
-              f"{r['token_ms_p99']:>8.2f} {r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['device_kv_fraction']:>6.1f}% "
+              f"{r['token_ms_p99']:>8.2f} {r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['resident_kv_fraction']:>6.1f}% "
+              f"{100 * r['peak_device_kv_fraction']:>6.1f}% "
               f"{peak:>8} {r['host_kv_bytes'] / 1e9:>8.2f} {r['bytes_copied_per_cycle'] / 1e6:>9.1f} "
               f"{r['swap_wait_ms_per_cycle']:>11.2f}")
 

@@ -59,6 +59,10 @@ class SequenceBlocks:
     resident: list[dict[int, int]] = field(default_factory=list)  # per group: logical block -> slot
     reserve: int = 0  # slots this sequence may hold in each group
     versions: list[int] = field(default_factory=list)  # per group: bumped on every residency change
+    staged: list[dict[int, int]] = field(default_factory=list)  # per group: copied ahead, not attended yet
+
+    def held(self, group: int) -> int:
+        return len(self.resident[group]) + len(self.staged[group])
 
     def num_blocks(self, block_size: int) -> int:
         return -(-self.num_tokens // block_size)
@@ -94,7 +98,7 @@ class BlockManager:
     # ------------------------------------------------------------ reservations
 
     def _unreserved(self, group: int) -> int:
-        promised = sum(max(0, s.reserve - len(s.resident[group])) for s in self.seqs.values())
+        promised = sum(max(0, s.reserve - s.held(group)) for s in self.seqs.values())
         return self.device[group].num_free - promised
 
     def can_reserve(self, num_blocks: int, seq_id: int | None = None) -> bool:
@@ -109,12 +113,12 @@ class BlockManager:
             raise CacheFullError(f"device KV cache cannot reserve {num_blocks} blocks; wait for running requests "
                                  f"or give the cache more blocks")
         self.seqs[seq_id] = SequenceBlocks(resident=[{} for _ in self.device], reserve=num_blocks,
-                                           versions=[0] * self.num_groups)
+                                           versions=[0] * self.num_groups, staged=[{} for _ in self.device])
 
     def set_reserve(self, seq_id: int, num_blocks: int) -> None:
         """Shrink (or grow, if capacity allows) a sequence's reservation; never below what it holds."""
         seq = self.seqs[seq_id]
-        held = max(len(r) for r in seq.resident)
+        held = max(seq.held(g) for g in range(self.num_groups))
         num_blocks = max(num_blocks, held)
         if num_blocks > seq.reserve and not self.can_reserve(num_blocks, seq_id):
             raise CacheFullError(f"cannot grow the reservation of sequence {seq_id} to {num_blocks} blocks")
@@ -140,13 +144,14 @@ class BlockManager:
         seq = self.seqs.pop(seq_id)
         for group, resident in enumerate(seq.resident):
             self.device[group].free(resident.values())
+            self.device[group].free(seq.staged[group].values())
         self.host.free(seq.host_ids)
 
     # ------------------------------------------------------------ residency
 
     def _allocate(self, seq: SequenceBlocks, group: int, n: int) -> list[int]:
-        if len(seq.resident[group]) + n > seq.reserve:
-            raise CacheFullError(f"a sequence would hold {len(seq.resident[group]) + n} device blocks, past the "
+        if seq.held(group) + n > seq.reserve:
+            raise CacheFullError(f"a sequence would hold {seq.held(group) + n} device blocks, past the "
                                  f"{seq.reserve} it reserved")
         return self.device[group].allocate(n)
 
@@ -156,7 +161,7 @@ class BlockManager:
         first, last = seq.num_tokens // self.block_size, (seq.num_tokens + num_new - 1) // self.block_size
         new_blocks = [j for j in range(first, last + 1) if j not in seq.resident[0]]
         for group in range(self.num_groups):
-            if len(seq.resident[group]) + len(new_blocks) > seq.reserve:
+            if seq.held(group) + len(new_blocks) > seq.reserve:
                 raise CacheFullError(f"sequence {seq_id} would run past the {seq.reserve} blocks it reserved")
         out = []
         for group, resident in enumerate(seq.resident):
@@ -200,6 +205,32 @@ class BlockManager:
             seq.resident[group][j] = slot
         seq.versions[group] += 1
         return slots
+
+    def stage(self, seq_id: int, group: int, blocks: list[int]) -> list[int]:
+        """Give mirrored, non-resident blocks spare slots to be copied into ahead of use; they are
+        not attended to until ``promote``. The caller copies the data."""
+        seq = self.seqs[seq_id]
+        bad = [j for j in blocks if j >= len(seq.host_ids) or j in seq.resident[group] or j in seq.staged[group]]
+        if bad:
+            raise ValueError(f"blocks {bad} of sequence {seq_id} are not mirrored, or already resident or staged")
+        slots = self._allocate(seq, group, len(blocks))
+        seq.staged[group].update(zip(blocks, slots))
+        return slots
+
+    def promote(self, seq_id: int, group: int, blocks: list[int]) -> None:
+        """Staged blocks become resident (their data has arrived)."""
+        seq = self.seqs[seq_id]
+        for j in blocks:
+            seq.resident[group][j] = seq.staged[group].pop(j)
+        seq.versions[group] += bool(blocks)
+
+    def unstage(self, seq_id: int, group: int) -> int:
+        """Free every staged slot of a group (the plan changed); returns how many."""
+        staged = self.seqs[seq_id].staged[group]
+        n = len(staged)
+        self.device[group].free(staged.values())
+        staged.clear()
+        return n
 
     def table(self, seq_id: int, group: int = 0, pending: int = 0) -> tuple[list[int], list[int], int]:
         """Resident blocks of a sequence in logical order, the block holding the last token last.

@@ -212,7 +212,7 @@ class PolicyConfig:
     cycle: int = 64  # decode steps between Level-1 refreshes (lsa)
     sink_blocks: int = 1
     tail_blocks: int = 1  # complete recent blocks always resident, besides the open one (a minimum)
-    tail_tokens: int = 0  # recent tokens always resident, rounded up to whole blocks; this part of the
+    tail_tokens: int = 128  # recent tokens always resident, rounded up to whole blocks; this part of the
     #   tail takes at most half of the budget left after the sinks and the open block (docs/lsa.md)
     target_layers: tuple[int, ...] | None = None  # Level-1 scoring layers; None: 3 over the middle
     query_window: int = 8  # recent decode queries the zero-training indexer scores with
@@ -222,6 +222,9 @@ class PolicyConfig:
     page_blocks: int = 1  # recall whole pages of this many blocks
     neighbors: int = 1  # lsa: with each selected block, also the next this many (a fact spans blocks)
     lookahead: int = 1  # cycles between computing a plan and applying it (1: the paper's)
+    # lsa, lookahead 1: blocks of the next plan are copied in during the cycle before it applies,
+    # into spare slots of at most this fraction of the budget (0: every copy at the boundary)
+    prefetch: float = 0.5
     observation_window: int = 32  # snapkv, and lsa's first plan: prompt queries that vote
     first_plan: str = "attention"  # lsa's plan at the end of prefill: "attention" (exact, from the
     #   observation window, while the prompt's KV is on the device) or "indexer"
@@ -241,6 +244,8 @@ class PolicyConfig:
             raise InvalidRequestError("index_score must be 'quest' or 'mean'")
         if self.first_plan not in ("attention", "indexer"):
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
+        if not 0.0 <= self.prefetch <= 1.0:
+            raise InvalidRequestError(f"prefetch must be in [0, 1] (a fraction of the budget), got {self.prefetch}")
         if self.lookahead not in (0, 1):
             raise InvalidRequestError("lookahead must be 0 (plan applied at once) or 1 (next cycle)")
         if self.target_layers is not None and not isinstance(self.target_layers, tuple):

@@ -66,7 +66,8 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
 @dataclass(frozen=True)
 class KVAccounting:
     """Bytes of KV in the model dtype. ``full`` is what full attention over every token needs;
-    ``device`` is the physical device KV: resident slots (sinks, tail, selected) plus index keys."""
+    ``device`` is the physical device KV: resident slots (sinks, tail, selected), slots staged
+    for the next plan, and index keys."""
 
     device_bytes: int
     device_capacity_bytes: int  # the whole device pool
@@ -74,6 +75,7 @@ class KVAccounting:
     full_bytes: int  # tokens x bytes per token, all layers, K and V
     num_tokens: int
     index_bytes: int = 0  # summaries kept on the device (included in device_bytes)
+    staged_bytes: int = 0  # blocks copied ahead of the next plan, not attended yet (included in device_bytes)
 
     @property
     def device_fraction(self) -> float:
@@ -82,7 +84,7 @@ class KVAccounting:
     def as_dict(self) -> dict:
         return {"device_kv_bytes": self.device_bytes, "device_kv_capacity_bytes": self.device_capacity_bytes,
                 "host_kv_bytes": self.host_bytes, "full_kv_bytes": self.full_bytes,
-                "index_kv_bytes": self.index_bytes, "num_tokens": self.num_tokens,
+                "index_kv_bytes": self.index_bytes, "staged_kv_bytes": self.staged_bytes, "num_tokens": self.num_tokens,
                 "device_kv_fraction": round(self.device_fraction, 6)}
 
 
@@ -140,6 +142,11 @@ class BlockKVCache:
         self.summary_bytes_per_layer_block = 3 * heads * dim * self.pool.element_size()
         self.blocks_copied = 0
         self.bytes_copied = 0
+        self.blocks_prefetched = 0  # of blocks_copied: copied ahead on the copy stream (stage)
+        self.blocks_loaded_late = 0  # of blocks_copied: copied when needed (load of a block not staged)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copies_pending = False
+        self._host_pinned = self.device.type == "cuda" and self.host.is_pinned()
 
     # ------------------------------------------------------------ sequences
 
@@ -147,6 +154,7 @@ class BlockKVCache:
         self.blocks.admit(seq_id, num_blocks)
 
     def release(self, seq_id: int) -> None:
+        self.join_copies()  # staged copies into its slots finish before the slots are reused
         self.blocks.release(seq_id)
 
     def attach_prefix(self, seq_id: int, host_ids: list[int]) -> None:
@@ -237,24 +245,65 @@ class BlockKVCache:
             self.blocks.evict(seq_id, group, blocks)
 
     def load(self, seq_id: int, group: int, blocks: list[int]) -> None:
-        """Copy mirrored blocks host -> device slots (and their summaries, if kept per slot)."""
+        """Make mirrored blocks resident: blocks staged ahead (``stage``) without a copy, once their
+        copies have arrived (the compute stream waits for them, the host does not); the others are
+        copied now (and their summaries, if kept per slot)."""
         if not blocks:
             return
-        slots = self.blocks.load(seq_id, group, blocks)
+        staged = self.blocks.seqs[seq_id].staged[group]
+        ready = [j for j in blocks if j in staged]
+        rest = [j for j in blocks if j not in staged]
+        if ready:
+            self.join_copies()
+            self.blocks.promote(seq_id, group, ready)
+        if rest:
+            self._copy_in(seq_id, group, rest, self.blocks.load(seq_id, group, rest))
+            self.blocks_loaded_late += len(rest) * len(self.groups[group])
+
+    def stage(self, seq_id: int, group: int, blocks: list[int]) -> None:
+        """Copy mirrored blocks into spare slots ahead of use, on the copy stream (CUDA) while
+        decode goes on; ``load`` later makes them resident without copying."""
+        if not blocks:
+            return
+        slots = self.blocks.stage(seq_id, group, blocks)
+        if self.copy_stream is None:
+            self._copy_in(seq_id, group, blocks, slots)
+        else:
+            # the spare slots may have been freed by an eviction that steps still queued read
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self._copy_in(seq_id, group, blocks, slots)
+            self._copies_pending = True
+        self.blocks_prefetched += len(blocks) * len(self.groups[group])
+
+    def unstage(self, seq_id: int, group: int) -> None:
+        """Drop the staged blocks of a group that the plan no longer wants."""
+        self.join_copies()  # their slots are free for compute work afterwards
+        self.blocks.unstage(seq_id, group)
+
+    def join_copies(self) -> None:
+        """Order the compute stream after every staged copy issued so far (no host wait)."""
+        if self._copies_pending:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self._copies_pending = False
+
+    def _copy_in(self, seq_id: int, group: int, blocks: list[int], slots: list[int]) -> None:
         host_ids = self.blocks.seqs[seq_id].host_ids
-        hosts = torch.tensor([host_ids[j] for j in blocks])
+        hosts = [host_ids[j] for j in blocks]
         dst = torch.tensor(slots, device=self.device)
         members = self.groups[group]
-        if len(members) == self.pool.shape[0]:  # all layers: one gather and one copy per chunk of blocks
+        if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one scatter per chunk
             for a in range(0, len(blocks), self.load_chunk_blocks):
-                data = self._fetch(hosts[a: a + self.load_chunk_blocks], slice(None))  # [n, L, 2, H, B, D]
+                data = self._fetch_rows(hosts[a: a + self.load_chunk_blocks])  # [n, L, 2, H, B, D]
                 self.pool[:, :, dst[a: a + self.load_chunk_blocks]] = data.permute(1, 2, 0, 3, 4, 5)
         else:
+            rows = torch.tensor(hosts)
             for layer in members:
-                self.pool[layer, :, dst] = self._fetch(hosts, layer).transpose(0, 1)  # [2, n, H, B, D]
+                self.pool[layer, :, dst] = self._fetch(rows, layer).transpose(0, 1)  # [2, n, H, B, D]
         if self.slot_summary is not None:
+            rows = torch.tensor(hosts)
             for layer in members:
-                self.slot_summary[layer, :, dst] = self.host_summary[hosts, layer].to(self.device).transpose(0, 1)
+                self.slot_summary[layer, :, dst] = self.host_summary[rows, layer].to(self.device).transpose(0, 1)
         self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
         self.bytes_copied += len(blocks) * len(members) * self.host_bytes_per_layer_block
 
@@ -267,6 +316,27 @@ class BlockKVCache:
             scale = self.host_scale[hosts, layers].to(self.device, non_blocking=True)
             data = dequantize_fp8(data, scale, self.dtype)
         return data
+
+    def _fetch_rows(self, hosts: list[int]) -> torch.Tensor:
+        """Whole host rows on the device in the model dtype, [n, L, 2, H, B, D]. From page-locked
+        memory each run of consecutive rows is one DMA copy, issued without the host touching
+        the data (a gather on the host would copy it twice, synchronously)."""
+        if not self._host_pinned:
+            return self._fetch(torch.tensor(hosts), slice(None))
+        n = len(hosts)
+        out = torch.empty((n, *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
+        scale = (torch.empty((n, *self.host_scale.shape[1:]), dtype=torch.float32, device=self.device)
+                 if self.host_fp8 else None)
+        i = 0
+        while i < n:
+            r = 1
+            while i + r < n and hosts[i + r] == hosts[i] + r:
+                r += 1
+            out[i: i + r].copy_(self.host[hosts[i]: hosts[i] + r], non_blocking=True)
+            if scale is not None:
+                scale[i: i + r].copy_(self.host_scale[hosts[i]: hosts[i] + r], non_blocking=True)
+            i += r
+        return dequantize_fp8(out, scale, self.dtype) if scale is not None else out
 
     # ------------------------------------------------------------ tables for attention
 
@@ -310,7 +380,8 @@ class BlockKVCache:
         """For one sequence, or totals over all sequences when ``seq_id`` is None."""
         seqs = [self.blocks.seqs[seq_id]] if seq_id is not None else list(self.blocks.seqs.values())
         tokens = sum(s.num_tokens for s in seqs)
-        layer_blocks = sum(len(r) * len(self.groups[g]) for s in seqs for g, r in enumerate(s.resident))
+        layer_blocks = sum(s.held(g) * len(self.groups[g]) for s in seqs for g in range(len(self.groups)))
+        staged = sum(len(st) * len(self.groups[g]) for s in seqs for g, st in enumerate(s.staged))
         host_blocks = sum(len(s.host_ids) for s in seqs)
         index = host_blocks * len(self.index_layers) * self.summary_bytes_per_layer_block
         if self.slot_summary is not None:
@@ -318,4 +389,5 @@ class BlockKVCache:
         capacity = self.blocks.num_device_blocks * self.bytes_per_block  # the trash slot not counted
         return KVAccounting(device_bytes=layer_blocks * self.bytes_per_layer_block + index,
                             device_capacity_bytes=capacity, host_bytes=host_blocks * self.host_bytes_per_block,
-                            full_bytes=tokens * self.bytes_per_token, num_tokens=tokens, index_bytes=index)
+                            full_bytes=tokens * self.bytes_per_token, num_tokens=tokens, index_bytes=index,
+                            staged_bytes=staged * self.bytes_per_layer_block)

@@ -13,6 +13,7 @@ every complete block). Sinks, the recent tail and the open block are always resi
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -63,7 +64,15 @@ class LSAPolicy(OffloadPolicy):
         self._step: dict[int, int] = {}  # decode steps done per sequence
         self._plan: dict[int, list[list[int]]] = {}  # pending plan: per group, ranked blocks
         self._first: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> prefill block scores
+        self._prefetch: dict[int, tuple[int, list[list[int]]]] = {}  # seq -> (blocks per step, per group queue)
         self.cycles = 0
+
+    def decode_reserve(self, max_len: int) -> int:
+        """The resident set's reserve plus spare slots the next plan's blocks are copied into."""
+        stage = 0
+        if self.config.lookahead and self.config.prefetch > 0:
+            stage = math.ceil(self.config.prefetch * self.budget_blocks(self.blocks_for(max_len)))
+        return super().decode_reserve(max_len) + stage
 
     def index_layers(self) -> tuple[int, ...]:
         return tuple(range(self.num_layers)) if self.config.per_layer else self.targets
@@ -156,12 +165,38 @@ class LSAPolicy(OffloadPolicy):
             step = self._step[s]
             if step and step % self.config.cycle == 0:
                 if self.config.lookahead:
-                    self._apply_ranked(s, self._plan[s])  # computed one cycle ago
+                    self._apply_ranked(s, self._plan[s])  # computed one cycle ago, mostly copied in by now
+                    for g in range(len(self.groups())):
+                        self.cache.unstage(s, g)
                     self._plan[s] = self.rank(s)  # for the next boundary
+                    self._queue_prefetch(s)
                 else:
                     self._apply_ranked(s, self.rank(s))
                 self.cycles += 1
+            else:
+                self._prefetch_some(s)
             self._step[s] = step + 1
+
+    def _queue_prefetch(self, seq_id: int) -> None:
+        """Queue the next plan's missing blocks for copying during this cycle, spread over its
+        first half, into the spare slots of the reserve (what does not fit is copied at the boundary)."""
+        if self.config.prefetch <= 0:
+            return
+        seq = self.cache.blocks.seqs[seq_id]
+        growth = -(-self.config.cycle // self.block_size) + 1  # blocks the cycle's tokens may open
+        queues = []
+        for g, ranked in enumerate(self._plan[seq_id]):
+            spare = max(0, seq.reserve - seq.held(g) - growth)
+            queues.append([j for j in self.target_set(seq_id, ranked) if j not in seq.resident[g]][:spare])
+        per_step = -(-max(map(len, queues), default=0) // max(1, self.config.cycle // 2))
+        self._prefetch[seq_id] = (per_step, queues)
+
+    def _prefetch_some(self, seq_id: int) -> None:
+        per_step, queues = self._prefetch.get(seq_id, (0, []))
+        for g, queue in enumerate(queues):
+            if queue:
+                self.cache.stage(seq_id, g, queue[:per_step])
+                del queue[:per_step]
 
     # ------------------------------------------------------------ Level-2
 
@@ -178,8 +213,9 @@ class LSAPolicy(OffloadPolicy):
         return self._plan.get(seq_id)
 
     def forget(self, seq_id: int) -> None:
-        for state in (self._queries, self._step, self._plan, self._first):
+        for state in (self._queries, self._step, self._plan, self._first, self._prefetch):
             state.pop(seq_id, None)
 
     def stats(self) -> dict:
-        return {"misses": self.misses, "cycles": self.cycles}
+        return {"misses": self.misses, "cycles": self.cycles, "blocks_prefetched": self.cache.blocks_prefetched,
+                "blocks_loaded_late": self.cache.blocks_loaded_late}

@@ -27,7 +27,8 @@ def test_bench_decode_runs_on_cpu_and_reports_every_policy(tmp_path, capsys):
         assert r["timed_s"] * 1e3 >= r["steps"] / 2 * r["token_ms_median"]
     # resident fraction follows the budget (plus tail, open block and index keys); full holds everything
     assert full["device_kv_fraction"] >= 1.0 and full["host_kv_bytes"] == 0
-    assert 0.1 <= lo["device_kv_fraction"] < hi["device_kv_fraction"] < 0.3
+    assert 0.1 <= lo["resident_kv_fraction"] < hi["resident_kv_fraction"] < 0.3
+    assert all(r["device_kv_fraction"] >= r["resident_kv_fraction"] for r in (lo, hi))  # plus staged slots
     for r in (lo, hi):
         assert r["cycles"] >= 2 and r["swap_wait_ms_per_cycle"] > 0
         # FP8 mirror: one byte per element plus a float32 scale per (layer, K/V, head), complete blocks only

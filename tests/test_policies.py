@@ -111,27 +111,37 @@ def test_tail_tokens_leave_half_the_budget_to_the_selection(model):
         PolicyConfig(name="lsa", tail_tokens=-1)
 
 
-def test_only_changed_blocks_are_copied(model):
-    engine = engine_for(model, name="lsa", budget=0.25, cycle=4)
+@pytest.mark.parametrize("prefetch", [0.0, 0.5])
+def test_only_changed_blocks_are_copied(model, prefetch):
+    """Every block entering the resident set is copied exactly once: at the boundary, or ahead of
+    it into a spare slot (prefetch) and then promoted without a copy."""
+    engine = engine_for(model, name="lsa", budget=0.25, cycle=4, prefetch=prefetch)
+    cache = engine.cache
     events = []
     original = engine.policy.apply
 
     def apply(seq_id, group, wanted):
-        before = set(engine.cache.blocks.seqs[seq_id].resident[group])
-        copied = engine.cache.blocks_copied
+        seq = cache.blocks.seqs[seq_id]
+        before, staged, late = set(seq.resident[group]), set(seq.staged[group]), cache.blocks_loaded_late
         original(seq_id, group, wanted)
-        after = set(engine.cache.blocks.seqs[seq_id].resident[group])
-        loaded = (engine.cache.blocks_copied - copied) // len(engine.cache.groups[group])
-        events.append((before, after, loaded))
+        events.append((before, set(seq.resident[group]), staged,
+                       (cache.blocks_loaded_late - late) // len(cache.groups[group])))
 
     engine.policy.apply = apply
     run(engine, prompts(1), max_tokens=60)
     assert len(events) > 10
-    moved = 0
-    for before, after, loaded in events:
-        assert loaded == len(after - before)  # a block already resident is never copied again
-        moved += loaded
+    moved = promoted = 0
+    for before, after, staged, late in events:
+        entered = after - before
+        assert late == len(entered - staged)  # a block already resident or staged is never copied again
+        moved += len(entered)
+        promoted += len(entered & staged)
     assert moved > 0  # the plan did change the resident set at some boundary
+    assert cache.blocks_copied == cache.blocks_prefetched + cache.blocks_loaded_late
+    if prefetch:
+        assert promoted > 0 and cache.blocks_prefetched > 0  # copied ahead, then used
+    else:
+        assert promoted == 0 and cache.blocks_prefetched == 0
     assert engine.policy.misses == 0
 
 
@@ -144,7 +154,8 @@ def test_device_bytes_match_accounting(model):
         if seq.seq_id not in cache.blocks.seqs or seq.num_cached < seq.prompt_len:
             return
         acc = cache.accounting(seq.seq_id)
-        resident = sum(len(r) for r in cache.blocks.seqs[seq.seq_id].resident)
+        blocks = cache.blocks.seqs[seq.seq_id]
+        resident = sum(blocks.held(g) for g in range(len(blocks.resident)))  # staged slots hold data too
         layers = TINY.num_layers
         per_layer_block = 2 * TINY.num_kv_heads * TINY.head_dim * BLOCK * cache.pool.element_size()
         index = len(cache.host_blocks(seq.seq_id)) * len(cache.index_layers) * 3 * TINY.num_kv_heads \
