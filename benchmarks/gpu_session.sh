@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device calls of the GPU machine (docs/perf.md, docs/accuracy.md).
 #   bash benchmarks/gpu_session.sh graphs  CUDA-graph tests, graph vs eager decode, full vs lsa at 128K/512K
+#   bash benchmarks/gpu_session.sh decode1 CUDA tests; lsa bench decode at 128K and 512K, batch 1
+#   bash benchmarks/gpu_session.sh decode2 lsa bench decode at 1M (FP8 mirror) and 128K at the largest batch
 #   bash benchmarks/gpu_session.sh check   CUDA tests + engine decode benchmark; stashes GGUF part 1 in /tmp
 #   bash benchmarks/gpu_session.sh eval    `lsa eval` grids on SmolLM2 (GGUF part 2 carried; must follow
 #                                          a check call while the machine is warm)
@@ -19,6 +21,17 @@ graphs)
   timeout 150 python3 -m benchmarks.engine_decode --context 8192 --batch 1 16 --out $OUT/engine_decode.json 2>&1 | tee $OUT/engine_decode.log
   timeout 300 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 --steps 32 --rounds 3 \
     --out $OUT/bench_decode.json 2>&1 | tee $OUT/bench_decode.log
+  ;;
+decode1)
+  timeout 200 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -4
+  timeout 380 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 \
+    --out $OUT/bench_decode_512k.json 2>&1 | tee $OUT/bench_decode_512k.log
+  ;;
+decode2)
+  timeout 280 python3 -m engine.cli bench decode --contexts 1048576 --batch 1 --host-dtype fp8 \
+    --out $OUT/bench_decode_1m.json 2>&1 | tee $OUT/bench_decode_1m.log
+  timeout 300 python3 -m engine.cli bench decode --contexts 131072 --batch max \
+    --out $OUT/bench_decode_128k_max.json 2>&1 | tee $OUT/bench_decode_128k_max.log
   ;;
 check)
   [ -d ../.gguf_a ] && cp ../.gguf_a/* /tmp/
