@@ -66,7 +66,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--cycle", type=int, default=64, help="decode steps between Level-1 refreshes")
     a.add_argument("--sink-blocks", type=int, default=1)
     a.add_argument("--tail-blocks", type=int, default=1, help="recent complete blocks always resident (minimum)")
-    a.add_argument("--tail-tokens", type=int, default=0,
+    a.add_argument("--tail-tokens", type=int, default=128,
                    help="recent tokens always resident, in whole blocks, at most half the budget left after "
                    "the sinks and the open block")
     a.add_argument("--page-blocks", type=int, default=1, help="recall whole pages of this many blocks")
