@@ -290,7 +290,9 @@ class BlockKVCache:
     def _copy_in(self, seq_id: int, group: int, blocks: list[int], slots: list[int]) -> None:
         host_ids = self.blocks.seqs[seq_id].host_ids
         hosts = [host_ids[j] for j in blocks]
-        dst = torch.tensor(slots, device=self.device)
+        dst = torch.tensor(slots)
+        # from page-locked memory the index copy is asynchronous too (a pageable one waits for the stream)
+        dst = (dst.pin_memory() if self._host_pinned else dst).to(self.device, non_blocking=True)
         members = self.groups[group]
         if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one scatter per chunk
             for a in range(0, len(blocks), self.load_chunk_blocks):

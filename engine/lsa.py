@@ -14,6 +14,7 @@ every complete block). Sinks, the recent tail and the open block are always resi
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 
 import torch
@@ -66,6 +67,7 @@ class LSAPolicy(OffloadPolicy):
         self._first: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> prefill block scores
         self._prefetch: dict[int, tuple[int, list[list[int]]]] = {}  # seq -> (blocks per step, per group queue)
         self.cycles = 0
+        self.timing = {"rank_s": 0.0, "apply_s": 0.0, "queue_s": 0.0}  # host time at boundaries (lookahead 1)
 
     def decode_reserve(self, max_len: int) -> int:
         """The resident set's reserve plus spare slots the next plan's blocks are copied into."""
@@ -164,12 +166,21 @@ class LSAPolicy(OffloadPolicy):
         for s in seq_ids:
             step = self._step[s]
             if step and step % self.config.cycle == 0:
+                t0 = time.perf_counter()
                 if self.config.lookahead:
-                    self._apply_ranked(s, self._plan[s])  # computed one cycle ago, mostly copied in by now
+                    # rank first: its scores reach the host before the compute stream is made to
+                    # wait for the staged copies (apply), so the host never waits for a copy here
+                    ranked = self.rank(s)  # for the next boundary
+                    t1 = time.perf_counter()
+                    self._apply_ranked(s, self._plan[s])  # computed one cycle ago, copied in by now
                     for g in range(len(self.groups())):
                         self.cache.unstage(s, g)
-                    self._plan[s] = self.rank(s)  # for the next boundary
+                    self._plan[s] = ranked
+                    t2 = time.perf_counter()
                     self._queue_prefetch(s)
+                    self.timing["rank_s"] += t1 - t0
+                    self.timing["apply_s"] += t2 - t1
+                    self.timing["queue_s"] += time.perf_counter() - t2
                 else:
                     self._apply_ranked(s, self.rank(s))
                 self.cycles += 1
