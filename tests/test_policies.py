@@ -111,6 +111,16 @@ def test_tail_tokens_leave_half_the_budget_to_the_selection(model):
         PolicyConfig(name="lsa", tail_tokens=-1)
 
 
+def test_default_tail_at_64_token_blocks_leaves_room_for_selection():
+    from engine.policies import OffloadPolicy
+
+    policy = OffloadPolicy(PolicyConfig(name="lsa"), num_layers=4, block_size=64)  # tail_tokens 128: 2 blocks
+    assert [policy.tail_size(-(-ctx // 64)) for ctx in (2048, 3072, 4096, 8192)] == [1, 1, 2, 2]
+    for blocks in range(3, 2000):  # past the 1-block minimum, at least as many selected blocks as tail blocks
+        tail = policy.tail_size(blocks)
+        assert policy.budget_blocks(blocks) - 2 - tail >= tail or tail == 1
+
+
 @pytest.mark.parametrize("prefetch", [0.0, 0.5])
 def test_only_changed_blocks_are_copied(model, prefetch):
     """Every block entering the resident set is copied exactly once: at the boundary, or ahead of
@@ -199,4 +209,25 @@ def test_policy_config_errors():
 def test_neighbors_follow_each_selected_block(model):
     engine = engine_for(model, name="lsa", budget=0.3, neighbors=1)
     score = torch.tensor([0.1, 5.0, 0.2, 0.3, 4.0, 0.0])
-    assert engine.policy._pages(score) == [1, 2, 4, 5, 3, 0]
+    assert engine.policy._pages(score).tolist() == [1, 2, 4, 5, 3, 0]
+
+
+@pytest.mark.parametrize("neighbors,page", [(0, 1), (1, 1), (2, 1), (1, 3)])
+def test_vectorised_ranking_matches_the_plain_loop(model, neighbors, page):
+    policy = engine_for(model, name="lsa", neighbors=neighbors, page_blocks=page).policy
+    gen = torch.Generator().manual_seed(neighbors * 10 + page)
+    for m in (1, 7, 50, 301):
+        score = torch.randn(m, generator=gen)
+        score[torch.rand(m, generator=gen) < 0.2] = float("-inf")
+        pages = torch.full((-(-m // page),), float("-inf"))
+        for p in range(len(pages)):
+            pages[p] = score[p * page:(p + 1) * page].max()
+        order = sorted((p for p in range(len(pages)) if pages[p] > float("-inf")), key=lambda p: -pages[p].item())
+        base = [j for p in order for j in range(p * page, min(m, (p + 1) * page))]
+        want, seen = [], set()
+        for j in base:
+            for k in range(j, min(m, j + neighbors + 1)):
+                if k not in seen:
+                    seen.add(k)
+                    want.append(k)
+        assert policy._pages(score).tolist() == want
