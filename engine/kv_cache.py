@@ -146,6 +146,7 @@ class BlockKVCache:
         self.blocks_loaded_late = 0  # of blocks_copied: copied when needed (load of a block not staged)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._copies_pending = False
+        self._d2h: torch.cuda.Event | None = None  # the last asynchronous write into the host mirror
         self._host_pinned = self.device.type == "cuda" and self.host.is_pinned()
 
     # ------------------------------------------------------------ sequences
@@ -164,6 +165,7 @@ class BlockKVCache:
             return
         self.blocks.attach_prefix(seq_id, host_ids)
         if self.index_layers:
+            self.host_ready()
             hosts = torch.tensor(host_ids)
             idx = torch.tensor(self.index_layers)
             self.index_keys[:, :, hosts.to(self.device)] = (
@@ -197,45 +199,63 @@ class BlockKVCache:
             done += [([r[j] for r in seq.resident], h) for j, h in self.blocks.commit(seq_id, n)]
         if not done:
             return
-        hosts = torch.tensor([h for _, h in done])
+        hosts = [h for _, h in done]
+        summaries = {}  # layer -> [n, 3, H, D] on the device
         for g, members in enumerate(self.groups):
             slots = torch.tensor([s[g] for s, _ in done], device=self.device)
             if len(members) == self.pool.shape[0]:
-                self._mirror(hosts, slice(None), self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5))
+                summary = self._mirror(hosts, slice(None), self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5))
+                summaries.update((layer, summary[:, layer]) for layer in members)
             else:
                 for layer in members:
-                    self._mirror(hosts, slice(layer, layer + 1), self.pool[layer, :, slots].transpose(0, 1)[:, None])
-        if self.slot_summary is not None:
-            for g, members in enumerate(self.groups):
-                slots = torch.tensor([s[g] for s, _ in done], device=self.device)
+                    summaries[layer] = self._mirror(hosts, slice(layer, layer + 1),
+                                                    self.pool[layer, :, slots].transpose(0, 1)[:, None])[:, 0]
+            if self.slot_summary is not None:
                 for layer in members:
-                    self.slot_summary[layer, :, slots] = self.host_summary[hosts, layer].to(self.device).transpose(0, 1)
-        if self.index_layers:
-            idx = torch.tensor(self.index_layers)
-            self.index_keys[:, :, hosts.to(self.device)] = (
-                self.host_summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
+                    self.slot_summary[layer, :, slots] = summaries[layer].transpose(0, 1)
+        self._refresh_index_keys(hosts, summaries)
 
     def mirror_layer(self, host_ids: list[int], layer: int, blocks: torch.Tensor) -> None:
         """Write one layer of complete blocks straight to the host mirror (layer-by-layer
         prefill): blocks [n, 2, H, B, D] on the device; refreshes the layer's device index keys."""
-        hosts = torch.tensor(host_ids)
-        self._mirror(hosts, slice(layer, layer + 1), blocks[:, None])
-        if layer in self.index_layers:
-            li = self.index_layers.index(layer)
-            self.index_keys[li][:, hosts.to(self.device)] = self.host_summary[hosts, layer].transpose(0, 1).to(
-                self.device)
+        summary = self._mirror(host_ids, slice(layer, layer + 1), blocks[:, None])
+        self._refresh_index_keys(host_ids, {layer: summary[:, 0]})
 
-    def _mirror(self, hosts: torch.Tensor, layers: slice, blocks: torch.Tensor) -> None:
-        """blocks [n, Lsel, 2, H, B, D] of complete blocks -> host mirror rows and key summaries."""
+    def _refresh_index_keys(self, hosts: list[int], summaries: dict[int, torch.Tensor]) -> None:
+        """Device index keys of new host rows, from their summaries computed on the device."""
+        rows = torch.tensor(hosts, device=self.device)
+        for li, layer in enumerate(self.index_layers):
+            if layer in summaries:
+                self.index_keys[li][:, rows] = summaries[layer].transpose(0, 1)
+
+    def _mirror(self, hosts: list[int], layers: slice, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [n, Lsel, 2, H, B, D] of complete blocks -> host mirror rows and key summaries;
+        returns the summaries [n, Lsel, 3, H, D] (model dtype) on the device.
+
+        Into page-locked memory each row is an asynchronous copy on the compute stream: the host
+        does not wait (the step's sampled tokens, which it does wait for, come after), and later
+        loads of the row are ordered after it (staged copies wait for the compute stream)."""
         keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]
-        summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2)  # [n, Lsel, 3, H, D]
+        summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2).to(self.dtype)  # [n, Lsel, 3, H, D]
+        scale = None
         if self.host_fp8:  # quantized where the blocks are, so only e4m3 bytes cross to the host
-            data, scale = quantize_fp8(blocks)
-            self.host[hosts, layers] = data.to("cpu")
-            self.host_scale[hosts, layers] = scale.to("cpu")
-        else:
-            self.host[hosts, layers] = blocks.to("cpu")
-        self.host_summary[hosts, layers] = summary.to(device="cpu", dtype=self.dtype)
+            blocks, scale = quantize_fp8(blocks)
+        if self._host_pinned:
+            blocks, summary_c = blocks.contiguous(), summary.contiguous()
+            for i, h in enumerate(hosts):
+                self.host[h, layers].copy_(blocks[i], non_blocking=True)
+                self.host_summary[h, layers].copy_(summary_c[i], non_blocking=True)
+                if scale is not None:
+                    self.host_scale[h, layers].copy_(scale[i], non_blocking=True)
+            self._d2h = torch.cuda.Event()
+            self._d2h.record()
+            return summary
+        rows = torch.tensor(hosts)
+        self.host[rows, layers] = blocks.to("cpu")
+        if scale is not None:
+            self.host_scale[rows, layers] = scale.to("cpu")
+        self.host_summary[rows, layers] = summary.to("cpu")
+        return summary
 
     # ------------------------------------------------------------ residency changes
 
@@ -304,6 +324,7 @@ class BlockKVCache:
                 self.pool[layer, :, dst] = self._fetch(rows, layer).transpose(0, 1)  # [2, n, H, B, D]
         if self.slot_summary is not None:
             rows = torch.tensor(hosts)
+            self.host_ready()
             for layer in members:
                 self.slot_summary[layer, :, dst] = self.host_summary[rows, layer].to(self.device).transpose(0, 1)
         self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
@@ -311,8 +332,16 @@ class BlockKVCache:
 
     load_chunk_blocks = 64  # blocks (all layers) per host gather + copy: bounds the temporaries
 
+    def host_ready(self) -> None:
+        """Wait until every asynchronous write into the host mirror has landed (before the host
+        itself reads mirror rows; copies on the GPU streams are ordered without this)."""
+        if self._d2h is not None:
+            self._d2h.synchronize()
+            self._d2h = None
+
     def _fetch(self, hosts: torch.Tensor, layers) -> torch.Tensor:
         """Mirrored blocks on the device in the model dtype: [n, ...] of ``host[hosts, layers]``."""
+        self.host_ready()  # the gather below runs on the host
         data = self.host[hosts, layers].to(self.device, non_blocking=True)
         if self.host_fp8:
             scale = self.host_scale[hosts, layers].to(self.device, non_blocking=True)

@@ -115,41 +115,44 @@ class LSAPolicy(OffloadPolicy):
                 per_layer[layer] = self.indexer.score(queries, keys[0], keys[1], keys[2], ids)
         else:
             per_layer = {layer: s[: len(host_ids)] for layer, s in per_layer.items()}
+        # only the head of a ranking is ever used: what fills the budget a cycle or two ahead
+        n = self.cache.num_tokens(seq_id)
+        limit = (self.budget_blocks(self.blocks_for(n + 2 * self.config.cycle + 1)) + self.config.sink_blocks
+                 + self.tail_size(self.blocks_for(n + 2 * self.config.cycle + 1)) + 2)
         ranked = []
         for members in self.groups():
             layers = [m for m in members if m in per_layer] or list(per_layer)
             score = torch.stack([per_layer[m] for m in layers]).amax(0)  # cross-layer max, [M]
-            ranked.append(self._pages(score))
+            ranked.append(self._pages(score.float().cpu())[:limit].tolist())  # one transfer per group
         return ranked
 
-    def _pages(self, score: torch.Tensor) -> list[int]:
-        """Blocks best first; each followed by its next ``neighbors`` blocks when asked."""
+    def _pages(self, score: torch.Tensor) -> torch.Tensor:
+        """Blocks best first (a tensor on the host); each followed by its next ``neighbors``
+        blocks when asked (a block already listed keeps its first place)."""
         ranked = self._ranked_pages(score)
-        if not self.config.neighbors:
+        k = self.config.neighbors
+        if not k or not len(ranked):
             return ranked
-        out, seen, m = [], set(), score.numel()
-        for j in ranked:
-            for k in range(j, min(m, j + self.config.neighbors + 1)):
-                if k not in seen:
-                    seen.add(k)
-                    out.append(k)
-        return out
+        cand = (ranked[:, None] + torch.arange(k + 1)).flatten()
+        cand = cand[cand < score.numel()]
+        uniq, inverse = torch.unique(cand, return_inverse=True)
+        first = torch.full((len(uniq),), len(cand)).scatter_reduce(0, inverse, torch.arange(len(cand)), "amin")
+        return cand[first.sort().values]
 
-    def _ranked_pages(self, score: torch.Tensor) -> list[int]:
+    def _ranked_pages(self, score: torch.Tensor) -> torch.Tensor:
         page = self.config.page_blocks
         if self.config.threshold is not None:
             score = torch.where(score.exp() >= self.config.threshold, score, torch.full_like(score, float("-inf")))
         if page == 1:
-            order = torch.argsort(score, descending=True)
-            return [j for j in order.tolist() if score[j] > float("-inf")]
+            order = torch.argsort(score, descending=True, stable=True)
+            return order[score[order] > float("-inf")]
         m = score.numel()
         pad = (-m) % page
         page_score = torch.nn.functional.pad(score, (0, pad), value=float("-inf")).view(-1, page).amax(1)
-        out = []
-        for p in torch.argsort(page_score, descending=True).tolist():
-            if page_score[p] > float("-inf"):
-                out += [j for j in range(p * page, min(m, (p + 1) * page))]
-        return out
+        pages = torch.argsort(page_score, descending=True, stable=True)
+        pages = pages[page_score[pages] > float("-inf")]
+        blocks = (pages[:, None] * page + torch.arange(page)).flatten()
+        return blocks[blocks < m]
 
     def _apply_ranked(self, seq_id: int, ranked: list[list[int]]) -> None:
         for g, blocks in enumerate(ranked):

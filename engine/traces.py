@@ -129,6 +129,7 @@ class TracePolicy(Policy):
 
     def _snapshot(self, seq_id: int) -> dict:
         host_ids = self.cache.host_blocks(seq_id)  # complete blocks, logical order
+        self.cache.host_ready()
         summary = self.cache.host_summary[torch.tensor(host_ids, dtype=torch.long)]  # [M, L, 3, Hkv, D]
         keys = summary[:, list(self.targets)].permute(1, 0, 3, 2, 4).float()  # [Lt, M, Hkv, 3, D]
         queries = torch.stack([torch.stack(list(self._queries[layer])) for layer in self.targets])
