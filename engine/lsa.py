@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -67,7 +68,16 @@ class LSAPolicy(OffloadPolicy):
         self._first: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> prefill block scores
         self._prefetch: dict[int, tuple[int, list[list[int]]]] = {}  # seq -> (blocks per step, per group queue)
         self.cycles = 0
-        self.timing = {"rank_s": 0.0, "apply_s": 0.0, "queue_s": 0.0}  # host time at boundaries (lookahead 1)
+        self.timing = {"rank_s": 0.0, "apply_s": 0.0}  # host time at boundaries (lookahead 1)
+        # Level-1 ordering on a worker thread (CUDA: the host would otherwise hold up a step)
+        self.background_rank = None
+        self._ranker: ThreadPoolExecutor | None = None
+        self._next: dict[int, Future] = {}  # seq -> the next plan, being ordered
+
+    def bind(self, cache) -> None:
+        super().bind(cache)
+        if self.background_rank is None:
+            self.background_rank = cache.device.type == "cuda"
 
     def decode_reserve(self, max_len: int) -> int:
         """The resident set's reserve plus spare slots the next plan's blocks are copied into."""
@@ -103,9 +113,15 @@ class LSAPolicy(OffloadPolicy):
     def rank(self, seq_id: int, per_layer: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
         """Per group: complete blocks, best first (whole pages together when page_blocks > 1).
         ``per_layer`` gives ready scores [M] per index layer; otherwise the indexer scores."""
+        scores, limit = self._scores(seq_id, per_layer)
+        return [self._pages(score.float().cpu())[:limit].tolist() for score in scores]  # one transfer per group
+
+    def _scores(self, seq_id: int, per_layer: dict[int, torch.Tensor] | None = None
+                ) -> tuple[list[torch.Tensor], int]:
+        """Per group: block scores [M] (on the device), and how much of a ranking is used."""
         host_ids = self.cache.blocks.seqs[seq_id].host_ids
         if not host_ids:
-            return [[] for _ in self.groups()]
+            return [torch.empty(0) for _ in self.groups()], 0
         if per_layer is None:
             ids = torch.tensor(host_ids, device=self.cache.device)
             per_layer = {}
@@ -119,12 +135,33 @@ class LSAPolicy(OffloadPolicy):
         n = self.cache.num_tokens(seq_id)
         limit = (self.budget_blocks(self.blocks_for(n + 2 * self.config.cycle + 1)) + self.config.sink_blocks
                  + self.tail_size(self.blocks_for(n + 2 * self.config.cycle + 1)) + 2)
-        ranked = []
+        scores = []
         for members in self.groups():
             layers = [m for m in members if m in per_layer] or list(per_layer)
-            score = torch.stack([per_layer[m] for m in layers]).amax(0)  # cross-layer max, [M]
-            ranked.append(self._pages(score.float().cpu())[:limit].tolist())  # one transfer per group
-        return ranked
+            scores.append(torch.stack([per_layer[m] for m in layers]).amax(0))  # cross-layer max, [M]
+        return scores, limit
+
+    def _rank_in_background(self, seq_id: int) -> Future:
+        """Score now (kernel launches only), order on a worker thread once the scores reach the
+        host: the decode steps go on meanwhile. The plan is used at the next boundary."""
+        scores, limit = self._scores(seq_id)
+        if self.cache.device.type == "cuda":
+            host = [torch.empty(sc.shape, dtype=torch.float32, pin_memory=True) for sc in scores]
+            for buf, sc in zip(host, scores):
+                buf.copy_(sc, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = [sc.float().cpu() for sc in scores], None
+
+        def order() -> list[list[int]]:
+            if ready is not None:
+                ready.synchronize()
+            return [self._pages(buf)[:limit].tolist() for buf in host]
+
+        if self._ranker is None:
+            self._ranker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsa-rank")
+        return self._ranker.submit(order)
 
     def _pages(self, score: torch.Tensor) -> torch.Tensor:
         """Blocks best first (a tensor on the host); each followed by its next ``neighbors``
@@ -171,25 +208,33 @@ class LSAPolicy(OffloadPolicy):
             if step and step % self.config.cycle == 0:
                 t0 = time.perf_counter()
                 if self.config.lookahead:
-                    # rank first: its scores reach the host before the compute stream is made to
-                    # wait for the staged copies (apply), so the host never waits for a copy here
-                    ranked = self.rank(s)  # for the next boundary
-                    t1 = time.perf_counter()
-                    self._apply_ranked(s, self._plan[s])  # computed one cycle ago, copied in by now
+                    self._take_plan(s, wait=True)  # computed one cycle ago
+                    self._apply_ranked(s, self._plan[s])  # its blocks copied in by now
                     for g in range(len(self.groups())):
                         self.cache.unstage(s, g)
-                    self._plan[s] = ranked
-                    t2 = time.perf_counter()
-                    self._queue_prefetch(s)
-                    self.timing["rank_s"] += t1 - t0
-                    self.timing["apply_s"] += t2 - t1
-                    self.timing["queue_s"] += time.perf_counter() - t2
+                    t1 = time.perf_counter()
+                    if self.background_rank:
+                        self._next[s] = self._rank_in_background(s)
+                    else:
+                        self._plan[s] = self.rank(s)  # for the next boundary
+                        self._queue_prefetch(s)
+                    self.timing["apply_s"] += t1 - t0
+                    self.timing["rank_s"] += time.perf_counter() - t1
                 else:
                     self._apply_ranked(s, self.rank(s))
                 self.cycles += 1
             else:
+                self._take_plan(s, wait=False)
                 self._prefetch_some(s)
             self._step[s] = step + 1
+
+    def _take_plan(self, seq_id: int, wait: bool) -> None:
+        """Adopt a plan ranked in the background once it is ready (or now, with ``wait``)."""
+        future = self._next.get(seq_id)
+        if future is not None and (wait or future.done()):
+            del self._next[seq_id]
+            self._plan[seq_id] = future.result()
+            self._queue_prefetch(seq_id)
 
     def _queue_prefetch(self, seq_id: int) -> None:
         """Queue the next plan's missing blocks for copying during this cycle, spread over its
@@ -227,7 +272,7 @@ class LSAPolicy(OffloadPolicy):
         return self._plan.get(seq_id)
 
     def forget(self, seq_id: int) -> None:
-        for state in (self._queries, self._step, self._plan, self._first, self._prefetch):
+        for state in (self._queries, self._step, self._plan, self._first, self._prefetch, self._next):
             state.pop(seq_id, None)
 
     def stats(self) -> dict:

@@ -231,3 +231,19 @@ def test_vectorised_ranking_matches_the_plain_loop(model, neighbors, page):
                     seen.add(k)
                     want.append(k)
         assert policy._pages(score).tolist() == want
+
+
+def test_ranking_in_the_background_applies_the_same_plans(model):
+    """Level-1 ordered on a worker thread (the CUDA default) gives the same resident sets at every
+    boundary, hence the same logits, as ordering inline."""
+    ids = prompts(2)
+    results = []
+    for background in (False, True):
+        engine = engine_for(model, name="lsa", budget=0.2, cycle=4)
+        engine.policy.background_rank = background
+        results.append(run(engine, ids, max_tokens=30))
+        assert engine.policy.cycles > 4 and (engine.policy._ranker is not None) == background
+    (seqs_a, logits_a), (seqs_b, logits_b) = results
+    for a, b, la, lb in zip(seqs_a, seqs_b, logits_a, logits_b):
+        assert a.output_ids == b.output_ids
+        assert torch.equal(la, lb)
