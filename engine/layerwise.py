@@ -65,7 +65,7 @@ class LayerwisePrefill:
         dev = cache.device
         positions = torch.arange(n, device=dev)
         x = self.model.model.embed_tokens(torch.tensor(ids, device=dev))  # [T, H]
-        cos, sin = self.model.model.rotary(positions, x.dtype)  # [T, 1, D]
+        cos, sin = self.model.model.rotary(positions, x.dtype)  # [T, D]
         k_all = torch.empty(mc.num_kv_heads, n, mc.head_dim, dtype=cache.dtype, device=dev)  # one layer's K
         v_all = torch.empty_like(k_all)
         self.peak_scratch_bytes = max(self.peak_scratch_bytes, 2 * k_all.numel() * k_all.element_size())

@@ -10,7 +10,7 @@ from . import reference
 from .dispatch import pick
 
 __all__ = ["sparse_decode_attention", "block_scores", "select_blocks", "paged_kv_write",
-           "reference"]
+           "rms_norm", "rotary", "silu_mul", "reference"]
 
 
 def _dim(t, i: int) -> int | None:
@@ -105,3 +105,37 @@ def select_blocks(scores, num_blocks, k=None, threshold=None, top_p=None):
         count [...] int32 number of selected blocks.
     """
     return reference.select_blocks(scores, num_blocks, k=k, threshold=threshold, top_p=top_p)
+
+
+def rms_norm(x, weight, eps, residual_in=None):
+    """RMSNorm of each row, as the Llama module computes it: ``weight * (x * rsqrt(mean(x^2) +
+    eps)).to(x.dtype)``, statistics in fp32.
+
+    Args:
+        x:      [T, H] activations (the last dim contiguous).
+        weight: [H].
+        residual_in: optional [T, H]: first ``x += residual_in`` **in place** (the residual
+                stream after a sublayer), then the norm of the sum.
+
+    Returns:
+        [T, H] in the promoted dtype of weight and x.
+    """
+    return pick(x, "fused", "rms_norm")(x, weight, eps, residual_in)
+
+
+def rotary(x, cos, sin):
+    """Rotary embedding applied **in place**: ``x * cos + rotate_half(x) * sin``.
+
+    Args:
+        x:   [T, H, D] queries or keys (the last dim contiguous).
+        cos, sin: [T, D] per token (the two halves of D repeat the same frequencies).
+
+    Returns:
+        x.
+    """
+    return pick(x, "fused", "rotary")(x, cos, sin)
+
+
+def silu_mul(gate, up):
+    """``silu(gate) * up`` (the SwiGLU MLP), [T, I] each -> [T, I]."""
+    return pick(gate, "fused", "silu_mul")(gate, up)

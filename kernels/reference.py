@@ -130,3 +130,22 @@ def select_blocks(scores, num_blocks, k=None, threshold=None, top_p=None):
     if k is not None and k < width:
         idx = idx[..., :k]
     return idx, count.to(torch.int32)
+
+
+def rms_norm(x, weight, eps, residual_in=None):
+    """Reference of :func:`kernels.rms_norm`; see there for the contract."""
+    if residual_in is not None:
+        x.copy_(x + residual_in)
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotary(x, cos, sin):
+    """Reference of :func:`kernels.rotary`; see there for the contract."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x.copy_(x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None])
+
+
+def silu_mul(gate, up):
+    """Reference of :func:`kernels.silu_mul`; see there for the contract."""
+    return torch.nn.functional.silu(gate) * up
