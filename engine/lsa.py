@@ -209,6 +209,7 @@ class LSAPolicy(OffloadPolicy):
                 t0 = time.perf_counter()
                 if self.config.lookahead:
                     self._take_plan(s, wait=True)  # computed one cycle ago
+                    self._prefetch.pop(s, None)  # what was not copied ahead is copied now
                     self._apply_ranked(s, self._plan[s])  # its blocks copied in by now
                     for g in range(len(self.groups())):
                         self.cache.unstage(s, g)
@@ -234,7 +235,8 @@ class LSAPolicy(OffloadPolicy):
         if future is not None and (wait or future.done()):
             del self._next[seq_id]
             self._plan[seq_id] = future.result()
-            self._queue_prefetch(seq_id)
+            if not wait:  # at a boundary the plan is applied at once: nothing to copy ahead
+                self._queue_prefetch(seq_id)
 
     def _queue_prefetch(self, seq_id: int) -> None:
         """Queue the next plan's missing blocks for copying during this cycle, spread over its
@@ -252,9 +254,11 @@ class LSAPolicy(OffloadPolicy):
 
     def _prefetch_some(self, seq_id: int) -> None:
         per_step, queues = self._prefetch.get(seq_id, (0, []))
+        seq = self.cache.blocks.seqs[seq_id]
         for g, queue in enumerate(queues):
             if queue:
-                self.cache.stage(seq_id, g, queue[:per_step])
+                take = [j for j in queue[:per_step] if j not in seq.resident[g] and j not in seq.staged[g]]
+                self.cache.stage(seq_id, g, take)
                 del queue[:per_step]
 
     # ------------------------------------------------------------ Level-2

@@ -1,4 +1,6 @@
 """Attention policies on a tiny random model: budgets, residency invariants, copies, accounting."""
+import time
+
 import pytest
 import torch
 
@@ -233,14 +235,18 @@ def test_vectorised_ranking_matches_the_plain_loop(model, neighbors, page):
         assert policy._pages(score).tolist() == want
 
 
-def test_ranking_in_the_background_applies_the_same_plans(model):
+@pytest.mark.parametrize("slow", [0.0, 0.2])
+def test_ranking_in_the_background_applies_the_same_plans(model, slow):
     """Level-1 ordered on a worker thread (the CUDA default) gives the same resident sets at every
-    boundary, hence the same logits, as ordering inline."""
+    boundary, hence the same logits, as ordering inline; also when the ordering is still running
+    at the next boundary (``slow``: the boundary waits for it, and copies nothing ahead)."""
     ids = prompts(2)
     results = []
     for background in (False, True):
         engine = engine_for(model, name="lsa", budget=0.2, cycle=4)
         engine.policy.background_rank = background
+        pages = engine.policy._pages
+        engine.policy._pages = lambda score: time.sleep(slow) or pages(score)
         results.append(run(engine, ids, max_tokens=30))
         assert engine.policy.cycles > 4 and (engine.policy._ranker is not None) == background
     (seqs_a, logits_a), (seqs_b, logits_b) = results
