@@ -31,6 +31,25 @@ final1)
   timeout 150 python3 -m engine.cli bench decode --contexts 1048576 --batch 1 --host-dtype fp8 --rounds 2 \
     --out $OUT/bench_decode_1m.json 2>&1 | tee $OUT/bench_decode_1m.log | grep -v built
   ;;
+final2)
+  cp .gguf_a/* /tmp/ 2>/dev/null
+  timeout 60 python3 -m pytest -q -x tests/test_graphs.py 2>&1 | tail -2
+  timeout 280 python3 -m engine.cli bench decode --contexts 131072 --batch max --host-dtype fp8 --rounds 2 \
+    --out $OUT/bench_decode_128k_max.json 2>&1 | tee $OUT/bench_decode_128k_max.log | grep -v built
+  ;;
+eval2)
+  mkdir -p /tmp/smollm2 && cat /tmp/ggsplit_aa .gguf_b/ggsplit_ab > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  M=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  common="--model $M --haystack .hay --block-size 16 --quiet --tasks niah --depths 0.1,0.3,0.5,0.7,0.9 --limit 3 --max-tokens 24 --prefill-chunk 8192 --budgets 0.1"
+  for ctx in 4096 8192; do
+    timeout 150 python3 -m engine.cli eval $common --contexts $ctx --policies full,lsa,quest,streaming,snapkv,oracle \
+      --out $OUT/niah$ctx 2>&1 | tail -2
+    cat $OUT/niah$ctx/results.md 2>/dev/null | head -20
+  done
+  timeout 60 python3 -m engine.cli eval $common --contexts 8192 --policies lsa --host-dtype fp8 --out $OUT/niahfp8 2>&1 | tail -2
+  cat $OUT/niahfp8/results.md 2>/dev/null | head -12
+  rm -f $OUT/*/*.png
+  ;;
 decode1)
   timeout 200 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -4
   timeout 380 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 \
