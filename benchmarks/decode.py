@@ -291,7 +291,8 @@ def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
                  "alternated": len(pairs) > 1, "cuda_graphs": engines[i][1].graphs is not None}
         rows.append(summarise(label, windows[(i, rho)], s.batch))
-    del engines
+    engines.clear()  # and the loop variables: the last engine must not outlive its group
+    s = engine = seqs = swaps = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

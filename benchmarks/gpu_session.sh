@@ -50,6 +50,11 @@ eval2)
   cat $OUT/niahfp8/results.md 2>/dev/null | head -12
   rm -f $OUT/*/*.png
   ;;
+final3)
+  timeout 80 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py 2>&1 | grep -E "^E |FAILED|passed|failed" | head -12
+  timeout 280 python3 -m engine.cli bench decode --contexts 131072 --batch max --host-dtype fp8 --rounds 2 --steps 32 \
+    --out $OUT/bench_decode_128k_max.json 2>&1 | tee $OUT/bench_decode_128k_max.log
+  ;;
 decode1)
   timeout 200 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -4
   timeout 380 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 \

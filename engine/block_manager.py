@@ -224,13 +224,12 @@ class BlockManager:
             seq.resident[group][j] = seq.staged[group].pop(j)
         seq.versions[group] += bool(blocks)
 
-    def unstage(self, seq_id: int, group: int) -> int:
-        """Free every staged slot of a group (the plan changed); returns how many."""
+    def unstage(self, seq_id: int, group: int, keep=()) -> int:
+        """Free the staged slots of a group except those of blocks in ``keep``; returns how many."""
         staged = self.seqs[seq_id].staged[group]
-        n = len(staged)
-        self.device[group].free(staged.values())
-        staged.clear()
-        return n
+        drop = [j for j in staged if j not in keep]
+        self.device[group].free([staged.pop(j) for j in drop])
+        return len(drop)
 
     def table(self, seq_id: int, group: int = 0, pending: int = 0) -> tuple[list[int], list[int], int]:
         """Resident blocks of a sequence in logical order, the block holding the last token last.

@@ -296,10 +296,11 @@ class BlockKVCache:
             self._copies_pending = True
         self.blocks_prefetched += len(blocks) * len(self.groups[group])
 
-    def unstage(self, seq_id: int, group: int) -> None:
-        """Drop the staged blocks of a group that the plan no longer wants."""
-        self.join_copies()  # their slots are free for compute work afterwards
-        self.blocks.unstage(seq_id, group)
+    def unstage(self, seq_id: int, group: int, keep=()) -> None:
+        """Drop the staged blocks of a group that the plan no longer wants (all but ``keep``)."""
+        if self.blocks.seqs[seq_id].staged[group]:
+            self.join_copies()  # their slots are free for compute work afterwards
+            self.blocks.unstage(seq_id, group, keep)
 
     def join_copies(self) -> None:
         """Order the compute stream after every staged copy issued so far (no host wait)."""

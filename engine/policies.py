@@ -149,6 +149,7 @@ class OffloadPolicy(Policy):
         missing = [j for j in load if j >= mirrored]
         self.misses += len(missing)
         self.cache.evict(seq_id, group, evict)
+        self.cache.unstage(seq_id, group, keep=want)  # staged for a plan that changed: free the slots first
         self.cache.load(seq_id, group, [j for j in load if j < mirrored])
         self.swaps += 1
 
