@@ -17,6 +17,7 @@ Policies that narrow the table per step (Quest, oracle, LSA with Level-2 top-k) 
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 import torch
@@ -191,8 +192,18 @@ class DecodeGraphRunner:
                     self._forward(step)
             torch.cuda.current_stream(dev).wait_stream(side)
             step.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(step.graph, pool=self.mempool):
-                step.logits = self._forward(step)
+            # No collection inside the capture: freeing an old engine's pinned buffers then makes
+            # CUDA calls that invalidate it; and only this thread's calls may (the Level-1 ranker
+            # thread waits on events meanwhile).
+            gc.collect()
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(step.graph, pool=self.mempool, capture_error_mode="thread_local"):
+                    step.logits = self._forward(step)
+            finally:
+                if enabled:
+                    gc.enable()
             self.captures += 1
         self.steps[(batch, width)] = step
         return step
