@@ -203,25 +203,8 @@ def forced_argmax(engine, context: list[int], continuation: list[int]) -> list[i
     """The engine's greedy choice at every position of ``continuation`` when it is teacher-forced
     after ``context`` through the decode path: [len(continuation)] token ids, the first from the
     prefill's last logits. Position i sees ``context + continuation[:i]`` whatever was chosen before."""
-    from engine.sequence import Status
-
-    seq = engine.add_request(context, SamplingParams(max_tokens=len(continuation), ignore_eos=True))
-    seq.forced = list(continuation)
     choices: list[int] = []
-    previous = engine.on_logits
-
-    def record(s, row):
-        if s is seq:
-            choices.append(int(row.argmax()))
-        elif previous is not None:
-            previous(s, row)
-
-    engine.on_logits = record
-    try:
-        while seq.status is not Status.FINISHED:
-            engine.step()
-    finally:
-        engine.on_logits = previous
+    engine.teacher_force(context, continuation, lambda i, row: choices.append(int(row.argmax())))
     return choices
 
 

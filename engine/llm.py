@@ -267,6 +267,16 @@ class LLMEngine:
         """Log-probabilities [len(continuation)] of ``continuation`` after ``context``, teacher-forced
         through the decode path (so the attention policy is what is measured; the first token is
         scored from the prefill)."""
+        logprobs: list[torch.Tensor] = []
+        self.teacher_force(context, continuation,
+                           lambda i, row: logprobs.append(torch.log_softmax(row.float(), -1)[continuation[i]]))
+        return torch.stack(logprobs).cpu()
+
+    def teacher_force(self, context: list[int], continuation: list[int],
+                      visit: Callable[[int, torch.Tensor], None]) -> None:
+        """Feed ``continuation`` after ``context`` through the decode path whatever the model would
+        choose, calling ``visit(i, logits [V])`` with the logits that predict ``continuation[i]``
+        (i = 0 from the prefill). Other sequences' logits still reach ``on_logits``."""
         if not continuation:
             raise InvalidRequestError("continuation is empty")
         seq = self.add_request(context, SamplingParams(max_tokens=len(continuation), ignore_eos=True))
@@ -274,12 +284,11 @@ class LLMEngine:
             self.abort(seq)
             raise PromptTooLongError("context plus continuation exceed the model's context")
         seq.forced = list(continuation)
-        logprobs: list[torch.Tensor] = []
         previous = self.on_logits
 
         def record(s: Sequence, row: torch.Tensor) -> None:
             if s is seq:
-                logprobs.append(torch.log_softmax(row.float(), -1)[continuation[len(s.output_ids)]])
+                visit(len(s.output_ids), row)
             elif previous is not None:
                 previous(s, row)
 
@@ -289,7 +298,6 @@ class LLMEngine:
                 self.step()
         finally:
             self.on_logits = previous
-        return torch.stack(logprobs).cpu()
 
     @torch.inference_mode()
     def prompt_logits(self, ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
