@@ -8,7 +8,7 @@ import time
 
 from engine.errors import LSAError
 from engine.evaluation import add_eval_parser, run_eval
-from engine.indexer import add_train_indexer_parser, run_train_indexer
+from engine.indexer_train import add_train_indexer_parser, run_train_indexer
 from engine.traces import add_dump_traces_parser, run_dump_traces
 
 

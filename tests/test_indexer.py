@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from engine.cli import main
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError, LSAError
-from engine.indexer import (IndexerFormatError, IndexerNotFoundError, LearnedIndexer, TrainConfig,
-                            cross_layer_scores, recall_report, train_indexer)
+from engine.indexer import IndexerFormatError, IndexerNotFoundError, LearnedIndexer
+from engine.indexer_train import TrainConfig, cross_layer_scores, recall_report, train_indexer
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
