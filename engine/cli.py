@@ -22,6 +22,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill segment")
     g.add_argument("--max-num-seqs", type=int, default=4, help="sequences decoded together")
     g.add_argument("--no-host-mirror", action="store_true", help="do not mirror complete blocks to host RAM")
+    g.add_argument("--eager", action="store_true", help="decode steps launched from Python instead of CUDA graphs "
+                   "(graphs are the default on CUDA for policies without per-step selection)")
     g.add_argument("--policy", default="full", help="full, lsa, quest, streaming, snapkv or oracle (docs/lsa.md)")
     g.add_argument("--budget", type=float, default=0.10, help="resident fraction of the context, sinks and tail "
                    "included (every policy but full)")
@@ -87,7 +89,8 @@ def _make_engine(args):
     config = EngineConfig(
         model=args.model, device=device, dtype=args.dtype,
         cache=CacheConfig(block_size=args.block_size, host_mirror=not args.no_host_mirror),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk,
+                                  cuda_graphs=False if args.eager else None),
         policy=PolicyConfig(name=args.policy, budget=args.budget, cycle=args.cycle, indexer=args.indexer))
     return LLMEngine.from_config(config)
 
