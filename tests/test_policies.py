@@ -253,3 +253,24 @@ def test_ranking_in_the_background_applies_the_same_plans(model, slow):
     for a, b, la, lb in zip(seqs_a, seqs_b, logits_a, logits_b):
         assert a.output_ids == b.output_ids
         assert torch.equal(la, lb)
+
+
+def test_boundaries_of_sequences_started_together_are_staggered():
+    """Sequences that start decoding in the same step (here built like ``lsa bench decode`` builds
+    them) reach their Level-1 boundaries in different steps, each still every ``cycle`` steps."""
+    from benchmarks.decode import TINY as BENCH_TINY
+    from benchmarks.decode import Setup, build
+
+    cfg = ModelConfig(**{**BENCH_TINY, "num_layers": 2})
+    model = random_model(cfg, "cpu", torch.float32, seed=0)
+    engine, _ = build(model, Setup("lsa", (0.1,), 3, 2048, 64, 64, 8, None), torch.device("cpu"),
+                      torch.Generator().manual_seed(0))
+    at = {}  # sequence -> engine steps with a boundary
+    original, clock = engine.policy._apply_ranked, [0]
+    engine.policy._apply_ranked = lambda seq_id, ranked: (at.setdefault(seq_id, []).append(clock[0]),
+                                                          original(seq_id, ranked))
+    for clock[0] in range(33):
+        engine.step()
+    assert len(at) == 3 and all(len(v) >= 3 for v in at.values())
+    assert all(b - a == 8 for v in at.values() for a, b in zip(v, v[1:]))
+    assert len({v[0] % 8 for v in at.values()}) == 3  # three phases: never all in one step
