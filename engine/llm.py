@@ -135,7 +135,7 @@ class LLMEngine:
                 f"request needs {self._admit_blocks(seq)} device blocks but the whole device cache holds "
                 f"{self.cache.blocks.num_device_blocks}; lower max_tokens or give the cache more blocks")
         self._generators[seq.seq_id] = make_generator(params, self.device)
-        seq.copies_at_start = (self.cache.blocks_copied, self.cache.bytes_copied)
+        seq.counters_at_start = self._counters()
         self.scheduler.add(seq)
         return seq
 
@@ -252,11 +252,16 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self._generators.pop(seq.seq_id, None)
 
+    def _counters(self) -> dict:
+        """The engine's running totals: copies, and the policy's counters (misses, cycles, ...)."""
+        return {"blocks_copied": self.cache.blocks_copied, "bytes_copied": self.cache.bytes_copied,
+                **self.policy.stats()}
+
     def _policy_stats(self, seq: Sequence) -> dict:
-        """Copy counters since the sequence started (exact when it ran alone)."""
+        """Counters since the sequence was added (exact when it ran alone)."""
+        start = seq.counters_at_start
         stats = {"policy": self.config.policy.name, "budget": self.config.policy.budget,
-                 "blocks_copied": self.cache.blocks_copied - seq.copies_at_start[0],
-                 "bytes_copied": self.cache.bytes_copied - seq.copies_at_start[1], **self.policy.stats()}
+                 **{k: v - start.get(k, 0) for k, v in self._counters().items()}}
         if stats.get("cycles"):
             stats["bytes_copied_per_cycle"] = stats["bytes_copied"] / stats["cycles"]
         return stats

@@ -31,7 +31,7 @@ class Sequence:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv: dict = field(default_factory=dict)  # accounting snapshot taken when the sequence finishes
-    copies_at_start: tuple[int, int] = (0, 0)  # cache copy counters when the request was added
+    counters_at_start: dict = field(default_factory=dict)  # the engine's copy and policy counters when added
     forced: list[int] | None = None  # teacher forcing: append these instead of sampled tokens
     prefix_host_ids: list[int] = field(default_factory=list)  # session blocks already mirrored (not prefilled)
     keep_host_blocks: int = 0  # leading host blocks a session keeps when the sequence finishes

@@ -274,3 +274,16 @@ def test_boundaries_of_sequences_started_together_are_staggered():
     assert len(at) == 3 and all(len(v) >= 3 for v in at.values())
     assert all(b - a == 8 for v in at.values() for a, b in zip(v, v[1:]))
     assert len({v[0] % 8 for v in at.values()}) == 3  # three phases: never all in one step
+
+
+def test_per_sequence_counters_are_the_sequences_own(model):
+    """kv stats of a finished sequence count its own boundaries and copies, not the engine's totals."""
+    engine = engine_for(model, name="lsa", budget=0.2, cycle=4)
+    ids = prompts(1)
+    kvs = []
+    for _ in range(2):  # the same request twice, one after the other
+        seqs, _ = run(engine, ids, max_tokens=20)
+        kvs.append(seqs[0].kv)
+    assert kvs[0]["cycles"] > 0 and kvs[0]["blocks_copied"] > 0
+    for key in ("cycles", "misses", "blocks_copied", "bytes_copied", "blocks_prefetched", "blocks_loaded_late"):
+        assert kvs[1][key] == kvs[0][key], key
