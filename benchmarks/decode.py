@@ -30,40 +30,14 @@ import time
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.config import ModelConfig
 from engine.llm import LLMEngine
 from engine.loader import random_model
-from engine.sampling import SamplingParams
 from engine.sequence import Status
 
-LLAMA3_8B = dict(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                 num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                 max_position_embeddings=131072, eos_token_ids=(128001,))
-TINY = dict(architecture="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
-            num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=8192, eos_token_ids=(1,))
-GiB = 2 ** 30
-
-
-def model_config(name: str, layers: int | None, max_len: int) -> ModelConfig:
-    """``llama3-8b`` (default), ``tiny`` (for CPU smoke runs), or a Hugging Face config.json path."""
-    if name == "llama3-8b":
-        from engine.config import RopeScaling
-
-        cfg = ModelConfig(**LLAMA3_8B, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
-    elif name == "tiny":
-        cfg = ModelConfig(**TINY)
-    else:
-        with open(name) as f:
-            cfg = ModelConfig.from_hf(json.load(f))
-    return dataclasses.replace(cfg, num_layers=layers or cfg.num_layers,
-                               max_position_embeddings=max(max_len, cfg.max_position_embeddings))
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for the compute stream only: copies staged on the copy stream go on in the background,
-    as they do in serving (where the host waits only for each step's sampled tokens)."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+# the synthetic-KV engines (also imported from here by swap_probe and the tests)
+from benchmarks.synthetic import (GiB, LLAMA3_8B, TINY, Setup, _sync, build, fill_host,  # noqa: F401
+                                  model_config, per_seq_bytes)
 
 
 def host_available_bytes() -> int:
@@ -76,125 +50,6 @@ def device_free_bytes(device: torch.device, cpu_budget: int) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return cpu_budget
-
-
-# ------------------------------------------------------------------ engines with synthetic KV
-
-@dataclasses.dataclass
-class Setup:
-    """How one engine is built: policy, batch, context, steps it must be able to decode."""
-
-    policy: str  # full | lsa
-    rhos: tuple[float, ...]
-    batch: int
-    context: int
-    max_tokens: int
-    block_size: int
-    cycle: int
-    host_dtype: str | None
-    graphs: bool | None = None  # CUDA-graph decode (None: the engine's auto)
-
-    @property
-    def max_len(self) -> int:
-        return self.context + self.max_tokens - 1
-
-
-def per_seq_bytes(cfg: ModelConfig, s: Setup, dtype: torch.dtype) -> tuple[int, int]:
-    """(device, host) bytes of KV one sequence needs under setup ``s``."""
-    bs = s.block_size
-    block = cfg.kv_bytes_per_token(dtype) * bs
-    blocks = -(-s.max_len // bs)
-    if s.policy == "full":
-        return blocks * block, 0
-    probe = probe_policy(cfg, s)
-    host_block = (cfg.num_layers * 2 * cfg.num_kv_heads * bs * cfg.head_dim
-                  * (1 if s.host_dtype == "fp8" else torch.empty((), dtype=dtype).element_size())
-                  + (cfg.num_layers * 2 * cfg.num_kv_heads * 4 if s.host_dtype == "fp8" else 0))
-    index = len(probe.index_layers()) * 3 * blocks * cfg.num_kv_heads * cfg.head_dim * 2
-    return probe.decode_reserve(s.max_len) * block + index, blocks * host_block
-
-
-def probe_policy(cfg: ModelConfig, s: Setup):
-    from engine.policies import make_policy
-
-    return make_policy(policy_config(s), cfg.num_layers, s.block_size)
-
-
-def policy_config(s: Setup) -> PolicyConfig:
-    if s.policy == "full":
-        return PolicyConfig(name="full")
-    return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer")
-
-
-def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[LLMEngine, list]:
-    """An engine whose ``batch`` sequences are decoding at ``context`` tokens, prefill skipped."""
-    cfg, bs = model.config, s.block_size
-    lsa = s.policy == "lsa"
-    probe = probe_policy(cfg, s)
-    reserve = probe.decode_reserve(s.max_len) if lsa else -(-s.max_len // bs)
-    engine = LLMEngine(model, EngineConfig(
-        device=str(device),
-        cache=CacheConfig(block_size=bs, num_device_blocks=s.batch * reserve, host_mirror=lsa,
-                          num_host_blocks=s.batch * -(-s.max_len // bs) if lsa else 0, host_dtype=s.host_dtype),
-        scheduler=SchedulerConfig(max_num_seqs=s.batch, max_model_len=s.max_len + 1, cuda_graphs=s.graphs),
-        policy=policy_config(s)))
-    cache, policy = engine.cache, engine.policy
-    params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True)
-    seqs = []
-    for _ in range(s.batch):
-        seq = engine.add_request(torch.randint(10, cfg.vocab_size, (s.context,), generator=gen).tolist(), params)
-        engine.scheduler.waiting.remove(seq)
-        cache.admit(seq.seq_id, reserve)
-        if lsa:
-            ids = [h for _, h in cache.blocks.commit(seq.seq_id, s.context)]
-            fill_host(cache, ids, gen)
-        else:
-            cache.append_slots([seq.seq_id], [s.context])
-            cache.blocks.commit(seq.seq_id, s.context)
-        seqs.append(seq)
-    if not lsa:
-        cache.pool.normal_(generator=None)
-    for seq in seqs:
-        if lsa:  # the indexer's query window, then the first plan, loaded from the host mirror
-            for layer in policy.index_layers():
-                q = torch.randn(policy.config.query_window, cfg.num_heads, cfg.head_dim, device=device,
-                                dtype=cache.dtype)
-                policy.observe_prefill(seq.seq_id, layer, q, None, cfg.head_dim ** -0.5)
-            policy.after_prefill(seq.seq_id)
-        seq.num_cached = s.context
-        seq.output_ids.append(int(torch.randint(10, cfg.vocab_size, (1,), generator=gen)))
-        seq.status = Status.DECODE
-        engine.scheduler.running.append(seq)
-    _sync(device)
-    return engine, seqs
-
-
-def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64) -> None:
-    """Synthetic complete blocks in the host mirror: a bank of random blocks tiled over the
-    rows, summaries (min <= mean <= max) around a random mean key, and the device index keys."""
-    host = cache.host
-    shape = host.shape[1:]  # [L, 2, H, B, D]
-    bank = torch.randn(bank_blocks, *shape, generator=gen)
-    mean = torch.randn(bank_blocks, shape[0], shape[2], shape[4], generator=gen) * 0.1  # [n, L, H, D]
-    spread = torch.rand(bank_blocks, shape[0], shape[2], shape[4], generator=gen) + 0.5
-    summary = torch.stack([mean - spread, mean + spread, mean], 2).to(cache.dtype)  # [n, L, 3, H, D]
-    if cache.host_fp8:
-        from engine.kv_cache import quantize_fp8
-
-        data, scale = quantize_fp8(bank)
-    else:
-        data, scale = bank.to(cache.dtype), None
-    ids = torch.tensor(host_ids)
-    contiguous = host_ids == list(range(host_ids[0], host_ids[0] + len(host_ids))) if host_ids else True
-    for a in range(0, len(host_ids), bank_blocks):
-        n = min(bank_blocks, len(host_ids) - a)
-        rows = slice(host_ids[a], host_ids[a] + n) if contiguous else ids[a: a + n]  # slices copy fastest
-        host[rows] = data[:n]
-        cache.host_summary[rows] = summary[:n]
-        if scale is not None:
-            cache.host_scale[rows] = scale[:n]
-    for li, layer in enumerate(cache.index_layers):
-        cache.index_keys[li][:, ids.to(cache.device)] = cache.host_summary[ids, layer].transpose(0, 1).to(cache.device)
 
 
 # ------------------------------------------------------------------ timing
