@@ -17,18 +17,12 @@ import time
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, RopeScaling, SchedulerConfig
+from benchmarks.synthetic import model_config
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
 from engine.sequence import Status
-
-LLAMA3_8B = ModelConfig(
-    architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-    num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
-    eos_token_ids=(128001,))
-
 
 def _sync(device):
     if device.type == "cuda":
@@ -109,9 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default="engine_decode.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = LLAMA3_8B
-    if args.layers:
-        config = ModelConfig(**{**config.__dict__, "num_layers": args.layers})
+    config = model_config("llama3-8b", args.layers, 2 * args.context)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(config, device, dtype, seed=0)
     modes = args.modes or (["graph", "eager"] if device.type == "cuda" else ["eager"])

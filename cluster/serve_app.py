@@ -11,6 +11,7 @@ Every error is an HTTP 4xx/5xx answer ``{"error": {"message", "type"}}``; the cl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -65,12 +66,9 @@ class AppArgs(BaseModel):
     default_max_tokens: int = 128
 
     def worker(self) -> WorkerConfig:
-        return WorkerConfig(model=self.model, device=self.device, dtype=self.dtype, policy=self.policy,
-                            budget=self.budget, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
-                            prefill_chunk=self.prefill_chunk, max_model_len=self.max_model_len,
-                            device_kv_bytes=self.device_kv_bytes, kv_store_bytes=self.kv_store_bytes,
-                            kv_dir=self.kv_dir, cluster=self.cluster, indexer=self.indexer,
-                            torch_threads=self.torch_threads)
+        """The worker's part of the arguments: every WorkerConfig field these arguments name."""
+        return WorkerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(WorkerConfig)
+                               if f.name in type(self).model_fields})
 
 
 class HTTPError(Exception):

@@ -275,16 +275,15 @@ class BlockKVCache:
         # from page-locked memory the index copy is asynchronous too (a pageable one waits for the stream)
         dst = (dst.pin_memory() if self._host_pinned else dst).to(self.device, non_blocking=True)
         members = self.groups[group]
+        rows = torch.tensor(hosts)
         if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one scatter per chunk
             for a in range(0, len(blocks), self.load_chunk_blocks):
                 data = self._fetch_rows(hosts[a: a + self.load_chunk_blocks])  # [n, L, 2, H, B, D]
                 self.pool[:, :, dst[a: a + self.load_chunk_blocks]] = data.permute(1, 2, 0, 3, 4, 5)
         else:
-            rows = torch.tensor(hosts)
             for layer in members:
                 self.pool[layer, :, dst] = self._fetch(rows, layer).transpose(0, 1)  # [2, n, H, B, D]
         if self.slot_summary is not None:
-            rows = torch.tensor(hosts)
             self.host_ready()
             for layer in members:
                 self.slot_summary[layer, :, dst] = self.host_summary[rows, layer].to(self.device).transpose(0, 1)
