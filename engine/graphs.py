@@ -70,13 +70,14 @@ class StaticStep:
     rows: list = field(default_factory=list)  # per group, per row: (seq_id, version, length) held, or None
 
     def views(self, t: torch.Tensor):
-        """(tokens, positions, per group (slots, offsets, num_blocks, last_len, table)) of ``t``."""
+        """(tokens, positions, per group (slots, offsets, num_blocks, last_len, table)) of ``t``, a
+        tensor or a numpy array of the layout."""
         b, w = self.batch, self.width
         tokens, positions = t[:b], t[b: 2 * b]
         out, at = [], 2 * b
         for _ in range(self.groups):
             slots, offsets, num_blocks, last_len = (t[at + i * b: at + (i + 1) * b] for i in range(4))
-            table = t[at + 4 * b: at + 4 * b + b * w].view(b, w)
+            table = t[at + 4 * b: at + 4 * b + b * w].reshape(b, w)  # a view (torch or numpy)
             out.append((slots, offsets, num_blocks, last_len, table))
             at += 4 * b + b * w
         return tokens, positions, out
@@ -129,37 +130,32 @@ class DecodeGraphRunner:
         return logits[:n].clone()
 
     def _fill(self, step: StaticStep, seq_ids, tokens, positions, per_group) -> None:
-        n, b, bs = len(seq_ids), step.batch, self.cache.block_size
-        host_tokens, host_positions, groups = step.views(step.host)
-        host_tokens[:n] = torch.tensor(tokens, dtype=torch.int32)
-        host_positions[:n] = torch.tensor(positions, dtype=torch.int32)
-        host_tokens[n:] = 0
-        host_positions[n:] = 0
+        """Write the step's inputs into the pinned host buffer (through numpy: Python lists go in
+        without a tensor per field, which matters with one group per layer)."""
+        n, b, bs, trash = len(seq_ids), step.batch, self.cache.block_size, self.cache.trash_slot
+        host_tokens, host_positions, groups = step.views(step.host.numpy())
+        host_tokens[:n], host_tokens[n:] = tokens, 0
+        host_positions[:n], host_positions[n:] = positions, 0
         blocks = self.cache.blocks
         for g, (slots, offsets, num_blocks, last_len, table) in enumerate(groups):
             rows = step.rows[g]
-            rows_slots = [s for s, _ in per_group[g]] + [self.cache.trash_slot] * (b - n)
-            rows_offsets = [o for _, o in per_group[g]] + [0] * (b - n)
-            slots.copy_(torch.tensor(rows_slots, dtype=torch.int32))
-            offsets.copy_(torch.tensor(rows_offsets, dtype=torch.int32))
-            counts, lasts = [], []
+            slots[:n], slots[n:] = [s for s, _ in per_group[g]], trash
+            offsets[:n], offsets[n:] = [o for _, o in per_group[g]], 0
+            num_blocks[n:], last_len[n:] = 1, 1
             for i, seq_id in enumerate(seq_ids):
                 seq = blocks.seqs[seq_id]
                 key = (seq_id, seq.versions[g])
                 length = seq.num_tokens + 1
-                last_block = (length - 1) // bs
                 if rows[i] is None or rows[i][:2] != key:
                     _, row, _ = blocks.table(seq_id, g, pending=1)
-                    table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+                    table[i, : len(row)] = row
                     rows[i] = key + (len(row),)
-                counts.append(rows[i][2])
-                lasts.append(length - last_block * bs)
+                num_blocks[i] = rows[i][2]
+                last_len[i] = length - (length - 1) // bs * bs
             for i in range(n, b):
                 if rows[i] is not None:
-                    table[i, 0] = self.cache.trash_slot
+                    table[i, 0] = trash
                     rows[i] = None
-            num_blocks.copy_(torch.tensor(counts + [1] * (b - n), dtype=torch.int32))
-            last_len.copy_(torch.tensor(lasts + [1] * (b - n), dtype=torch.int32))
 
     # ------------------------------------------------------------ capture
 
