@@ -26,24 +26,6 @@ import kernels
 from engine.errors import InvalidRequestError
 
 
-def per_step_select(policy) -> bool:
-    """Whether the policy narrows block tables inside a step (data-dependent shapes: eager)."""
-    from engine.lsa import LSAPolicy
-    from engine.policies import Policy
-
-    if type(policy).select is Policy.select:
-        return False
-    if isinstance(policy, LSAPolicy):  # Level-2 top-k is its only per-step selection
-        return policy.config.level2_topk is not None
-    return True
-
-
-def observes_decode(policy) -> bool:
-    from engine.policies import Policy
-
-    return type(policy).observe_decode is not Policy.observe_decode
-
-
 def batch_bucket(n: int) -> int:
     """1, 2, 4, 8, then multiples of 8."""
     return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
@@ -97,7 +79,7 @@ class DecodeGraphRunner:
         self.policy = engine.policy
         self.capture = capture
         self.scale = engine.model.config.head_dim ** -0.5
-        self.query_layers = tuple(self.cache.index_layers) if observes_decode(self.policy) else ()
+        self.query_layers = tuple(self.cache.index_layers) if self.policy.observes_decode else ()
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0

@@ -9,7 +9,7 @@ import torch
 from engine.attention import PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
-from engine.graphs import DecodeGraphRunner, per_step_select
+from engine.graphs import DecodeGraphRunner
 from engine.kv_cache import BlockKVCache
 from engine.layerwise import LayerwisePrefill
 from engine.model import LlamaForCausalLM
@@ -64,7 +64,7 @@ class LLMEngine:
         self.on_logits: Callable[[Sequence, torch.Tensor], None] | None = None
 
     def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
-        selects = per_step_select(self.policy)
+        selects = self.policy.selects_each_step
         if mode is None:
             mode = self.device.type == "cuda" and not selects
         elif mode and selects:

@@ -86,6 +86,12 @@ class LSAPolicy(OffloadPolicy):
             stage = math.ceil(self.config.prefetch * self.budget_blocks(self.blocks_for(max_len)))
         return super().decode_reserve(max_len) + stage
 
+    observes_decode = True
+
+    @property
+    def selects_each_step(self) -> bool:
+        return self.config.level2_topk is not None  # Level-2 top-k is its only per-step selection
+
     def index_layers(self) -> tuple[int, ...]:
         return tuple(range(self.num_layers)) if self.config.per_layer else self.targets
 

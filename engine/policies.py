@@ -29,6 +29,8 @@ class Policy:
     offloads = False  # evicts blocks to the host mirror
     slot_summaries = False  # keeps per-slot key summaries on the device
     prefill_window = 0  # prompt queries observed at the end of prefill
+    selects_each_step = False  # select() narrows tables inside a step (such steps are not CUDA graphs)
+    observes_decode = False  # observe_decode() wants each step's queries at the index layers
 
     def __init__(self, config: PolicyConfig, num_layers: int, block_size: int):
         self.config = config
@@ -222,6 +224,7 @@ class QuestPolicy(Policy):
     bound sum_d max(q_d min_d, q_d max_d), the current block always in."""
 
     slot_summaries = True
+    selects_each_step = True
 
     def select(self, layer, q, table, num_blocks, last_len, logical):
         quest, _ = kernels.block_scores(q, self.cache.slot_summary[layer, 0], self.cache.slot_summary[layer, 1],
@@ -232,6 +235,8 @@ class QuestPolicy(Policy):
 class OraclePolicy(Policy):
     """Oracle: per step and layer, the blocks holding the most true attention mass (computed
     by full attention first); an upper bound for any selection at this budget."""
+
+    selects_each_step = True
 
     def select(self, layer, q, table, num_blocks, last_len, logical):
         k_cache, v_cache = self.cache.layer(layer)

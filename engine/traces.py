@@ -96,6 +96,9 @@ class TracePolicy(Policy):
     """Full attention that records, for one sequence at a time, the target layers' queries, the
     complete blocks' key summaries at each boundary, and every layer's block mass per step."""
 
+    selects_each_step = True  # select() records each step's block mass on the host: eager steps
+    observes_decode = True
+
     def __init__(self, config: PolicyConfig, num_layers: int, block_size: int, trace: TraceConfig):
         super().__init__(config, num_layers, block_size)
         self.trace = trace

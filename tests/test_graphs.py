@@ -114,3 +114,19 @@ def test_cuda_graph_errors():
         LLMEngine(model, EngineConfig(scheduler=SchedulerConfig(cuda_graphs=True)))
     with pytest.raises(InvalidRequestError, match="eagerly"):
         LLMEngine(model, EngineConfig(scheduler=SchedulerConfig(cuda_graphs=True), policy=PolicyConfig(name="quest")))
+
+
+def test_policies_declare_per_step_work():
+    """A policy whose select() or observe_decode() does work says so: that decides whether its
+    steps can be CUDA graphs and which queries the graph hands back."""
+    from engine.lsa import LSAPolicy
+    from engine.policies import OraclePolicy, Policy, QuestPolicy, SnapKVPolicy, StreamingPolicy
+    from engine.traces import TracePolicy
+
+    for cls in (Policy, StreamingPolicy, SnapKVPolicy, QuestPolicy, OraclePolicy, LSAPolicy, TracePolicy):
+        selects = cls.select is not Policy.select
+        assert cls is LSAPolicy or cls.selects_each_step == selects, cls
+        assert cls.observes_decode == (cls.observe_decode is not Policy.observe_decode), cls
+    model = random_model(TINY, "cpu", torch.float32, seed=5)
+    for topk, want in ((None, False), (2, True)):
+        assert engine_for(model, False, name="lsa", level2_topk=topk).policy.selects_each_step is want
