@@ -41,18 +41,27 @@ def model_layout(config: EngineConfig):
     return load_config(resolve_model(config.model)), dtype
 
 
+def arena_layout(config: EngineConfig):
+    """The host arena's block layout for this config (the block size resolved as the engine does)."""
+    from engine.sessions import ArenaLayout
+
+    mc, dtype = model_layout(config)
+    max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return ArenaLayout.of(mc, config.cache.block_size_for(max_len), dtype)
+
+
 def build_engine(config: EngineConfig, arena=None):
     from engine.llm import LLMEngine
 
     if config.model == TINY_RANDOM:
         from engine.loader import random_model
 
-        model = random_model(TINY, config.device, config.torch_dtype, seed=config.seed)
+        model = random_model(TINY, config.device_name, config.torch_dtype, seed=config.weights_seed)
         return LLMEngine(model, config, ByteTokenizer(), arena=arena)
     from engine.loader import load_model
     from engine.tokenizer import Tokenizer
     from engine.weights import resolve_model
 
     source = resolve_model(config.model)
-    torch.manual_seed(config.seed)
-    return LLMEngine(load_model(source, config.device, config.torch_dtype), config, Tokenizer(source), arena=arena)
+    torch.manual_seed(config.weights_seed)
+    return LLMEngine(load_model(source, config.device_name, config.torch_dtype), config, Tokenizer(source), arena=arena)

@@ -77,10 +77,7 @@ def parse_app_args(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"lsa serve: application arguments are key=value, got {pair!r}")
-        if key == "api_keys":
-            out[key] = [v for v in value.split(",") if v]
-        else:
-            out[key] = value  # the app's pydantic model converts the types
+        out[key] = value  # parsed by the option's type (engine/options.py)
     return out
 
 

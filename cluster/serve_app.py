@@ -11,7 +11,6 @@ Every error is an HTTP 4xx/5xx answer ``{"error": {"message", "type"}}``; the cl
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 import uuid
@@ -19,14 +18,15 @@ from typing import Any, Optional
 
 import msgpack
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from actors.directory import directory_handle
-from cluster.workers import DecodeWorker, WorkerConfig, indexer_handle
+from actors.config import ServeConfig
+from cluster.workers import DecodeWorker, indexer_handle
+from engine.options import build
 from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError
 
 MSGPACK = "application/msgpack"
@@ -36,39 +36,12 @@ QUESTION = "Question: {question} Answer in one short sentence."
 SENTINEL = "\x00LSA-SPLIT\x00"
 
 
-class AppArgs(BaseModel):
-    """Application arguments (``serve run cluster:app key=value`` or a config file's ``args``)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str = "smollm2-135m"
-    policy: str = "full"
-    budget: float = 0.10
-    block_size: int = 64
-    num_workers: int = 1
-    num_ingress: int = 1
-    kv_store_bytes: int = 1 << 30
-    api_keys: list[str] = Field(default_factory=list)
-    device: str = "cpu"
-    dtype: str = "auto"
-    max_num_seqs: int = 8
-    prefill_chunk: int = 1024
-    max_model_len: Optional[int] = None
-    device_kv_bytes: Optional[int] = None
-    indexer: Optional[str] = None
-    kv_dir: Optional[str] = None
-    cluster: str = "lsa"
-    worker_num_cpus: float = 1.0
-    worker_num_gpus: float = 0.0
-    worker_resources: dict[str, float] = Field(default_factory=dict)
-    ingress_resources: dict[str, float] = Field(default_factory=dict)  # e.g. a CPU node group
-    torch_threads: Optional[int] = None
-    routing_stats_period_s: float = 1.0
-    default_max_tokens: int = 128
-
-    def worker(self) -> WorkerConfig:
-        """The worker's part of the arguments: every WorkerConfig field these arguments name."""
-        return WorkerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(WorkerConfig)
-                               if f.name in type(self).model_fields})
+def parse_args(args: dict | ServeConfig | None) -> ServeConfig:
+    """Application arguments (``serve run cluster:app key=value``, a config file's ``args``,
+    or ``lsa serve key=value``): the engine's flat options plus ServeConfig's own."""
+    if isinstance(args, ServeConfig):
+        return args
+    return build(ServeConfig, dict(args or {}))
 
 
 class HTTPError(Exception):
@@ -104,28 +77,28 @@ def classify(exc: BaseException) -> HTTPError:
 
 
 class Ingress:
-    def __init__(self, worker, args: dict):
-        from actors.models import model_layout
+    def __init__(self, worker, config: ServeConfig):
+        from actors.models import arena_layout
 
-        self.args = AppArgs(**args)
+        self.args = config
         self.worker = worker
-        self.tokenizer = _load_tokenizer(self.args)
-        mc, dtype = model_layout(self.args.worker().engine_config())
-        self.kv_bytes_per_token = mc.kv_bytes_per_token(dtype)
+        self.tokenizer = _load_tokenizer(config)
+        layout = arena_layout(config.engine)
+        self.kv_bytes_per_token = layout.block_bytes // layout.block_size
         self.directory = directory_handle()  # session records: any ingress replica serves any session
-        self.indexer = indexer_handle(self.args.indexer)
+        self.indexer = indexer_handle(config.engine.policy.indexer)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
         self.requests = 0
         self.errors = 0
-        self._layout = (mc.num_layers, mc.num_kv_heads, mc.head_dim, self.args.block_size, str(dtype))
+        self._layout = layout.as_tuple()
         self._placer = None
 
     async def _place_stores(self, period_s: float = 10.0) -> None:
         from actors.kv_store import KVStore
         from cluster.placement import ensure_per_node
 
-        cfg = self.args.worker()
+        cfg = self.args
         while True:
             try:
                 await asyncio.to_thread(ensure_per_node, KVStore, "kvstore", cfg.cluster, cfg.kv_store_bytes,
@@ -184,7 +157,7 @@ class Ingress:
         route = parts[1:]
         if route == ["models"] and method == "GET":
             return self._reply(request, {"object": "list", "data": [
-                {"id": self.args.model, "object": "model", "owned_by": "lsa-serve", "created": int(self.started)}]})
+                {"id": self.args.engine.model, "object": "model", "owned_by": "lsa-serve", "created": int(self.started)}]})
         if route in (["completions"], ["chat", "completions"]) and method == "POST":
             return await self.openai(request, chat=route[0] == "chat")
         if route == ["sessions"] and method == "POST":
@@ -233,13 +206,13 @@ class Ingress:
     async def openai(self, request: Request, chat: bool) -> Response:
         body = await self._body(request)
         model = body.get("model")
-        if model not in (None, self.args.model):
-            raise HTTPError(404, f"model {model!r} is not served here; GET /v1/models lists {self.args.model!r}",
-                            "model_not_found")
+        if model not in (None, self.args.engine.model):
+            raise HTTPError(404, f"model {model!r} is not served here; GET /v1/models lists "
+                            f"{self.args.engine.model!r}", "model_not_found")
         ids, params = self._prompt_ids(body, chat), self._params(body)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.args.model}
+                "model": self.args.engine.model}
         if body.get("stream"):
             return await self._stream(ids, params, head, chat)
         out = await self.worker.options(method_name="generate").remote(ids, params)
@@ -410,33 +383,32 @@ def prometheus(workers: dict[str, dict], sessions: int, requests: int, errors: i
     return "\n".join(lines) + "\n"
 
 
-def _load_tokenizer(args: AppArgs):
+def _load_tokenizer(config: ServeConfig):
     from actors.models import TINY_RANDOM, ByteTokenizer
 
-    if args.model == TINY_RANDOM:
+    if config.engine.model == TINY_RANDOM:
         return ByteTokenizer()
     from engine.tokenizer import Tokenizer
     from engine.weights import resolve_model
 
-    return Tokenizer(resolve_model(args.model))
+    return Tokenizer(resolve_model(config.engine.model))
 
 
 def app(args: dict):
     """The application builder Serve calls with the arguments as a dict."""
-    parsed = AppArgs(**(args or {}))
-    parsed.worker().engine_config()  # a bad policy or block size fails here, before deploying
+    config = parse_args(args)  # a bad name, type or value fails here, before deploying
     router = RequestRouterConfig(request_router_class="cluster.router:KVLocalityRouter",
-                                 request_routing_stats_period_s=parsed.routing_stats_period_s)
-    options = {"num_cpus": parsed.worker_num_cpus, "num_gpus": parsed.worker_num_gpus}
-    if parsed.worker_resources:
-        options["resources"] = parsed.worker_resources
-    worker = DecodeWorker.options(num_replicas=parsed.num_workers, ray_actor_options=options,
-                                  request_router_config=router).bind(parsed.worker())
-    ingress_options = {"num_cpus": 0, **({"resources": parsed.ingress_resources} if parsed.ingress_resources else {})}
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=parsed.num_ingress, max_ongoing_requests=256,
+                                 request_routing_stats_period_s=config.routing_stats_period_s)
+    options = {"num_cpus": config.worker_num_cpus, "num_gpus": config.worker_num_gpus}
+    if config.worker_resources:
+        options["resources"] = config.worker_resources
+    worker = DecodeWorker.options(num_replicas=config.num_workers, ray_actor_options=options,
+                                  request_router_config=router).bind(config)
+    ingress_options = {"num_cpus": 0, **({"resources": config.ingress_resources} if config.ingress_resources else {})}
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=config.num_ingress, max_ongoing_requests=256,
                                ray_actor_options=ingress_options)
-    return ingress.bind(worker, parsed.model_dump())
+    return ingress.bind(worker, config)
 
 
-__all__ = ["app", "AppArgs", "Ingress", "prometheus"]
+__all__ = ["app", "parse_args", "Ingress", "prometheus"]
 _ = ray  # ray is imported for Serve's worker processes

@@ -12,48 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import ray
 from ray import serve
 
 from actors.decode_worker import DecodeWorkerCore
 from actors.plans import PlanReporter
-from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
+from actors.config import ServeConfig
 from engine.sampling import SamplingParams
 from engine.sessions import SessionNotFound
 
 INDEXER_NAME = "lsa-indexer"
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a worker replica needs; built from the application arguments."""
-
-    model: str = "smollm2-135m"
-    device: str = "cpu"
-    dtype: str = "auto"
-    policy: str = "full"
-    budget: float = 0.10
-    block_size: int = 64
-    max_num_seqs: int = 8
-    prefill_chunk: int = 1024
-    max_model_len: int | None = None
-    device_kv_bytes: int | None = None
-    kv_store_bytes: int = 1 << 30
-    kv_dir: str | None = None
-    cluster: str = "lsa"  # names the arenas: two apps on one machine do not share one
-    indexer: str | None = None
-    torch_threads: int | None = None
-    extra_policy: dict = field(default_factory=dict)
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model, device=self.device, dtype=self.dtype,
-            cache=CacheConfig(block_size=self.block_size, device_kv_bytes=self.device_kv_bytes),
-            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, prefill_chunk=self.prefill_chunk,
-                                      max_model_len=self.max_model_len),
-            policy=PolicyConfig(name=self.policy, budget=self.budget, indexer=self.indexer, **self.extra_policy))
 
 
 class StoreProxy:
@@ -67,7 +37,7 @@ class StoreProxy:
         return lambda *a, **kw: ray.get(method.remote(*a, **kw))
 
 
-def node_store(cfg: WorkerConfig, node_id: str, layout: tuple):
+def node_store(cfg: ServeConfig, node_id: str, layout: tuple):
     from actors.kv_store import KVStore
     from cluster.placement import ensure_per_node
 
@@ -93,8 +63,8 @@ def sampling(body: dict) -> SamplingParams:
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class DecodeWorker:
-    def __init__(self, cfg: WorkerConfig):
-        from actors.models import build_engine, model_layout
+    def __init__(self, cfg: ServeConfig):
+        from actors.models import arena_layout, build_engine
 
         if cfg.torch_threads:
             import torch
@@ -104,16 +74,14 @@ class DecodeWorker:
         self.node_id = ctx.get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.owner = f"worker:{self.replica}"
-        mc, dtype = model_layout(cfg.engine_config())
-        layout = (mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, str(dtype))
-        self.store_handle = node_store(cfg, self.node_id, layout)
+        self.store_handle = node_store(cfg, self.node_id, arena_layout(cfg.engine).as_tuple())
         self.store = StoreProxy(self.store_handle)
         ray.get(self.store_handle.attach.remote(self.owner, ctx.get_actor_id()))
-        self.indexer = indexer_handle(cfg.indexer)
+        self.indexer = indexer_handle(cfg.engine.policy.indexer)
         # per-cycle plans go to the Indexer in batches, fire-and-forget: the decode loop never waits
         plans = PlanReporter(lambda batch: self.indexer.report_plans.remote(batch))
-        self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine_config(), arena), self.store,
-                                           self.owner, pin=cfg.device.startswith("cuda"),
+        self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self.store,
+                                           self.owner, pin=cfg.engine.device_name.startswith("cuda"),
                                            prefetch=self._prefetch, locate=self._locate, plans=plans,
                                            node=self.node_id)
         self.held: set[str] = set()

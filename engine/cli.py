@@ -13,22 +13,10 @@ from engine.traces import add_dump_traces_parser, run_dump_traces
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="embedded name (smollm2-135m), Hugging Face model directory, or .gguf file")
-    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--block-size", type=int, default=64, help="tokens per KV block (power of two)")
-    g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill segment")
-    g.add_argument("--max-num-seqs", type=int, default=4, help="sequences decoded together")
-    g.add_argument("--no-host-mirror", action="store_true", help="do not mirror complete blocks to host RAM")
-    g.add_argument("--eager", action="store_true", help="decode steps launched from Python instead of CUDA graphs "
-                   "(graphs are the default on CUDA for policies without per-step selection)")
-    g.add_argument("--policy", default="full", help="full, lsa, quest, streaming, snapkv or oracle (docs/lsa.md)")
-    g.add_argument("--budget", type=float, default=0.10, help="resident fraction of the context, sinks and tail "
-                   "included (every policy but full)")
-    g.add_argument("--cycle", type=int, default=64, help="lsa: decode steps between Level-1 refreshes")
-    g.add_argument("--indexer", default=None, help="lsa: learned indexer directory (lsa train-indexer)")
+    from engine.config import EngineConfig
+    from engine.options import add_arguments
+
+    add_arguments(p.add_argument_group("engine (every field of EngineConfig)"), EngineConfig)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,19 +68,11 @@ def add_subcommands(sub) -> None:
 
 
 def _make_engine(args):
-    import torch
-
-    from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
+    from engine.config import EngineConfig
     from engine.llm import LLMEngine
+    from engine.options import from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = EngineConfig(
-        model=args.model, device=device, dtype=args.dtype,
-        cache=CacheConfig(block_size=args.block_size, host_mirror=not args.no_host_mirror),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk,
-                                  cuda_graphs=False if args.eager else None),
-        policy=PolicyConfig(name=args.policy, budget=args.budget, cycle=args.cycle, indexer=args.indexer))
-    return LLMEngine.from_config(config)
+    return LLMEngine.from_config(from_args(args, EngineConfig))
 
 
 def _sampling(args):

@@ -159,37 +159,61 @@ def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def option(default, help: str, flag: str | None = None, choices: tuple | None = None):
+    """A config field with its command-line help (engine/options.py turns fields into flags
+    and ``key=value`` arguments). ``flag``: the flat name when the field name is not one."""
+    meta = {"help": help, **({"flag": flag} if flag else {}), **({"choices": choices} if choices else {})}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def auto_block_size(max_model_len: int) -> int:
+    """Tokens per block when none is given: small blocks select finely where contexts are
+    short (16 up to 16K tokens), larger ones copy and attend efficiently where they are long
+    (32 up to 64K, 64 beyond)."""
+    if max_model_len <= 16384:
+        return 16
+    return 32 if max_model_len <= 65536 else 64
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Block KV cache: device reserve and host mirror."""
 
-    block_size: int = 64
-    num_device_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
-    device_kv_bytes: int | None = None  # cap on the device pool when sizing automatically
-    host_mirror: bool = True
-    num_host_blocks: int | None = None  # None: same as the device pool
-    host_dtype: str | None = None  # None: the model dtype; "fp8": e4m3 blocks + per-(block, layer, K/V, head) scales
+    block_size: int | None = option(None, "tokens per KV block, a power of two (default: 16 for contexts "
+                                    "up to 16K tokens, 32 up to 64K, 64 beyond)")
+    num_device_blocks: int | None = option(None, "device pool slots (default: sized from max_num_seqs x "
+                                           "max_model_len, capped by device_kv_bytes)")
+    device_kv_bytes: int | None = option(None, "cap on the device pool when sized automatically (default: 85% "
+                                         "of free GPU memory on CUDA, 4 GiB on CPU)")
+    host_mirror: bool = option(True, "mirror complete blocks to host RAM (offloading policies need it)")
+    num_host_blocks: int | None = option(None, "host mirror blocks (default: as many as the contexts need)")
+    host_dtype: str | None = option(None, "host mirror format: the model dtype (default) or fp8 (e4m3 blocks, "
+                                    "one scale per block, layer, K/V and head)", choices=("fp8",))
 
     def __post_init__(self):
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
         if self.host_dtype not in (None, "fp8"):
             raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {self.host_dtype!r}")
+
+    def block_size_for(self, max_model_len: int) -> int:
+        return self.block_size or auto_block_size(max_model_len)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits."""
 
-    max_num_seqs: int = 8
-    max_model_len: int | None = None  # None: the model's context length
-    prefill_chunk: int = 1024  # tokens per prefill segment
-    # offloading policies: prefill layer by layer (the device holds one layer's prompt KV plus the
-    # decode reserve; engine/layerwise.py). None: only when the prompt does not fit the device pool.
-    layerwise_prefill: bool | None = None
-    # decode steps as captured CUDA graphs (engine/graphs.py). None: on CUDA whenever the policy
-    # has no per-step selection (full, lsa without Level-2 top-k, streaming, snapkv); False: eager.
-    cuda_graphs: bool | None = None
+    max_num_seqs: int = option(8, "sequences decoded together")
+    max_model_len: int | None = option(None, "longest sequence, prompt and output (default: the model's context)")
+    prefill_chunk: int = option(1024, "prompt tokens per prefill segment")
+    layerwise_prefill: bool | None = option(None, "offloading policies: prefill layer by layer, the device holding "
+                                            "one layer's prompt KV (default: when the prompt does not fit the "
+                                            "device pool)")
+    cuda_graphs: bool | None = option(None, "decode steps as CUDA graphs (default: on CUDA for policies "
+                                      "without per-step selection)")
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.prefill_chunk < 1:
@@ -204,32 +228,35 @@ class PolicyConfig:
     """Which KV blocks decode attends to, and which live on the device.
 
     ``budget`` is the resident fraction of a sequence's blocks, sinks and tail included; every
-    policy but ``full`` is held to it. See docs/lsa.md for each policy.
+    policy but ``full`` is held to it, and to ``min_resident_tokens`` below it. See docs/lsa.md
+    for each policy.
     """
 
-    name: str = "full"
-    budget: float = 0.10
-    cycle: int = 64  # decode steps between Level-1 refreshes (lsa)
-    sink_blocks: int = 1
-    tail_blocks: int = 1  # complete recent blocks always resident, besides the open one (a minimum)
-    tail_tokens: int = 128  # recent tokens always resident, rounded up to whole blocks; this part of the
-    #   tail takes at most half of the budget left after the sinks and the open block (docs/lsa.md)
-    target_layers: tuple[int, ...] | None = None  # Level-1 scoring layers; None: 3 over the middle
-    query_window: int = 8  # recent decode queries the zero-training indexer scores with
-    threshold: float | None = None  # select by score >= threshold, budget as the cap
-    level2_topk: int | None = None  # per step and layer: attend to the top-k resident blocks
-    per_layer: bool = False  # one resident set per layer instead of one shared by all layers
-    page_blocks: int = 1  # recall whole pages of this many blocks
-    neighbors: int = 1  # lsa: with each selected block, also the next this many (a fact spans blocks)
-    lookahead: int = 1  # cycles between computing a plan and applying it (1: the paper's)
-    # lsa, lookahead 1: blocks of the next plan are copied in during the cycle before it applies,
-    # into spare slots of at most this fraction of the budget (0: every copy at the boundary)
-    prefetch: float = 0.5
-    observation_window: int = 32  # snapkv, and lsa's first plan: prompt queries that vote
-    first_plan: str = "attention"  # lsa's plan at the end of prefill: "attention" (exact, from the
-    #   observation window, while the prompt's KV is on the device) or "indexer"
-    indexer: str | None = None  # learned indexer directory; None: zero-training (block summaries)
-    index_score: str = "quest"  # zero-training indexer: "quest" (bounds) or "mean" (mean-key dot)
+    name: str = option("lsa", "attention policy (docs/lsa.md)", flag="policy", choices=POLICIES)
+    budget: float = option(0.10, "resident fraction of a sequence's blocks, sinks and tail included")
+    min_resident_tokens: int = option(512, "resident tokens a sequence keeps at least, whatever the budget "
+                                      "(a context shorter than this keeps every block)")
+    cycle: int = option(64, "lsa: decode steps between Level-1 refreshes")
+    sink_blocks: int = option(1, "first blocks always resident")
+    tail_blocks: int = option(1, "complete recent blocks always resident, besides the open one (a minimum)")
+    tail_tokens: int = option(128, "recent tokens always resident, in whole blocks; at most half of the budget "
+                              "left after the sinks and the open block")
+    target_layers: tuple[int, ...] | None = option(None, "lsa: Level-1 scoring layers (default: 3 over the middle)")
+    query_window: int = option(8, "lsa: recent decode queries the zero-training indexer scores with")
+    threshold: float | None = option(None, "lsa: select blocks by score >= threshold, the budget as the cap")
+    level2_topk: int | None = option(None, "lsa: per step and layer, attend to the top-k resident blocks")
+    per_layer: bool = option(False, "one resident set per layer instead of one shared by all layers")
+    page_blocks: int = option(1, "lsa: recall whole pages of this many blocks")
+    neighbors: int = option(1, "lsa: with each selected block, also the next this many (a fact spans blocks)")
+    lookahead: int = option(1, "lsa: cycles between computing a plan and applying it (1: the paper's, 0: at once)",
+                            choices=(0, 1))
+    prefetch: float = option(0.5, "lsa: copy the next plan's blocks during the cycle before it applies, into "
+                             "spare slots of at most this fraction of the budget (0: all at the boundary)")
+    observation_window: int = option(32, "snapkv, and lsa's first plan: prompt queries that vote")
+    first_plan: str = option("attention", "lsa's plan at the end of prefill: exact attention of the observation "
+                             "window, or the indexer", choices=("attention", "indexer"))
+    indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
+    index_score: str = option("quest", "zero-training indexer score", choices=("quest", "mean"))
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -237,9 +264,9 @@ class PolicyConfig:
         if not 0.0 < self.budget <= 1.0:
             raise InvalidRequestError(f"budget must be in (0, 1], got {self.budget}")
         if self.cycle < 1 or self.sink_blocks < 0 or self.tail_blocks < 0 or self.tail_tokens < 0 \
-                or self.page_blocks < 1 or self.neighbors < 0:
-            raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens "
-                                      "and neighbors >= 0")
+                or self.page_blocks < 1 or self.neighbors < 0 or self.min_resident_tokens < 0:
+            raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens, "
+                                      "neighbors and min_resident_tokens >= 0")
         if self.index_score not in ("quest", "mean"):
             raise InvalidRequestError("index_score must be 'quest' or 'mean'")
         if self.first_plan not in ("attention", "indexer"):
@@ -263,19 +290,27 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything one engine process needs; built once by the CLI or the Serve app."""
+    """Everything one engine process needs; built once at the edge (engine/options.py)."""
 
-    model: str = "smollm2-135m"
-    device: str = "cpu"
-    dtype: str = "auto"
-    seed: int = 0
+    model: str = option("smollm2-135m", "embedded name (smollm2-135m, tiny-random), Hugging Face model "
+                        "directory, or .gguf file")
+    device: str = option("auto", "cpu, cuda[:N], or auto (cuda where this process sees a GPU, else cpu)")
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    weights_seed: int = option(0, "seed for random weights (tiny-random) and anything else drawn at load")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     @property
+    def device_name(self) -> str:
+        """The device this process runs on: ``auto`` is resolved where the engine is built."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.dtype, self.device)
+        return parse_dtype(self.dtype, self.device_name)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -283,4 +318,4 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = ["ModelConfig", "RopeScaling", "CacheConfig", "SchedulerConfig", "PolicyConfig", "EngineConfig",
-           "parse_dtype", "ceil_div"]
+           "parse_dtype", "ceil_div", "auto_block_size", "option"]

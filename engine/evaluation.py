@@ -14,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
+from engine.options import add_arguments, from_args, replace
 from engine.eval_tasks import TASKS, TaskSpec, build_samples, load_needles, run_sample
 
 POLICY_NAMES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+GRID_FIELDS = ("policy", "budget", "max_num_seqs", "max_model_len")  # set per run by the grid
 
 
 def _csv(kind):
@@ -52,35 +55,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--ppl-tokens", type=int, default=256, help="ppl: last tokens of each window, teacher-forced")
     d.add_argument("--agreement-tokens", type=int, default=64, help="agreement: greedy tokens compared")
     d.add_argument("--seed", type=int, default=0)
-    e = p.add_argument_group("engine")
-    e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
-    e.add_argument("--host-dtype", default=None, choices=["fp8"],
-                   help="host mirror dtype: the model's (default) or fp8 (e4m3 + per-block, per-head scales)")
-    e.add_argument("--prefill-chunk", type=int, default=1024)
+    e = p.add_argument_group("engine and policy (every field of EngineConfig; --policies and --budgets above)")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's; 1 is "
                    "steadier on a small machine shared with other work)")
-    a = p.add_argument_group("policy (see PolicyConfig)")
-    a.add_argument("--cycle", type=int, default=64, help="decode steps between Level-1 refreshes")
-    a.add_argument("--sink-blocks", type=int, default=1)
-    a.add_argument("--tail-blocks", type=int, default=1, help="recent complete blocks always resident (minimum)")
-    a.add_argument("--tail-tokens", type=int, default=128,
-                   help="recent tokens always resident, in whole blocks, at most half the budget left after "
-                   "the sinks and the open block")
-    a.add_argument("--page-blocks", type=int, default=1, help="recall whole pages of this many blocks")
-    a.add_argument("--target-layers", type=_csv(int), default=None, help="Level-1 scoring layers")
-    a.add_argument("--threshold", type=float, default=None, help="select by score, the budget as the cap")
-    a.add_argument("--level2-topk", type=int, default=None)
-    a.add_argument("--per-layer", action="store_true", help="one resident set per layer")
-    a.add_argument("--indexer", default=None, help="learned indexer directory")
-    a.add_argument("--neighbors", type=int, default=1, help="lsa: with each selected block, the next N too")
-    a.add_argument("--index-score", default="quest", help="zero-training indexer: quest|mean")
-    a.add_argument("--lookahead", type=int, default=1, help="1: a plan is applied one cycle after it is computed")
-    a.add_argument("--first-plan", default="attention", help="lsa's plan at the end of prefill: attention|indexer")
-    a.add_argument("--query-window", type=int, default=8, help="recent decode queries the indexer scores with")
-    a.add_argument("--observation-window", type=int, default=32, help="prompt queries that vote (snapkv, lsa)")
+    add_arguments(e, EngineConfig, exclude=GRID_FIELDS)
     p.add_argument("--out", default="eval-out", help="directory for results.json, results.md, accuracy.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -93,18 +71,6 @@ def _runs(policies, budgets) -> list[tuple[str, float | None]]:
         raise InvalidRequestError(f"unknown policies {bad}; use {', '.join(POLICY_NAMES)}")
     runs = [("full", None)] if "full" in policies else []
     return runs + [(name, b) for name in dict.fromkeys(policies) if name != "full" for b in budgets]
-
-
-def _policy(args, name: str, budget: float | None):
-    from engine.config import PolicyConfig
-
-    return PolicyConfig(name=name, budget=1.0 if budget is None else budget, cycle=args.cycle,
-                        sink_blocks=args.sink_blocks, tail_blocks=args.tail_blocks, tail_tokens=args.tail_tokens,
-                        target_layers=args.target_layers, threshold=args.threshold,
-                        level2_topk=args.level2_topk, per_layer=args.per_layer, page_blocks=args.page_blocks,
-                        indexer=args.indexer, lookahead=args.lookahead, first_plan=args.first_plan,
-                        query_window=args.query_window, observation_window=args.observation_window,
-                        index_score=args.index_score, neighbors=args.neighbors)
 
 
 def load(model_name: str, device: str, dtype: str):
@@ -146,7 +112,6 @@ def run_eval(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.eval_report import aggregate, run_label, write_outputs
     from engine.haystack import BUILTIN_NEEDLES, haystack_dir, load_haystack
     from engine.llm import LLMEngine
@@ -162,7 +127,8 @@ def run_eval(args) -> int:
         raise InvalidRequestError(f"cannot read the evaluation text: {exc}") from exc
     if not text.strip():
         raise InvalidRequestError(f"--text file {args.text} is empty")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = from_args(args, EngineConfig)
+    device = base.device_name
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -180,11 +146,8 @@ def run_eval(args) -> int:
     build_s = time.perf_counter() - t0
 
     def make_engine(name: str, budget: float | None) -> LLMEngine:
-        config = EngineConfig(model=args.model, device=device, dtype=args.dtype, seed=args.seed,
-                              cache=CacheConfig(block_size=args.block_size, host_dtype=args.host_dtype),
-                              scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=model_len,
-                                                        prefill_chunk=args.prefill_chunk),
-                              policy=_policy(args, name, budget))
+        config = replace(base, policy=name, budget=1.0 if budget is None else budget, max_num_seqs=1,
+                         max_model_len=model_len)
         return LLMEngine(model, config, tokenizer)
 
     reference: dict[str, list[int]] = {}

@@ -31,7 +31,7 @@ class LLMEngine:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
-        self.device = torch.device(config.device)
+        self.device = next(model.parameters()).device  # the engine runs where its model is
         self.dtype = next(model.parameters()).dtype
         mc: ModelConfig = model.config
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
@@ -40,15 +40,16 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         cache_cfg = config.cache
-        self.policy = policy or make_policy(config.policy, mc.num_layers, cache_cfg.block_size)
+        self.block_size = cache_cfg.block_size_for(self.max_model_len)
+        self.policy = policy or make_policy(config.policy, mc.num_layers, self.block_size)
         if self.policy.offloads and not cache_cfg.host_mirror:
             raise InvalidRequestError(f"policy {config.policy.name!r} evicts blocks to the host mirror; "
                                       f"enable the host mirror")
         num_device = cache_cfg.num_device_blocks or self._auto_device_blocks(mc)
         num_host = cache_cfg.num_host_blocks if cache_cfg.num_host_blocks is not None else num_device
         if self.policy.offloads and cache_cfg.num_host_blocks is None:
-            num_host = config.scheduler.max_num_seqs * -(-self.max_model_len // cache_cfg.block_size)
-        self.cache = BlockKVCache(mc, cache_cfg.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
+            num_host = config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size)
+        self.cache = BlockKVCache(mc, self.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
                                   self.dtype, self.device, groups=self.policy.groups(),
                                   index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries,
                                   arena=arena, host_dtype=cache_cfg.host_dtype)
@@ -101,11 +102,11 @@ class LLMEngine:
 
         source = resolve_model(config.model)
         tokenizer = Tokenizer(source)
-        torch.manual_seed(config.seed)
-        return cls(load_model(source, config.device, config.torch_dtype), config, tokenizer)
+        torch.manual_seed(config.weights_seed)
+        return cls(load_model(source, config.device_name, config.torch_dtype), config, tokenizer)
 
     def _auto_device_blocks(self, mc: ModelConfig) -> int:
-        bs = self.config.cache.block_size
+        bs = self.block_size
         want = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs)
         cap = self.config.cache.device_kv_bytes
         if cap is None:

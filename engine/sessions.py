@@ -97,6 +97,10 @@ class ArenaLayout:
         summary = flat[num_blocks * self.block_elems: num_blocks * (self.block_elems + self.summary_elems)]
         return data, summary.view(num_blocks, l, 3, h, d)
 
+    def as_tuple(self) -> tuple:
+        """(layers, KV heads, head dim, block size, dtype name): the layout as a small message."""
+        return (self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, str(self.dtype))
+
     @classmethod
     def of(cls, model_config, block_size: int, dtype: torch.dtype) -> ArenaLayout:
         return cls(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, dtype)

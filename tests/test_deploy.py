@@ -19,10 +19,12 @@ ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
+from actors.config import ServeConfig  # noqa: E402
+from engine.options import build  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO.parent / "shared" / "data" / "kuberay"
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB each
-APP_ARGS = {"model", "policy", "budget", "block_size", "num_workers", "kv_store_bytes", "device", "worker_num_gpus"}
 
 
 # -- ray up --------------------------------------------------------------------------------
@@ -165,8 +167,8 @@ def test_serve_config_v2_matches_serve_schema():
     parsed = ServeDeploySchema.model_validate(config)
     (app,) = parsed.applications
     assert app.import_path == "cluster:app"
-    assert set(app.args) == APP_ARGS
-    assert 0 < app.args["budget"] <= 1 and app.args["num_workers"] >= 1
+    config = build(ServeConfig, app.args)  # every argument is known and valid
+    assert config.engine.policy.name == "lsa" and 0 < config.engine.policy.budget <= 1 and config.num_workers >= 1
 
 
 def test_rayjob_runs_lsa_batch_against_the_service():

@@ -1,0 +1,41 @@
+"""The serving config: the engine's config plus what a cluster needs around it.
+
+``serve run cluster:app block_size=16 budget=0.1 num_workers=2``, ``lsa serve ...`` and a
+``serve_config.yaml``'s ``args`` all become one ``ServeConfig`` through engine/options.py:
+every field of ``EngineConfig`` is an argument under its flat name, beside the fields below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig, option
+from engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_workers: int = option(1, "decode worker replicas (one per GPU)")
+    num_ingress: int = option(1, "HTTP ingress replicas")
+    kv_store_bytes: int = option(1 << 30, "host KV arena of each node's store, in bytes")
+    kv_dir: str | None = option(None, "where stores create their arenas (default: LSA_KV_DIR, else /dev/shm)")
+    cluster: str = option("lsa", "names the arenas: two apps on one machine do not share one")
+    api_keys: list = option([], "accepted API keys (comma-separated); none: no authentication")
+    worker_num_cpus: float = option(1.0, "CPUs each decode worker reserves")
+    worker_num_gpus: float = option(0.0, "GPUs each decode worker reserves (1 on GPU nodes)")
+    worker_resources: dict = option({}, "custom resources each decode worker reserves (name=amount,...)")
+    ingress_resources: dict = option({}, "custom resources each ingress replica reserves (e.g. a CPU node group)")
+    torch_threads: int | None = option(None, "CPU threads for torch in each worker (default: torch's)")
+    routing_stats_period_s: float = option(1.0, "how often workers publish their sessions and free KV to routers")
+    default_max_tokens: int = option(128, "max_tokens of a request that gives none")
+
+    def __post_init__(self):
+        if self.num_workers < 1 or self.num_ingress < 1:
+            raise InvalidRequestError("num_workers and num_ingress must be >= 1")
+        if self.kv_store_bytes < 1:
+            raise InvalidRequestError("kv_store_bytes must be positive")
+        if self.default_max_tokens < 1:
+            raise InvalidRequestError("default_max_tokens must be >= 1")
+
+
+__all__ = ["ServeConfig"]
