@@ -86,7 +86,8 @@ def probe_policy(cfg: ModelConfig, s: Setup):
 def policy_config(s: Setup) -> PolicyConfig:
     if s.policy == "full":
         return PolicyConfig(name="full")
-    return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer")
+    # rho itself is measured: no resident floor (at the benchmark's 32K+ contexts it never binds)
+    return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer", min_resident_tokens=0)
 
 
 def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[LLMEngine, list]:

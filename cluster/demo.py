@@ -32,7 +32,7 @@ FACTS = (
 def add_parser(sub) -> None:
     p = sub.add_parser("cluster-demo", help="local Ray cluster + cluster:app + a batch of long-context sessions")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--policy", default="full")
+    p.add_argument("--policy", default="lsa", help="attention policy of the served app (docs/lsa.md)")
     p.add_argument("--budget", type=float, default=0.10)
     p.add_argument("--docs", type=int, default=2, help="documents (sessions)")
     p.add_argument("--facts", type=int, default=3, help="hidden facts (questions) per document")
@@ -82,32 +82,39 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def run(args) -> int:
+def run_demo(args, work: Path) -> tuple:
+    """Serve, run the jobs, scrape the metrics: (jobs, summary, results by id, metrics)."""
     from cluster.batch import run_batch
     from cluster.client import LSAClient
     from cluster.local import local_app
 
-    t0 = time.perf_counter()
     jobs = make_jobs(args.docs, args.facts, args.context_tokens, args.haystack, args.max_tokens)
-    work = Path(tempfile.mkdtemp(prefix="lsa-demo-"))
     jobs_path, out_path = work / "jobs.jsonl", work / "results.jsonl"
     jobs_path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
     app_args = {"model": args.model, "policy": args.policy, "budget": args.budget,
                 "num_workers": args.num_workers, "max_num_seqs": 4, "default_max_tokens": args.max_tokens}
     print(f"starting a local Ray cluster and cluster:app ({args.model}, policy {args.policy}, "
           f"{args.num_workers} worker(s))...", file=sys.stderr)
-    try:
-        with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
-            print(f"serving at {url} after {time.perf_counter() - t0:.0f} s; {len(jobs)} documents x "
-                  f"{args.facts} questions", file=sys.stderr)
-            client = LSAClient(url, timeout_s=900)
-            summary = run_batch(client, jobs_path, out_path, concurrency=args.concurrency, progress=True)
-            time.sleep(1.2)  # workers publish their counters every second
-            metrics = scrape(url)
-    except KeyboardInterrupt:
-        print("interrupted: the cluster is shut down", file=sys.stderr)
-        return 130
+    t0 = time.perf_counter()
+    with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
+        print(f"serving at {url} after {time.perf_counter() - t0:.0f} s; {len(jobs)} documents x "
+              f"{args.facts} questions", file=sys.stderr)
+        client = LSAClient(url, timeout_s=900)
+        summary = run_batch(client, jobs_path, out_path, concurrency=args.concurrency, progress=True)
+        time.sleep(1.2)  # workers publish their counters every second
+        metrics = scrape(url)
     results = {r["id"]: r for r in map(json.loads, out_path.read_text().splitlines())}
+    return jobs, summary, results, metrics
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lsa-demo-") as tmp:
+        try:
+            jobs, summary, results, metrics = run_demo(args, Path(tmp))
+        except KeyboardInterrupt:
+            print("interrupted: the cluster is shut down", file=sys.stderr)
+            return 130
     for job in jobs:
         r = results.get(job["id"], {})
         print(f"\n{job['id']} ({len(job['context'])} characters)")
@@ -119,7 +126,7 @@ def run(args) -> int:
     acc = "n/a" if summary.accuracy is None else f"{summary.num_correct}/{summary.num_checked} " \
                                                   f"({summary.accuracy:.0%})"
     mib = 1 / 2 ** 20
-    print(f"\naccuracy {acc}; {summary.succeeded} jobs done, {summary.failed} failed; "
+    print(f"\naccuracy {acc} with policy {args.policy}; {summary.succeeded} jobs done, {summary.failed} failed; "
           f"{time.perf_counter() - t0:.0f} s in all")
     print(f"KV: host store arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB, "
           f"{metrics.get('lsa_evictions_total', 0):.0f} evictions; "

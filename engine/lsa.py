@@ -84,7 +84,7 @@ class LSAPolicy(OffloadPolicy):
         stage = 0
         if self.config.lookahead and self.config.prefetch > 0:
             stage = math.ceil(self.config.prefetch * self.budget_blocks(self.blocks_for(max_len)))
-        return super().decode_reserve(max_len) + stage
+        return min(self.blocks_for(max_len), super().decode_reserve(max_len) + stage)
 
     observes_decode = True
 

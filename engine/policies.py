@@ -53,8 +53,10 @@ class Policy:
 
     def budget_blocks(self, num_blocks: int) -> int:
         """Resident blocks allowed for a sequence of ``num_blocks`` blocks: floor(budget * n), but
-        never fewer than the sinks, the tail and the current block."""
-        floor = self.config.sink_blocks + self.config.tail_blocks + 1
+        never fewer than ``min_resident_tokens`` (in whole blocks) nor than the sinks, the tail
+        and the current block; all of them when that is more than there are."""
+        floor = max(self.config.sink_blocks + self.config.tail_blocks + 1,
+                    self.config.min_resident_tokens // self.block_size)
         return min(num_blocks, max(floor, math.floor(self.config.budget * num_blocks + 1e-9)))
 
     def tail_size(self, num_blocks: int) -> int:
@@ -106,8 +108,10 @@ class OffloadPolicy(Policy):
         self.swaps = 0  # residency changes applied
 
     def decode_reserve(self, max_len: int) -> int:
+        """Slots a decoding sequence may hold per group: the budget, the blocks a cycle's tokens
+        open, and one spare; never more than the whole sequence has."""
         growth = -(-self.config.cycle // self.block_size) + 1
-        return self.budget_blocks(self.blocks_for(max_len)) + growth + 1
+        return min(self.blocks_for(max_len), self.budget_blocks(self.blocks_for(max_len)) + growth + 1)
 
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         # the whole prompt is on the device while it is prefilled, then the reserve shrinks

@@ -213,7 +213,7 @@ def test_forced_argmax_reproduces_greedy_under_full_attention(loaded):
 
     def engine(**policy):
         cfg = EngineConfig(device="cpu", cache=CacheConfig(block_size=16),
-                           scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=256), policy=PolicyConfig(**policy))
+                           scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=256), policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
         return LLMEngine(model, cfg, tokenizer)
 
     full = engine(name="full")

@@ -76,7 +76,8 @@ def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks():
     engine = LLMEngine(model, EngineConfig(
         cache=CacheConfig(block_size=16, num_device_blocks=64, host_dtype="fp8"),
         scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=64),
-        policy=PolicyConfig(name="lsa", budget=0.25, cycle=4, lookahead=0, index_score="mean")))
+        policy=PolicyConfig(name="lsa", budget=0.25, cycle=4, lookahead=0, index_score="mean",
+                            min_resident_tokens=0)))
     cache = engine.cache
     checked = []
     original = cache.load

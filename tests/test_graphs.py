@@ -28,7 +28,7 @@ def engine_for(model, graphs: bool, **policy):
     device = next(model.parameters()).device
     cfg = EngineConfig(device=str(device), cache=CacheConfig(block_size=BLOCK, num_device_blocks=200),
                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=64, cuda_graphs=False),
-                       policy=PolicyConfig(**policy))
+                       policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
     engine = LLMEngine(model, cfg)
     if graphs:
         engine.graphs = DecodeGraphRunner(engine, capture=device.type == "cuda")

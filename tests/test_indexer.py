@@ -194,7 +194,7 @@ def test_lsa_policy_runs_the_learned_indexer(model, trained):
     config = EngineConfig(cache=CacheConfig(block_size=TRACE.block_size, num_device_blocks=128),
                           scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=64),
                           policy=PolicyConfig(name="lsa", budget=0.2, cycle=8, target_layers=(1, 2),
-                                              query_window=4, indexer=str(path)))
+                                              query_window=4, indexer=str(path), min_resident_tokens=0))
     engine = LLMEngine(model, config)
     assert isinstance(engine.policy.indexer, LearnedIndexer)
     calls = []

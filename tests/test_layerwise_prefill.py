@@ -21,7 +21,7 @@ def engine_for(model, num_device_blocks, layerwise, **policy):
     return LLMEngine(model, EngineConfig(
         cache=CacheConfig(block_size=BLOCK, num_device_blocks=num_device_blocks, num_host_blocks=256),
         scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=48, layerwise_prefill=layerwise),
-        policy=PolicyConfig(**policy)))
+        policy=PolicyConfig(**{"min_resident_tokens": 0, **policy})))
 
 
 def track_peak_slots(engine):

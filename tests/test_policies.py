@@ -26,7 +26,7 @@ def engine_for(model, **policy):
     device = str(next(model.parameters()).device)
     cfg = EngineConfig(device=device, cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
                        scheduler=SchedulerConfig(max_num_seqs=3, prefill_chunk=48),
-                       policy=PolicyConfig(**policy))
+                       policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
     return LLMEngine(model, cfg)
 
 
@@ -58,6 +58,30 @@ def test_lsa_with_full_budget_equals_full_attention(model, per_layer):
     for f, s, fl, sl in zip(full_seqs, lsa_seqs, full_logits, lsa_logits):
         assert s.output_ids == f.output_ids
         assert torch.equal(sl, fl)  # same blocks, same order, same kernel: bit-identical
+
+
+@pytest.mark.parametrize("name", ["lsa", "streaming", "snapkv"])
+def test_contexts_under_the_resident_floor_keep_every_block_and_equal_full_attention(model, name):
+    ids = prompts(lengths=(300, 197, 406))  # all under the floor of 512 tokens (+ 40 generated)
+    full_seqs, full_logits = run(engine_for(model, name="full"), ids)
+    engine = engine_for(model, name=name, budget=0.1, cycle=4, min_resident_tokens=512)
+    fractions = []
+    seqs, logits = run(engine, ids, hook=lambda e, s: fractions.append(e.cache.accounting(s.seq_id).device_fraction)
+                       if s.seq_id in e.cache.blocks.seqs else None)
+    for f, s, fl, sl in zip(full_seqs, seqs, full_logits, logits):
+        assert s.output_ids == f.output_ids and torch.equal(sl, fl)
+        assert s.kv["device_kv_fraction"] >= 0.99  # reported as what it is: the whole context resident
+    assert engine.policy.misses == 0
+
+
+def test_the_floor_binds_only_below_it():
+    from engine.policies import OffloadPolicy
+
+    policy = OffloadPolicy(PolicyConfig(name="lsa", budget=0.1, min_resident_tokens=512), 4, block_size=16)
+    assert policy.budget_blocks(20) == 20  # 320 tokens: all of them
+    assert policy.budget_blocks(128) == 32  # 2K tokens: the floor's 512 tokens, not 10%
+    assert policy.budget_blocks(1024) == 102  # 16K tokens: 10%
+    assert OffloadPolicy(PolicyConfig(name="lsa", budget=0.1, min_resident_tokens=0), 4, 16).budget_blocks(128) == 12
 
 
 def _check_residency(engine, seq):
@@ -116,7 +140,7 @@ def test_tail_tokens_leave_half_the_budget_to_the_selection(model):
 def test_default_tail_at_64_token_blocks_leaves_room_for_selection():
     from engine.policies import OffloadPolicy
 
-    policy = OffloadPolicy(PolicyConfig(name="lsa"), num_layers=4, block_size=64)  # tail_tokens 128: 2 blocks
+    policy = OffloadPolicy(PolicyConfig(name="lsa", min_resident_tokens=0), num_layers=4, block_size=64)  # tail 128: 2 blocks
     assert [policy.tail_size(-(-ctx // 64)) for ctx in (2048, 3072, 4096, 8192)] == [1, 1, 2, 2]
     for blocks in range(3, 2000):  # past the 1-block minimum, at least as many selected blocks as tail blocks
         tail = policy.tail_size(blocks)

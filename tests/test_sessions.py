@@ -23,7 +23,7 @@ def model():
 def config(policy="full", chunk=40, **kw):
     return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
                         scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=chunk),
-                        policy=PolicyConfig(name=policy, **kw))
+                        policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
 
 
 def manager(model, policy="full", host_blocks=200, **kw):
