@@ -33,6 +33,7 @@ import torch
 from engine.config import ModelConfig
 from engine.llm import LLMEngine
 from engine.loader import random_model
+from engine.options import HelpFormatter
 from engine.sequence import Status
 
 # the synthetic-KV engines (also imported from here by swap_probe and the tests)
@@ -236,14 +237,15 @@ def print_table(rows: list[dict]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="llama3-8b", help="llama3-8b, tiny, or a config.json path (shapes only)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288, 1048576])
+    p.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288, 1048576], help="context lengths "
+                   "in tokens")
     p.add_argument("--batch", nargs="+", default=["1", "max"], help="batch sizes, or max (per policy)")
     p.add_argument("--rhos", type=float, nargs="+", default=[0.10, 0.135], help="lsa budgets")
     p.add_argument("--steps", type=int, default=64, help="decode steps per timed window")
     p.add_argument("--rounds", type=int, default=3, help="windows per (policy, rho), alternated")
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before the windows")
     p.add_argument("--cycle", type=int, default=64, help="lsa cycle (decode steps between boundaries)")
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
     p.add_argument("--host-dtype", default="auto", help="lsa host mirror: auto (model dtype if it fits, else "
                    "fp8), model, fp8")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -255,16 +257,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="device memory kept for activations (default 6 GiB on CUDA, 64 MiB on CPU)")
     p.add_argument("--host-fraction", type=float, default=0.85, help="share of available host RAM for mirrors")
     p.add_argument("--cpu-device-bytes", type=int, default=2 * GiB, help="'device' memory on a CPU run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_decode.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and KV")
+    p.add_argument("--out", default="bench_decode.json", help="JSON results file")
 
 
-def add_bench_parser(sub) -> None:
-    """``lsa bench decode`` (``sub``: the subparsers of the ``lsa`` command)."""
-    bench = sub.add_parser("bench", help="benchmarks")
-    inner = bench.add_subparsers(dest="bench_command", required=True)
-    add_arguments(inner.add_parser("decode", help="long-context decode: full attention vs lsa (synthetic KV)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+class DocHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The module docstring as written, and each flag's default."""
 
 
 def run_bench(args) -> int:
@@ -304,7 +302,7 @@ def run_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     add_arguments(parser)
     return run_bench(parser.parse_args(argv))
 

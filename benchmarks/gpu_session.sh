@@ -19,22 +19,22 @@ case $phase in
 graphs)
   timeout 240 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -6
   timeout 150 python3 -m benchmarks.engine_decode --context 8192 --batch 1 16 --out $OUT/engine_decode.json 2>&1 | tee $OUT/engine_decode.log
-  timeout 300 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 --steps 32 --rounds 3 \
+  timeout 300 python3 -m cli bench decode --contexts 131072 524288 --batch 1 --steps 32 --rounds 3 \
     --out $OUT/bench_decode.json 2>&1 | tee $OUT/bench_decode.log
   ;;
 final1)
   md5sum tests/test_policies.py engine/lsa.py
   timeout 170 python3 -m pytest -q -x tests/test_kernels_fused.py tests/test_model_parity.py tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -4
   timeout 100 python3 -m benchmarks.engine_decode --context 8192 --batch 1 16 --repeats 3 --out $OUT/engine_decode.json 2>&1 | tail -5
-  timeout 200 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 \
+  timeout 200 python3 -m cli bench decode --contexts 131072 524288 --batch 1 \
     --out $OUT/bench_decode_512k.json 2>&1 | tee $OUT/bench_decode_512k.log | grep -v built
-  timeout 150 python3 -m engine.cli bench decode --contexts 1048576 --batch 1 --host-dtype fp8 --rounds 2 \
+  timeout 150 python3 -m cli bench decode --contexts 1048576 --batch 1 --host-dtype fp8 --rounds 2 \
     --out $OUT/bench_decode_1m.json 2>&1 | tee $OUT/bench_decode_1m.log | grep -v built
   ;;
 final2)
   cp .gguf_a/* /tmp/ 2>/dev/null
   timeout 60 python3 -m pytest -q -x tests/test_graphs.py 2>&1 | tail -2
-  timeout 280 python3 -m engine.cli bench decode --contexts 131072 --batch max --host-dtype fp8 --rounds 2 \
+  timeout 280 python3 -m cli bench decode --contexts 131072 --batch max --host-dtype fp8 --rounds 2 \
     --out $OUT/bench_decode_128k_max.json 2>&1 | tee $OUT/bench_decode_128k_max.log | grep -v built
   ;;
 eval2)
@@ -42,28 +42,28 @@ eval2)
   M=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   common="--model $M --haystack .hay --block-size 16 --quiet --tasks niah --depths 0.1,0.3,0.5,0.7,0.9 --limit 3 --max-tokens 24 --prefill-chunk 8192 --budgets 0.1"
   for ctx in 4096 8192; do
-    timeout 150 python3 -m engine.cli eval $common --contexts $ctx --policies full,lsa,quest,streaming,snapkv,oracle \
+    timeout 150 python3 -m cli eval $common --contexts $ctx --policies full,lsa,quest,streaming,snapkv,oracle \
       --out $OUT/niah$ctx 2>&1 | tail -2
     cat $OUT/niah$ctx/results.md 2>/dev/null | head -20
   done
-  timeout 60 python3 -m engine.cli eval $common --contexts 8192 --policies lsa --host-dtype fp8 --out $OUT/niahfp8 2>&1 | tail -2
+  timeout 60 python3 -m cli eval $common --contexts 8192 --policies lsa --host-dtype fp8 --out $OUT/niahfp8 2>&1 | tail -2
   cat $OUT/niahfp8/results.md 2>/dev/null | head -12
   rm -f $OUT/*/*.png
   ;;
 final3)
   timeout 80 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py 2>&1 | grep -E "^E |FAILED|passed|failed" | head -12
-  timeout 280 python3 -m engine.cli bench decode --contexts 131072 --batch max --host-dtype fp8 --rounds 2 --steps 32 \
+  timeout 280 python3 -m cli bench decode --contexts 131072 --batch max --host-dtype fp8 --rounds 2 --steps 32 \
     --out $OUT/bench_decode_128k_max.json 2>&1 | tee $OUT/bench_decode_128k_max.log
   ;;
 decode1)
   timeout 200 python3 -m pytest -q -x tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -4
-  timeout 380 python3 -m engine.cli bench decode --contexts 131072 524288 --batch 1 \
+  timeout 380 python3 -m cli bench decode --contexts 131072 524288 --batch 1 \
     --out $OUT/bench_decode_512k.json 2>&1 | tee $OUT/bench_decode_512k.log
   ;;
 decode2)
-  timeout 280 python3 -m engine.cli bench decode --contexts 1048576 --batch 1 --host-dtype fp8 \
+  timeout 280 python3 -m cli bench decode --contexts 1048576 --batch 1 --host-dtype fp8 \
     --out $OUT/bench_decode_1m.json 2>&1 | tee $OUT/bench_decode_1m.log
-  timeout 300 python3 -m engine.cli bench decode --contexts 131072 --batch max \
+  timeout 300 python3 -m cli bench decode --contexts 131072 --batch max \
     --out $OUT/bench_decode_128k_max.json 2>&1 | tee $OUT/bench_decode_128k_max.log
   ;;
 check)
@@ -81,7 +81,7 @@ eval)
   common="--model $M --haystack $hay --block-size 16 --quiet"
   # NIAH per policy at budget 0.1, one invocation per context so a timeout loses only one
   for ctx in 4096 8192; do
-    timeout 280 python3 -m engine.cli eval $common --tasks niah --contexts $ctx --depths 0.1,0.5,0.9 --limit 2 \
+    timeout 280 python3 -m cli eval $common --tasks niah --contexts $ctx --depths 0.1,0.5,0.9 --limit 2 \
       --max-tokens 24 --prefill-chunk 4096 --policies full,lsa,quest,streaming,snapkv,oracle --budgets 0.1 \
       --out $OUT/niah$ctx 2>&1 | tail -3
     cat $OUT/niah$ctx/results.md 2>/dev/null | head -30

@@ -29,27 +29,44 @@ FACTS = (
 )
 
 
+DEMO_APP_ARGS = {"max_num_seqs": 4}  # where the demo's app differs from ServeConfig's defaults
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("cluster-demo", help="local Ray cluster + cluster:app + a batch of long-context sessions")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--policy", default="lsa", help="attention policy of the served app (docs/lsa.md)")
-    p.add_argument("--budget", type=float, default=0.10)
+    from actors.config import ServeConfig
+    from engine.options import add_arguments
+
+    p = sub.add_parser("cluster-demo", help="local Ray cluster + cluster:app + a batch of long-context sessions",
+                       description="Start a local Ray cluster and cluster:app, run documents with hidden facts "
+                       "through the client as sessions, print the answers and the KV numbers, shut down.")
     p.add_argument("--docs", type=int, default=2, help="documents (sessions)")
     p.add_argument("--facts", type=int, default=3, help="hidden facts (questions) per document")
     p.add_argument("--context-tokens", type=int, default=2000, help="about this many tokens per document")
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer at most")
     p.add_argument("--haystack", default=None, help="directory of .txt files (default: shared essays, else "
                    "synthetic filler)")
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=2, help="documents asked at once")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    add_arguments(p.add_argument_group("application (every field of ServeConfig)"), ServeConfig,
+                  exclude=("default_max_tokens",), defaults=DEMO_APP_ARGS, suppress=True)
     p.set_defaults(func=run)
+
+
+def app_args(args) -> dict:
+    """The served app's arguments: the demo's defaults, then the flags given; checked here,
+    before Ray starts."""
+    from actors.config import ServeConfig
+    from engine.options import build, given_values
+
+    values = {**DEMO_APP_ARGS, **given_values(args, ServeConfig), "default_max_tokens": args.max_tokens}
+    build(ServeConfig, values)
+    return values
 
 
 def make_jobs(num_docs: int, facts_per_doc: int, context_tokens: int, haystack: str | None,
               max_tokens: int) -> list[dict]:
-    from engine.haystack import load_haystack
+    from lab.haystack import load_haystack
 
     chars = context_tokens * 4  # about 4 characters a token for English prose
     text = load_haystack(haystack, min_chars=chars * num_docs + 1)
@@ -88,15 +105,13 @@ def run_demo(args, work: Path) -> tuple:
     from cluster.client import LSAClient
     from cluster.local import local_app
 
+    served = app_args(args)
     jobs = make_jobs(args.docs, args.facts, args.context_tokens, args.haystack, args.max_tokens)
     jobs_path, out_path = work / "jobs.jsonl", work / "results.jsonl"
     jobs_path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    app_args = {"model": args.model, "policy": args.policy, "budget": args.budget,
-                "num_workers": args.num_workers, "max_num_seqs": 4, "default_max_tokens": args.max_tokens}
-    print(f"starting a local Ray cluster and cluster:app ({args.model}, policy {args.policy}, "
-          f"{args.num_workers} worker(s))...", file=sys.stderr)
+    print(f"starting a local Ray cluster and cluster:app ({_describe(served)})...", file=sys.stderr)
     t0 = time.perf_counter()
-    with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
+    with local_app(served, num_cpus=args.num_cpus, port=args.port) as url:
         print(f"serving at {url} after {time.perf_counter() - t0:.0f} s; {len(jobs)} documents x "
               f"{args.facts} questions", file=sys.stderr)
         client = LSAClient(url, timeout_s=900)
@@ -105,6 +120,16 @@ def run_demo(args, work: Path) -> tuple:
         metrics = scrape(url)
     results = {r["id"]: r for r in map(json.loads, out_path.read_text().splitlines())}
     return jobs, summary, results, metrics
+
+
+def _describe(served: dict) -> str:
+    from actors.config import ServeConfig
+    from engine.options import build
+
+    config = build(ServeConfig, served)
+    policy = config.engine.policy
+    budget = "" if policy.name == "full" else f" at budget {policy.budget}"
+    return f"{config.engine.model}, policy {policy.name}{budget}, {config.num_workers} worker(s)"
 
 
 def run(args) -> int:
@@ -126,7 +151,7 @@ def run(args) -> int:
     acc = "n/a" if summary.accuracy is None else f"{summary.num_correct}/{summary.num_checked} " \
                                                   f"({summary.accuracy:.0%})"
     mib = 1 / 2 ** 20
-    print(f"\naccuracy {acc} with policy {args.policy}; {summary.succeeded} jobs done, {summary.failed} failed; "
+    print(f"\naccuracy {acc} with {_describe(app_args(args))}; {summary.succeeded} jobs done, {summary.failed} failed; "
           f"{time.perf_counter() - t0:.0f} s in all")
     print(f"KV: host store arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB, "
           f"{metrics.get('lsa_evictions_total', 0):.0f} evictions; "

@@ -1,8 +1,10 @@
 """A local Ray cluster with ``cluster:app`` on it, started and stopped cleanly (``lsa serve``,
 ``lsa cluster-demo``). Ray's files go to a short temp directory of our own (unix socket
-paths are limited to ~107 characters), removed on exit; SIGTERM stops it like Ctrl-C."""
+paths are limited to ~107 characters), removed on exit; SIGTERM stops it like Ctrl-C. A taken
+port is an error before Ray starts."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -10,6 +12,8 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from engine.errors import InvalidRequestError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,10 +24,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``InvalidRequestError`` when nothing could listen on ``host:port`` (taken, or a
+    bad address). Binds as the HTTP server would (``SO_REUSEADDR``), then lets go."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise InvalidRequestError(f"port {port} on {host} is taken: stop what listens there, or pick "
+                                          f"another with --port") from None
+            raise InvalidRequestError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): give another "
+                                      f"--host or --port") from None
+
+
 @contextmanager
 def local_app(app_args: dict, num_cpus: int | None = None, port: int = 8000, host: str = "127.0.0.1",
               namespace: str = "lsa"):
     """Start Ray and ``cluster:app``; yields the base URL; tears everything down after."""
+    check_port_free(host, port)
     import ray
     from ray import serve
 

@@ -189,11 +189,13 @@ def replace(config, **values):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, once (generated flags already say theirs)."""
+    """Shows each flag's default, once (generated flags already say theirs); not a default of
+    None or False (an unset option, a switch), which says nothing."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default:" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "(default:" in text or unset or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
@@ -246,6 +248,13 @@ def from_args(args: argparse.Namespace, cls: type, **overrides):
     return build(cls, values)
 
 
+def given_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flat values of ``cls`` that a command line gave, from flags added with
+    ``add_arguments(..., suppress=True)`` (those not given are absent from ``args``)."""
+    names = {o.name for o in options(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def to_argv(values: dict[str, Any], cls: type) -> list[str]:
     """Flags that rebuild ``values`` (those that differ from the defaults), for a command line
     a reader can rerun."""
@@ -262,4 +271,5 @@ def to_argv(values: dict[str, Any], cls: type) -> list[str]:
     return words
 
 
-__all__ = ["HelpFormatter", "Option", "options", "build", "flatten", "replace", "add_arguments", "from_args", "to_argv"]
+__all__ = ["HelpFormatter", "Option", "options", "build", "flatten", "replace", "add_arguments", "from_args",
+           "given_values", "to_argv"]

@@ -1,7 +1,7 @@
 """``lsa bench decode`` at tiny sizes on CPU: every policy row is measured and consistent."""
 import json
 
-from engine.cli import main
+from cli import main
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 2, 2, 64, 64  # the tiny config with --layers 2
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from cluster.batch import JobLineError, read_jobs
+from cluster.batch import JobLineError, read_jobs, run_batch
 from cluster.client import LSAClient
 from test_client import FakeLSAServer
 
@@ -36,7 +36,7 @@ def test_transient_errors_are_retried_and_answers_checked(tmp_path):
     jobs = make_jobs(tmp_path, 6, tags=("[flaky-create]", "[flaky-ask]", "[evict]"))
     out = tmp_path / "results.jsonl"
     with FakeLSAServer() as server:
-        summary = LSAClient(server.url).run_batch(jobs, out, concurrency=3, retries=3,
+        summary = run_batch(LSAClient(server.url), jobs, out, concurrency=3, retries=3,
                                                   backoff_s=0.01, progress=False)
         injected = Counter(kind for kind, _ in server.faults.elements())
         leaked = dict(server.sessions)
@@ -61,7 +61,7 @@ def test_no_retries_means_transient_error_is_reported(tmp_path):
     jobs = make_jobs(tmp_path, 2, tags=("[flaky-create]",))
     out = tmp_path / "results.jsonl"
     with FakeLSAServer() as server:
-        summary = LSAClient(server.url).run_batch(jobs, out, retries=0, progress=False)
+        summary = run_batch(LSAClient(server.url), jobs, out, retries=0, progress=False)
     results = read_results(out)
     assert summary.failed == 2 and all("503" in r["error"] for r in results)
     assert all(r["answers"] == [] for r in results)
@@ -73,7 +73,7 @@ def test_resume_after_server_failure_gives_each_job_once(tmp_path):
     out = tmp_path / "results.jsonl"
     with FakeLSAServer() as server:
         server.broken_after = 4  # the server dies after 4 sessions
-        first = LSAClient(server.url).run_batch(jobs, out, concurrency=2, retries=1,
+        first = run_batch(LSAClient(server.url), jobs, out, concurrency=2, retries=1,
                                                 backoff_s=0.01, progress=False)
         assert first.succeeded + first.failed == n
         assert 0 < first.failed < n
@@ -81,7 +81,7 @@ def test_resume_after_server_failure_gives_each_job_once(tmp_path):
 
         server.broken_after = None  # restarted
         server.created.clear()
-        second = LSAClient(server.url).run_batch(jobs, out, concurrency=2, progress=False)
+        second = run_batch(LSAClient(server.url), jobs, out, concurrency=2, progress=False)
         assert second.skipped == len(done_first)
         # only the failed jobs were sent again
         assert server.num_created == n - len(done_first)
@@ -97,14 +97,14 @@ def test_stop_mid_run_then_torn_line_then_resume(tmp_path):
     stop = threading.Event()
     with FakeLSAServer() as server:
         server.on_create = lambda num: num >= 3 and stop.set()
-        first = LSAClient(server.url).run_batch(jobs, out, concurrency=2, stop=stop,
+        first = run_batch(LSAClient(server.url), jobs, out, concurrency=2, stop=stop,
                                                 progress=False)
         assert 3 <= first.succeeded < n and first.failed == 0
         # a run killed while writing leaves half a line behind
         with open(out, "a") as f:
             f.write('{"id": "job-11", "answers": ["The ans')
         server.on_create = None
-        second = LSAClient(server.url).run_batch(jobs, out, concurrency=4, progress=False)
+        second = run_batch(LSAClient(server.url), jobs, out, concurrency=4, progress=False)
         assert second.skipped == first.succeeded
         assert server.max_inflight <= 4
     results = read_results(out)
@@ -115,7 +115,7 @@ def test_stop_mid_run_then_torn_line_then_resume(tmp_path):
 def test_concurrency_limit_is_used_and_respected(tmp_path):
     jobs = make_jobs(tmp_path, 8, tags=("[slow]",))
     with FakeLSAServer() as server:
-        LSAClient(server.url).run_batch(jobs, tmp_path / "r.jsonl", concurrency=3,
+        run_batch(LSAClient(server.url), jobs, tmp_path / "r.jsonl", concurrency=3,
                                         progress=False)
         assert 2 <= server.max_inflight <= 3
 
@@ -141,7 +141,7 @@ def test_bad_job_line_names_its_line(tmp_path, bad, reason):
     path.write_text(json.dumps(GOOD) + "\n\n" + bad + "\n")
     with FakeLSAServer() as server:
         with pytest.raises(JobLineError, match=reason) as info:
-            LSAClient(server.url).run_batch(path, tmp_path / "out.jsonl", progress=False)
+            run_batch(LSAClient(server.url), path, tmp_path / "out.jsonl", progress=False)
         assert server.num_created == 0  # nothing is sent before the file is valid
     assert info.value.line_no == 3 and str(path) in str(info.value)
 
@@ -154,12 +154,12 @@ def test_context_file_is_relative_to_jobs_file(tmp_path):
                                 "questions": ["author"], "answers": ["woolf"]}) + "\n")
     assert read_jobs(path)[0].load_context() == "author => Woolf\n"
     with FakeLSAServer() as server:
-        summary = LSAClient(server.url).run_batch(path, tmp_path / "o.jsonl", progress=False)
+        summary = run_batch(LSAClient(server.url), path, tmp_path / "o.jsonl", progress=False)
     assert summary.accuracy == 1.0
 
 
 def test_lsa_batch_cli(tmp_path, capsys):
-    from cluster.cli import main
+    from cli import main
 
     jobs = make_jobs(tmp_path, 3)
     out = tmp_path / "cli.jsonl"

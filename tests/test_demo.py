@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 pytest.importorskip("ray")
+from cli import parse_args  # noqa: E402
 from cluster import demo  # noqa: E402
 from cluster.local import free_port  # noqa: E402
 from engine.errors import ModelNotFoundError  # noqa: E402
@@ -12,10 +13,7 @@ from engine.weights import resolve_model  # noqa: E402
 
 
 def demo_args(policy: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers()
-    demo.add_parser(sub)
-    return p.parse_args(["cluster-demo", "--policy", policy, "--port", str(free_port()), "--num-cpus", "2"])
+    return parse_args(["cluster-demo", "--policy", policy, "--port", str(free_port()), "--num-cpus", "2"])
 
 
 def test_cluster_demo_with_lsa_answers_at_least_as_well_as_full(tmp_path, monkeypatch):

@@ -9,14 +9,13 @@ import torch
 
 pytest.importorskip("gguf")
 
-from engine import evaluation  # noqa: E402
-from engine.cli import main  # noqa: E402
+from cli import main  # noqa: E402
 from engine.errors import InvalidRequestError, ModelNotFoundError  # noqa: E402
-from engine.eval_tasks import (TaskSpec, agreement, answer_found, build_samples, forced_argmax,  # noqa: E402
-                               load_needles,
-                               multikey_needles)
-from engine.haystack import synthetic_filler  # noqa: E402
 from engine.weights import resolve_model  # noqa: E402
+from lab import evaluation  # noqa: E402
+from lab.haystack import synthetic_filler  # noqa: E402
+from lab.tasks import (TaskSpec, agreement, answer_found, build_samples, forced_argmax,  # noqa: E402
+                       load_needles, multikey_needles)
 
 try:
     resolve_model("smollm2-135m")

@@ -121,7 +121,7 @@ def test_policies_declare_per_step_work():
     steps can be CUDA graphs and which queries the graph hands back."""
     from engine.lsa import LSAPolicy
     from engine.policies import OraclePolicy, Policy, QuestPolicy, SnapKVPolicy, StreamingPolicy
-    from engine.traces import TracePolicy
+    from lab.traces import TracePolicy
 
     for cls in (Policy, StreamingPolicy, SnapKVPolicy, QuestPolicy, OraclePolicy, LSAPolicy, TracePolicy):
         selects = cls.select is not Policy.select

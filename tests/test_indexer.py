@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cli import main
+from cli import main
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError, LSAError
 from engine.indexer import IndexerFormatError, IndexerNotFoundError, LearnedIndexer
-from engine.indexer_train import TrainConfig, cross_layer_scores, recall_report, train_indexer
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
-from engine.traces import TraceConfig, TraceJob, dump_traces, load_traces, read_manifest
+from lab.traces import TraceConfig, TraceJob, dump_traces, load_traces, read_manifest
+from lab.train_indexer import TrainConfig, cross_layer_scores, recall_report, train_indexer
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))

@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 from ray_cluster import ray_cluster  # noqa: E402
 
+from cluster.batch import run_batch  # noqa: E402
 from cluster.client import LSAClient, SessionNotFound  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,10 +128,10 @@ def test_metrics_and_batch_client(server, client, tmp_path):
     jobs.write_text("\n".join(json.dumps({"id": f"j{i}", "context": f"Document {i}. " * 30,
                                           "questions": ["a?", "b?"], "max_tokens": 4}) for i in range(3)))
     out = tmp_path / "out.jsonl"
-    summary = client.run_batch(jobs, out, concurrency=3, progress=False)
+    summary = run_batch(client, jobs, out, concurrency=3, progress=False)
     assert summary.succeeded == 3 and summary.failed == 0
     assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["j0", "j1", "j2"]
-    assert client.run_batch(jobs, out, progress=False).skipped == 3  # resume: nothing runs twice
+    assert run_batch(client, jobs, out, progress=False).skipped == 3  # resume: nothing runs twice
     time.sleep(1.5)  # workers publish their counters with their routing stats
     code, text = http(server, "GET", "/metrics", key=None)
     text = text.decode()

@@ -12,7 +12,7 @@ git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$OUT/gpu.txt"
 
 serve_start() {  # port, then key=value args; the server runs in its own process group
   local port=$1; shift
-  setsid python3 -m cluster.cli serve "$@" --port "$port" > "$OUT/serve_$port.log" 2>&1 &
+  setsid python3 -m cli serve "$@" --port "$port" > "$OUT/serve_$port.log" 2>&1 &
   echo $! > "/tmp/serve_$port.pid"
   for i in $(seq 1 90); do
     sleep 2
@@ -39,7 +39,7 @@ early)
     timeout 150 python3 benchmarks/device/served_smoke.py http://127.0.0.1:8011 "$OUT/served_smoke.json" 2>&1 | tail -20
     serve_stop 8011
   fi
-  timeout 200 python3 -m engine.cli bench decode --contexts 131072 --batch 1 --rounds 3 --steps 32 \
+  timeout 200 python3 -m cli bench decode --contexts 131072 --batch 1 --rounds 3 --steps 32 \
     --out "$OUT/bench_decode_128k.json" 2>&1 | grep -v built | tail -8
   ;;
 *)

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from engine.cli import main
+from cli import main
 from engine.lsa import LSAPolicy
 
 _orig = LSAPolicy.before_decode

@@ -185,21 +185,21 @@ def add_train_indexer_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True, help="directory written by `lsa dump-traces`")
     p.add_argument("--out", required=True, help="directory for indexer.safetensors, indexer.json, report.json")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--epochs", type=int, default=30, help="passes over the train split")
+    t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     t.add_argument("--batch-size", type=int, default=16, help="examples (sample x target layer) per step")
-    t.add_argument("--loss", choices=("bce", "focal"), default="bce")
+    t.add_argument("--loss", choices=("bce", "focal"), default="bce", help="binary cross-entropy or focal loss")
     t.add_argument("--neg-ratio", type=int, default=3, help="negatives sampled per positive; 0: all, balanced")
     t.add_argument("--hard-negatives", action="store_true", help="half the negatives: the highest-scoring ones")
-    t.add_argument("--embed-dim", type=int, default=64)
-    t.add_argument("--hidden-dim", type=int, default=64)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--embed-dim", type=int, default=64, help="width of the query and key embeddings")
+    t.add_argument("--hidden-dim", type=int, default=64, help="width of the encoders' hidden layer")
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, the batches and the negatives")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e = p.add_argument_group("evaluation (held-out split of the traces)")
     e.add_argument("--budgets", default="0.05,0.1,0.2", help="resident fractions, comma-separated")
     e.add_argument("--sink-blocks", type=int, default=1, help="always resident, as in PolicyConfig")
     e.add_argument("--tail-blocks", type=int, default=1, help="always resident, as in PolicyConfig")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -208,7 +208,7 @@ def run_train_indexer(args) -> int:
     import time
 
     from engine.lsa import QuestIndexer
-    from engine.traces import load_traces, read_manifest
+    from lab.traces import load_traces, read_manifest
 
     try:
         budgets = tuple(float(x) for x in args.budgets.split(",") if x.strip())

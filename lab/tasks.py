@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import InvalidRequestError
-from engine.haystack import Needle, niah_prompt
 from engine.sampling import SamplingParams
+from lab.haystack import Needle, niah_prompt
 
 TASKS = ("niah", "multikey", "ppl", "agreement")
 

@@ -2,8 +2,8 @@
 
 The model is loaded once; one engine is built per (policy, budget) over it, ``full`` once
 (it has no budget) and first, since its greedy tokens are the agreement reference. Every
-policy sees the same prompts. Tasks live in :mod:`engine.eval_tasks`, the report in
-:mod:`engine.eval_report`; docs/accuracy.md says what each task measures.
+policy sees the same prompts. Tasks live in :mod:`lab.tasks`, the report in
+:mod:`lab.report`; docs/accuracy.md says what each task measures.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.options import add_arguments, from_args, replace
-from engine.eval_tasks import TASKS, TaskSpec, build_samples, load_needles, run_sample
+from lab.tasks import TASKS, TaskSpec, build_samples, load_needles, run_sample
 
 POLICY_NAMES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
 GRID_FIELDS = ("policy", "budget", "max_num_seqs", "max_model_len")  # set per run by the grid
@@ -54,7 +54,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=32, help="tokens generated for niah and multikey")
     d.add_argument("--ppl-tokens", type=int, default=256, help="ppl: last tokens of each window, teacher-forced")
     d.add_argument("--agreement-tokens", type=int, default=64, help="agreement: greedy tokens compared")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic filler and the multikey samples")
     e = p.add_argument_group("engine and policy (every field of EngineConfig; --policies and --budgets above)")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's; 1 is "
                    "steadier on a small machine shared with other work)")
@@ -112,9 +112,9 @@ def run_eval(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from engine.eval_report import aggregate, run_label, write_outputs
-    from engine.haystack import BUILTIN_NEEDLES, haystack_dir, load_haystack
     from engine.llm import LLMEngine
+    from lab.haystack import BUILTIN_NEEDLES, haystack_dir, load_haystack
+    from lab.report import aggregate, run_label, write_outputs
 
     _validate(args)
     runs = _runs(args.policies, args.budgets)

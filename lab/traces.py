@@ -232,7 +232,7 @@ def load_traces(directory: str | Path, split: str | None = None) -> list[dict[st
 def calibration_documents(haystack: str | None, eval_docs: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, eval) lists of (name, text): the haystack essays, the last ``eval_docs`` held out;
     deterministic synthetic filler when there is no haystack directory."""
-    from engine.haystack import haystack_dir, synthetic_filler
+    from lab.haystack import haystack_dir, synthetic_filler
 
     path = Path(haystack) if haystack else haystack_dir()
     if path is None:
@@ -274,7 +274,7 @@ def _csv_ints(text: str) -> tuple[int, ...]:
 def add_dump_traces_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("dump-traces", help="run the model over calibration text and write golden-block "
                               "traces for `lsa train-indexer`")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="model to trace (as lsa generate --model)")
     p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
     p.add_argument("--haystack", default=None, help="directory of .txt files (default: shared essays, else "
                    "synthetic filler)")
@@ -286,15 +286,15 @@ def add_dump_traces_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cycle", type=int, default=64, help="N: label window in decode steps")
     p.add_argument("--stride", type=int, default=None, help="decode steps between samples (default: the cycle)")
     p.add_argument("--window", type=int, default=8, help="W: recent queries per sample")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block, the unit of the labels")
     p.add_argument("--target-layers", type=_csv_ints, default=None, help="default: PolicyConfig's (3 mid layers)")
     p.add_argument("--top-p", type=float, default=0.6, help="per step and layer: mass the picked blocks hold")
     p.add_argument("--min-votes", type=int, default=3, help="layers that must pick a block at one step")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is kind to a shared machine)")
     p.add_argument("--resume", action="store_true", help="keep shards an interrupted run already wrote")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -348,7 +348,7 @@ def dump_traces(model, jobs: list[TraceJob], trace: TraceConfig, out: str | Path
 
 
 def run_dump_traces(args) -> int:
-    from engine.evaluation import load
+    from lab.evaluation import load
 
     if args.samples < 1 or args.eval_samples < 0 or args.steps < args.cycle:
         raise InvalidRequestError("--samples must be >= 1, --eval-samples >= 0 and --steps >= --cycle")

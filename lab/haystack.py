@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lsa_env
+from engine.errors import InvalidRequestError
 
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HAYSTACK = _REPO.parent / "shared" / "data" / "haystack"
@@ -35,6 +36,10 @@ BUILTIN_NEEDLES = (
 )
 
 
+class HaystackNotFoundError(InvalidRequestError, FileNotFoundError):
+    """A haystack directory that was asked for is missing or holds no ``.txt`` files."""
+
+
 def haystack_dir() -> Path | None:
     """``LSA_HAYSTACK`` if set, else ../shared/data/haystack beside the repository, if present."""
     path = Path(lsa_env.haystack_dir()) if lsa_env.haystack_dir() else DEFAULT_HAYSTACK
@@ -46,12 +51,13 @@ def load_haystack(directory: str | Path | None = None, min_chars: int = 0, seed:
     repeated up to ``min_chars``; deterministic synthetic filler if there is no directory."""
     path = Path(directory) if directory else haystack_dir()
     if path is not None and not path.is_dir():
-        raise FileNotFoundError(f"haystack directory {path} does not exist")
+        raise HaystackNotFoundError(f"haystack directory {path} does not exist: give a directory of .txt files, "
+                                    f"or none for the default")
     if path is None:
         return synthetic_filler(max(min_chars, 20_000), seed)
     text = "\n\n".join(p.read_text(errors="replace").strip() for p in sorted(path.glob("*.txt")))
     if not text:
-        raise FileNotFoundError(f"haystack directory {path} has no .txt files")
+        raise HaystackNotFoundError(f"haystack directory {path} has no .txt files")
     while len(text) < min_chars:
         text += "\n\n" + text
     return text

@@ -1,0 +1,6 @@
+"""``python -m cli ...`` is ``lsa ...``."""
+import sys
+
+from cli import main
+
+sys.exit(main())
