@@ -212,12 +212,6 @@ class LSAClient:
         created = self.create_session(context)
         return Session(self, created["id"], created["num_tokens"])
 
-    def run_batch(self, jobs_path, out_path, concurrency: int = 4, retries: int = 3, **kwargs):
-        """Run a JSONL file of long-context jobs; see ``cluster.batch.run_batch``."""
-        from cluster.batch import run_batch
-        return run_batch(self, jobs_path, out_path, concurrency=concurrency, retries=retries,
-                         **kwargs)
-
 
 class Session:
     """A long context held by the server. ``close()`` (or leaving ``with``) frees its KV."""
@@ -291,11 +285,6 @@ class AsyncLSAClient:
     async def session(self, context: str | Sequence[int]) -> "AsyncSession":
         created = await asyncio.to_thread(self.sync.create_session, context)
         return AsyncSession(self.sync, created["id"], created["num_tokens"])
-
-    async def run_batch(self, jobs_path, out_path, concurrency: int = 4, retries: int = 3,
-                        **kwargs):
-        return await asyncio.to_thread(self.sync.run_batch, jobs_path, out_path,
-                                       concurrency, retries, **kwargs)
 
 
 class AsyncSession:

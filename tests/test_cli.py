@@ -205,3 +205,11 @@ def test_only_the_cli_package_defines_the_console_entry():
              for path, text in ((p, p.read_text()) for p in (REPO / pkg).rglob("*.py")) if "\ndef main(" in text]
     assert mains == [], mains
     assert "lsa = \"cli:main\"" in (REPO / "pyproject.toml").read_text()
+
+
+def test_the_client_imports_nothing_of_the_cluster():
+    """``cluster.batch`` runs jobs through the client; the client (stdlib and msgpack) knows nothing of it."""
+    tree = ast.parse((REPO / "cluster" / "client.py").read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {m for m in modules if m.split(".")[0] in ("cluster", "engine", "actors", "ray", "torch")}, modules
