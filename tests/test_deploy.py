@@ -178,6 +178,11 @@ def test_rayjob_runs_lsa_batch_against_the_service():
     url = entry[entry.index("--url") + 1]
     assert url == f"http://{rayservice['metadata']['name']}-serve-svc:8000"
     assert entry[entry.index("--out") + 1] == "/data/results.jsonl"
+    from cli import parse_args  # the entrypoint is a valid command line of this repository's lsa
+
+    args = parse_args(entry[1:])
+    assert (args.func.__name__, args.jobs, args.concurrency, args.retries) == ("run_batch_command",
+                                                                                "/data/jobs.jsonl", 8, 5)
 
 
 @pytest.mark.parametrize("name, mutate", [
