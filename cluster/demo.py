@@ -151,8 +151,8 @@ def run(args) -> int:
     acc = "n/a" if summary.accuracy is None else f"{summary.num_correct}/{summary.num_checked} " \
                                                   f"({summary.accuracy:.0%})"
     mib = 1 / 2 ** 20
-    print(f"\naccuracy {acc} with {_describe(app_args(args))}; {summary.succeeded} jobs done, {summary.failed} failed; "
-          f"{time.perf_counter() - t0:.0f} s in all")
+    print(f"\naccuracy {acc} with {_describe(app_args(args))}; {summary.succeeded} jobs done, "
+          f"{summary.failed} failed; {time.perf_counter() - t0:.0f} s in all")
     print(f"KV: host store arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB, "
           f"{metrics.get('lsa_evictions_total', 0):.0f} evictions; "
           f"prompt tokens computed {metrics.get('lsa_prefill_tokens_total', 0):.0f} "
