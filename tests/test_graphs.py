@@ -119,7 +119,7 @@ def test_cuda_graph_errors():
 def test_policies_declare_per_step_work():
     """A policy whose select() or observe_decode() does work says so: that decides whether its
     steps can be CUDA graphs and which queries the graph hands back."""
-    from engine.lsa import LSAPolicy
+    from engine.policies.lsa import LSAPolicy
     from engine.policies import OraclePolicy, Policy, QuestPolicy, SnapKVPolicy, StreamingPolicy
     from engine.traces import TracePolicy
 

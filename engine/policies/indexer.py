@@ -13,7 +13,7 @@ is golden, so LSA's ``threshold`` reads it as the paper's sigmoid threshold. One
 serves every target layer (``score`` is not told the layer); LSA maxes the layers' scores.
 
 Files: ``DIR/indexer.safetensors`` (weights) and ``DIR/indexer.json`` (:class:`IndexerConfig`).
-``lsa train-indexer`` (engine/indexer_train.py) trains it from ``lsa dump-traces`` files alone
+``lsa train-indexer`` (the lab's indexer training) trains it from ``lsa dump-traces`` files alone
 and reports golden-block recall at the budget against the zero-training and recency baselines.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Tower(nn.Module):
 
 
 class LearnedIndexer(nn.Module):
-    """A drop-in for engine.lsa.QuestIndexer: ``score(queries, kmin, kmax, kmean, host_ids) -> [M]``."""
+    """A drop-in for engine.policies.lsa.QuestIndexer: ``score(queries, kmin, kmax, kmean, host_ids) -> [M]``."""
 
     def __init__(self, config: IndexerConfig):
         super().__init__()

@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 import kernels
-from engine.policies import OffloadPolicy, narrow, window_block_mass
+from engine.policies.base import OffloadPolicy, narrow, window_block_mass
+from engine.policies.indexer import LearnedIndexer
 
 
 class QuestIndexer:
@@ -57,8 +58,6 @@ class LSAPolicy(OffloadPolicy):
         self.prefill_window = max(config.query_window, config.observation_window)
         self.slot_summaries = config.level2_topk is not None
         if config.indexer:
-            from engine.indexer import LearnedIndexer
-
             self.indexer = LearnedIndexer.load(config.indexer)
         else:
             self.indexer = QuestIndexer(config.index_score)
