@@ -92,7 +92,7 @@ def test_long_prompt_runs_in_a_pool_smaller_than_the_prompt(model):
     assert peak_device_kv <= one_layer_prompt_kv + reserve * cache.bytes_per_block
     assert peak_device_kv < ref_peak[0] * ref.cache.bytes_per_block / 2
     kv = seqs[0].kv
-    assert kv["host_kv_bytes"] == (722 // BLOCK) * cache.host_bytes_per_block  # every complete block mirrored
+    assert kv["host_kv_bytes"] == (722 // BLOCK) * cache.mirror.bytes_per_block  # every complete block mirrored
     assert kv["device_kv_fraction"] < 0.25
 
 
