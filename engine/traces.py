@@ -172,6 +172,7 @@ class TracePolicy(Policy):
 def trace_sequence(model, ids: list[int], prompt_len: int, trace: TraceConfig,
                    prefill_chunk: int = 1024) -> list[dict[str, torch.Tensor]]:
     """Prefill ``ids[:prompt_len]``, teacher-force the rest through decode, return the samples."""
+    from engine.hooks import score_continuation
     from engine.llm import LLMEngine
 
     if not 0 < prompt_len < len(ids):
@@ -184,7 +185,7 @@ def trace_sequence(model, ids: list[int], prompt_len: int, trace: TraceConfig,
     policy = TracePolicy(config.policy, model.config.num_layers, trace.block_size, trace)
     engine = LLMEngine(model, config, policy=policy)
     # the first continuation token is scored from the prefill; the others are decode steps
-    engine.score_continuation(ids[:prompt_len], ids[prompt_len:])
+    score_continuation(engine, ids[:prompt_len], ids[prompt_len:])
     return policy.samples()
 
 

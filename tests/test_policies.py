@@ -6,6 +6,7 @@ import torch
 
 from engine.config import POLICIES, CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
+from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.policies import POLICY_CLASSES
 from engine.loader import random_model
@@ -44,7 +45,7 @@ def run(engine, ids, max_tokens=40, hook=None):
         if hook:
             hook(engine, seq)
 
-    engine.on_logits = record
+    engine.hooks.append(LogitsObserver(record))
     seqs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in ids]
     while engine.has_work():
         engine.step()
