@@ -106,7 +106,6 @@ class OffloadPolicy(Policy):
     def __init__(self, config, num_layers, block_size):
         super().__init__(config, num_layers, block_size)
         self.misses = 0
-        self.swaps = 0  # residency changes applied
 
     def decode_reserve(self, max_len: int) -> int:
         """Slots a decoding sequence may hold per group: the budget, the blocks a cycle's tokens
@@ -158,7 +157,6 @@ class OffloadPolicy(Policy):
         self.cache.evict(seq_id, group, evict)
         self.cache.unstage(seq_id, group, keep=want)  # staged for a plan that changed: free the slots first
         self.cache.load(seq_id, group, [j for j in load if j < mirrored])
-        self.swaps += 1
 
     def shrink_reserve(self, seq_id: int, max_len: int) -> None:
         self.cache.blocks.set_reserve(seq_id, self.decode_reserve(max_len))

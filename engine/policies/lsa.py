@@ -52,6 +52,9 @@ class QuestIndexer:
 
 
 class LSAPolicy(OffloadPolicy):
+    """Level-1 plans at cycle boundaries from the indexer (``QuestIndexer``, or the learned one
+    ``config.indexer`` names), applied one cycle later; Level-2 top-k inside the resident set."""
+
     def __init__(self, config, num_layers, block_size):
         super().__init__(config, num_layers, block_size)
         self.targets = config.layers(num_layers)
