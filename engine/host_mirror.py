@@ -28,8 +28,9 @@ class HostMirror:
                  device: torch.device, host_dtype: str | None = None, arena=None):
         """``dtype``: the model's (summaries, and what ``fetch`` returns). ``host_dtype="fp8"``:
         rows are kept as float8 e4m3 with one float32 scale per (row, layer, K/V, KV head).
-        ``arena`` (engine.sessions.HostArena): rows in external memory (e.g. a KV store's shared
-        memory) instead of a private allocation; ``num_blocks`` is then the arena's."""
+        ``arena`` (a HostArena; its ``host`` and ``summary`` are used): rows in external memory
+        (e.g. a KV store's shared memory) instead of a private allocation; ``num_blocks`` is then
+        the arena's."""
         if host_dtype not in (None, "fp8"):
             raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {host_dtype!r}")
         if host_dtype and arena is not None:

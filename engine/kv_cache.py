@@ -54,8 +54,8 @@ class BlockKVCache:
                  dtype: torch.dtype, device: torch.device | str, groups: list[list[int]] | None = None,
                  index_layers: tuple[int, ...] = (), slot_summaries: bool = False, arena=None,
                  host_dtype: str | None = None):
-        """``arena`` (engine.sessions.HostArena): an external host mirror (e.g. a KV store's
-        shared memory) with its own host-id allocator, instead of a private one.
+        """``arena`` (a HostArena: ``host``, ``summary``, ``allocator``): an external host mirror
+        (e.g. a KV store's shared memory) with its own host-id allocator, instead of a private one.
         ``host_dtype="fp8"``: complete blocks are kept in host RAM as float8 e4m3 with one float32
         scale per (block, layer, K/V, KV head), and dequantized on the device after each copy;
         summaries stay in the model dtype."""

@@ -32,7 +32,7 @@ class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None, policy: Policy | None = None,
                  arena=None):
         """``policy`` overrides the one ``config.policy`` names (e.g. a tracing policy).
-        ``arena``: an external host mirror and host-id allocator (engine.sessions.HostArena)."""
+        ``arena``: an external host mirror and host-id allocator (a HostArena)."""
         self.model = model
         self.config = config
         self.tokenizer = tokenizer

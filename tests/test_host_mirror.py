@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def _arena(num_blocks):
-    """What the mirror takes from an arena (engine.sessions.HostArena): its host and summary rows."""
+    """What the mirror takes from an arena (a HostArena): its host and summary rows."""
     return SimpleNamespace(host=torch.zeros(num_blocks, CFG.num_layers, 2, CFG.num_kv_heads, B, CFG.head_dim),
                            summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim))
 
