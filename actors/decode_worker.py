@@ -216,8 +216,8 @@ class DecodeWorkerCore:
             tokens, data, summary, drop = found
             ids = self.store.lease(self.owner, data.shape[0])
             idx = torch.tensor(ids, dtype=torch.long)
-            self.engine.cache.host[idx] = data
-            self.engine.cache.host_summary[idx] = summary
+            self.engine.cache.mirror.host[idx] = data
+            self.engine.cache.mirror.summary[idx] = summary
             self.store.put(self.owner, sid, tokens, ids)
             drop()
             self.rebuilt["remote"] += 1

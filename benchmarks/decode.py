@@ -145,7 +145,7 @@ def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
     for i, rho in pairs:
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
-                 "alternated": len(pairs) > 1, "cuda_graphs": engines[i][1].graphs is not None}
+                 "alternated": len(pairs) > 1, "cuda_graphs": engines[i][1].runner.graphs is not None}
         rows.append(summarise(label, windows[(i, rho)], s.batch))
     engines.clear()  # and the loop variables: the last engine must not outlive its group
     s = engine = seqs = swaps = None

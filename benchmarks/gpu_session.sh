@@ -23,7 +23,7 @@ graphs)
     --out $OUT/bench_decode.json 2>&1 | tee $OUT/bench_decode.log
   ;;
 final1)
-  md5sum tests/test_policies.py engine/lsa.py
+  md5sum tests/test_policies.py engine/policies/lsa.py
   timeout 170 python3 -m pytest -q -x tests/test_kernels_fused.py tests/test_model_parity.py tests/test_graphs.py tests/test_policies.py tests/test_fp8_mirror.py 2>&1 | tee $OUT/tests.log | tail -4
   timeout 100 python3 -m benchmarks.engine_decode --context 8192 --batch 1 16 --repeats 3 --out $OUT/engine_decode.json 2>&1 | tail -5
   timeout 200 python3 -m cli bench decode --contexts 131072 524288 --batch 1 \

@@ -19,7 +19,7 @@ from engine.loader import random_model
 
 def h2d_bandwidth(cache, rows: int = 64) -> dict:
     """GB/s of copying whole mirror rows (one block of all layers each) to the device, one copy per row."""
-    host = cache.host
+    host = cache.mirror.host
     out = torch.empty((rows, *host.shape[1:]), dtype=host.dtype, device=cache.device)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def main() -> None:
         t1 = time.perf_counter()
         compute.synchronize()
         t2 = time.perf_counter()
-        copies_idle = cache.copy_stream.query()
+        copies_idle = cache.mirror.copy_stream.query()
         row = {"step": step, "boundary": step % 64 == 0, "host_ms": (t1 - t0) * 1e3, "step_ms": (t2 - t0) * 1e3,
                "staged": cache.blocks_prefetched - before[0], "late": cache.blocks_loaded_late - before[1],
                "copies_idle": copies_idle,

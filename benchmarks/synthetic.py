@@ -136,14 +136,15 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
 def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64) -> None:
     """Synthetic complete blocks in the host mirror: a bank of random blocks tiled over the
     rows, summaries (min <= mean <= max) around a random mean key, and the device index keys."""
-    host = cache.host
+    mirror = cache.mirror
+    host = mirror.host
     shape = host.shape[1:]  # [L, 2, H, B, D]
     bank = torch.randn(bank_blocks, *shape, generator=gen)
     mean = torch.randn(bank_blocks, shape[0], shape[2], shape[4], generator=gen) * 0.1  # [n, L, H, D]
     spread = torch.rand(bank_blocks, shape[0], shape[2], shape[4], generator=gen) + 0.5
     summary = torch.stack([mean - spread, mean + spread, mean], 2).to(cache.dtype)  # [n, L, 3, H, D]
-    if cache.host_fp8:
-        from engine.kv_cache import quantize_fp8
+    if mirror.fp8:
+        from engine.host_memory import quantize_fp8
 
         data, scale = quantize_fp8(bank)
     else:
@@ -154,8 +155,8 @@ def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int
         n = min(bank_blocks, len(host_ids) - a)
         rows = slice(host_ids[a], host_ids[a] + n) if contiguous else ids[a: a + n]  # slices copy fastest
         host[rows] = data[:n]
-        cache.host_summary[rows] = summary[:n]
+        mirror.summary[rows] = summary[:n]
         if scale is not None:
-            cache.host_scale[rows] = scale[:n]
+            mirror.scale[rows] = scale[:n]
     for li, layer in enumerate(cache.index_layers):
-        cache.index_keys[li][:, ids.to(cache.device)] = cache.host_summary[ids, layer].transpose(0, 1).to(cache.device)
+        cache.index_keys[li][:, ids.to(cache.device)] = mirror.summary[ids, layer].transpose(0, 1).to(cache.device)

@@ -71,14 +71,15 @@ class DecodeGraphRunner:
     ``capture=False`` runs the same static-buffer forward eagerly (CPU tests of the packing,
     padding and table caching; the graph itself needs CUDA)."""
 
-    def __init__(self, engine, capture: bool = True):
-        if capture and engine.device.type != "cuda":
+    def __init__(self, runner, capture: bool = True):
+        """``runner`` (engine.runner.ModelRunner): its model, cache and policy."""
+        if capture and runner.device.type != "cuda":
             raise InvalidRequestError("CUDA graphs need a CUDA device; set cuda_graphs=False")
-        self.model = engine.model
-        self.cache = engine.cache
-        self.policy = engine.policy
+        self.model = runner.model
+        self.cache = runner.cache
+        self.policy = runner.policy
         self.capture = capture
-        self.scale = engine.model.config.head_dim ** -0.5
+        self.scale = runner.model.config.head_dim ** -0.5
         self.query_layers = tuple(self.cache.index_layers) if self.policy.observes_decode else ()
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.mempool = torch.cuda.graph_pool_handle() if capture else None

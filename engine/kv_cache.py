@@ -1,13 +1,14 @@
-"""Block KV cache: the device pool (reserve), residency, the host mirror, summaries, accounting.
+"""Block KV cache: the device pool (reserve), residency, summaries on the device, accounting.
 
 Layouts are the contract in docs/kv-layout.md:
 
     pool          : [L, 2, S, H_kv, B, D]   device; kernels see pool[l, 0] / pool[l, 1]
-    host          : [N_host, L, 2, H_kv, B, D]   one complete block of all layers = one copy
-    host_summary  : [N_host, L, 3, H_kv, D]  min / max / mean key of every complete block (host)
-    host_scale    : [N_host, L, 2, H_kv]  float32, only with the FP8 mirror (host holds e4m3 then)
     index_keys    : [L_idx, 3, N_host, H_kv, D]  device copies for the Level-1 layers only
     slot_summary  : [L, 3, S, H_kv, D]  device, per resident slot (Level-2, Quest)
+    mirror        : the host mirror (engine/host_mirror.py): every complete block in host RAM
+
+The block manager (engine/block_manager.py) does the bookkeeping; this class moves the data:
+complete blocks to the mirror on commit, mirrored blocks back into slots on load / stage.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import torch
 import kernels
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
-from engine.errors import InvalidRequestError
-from engine.host_memory import FP8, dequantize_fp8, host_empty, quantize_fp8
+from engine.host_mirror import HostMirror
 
-__all__ = ["BlockKVCache", "KVAccounting", "quantize_fp8", "dequantize_fp8"]
+__all__ = ["BlockKVCache", "KVAccounting"]
+
 
 @dataclass(frozen=True)
 class KVAccounting:
@@ -53,24 +54,19 @@ class BlockKVCache:
                  dtype: torch.dtype, device: torch.device | str, groups: list[list[int]] | None = None,
                  index_layers: tuple[int, ...] = (), slot_summaries: bool = False, arena=None,
                  host_dtype: str | None = None):
-        """``arena`` (engine.sessions.HostArena): an external host mirror (e.g. a KV store's
-        shared memory) with its own host-id allocator, instead of a private one.
+        """``arena`` (a HostArena: ``host``, ``summary``, ``allocator``): an external host mirror
+        (e.g. a KV store's shared memory) with its own host-id allocator, instead of a private one.
         ``host_dtype="fp8"``: complete blocks are kept in host RAM as float8 e4m3 with one float32
         scale per (block, layer, K/V, KV head), and dequantized on the device after each copy;
         summaries stay in the model dtype."""
-        if host_dtype not in (None, "fp8"):
-            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {host_dtype!r}")
-        if host_dtype and arena is not None:
-            raise InvalidRequestError("the FP8 host mirror needs a private arena (shared arenas hold the model dtype)")
-        self.host_fp8 = host_dtype == "fp8"
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
         layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
         self.groups = groups or [list(range(layers))]
         self.group_of = {layer: g for g, members in enumerate(self.groups) for layer in members}
-        if arena is not None:
-            num_host_blocks = arena.host.shape[0]
+        self.mirror = HostMirror(config, block_size, num_host_blocks, dtype, self.device, host_dtype, arena)
+        num_host_blocks = self.mirror.num_blocks
         self.blocks = BlockManager(block_size, num_device_blocks, num_host_blocks, len(self.groups),
                                    host_allocator=arena.allocator if arena is not None else None)
         # one slot past the allocators' range: padding rows of a CUDA-graph batch write there
@@ -78,15 +74,6 @@ class BlockKVCache:
                                 device=self.device)
         self.trash_slot = num_device_blocks
         self.pool[:, :, self.trash_slot].zero_()
-        pin = self.device.type == "cuda"
-        if arena is not None:
-            self.host, self.host_summary = arena.host, arena.summary
-        else:
-            self.host = host_empty((num_host_blocks, layers, 2, heads, block_size, dim),
-                                   FP8 if self.host_fp8 else dtype, pin)
-            self.host_summary = host_empty((num_host_blocks, layers, 3, heads, dim), dtype, pin)
-        self.host_scale = (host_empty((num_host_blocks, layers, 2, heads), torch.float32, pin)
-                           if self.host_fp8 else None)
         self.index_layers = tuple(index_layers)
         self.index_keys = torch.empty(len(index_layers), 3, num_host_blocks, heads, dim, dtype=dtype,
                                       device=self.device)
@@ -95,19 +82,11 @@ class BlockKVCache:
         self.bytes_per_token = config.kv_bytes_per_token(dtype)
         self.bytes_per_block = self.bytes_per_token * block_size  # all layers
         self.bytes_per_layer_block = self.bytes_per_block // layers
-        # host RAM (and bytes over PCIe) per block of all layers: data, plus scales with FP8
-        self.host_bytes_per_block = (self.host.element_size() * layers * 2 * heads * block_size * dim
-                                     + (layers * 2 * heads * 4 if self.host_fp8 else 0))
-        self.host_bytes_per_layer_block = self.host_bytes_per_block // layers
         self.summary_bytes_per_layer_block = 3 * heads * dim * self.pool.element_size()
         self.blocks_copied = 0
         self.bytes_copied = 0
         self.blocks_prefetched = 0  # of blocks_copied: copied ahead on the copy stream (stage)
         self.blocks_loaded_late = 0  # of blocks_copied: copied when needed (load of a block not staged)
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._copies_pending = False
-        self._d2h: torch.cuda.Event | None = None  # the last asynchronous write into the host mirror
-        self._host_pinned = self.device.type == "cuda" and self.host.is_pinned()
 
     # ------------------------------------------------------------ sequences
 
@@ -115,7 +94,7 @@ class BlockKVCache:
         self.blocks.admit(seq_id, num_blocks)
 
     def release(self, seq_id: int) -> None:
-        self.join_copies()  # staged copies into its slots finish before the slots are reused
+        self.mirror.join()  # staged copies into its slots finish before the slots are reused
         self.blocks.release(seq_id)
 
     def attach_prefix(self, seq_id: int, host_ids: list[int]) -> None:
@@ -125,11 +104,11 @@ class BlockKVCache:
             return
         self.blocks.attach_prefix(seq_id, host_ids)
         if self.index_layers:
-            self.host_ready()
+            self.mirror.wait_writes()
             hosts = torch.tensor(host_ids)
             idx = torch.tensor(self.index_layers)
             self.index_keys[:, :, hosts.to(self.device)] = (
-                self.host_summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
+                self.mirror.summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
         for g in range(len(self.groups)):
             self.load(seq_id, g, list(range(len(host_ids))))
 
@@ -164,12 +143,12 @@ class BlockKVCache:
         for g, members in enumerate(self.groups):
             slots = torch.tensor([s[g] for s, _ in done], device=self.device)
             if len(members) == self.pool.shape[0]:
-                summary = self._mirror(hosts, slice(None), self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5))
+                summary = self.mirror.store(hosts, slice(None), self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5))
                 summaries.update((layer, summary[:, layer]) for layer in members)
             else:
                 for layer in members:
-                    summaries[layer] = self._mirror(hosts, slice(layer, layer + 1),
-                                                    self.pool[layer, :, slots].transpose(0, 1)[:, None])[:, 0]
+                    summaries[layer] = self.mirror.store(hosts, slice(layer, layer + 1),
+                                                         self.pool[layer, :, slots].transpose(0, 1)[:, None])[:, 0]
             if self.slot_summary is not None:
                 for layer in members:
                     self.slot_summary[layer, :, slots] = summaries[layer].transpose(0, 1)
@@ -178,7 +157,7 @@ class BlockKVCache:
     def mirror_layer(self, host_ids: list[int], layer: int, blocks: torch.Tensor) -> None:
         """Write one layer of complete blocks straight to the host mirror (layer-by-layer
         prefill): blocks [n, 2, H, B, D] on the device; refreshes the layer's device index keys."""
-        summary = self._mirror(host_ids, slice(layer, layer + 1), blocks[:, None])
+        summary = self.mirror.store(host_ids, slice(layer, layer + 1), blocks[:, None])
         self._refresh_index_keys(host_ids, {layer: summary[:, 0]})
 
     def _refresh_index_keys(self, hosts: list[int], summaries: dict[int, torch.Tensor]) -> None:
@@ -187,35 +166,6 @@ class BlockKVCache:
         for li, layer in enumerate(self.index_layers):
             if layer in summaries:
                 self.index_keys[li][:, rows] = summaries[layer].transpose(0, 1)
-
-    def _mirror(self, hosts: list[int], layers: slice, blocks: torch.Tensor) -> torch.Tensor:
-        """blocks [n, Lsel, 2, H, B, D] of complete blocks -> host mirror rows and key summaries;
-        returns the summaries [n, Lsel, 3, H, D] (model dtype) on the device.
-
-        Into page-locked memory each row is an asynchronous copy on the compute stream: the host
-        does not wait (the step's sampled tokens, which it does wait for, come after), and later
-        loads of the row are ordered after it (staged copies wait for the compute stream)."""
-        keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]
-        summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2).to(self.dtype)  # [n, Lsel, 3, H, D]
-        scale = None
-        if self.host_fp8:  # quantized where the blocks are, so only e4m3 bytes cross to the host
-            blocks, scale = quantize_fp8(blocks)
-        if self._host_pinned:
-            blocks, summary_c = blocks.contiguous(), summary.contiguous()
-            for i, h in enumerate(hosts):
-                self.host[h, layers].copy_(blocks[i], non_blocking=True)
-                self.host_summary[h, layers].copy_(summary_c[i], non_blocking=True)
-                if scale is not None:
-                    self.host_scale[h, layers].copy_(scale[i], non_blocking=True)
-            self._d2h = torch.cuda.Event()
-            self._d2h.record()
-            return summary
-        rows = torch.tensor(hosts)
-        self.host[rows, layers] = blocks.to("cpu")
-        if scale is not None:
-            self.host_scale[rows, layers] = scale.to("cpu")
-        self.host_summary[rows, layers] = summary.to("cpu")
-        return summary
 
     # ------------------------------------------------------------ residency changes
 
@@ -234,7 +184,7 @@ class BlockKVCache:
         ready = [j for j in blocks if j in staged]
         rest = [j for j in blocks if j not in staged]
         if ready:
-            self.join_copies()
+            self.mirror.join()
             self.blocks.promote(seq_id, group, ready)
         if rest:
             self._copy_in(seq_id, group, rest, self.blocks.load(seq_id, group, rest))
@@ -246,88 +196,37 @@ class BlockKVCache:
         if not blocks:
             return
         slots = self.blocks.stage(seq_id, group, blocks)
-        if self.copy_stream is None:
+        with self.mirror.ahead():  # after queued steps, which may still read slots an eviction freed
             self._copy_in(seq_id, group, blocks, slots)
-        else:
-            # the spare slots may have been freed by an eviction that steps still queued read
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                self._copy_in(seq_id, group, blocks, slots)
-            self._copies_pending = True
         self.blocks_prefetched += len(blocks) * len(self.groups[group])
 
     def unstage(self, seq_id: int, group: int, keep=()) -> None:
         """Drop the staged blocks of a group that the plan no longer wants (all but ``keep``)."""
         if self.blocks.seqs[seq_id].staged[group]:
-            self.join_copies()  # their slots are free for compute work afterwards
+            self.mirror.join()  # their slots are free for compute work afterwards
             self.blocks.unstage(seq_id, group, keep)
-
-    def join_copies(self) -> None:
-        """Order the compute stream after every staged copy issued so far (no host wait)."""
-        if self._copies_pending:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-            self._copies_pending = False
 
     def _copy_in(self, seq_id: int, group: int, blocks: list[int], slots: list[int]) -> None:
         host_ids = self.blocks.seqs[seq_id].host_ids
         hosts = [host_ids[j] for j in blocks]
-        dst = torch.tensor(slots)
-        # from page-locked memory the index copy is asynchronous too (a pageable one waits for the stream)
-        dst = (dst.pin_memory() if self._host_pinned else dst).to(self.device, non_blocking=True)
+        dst = self.mirror.to_device(torch.tensor(slots))
         members = self.groups[group]
         rows = torch.tensor(hosts)
         if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one scatter per chunk
             for a in range(0, len(blocks), self.load_chunk_blocks):
-                data = self._fetch_rows(hosts[a: a + self.load_chunk_blocks])  # [n, L, 2, H, B, D]
+                data = self.mirror.fetch_rows(hosts[a: a + self.load_chunk_blocks])  # [n, L, 2, H, B, D]
                 self.pool[:, :, dst[a: a + self.load_chunk_blocks]] = data.permute(1, 2, 0, 3, 4, 5)
         else:
             for layer in members:
-                self.pool[layer, :, dst] = self._fetch(rows, layer).transpose(0, 1)  # [2, n, H, B, D]
+                self.pool[layer, :, dst] = self.mirror.fetch(rows, layer).transpose(0, 1)  # [2, n, H, B, D]
         if self.slot_summary is not None:
-            self.host_ready()
+            self.mirror.wait_writes()
             for layer in members:
-                self.slot_summary[layer, :, dst] = self.host_summary[rows, layer].to(self.device).transpose(0, 1)
+                self.slot_summary[layer, :, dst] = self.mirror.summary[rows, layer].to(self.device).transpose(0, 1)
         self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
-        self.bytes_copied += len(blocks) * len(members) * self.host_bytes_per_layer_block
+        self.bytes_copied += len(blocks) * len(members) * self.mirror.bytes_per_layer_block
 
     load_chunk_blocks = 64  # blocks (all layers) per host gather + copy: bounds the temporaries
-
-    def host_ready(self) -> None:
-        """Wait until every asynchronous write into the host mirror has landed (before the host
-        itself reads mirror rows; copies on the GPU streams are ordered without this)."""
-        if self._d2h is not None:
-            self._d2h.synchronize()
-            self._d2h = None
-
-    def _fetch(self, hosts: torch.Tensor, layers) -> torch.Tensor:
-        """Mirrored blocks on the device in the model dtype: [n, ...] of ``host[hosts, layers]``."""
-        self.host_ready()  # the gather below runs on the host
-        data = self.host[hosts, layers].to(self.device, non_blocking=True)
-        if self.host_fp8:
-            scale = self.host_scale[hosts, layers].to(self.device, non_blocking=True)
-            data = dequantize_fp8(data, scale, self.dtype)
-        return data
-
-    def _fetch_rows(self, hosts: list[int]) -> torch.Tensor:
-        """Whole host rows on the device in the model dtype, [n, L, 2, H, B, D]. From page-locked
-        memory each run of consecutive rows is one DMA copy, issued without the host touching
-        the data (a gather on the host would copy it twice, synchronously)."""
-        if not self._host_pinned:
-            return self._fetch(torch.tensor(hosts), slice(None))
-        n = len(hosts)
-        out = torch.empty((n, *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
-        scale = (torch.empty((n, *self.host_scale.shape[1:]), dtype=torch.float32, device=self.device)
-                 if self.host_fp8 else None)
-        i = 0
-        while i < n:
-            r = 1
-            while i + r < n and hosts[i + r] == hosts[i] + r:
-                r += 1
-            out[i: i + r].copy_(self.host[hosts[i]: hosts[i] + r], non_blocking=True)
-            if scale is not None:
-                scale[i: i + r].copy_(self.host_scale[hosts[i]: hosts[i] + r], non_blocking=True)
-            i += r
-        return dequantize_fp8(out, scale, self.dtype) if scale is not None else out
 
     # ------------------------------------------------------------ tables for attention
 
@@ -379,6 +278,6 @@ class BlockKVCache:
             index += layer_blocks * self.summary_bytes_per_layer_block
         capacity = self.blocks.num_device_blocks * self.bytes_per_block  # the trash slot not counted
         return KVAccounting(device_bytes=layer_blocks * self.bytes_per_layer_block + index,
-                            device_capacity_bytes=capacity, host_bytes=host_blocks * self.host_bytes_per_block,
+                            device_capacity_bytes=capacity, host_bytes=host_blocks * self.mirror.bytes_per_block,
                             full_bytes=tokens * self.bytes_per_token, num_tokens=tokens, index_bytes=index,
                             staged_bytes=staged * self.bytes_per_layer_block)

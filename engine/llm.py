@@ -1,21 +1,26 @@
-"""The engine: one process, one device. Requests in, completions out, continuous batching."""
+"""The engine: one process, one device. Requests in, completions out, continuous batching.
+
+    step:  for each batch the scheduler gives (the decode batch, then a prefill segment):
+               logits = runner.run(batch)                  engine/runner.py
+               tokens = sample(logits), hooks around it    engine/hooks.py
+               finished += scheduler.postprocess(tokens)   engine/scheduler.py
+"""
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
-from engine.attention import PagedAttention
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
-from engine.graphs import DecodeGraphRunner
+from engine.hooks import StepHook
 from engine.kv_cache import BlockKVCache
-from engine.layerwise import LayerwisePrefill
 from engine.model import LlamaForCausalLM
 from engine.policies import Policy, make_policy
+from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, make_generator, sample
-from engine.scheduler import Scheduler
+from engine.scheduler import OutputRules, Scheduler
 from engine.sequence import Completion, Sequence, Status
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
@@ -27,7 +32,7 @@ class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, tokenizer=None, policy: Policy | None = None,
                  arena=None):
         """``policy`` overrides the one ``config.policy`` names (e.g. a tracing policy).
-        ``arena``: an external host mirror and host-id allocator (engine.sessions.HostArena)."""
+        ``arena``: an external host mirror and host-id allocator (a HostArena)."""
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -36,9 +41,9 @@ class LLMEngine:
         mc: ModelConfig = model.config
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.eos_ids = set(mc.eos_token_ids)
+        eos_ids = set(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
-            self.eos_ids.add(tokenizer.eos_token_id)
+            eos_ids.add(tokenizer.eos_token_id)
         cache_cfg = config.cache
         self.block_size = cache_cfg.block_size_for(self.max_model_len)
         self.policy = policy or make_policy(config.policy, mc.num_layers, self.block_size)
@@ -54,24 +59,13 @@ class LLMEngine:
                                   index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries,
                                   arena=arena, host_dtype=cache_cfg.host_dtype)
         self.policy.bind(self.cache)
-        self.attention = PagedAttention(self.cache, self.policy, mc.head_dim)
-        self.graphs = self._graph_runner(config.scheduler.cuda_graphs)
-        self.layerwise = LayerwisePrefill(model, self.cache, self.policy, config.scheduler.prefill_chunk)
+        self.runner = ModelRunner(model, self.cache, self.policy, config.scheduler)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
+                                   OutputRules(eos_ids, tokenizer),
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
-                                   admit=self._admit)
+                                   admit=self._admit, release=self._release)
         self._generators: dict[int, torch.Generator | None] = {}
-        # Called with (sequence, logits [V] float32) for every token the engine samples.
-        self.on_logits: Callable[[Sequence, torch.Tensor], None] | None = None
-
-    def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
-        selects = self.policy.selects_each_step
-        if mode is None:
-            mode = self.device.type == "cuda" and not selects
-        elif mode and selects:
-            raise InvalidRequestError(f"policy {self.config.policy.name!r} selects blocks inside each step; it "
-                                      f"runs eagerly: set cuda_graphs to None or False")
-        return DecodeGraphRunner(self) if mode else None
+        self.hooks: list[StepHook] = []  # tools that watch or steer decoding (engine/hooks.py); none when serving
 
     def _admit(self, seq: Sequence) -> None:
         self.cache.admit(seq.seq_id, self._admit_blocks(seq))
@@ -80,18 +74,18 @@ class LLMEngine:
             seq.num_cached = len(seq.prefix_host_ids) * self.cache.block_size
 
     def _admit_blocks(self, seq: Sequence) -> int:
-        if self._layerwise(seq):
+        if self.runner.prefills_layerwise(seq):
             return self.policy.decode_reserve(seq.max_len)
         return self.policy.admit_blocks(seq.prompt_len, seq.max_len)
 
-    def _layerwise(self, seq: Sequence) -> bool:
-        """Prefill this prompt layer by layer (offloading policies, no session prefix): always
-        with ``layerwise_prefill=True``, or, when unset, if the prompt does not fit the device pool."""
-        mode = self.config.scheduler.layerwise_prefill
-        if mode is False or not self.policy.offloads or seq.prefix_host_ids:
-            return False
-        return bool(mode) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
-                              > self.cache.blocks.num_device_blocks)
+    def _release(self, seq: Sequence) -> None:
+        """A sequence finished: snapshot its accounting, keep its session blocks, free the rest."""
+        if seq.status in (Status.PREFILL, Status.DECODE):
+            seq.kv = {**self.cache.accounting(seq.seq_id).as_dict(), **self._policy_stats(seq)}
+            seq.kept_host_ids = self.cache.blocks.detach_host(seq.seq_id, seq.keep_host_blocks)
+            self.cache.release(seq.seq_id)
+            self.policy.forget(seq.seq_id)
+        self._generators.pop(seq.seq_id, None)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -162,96 +156,36 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:
-            self._finish(seq, "abort")
+            self.scheduler.finish(seq, "abort")
 
     # ------------------------------------------------------------ stepping
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run one prefill segment and one decode batch; returns the sequences finished now."""
-        plan = self.scheduler.schedule()
+        """Run this step's batches (the decode batch, then one prefill segment), each scheduled,
+        run, then post-processed; returns the sequences finished now."""
         finished = []
-        if plan.decode:
+        for batch in self.scheduler.schedule():
             t0 = time.perf_counter()
-            ids = [s.seq_id for s in plan.decode]
-            self.policy.before_decode(ids)
-            if self.graphs is not None:
-                logits = self.graphs.run(ids, [s.last_token for s in plan.decode], [s.num_cached for s in plan.decode])
-            else:
-                tokens = torch.tensor([s.last_token for s in plan.decode], device=self.device)
-                positions = torch.tensor([s.num_cached for s in plan.decode], device=self.device)
-                self.attention.plan_decode(ids)
-                logits = self.model.logits(self.model(tokens, positions, self.attention))
-            self.cache.commit(ids, [1] * len(ids))
-            if self.on_logits is not None:
-                for seq, row in zip(plan.decode, logits):
-                    self.on_logits(seq, row)
-            next_tokens = sample(logits, [s.params for s in plan.decode], [self._generators[i] for i in ids])
-            dt = time.perf_counter() - t0
-            for seq, tok in zip(plan.decode, next_tokens):
-                seq.num_cached += 1
-                seq.decode_s += dt
-                if self._append(seq, tok):
-                    finished.append(seq)
-        if plan.prefill is not None:
-            seq, start, end = plan.prefill, plan.prefill.num_cached, plan.prefill_end
-            t0 = time.perf_counter()
-            if start == 0 and self._layerwise(seq):  # the whole prompt in this step, layer by layer
-                end = seq.prompt_len
-                hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)
-            else:
-                self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
-                tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
-                hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
-                self.cache.commit([seq.seq_id], [end - start])
-            seq.num_cached = end
-            if end == seq.prompt_len:
-                self.policy.after_prefill(seq.seq_id)
-                if self.policy.offloads:
-                    self.policy.shrink_reserve(seq.seq_id, seq.max_len)
-                logits = self.model.logits(hidden[-1:])
-                if self.on_logits is not None:
-                    self.on_logits(seq, logits[0])
-                tok = sample(logits, [seq.params], [self._generators[seq.seq_id]])[0]
-                seq.status = Status.DECODE
-                seq.prefill_s += time.perf_counter() - t0
-                if self._append(seq, tok):
-                    finished.append(seq)
-            else:
-                seq.prefill_s += time.perf_counter() - t0
+            logits = self.runner.run(batch)
+            if logits is None:  # a prefill segment short of its prompt's end
+                batch.add_time(time.perf_counter() - t0)
+                continue
+            tokens = self._sample(batch.seqs, logits)
+            batch.add_time(time.perf_counter() - t0)
+            finished += self.scheduler.postprocess(batch.seqs, tokens)
         return finished
 
-    def _append(self, seq: Sequence, token: int) -> bool:
-        """Add a generated token; finish the sequence if a stop condition holds."""
-        if seq.forced is not None:
-            token = seq.forced[len(seq.output_ids)]
-        seq.output_ids.append(token)
-        reason = None
-        if token in self.eos_ids and not seq.params.ignore_eos:
-            reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens:
-            reason = "length"
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids)
-            for stop in seq.params.stop:
-                cut = seq.text.find(stop)
-                if cut >= 0:
-                    seq.text, reason = seq.text[:cut], "stop"
-                    break
-        if reason:
-            self._finish(seq, reason)
-        return reason is not None
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        if seq.status in (Status.PREFILL, Status.DECODE):
-            seq.kv = {**self.cache.accounting(seq.seq_id).as_dict(), **self._policy_stats(seq)}
-            seq.kept_host_ids = self.cache.blocks.detach_host(seq.seq_id, seq.keep_host_blocks)
-            self.cache.release(seq.seq_id)
-            self.policy.forget(seq.seq_id)
-        seq.status = Status.FINISHED
-        self.scheduler.remove(seq)
-        self._generators.pop(seq.seq_id, None)
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per sequence from logits [n, V]; the hooks see the logits first and may
+        override the tokens."""
+        for hook in self.hooks:
+            for seq, row in zip(seqs, logits):
+                hook.observe(seq, row)
+        tokens = sample(logits, [s.params for s in seqs], [self._generators[s.seq_id] for s in seqs])
+        for hook in self.hooks:
+            tokens = [hook.override(seq, token) for seq, token in zip(seqs, tokens)]
+        return tokens
 
     def _counters(self) -> dict:
         """The engine's running totals: copies, and the policy's counters (misses, cycles, ...)."""
@@ -269,42 +203,6 @@ class LLMEngine:
 
     # ------------------------------------------------------------ convenience
 
-    def score_continuation(self, context: list[int], continuation: list[int]) -> torch.Tensor:
-        """Log-probabilities [len(continuation)] of ``continuation`` after ``context``, teacher-forced
-        through the decode path (so the attention policy is what is measured; the first token is
-        scored from the prefill)."""
-        logprobs: list[torch.Tensor] = []
-        self.teacher_force(context, continuation,
-                           lambda i, row: logprobs.append(torch.log_softmax(row.float(), -1)[continuation[i]]))
-        return torch.stack(logprobs).cpu()
-
-    def teacher_force(self, context: list[int], continuation: list[int],
-                      visit: Callable[[int, torch.Tensor], None]) -> None:
-        """Feed ``continuation`` after ``context`` through the decode path whatever the model would
-        choose, calling ``visit(i, logits [V])`` with the logits that predict ``continuation[i]``
-        (i = 0 from the prefill). Other sequences' logits still reach ``on_logits``."""
-        if not continuation:
-            raise InvalidRequestError("continuation is empty")
-        seq = self.add_request(context, SamplingParams(max_tokens=len(continuation), ignore_eos=True))
-        if len(seq.output_ids) or seq.params.max_tokens < len(continuation):
-            self.abort(seq)
-            raise PromptTooLongError("context plus continuation exceed the model's context")
-        seq.forced = list(continuation)
-        previous = self.on_logits
-
-        def record(s: Sequence, row: torch.Tensor) -> None:
-            if s is seq:
-                visit(len(s.output_ids), row)
-            elif previous is not None:
-                previous(s, row)
-
-        self.on_logits = record
-        try:
-            while seq.status is not Status.FINISHED:
-                self.step()
-        finally:
-            self.on_logits = previous
-
     @torch.inference_mode()
     def prompt_logits(self, ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """Prefill ``ids`` alone, segment by segment, yielding (start, logits [T, V] float32) of
@@ -316,9 +214,9 @@ class LLMEngine:
         try:
             for start in range(0, seq.prompt_len, self.config.scheduler.prefill_chunk):
                 end = min(seq.prompt_len, start + self.config.scheduler.prefill_chunk)
-                self.attention.plan_prefill(seq.seq_id, start, end)
+                self.runner.attention.plan_prefill(seq.seq_id, start, end)
                 tokens = torch.tensor(ids[start:end], device=self.device)
-                hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
+                hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.runner.attention)
                 self.cache.commit([seq.seq_id], [end - start])
                 yield start, self.model.logits(hidden)
         finally:

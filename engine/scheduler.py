@@ -1,7 +1,14 @@
 """Continuous batching: sequences join (prefill in segments) and leave (finish) independently.
 
-Each step runs at most one prefill segment (one sequence moves ``num_cached`` towards its
-prompt length) and one decode batch of every sequence that is generating.
+A step is at most two batches, each scheduled, run, then post-processed in this order:
+
+    DecodeBatch       every sequence that is generating: one token each
+    PrefillSegment    one sequence moves ``num_cached`` towards its prompt length; the last
+                      segment of a prompt gives the sequence its first token
+
+Post-processing appends each sampled token, decodes the text, and finishes the sequences a
+stop condition holds for (EOS, ``max_tokens``, a stop string), releasing their KV; so the
+sequences a decode batch finishes have left before the step's prefill segment runs.
 """
 from __future__ import annotations
 
@@ -13,18 +20,66 @@ from engine.sequence import Sequence, Status
 
 
 @dataclass
-class StepPlan:
-    prefill: Sequence | None  # the sequence whose next segment runs this step
-    prefill_end: int  # the segment is prompt_ids[prefill.num_cached:prefill_end]
-    decode: list[Sequence]
+class DecodeBatch:
+    seqs: list[Sequence]
+
+    def add_time(self, seconds: float) -> None:
+        for seq in self.seqs:
+            seq.decode_s += seconds
+
+
+@dataclass
+class PrefillSegment:
+    seq: Sequence
+    end: int  # the segment is seq.prompt_ids[seq.num_cached:end]
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [self.seq]
+
+    def add_time(self, seconds: float) -> None:
+        self.seq.prefill_s += seconds
+
+
+Batch = DecodeBatch | PrefillSegment
+
+
+class OutputRules:
+    """When a sequence is done, and its text: EOS (unless ignored), ``max_tokens``, stop strings
+    (the text is cut before the first one); text only with a tokenizer."""
+
+    def __init__(self, eos_ids: set[int], tokenizer=None):
+        self.eos_ids = eos_ids
+        self.tokenizer = tokenizer
+
+    def append(self, seq: Sequence, token: int) -> str | None:
+        """Append a generated token; the finish reason if a stop condition now holds."""
+        seq.output_ids.append(token)
+        reason = None
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            reason = "length"
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            for stop in seq.params.stop:
+                cut = seq.text.find(stop)
+                if cut >= 0:
+                    seq.text, reason = seq.text[:cut], "stop"
+                    break
+        return reason
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, prefill_chunk: int,
-                 can_admit: Callable[[Sequence], bool], admit: Callable[[Sequence], None]):
+    def __init__(self, max_num_seqs: int, prefill_chunk: int, rules: OutputRules,
+                 can_admit: Callable[[Sequence], bool], admit: Callable[[Sequence], None],
+                 release: Callable[[Sequence], None]):
+        """``admit`` reserves a sequence's KV (``can_admit`` says whether it fits now);
+        ``release`` gives it back when the sequence finishes (called in any status)."""
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
-        self._can_admit, self._admit = can_admit, admit
+        self.rules = rules
+        self._can_admit, self._admit, self._release = can_admit, admit, release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: PREFILL or DECODE
 
@@ -34,13 +89,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> list[Batch]:
+        """This step's batches: the decode batch, then a prefill segment (each only if any)."""
         prefilling = [s for s in self.running if s.status is Status.PREFILL]
         if not prefilling and self.waiting and len(self.running) < self.max_num_seqs \
                 and self._can_admit(self.waiting[0]):
@@ -49,7 +99,32 @@ class Scheduler:
             seq.status = Status.PREFILL
             self.running.append(seq)
             prefilling = [seq]
-        prefill = prefilling[0] if prefilling else None
-        end = min(prefill.prompt_len, prefill.num_cached + self.prefill_chunk) if prefill else 0
+        batches: list[Batch] = []
         decode = [s for s in self.running if s.status is Status.DECODE]
-        return StepPlan(prefill, end, decode)
+        if decode:
+            batches.append(DecodeBatch(decode))
+        if prefilling:
+            seq = prefilling[0]
+            batches.append(PrefillSegment(seq, min(seq.prompt_len, seq.num_cached + self.prefill_chunk)))
+        return batches
+
+    def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """Append each sequence's new token; returns the sequences that finished."""
+        finished = []
+        for seq, token in zip(seqs, tokens):
+            seq.status = Status.DECODE  # a prefilled sequence decodes from its first token on
+            reason = self.rules.append(seq, token)
+            if reason:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (``reason``: stop, length, abort) in whatever status it is."""
+        seq.finish_reason = reason
+        self._release(seq)
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

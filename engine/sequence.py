@@ -32,7 +32,6 @@ class Sequence:
     decode_s: float = 0.0
     kv: dict = field(default_factory=dict)  # accounting snapshot taken when the sequence finishes
     counters_at_start: dict = field(default_factory=dict)  # the engine's copy and policy counters when added
-    forced: list[int] | None = None  # teacher forcing: append these instead of sampled tokens
     prefix_host_ids: list[int] = field(default_factory=list)  # session blocks already mirrored (not prefilled)
     keep_host_blocks: int = 0  # leading host blocks a session keeps when the sequence finishes
     kept_host_ids: list[int] = field(default_factory=list)  # ... filled in when it finishes

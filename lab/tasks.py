@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import InvalidRequestError
+from engine.hooks import score_continuation, teacher_force
 from engine.sampling import SamplingParams
 from lab.haystack import Needle, niah_prompt
 
@@ -204,7 +205,7 @@ def forced_argmax(engine, context: list[int], continuation: list[int]) -> list[i
     after ``context`` through the decode path: [len(continuation)] token ids, the first from the
     prefill's last logits. Position i sees ``context + continuation[:i]`` whatever was chosen before."""
     choices: list[int] = []
-    engine.teacher_force(context, continuation, lambda i, row: choices.append(int(row.argmax())))
+    teacher_force(engine, context, continuation, lambda i, row: choices.append(int(row.argmax())))
     return choices
 
 
@@ -216,7 +217,7 @@ def run_sample(engine, sample: Sample, spec: TaskSpec, reference: dict[str, list
               "index": sample.index, "prompt_tokens": len(sample.prompt_ids)}
     t0 = time.perf_counter()
     if sample.task == "ppl":
-        logprobs = engine.score_continuation(list(sample.prompt_ids), list(sample.continuation))
+        logprobs = score_continuation(engine, list(sample.prompt_ids), list(sample.continuation))
         nll = -float(logprobs.double().sum())
         record.update(scored_tokens=len(sample.continuation), nll=nll,
                       ppl=math.exp(nll / len(sample.continuation)), kv={})

@@ -11,7 +11,7 @@ Every ``stride`` decode steps (default: the cycle N) a boundary t yields one sam
 
     queries [Lt, W, Hq, D]     post-RoPE queries of the last W positions before t, target layers
                                (the last prompt queries fill the window at t = 0)
-    keys    [Lt, M, Hkv, 3, D] min / max / mean key of each complete block (cache.host_summary)
+    keys    [Lt, M, Hkv, 3, D] min / max / mean key of each complete block (cache.mirror.summary)
     labels  [M] bool           golden blocks (below)
     votes   [M] int32          per block, the most layers that picked it at one step of the window
     mass    [L, M] float32     per layer, mean over the window of the block's attention mass
@@ -132,8 +132,8 @@ class TracePolicy(Policy):
 
     def _snapshot(self, seq_id: int) -> dict:
         host_ids = self.cache.host_blocks(seq_id)  # complete blocks, logical order
-        self.cache.host_ready()
-        summary = self.cache.host_summary[torch.tensor(host_ids, dtype=torch.long)]  # [M, L, 3, Hkv, D]
+        self.cache.mirror.wait_writes()
+        summary = self.cache.mirror.summary[torch.tensor(host_ids, dtype=torch.long)]  # [M, L, 3, Hkv, D]
         keys = summary[:, list(self.targets)].permute(1, 0, 3, 2, 4).float()  # [Lt, M, Hkv, 3, D]
         queries = torch.stack([torch.stack(list(self._queries[layer])) for layer in self.targets])
         return {"t": self._step, "queries": queries, "keys": keys.clone()}
@@ -172,6 +172,7 @@ class TracePolicy(Policy):
 def trace_sequence(model, ids: list[int], prompt_len: int, trace: TraceConfig,
                    prefill_chunk: int = 1024) -> list[dict[str, torch.Tensor]]:
     """Prefill ``ids[:prompt_len]``, teacher-force the rest through decode, return the samples."""
+    from engine.hooks import score_continuation
     from engine.llm import LLMEngine
 
     if not 0 < prompt_len < len(ids):
@@ -184,7 +185,7 @@ def trace_sequence(model, ids: list[int], prompt_len: int, trace: TraceConfig,
     policy = TracePolicy(config.policy, model.config.num_layers, trace.block_size, trace)
     engine = LLMEngine(model, config, policy=policy)
     # the first continuation token is scored from the prefill; the others are decode steps
-    engine.score_continuation(ids[:prompt_len], ids[prompt_len:])
+    score_continuation(engine, ids[:prompt_len], ids[prompt_len:])
     return policy.samples()
 
 

@@ -1,4 +1,4 @@
-"""Training the learned Level-1 indexer (engine/indexer.py) from ``lsa dump-traces`` files alone
+"""Training the learned Level-1 indexer (engine/policies/indexer.py) from ``lsa dump-traces`` files alone
 (the model is not loaded), and the golden-block recall report: ``lsa train-indexer``."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InvalidRequestError
-from engine.indexer import IndexerConfig, LearnedIndexer, RecencyIndexer, indexer_input_scales
+from engine.policies.indexer import IndexerConfig, LearnedIndexer, RecencyIndexer, indexer_input_scales
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def run_train_indexer(args) -> int:
     import copy
     import time
 
-    from engine.lsa import QuestIndexer
+    from engine.policies.lsa import QuestIndexer
     from lab.traces import load_traces, read_manifest
 
     try:

@@ -63,7 +63,7 @@ def test_arena_is_shared_memory_mapped_without_copy(stores, model):
         worker.create_session("s", tokens(50, 1)).result(timeout=60)
         ids = store.view("s").host_ids
         # the worker wrote the blocks through its own mapping; the store reads the same bytes
-        assert torch.equal(worker.engine.cache.host[ids], store.arena.host[ids])
+        assert torch.equal(worker.engine.cache.mirror.host[ids], store.arena.host[ids])
         assert store.arena.host[ids].abs().sum() > 0
     finally:
         worker.close()

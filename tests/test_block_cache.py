@@ -93,11 +93,11 @@ def test_appends_across_boundaries_and_host_mirror(block_size):
         assert len(host_ids) == n // block_size
         _, slots, _ = cache.blocks.table(s)
         for j, hid in enumerate(host_ids):
-            assert torch.equal(cache.host[hid], cache.pool[:, :, slots[j]])
+            assert torch.equal(cache.mirror.host[hid], cache.pool[:, :, slots[j]])
             tokens = want[j * block_size:(j + 1) * block_size]  # [B, L, 2, H, D]
-            assert torch.equal(cache.host[hid], tokens.permute(1, 2, 3, 0, 4))
+            assert torch.equal(cache.mirror.host[hid], tokens.permute(1, 2, 3, 0, 4))
             keys = tokens[:, :, 0].double()  # [B, L, H, D]
-            summary = cache.host_summary[hid].double()  # [L, 3, H, D]
+            summary = cache.mirror.summary[hid].double()  # [L, 3, H, D]
             assert torch.equal(summary[:, 0], keys.amin(0)) and torch.equal(summary[:, 1], keys.amax(0))
             assert torch.allclose(summary[:, 2], keys.mean(0), atol=1e-6)
 
@@ -126,12 +126,12 @@ def test_offload_round_trip_restores_exact_blocks():
         assert torch.equal(k, before[layer][0]) and torch.equal(v, before[layer][1])
         resident = cache.blocks.seqs[0].resident[layer]
         for j in (1, 2, 3):  # per-slot summaries travelled with the blocks
-            assert torch.equal(cache.slot_summary[layer, :, resident[j]], cache.host_summary[
+            assert torch.equal(cache.slot_summary[layer, :, resident[j]], cache.mirror.summary[
                 cache.blocks.seqs[0].host_ids[j], layer])
     assert not set(taken) & set(cache.blocks.seqs[0].resident[0].values())
     # device index keys hold the Level-1 layer's summaries of every complete block
     host_ids = torch.tensor(cache.blocks.seqs[0].host_ids)
-    assert torch.equal(cache.index_keys[0][:, host_ids], cache.host_summary[host_ids, 1].transpose(0, 1))
+    assert torch.equal(cache.index_keys[0][:, host_ids], cache.mirror.summary[host_ids, 1].transpose(0, 1))
 
 
 def test_accounting_is_exact():

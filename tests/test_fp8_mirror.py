@@ -4,7 +4,8 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
-from engine.kv_cache import FP8, BlockKVCache, dequantize_fp8, quantize_fp8
+from engine.host_memory import FP8, dequantize_fp8, quantize_fp8
+from engine.kv_cache import BlockKVCache
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
@@ -39,7 +40,7 @@ def _cache(host_dtype, dtype=torch.float32):
 def test_mirror_load_dequantizes_and_accounting_counts_scales():
     torch.manual_seed(1)
     exact, fp8 = _cache(None), _cache("fp8")
-    assert fp8.host.dtype == FP8 and fp8.host_scale.shape == (16, 3, 2, 2)
+    assert fp8.mirror.host.dtype == FP8 and fp8.mirror.scale.shape == (16, 3, 2, 2)
     kv = torch.randn(27, CFG.num_layers, 2, CFG.num_kv_heads, CFG.head_dim)
     for cache in (exact, fp8):
         cache.admit(0, 5)
@@ -49,14 +50,14 @@ def test_mirror_load_dequantizes_and_accounting_counts_scales():
         cache.commit([0], [27])
     # summaries stay in the model dtype, computed from the unquantized keys
     ids = torch.tensor(fp8.host_blocks(0))
-    assert torch.equal(fp8.host_summary[ids], exact.host_summary[torch.tensor(exact.host_blocks(0))])
-    assert torch.equal(fp8.index_keys[0][:, ids], fp8.host_summary[ids, 1].transpose(0, 1))
+    assert torch.equal(fp8.mirror.summary[ids], exact.mirror.summary[torch.tensor(exact.host_blocks(0))])
+    assert torch.equal(fp8.index_keys[0][:, ids], fp8.mirror.summary[ids, 1].transpose(0, 1))
     fp8.evict(0, 0, [0, 2])
     fp8.load(0, 0, [2, 0])
     resident = fp8.blocks.seqs[0].resident[0]
     for j in (0, 2):
         h = fp8.host_blocks(0)[j]
-        want = dequantize_fp8(fp8.host[h], fp8.host_scale[h], torch.float32)  # [L, 2, H, B, D]
+        want = dequantize_fp8(fp8.mirror.host[h], fp8.mirror.scale[h], torch.float32)  # [L, 2, H, B, D]
         assert torch.equal(fp8.pool[:, :, resident[j]], want)
         truth = kv[j * 8:(j + 1) * 8].permute(1, 2, 3, 0, 4)
         assert ((want - truth).abs() <= truth.abs().amax((-2, -1), keepdim=True) / 16).all()
@@ -67,7 +68,7 @@ def test_mirror_load_dequantizes_and_accounting_counts_scales():
     assert fp8.accounting(0).host_bytes == 3 * (elems + scales)
     assert fp8.bytes_copied == 2 * (elems + scales)  # what crossed: e4m3 data and the scales
     half = _cache(None, torch.bfloat16)
-    assert fp8.host_bytes_per_block == half.host_bytes_per_block // 2 + scales
+    assert fp8.mirror.bytes_per_block == half.mirror.bytes_per_block // 2 + scales
     assert fp8.accounting(0).full_bytes == exact.accounting(0).full_bytes  # full KV stays in the model dtype
 
 
@@ -87,7 +88,7 @@ def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks():
         resident = cache.blocks.seqs[seq_id].resident[group]
         for j in blocks:
             h = cache.host_blocks(seq_id)[j]
-            want = dequantize_fp8(cache.host[h], cache.host_scale[h], cache.dtype)
+            want = dequantize_fp8(cache.mirror.host[h], cache.mirror.scale[h], cache.dtype)
             assert torch.equal(cache.pool[:, :, resident[j]], want)
             checked.append(j)
 
@@ -99,7 +100,7 @@ def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks():
     assert checked, "no block was ever loaded from the host mirror"
     kv = done[0].kv
     assert kv["blocks_copied"] > 0 and kv["device_kv_fraction"] < 0.6
-    assert kv["host_kv_bytes"] == (339 // 16) * cache.host_bytes_per_block
+    assert kv["host_kv_bytes"] == (339 // 16) * cache.mirror.bytes_per_block
 
 
 def test_fp8_mirror_refuses_bad_settings():

@@ -9,6 +9,7 @@ import torch
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
 from engine.graphs import DecodeGraphRunner, batch_bucket, width_bucket
+from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
@@ -31,7 +32,7 @@ def engine_for(model, graphs: bool, **policy):
                        policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
     engine = LLMEngine(model, cfg)
     if graphs:
-        engine.graphs = DecodeGraphRunner(engine, capture=device.type == "cuda")
+        engine.runner.graphs = DecodeGraphRunner(engine.runner, capture=device.type == "cuda")
     return engine
 
 
@@ -41,7 +42,7 @@ def drive(engine, late_prompt):
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (150, 97, 211)]
     logits = {}
-    engine.on_logits = lambda seq, row: logits.setdefault(seq.seq_id, []).append(row.float().cpu())
+    engine.hooks.append(LogitsObserver(lambda seq, row: logits.setdefault(seq.seq_id, []).append(row.float().cpu())))
     seqs = [engine.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True))
             for p, m in zip(prompts, (40, 23, 57))]
     for _ in range(12):
@@ -65,9 +66,9 @@ def test_static_decode_matches_eager(model, policy):
     for e, g, el, gl in zip(eager_seqs, graph_seqs, eager_logits, graph_logits):
         assert g.output_ids == e.output_ids
         torch.testing.assert_close(gl, el, atol=2e-4, rtol=2e-4)
-    assert {b for b, _ in engine.graphs.steps} >= {1, 2, 4}  # padded buckets were used
+    assert {b for b, _ in engine.runner.graphs.steps} >= {1, 2, 4}  # padded buckets were used
     if model.lm_head.weight.is_cuda:
-        assert engine.graphs.captures == len(engine.graphs.steps)
+        assert engine.runner.graphs.captures == len(engine.runner.graphs.steps)
 
 
 def test_tables_rebuilt_only_when_residency_changes(model):
@@ -94,7 +95,7 @@ def test_padding_rows_leave_real_blocks_alone(model):
     while engine.has_work():
         engine.step()
     # a ran alone in a bucket of 1 at the end and in a bucket of 4 (3 rows + 1 padding) before
-    assert {1, 2, 4} <= {bb for bb, _ in engine.graphs.steps}
+    assert {1, 2, 4} <= {bb for bb, _ in engine.runner.graphs.steps}
     ref = engine_for(model, False, name="full")
     ra = ref.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True))
     while ref.has_work():
@@ -119,7 +120,7 @@ def test_cuda_graph_errors():
 def test_policies_declare_per_step_work():
     """A policy whose select() or observe_decode() does work says so: that decides whether its
     steps can be CUDA graphs and which queries the graph hands back."""
-    from engine.lsa import LSAPolicy
+    from engine.policies.lsa import LSAPolicy
     from engine.policies import OraclePolicy, Policy, QuestPolicy, SnapKVPolicy, StreamingPolicy
     from lab.traces import TracePolicy
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cli import main
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError, LSAError
-from engine.indexer import IndexerFormatError, IndexerNotFoundError, LearnedIndexer
+from engine.policies.indexer import IndexerFormatError, IndexerNotFoundError, LearnedIndexer
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
@@ -85,7 +85,7 @@ def trained(traces, tmp_path_factory):
     torch.manual_seed(0)
     manifest = read_manifest(traces)
     train = load_traces(traces, "train")
-    from engine.indexer import IndexerConfig, indexer_input_scales
+    from engine.policies.indexer import IndexerConfig, indexer_input_scales
 
     q_scale, k_scale = indexer_input_scales(train)
     shape = manifest["model_shape"]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
@@ -41,7 +42,7 @@ def track_peak_slots(engine):
 
 def run(engine, ids, max_tokens=24):
     logits = {}
-    engine.on_logits = lambda seq, row: logits.setdefault(seq.seq_id, []).append(row.float().clone())
+    engine.hooks.append(LogitsObserver(lambda seq, row: logits.setdefault(seq.seq_id, []).append(row.float().clone())))
     seqs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in ids]
     while engine.has_work():
         engine.step()
@@ -60,7 +61,7 @@ def test_layerwise_prefill_matches_ordinary_prefill_at_full_budget(model, per_la
                                ids)
     engine = engine_for(model, 128, True, name="lsa", budget=1.0, cycle=4, per_layer=per_layer)
     seqs, logits = run(engine, ids)
-    assert engine.layerwise.peak_scratch_bytes > 0  # the layerwise path ran
+    assert engine.runner.layerwise.peak_scratch_bytes > 0  # the layerwise path ran
     for r, s, rl, sl in zip(ref_seqs, seqs, ref_logits, logits):
         assert s.output_ids == r.output_ids
         torch.testing.assert_close(sl, rl, atol=1e-4, rtol=1e-4)
@@ -87,19 +88,19 @@ def test_long_prompt_runs_in_a_pool_smaller_than_the_prompt(model):
     one_layer_prompt_kv = 700 * cache.bytes_per_token // TINY.num_layers
     assert ref_peak[0] >= prompt_blocks  # the ordinary prefill holds the whole prompt, all layers
     assert peak[0] <= reserve < prompt_blocks
-    assert small.layerwise.peak_scratch_bytes == one_layer_prompt_kv
-    peak_device_kv = peak[0] * cache.bytes_per_block + small.layerwise.peak_scratch_bytes
+    assert small.runner.layerwise.peak_scratch_bytes == one_layer_prompt_kv
+    peak_device_kv = peak[0] * cache.bytes_per_block + small.runner.layerwise.peak_scratch_bytes
     assert peak_device_kv <= one_layer_prompt_kv + reserve * cache.bytes_per_block
     assert peak_device_kv < ref_peak[0] * ref.cache.bytes_per_block / 2
     kv = seqs[0].kv
-    assert kv["host_kv_bytes"] == (722 // BLOCK) * cache.host_bytes_per_block  # every complete block mirrored
+    assert kv["host_kv_bytes"] == (722 // BLOCK) * cache.mirror.bytes_per_block  # every complete block mirrored
     assert kv["device_kv_fraction"] < 0.25
 
 
 def test_ordinary_prefill_is_kept_when_the_prompt_fits(model):
     engine = engine_for(model, 128, None, name="lsa", budget=0.1, cycle=4)
     run(engine, prompts([200]))
-    assert engine.layerwise.peak_scratch_bytes == 0
+    assert engine.runner.layerwise.peak_scratch_bytes == 0
     full = engine_for(model, 128, True, name="full")  # full attention keeps every block: never layerwise
     run(full, prompts([200]))
-    assert full.layerwise.peak_scratch_bytes == 0
+    assert full.runner.layerwise.peak_scratch_bytes == 0

@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
@@ -78,7 +79,7 @@ def test_continuous_batch_decode_matches(pair):
     hf, ours = pair
     engine = _engine(ours, seqs=3)
     recorded = {}
-    engine.on_logits = lambda seq, row: recorded.setdefault(seq.seq_id, []).append(row.clone())
+    engine.hooks.append(LogitsObserver(lambda seq, row: recorded.setdefault(seq.seq_id, []).append(row.clone())))
     prompts = [torch.randint(3, 96, (n,)).tolist() for n in (5, 40, 70)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     seqs = [engine.add_request(p, params) for p in prompts]
@@ -110,7 +111,7 @@ def test_cuda_bf16_matches(pair):
                        scheduler=SchedulerConfig(max_num_seqs=3, prefill_chunk=24))
     engine = LLMEngine(model, cfg)
     recorded = {}
-    engine.on_logits = lambda seq, row: recorded.setdefault(seq.seq_id, []).append(row.float().cpu())
+    engine.hooks.append(LogitsObserver(lambda seq, row: recorded.setdefault(seq.seq_id, []).append(row.float().cpu())))
     prompts = [torch.randint(3, 96, (n,)).tolist() for n in (5, 40, 70)]
     seqs = [engine.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
     while engine.has_work():

@@ -6,7 +6,9 @@ import torch
 
 from engine.config import POLICIES, CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
+from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
+from engine.policies import POLICY_CLASSES
 from engine.loader import random_model
 from engine.sampling import SamplingParams
 
@@ -43,7 +45,7 @@ def run(engine, ids, max_tokens=40, hook=None):
         if hook:
             hook(engine, seq)
 
-    engine.on_logits = record
+    engine.hooks.append(LogitsObserver(record))
     seqs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in ids]
     while engine.has_work():
         engine.step()
@@ -226,6 +228,7 @@ def test_page_recall_and_threshold_and_level2_run(model):
 def test_policy_config_errors():
     with pytest.raises(InvalidRequestError, match="unknown policy"):
         PolicyConfig(name="magic")
+    assert set(POLICY_CLASSES) == set(POLICIES)  # every name a config admits has a class
     with pytest.raises(InvalidRequestError, match="budget"):
         PolicyConfig(name="lsa", budget=0.0)
     with pytest.raises(InvalidRequestError, match="target layers"):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
@@ -37,14 +38,14 @@ def tokens(n, seed):
 
 def with_logits(mgr):
     rows = {}
-    mgr.engine.on_logits = lambda seq, row: rows.setdefault(seq.seq_id, []).append(row.clone())
+    mgr.engine.hooks.append(LogitsObserver(lambda seq, row: rows.setdefault(seq.seq_id, []).append(row.clone())))
     return rows
 
 
 def fresh(model, ids, policy="full", **kw):
     engine = LLMEngine(model, config(policy, **kw))
     rows = {}
-    engine.on_logits = lambda seq, row: rows.setdefault(seq.seq_id, []).append(row.clone())
+    engine.hooks.append(LogitsObserver(lambda seq, row: rows.setdefault(seq.seq_id, []).append(row.clone())))
     seq = engine.add_request(ids, GREEDY)
     while engine.has_work():
         engine.step()

@@ -7,7 +7,7 @@ import os
 import sys
 
 from cli import main
-from engine.lsa import LSAPolicy
+from engine.policies.lsa import LSAPolicy
 
 _orig = LSAPolicy.before_decode
 _log = open(os.environ.get("CHURN_LOG", "churn.jsonl"), "a")

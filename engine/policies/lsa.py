@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 import kernels
-from engine.policies import OffloadPolicy, narrow, window_block_mass
+from engine.policies.base import OffloadPolicy, narrow, window_block_mass
+from engine.policies.indexer import LearnedIndexer
 
 
 class QuestIndexer:
@@ -51,14 +52,15 @@ class QuestIndexer:
 
 
 class LSAPolicy(OffloadPolicy):
+    """Level-1 plans at cycle boundaries from the indexer (``QuestIndexer``, or the learned one
+    ``config.indexer`` names), applied one cycle later; Level-2 top-k inside the resident set."""
+
     def __init__(self, config, num_layers, block_size):
         super().__init__(config, num_layers, block_size)
         self.targets = config.layers(num_layers)
         self.prefill_window = max(config.query_window, config.observation_window)
         self.slot_summaries = config.level2_topk is not None
         if config.indexer:
-            from engine.indexer import LearnedIndexer
-
             self.indexer = LearnedIndexer.load(config.indexer)
         else:
             self.indexer = QuestIndexer(config.index_score)

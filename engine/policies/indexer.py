@@ -77,7 +77,7 @@ class Tower(nn.Module):
 
 
 class LearnedIndexer(nn.Module):
-    """A drop-in for engine.lsa.QuestIndexer: ``score(queries, kmin, kmax, kmean, host_ids) -> [M]``."""
+    """A drop-in for engine.policies.lsa.QuestIndexer: ``score(queries, kmin, kmax, kmean, host_ids) -> [M]``."""
 
     def __init__(self, config: IndexerConfig):
         super().__init__()

@@ -1,8 +1,9 @@
-"""Attention policies: which KV blocks decode attends to and which live on the device.
+"""The policy interface: which KV blocks decode attends to and which live on the device.
 
 Every policy but ``full`` works at the same budget, counted the same way: the resident set of
 a sequence is at most ``floor(budget * num_blocks)`` blocks, sinks and tail included (never
-fewer than sinks + ``tail_blocks`` + the current block, so very short contexts keep those). The hooks the engine calls:
+fewer than sinks + ``tail_blocks`` + the current block, so very short contexts keep those).
+The hooks the engine calls:
 
     admit_blocks(prompt_len, max_len)   slots to reserve when a sequence is admitted
     after_prefill(seq_id)               the prompt is in the cache: pick the first resident set
@@ -10,7 +11,8 @@ fewer than sinks + ``tail_blocks`` + the current block, so very short contexts k
     observe_prefill(...) / observe_decode(...)   queries seen at the Level-1 layers
     select(layer, ...)                  per step and layer: narrow the table (Level-2, Quest, oracle)
 
-The LSA policy itself is in engine/lsa.py.
+``Policy`` is full attention and the base of the others; ``OffloadPolicy`` the base of those
+that keep only a resident set on the device. The baselines are in baselines.py, LSA in lsa.py.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import math
 
 import torch
 
-import kernels
 from engine.config import PolicyConfig
 from engine.kv_cache import BlockKVCache
 
@@ -105,7 +106,6 @@ class OffloadPolicy(Policy):
     def __init__(self, config, num_layers, block_size):
         super().__init__(config, num_layers, block_size)
         self.misses = 0
-        self.swaps = 0  # residency changes applied
 
     def decode_reserve(self, max_len: int) -> int:
         """Slots a decoding sequence may hold per group: the budget, the blocks a cycle's tokens
@@ -157,96 +157,12 @@ class OffloadPolicy(Policy):
         self.cache.evict(seq_id, group, evict)
         self.cache.unstage(seq_id, group, keep=want)  # staged for a plan that changed: free the slots first
         self.cache.load(seq_id, group, [j for j in load if j < mirrored])
-        self.swaps += 1
 
     def shrink_reserve(self, seq_id: int, max_len: int) -> None:
         self.cache.blocks.set_reserve(seq_id, self.decode_reserve(max_len))
 
     def stats(self) -> dict:
         return {"misses": self.misses}
-
-
-class StreamingPolicy(OffloadPolicy):
-    """StreamingLLM: attention sinks plus a recent window, the window filling the budget."""
-
-    def _update(self, seq_id: int) -> None:
-        n = self.cache.num_tokens(seq_id)
-        recent = list(range(n // self.block_size, -1, -1))
-        for g in range(len(self.groups())):
-            self.apply(seq_id, g, self.target_set(seq_id, recent))
-
-    def after_prefill(self, seq_id: int) -> None:
-        self._update(seq_id)
-
-    def before_decode(self, seq_ids: list[int]) -> None:
-        for s in seq_ids:  # the window slides once per block: evictions only, never a copy
-            if self.cache.num_tokens(s) % self.block_size == 0:
-                self._update(s)
-
-
-class SnapKVPolicy(OffloadPolicy):
-    """SnapKV: blocks chosen once from the attention of the prompt's last queries (the
-    observation window), fixed after prefill; generated tokens are kept as they come."""
-
-    def __init__(self, config, num_layers, block_size):
-        super().__init__(config, num_layers, block_size)
-        self.prefill_window = config.observation_window
-        self._votes: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> block mass [M]
-        self._ranked: dict[int, list[list[int]]] = {}  # seq -> per group: prompt blocks, best first
-
-    def observes_prefill(self, layer: int) -> bool:
-        return True
-
-    def observe_prefill(self, seq_id, layer, q, keys, scale):
-        mass = window_block_mass(q, keys, scale, self.block_size)  # [Hkv, M]
-        self._votes.setdefault(seq_id, {})[layer] = mass.amax(0)  # a block counts if any head needs it
-
-    def after_prefill(self, seq_id: int) -> None:
-        votes = self._votes.pop(seq_id)
-        self._ranked[seq_id] = []
-        for g, members in enumerate(self.groups()):
-            score = torch.stack([votes[layer] for layer in members]).amax(0)
-            self._ranked[seq_id].append(torch.argsort(score, descending=True).tolist())
-        self._update(seq_id)
-
-    def _update(self, seq_id: int) -> None:
-        for g, ranked in enumerate(self._ranked[seq_id]):
-            self.apply(seq_id, g, self.target_set(seq_id, ranked))
-
-    def before_decode(self, seq_ids: list[int]) -> None:
-        for s in seq_ids:  # the ranking is fixed; generated blocks leave once out of the tail
-            if self.cache.num_tokens(s) % self.block_size == 0:
-                self._update(s)
-
-    def forget(self, seq_id: int) -> None:
-        self._votes.pop(seq_id, None)
-        self._ranked.pop(seq_id, None)
-
-
-class QuestPolicy(Policy):
-    """Quest: all KV on the device; per step and layer, the top blocks by the query-aware upper
-    bound sum_d max(q_d min_d, q_d max_d), the current block always in."""
-
-    slot_summaries = True
-    selects_each_step = True
-
-    def select(self, layer, q, table, num_blocks, last_len, logical):
-        quest, _ = kernels.block_scores(q, self.cache.slot_summary[layer, 0], self.cache.slot_summary[layer, 1],
-                                        self.cache.slot_summary[layer, 2], table, num_blocks - 1)
-        return narrow(quest.amax(1), table, num_blocks, last_len, self.budget_blocks)
-
-
-class OraclePolicy(Policy):
-    """Oracle: per step and layer, the blocks holding the most true attention mass (computed
-    by full attention first); an upper bound for any selection at this budget."""
-
-    selects_each_step = True
-
-    def select(self, layer, q, table, num_blocks, last_len, logical):
-        k_cache, v_cache = self.cache.layer(layer)
-        _, mass = kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len,
-                                                  q.shape[-1] ** -0.5, return_block_mass=True)
-        return narrow(mass.sum(1), table, num_blocks, last_len, self.budget_blocks)
 
 
 def narrow(scores, table, num_blocks, last_len, budget_fn):
@@ -281,11 +197,3 @@ def window_block_mass(q: torch.Tensor, keys: torch.Tensor, scale: float, block_s
     per_token = p.mean((1, 2))  # [Hkv, n]
     pad = (-n) % block_size
     return torch.nn.functional.pad(per_token, (0, pad)).view(hkv, -1, block_size).sum(-1)
-
-
-def make_policy(config: PolicyConfig, num_layers: int, block_size: int) -> Policy:
-    from engine.lsa import LSAPolicy
-
-    classes = {"full": Policy, "streaming": StreamingPolicy, "snapkv": SnapKVPolicy, "quest": QuestPolicy,
-               "oracle": OraclePolicy, "lsa": LSAPolicy}
-    return classes[config.name](config, num_layers, block_size)

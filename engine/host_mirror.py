@@ -1,0 +1,155 @@
+"""The host mirror: every complete block of every sequence in host RAM, and the copies across PCIe.
+
+    host     [N, L, 2, H_kv, B, D]   one row = one complete block of all layers (e4m3 with FP8)
+    summary  [N, L, 3, H_kv, D]      min / max / mean key of each row, model dtype
+    scale    [N, L, 2, H_kv]         float32, FP8 only: amax / 448 of each (row, layer, K/V, head)
+
+    device --store--> host      complete blocks and their summaries (quantized on the device first)
+    host --fetch--> device      rows back in the model dtype (dequantized on the device)
+
+The rows are addressed by host id (engine/block_manager.py allocates them); docs/kv-layout.md is
+the layout contract. Where CUDA is present the tensors are page-locked, every copy is
+asynchronous, and copies made ahead of use (``ahead``) run on a copy stream beside decode.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import InvalidRequestError
+from engine.host_memory import FP8, dequantize_fp8, host_empty, quantize_fp8
+
+
+class HostMirror:
+    def __init__(self, config: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype,
+                 device: torch.device, host_dtype: str | None = None, arena=None):
+        """``dtype``: the model's (summaries, and what ``fetch`` returns). ``host_dtype="fp8"``:
+        rows are kept as float8 e4m3 with one float32 scale per (row, layer, K/V, KV head).
+        ``arena`` (a HostArena; its ``host`` and ``summary`` are used): rows in external memory
+        (e.g. a KV store's shared memory) instead of a private allocation; ``num_blocks`` is then
+        the arena's."""
+        if host_dtype not in (None, "fp8"):
+            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {host_dtype!r}")
+        if host_dtype and arena is not None:
+            raise InvalidRequestError("the FP8 host mirror needs a private arena (shared arenas hold the model dtype)")
+        self.fp8 = host_dtype == "fp8"
+        self.dtype = dtype
+        self.device = device
+        layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
+        pin = device.type == "cuda"
+        if arena is not None:
+            self.host, self.summary = arena.host, arena.summary
+        else:
+            self.host = host_empty((num_blocks, layers, 2, heads, block_size, dim), FP8 if self.fp8 else dtype, pin)
+            self.summary = host_empty((num_blocks, layers, 3, heads, dim), dtype, pin)
+        self.scale = host_empty((num_blocks, layers, 2, heads), torch.float32, pin) if self.fp8 else None
+        # host RAM (and bytes over PCIe) per row of all layers: data, plus scales with FP8
+        self.bytes_per_block = (self.host.element_size() * layers * 2 * heads * block_size * dim
+                                + (layers * 2 * heads * 4 if self.fp8 else 0))
+        self.bytes_per_layer_block = self.bytes_per_block // layers
+        self.pinned = device.type == "cuda" and self.host.is_pinned()
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copies_pending = False
+        self._d2h: torch.cuda.Event | None = None  # the last asynchronous write into the mirror
+
+    @property
+    def num_blocks(self) -> int:
+        return self.host.shape[0]
+
+    # ------------------------------------------------------------ device -> host
+
+    def store(self, hosts: list[int], layers: slice, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [n, Lsel, 2, H, B, D] of complete blocks (device) -> rows ``hosts`` of layers
+        ``layers``, with their key summaries; returns the summaries [n, Lsel, 3, H, D] (model
+        dtype) on the device.
+
+        Into page-locked memory each row is an asynchronous copy on the compute stream: the host
+        does not wait (the step's sampled tokens, which it does wait for, come after), and later
+        loads of the row are ordered after it (copies ahead wait for the compute stream)."""
+        keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]
+        summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2).to(self.dtype)  # [n, Lsel, 3, H, D]
+        scale = None
+        if self.fp8:  # quantized where the blocks are, so only e4m3 bytes cross to the host
+            blocks, scale = quantize_fp8(blocks)
+        if self.pinned:
+            blocks, summary_c = blocks.contiguous(), summary.contiguous()
+            for i, h in enumerate(hosts):
+                self.host[h, layers].copy_(blocks[i], non_blocking=True)
+                self.summary[h, layers].copy_(summary_c[i], non_blocking=True)
+                if scale is not None:
+                    self.scale[h, layers].copy_(scale[i], non_blocking=True)
+            self._d2h = torch.cuda.Event()
+            self._d2h.record()
+            return summary
+        rows = torch.tensor(hosts)
+        self.host[rows, layers] = blocks.to("cpu")
+        if scale is not None:
+            self.scale[rows, layers] = scale.to("cpu")
+        self.summary[rows, layers] = summary.to("cpu")
+        return summary
+
+    def wait_writes(self) -> None:
+        """Wait until every asynchronous write into the mirror has landed (before the host itself
+        reads rows; copies on the GPU streams are ordered without this)."""
+        if self._d2h is not None:
+            self._d2h.synchronize()
+            self._d2h = None
+
+    # ------------------------------------------------------------ host -> device
+
+    def fetch(self, hosts: torch.Tensor, layers) -> torch.Tensor:
+        """Rows on the device in the model dtype: [n, ...] of ``host[hosts, layers]``."""
+        self.wait_writes()  # the gather below runs on the host
+        data = self.host[hosts, layers].to(self.device, non_blocking=True)
+        if self.fp8:
+            scale = self.scale[hosts, layers].to(self.device, non_blocking=True)
+            data = dequantize_fp8(data, scale, self.dtype)
+        return data
+
+    def fetch_rows(self, hosts: list[int]) -> torch.Tensor:
+        """Whole rows on the device in the model dtype, [n, L, 2, H, B, D]. From page-locked
+        memory each run of consecutive rows is one DMA copy, issued without the host touching
+        the data (a gather on the host would copy it twice, synchronously)."""
+        if not self.pinned:
+            return self.fetch(torch.tensor(hosts), slice(None))
+        n = len(hosts)
+        out = torch.empty((n, *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
+        scale = (torch.empty((n, *self.scale.shape[1:]), dtype=torch.float32, device=self.device)
+                 if self.fp8 else None)
+        i = 0
+        while i < n:
+            r = 1
+            while i + r < n and hosts[i + r] == hosts[i] + r:
+                r += 1
+            out[i: i + r].copy_(self.host[hosts[i]: hosts[i] + r], non_blocking=True)
+            if scale is not None:
+                scale[i: i + r].copy_(self.scale[hosts[i]: hosts[i] + r], non_blocking=True)
+            i += r
+        return dequantize_fp8(out, scale, self.dtype) if scale is not None else out
+
+    def to_device(self, index: torch.Tensor) -> torch.Tensor:
+        """A small host tensor (e.g. destination slots) on the device; asynchronous where the
+        mirror is page-locked (a pageable copy would wait for the stream)."""
+        return (index.pin_memory() if self.pinned else index).to(self.device, non_blocking=True)
+
+    @contextmanager
+    def ahead(self) -> Iterator[None]:
+        """Copies issued inside run on the copy stream (CUDA; elsewhere in place), after the work
+        already queued on the compute stream (it may still read slots they overwrite); ``join``
+        orders later compute after them."""
+        if self.copy_stream is None:
+            yield
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            yield
+        self._copies_pending = True
+
+    def join(self) -> None:
+        """Order the compute stream after every copy issued ahead so far (no host wait)."""
+        if self._copies_pending:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self._copies_pending = False

@@ -1,0 +1,27 @@
+"""Attention policies, by name: ``make_policy(config, num_layers, block_size)``.
+
+    base.py        the interface (Policy: full attention), OffloadPolicy, shared helpers
+    baselines.py   streaming, snapkv, quest, oracle
+    lsa.py         Lookahead Sparse Attention and its zero-training indexer
+    indexer.py     the learned Level-1 indexer LSA loads (trained in the lab)
+"""
+from __future__ import annotations
+
+from engine.config import PolicyConfig
+from engine.policies.base import OffloadPolicy, Policy
+from engine.policies.baselines import OraclePolicy, QuestPolicy, SnapKVPolicy, StreamingPolicy
+from engine.policies.lsa import LSAPolicy
+
+POLICY_CLASSES: dict[str, type[Policy]] = {"full": Policy, "lsa": LSAPolicy, "quest": QuestPolicy,
+                                           "streaming": StreamingPolicy, "snapkv": SnapKVPolicy,
+                                           "oracle": OraclePolicy}
+
+
+def make_policy(config: PolicyConfig, num_layers: int, block_size: int) -> Policy:
+    """The policy ``config.name`` names (``PolicyConfig`` admits only the registered names), for a
+    model of ``num_layers`` layers and blocks of ``block_size`` tokens."""
+    return POLICY_CLASSES[config.name](config, num_layers, block_size)
+
+
+__all__ = ["POLICY_CLASSES", "make_policy", "Policy", "OffloadPolicy", "LSAPolicy", "OraclePolicy", "QuestPolicy",
+           "SnapKVPolicy", "StreamingPolicy"]

@@ -1,0 +1,89 @@
+"""The model runner: one scheduled batch through the model, and the policy's calls around it.
+
+    DecodeBatch     policy.before_decode (boundaries, swaps) -> forward of one token per
+                    sequence (a CUDA graph, or eager with per-step selection) -> commit
+    PrefillSegment  forward of the segment (or of the whole prompt layer by layer) -> commit;
+                    at the prompt's end: policy.after_prefill (the first resident set), the
+                    reserve shrinks to the decode reserve, and the last position's logits
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.attention import PagedAttention
+from engine.config import SchedulerConfig
+from engine.errors import InvalidRequestError
+from engine.graphs import DecodeGraphRunner
+from engine.kv_cache import BlockKVCache
+from engine.layerwise import LayerwisePrefill
+from engine.model import LlamaForCausalLM
+from engine.policies import Policy
+from engine.scheduler import Batch, DecodeBatch
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cache: BlockKVCache, policy: Policy, config: SchedulerConfig):
+        self.model, self.cache, self.policy = model, cache, policy
+        self.device = cache.device
+        self.layerwise_prefill = config.layerwise_prefill
+        self.attention = PagedAttention(cache, policy, model.config.head_dim)
+        self.layerwise = LayerwisePrefill(model, cache, policy, config.prefill_chunk)
+        self.graphs = self._graph_runner(config.cuda_graphs)
+
+    def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
+        selects = self.policy.selects_each_step
+        if mode is None:
+            mode = self.device.type == "cuda" and not selects
+        elif mode and selects:
+            raise InvalidRequestError(f"policy {self.policy.config.name!r} selects blocks inside each step; it "
+                                      f"runs eagerly: set cuda_graphs to None or False")
+        return DecodeGraphRunner(self) if mode else None
+
+    def prefills_layerwise(self, seq: Sequence) -> bool:
+        """Prefill this prompt layer by layer (offloading policies, no session prefix): always
+        with ``layerwise_prefill=True``, or, when unset, if the prompt does not fit the device pool."""
+        if self.layerwise_prefill is False or not self.policy.offloads or seq.prefix_host_ids:
+            return False
+        return bool(self.layerwise_prefill) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
+                                                > self.cache.blocks.num_device_blocks)
+
+    def run(self, batch: Batch) -> torch.Tensor | None:
+        """Logits [n, V] float32 that predict the next token of each of ``batch.seqs``, or None
+        for a prefill segment short of its prompt's end."""
+        if isinstance(batch, DecodeBatch):
+            return self._decode(batch.seqs)
+        return self._prefill(batch.seq, batch.end)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        ids = [s.seq_id for s in seqs]
+        self.policy.before_decode(ids)
+        if self.graphs is not None:
+            logits = self.graphs.run(ids, [s.last_token for s in seqs], [s.num_cached for s in seqs])
+        else:
+            tokens = torch.tensor([s.last_token for s in seqs], device=self.device)
+            positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
+            self.attention.plan_decode(ids)
+            logits = self.model.logits(self.model(tokens, positions, self.attention))
+        self.cache.commit(ids, [1] * len(ids))
+        for seq in seqs:
+            seq.num_cached += 1
+        return logits
+
+    def _prefill(self, seq: Sequence, end: int) -> torch.Tensor | None:
+        start = seq.num_cached
+        if start == 0 and self.prefills_layerwise(seq):  # the whole prompt at once, layer by layer
+            end = seq.prompt_len
+            hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)
+        else:
+            self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
+            tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
+            hidden = self.model(tokens, torch.arange(start, end, device=self.device), self.attention)
+            self.cache.commit([seq.seq_id], [end - start])
+        seq.num_cached = end
+        if end < seq.prompt_len:
+            return None
+        self.policy.after_prefill(seq.seq_id)
+        if self.policy.offloads:
+            self.policy.shrink_reserve(seq.seq_id, seq.max_len)
+        return self.model.logits(hidden[-1:])

@@ -1,0 +1,76 @@
+"""HostMirror on its own: rows stored from the device come back unchanged (model dtype) or within
+the e4m3 bound (FP8), with exact key summaries, into a private allocation or an arena."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import InvalidRequestError
+from engine.host_mirror import HostMirror
+
+CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=8)
+B = 4
+CPU = torch.device("cpu")
+
+
+def _arena(num_blocks):
+    """What the mirror takes from an arena (a HostArena): its host and summary rows."""
+    return SimpleNamespace(host=torch.zeros(num_blocks, CFG.num_layers, 2, CFG.num_kv_heads, B, CFG.head_dim),
+                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim))
+
+
+def _blocks(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, CFG.num_layers, 2, CFG.num_kv_heads, B, CFG.head_dim, generator=gen)  # [n, L, 2, H, B, D]
+
+
+@pytest.mark.parametrize("where", ["private", "arena"])
+def test_store_then_fetch_round_trips_with_exact_summaries(where):
+    arena = _arena(10) if where == "arena" else None
+    mirror = HostMirror(CFG, B, 0 if arena else 10, torch.float32, CPU, arena=arena)
+    assert mirror.num_blocks == 10  # an arena's rows, however many were asked for
+    blocks, hosts = _blocks(4, 0), [7, 2, 3, 9]
+    summary = mirror.store(hosts, slice(None), blocks)
+    keys = blocks[:, :, 0].double()  # [n, L, H, B, D]
+    want = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2)  # [n, L, 3, H, D]
+    assert torch.allclose(summary.double(), want, atol=1e-6)
+    assert torch.equal(mirror.summary[torch.tensor(hosts)], summary)
+    if arena is not None:  # the rows live in the arena's memory
+        assert torch.equal(arena.host[torch.tensor(hosts)], blocks)
+    assert torch.equal(mirror.fetch_rows(hosts), blocks)
+    assert torch.equal(mirror.fetch(torch.tensor([9, 7]), 1), blocks[[3, 0], 1])
+    # one layer stored alone leaves the other layers of the row as they were
+    layer = _blocks(1, 1)[:, 1:2]
+    mirror.store([2], slice(1, 2), layer)
+    assert torch.equal(mirror.fetch_rows([2])[0, 1], layer[0, 0])
+    assert torch.equal(mirror.fetch_rows([2])[0, 0], blocks[1, 0])
+
+
+def test_fp8_rows_cost_a_byte_per_element_and_come_back_within_bound():
+    exact = HostMirror(CFG, B, 6, torch.float32, CPU)
+    fp8 = HostMirror(CFG, B, 6, torch.float32, CPU, host_dtype="fp8")
+    blocks = _blocks(3, 2)
+    s_exact, s_fp8 = exact.store([0, 1, 5], slice(None), blocks), fp8.store([0, 1, 5], slice(None), blocks)
+    assert torch.equal(s_exact, s_fp8)  # summaries from the unquantized keys
+    back = fp8.fetch_rows([0, 1, 5])
+    bound = blocks.abs().amax((-2, -1), keepdim=True) / 16  # 3 mantissa bits against the block's amax
+    assert back.dtype == torch.float32 and ((back - blocks).abs() <= bound).all()
+    elems = CFG.num_layers * 2 * CFG.num_kv_heads * B * CFG.head_dim
+    assert exact.bytes_per_block == 4 * elems
+    assert fp8.bytes_per_block == elems + CFG.num_layers * 2 * CFG.num_kv_heads * 4
+
+
+def test_copies_ahead_run_in_place_without_cuda_and_bad_settings_are_refused():
+    mirror = HostMirror(CFG, B, 2, torch.float32, CPU)
+    ran = []
+    with mirror.ahead():
+        ran.append(mirror.copy_stream)
+    mirror.join()
+    assert ran == [None]
+    with pytest.raises(InvalidRequestError, match="host_dtype"):
+        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int4")
+    arena = _arena(2)
+    with pytest.raises(InvalidRequestError, match="private arena"):
+        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="fp8", arena=arena)
