@@ -58,6 +58,8 @@ class SessionHolder:
 def handle():
     # replicas and the controller import cluster.router and this module by name
     with ray_cluster("router-test", head_cpus=2, extra_paths=(REPO / "tests",), serve_app=True):
+        # no HTTP in this test: no proxy on Serve's default port 8000 (another Ray on this machine may hold it)
+        serve.start(proxy_location="Disabled")
         yield serve.run(SessionHolder.bind(CAPACITY), name="router-test", route_prefix=None)
 
 
