@@ -4,7 +4,7 @@
         ^ mapped by every DecodeWorker on the node (torch.from_file(shared=True)): no copy
 
 ``KVStoreCore`` is plain Python (tests drive it directly); ``KVStore`` is the Ray actor,
-exactly one per node (cluster/placement.py), detached so that it outlives the workers.
+exactly one per node (actors/placement.py), detached so that it outlives the workers.
 
 Host ids go three ways: free, leased to a worker's engine (in-flight sequences), or owned
 by a session (its complete context blocks). A session's blocks can also live in another
@@ -291,7 +291,7 @@ class KVStoreCore:
 
 
 def store_name(node_id: str) -> str:
-    from cluster.placement import actor_name
+    from actors.placement import actor_name
 
     return actor_name("kvstore", node_id)
 

@@ -3,7 +3,7 @@
     HTTP -> Ingress (this file: OpenAI API, sessions, msgpack, API keys, /metrics)
               | DeploymentHandle, KVLocalityRouter (session -> holder, new -> most free KV)
               v
-            DecodeWorker replicas (cluster/workers.py) -> node KVStore, Indexer (actors/)
+            DecodeWorker replicas (actors/worker_deployment.py) -> node KVStore, Indexer (actors/)
 
 Every error is an HTTP 4xx/5xx answer ``{"error": {"message", "type"}}``; the client
 (cluster/client.py) implements the other side of the contract.
@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from actors.directory import directory_handle
 from actors.config import ServeConfig
-from cluster.workers import DecodeWorker, indexer_handle
+from actors.worker_deployment import DecodeWorker, indexer_handle
 from engine.options import build
 from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError
 
@@ -78,7 +78,7 @@ def classify(exc: BaseException) -> HTTPError:
 
 class Ingress:
     def __init__(self, worker, config: ServeConfig):
-        from actors.models import arena_layout
+        from engine.factory import arena_layout
 
         self.args = config
         self.worker = worker
@@ -96,7 +96,7 @@ class Ingress:
 
     async def _place_stores(self, period_s: float = 10.0) -> None:
         from actors.kv_store import KVStore
-        from cluster.placement import ensure_per_node
+        from actors.placement import ensure_per_node
 
         cfg = self.args
         while True:
@@ -183,7 +183,7 @@ class Ingress:
                 raise HTTPError(400, f"{key} must be a number", "invalid_request_error")
         if isinstance(params["stop"], str):
             params["stop"] = [params["stop"]]
-        from cluster.workers import sampling
+        from actors.worker_deployment import sampling
 
         sampling(params)  # validates here: a bad value is a 400 before any worker sees it
         return params
@@ -384,7 +384,7 @@ def prometheus(workers: dict[str, dict], sessions: int, requests: int, errors: i
 
 
 def _load_tokenizer(config: ServeConfig):
-    from actors.models import TINY_RANDOM, ByteTokenizer
+    from engine.factory import TINY_RANDOM, ByteTokenizer
 
     if config.engine.model == TINY_RANDOM:
         return ByteTokenizer()

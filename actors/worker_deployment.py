@@ -39,7 +39,7 @@ class StoreProxy:
 
 def node_store(cfg: ServeConfig, node_id: str, layout: tuple):
     from actors.kv_store import KVStore
-    from cluster.placement import ensure_per_node
+    from actors.placement import ensure_per_node
 
     handles = ensure_per_node(KVStore, "kvstore", cfg.cluster, cfg.kv_store_bytes, layout, cfg.kv_dir,
                               node_filter=lambda n: n["NodeID"] == node_id, num_cpus=0)
@@ -64,7 +64,7 @@ def sampling(body: dict) -> SamplingParams:
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class DecodeWorker:
     def __init__(self, cfg: ServeConfig):
-        from actors.models import arena_layout, build_engine
+        from engine.factory import arena_layout, build_engine
 
         if cfg.torch_threads:
             import torch
