@@ -24,10 +24,10 @@ from typing import Callable
 import torch
 
 from actors.plans import PlanReport
-from engine.errors import LSAError
+from engine.errors import LSAError, SessionEvicted, SessionNotFound
 from engine.sampling import SamplingParams
 from engine.sequence import Status
-from engine.sessions import ArenaLayout, HostArena, SessionManager, SessionNotFound
+from engine.sessions import ArenaLayout, HostArena, SessionManager
 
 
 @dataclass(frozen=True)
@@ -205,9 +205,9 @@ class DecodeWorkerCore:
     def _ask(self, sid, question, params, context, on_text):
         try:
             return self._track(self.sessions.ask(sid, question, params), on_text)
+        except SessionEvicted:
+            raise  # the caller creates it again
         except SessionNotFound as missing:
-            if "evicted" in str(missing):
-                raise
             return self._rebuild(sid, question, params, context, on_text, missing)
 
     def _rebuild(self, sid, question, params, context, on_text, missing):

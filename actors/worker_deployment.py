@@ -21,7 +21,7 @@ from actors.decode_worker import DecodeWorkerCore
 from actors.plans import PlanReporter
 from actors.config import ServeConfig
 from engine.sampling import SamplingParams
-from engine.sessions import SessionNotFound
+from engine.errors import SessionNotFound
 
 INDEXER_NAME = "lsa-indexer"
 

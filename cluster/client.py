@@ -1,7 +1,7 @@
 """Python client for the lsa-serve HTTP API (sync and async).
 
-Needs only the standard library and ``msgpack``; it never imports Ray or torch, so it
-runs on any machine that can reach the server.
+Needs only the standard library, ``msgpack`` and engine/errors.py; it never imports Ray
+or torch, so it runs on any machine that can reach the server.
 
     client = LSAClient("http://head:8000")
     with client.session(long_document) as s:
@@ -30,13 +30,16 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import msgpack
 
+import engine.errors as errors  # the server's typed errors: a module that imports nothing
+
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class LSAError(Exception):
-    """An error answered by the server (``status`` set) or met on the way (``status`` None)."""
+class LSAError(errors.LSAError):
+    """An error answered by the server (``status`` set) or met on the way (``status`` None).
+    The server's errors are those of engine/errors.py; here they carry their HTTP answer."""
 
     def __init__(self, message: str, *, status: int | None = None, type: str = "error",
                  retry_after_s: float | None = None):
@@ -51,8 +54,9 @@ class LSAError(Exception):
         return self.status is None or self.status in TRANSIENT_STATUS
 
 
-class SessionNotFound(LSAError):
-    """The session is unknown to the server or its KV was evicted: create it again."""
+class SessionNotFound(LSAError, errors.SessionNotFound):
+    """The server's ``SessionNotFound`` or ``SessionEvicted`` (404 ``session_not_found``):
+    the session is unknown to the server or its KV was evicted: create it again."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from actors.directory import directory_handle
 from actors.config import ServeConfig
 from actors.worker_deployment import DecodeWorker, indexer_handle
 from engine.options import build
-from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError
+from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError, SessionNotFound
 
 MSGPACK = "application/msgpack"
 DOC_HEAD = "Read the following document carefully and answer the questions after it.\n\n<document>\n"
@@ -52,8 +52,6 @@ class HTTPError(Exception):
 
 def classify(exc: BaseException) -> HTTPError:
     """Map an engine error (possibly wrapped by Ray) to an HTTP answer."""
-    from engine.sessions import SessionNotFound
-
     cause = exc
     for _ in range(3):
         inner = getattr(cause, "cause", None)

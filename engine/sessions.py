@@ -28,13 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_manager import BlockAllocator
-from engine.errors import CacheFullError, InvalidRequestError, LSAError
+from engine.errors import CacheFullError, InvalidRequestError, SessionEvicted, SessionNotFound
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
-
-
-class SessionNotFound(LSAError):
-    """The session is unknown here, or its KV was evicted: create it again."""
 
 
 class IdPool(BlockAllocator):
@@ -146,7 +142,7 @@ class SessionTable:
     """Host blocks of one arena: free, leased to engines, or owned by sessions.
 
     ``lease`` evicts idle sessions, least recently used first, when the free blocks do not
-    suffice; a later ``pin`` of an evicted session raises ``SessionNotFound`` saying so."""
+    suffice; a later ``pin`` of an evicted session raises ``SessionEvicted``."""
 
     def __init__(self, num_blocks: int, block_bytes: int, remember_evicted: int = 10_000):
         self.free = deque(range(num_blocks))
@@ -223,8 +219,8 @@ class SessionTable:
         rec = self.records.get(sid)
         if rec is None:
             if sid in self.evicted:
-                raise SessionNotFound(f"session {sid} was evicted ({self.evicted[sid]}); create it again")
-            raise SessionNotFound(f"no session {sid}: create it with POST /v1/sessions")
+                raise SessionEvicted(f"session {sid} was evicted ({self.evicted[sid]}); create it again")
+            raise SessionNotFound(f"no session {sid} here: create it first")
         return rec
 
     def pin(self, sid: str) -> SessionRecord:

@@ -13,7 +13,8 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, 
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
-from engine.sessions import ArenaLayout, SessionNotFound
+from engine.errors import SessionEvicted, SessionNotFound
+from engine.sessions import ArenaLayout
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
@@ -85,8 +86,9 @@ def test_concurrent_requests_and_sessions(stores, model):
         assert results[-1].token_ids == reference(model, tokens(30, 3))
         assert worker.stats()["generated_tokens"] >= 50
         assert worker.delete_session("doc").result(timeout=10)
-        with pytest.raises(SessionNotFound):
+        with pytest.raises(SessionNotFound) as deleted:
             worker.ask("doc", [5], GREEDY).result(timeout=10)
+        assert not isinstance(deleted.value, SessionEvicted)
     finally:
         worker.close()
 
@@ -140,7 +142,7 @@ def test_store_evicts_idle_sessions_lru_with_a_clear_error(stores, model):
     try:
         for i in range(4):  # 16 blocks each: the fourth evicts the first
             worker.create_session(f"s{i}", tokens(128, 20 + i)).result(timeout=60)
-        with pytest.raises(SessionNotFound, match="evicted"):
+        with pytest.raises(SessionEvicted, match="least recently used"):
             worker.ask("s0", [3, 4], GREEDY).result(timeout=10)
         assert worker.ask("s3", [3, 4], GREEDY).result(timeout=60).prefill_tokens == 2
     finally:

@@ -8,7 +8,8 @@ from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
-from engine.sessions import ArenaLayout, SessionNotFound, local_sessions
+from engine.errors import SessionEvicted, SessionNotFound
+from engine.sessions import ArenaLayout, local_sessions
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
@@ -72,8 +73,9 @@ def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
     assert mgr.table.stats()["session_blocks"] == context_len // BLOCK
     assert not mgr.engine.cache.blocks.seqs
     assert mgr.delete("doc")
-    with pytest.raises(SessionNotFound):
+    with pytest.raises(SessionNotFound) as deleted:
         mgr.ask("doc", [5], GREEDY)
+    assert not isinstance(deleted.value, SessionEvicted)
     mgr.trim_pool()
     assert mgr.table.num_free == mgr.table.num_blocks
 
@@ -112,5 +114,5 @@ def test_idle_sessions_evicted_lru_with_a_clear_error(model):
             mgr.run(mgr.ask("old", [4, 5], SamplingParams(max_tokens=2)))  # "old" is now more recent
             mgr.trim_pool()
     assert set(mgr.table.records) == {"old", "new"}
-    with pytest.raises(SessionNotFound, match="evicted"):
+    with pytest.raises(SessionEvicted, match="least recently used"):
         mgr.ask("mid", [4], GREEDY)
