@@ -26,7 +26,6 @@ import torch
 from actors.plans import PlanReport
 from engine.errors import LSAError, SessionEvicted, SessionNotFound
 from engine.sampling import SamplingParams
-from engine.sequence import Status
 from engine.sessions import ArenaLayout, HostArena, SessionManager
 
 
@@ -46,13 +45,12 @@ class DecodeWorkerCore:
     """``prefetch(sid)``: stage a session's spilled blocks here (the Indexer); ``locate(sid)``:
     ``(fetch, drop)`` for a session held by another node's store, or None."""
 
-    def __init__(self, engine, store, owner: str, arena_info: dict,
+    def __init__(self, engine, store, owner: str,
                  prefetch: Callable[[str], int] | None = None, locate=None, spare_blocks: int = 16,
                  plans=None, node: str = ""):
         self.engine = engine
         self.store = store
         self.owner = owner
-        self.arena_info = arena_info
         self.sessions = SessionManager(engine, store, engine.cache.blocks.host, owner, spare_blocks=spare_blocks)
         self.prefetch = prefetch
         self.locate = locate
@@ -76,7 +74,7 @@ class DecodeWorkerCore:
         layers, heads, dim, block, dtype = info["layout"]
         layout = ArenaLayout(layers, heads, dim, block, DTYPES[dtype.replace("torch.", "")])
         arena = HostArena.from_file(info["path"], layout, info["num_blocks"], pin=pin)
-        return cls(make_engine(arena), store, owner, info, **kw)
+        return cls(make_engine(arena), store, owner, **kw)
 
     # -- the loop (the only thread that touches the engine) --------------------------------
 
@@ -264,9 +262,6 @@ class DecodeWorkerCore:
 
     # -- what the router and /metrics read ------------------------------------------------
 
-    def held_sessions(self) -> list[str]:
-        return sorted(self.store.stats_sessions()) if hasattr(self.store, "stats_sessions") else []
-
     def stats(self) -> dict:
         eng = self.engine
         acc = eng.cache.accounting()
@@ -294,10 +289,6 @@ def _relay(inner: Future, outer: Future) -> None:
         value.add_done_callback(lambda f: _relay(f, outer))
     else:
         outer.set_result(value)
-
-
-def is_finished(seq) -> bool:
-    return seq.status is Status.FINISHED
 
 
 __all__ = ["DecodeWorkerCore", "Result", "LSAError"]

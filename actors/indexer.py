@@ -1,5 +1,5 @@
-"""The Indexer: holds the trained indexer weights and turns workers' plans into prefetch
-plans for the KV stores.
+"""The Indexer: turns workers' plans into prefetch plans for the KV stores, and keeps the
+workers' last published stats (for /metrics).
 
 A worker reports, per session turn and per LSA cycle, which blocks its plan needs; the
 Indexer asks the worker's node store to *stage* every block of the session that lives on
@@ -9,7 +9,6 @@ memory before the engine loads it. ``IndexerCore`` is plain; ``Indexer`` is the 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 from actors import lazy_attr
@@ -18,9 +17,8 @@ from actors import lazy_attr
 class IndexerCore:
     """``stage(node, sid) -> blocks fetched`` runs a prefetch plan on ``node``'s store."""
 
-    def __init__(self, weights_path: str | None = None, stage: Callable[[str, str], int] | None = None,
+    def __init__(self, stage: Callable[[str, str], int] | None = None,
                  stage_plan: Callable[[str, str, list[int]], int] | None = None):
-        self.weights_path = weights_path
         self.stage = stage
         self.stage_plan = stage_plan  # (node, session, logical blocks) -> blocks fetched there
         self.plans: dict[str, dict] = {}  # session -> last reported plan
@@ -38,26 +36,14 @@ class IndexerCore:
     def worker_stats(self) -> dict[str, dict]:
         return dict(self.workers)
 
-    def weights(self) -> dict[str, bytes] | None:
-        """The indexer's files (name -> bytes), or None for the zero-training indexer."""
-        if not self.weights_path:
-            return None
-        path = Path(self.weights_path)
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-        return {p.name: p.read_bytes() for p in files}
-
-    def report(self, worker: str, sid: str, plan: dict) -> None:
-        """A worker's plan for a session's next cycle(s): ``{"node": ..., "blocks": [...], ...}``."""
-        self.plans[sid] = {"worker": worker, **plan}
-        self.num_plans += 1
-
     def report_plans(self, batch: list[dict]) -> int:
         """Workers' per-cycle plans (``actors.plans.PlanReport`` dicts, batched): each becomes a
         prefetch plan for the worker's node store, which stages the planned blocks held by
         another node. Returns the blocks fetched."""
         fetched = 0
         for plan in batch:
-            self.report(plan["worker"], plan["session"], plan)
+            self.plans[plan["session"]] = plan
+            self.num_plans += 1
             if self.stage_plan is not None and plan["blocks"]:
                 try:
                     n = self.stage_plan(plan["node"], plan["session"], plan["blocks"])
@@ -86,7 +72,7 @@ def _make_actor():
 
     @ray.remote(max_concurrency=16)
     class Indexer(IndexerCore):
-        def __init__(self, weights_path: str | None = None):
+        def __init__(self):
             namespace = ray.get_runtime_context().namespace
 
             def stage(node: str, sid: str) -> int:
@@ -97,7 +83,7 @@ def _make_actor():
                 store = ray.get_actor(store_name(node), namespace=namespace)
                 return ray.get(store.stage_plan.remote(sid, blocks))
 
-            super().__init__(weights_path, stage, stage_plan)
+            super().__init__(stage, stage_plan)
 
     return Indexer
 

@@ -199,12 +199,6 @@ class KVStoreCore:
             self.blocks_received += len(ids)
             return ids
 
-    def free_blocks(self, owner: str, ids: list[int]) -> None:
-        with self.lock:
-            self.table.give_back(owner, ids)
-            held = self.foreign.get(owner, [])
-            self.foreign[owner] = [i for i in held if i not in set(ids)]
-
     # -- spilling and staging -------------------------------------------------------------
 
     def spill_plan(self, sid: str, num_blocks: int) -> list[int]:

@@ -10,8 +10,6 @@ session before this turn), which the tests check for every follow-up.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from dataclasses import asdict
 
 import ray
@@ -46,14 +44,14 @@ def node_store(cfg: ServeConfig, node_id: str, layout: tuple):
     return handles[node_id]
 
 
-def indexer_handle(weights: str | None):
+def indexer_handle():
     from actors.indexer import Indexer
 
     from actors.directory import HEAD
 
     # on the head node, which outlives worker nodes (as the session directory does)
     return Indexer.options(name=INDEXER_NAME, get_if_exists=True, lifetime="detached", num_cpus=0,
-                           resources={HEAD: 0.001}).remote(weights)
+                           resources={HEAD: 0.001}).remote()
 
 
 def sampling(body: dict) -> SamplingParams:
@@ -77,7 +75,7 @@ class DecodeWorker:
         self.store_handle = node_store(cfg, self.node_id, arena_layout(cfg.engine).as_tuple())
         self.store = StoreProxy(self.store_handle)
         ray.get(self.store_handle.attach.remote(self.owner, ctx.get_actor_id()))
-        self.indexer = indexer_handle(cfg.engine.policy.indexer)
+        self.indexer = indexer_handle()
         # per-cycle plans go to the Indexer in batches, fire-and-forget: the decode loop never waits
         plans = PlanReporter(lambda batch: self.indexer.report_plans.remote(batch))
         self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self.store,
@@ -85,7 +83,6 @@ class DecodeWorker:
                                            prefetch=self._prefetch, locate=self._locate, plans=plans,
                                            node=self.node_id)
         self.held: set[str] = set()
-        self.served = 0
 
     # -- helpers of the core --------------------------------------------------------------
 
@@ -155,7 +152,6 @@ class DecodeWorker:
             self.held.discard(session_id)
             raise
         self.held.add(session_id)
-        self.served += 1
         return self._answer(result, held=held)
 
     async def delete_session(self, session_id: str) -> bool:
@@ -191,10 +187,6 @@ class DecodeWorker:
                 yield result.text[sent:]
             yield self._answer(result)
             return
-
-    def stats(self) -> dict:
-        return {**self.core.stats(), "replica": self.replica, "node": self.node_id, "held": sorted(self.held),
-                "pid": os.getpid(), "time": time.time()}
 
     def __del__(self):
         core = getattr(self, "core", None)

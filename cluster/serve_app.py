@@ -84,7 +84,7 @@ class Ingress:
         layout = arena_layout(config.engine)
         self.kv_bytes_per_token = layout.block_bytes // layout.block_size
         self.directory = directory_handle()  # session records: any ingress replica serves any session
-        self.indexer = indexer_handle(config.engine.policy.indexer)
+        self.indexer = indexer_handle()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
         self.requests = 0

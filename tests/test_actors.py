@@ -114,7 +114,7 @@ def test_spilled_session_staged_by_the_indexer_decodes_like_a_local_one(stores, 
     context, question = tokens(200, 6), tokens(7, 8)
     worker = DecodeWorkerCore.build(make_engine(model), a, "wa",
                                     prefetch=lambda sid: indexer.prefetch(sid, "node-a"))
-    indexer = IndexerCore(None, stage=lambda node, sid: stores[node].stage(sid))
+    indexer = IndexerCore(stage=lambda node, sid: stores[node].stage(sid))
     try:
         worker.create_session("big", context).result(timeout=60)
         before = a.view("big").host_ids
@@ -228,7 +228,7 @@ def test_per_cycle_plans_stage_spilled_blocks_before_the_turn_needs_them(stores,
     from actors.plans import PlanReporter
 
     a, b = stores["node-a"], stores["node-b"]
-    indexer = IndexerCore(None, stage_plan=lambda node, sid, blocks: stores[node].stage(sid, blocks, plan=True))
+    indexer = IndexerCore(stage_plan=lambda node, sid, blocks: stores[node].stage(sid, blocks, plan=True))
     reporter = PlanReporter(indexer.report_plans, period_s=0.01)
     cfg = EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=512),
