@@ -26,7 +26,8 @@ import torch
 from actors.plans import PlanReport
 from engine.errors import LSAError, SessionEvicted, SessionNotFound
 from engine.sampling import SamplingParams
-from engine.sessions import ArenaLayout, HostArena, SessionManager
+from engine.host_arena import HostArena
+from engine.sessions import SessionManager
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,7 @@ class DecodeWorkerCore:
     def build(cls, make_engine: Callable, store, owner: str, pin: bool = False, **kw) -> DecodeWorkerCore:
         """``make_engine(arena)`` builds the engine over the store's arena, mapped here."""
         info = store.info()
-        from engine.config import DTYPES
-        layers, heads, dim, block, dtype = info["layout"]
-        layout = ArenaLayout(layers, heads, dim, block, DTYPES[dtype.replace("torch.", "")])
-        arena = HostArena.from_file(info["path"], layout, info["num_blocks"], pin=pin)
+        arena = HostArena.from_file(info["path"], info["layout"], info["num_blocks"], pin=pin)
         return cls(make_engine(arena), store, owner, **kw)
 
     # -- the loop (the only thread that touches the engine) --------------------------------

@@ -23,7 +23,8 @@ import torch
 import lsa_env
 from actors import lazy_attr
 from engine.errors import CacheFullError
-from engine.sessions import ArenaLayout, HostArena, SessionTable
+from actors.session_table import SessionTable
+from engine.host_arena import ArenaLayout, HostArena
 
 SPILLED = -1  # host id of a block held by another store
 
@@ -32,8 +33,8 @@ SPILLED = -1  # host id of a block held by another store
 class SessionView:
     """What a worker needs of a pinned session (a small message between actors)."""
 
-    id: str
-    tokens: list[int]
+    session_id: str
+    context_ids: list[int]
     host_ids: list[int]  # this arena, logical order; SPILLED where not staged yet
 
     @property
@@ -84,7 +85,7 @@ class KVStoreCore:
     def info(self) -> dict:
         lay = self.layout
         return {"key": self.key, "path": self.path, "num_blocks": self.num_blocks, "block_bytes": lay.block_bytes,
-                "layout": [lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, str(lay.dtype)]}
+                "layout": lay}
 
     def lease(self, owner: str, n: int) -> list[int]:
         """``n`` free blocks for ``owner``: spilling idle sessions to peers first when the
@@ -143,7 +144,7 @@ class KVStoreCore:
         ids = list(rec.host_ids)
         for j, local in self.staged.get(sid, {}).items():
             ids[j] = local
-        return SessionView(sid, list(rec.tokens), ids)
+        return SessionView(sid, list(rec.context_ids), ids)
 
     def pin(self, sid: str) -> SessionView:
         with self.lock:
@@ -297,11 +298,9 @@ def _make_actor():
     class KVStore(KVStoreCore):
         """One per node: ``ensure_per_node(KVStore, "kvstore", cluster, capacity, layout)``."""
 
-        def __init__(self, cluster: str, capacity_bytes: int, layout: tuple, directory: str | None = None):
+        def __init__(self, cluster: str, capacity_bytes: int, layout: ArenaLayout, directory: str | None = None):
             node = ray.get_runtime_context().get_node_id()
-            from engine.config import DTYPES
-            lay = ArenaLayout(*layout[:4], DTYPES[layout[4].replace("torch.", "")])
-            super().__init__(node, lay, capacity_bytes, arena_path(cluster, node, directory), fetch=self._fetch,
+            super().__init__(node, layout, capacity_bytes, arena_path(cluster, node, directory), fetch=self._fetch,
                              peers=self._peers_by_room, write=self._write)
             self.namespace = ray.get_runtime_context().namespace
             self.owners: dict[str, str] = {}  # lease owner -> actor id, to reap dead workers

@@ -35,7 +35,7 @@ class StoreProxy:
         return lambda *a, **kw: ray.get(method.remote(*a, **kw))
 
 
-def node_store(cfg: ServeConfig, node_id: str, layout: tuple):
+def node_store(cfg: ServeConfig, node_id: str, layout):
     from actors.kv_store import KVStore
     from actors.placement import ensure_per_node
 
@@ -72,7 +72,7 @@ class DecodeWorker:
         self.node_id = ctx.get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.owner = f"worker:{self.replica}"
-        self.store_handle = node_store(cfg, self.node_id, arena_layout(cfg.engine).as_tuple())
+        self.store_handle = node_store(cfg, self.node_id, arena_layout(cfg.engine))
         self.store = StoreProxy(self.store_handle)
         ray.get(self.store_handle.attach.remote(self.owner, ctx.get_actor_id()))
         self.indexer = indexer_handle()
@@ -110,7 +110,7 @@ class DecodeWorker:
                     ray.get(store.unpin.remote(sid))
             except Exception:
                 continue
-            return view.tokens, data, summary, lambda s=store: ray.get(s.delete.remote(sid))
+            return view.context_ids, data, summary, lambda s=store: ray.get(s.delete.remote(sid))
         return None
 
     # -- what Serve and the router call ---------------------------------------------------

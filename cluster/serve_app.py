@@ -89,7 +89,7 @@ class Ingress:
         self.started = time.time()
         self.requests = 0
         self.errors = 0
-        self._layout = layout.as_tuple()
+        self._layout = layout
         self._placer = None
 
     async def _place_stores(self, period_s: float = 10.0) -> None:

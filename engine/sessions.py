@@ -10,248 +10,19 @@ After a turn the session keeps exactly its k context blocks; blocks holding ques
 answer tokens are freed. Turns do not extend the context: every question is asked of the
 same document.
 
-Three pieces, plain Python (the KV store actor and the decode worker wrap them):
-
-- ``HostArena``: the host mirror tensors (private, or a KV store's shared memory) and the
-  allocator of their host ids.
-- ``SessionTable``: who owns which host blocks: session records with LRU eviction of idle
-  sessions, and leases of free blocks to engines. One per node (the KV store).
-- ``SessionManager``: drives an ``LLMEngine``: a pool of leased host ids for in-flight
-  sequences, session creation and turns, handing kept blocks to the table.
+``SessionManager`` drives an ``LLMEngine``: a pool of leased host ids for in-flight
+sequences, session creation and turns, handing kept blocks to the node's session table
+(actors/session_table.py, inside the KV store). The host arena behind the pool is
+engine/host_arena.py.
 """
 from __future__ import annotations
 
-import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from engine.block_manager import BlockAllocator
-from engine.errors import CacheFullError, InvalidRequestError, SessionEvicted, SessionNotFound
+from engine.errors import InvalidRequestError, SessionNotFound
+from engine.host_arena import IdPool
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
-
-
-class IdPool(BlockAllocator):
-    """A ``BlockAllocator`` over an arbitrary, growable set of host ids."""
-
-    def __init__(self, ids=()):
-        super().__init__(what="host", ids=ids)
-
-    def add(self, ids) -> None:
-        """Ids leased into the pool."""
-        ids = list(ids)
-        self._free.extend(ids)
-        self.num_blocks += len(ids)
-
-    def take(self, n: int) -> list[int]:
-        """Free ids leaving the pool (given back, or handed to a session)."""
-        out = self.allocate(n)
-        self.num_blocks -= n
-        return out
-
-    def forget(self, n: int) -> None:
-        """``n`` allocated ids now belong to someone else (a session)."""
-        self.num_blocks -= n
-
-
-@dataclass(frozen=True)
-class ArenaLayout:
-    """Shapes of a host block arena; one block holds all layers of B tokens."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-
-    @property
-    def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def block_elems(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim
-
-    @property
-    def summary_elems(self) -> int:
-        return self.num_layers * 3 * self.num_kv_heads * self.head_dim
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes one block takes in the arena: its K/V and its key summary."""
-        return (self.block_elems + self.summary_elems) * self.itemsize
-
-    def num_blocks(self, capacity_bytes: int) -> int:
-        return max(0, capacity_bytes // self.block_bytes)
-
-    def views(self, flat: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(host [N, L, 2, H, B, D], summary [N, L, 3, H, D]) over one flat buffer."""
-        l, h, b, d = self.num_layers, self.num_kv_heads, self.block_size, self.head_dim
-        data = flat[: num_blocks * self.block_elems].view(num_blocks, l, 2, h, b, d)
-        summary = flat[num_blocks * self.block_elems: num_blocks * (self.block_elems + self.summary_elems)]
-        return data, summary.view(num_blocks, l, 3, h, d)
-
-    def as_tuple(self) -> tuple:
-        """(layers, KV heads, head dim, block size, dtype name): the layout as a small message."""
-        return (self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, str(self.dtype))
-
-    @classmethod
-    def of(cls, model_config, block_size: int, dtype: torch.dtype) -> ArenaLayout:
-        return cls(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, dtype)
-
-
-@dataclass
-class HostArena:
-    host: torch.Tensor  # [N, L, 2, H, B, D]
-    summary: torch.Tensor  # [N, L, 3, H, D]
-    allocator: IdPool
-
-    @classmethod
-    def private(cls, layout: ArenaLayout, num_blocks: int) -> HostArena:
-        flat = torch.empty(num_blocks * (layout.block_elems + layout.summary_elems), dtype=layout.dtype)
-        host, summary = layout.views(flat, num_blocks)
-        return cls(host, summary, IdPool())
-
-    @classmethod
-    def from_file(cls, path: str, layout: ArenaLayout, num_blocks: int, pin: bool = False) -> HostArena:
-        """Map a KV store's arena file without copying (``shared=True``: writes go to the file)."""
-        numel = num_blocks * (layout.block_elems + layout.summary_elems)
-        flat = torch.from_file(path, shared=True, size=numel, dtype=layout.dtype)
-        if pin and torch.cuda.is_available():  # page-locked for DMA, still the same memory
-            torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), numel * flat.element_size(), 0)
-        host, summary = layout.views(flat, num_blocks)
-        return cls(host, summary, IdPool())
-
-
-# ---------------------------------------------------------------- the table (one per node)
-
-
-@dataclass
-class SessionRecord:
-    id: str
-    tokens: list[int]  # the context
-    host_ids: list[int]  # complete context blocks in this arena, logical order
-    last_used: float = field(default_factory=time.monotonic)
-    pins: int = 0  # turns running on it: never evicted while pinned
-    # host id < 0: the block is held by another node's store (actors/kv_store.py)
-
-
-class SessionTable:
-    """Host blocks of one arena: free, leased to engines, or owned by sessions.
-
-    ``lease`` evicts idle sessions, least recently used first, when the free blocks do not
-    suffice; a later ``pin`` of an evicted session raises ``SessionEvicted``."""
-
-    def __init__(self, num_blocks: int, block_bytes: int, remember_evicted: int = 10_000):
-        self.free = deque(range(num_blocks))
-        self.num_blocks = num_blocks
-        self.block_bytes = block_bytes
-        self.records: OrderedDict[str, SessionRecord] = OrderedDict()  # LRU first
-        self.leases: dict[str, set[int]] = {}
-        self.evicted: OrderedDict[str, str] = OrderedDict()
-        self._remember = remember_evicted
-        self.num_evictions = 0
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def session_bytes(self, sid: str) -> int:
-        return sum(i >= 0 for i in self.records[sid].host_ids) * self.block_bytes
-
-    def idle_sessions(self) -> list[str]:
-        """Evictable sessions, least recently used first."""
-        return [sid for sid, r in self.records.items() if r.pins == 0]
-
-    def make_room(self, n: int) -> None:
-        if n > self.num_blocks:
-            raise CacheFullError(f"{n} host blocks wanted; the whole arena holds {self.num_blocks}")
-        while len(self.free) < n:
-            idle = self.idle_sessions()
-            if not idle:
-                raise CacheFullError(f"host KV arena is full ({self.num_blocks} blocks of {self.block_bytes} "
-                                     f"bytes) and every session is in use; retry later")
-            self.evict(idle[0], "least recently used idle session, evicted to make room in host KV")
-
-    def evict(self, sid: str, reason: str) -> list[int]:
-        rec = self.records.pop(sid)
-        self.free.extend(i for i in rec.host_ids if i >= 0)  # < 0: held by another store
-        self.evicted[sid] = reason
-        while len(self.evicted) > self._remember:
-            self.evicted.popitem(last=False)
-        self.num_evictions += 1
-        return rec.host_ids
-
-    def lease(self, owner: str, n: int) -> list[int]:
-        self.make_room(n)
-        ids = [self.free.popleft() for _ in range(n)]
-        self.leases.setdefault(owner, set()).update(ids)
-        return ids
-
-    def give_back(self, owner: str, ids: list[int]) -> None:
-        held = self.leases.get(owner, set())
-        bad = [i for i in ids if i not in held]
-        if bad:
-            raise ValueError(f"{owner} does not lease host blocks {bad[:5]}")
-        held.difference_update(ids)
-        self.free.extend(ids)
-
-    def drop_owner(self, owner: str) -> int:
-        """Free every block leased to ``owner`` (an engine that died); sessions stay."""
-        ids = self.leases.pop(owner, set())
-        self.free.extend(ids)
-        return len(ids)
-
-    def put(self, owner: str, sid: str, tokens: list[int], host_ids: list[int]) -> None:
-        """A new session: ``host_ids`` (leased to ``owner``) now belong to it."""
-        if sid in self.records:
-            raise InvalidRequestError(f"session {sid} already exists")
-        held = self.leases.get(owner, set())
-        if any(i not in held for i in host_ids):
-            raise ValueError(f"session {sid} names host blocks not leased to {owner}")
-        held.difference_update(host_ids)
-        self.records[sid] = SessionRecord(sid, list(tokens), list(host_ids))
-        self.evicted.pop(sid, None)
-
-    def get(self, sid: str) -> SessionRecord:
-        rec = self.records.get(sid)
-        if rec is None:
-            if sid in self.evicted:
-                raise SessionEvicted(f"session {sid} was evicted ({self.evicted[sid]}); create it again")
-            raise SessionNotFound(f"no session {sid} here: create it first")
-        return rec
-
-    def pin(self, sid: str) -> SessionRecord:
-        rec = self.get(sid)
-        rec.pins += 1
-        rec.last_used = time.monotonic()
-        self.records.move_to_end(sid)
-        return rec
-
-    def unpin(self, sid: str) -> None:
-        rec = self.records.get(sid)
-        if rec is not None:
-            rec.pins = max(0, rec.pins - 1)
-            rec.last_used = time.monotonic()
-
-    def delete(self, sid: str) -> bool:
-        rec = self.records.pop(sid, None)
-        if rec is None:
-            return False
-        self.free.extend(i for i in rec.host_ids if i >= 0)
-        return True
-
-    def stats(self) -> dict:
-        used = sum(sum(i >= 0 for i in r.host_ids) for r in self.records.values())
-        leased = sum(len(v) for v in self.leases.values())
-        return {"sessions": len(self.records), "session_blocks": used, "leased_blocks": leased,
-                "free_blocks": len(self.free), "capacity_blocks": self.num_blocks,
-                "block_bytes": self.block_bytes, "evictions": self.num_evictions}
-
-
-# ---------------------------------------------------------------- the engine side
 
 
 @dataclass
@@ -337,9 +108,9 @@ class SessionManager:
             # a policy that observes the prompt's last queries (snapkv, lsa's first plan) sees
             # as many of them as a fresh request would: they are prefilled again
             window = max(1, self.engine.policy.prefill_window)
-            prefix = list(rec.host_ids)[: max(0, len(rec.tokens) + len(question) - window) // self.block_size]
-            return self._add(list(rec.tokens) + list(question), params, sid, False, list(rec.tokens), prefix,
-                             request_id)
+            prefix = list(rec.host_ids)[: max(0, len(rec.context_ids) + len(question) - window) // self.block_size]
+            return self._add(list(rec.context_ids) + list(question), params, sid, False, list(rec.context_ids),
+                             prefix, request_id)
         except BaseException:
             self.table.unpin(sid)
             raise
@@ -379,10 +150,3 @@ class SessionManager:
                 if turn.seq is seq:
                     return turn
 
-
-def local_sessions(engine_factory, layout: ArenaLayout, num_host_blocks: int, spare_blocks: int = 0):
-    """An engine over a private arena with its own table: sessions in one process."""
-    arena = HostArena.private(layout, num_host_blocks)
-    engine = engine_factory(arena)
-    table = SessionTable(num_host_blocks, layout.block_bytes)
-    return SessionManager(engine, table, arena.allocator, spare_blocks=spare_blocks)

@@ -9,7 +9,9 @@ from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
 from engine.errors import SessionEvicted, SessionNotFound
-from engine.sessions import ArenaLayout, local_sessions
+from actors.session_table import SessionTable
+from engine.host_arena import ArenaLayout, HostArena
+from engine.sessions import SessionManager
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
@@ -29,8 +31,11 @@ def config(policy="full", chunk=40, **kw):
 
 
 def manager(model, policy="full", host_blocks=200, **kw):
+    """An engine over a private arena, its sessions in a table of its own (one process)."""
     layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
-    return local_sessions(lambda arena: LLMEngine(model, config(policy, **kw), arena=arena), layout, host_blocks)
+    arena = HostArena.private(layout, host_blocks)
+    engine = LLMEngine(model, config(policy, **kw), arena=arena)
+    return SessionManager(engine, SessionTable(host_blocks, layout.block_bytes), arena.allocator)
 
 
 def tokens(n, seed):
