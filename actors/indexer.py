@@ -9,56 +9,55 @@ memory before the engine loads it. ``IndexerCore`` is plain; ``Indexer`` is the 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
 
 from actors import lazy_attr
+from actors.messages import PlanReport, WorkerStats
+from actors.session_store import Stores
 
 
 class IndexerCore:
-    """``stage(node, sid) -> blocks fetched`` runs a prefetch plan on ``node``'s store."""
+    """``stores``: every node's store, where prefetch plans run."""
 
-    def __init__(self, stage: Callable[[str, str], int] | None = None,
-                 stage_plan: Callable[[str, str, list[int]], int] | None = None):
-        self.stage = stage
-        self.stage_plan = stage_plan  # (node, session, logical blocks) -> blocks fetched there
-        self.plans: dict[str, dict] = {}  # session -> last reported plan
-        self.prefetched = defaultdict(int)  # node -> blocks staged there
+    def __init__(self, stores: Stores | None = None):
+        self.stores = stores
+        self.plans: dict[str, PlanReport] = {}  # session_id -> last reported plan
+        self.prefetched = defaultdict(int)  # node_id -> blocks staged there
         self.num_plans = 0
-        self.workers: dict[str, dict] = {}  # worker -> its last published stats
+        self.workers: dict[str, WorkerStats] = {}  # worker -> its last published stats
 
-    def report_worker(self, worker: str, stats: dict | None) -> None:
+    def report_worker(self, worker: str, stats: WorkerStats | None) -> None:
         """Workers publish their counters here (for /metrics); None: the worker is gone."""
         if stats is None:
             self.workers.pop(worker, None)
         else:
             self.workers[worker] = stats
 
-    def worker_stats(self) -> dict[str, dict]:
+    def worker_stats(self) -> dict[str, WorkerStats]:
         return dict(self.workers)
 
-    def report_plans(self, batch: list[dict]) -> int:
-        """Workers' per-cycle plans (``actors.plans.PlanReport`` dicts, batched): each becomes a
+    def report_plans(self, batch: list[PlanReport]) -> int:
+        """Workers' per-cycle plans (batched by ``actors.plans.PlanReporter``): each becomes a
         prefetch plan for the worker's node store, which stages the planned blocks held by
         another node. Returns the blocks fetched."""
         fetched = 0
         for plan in batch:
-            self.plans[plan["session"]] = plan
+            self.plans[plan.session_id] = plan
             self.num_plans += 1
-            if self.stage_plan is not None and plan["blocks"]:
+            if self.stores is not None and plan.blocks:
                 try:
-                    n = self.stage_plan(plan["node"], plan["session"], plan["blocks"])
+                    n = self.stores.store(plan.node_id).stage(plan.session_id, plan.blocks, plan=True)
                 except Exception:  # the session went away meanwhile
                     continue
-                self.prefetched[plan["node"]] += n
+                self.prefetched[plan.node_id] += n
                 fetched += n
         return fetched
 
-    def prefetch(self, sid: str, node: str) -> int:
-        """Stage on ``node`` every block of ``sid`` held elsewhere; returns blocks fetched."""
-        if self.stage is None:
+    def prefetch(self, session_id: str, node_id: str) -> int:
+        """Stage on ``node_id`` every block of the session held elsewhere; returns blocks fetched."""
+        if self.stores is None:
             return 0
-        fetched = self.stage(node, sid)
-        self.prefetched[node] += fetched
+        fetched = self.stores.store(node_id).stage(session_id)
+        self.prefetched[node_id] += fetched
         return fetched
 
     def stats(self) -> dict:
@@ -68,22 +67,12 @@ class IndexerCore:
 def _make_actor():
     import ray
 
-    from actors.kv_store import store_name
+    from actors.session_store import RayStores
 
     @ray.remote(max_concurrency=16)
     class Indexer(IndexerCore):
         def __init__(self):
-            namespace = ray.get_runtime_context().namespace
-
-            def stage(node: str, sid: str) -> int:
-                store = ray.get_actor(store_name(node), namespace=namespace)
-                return ray.get(store.stage_session.remote(sid))
-
-            def stage_plan(node: str, sid: str, blocks: list[int]) -> int:
-                store = ray.get_actor(store_name(node), namespace=namespace)
-                return ray.get(store.stage_plan.remote(sid, blocks))
-
-            super().__init__(stage, stage_plan)
+            super().__init__(RayStores(ray.get_runtime_context().namespace))
 
     return Indexer
 

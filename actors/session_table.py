@@ -43,6 +43,15 @@ class SessionTable:
     def num_free(self) -> int:
         return len(self.free)
 
+    @property
+    def session_blocks(self) -> int:
+        """Blocks of this arena owned by sessions."""
+        return sum(sum(i >= 0 for i in r.host_ids) for r in self.records.values())
+
+    @property
+    def leased_blocks(self) -> int:
+        return sum(len(ids) for ids in self.leases.values())
+
     def session_bytes(self, session_id: str) -> int:
         return sum(i >= 0 for i in self.records[session_id].host_ids) * self.block_bytes
 
@@ -129,9 +138,3 @@ class SessionTable:
         self.free.extend(i for i in rec.host_ids if i >= 0)
         return True
 
-    def stats(self) -> dict:
-        used = sum(sum(i >= 0 for i in r.host_ids) for r in self.records.values())
-        leased = sum(len(v) for v in self.leases.values())
-        return {"sessions": len(self.records), "session_blocks": used, "leased_blocks": leased,
-                "free_blocks": len(self.free), "capacity_blocks": self.num_blocks,
-                "block_bytes": self.block_bytes, "evictions": self.num_evictions}

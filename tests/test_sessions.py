@@ -30,12 +30,51 @@ def config(policy="full", chunk=40, **kw):
                         policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
 
 
+class Sessions:
+    """A ``SessionManager`` and a ``SessionTable`` of its own, driven in this thread: the
+    store calls that actors/decode_worker.py makes on its admission and settling threads."""
+
+    def __init__(self, engine, table: SessionTable, pool):
+        self.engine, self.table = engine, table
+        self.manager = SessionManager(engine, pool)
+
+    def _start(self, turn):
+        turn.leased = self.table.lease("engine", turn.to_lease)
+        return self.manager.start(turn)
+
+    def create(self, session_id, context_ids):
+        return self._start(self.manager.admit_create(session_id, context_ids))
+
+    def ask(self, session_id, question_ids, params):
+        rec = self.table.pin(session_id)
+        return self._start(self.manager.admit_ask(session_id, rec.context_ids, rec.host_ids, question_ids, params))
+
+    def step(self):
+        turns = self.manager.step()
+        for turn in turns:
+            if turn.created is not None:
+                self.table.put("engine", turn.session_id, turn.context_ids, turn.created)
+            elif turn.pinned:
+                self.table.unpin(turn.session_id)
+        return turns
+
+    def run(self, seq):
+        """Step until ``seq`` finishes (other requests advance too)."""
+        while True:
+            for turn in self.step():
+                if turn.seq is seq:
+                    return turn
+
+    def trim_pool(self):
+        self.table.give_back("engine", self.manager.surplus())
+
+
 def manager(model, policy="full", host_blocks=200, **kw):
     """An engine over a private arena, its sessions in a table of its own (one process)."""
     layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
     arena = HostArena.private(layout, host_blocks)
     engine = LLMEngine(model, config(policy, **kw), arena=arena)
-    return SessionManager(engine, SessionTable(host_blocks, layout.block_bytes), arena.allocator)
+    return Sessions(engine, SessionTable(host_blocks, layout.block_bytes), arena.allocator)
 
 
 def tokens(n, seed):
@@ -75,9 +114,9 @@ def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
         # only the partial context block (< B tokens) and the question were prefilled
         assert turn.prefill_tokens == context_len % BLOCK + q_len
     # the session still holds exactly its complete context blocks; nothing else leaked
-    assert mgr.table.stats()["session_blocks"] == context_len // BLOCK
+    assert mgr.table.session_blocks == context_len // BLOCK
     assert not mgr.engine.cache.blocks.seqs
-    assert mgr.delete("doc")
+    assert mgr.table.delete("doc")
     with pytest.raises(SessionNotFound) as deleted:
         mgr.ask("doc", [5], GREEDY)
     assert not isinstance(deleted.value, SessionEvicted)
