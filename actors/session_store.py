@@ -174,8 +174,8 @@ class RayStores:
         self.timeout_s = timeout_s
         self._ray = ray
 
-    def store(self, node_id: str) -> RayStore:
-        return RayStore(self._ray.get_actor(store_name(node_id), namespace=self.namespace))
+    def store(self, node_id: str, timeout_s: float | None = None) -> RayStore:
+        return RayStore(self._ray.get_actor(store_name(node_id), namespace=self.namespace), timeout_s)
 
     def _others(self, node_id: str) -> list[str]:
         return [n["NodeID"] for n in self._ray.nodes() if n["Alive"] and n["NodeID"] != node_id]
@@ -183,7 +183,7 @@ class RayStores:
     def _ask(self, node_id: str, method: str, *args):
         """``method`` of the node's store, or None when it has none or it does not answer."""
         try:
-            return getattr(RayStore(self.store(node_id).handle, self.timeout_s), method)(*args)
+            return getattr(self.store(node_id, self.timeout_s), method)(*args)
         except Exception:  # no store there (yet), or it died or hangs: not a peer now
             return None
 

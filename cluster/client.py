@@ -61,7 +61,7 @@ class SessionNotFound(LSAError, errors.SessionNotFound):
 
 @dataclass(frozen=True)
 class Answer:
-    session: str
+    session_id: str
     text: str
     num_tokens: int
     prefill_tokens: int
@@ -205,7 +205,7 @@ class LSAClient:
     def ask(self, session_id: str, question: str, **sampling) -> Answer:
         path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/ask"
         out = self.request("POST", path, {"question": question, **sampling})
-        return Answer(session=out["session"], text=out["text"], num_tokens=out["num_tokens"],
+        return Answer(session_id=out["session"], text=out["text"], num_tokens=out["num_tokens"],
                       prefill_tokens=out["prefill_tokens"], decode_s=out["decode_s"])
 
     def delete_session(self, session_id: str) -> None:
@@ -220,19 +220,19 @@ class LSAClient:
 class Session:
     """A long context held by the server. ``close()`` (or leaving ``with``) frees its KV."""
 
-    def __init__(self, client: LSAClient, id: str, num_tokens: int):
-        self.client, self.id, self.num_tokens = client, id, num_tokens
+    def __init__(self, client: LSAClient, session_id: str, num_tokens: int):
+        self.client, self.session_id, self.num_tokens = client, session_id, num_tokens
         self.closed = False
 
     def ask(self, question: str, **sampling) -> Answer:
-        return self.client.ask(self.id, question, **sampling)
+        return self.client.ask(self.session_id, question, **sampling)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            self.client.delete_session(self.id)
+            self.client.delete_session(self.session_id)
         except SessionNotFound:
             pass
 
@@ -292,9 +292,9 @@ class AsyncLSAClient:
 
 
 class AsyncSession:
-    def __init__(self, client: LSAClient, id: str, num_tokens: int):
-        self._session = Session(client, id, num_tokens)
-        self.id, self.num_tokens = id, num_tokens
+    def __init__(self, client: LSAClient, session_id: str, num_tokens: int):
+        self._session = Session(client, session_id, num_tokens)
+        self.session_id, self.num_tokens = session_id, num_tokens
 
     async def ask(self, question: str, **sampling) -> Answer:
         return await asyncio.to_thread(self._session.ask, question, **sampling)

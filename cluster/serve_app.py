@@ -264,14 +264,14 @@ class Ingress:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def _session_ids(self, body: dict) -> list[int]:
-        context, ids = body.get("context"), body.get("context_ids")
+    def _context_ids(self, body: dict) -> list[int]:
+        context, context_ids = body.get("context"), body.get("context_ids")
         if isinstance(context, str) and context.strip():
             text = self.tokenizer.chat_prompt([{"role": "user", "content": DOC_HEAD + context + DOC_TAIL + SENTINEL}]) \
                 if self.tokenizer.has_chat_template else DOC_HEAD + context + DOC_TAIL + SENTINEL
             return self.tokenizer.encode(text.split(SENTINEL)[0], add_special_tokens=False)
-        if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
-            return ids
+        if isinstance(context_ids, list) and context_ids and all(type(t) is int for t in context_ids):
+            return context_ids
         raise HTTPError(400, "a session needs 'context' (non-empty text) or 'context_ids' (token ids)",
                         "invalid_request_error")
 
@@ -287,7 +287,7 @@ class Ingress:
         return self.tokenizer.encode(QUESTION.format(question=question.strip()) + suffix, add_special_tokens=False)
 
     async def create_session(self, body: dict) -> dict:
-        context_ids = self._session_ids(body)
+        context_ids = self._context_ids(body)
         session_id = uuid.uuid4().hex
         out: TurnResult = await self._call_worker("create_session", session_id=session_id, context_ids=context_ids,
                                                   kv_bytes=len(context_ids) * self.kv_bytes_per_token)

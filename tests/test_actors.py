@@ -114,7 +114,7 @@ def test_spilled_session_staged_by_the_indexer_decodes_like_a_local_one(stores, 
     a, b = stores["node-a"], stores["node-b"]
     context, question = tokens(200, 6), tokens(7, 8)
     worker = DecodeWorkerCore.build(make_engine(model), a, "wa",
-                                    prefetch=lambda sid: indexer.prefetch(sid, "node-a"))
+                                    prefetch=lambda session_id: indexer.prefetch(session_id, "node-a"))
     indexer = IndexerCore(LocalStores(stores))
     try:
         worker.create_session("big", context).result(timeout=60)
@@ -208,6 +208,27 @@ def test_a_slow_store_never_stalls_decode_steps(stores, model):
         worker.close()
 
 
+def test_messages_between_actors_pack_with_msgpack(stores, model):
+    import dataclasses
+
+    import msgpack
+
+    from actors.messages import PlanReport
+
+    store = stores["node-b"]
+    worker = DecodeWorkerCore.build(make_engine(model), store, "w0")
+    try:
+        worker.create_session("doc", tokens(40, 1)).result(timeout=60)
+        result = worker.ask("doc", tokens(4, 2), GREEDY).result(timeout=60)
+        messages = [store.info(), store.view("doc"), store.stats(), PlanReport("w0", "node-b", "doc", [0, 2]),
+                    dataclasses.replace(worker.stats(), store=store.stats()), result]
+    finally:
+        worker.close()
+    for message in messages:
+        fields = dataclasses.asdict(message)
+        assert msgpack.unpackb(msgpack.packb(fields)) == fields, type(message).__name__
+
+
 def test_bad_requests_fail_their_future_not_the_worker(stores, model):
     worker = DecodeWorkerCore.build(make_engine(model), stores["node-b"], "w0")
     try:
@@ -240,8 +261,8 @@ def test_full_store_spills_to_the_peer_with_most_room_before_evicting(tmp_path, 
     worker = DecodeWorkerCore.build(make_engine(model), a, "wa", spare_blocks=0, prefetch=a.stage)
     try:
         contexts = {f"s{i}": tokens(128, 60 + i) for i in range(4)}  # 16 blocks each; the arena holds 60
-        for sid, ctx in contexts.items():
-            worker.create_session(sid, ctx).result(timeout=60)
+        for session_id, ctx in contexts.items():
+            worker.create_session(session_id, ctx).result(timeout=60)
         stats = a.stats()
         assert stats.evictions == 0 and stats.sessions == 4  # nothing evicted...
         assert stats.blocks_spilled > 0 and stats.spilled_blocks == stats.blocks_spilled
@@ -249,9 +270,9 @@ def test_full_store_spills_to_the_peer_with_most_room_before_evicting(tmp_path, 
         assert SPILLED in a.view("s0").host_ids and a.view("s0").host_ids[0] != SPILLED  # sinks stay home
         assert made["c"].stats().foreign_blocks == stats.blocks_spilled
         assert made["b"].stats().foreign_blocks == 0
-        for sid, ctx in contexts.items():  # every session still answers exactly, without re-prefill
+        for session_id, ctx in contexts.items():  # every session still answers exactly, without re-prefill
             question = tokens(5, 70)
-            r = worker.ask(sid, question, GREEDY).result(timeout=60)
+            r = worker.ask(session_id, question, GREEDY).result(timeout=60)
             assert r.token_ids == reference(model, ctx + question)
             assert r.prefill_tokens == len(question)
         assert a.stats().evictions == 0

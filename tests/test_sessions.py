@@ -127,14 +127,14 @@ def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
 def test_concurrent_turns_on_one_and_several_sessions(model):
     mgr = manager(model)
     contexts = {"a": tokens(130, 2), "b": tokens(75, 3)}
-    for sid, ctx in contexts.items():
-        mgr.run(mgr.create(sid, ctx))
+    for session_id, ctx in contexts.items():
+        mgr.run(mgr.create(session_id, ctx))
     asks = [("a", tokens(7, 20)), ("b", tokens(11, 21)), ("a", tokens(5, 22))]
-    seqs = [(sid, q, mgr.ask(sid, q, GREEDY)) for sid, q in asks]
+    seqs = [(session_id, q, mgr.ask(session_id, q, GREEDY)) for session_id, q in asks]
     while mgr.engine.has_work():
         mgr.step()
-    for sid, q, seq in seqs:
-        assert seq.output_ids == fresh(model, contexts[sid] + q)[0]
+    for session_id, q, seq in seqs:
+        assert seq.output_ids == fresh(model, contexts[session_id] + q)[0]
     assert mgr.table.records["a"].pins == 0
 
 
@@ -151,10 +151,10 @@ def test_lsa_turn_matches_fresh_lsa(model):
 
 def test_idle_sessions_evicted_lru_with_a_clear_error(model):
     mgr = manager(model, host_blocks=40)  # 40 blocks: room for about two 14-block sessions
-    for i, sid in enumerate(("old", "mid", "new")):
-        mgr.run(mgr.create(sid, tokens(112, 30 + i)))
+    for i, session_id in enumerate(("old", "mid", "new")):
+        mgr.run(mgr.create(session_id, tokens(112, 30 + i)))
         mgr.trim_pool()
-        if sid == "mid":
+        if session_id == "mid":
             mgr.run(mgr.ask("old", [4, 5], SamplingParams(max_tokens=2)))  # "old" is now more recent
             mgr.trim_pool()
     assert set(mgr.table.records) == {"old", "new"}
