@@ -140,24 +140,25 @@ class TensorParallelEngine:
         return results[0]
 
     def _get(self, refs: list, method: str) -> list:
-        """The results of ``refs``, failing the group on the first rank error or at the deadline
-        (a rank's death is seen as soon as it happens, not after the survivors' timeout)."""
+        """The results of ``refs`` (one per rank), failing the group on the first rank error or at
+        the deadline (a rank's death is seen as soon as it happens, not after a collective's timeout)."""
         pending, deadline = list(refs), time.monotonic() + self.call_timeout_s
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    raise GetTimeoutError(f"no answer within {self.call_timeout_s} s")
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                hung = [rank for rank, ref in enumerate(refs) if ref in pending]
+                self._fail(f"ranks {hung} of {self.size} did not answer {method} within {self.call_timeout_s} s "
+                           f"(a rank waiting for a hung one in a collective does not answer either)")
+            try:
                 ray.get(ready)
-            return ray.get(refs)
-        except (RayError, GetTimeoutError) as exc:
-            rank = next((i for i, ref in enumerate(refs) if ref not in pending and _failed(ref)), None)
-            who = f"rank {rank}" if rank is not None else "a rank"
-            self._fail(f"{who} of {self.size} failed during {method}: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}; the tensor-parallel group is shut "
-                       f"down, make a new TensorParallelEngine")
+            except RayError as exc:
+                rank = refs.index(ready[0])
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                self._fail(f"rank {rank} of {self.size} failed during {method}: {type(exc).__name__}: {first_line}")
+        return ray.get(refs)
 
     def _fail(self, message: str):
+        message += "; the tensor-parallel group is shut down: make a new TensorParallelEngine"
         self._failure = message
         self.shutdown()
         raise TensorParallelGroupError(message)
@@ -183,11 +184,3 @@ def _make_placement_group(size: int, resources: RankResources, timeout_s: float)
             f"no node has room for {size} ranks of {resources.bundle()} within {timeout_s} s "
             f"(STRICT_PACK: all on one node)") from None
     return group
-
-
-def _failed(ref) -> bool:
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except Exception:
-        return True

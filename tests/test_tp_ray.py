@@ -4,6 +4,8 @@ within a bounded time instead of hanging."""
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import time
 
 import pytest
@@ -94,6 +96,20 @@ def test_a_request_every_rank_refuses_is_raised_and_the_group_survives(tp_engine
     with pytest.raises(InvalidRequestError, match=r"\[0, 67\)"):
         tp_engine.add_request([1, 99], PARAMS, "out-of-vocabulary")
     assert tp_engine.generate([prompts()[1][:40]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+
+
+def test_a_hung_rank_fails_the_group_at_the_deadline(tp_engine):
+    """Rank 1 stopped (SIGSTOP): rank 0 waits for it in a collective, so neither answers; the driver
+    gives up at its deadline. Runs last on the module's engine, which it destroys."""
+    tp_engine.call_timeout_s = 5
+    tp_engine.add_request(prompts()[1], PARAMS, "stalled")
+    pid = ray.get(tp_engine.ranks[1].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(TensorParallelGroupError, match=r"ranks \[0, 1\] of 2 did not answer step within 5 s"):
+        tp_engine.step()
+    assert time.monotonic() - start < 5 + DEAD_RANK_BOUND_S
+    assert tp_engine.ranks == [] and tp_engine.placement_group is None
 
 
 def test_a_killed_rank_fails_the_group_with_a_typed_error(cluster):
