@@ -130,6 +130,21 @@ class HostMirror:
             i += r
         return dequantize_fp8(out, scale, self.dtype) if scale is not None else out
 
+    def fetch_layer(self, hosts: list[int], layer: int) -> torch.Tensor:
+        """One layer of rows on the device in the model dtype, [n, 2, H, B, D]. From page-locked
+        memory each row's layer (K and V of one block, contiguous) is one DMA copy; the host
+        neither gathers nor waits."""
+        if not self.pinned:
+            return self.fetch(torch.tensor(hosts), layer)
+        out = torch.empty((len(hosts), *self.host.shape[2:]), dtype=self.host.dtype, device=self.device)
+        for i, h in enumerate(hosts):
+            out[i].copy_(self.host[h, layer], non_blocking=True)
+        if not self.fp8:
+            return out
+        self.wait_writes()  # the scales are gathered on the host
+        scale = self.scale[torch.tensor(hosts), layer].pin_memory().to(self.device, non_blocking=True)
+        return dequantize_fp8(out, scale, self.dtype)
+
     def to_device(self, index: torch.Tensor) -> torch.Tensor:
         """A small host tensor (e.g. destination slots) on the device; asynchronous where the
         mirror is page-locked (a pageable copy would wait for the stream)."""
