@@ -176,14 +176,20 @@ def test_the_reference_attention_is_what_a_mask_costs(model, monkeypatch):
 
 
 def session_manager(model, layerwise):
-    from engine.sessions import ArenaLayout, local_sessions
+    """Sessions on an engine over a private arena, driven in this thread (tests/test_sessions.py)."""
+    from test_sessions import Sessions
+
+    from actors.session_table import SessionTable
+    from engine.host_arena import ArenaLayout, HostArena
 
     layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
+    arena = HostArena.private(layout, 256)
     policy = dict(name="lsa", budget=0.2, cycle=4, observation_window=16, index_score="mean")
-    return local_sessions(lambda arena: LLMEngine(model, EngineConfig(
+    engine = LLMEngine(model, EngineConfig(
         cache=CacheConfig(block_size=BLOCK, num_device_blocks=128),
         scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=48, layerwise_prefill=layerwise),
-        policy=PolicyConfig(**{"min_resident_tokens": 0, **policy})), arena=arena), layout, 256)
+        policy=PolicyConfig(**{"min_resident_tokens": 0, **policy})), arena=arena)
+    return Sessions(engine, SessionTable(256, layout.block_bytes), arena.allocator)
 
 
 def test_a_turn_streams_its_prefix_one_layer_at_a_time(model):
@@ -204,7 +210,7 @@ def test_a_turn_streams_its_prefix_one_layer_at_a_time(model):
         turn = mgr.run(mgr.ask("doc", question, params))
         results[layerwise] = (turn, torch.stack(logits), peak[0], mgr.engine)
     (old, old_logits, old_peak, _), (new, new_logits, new_peak, engine) = results[False], results[None]
-    assert new.seq.output_ids == old.seq.output_ids
+    assert new.seq.output_ids == old.seq.output_ids and len(new.seq.output_ids) == 16
     torch.testing.assert_close(new_logits, old_logits, atol=1e-4, rtol=1e-4)
     assert new.prefill_tokens == old.prefill_tokens < 48 + BLOCK  # the window and the partial block
 
