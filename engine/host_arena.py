@@ -137,17 +137,19 @@ class HostArena:
         return cls(host, summary, IdPool(), scale)
 
     def read(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
-        """Copies of blocks ``ids``: (K/V, summaries) and, FP8, their scales."""
+        """Copies of blocks ``ids``: (K/V, summaries) and, FP8, their scales; FP8 K/V as its bytes
+        (uint8: Ray's serializer takes no float8 tensor)."""
         idx = torch.tensor(ids, dtype=torch.long)
-        rows = (self.host[idx], self.summary[idx])
-        return rows + (self.scale[idx],) if self.scale is not None else rows
+        if self.scale is None:
+            return self.host[idx], self.summary[idx]
+        return self.host.view(torch.uint8)[idx], self.summary[idx], self.scale[idx]
 
     def write(self, ids: list[int], rows: tuple[torch.Tensor, ...]) -> None:
         """Blocks ``ids`` := ``rows`` (what ``read`` returns, here or from another arena)."""
         if len(rows) != (3 if self.scale is not None else 2):
             raise ValueError("blocks of an FP8 arena carry their scales, others do not: the arenas differ")
         idx = torch.tensor(ids, dtype=torch.long)
-        self.host[idx] = rows[0]
+        self.host[idx] = rows[0].view(self.host.dtype)
         self.summary[idx] = rows[1]
         if self.scale is not None:
             self.scale[idx] = rows[2]

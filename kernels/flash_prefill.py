@@ -32,13 +32,13 @@ def _attend_keys(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_n,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + offs_n                                          # [BN]
         if CAUSAL:
-            k = tl.load(k_base + k_pos[None, :] * stride_kn, mask=k_pos[None, :] < end, other=0.0)  # [D, BN]
+            k = tl.load(k_base + k_pos[:, None] * stride_kn, mask=k_pos[:, None] < end, other=0.0)  # [BN, D]
         else:
-            k = tl.load(k_base + k_pos[None, :] * stride_kn)
+            k = tl.load(k_base + k_pos[:, None] * stride_kn)
         if IEEE_DOT:
-            s = tl.dot(q, k, input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            s = tl.dot(q, k)
+            s = tl.dot(q, tl.trans(k))
         s = s * qk_scale                                                  # [BM, BN]
         if CAUSAL:
             keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < end)
@@ -85,7 +85,7 @@ def _prefill_kernel(
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :] * stride_qd,
                 mask=mask_m[:, None], other=0.0)                          # [BM, D]
-    k_base = K + kv_h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd    # K^T tiles [D, BN]
+    k_base = K + kv_h.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd    # K tiles [BN, D]
     v_base = V + kv_h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd    # V tiles [BN, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
