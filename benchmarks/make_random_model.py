@@ -39,16 +39,20 @@ SHAPES = {  # Hugging Face config fields of each shape (vocab_size comes from th
 }
 
 
-def save_tokenizer(out: Path):
-    """The embedded SmolLM2 tokenizer (from its GGUF) as files in ``out``; returns it."""
+def save_tokenizer(out: Path, source: str | None = None):
+    """The embedded SmolLM2 tokenizer (from its GGUF), or the tokenizer files in directory
+    ``source`` (the same, exported beforehand: benchmarks/device/prepare.sh), saved in ``out``."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from engine.weights import resolve_model
 
     hf_logging.set_verbosity_error()
-    source = resolve_model("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    if source:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    else:
+        gguf = resolve_model("smollm2-135m").path
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.save_pretrained(str(out))
     return tokenizer
 
@@ -110,7 +114,7 @@ def write_weights(out: Path, config: ModelConfig, dtype: torch.dtype, seed: int,
 
 def make_random_model(out: str | Path, shape: str = "llama3-8b", seed: int = 0, dtype: str = "bf16",
                       device: str = "auto", layers: int | None = None, max_position: int | None = None,
-                      shard_bytes: int = 4 << 30) -> dict:
+                      shard_bytes: int = 4 << 30, tokenizer: str | None = None) -> dict:
     """Write the model directory; returns a summary (shape, vocab size, files, seconds)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
@@ -119,13 +123,12 @@ def make_random_model(out: str | Path, shape: str = "llama3-8b", seed: int = 0, 
     out.mkdir(parents=True, exist_ok=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     torch_dtype = parse_dtype(dtype, "cuda")  # "auto" -> bf16, as on a GPU
-    tokenizer = save_tokenizer(out)
-    raw = hf_config(shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, torch_dtype,
-                    layers, max_position)
+    tok = save_tokenizer(out, tokenizer)
+    raw = hf_config(shape, len(tok), tok.bos_token_id, tok.eos_token_id, torch_dtype, layers, max_position)
     (out / "config.json").write_text(json.dumps(raw, indent=1))
     config = ModelConfig.from_hf(raw)
     files = write_weights(out, config, torch_dtype, seed, device, shard_bytes)
-    return {"dir": str(out), "shape": shape, "config": dataclasses.asdict(config), "vocab_size": len(tokenizer),
+    return {"dir": str(out), "shape": shape, "config": dataclasses.asdict(config), "vocab_size": len(tok),
             "files": files, "bytes": sum((out / f).stat().st_size for f in files), "seed": seed,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -140,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--max-position", type=int, default=None, help="override max_position_embeddings")
     p.add_argument("--shard-bytes", type=float, default=4 << 30, help="largest safetensors file")
+    p.add_argument("--tokenizer", default=None, help="a directory of the SmolLM2 tokenizer's files (default: "
+                   "from the embedded GGUF)")
     args = p.parse_args(argv)
     summary = make_random_model(args.out, args.shape, args.seed, args.dtype, args.device, args.layers,
-                                args.max_position, int(args.shard_bytes))
+                                args.max_position, int(args.shard_bytes), args.tokenizer)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return 0
 

@@ -145,6 +145,8 @@ class EngineAlone:
         from engine.factory import arena_layout, build_engine
 
         engine_config = serve_config.engine
+        if serve_config.torch_threads:  # as the app's worker runs
+            torch.set_num_threads(serve_config.torch_threads)
         if engine_config.device_name.startswith("cuda"):
             wait_for_free_gpu()  # the app's worker process may still be letting go of it
         layout = arena_layout(engine_config)

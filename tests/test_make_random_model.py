@@ -17,7 +17,7 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("random-models")
     one = make_random_model(root / "one", "tiny", seed=7, dtype="fp32", device="cpu", layers=2, max_position=4096)
     sharded = make_random_model(root / "sharded", "tiny", seed=7, dtype="fp32", device="cpu", layers=2,
-                                max_position=4096, shard_bytes=1 << 20)
+                                max_position=4096, shard_bytes=1 << 20, tokenizer=str(root / "one"))  # its files
     return one, sharded
 
 
@@ -31,6 +31,8 @@ def test_files_config_and_tokenizer(model_dirs):
     assert raw["vocab_size"] == len(tokenizer) == one["vocab_size"] == 49152  # the SmolLM2 tokenizer's size
     assert raw["num_hidden_layers"] == 2 and raw["max_position_embeddings"] == 4096
     assert raw["eos_token_id"] == tokenizer.eos_token_id and tokenizer.chat_template
+    again = AutoTokenizer.from_pretrained(sharded["dir"])  # from the first one's files: the same tokenizer
+    assert again.get_vocab() == tokenizer.get_vocab() and again.chat_template == tokenizer.chat_template
     index = json.loads(open(f"{sharded['dir']}/model.safetensors.index.json").read())
     assert sorted(set(index["weight_map"].values())) == sharded["files"]
 

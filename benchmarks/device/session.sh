@@ -66,7 +66,8 @@ APPBIG="model=$MODEL $APP policy=lsa host_dtype=fp8 prefill_chunk=$CHUNK $DEVICE
 
 make_model() {  # the 8B-shaped model, once per machine (~30 s: drawn on the GPU, 16 GB of safetensors)
   [ -f $MODEL/config.json ] && ls $MODEL/*.safetensors > /dev/null 2>&1 && return 0
-  step make_model 150 python3 -m benchmarks.make_random_model $MODEL --shape $SHAPE
+  step make_model 150 python3 -m benchmarks.make_random_model $MODEL --shape $SHAPE \
+    ${LSA_TOKENIZER_DIR:+--tokenizer $LSA_TOKENIZER_DIR}  # call 1 has no GGUF yet: setup.sh's tokenizer files
 }
 
 kv_budget() {  # bytes for one node's host KV store: host RAM and /dev/shm, less what loading the model and Ray take
