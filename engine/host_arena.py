@@ -153,3 +153,18 @@ class HostArena:
         self.summary[idx] = rows[1]
         if self.scale is not None:
             self.scale[idx] = rows[2]
+
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Blocks ``dst`` := blocks ``src`` of this arena, one slice copy per run of consecutive
+        ids on both sides (a fresh lease is mostly one run)."""
+        i = 0
+        while i < len(src):
+            r = 1
+            while i + r < len(src) and src[i + r] == src[i] + r and dst[i + r] == dst[i] + r:
+                r += 1
+            a, b = slice(src[i], src[i] + r), slice(dst[i], dst[i] + r)
+            self.host[b] = self.host[a]
+            self.summary[b] = self.summary[a]
+            if self.scale is not None:
+                self.scale[b] = self.scale[a]
+            i += r

@@ -43,6 +43,13 @@ def test_fp8_layout_views_and_sizes():
     arena.scale.fill_(2.0)
     arena.host.view(torch.uint8).fill_(7)
     assert (arena.summary == 1.5).all() and (arena.scale == 2.0).all()
+    # copies within the arena (runs of ids and single ones) move all three parts of a block
+    for t in (arena.host.view(torch.uint8), arena.summary, arena.scale):
+        t[0].fill_(1)
+        t[1].fill_(2)
+    arena.copy([0, 1, 0], [3, 4, 2])
+    for t in (arena.host.view(torch.uint8), arena.summary, arena.scale):
+        assert (t[3] == 1).all() and (t[4] == 2).all() and (t[2] == 1).all()
 
 
 def test_sessions_on_an_fp8_store_decode_as_on_a_private_fp8_arena(tmp_path):
