@@ -11,7 +11,8 @@ The workload (token ids drawn with a fixed seed, the same on both sides):
   prefill tokens/s; then ``--followups`` questions, each streamed: the turn's TTFT, its
   inter-token latencies (ITL, from the arrival times of the stream's events) and the tokens
   it prefilled (the rest came from the host KV store).
-* concurrent: N sessions at the concurrency context, created one after the other, then one
+* concurrent: N sessions at the concurrency context, created one after the other (the single
+  session of that length, if any, kept as the first: one prefill saved), then one
   question on each, all at once, streamed: aggregate tokens/s (tokens generated / wall time of
   the turns), and ITL median and p99 over all turns, also in steady state (after the last
   turn's first token, before the first turn ends: every turn decoding).
@@ -211,6 +212,7 @@ def wait_for_free_gpu(seconds: int = 60, fraction: float = 0.9) -> None:
 
 def run_workload(side, w: Workload, label: str) -> dict:
     out: dict = {"single": [], "label": label}
+    kept = None  # the single session at the concurrency context, the first of the concurrent ones (a prefill saved)
     for length in w.contexts:
         t0 = time.perf_counter()
         session_id, info = side.create(w.context(length))
@@ -221,7 +223,10 @@ def run_workload(side, w: Workload, label: str) -> dict:
             turn = side.ask(session_id, w.question(i), w.max_tokens)
             entry["followups"].append({"ttft_s": turn.ttft, "num_tokens": turn.num_tokens,
                                        "prefill_tokens": turn.prefill_tokens, "itl": percentiles(turn.gaps())})
-        side.delete(session_id)
+        if length == w.concurrency_context and w.sessions >= 1 and kept is None:
+            kept = session_id
+        else:
+            side.delete(session_id)
         out["single"].append(entry)
         print(f"[{label}] {length:>8} tokens: session in {seconds:.2f} s ({entry['prefill_tokens_per_s']:.0f} tok/s); "
               + ", ".join(f"turn TTFT {f['ttft_s']:.2f} s, ITL median {f['itl'].get('median_ms', 0):.1f} ms "
@@ -230,7 +235,8 @@ def run_workload(side, w: Workload, label: str) -> dict:
         return out
     context = w.context(w.concurrency_context)
     t0 = time.perf_counter()
-    first, info = side.create(context)
+    first = kept if kept is not None else side.create(context)[0]
+    out["first_reused"] = kept is not None
     sessions = [first] + [side.clone(first, context)[0] for _ in range(w.sessions - 1)]
     out["setup_s"] = time.perf_counter() - t0
     turns: list[Turn | None] = [None] * len(sessions)
@@ -258,13 +264,35 @@ def run_workload(side, w: Workload, label: str) -> dict:
 # ------------------------------------------------------------------ the command
 
 
-def max_sessions(serve_config, context: int) -> int:
-    """Sessions of ``context`` tokens the node's host KV store holds, one kept free for turns."""
+def session_bytes(serve_config, context: int) -> int:
+    """Host KV store bytes of one session of ``context`` tokens."""
     from engine.factory import arena_layout
 
     layout = arena_layout(serve_config.engine)
-    per_session = -(-context // layout.block_size) * layout.block_bytes
-    return max(1, serve_config.kv_store_bytes // per_session - 1)
+    return -(-context // layout.block_size) * layout.block_bytes
+
+
+def max_sessions(serve_config, context: int) -> int:
+    """Sessions of ``context`` tokens the node's host KV store holds, one kept free for turns."""
+    return max(1, serve_config.kv_store_bytes // session_bytes(serve_config, context) - 1)
+
+
+def plan_store(app_args: list[str], context: int, budget_bytes: int, sessions: str) -> tuple[int, int, int]:
+    """(sessions of ``context`` tokens a store of ``budget_bytes`` holds, sessions to run, the store's
+    ``kv_store_bytes``) for the app of ``app_args`` (key=value). ``sessions`` "max": what the budget
+    holds, at most the app's max_num_seqs, in the whole budget; a number N: at most that many, in a
+    store of N + 1 sessions (no larger than the run needs: the worker page-locks all of it)."""
+    from actors.config import ServeConfig
+    from cluster.commands import parse_app_args
+    from engine.options import build
+
+    config = build(ServeConfig, parse_app_args(app_args))
+    per_session = session_bytes(config, context)
+    fit = max(1, budget_bytes // per_session - 1)
+    if sessions == "max":
+        return fit, min(fit, config.engine.scheduler.max_num_seqs), budget_bytes
+    run = min(int(sessions), fit)
+    return fit, run, min(budget_bytes, (run + 1) * per_session)
 
 
 def print_table(report: dict) -> None:

@@ -34,3 +34,17 @@ def test_bench_serve_smoke(tmp_path):
     assert report["ratio"] == pytest.approx(report["served"]["concurrent"]["tokens_per_s"]
                                             / report["engine"]["concurrent"]["tokens_per_s"])
     assert not list(tmp_path.glob("*.arena"))  # both arenas removed
+
+
+def test_plan_store_sizes_the_host_store_for_the_sessions_run():
+    from actors.config import ServeConfig
+    from benchmarks.serve import plan_store, session_bytes
+    from engine.options import build
+
+    app = ["model=tiny-random", "block_size=16", "max_num_seqs=3", "host_dtype=fp8"]
+    per = session_bytes(build(ServeConfig, {"model": "tiny-random", "block_size": "16", "host_dtype": "fp8"}), 300)
+    assert per > 0
+    budget = 10 * per + per // 2
+    assert plan_store(app, 300, budget, "max") == (9, 3, budget)  # all the budget, capped by max_num_seqs
+    assert plan_store(app, 300, budget, "2") == (9, 2, 3 * per)  # two sessions and one for the turns
+    assert plan_store(app, 300, 3 * per, "5") == (2, 2, 3 * per)  # no more than the budget holds
