@@ -1,6 +1,6 @@
-"""benchmarks/device/session.sh served1 / served2 rehearsed on the CPU (LSA_REHEARSE=1: tiny model
-shapes, tiny-random for SmolLM2): every step of the lead's two device calls runs, within its
-timeout, and writes its JSON; on the GPU only the shapes and the device change."""
+"""benchmarks/device/session.sh served1 / served2 (= prefill serve / checks pooled) rehearsed on
+the CPU (LSA_REHEARSE=1: tiny model shapes, tiny-random for SmolLM2): every step of the lead's two
+device calls runs, within its timeout, and writes its JSON; on the GPU only the shapes and the device change."""
 import json
 import os
 import subprocess
@@ -31,7 +31,8 @@ def test_served_phases_rehearsed_on_the_cpu(tmp_path):
     assert {(r["path"], r["context"]) for r in prefill["rows"]} == {("layerwise", 512), ("layerwise", 1024),
                                                                    ("ordinary", 512)}
     serve = json.loads((out / "serve.json").read_text())
-    assert serve["ratio"] > 0 and serve["workload"]["sessions"] == 3
+    assert serve["ratio"] > 0 and serve["workload"]["sessions"] == 2  # SESSIONS=2, the store sized for them
+    assert serve["served"]["first_reused"] and serve["engine"]["first_reused"]  # the single 1024-token session
     checks = json.loads((out / "checks.json").read_text())
     assert checks["restart"]["no_reprefill"] and checks["leaks"]["flat_all"]
     pooled = json.loads((out / "pooled.json").read_text())

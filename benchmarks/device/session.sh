@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The device calls of a session, by phase (run there, after setup.sh receive N and env.sh):
 #   bash benchmarks/device/session.sh early    step profile (512K/128K), tiny-random served on CUDA, bench 128K
-#   bash benchmarks/device/session.sh served1  issue 15, call 1 (ray only, no GGUF needed), ~8 min:
-#        (a) the Llama-3-8B-shaped random model written once; its prefill at 32K/128K vs the floor
-#            (LSA_PREFILL_512K=1 adds 512K: +3.5 min), (b) that model served: sessions at 32K and
-#            128K, follow-ups, lsa bench serve at 128K with as many sessions as host RAM holds,
-#            and the same workload on the engine alone
-#   bash benchmarks/device/session.sh served2  issue 15, call 2 (after receive 2: the SmolLM2 GGUF), ~4.5 min:
-#        (c) SmolLM2 on CUDA answering the demo's questions, (d) worker restart, (e) leak check,
-#        (f) pooled host RAM over two Ray nodes (needs /tmp/llama3-8b-random: made again if gone)
+#   bash benchmarks/device/session.sh PHASE...  the issue-15 phases, in the order given (~9 min in all):
+#     prefill  (a) the Llama-3-8B-shaped random model written once (~0.5 min); its prefill at 32K/128K
+#              vs the floor (~1 min; LSA_PREFILL_512K=1 adds 512K: +4 min)
+#     serve    (b) that model served (FP8 host store): sessions at 32K and 128K, 2 follow-ups each,
+#              LSA_SESSIONS (default 4; max: what host RAM holds) concurrent 128K sessions, then the same
+#              workload on the engine alone (~4 min; each session past 4: +20 s)
+#     checks   (c) SmolLM2 (the GGUF: after receive 2) answering the demo's questions, (d) worker
+#              restart, (e) leak check (~1.5 min)
+#     pooled   (f) host RAM pooled over two Ray nodes, sessions of LSA_POOLED_CONTEXT (131072; 32768:
+#              -0.5 min) tokens (~2 min; makes the 8B model again if /tmp lost it: +0.5 min)
+#     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
 # Every phase writes JSON and logs under $OUT and prints a short summary last; each step has a
 # timeout (step NAME SECONDS command...), and $OUT/steps.txt lists every step's exit status and time.
-# LSA_REHEARSE=1: served1 / served2 with tiny shapes on the CPU, the same steps (tests/test_device_session.py).
+# LSA_REHEARSE=1: the issue-15 phases with tiny shapes on the CPU, the same steps (tests/test_device_session.py).
 set -uo pipefail
-phase=${1:?phase}
+[ $# -ge 1 ] || { echo "usage: session.sh PHASE..."; exit 2; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -41,8 +44,8 @@ serve_stop() {
   grep -ciE "traceback|error" "$OUT/serve_$port.log" | sed "s/^/error lines in the server log: /"
 }
 
-step() {  # step NAME SECONDS command...: run with a timeout, log to $OUT/NAME.log, record the exit status
-  local name=$1 limit=$2 t0=$SECONDS rc; shift 2
+step() {  # step NAME SECONDS command...: run with a timeout (x SLOW), log to $OUT/NAME.log, record the exit status
+  local name=$1 limit=$(($2 * SLOW)) t0=$SECONDS rc; shift 2
   echo "== $name (at most $limit s): $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; rc=$?
   grep -v -E "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -${TAIL:-12}
@@ -51,12 +54,12 @@ step() {  # step NAME SECONDS command...: run with a timeout, log to $OUT/NAME.l
 }
 
 if [ "${LSA_REHEARSE:-0}" = 1 ]; then  # the served phases' steps, tiny, on the CPU
-  MODEL=${TMPDIR:-/tmp}/lsa-rehearse-model SHAPE=tiny CTX="512 1024" CONC=1024 ORDINARY=512 RATE=256 CHUNK=256
+  MODEL=${TMPDIR:-/tmp}/lsa-rehearse-model SHAPE=tiny CTX="512 1024" CONC=1024 ORDINARY=512 RATE=256 CHUNK=256 SESSIONS=2 SLOW=3  # a shared CPU
   APP="device=cpu worker_num_gpus=0 block_size=16 torch_threads=1 worker_num_cpus=0.5 max_num_seqs=3"
   SMALL="--context-tokens 250 model=tiny-random $APP" KV_RESERVE=0 DEVICE_KV="" PORT_ARGS="--port ${LSA_PORT:-8000} --num-cpus 4"
   export LSA_KV_MAX=${LSA_KV_MAX:-268435456}
 else
-  MODEL=/tmp/llama3-8b-random SHAPE=llama3-8b CTX="32768 131072" CONC=131072 ORDINARY=32768 RATE=32768 CHUNK=8192
+  MODEL=/tmp/llama3-8b-random SHAPE=llama3-8b CTX="32768 131072" CONC=131072 ORDINARY=32768 RATE=32768 CHUNK=8192 SESSIONS=4 SLOW=1
   APP="device=cuda worker_num_gpus=1 max_num_seqs=16"
   # host RAM kept off the arena: a model load (16 GB, transient), Ray's processes, the driver
   SMALL="model=${LSA_MODEL:-smollm2-135m} $APP block_size=16 max_num_seqs=4" KV_RESERVE=${LSA_KV_RESERVE:-24e9}
@@ -80,30 +83,38 @@ print(int(max(1 << 26, min(avail - reserve, shm - 8e9, float(os.environ.get("LSA
 PY
 }
 
-case $phase in
-served1)
+phase_prefill() {
   df -h /dev/shm | tail -1; grep -E "MemTotal|MemAvailable" /proc/meminfo
   make_model
-  big=""; more=0; [ "${LSA_PREFILL_512K:-0}" = 1 ] && { big=524288; more=240; }
+  local big="" more=0; [ "${LSA_PREFILL_512K:-0}" = 1 ] && { big=524288; more=300; }
   step prefill $((150 + more)) python3 -m cli bench prefill --model $MODEL --contexts $CTX $big \
     --ordinary-max $ORDINARY --chunk $CHUNK --rate-tokens $RATE --out "$OUT/prefill.json"
-  KV=$(kv_budget $KV_RESERVE); echo "host KV store: $KV bytes"
-  step serve 420 python3 -m cli bench serve $APPBIG kv_store_bytes=$KV --contexts $CTX --followups 2 \
-    --concurrency-context $CONC --sessions ${LSA_SESSIONS:-max} --max-tokens 128 $PORT_ARGS --out "$OUT/serve.json"
-  ls /dev/shm | grep -c lsa-kv | sed 's/^/arena files left in \/dev\/shm: /'
-  cat "$OUT/steps.txt"
-  ;;
-served2)
-  # (c) (d) (e) on one SmolLM2 app, then (f) on the 8B model
+}
+
+phase_serve() {
+  make_model
+  local fit sessions kv
+  read -r fit sessions kv < <(python3 -c "import sys; from benchmarks.serve import plan_store
+print(*plan_store(sys.argv[4:], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))" \
+    $CONC "$(kv_budget $KV_RESERVE)" ${LSA_SESSIONS:-$SESSIONS} $APPBIG)
+  [ -n "$kv" ] || { echo "serve: sizing the host KV store failed" | tee -a "$OUT/steps.txt"; return 1; }
+  echo "host RAM holds $fit sessions of $CONC tokens; running $sessions in a host KV store of $kv bytes"
+  step serve $((200 + 30 * sessions)) python3 -m cli bench serve $APPBIG kv_store_bytes=$kv --contexts $CTX \
+    --followups 2 --concurrency-context $CONC --sessions $sessions --max-tokens 128 $PORT_ARGS --out "$OUT/serve.json"
+}
+
+phase_checks() {  # (c) (d) (e) on one SmolLM2 app
   step checks 200 python3 benchmarks/device/served_checks.py app "$OUT/checks.json" --checks demo,restart,leaks \
     $SMALL policy=lsa kv_store_bytes=4000000000 $PORT_ARGS
+}
+
+phase_pooled() {
   make_model
-  step pooled 240 python3 benchmarks/device/served_checks.py pooled "$OUT/pooled.json" --context $CONC \
-    --sessions ${LSA_POOLED_SESSIONS:-1} --extra 1 --max-tokens 128 $APPBIG $PORT_ARGS
-  ls /dev/shm | grep -c lsa-kv | sed 's/^/arena files left in \/dev\/shm: /'
-  cat "$OUT/steps.txt"
-  ;;
-early)
+  step pooled 240 python3 benchmarks/device/served_checks.py pooled "$OUT/pooled.json" \
+    --context ${LSA_POOLED_CONTEXT:-$CONC} --sessions 1 --extra 1 --max-tokens 128 $APPBIG $PORT_ARGS
+}
+
+phase_early() {
   timeout 300 python3 -m benchmarks.profile_step --contexts 131072 524288 --steps 32 \
     --out "$OUT/profile_step.json" 2>&1 | grep -v Warning | tee "$OUT/profile_step.log"
   if serve_start 8011 model=tiny-random device=cuda worker_num_gpus=1 policy=lsa kv_store_bytes=2000000000; then
@@ -112,7 +123,16 @@ early)
   fi
   timeout 200 python3 -m cli bench decode --contexts 131072 --batch 1 --rounds 3 --steps 32 \
     --out "$OUT/bench_decode_128k.json" 2>&1 | grep -v built | tail -8
-  ;;
-*)
-  echo "unknown phase $phase"; exit 2 ;;
-esac
+}
+
+for phase in "$@"; do
+  case $phase in
+  served1) phase_prefill; phase_serve ;;
+  served2) phase_checks; phase_pooled ;;
+  prefill | serve | checks | pooled | early) phase_$phase ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
+ls /dev/shm 2>/dev/null | grep -c lsa-kv | sed 's/^/arena files left in \/dev\/shm: /'
+[ -f "$OUT/steps.txt" ] && cat "$OUT/steps.txt"
+exit 0
