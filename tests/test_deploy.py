@@ -19,8 +19,6 @@ ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from actors.config import ServeConfig  # noqa: E402
-from engine.options import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO.parent / "shared" / "data" / "kuberay"
@@ -162,13 +160,34 @@ def test_rayservice_layout():
     assert "8000/-/healthz" in worker_ready  # the Serve proxy's own health route
 
 
-def test_serve_config_v2_matches_serve_schema():
-    config = yaml.safe_load(load("rayservice.yaml")["spec"]["serveConfigV2"])
-    parsed = ServeDeploySchema.model_validate(config)
+@pytest.mark.parametrize("text", [lambda: load("rayservice.yaml")["spec"]["serveConfigV2"],
+                                  lambda: (REPO / "serve_config.yaml").read_text()],
+                         ids=["rayservice-serveConfigV2", "serve_config.yaml"])
+def test_serve_configs_match_serve_schema_and_app_args(text):
+    from cluster.serve_app import AppArgs, app as build_app
+
+    parsed = ServeDeploySchema.model_validate(yaml.safe_load(text()))
     (app,) = parsed.applications
     assert app.import_path == "cluster:app"
-    config = build(ServeConfig, app.args)  # every argument is known and valid
+    args = AppArgs.model_validate(app.args)  # every argument is known and valid, as Serve checks it
+    config = args.config
     assert config.engine.policy.name == "lsa" and 0 < config.engine.policy.budget <= 1 and config.num_workers >= 1
+    worker = build_app(args)._bound_deployment.init_args[0]._bound_deployment  # the DecodeWorker deployment
+    autoscaling = worker._deployment_config.autoscaling_config
+    if args.decode_autoscaling:  # Serve's autoscaling_config replaces num_workers
+        assert (autoscaling.min_replicas, autoscaling.max_replicas) == (args.decode_autoscaling["min_replicas"],
+                                                                        args.decode_autoscaling["max_replicas"])
+    else:
+        assert autoscaling is None and worker.num_replicas == config.num_workers
+
+
+def test_app_args_reject_unknown_and_badly_typed_arguments():
+    from cluster.serve_app import AppArgs
+
+    with pytest.raises(Exception, match="num_worker"):
+        AppArgs.model_validate({"num_worker": 2})
+    with pytest.raises(Exception, match="max_body_bytes"):
+        AppArgs.model_validate({"max_body_bytes": "lots"}).config
 
 
 def test_rayjob_runs_lsa_batch_against_the_service():
