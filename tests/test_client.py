@@ -172,9 +172,17 @@ class FakeLSAServer:
                     server.posts += method == "POST"
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
+                self.in_flight = True
                 try:
                     self._answer(method)
                 finally:
+                    self._done()
+
+            def _done(self):
+                # before the answer is written: once the client has read it, it may send the next
+                # request while this thread is still here, which is not two requests in flight
+                if self.in_flight:
+                    self.in_flight = False
                     with server.lock:
                         server.inflight -= 1
 
@@ -187,6 +195,7 @@ class FakeLSAServer:
                     body = (msgpack.unpackb(raw, raw=False) if ctype == "application/msgpack"
                             else json.loads(raw))
                 status, payload, *rest = server.route(method, self.path, body)
+                self._done()
                 if isinstance(payload, list):  # SSE
                     self.send_response(status)
                     self.send_header("Content-Type", "text/event-stream")
