@@ -148,16 +148,34 @@ def test_rayservice_layout():
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     gpu = groups["gpu-decode"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["requests"]["nvidia.com/gpu"] == gpu["limits"]["nvidia.com/gpu"] == "1"
-    assert groups["kv-memory"]["resources"] == {"kv_store": "1"}
+    # the custom resource through ray start (every ray.io/v1 operator), in KubeRay's quoting
+    assert json.loads(json.loads(groups["kv-memory"]["rayStartParams"]["resources"])) == {"kv_store": 1}
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(spec)  # ignored
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]
     images = {c["image"] for p in pods for c in p["spec"]["containers"]}
     assert len(images) == 1
     for pod in pods:
         for c in pod["spec"]["containers"]:
             assert {"readinessProbe", "livenessProbe", "resources", "image"} <= set(c)
+    app_args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+    for group in groups.values():  # /dev/shm holds the node's arena and Ray's object store
+        pod = group["template"]["spec"]
+        shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]
+        container = pod["containers"][0]
+        needed = app_args["kv_store_bytes"] + int(group["rayStartParams"]["object-store-memory"])
+        assert _bytes(shm["sizeLimit"]) >= needed and shm["medium"] == "Memory"
+        assert _bytes(container["resources"]["limits"]["memory"]) > _bytes(shm["sizeLimit"])
+        assert {"containerPort": 8080, "name": "metrics"} in container["ports"]
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
     worker_ready = " ".join(groups["gpu-decode"]["template"]["spec"]["containers"][0]
                             ["readinessProbe"]["exec"]["command"])
     assert "8000/-/healthz" in worker_ready  # the Serve proxy's own health route
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes quantity in Gi/Mi (what these manifests use) as bytes."""
+    units = {"Gi": 1 << 30, "Mi": 1 << 20}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
 
 
 @pytest.mark.parametrize("text", [lambda: load("rayservice.yaml")["spec"]["serveConfigV2"],
