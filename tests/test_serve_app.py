@@ -74,7 +74,7 @@ def http(server, method, path, body=None, key=KEY, raw=None, headers=None):
 
 
 def test_openai_package_sync_stream_async(server):
-    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
     assert [m.id for m in oa.models.list().data] == ["tiny-random"]
     assert oa.models.retrieve("tiny-random").id == "tiny-random"
     out = oa.completions.create(model="tiny-random", prompt="Hello there", max_tokens=6, temperature=0)
@@ -113,7 +113,7 @@ def test_openai_package_sync_stream_async(server):
         assert sum(2.718281828 ** t.logprob for t in token.top_logprobs) <= 1 + 1e-6
 
     async def run_async():
-        aoa = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+        aoa = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
         answers = await asyncio.gather(*(aoa.chat.completions.create(
             model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
             for _ in range(3)))
