@@ -268,7 +268,7 @@ class DecodeWorkerCore:
 
     def _settle(self, turn: Turn, result: Future, on_text, error: BaseException | None) -> None:
         """Hand a finished (or failed) turn's blocks to the store, then answer."""
-        logprobs = self.logprobs.pop(turn.seq)
+        logprobs = self.logprobs.pop(turn.seq) if turn.seq is not None else None  # no seq: failed before admission
         try:
             if turn.created is not None:
                 try:
