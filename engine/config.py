@@ -189,14 +189,17 @@ class CacheConfig:
                                          "of free GPU memory on CUDA, 4 GiB on CPU)")
     host_mirror: bool = option(True, "mirror complete blocks to host RAM (offloading policies need it)")
     num_host_blocks: int | None = option(None, "host mirror blocks (default: as many as the contexts need)")
-    host_dtype: str | None = option(None, "host mirror format: the model dtype (default) or fp8 (e4m3 blocks, "
-                                    "one scale per block, layer, K/V and head)", choices=("fp8",))
+    host_dtype: str | None = option(None, "host mirror format: the model dtype (default), fp8 (e4m3 blocks, "
+                                    "one scale per block, layer, K/V and head) or int4 (4-bit, keys per channel "
+                                    "and values per token with float16 scales: 0.55x fp8's bytes at B=64, D=128)",
+                                    choices=("fp8", "int4"))
 
     def __post_init__(self):
         if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
-        if self.host_dtype not in (None, "fp8"):
-            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {self.host_dtype!r}")
+        if self.host_dtype not in (None, "fp8", "int4"):
+            raise InvalidRequestError(f"host_dtype must be None (the model dtype), 'fp8' or 'int4', "
+                                      f"got {self.host_dtype!r}")
 
     def block_size_for(self, max_model_len: int) -> int:
         return self.block_size or auto_block_size(max_model_len)
