@@ -253,8 +253,12 @@ class PolicyConfig:
     neighbors: int = option(1, "lsa: with each selected block, also the next this many (a fact spans blocks)")
     lookahead: int = option(1, "lsa: cycles between computing a plan and applying it (1: the paper's, 0: at once)",
                             choices=(0, 1))
-    prefetch: float = option(0.5, "lsa: copy the next plan's blocks during the cycle before it applies, into "
-                             "spare slots of at most this fraction of the budget (0: all at the boundary)")
+    prefetch: float = option(0.35, "lsa: copy the next plan's blocks during the cycle before it applies, into "
+                             "spare slots of at most this fraction of the budget (real text brings in about a "
+                             "third of the set per cycle; 0: all at the boundary)")
+    late: str = option("defer", "lsa: a plan's blocks not copied ahead by its boundary: defer (the blocks they "
+                       "replace stay a cycle more; no step waits for a copy) or load (copied at the boundary)",
+                       choices=("defer", "load"))
     observation_window: int = option(32, "snapkv, and lsa's first plan: prompt queries that vote")
     first_plan: str = option("attention", "lsa's plan at the end of prefill: exact attention of the observation "
                              "window, or the indexer", choices=("attention", "indexer"))
@@ -276,6 +280,8 @@ class PolicyConfig:
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if not 0.0 <= self.prefetch <= 1.0:
             raise InvalidRequestError(f"prefetch must be in [0, 1] (a fraction of the budget), got {self.prefetch}")
+        if self.late not in ("defer", "load"):
+            raise InvalidRequestError(f"late must be 'defer' or 'load', got {self.late!r}")
         if self.lookahead not in (0, 1):
             raise InvalidRequestError("lookahead must be 0 (plan applied at once) or 1 (next cycle)")
         if self.target_layers is not None and not isinstance(self.target_layers, tuple):

@@ -32,6 +32,29 @@ from engine.host_memory import FP8, host_empty, quantize_fp8
 HOST_DTYPES = (None, "fp8", "int4")
 
 
+def row_layout(config: ModelConfig, block_size: int, dtype: torch.dtype, host_dtype: str | None):
+    """((shape, dtype) of one row's data, (shape, dtype) of its scales or None) in format ``host_dtype``."""
+    layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
+    kv = (layers, 2, heads, block_size, dim)
+    if host_dtype == "fp8":
+        return (kv, FP8), ((layers, 2, heads), torch.float32)
+    if host_dtype == "int4":
+        return ((layers, 2, heads, block_size, dim // 2), torch.uint8), ((layers, heads, 2 * dim + 2 * block_size),
+                                                                         torch.float16)
+    return (kv, dtype), None
+
+
+def row_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, host_dtype: str | None) -> int:
+    """Host RAM (and bytes over PCIe) of one mirrored block of all layers: data plus scales."""
+    (shape, data_dtype), scale = row_layout(config, block_size, dtype, host_dtype)
+    size = math.prod(shape) * _itemsize(data_dtype)
+    return size + (math.prod(scale[0]) * _itemsize(scale[1]) if scale is not None else 0)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class HostMirror:
     def __init__(self, config: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype,
                  device: torch.device, host_dtype: str | None = None, arena=None):
@@ -52,22 +75,15 @@ class HostMirror:
         self.device = device
         layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
         pin = device.type == "cuda"
+        (data_shape, data_dtype), scale = row_layout(config, block_size, dtype, host_dtype)
         if arena is not None:
             self.host, self.summary = arena.host, arena.summary
         else:
-            row = {"model": ((layers, 2, heads, block_size, dim), dtype), "fp8": ((layers, 2, heads, block_size, dim), FP8),
-                   "int4": ((layers, 2, heads, block_size, dim // 2), torch.uint8)}[self.format]
-            self.host = host_empty((num_blocks, *row[0]), row[1], pin)
+            self.host = host_empty((num_blocks, *data_shape), data_dtype, pin)
             self.summary = host_empty((num_blocks, layers, 3, heads, dim), dtype, pin)
-        self.scale = None
-        if self.format == "fp8":
-            self.scale = host_empty((num_blocks, layers, 2, heads), torch.float32, pin)
-        elif self.format == "int4":
-            self.scale = host_empty((num_blocks, layers, heads, 2 * dim + 2 * block_size), torch.float16, pin)
+        self.scale = host_empty((num_blocks, *scale[0]), scale[1], pin) if scale is not None else None
         # host RAM (and bytes over PCIe) per row of all layers: data, plus scales
-        self.bytes_per_block = math.prod(self.host.shape[1:]) * self.host.element_size()
-        if self.scale is not None:
-            self.bytes_per_block += math.prod(self.scale.shape[1:]) * self.scale.element_size()
+        self.bytes_per_block = row_bytes(config, block_size, dtype, host_dtype)
         self.bytes_per_layer_block = self.bytes_per_block // layers
         self.pinned = device.type == "cuda" and self.host.is_pinned()
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -191,6 +191,14 @@ class BlockKVCache:
             self._copy_in(seq_id, group, rest, self.blocks.load(seq_id, group, rest))
             self.blocks_loaded_late += len(rest) * len(self.groups[group])
 
+    def retain(self, seq_id: int, group: int, want: set[int]) -> list[int]:
+        """The group's resident set becomes ``want``: the rest evicted (no copy), staged blocks in
+        it promoted once their copies have arrived (the compute stream waits, the host does not),
+        other staged ones dropped. Returns the wanted blocks to ``load``."""
+        if self.blocks.seqs[seq_id].staged[group]:
+            self.mirror.join()  # promoted slots are read, dropped ones reused, only after their copies
+        return self.blocks.retain(seq_id, group, want)
+
     def stage(self, seq_id: int, group: int, blocks: list[int]) -> None:
         """Copy mirrored blocks into spare slots ahead of use, on the copy stream (CUDA) while
         decode goes on; ``load`` later makes them resident without copying."""
