@@ -20,7 +20,8 @@ Windows alternate: batch 1 (and any explicit batch) keeps one full engine and on
 alive and times, round-robin, full / lsa at each rho (the LSA engine's budget is switched
 between windows; its reserve is sized for the largest rho, and one cycle runs untimed after
 each switch). ``max`` gives each policy its own largest batch (from free GPU memory and, for
-lsa, host RAM), so those engines run one after the other.
+lsa, host RAM, per mirror format), so those engines run one after the other; their "vs full" is
+the ratio of aggregate tokens/s.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
     for i, rho in pairs:
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
-                 "churn": s.churn, "alternated": len(pairs) > 1,
+                 "churn": s.churn, "max_batch": s.max_batch, "alternated": len(pairs) > 1,
                  "cuda_graphs": engines[i][1].runner.graphs is not None}
         row = summarise(label, windows[(i, rho)], s.batch)
         rows.append({**row, **floor_fields(step_bytes[(i, rho)], bandwidth, row["token_ms_median"])})
@@ -183,10 +184,8 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
         6 * GiB if device.type == "cuda" else 64 * 2 ** 20)
     dev_budget = int(device_free_bytes(device, args.cpu_device_bytes) * args.device_fraction) - activations
 
-    def setup(policy, batch):
-        host_dtype = None
+    def setup(policy, batch, host_dtype=None):
         if policy == "lsa":
-            host_dtype = args.host_dtype
             if host_dtype == "auto":  # the model dtype if one sequence's mirror fits in host RAM, else fp8
                 probe = Setup(policy, rhos, 1, context, max_tokens, args.block_size, args.cycle, None)
                 host_dtype = None if per_seq_bytes(cfg, probe, dtype)[1] <= host_budget else "fp8"
@@ -194,6 +193,9 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
         return Setup(policy, rhos if policy == "lsa" else (), batch, context, max_tokens, args.block_size,
                      args.cycle, host_dtype, graphs=False if args.eager else None,
                      churn=args.churn if policy == "lsa" else None)
+
+    # (policy, host mirror format): full attention, then LSA over each format asked for
+    variants = [("full", None)] + [("lsa", h) for h in dict.fromkeys(args.host_dtype)]
 
     def largest(s: Setup) -> int:
         dev, host = per_seq_bytes(cfg, s, dtype)
@@ -204,18 +206,18 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
 
     groups, skipped = [], []
     for b in batches:
-        if b == "max":  # each policy alone, at its own largest batch
-            for policy in ("full", "lsa"):
-                n = largest(setup(policy, 1))
+        if b == "max":  # each policy (and mirror format) alone, at its own largest batch
+            for policy, host_dtype in variants:
+                n = largest(setup(policy, 1, host_dtype))
                 if n >= 1:
-                    groups.append([setup(policy, n)])
+                    groups.append([dataclasses.replace(setup(policy, n, host_dtype), max_batch=True)])
                 else:
                     skipped.append({"context": context, "policy": policy, "batch": "max",
                                     "skipped": "one sequence does not fit"})
             continue
         group, dev_left, host_left = [], dev_budget, host_budget  # alive together: lsa first, full in what is left
-        for policy in ("lsa", "full"):
-            s = setup(policy, int(b))
+        for policy, host_dtype in variants[1:] + variants[:1]:
+            s = setup(policy, int(b), host_dtype)
             dev, host = (x * int(b) for x in per_seq_bytes(cfg, s, dtype))
             if dev <= dev_left and host <= host_left:
                 group.append(s)
@@ -234,14 +236,20 @@ def print_table(rows: list[dict]) -> None:
             f"{'tok/s':>9} {'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'late %':>6} {'defer/c':>7} {'peak GB':>8} "
             f"{'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
     print(head)
-    full = {(r["context"], r["batch"]): r for r in rows if r.get("policy") == "full" and "skipped" not in r}
+    full = {(r["context"], "max" if r["max_batch"] else r["batch"]): r for r in rows
+            if r.get("policy") == "full" and "skipped" not in r}
     for r in rows:
         if "skipped" in r:
             print(f"{r['context']:>8} {str(r['batch']):>5} {r['policy']:>10}  skipped: {r['skipped']}")
             continue
         name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
-        ref = full.get((r["context"], r["batch"]))
-        speed = f"{ref['token_ms_median'] / r['token_ms_median']:.2f}x" if ref and ref is not r else "-"
+        ref = full.get((r["context"], "max" if r["max_batch"] else r["batch"]))
+        if not ref or ref is r:
+            speed = "-"
+        elif r["max_batch"]:  # each at its own largest batch: aggregate tokens/s
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+        else:
+            speed = f"{ref['token_ms_median'] / r['token_ms_median']:.2f}x"
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
         host = "-" if r["policy"] == "full" else r["host_dtype"]
         print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {r['token_ms_median']:>8.2f} "
@@ -267,8 +275,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before the windows")
     p.add_argument("--cycle", type=int, default=64, help="lsa cycle (decode steps between boundaries)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
-    p.add_argument("--host-dtype", default="auto", help="lsa host mirror: auto (model dtype if it fits, else "
-                   "fp8), model, fp8, int4")
+    p.add_argument("--host-dtype", nargs="+", default=["auto"], help="lsa host mirror formats, each its own lsa "
+                   "engine: auto (model dtype if it fits, else fp8), model, fp8, int4")
     p.add_argument("--churn", type=float, default=None, help="lsa: make plans replace about this share of the "
                    "resident set (real text: 0.33; default: random KV, most of it)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -99,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rho", type=float, default=0.10)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--config", default="llama3-8b", help="llama3-8b, or tiny for a CPU smoke run")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     p.add_argument("--churn", type=float, default=None, help="plans replace about this share of the resident "
                    "set (real text: 0.33; default: random KV, most of it)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="profile_step.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    cfg = model_config(args.config, None, max(args.contexts) + 65536)
+    cfg = model_config(args.config, args.layers, max(args.contexts) + 65536)
     model = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed=0)
     bandwidth = copy_bandwidth(device)
     rows = []

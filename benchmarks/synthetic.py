@@ -58,6 +58,7 @@ class Setup:
     host_dtype: str | None
     graphs: bool | None = None  # CUDA-graph decode (None: the engine's auto)
     churn: float | None = None  # plans replace about this share of the resident set (None: random KV, most of it)
+    max_batch: bool = False  # the largest batch the policy fits (lsa bench decode --batch max)
 
     @property
     def max_len(self) -> int:

@@ -66,8 +66,9 @@ def test_int4_mirror_at_a_small_budget_loads_dequantized_blocks_end_to_end(model
             h = cache.host_blocks(seq_id)[j]
             want = dequantize_int4(cache.mirror.host[h].to(cache.device), cache.mirror.scale[h].to(cache.device),
                                    cache.dtype)
-            torch.testing.assert_close(cache.pool[:, :, resident[j]], want, rtol=0, atol=0 if cache.dtype ==
-                                       torch.float32 else 1e-2)
+            exact = cache.dtype == torch.float32  # the same fp32 arithmetic; bf16: one rounding apart at most
+            torch.testing.assert_close(cache.pool[:, :, resident[j]], want, rtol=0 if exact else 2 ** -7,
+                                       atol=0 if exact else 1e-3)
             checked.append(j)
 
     cache.load = load_and_check

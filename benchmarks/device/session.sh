@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The device calls of a session, by phase (run there, after setup.sh receive N and env.sh):
 #   bash benchmarks/device/session.sh early    step profile (512K/128K), tiny-random served on CUDA, bench 128K
+#   bash benchmarks/device/session.sh floor    issue 13 (~5 min): CUDA tests of the floor branch, step profile,
+#                                              bench decode 128K/512K batch 1, 128K at max batch (fp8 vs int4)
 # Every phase writes JSON and logs under $OUT and prints a short summary last.
 set -uo pipefail
 phase=${1:?phase}
@@ -41,6 +43,33 @@ early)
   fi
   timeout 200 python3 -m cli bench decode --contexts 131072 --batch 1 --rounds 3 --steps 32 \
     --out "$OUT/bench_decode_128k.json" 2>&1 | grep -v built | tail -8
+  ;;
+floor)
+  # Every command output also goes to floor.log; JSON: profile_step, bench_decode_b1, bench_decode_max (6 files).
+  exec > >(tee -a "$OUT/floor.log") 2>&1
+  t0=$SECONDS
+  # FLOOR_REHEARSE=1: the same commands at tiny shapes on the CPU (a rehearsal off the device)
+  shapes="" ctx="131072 524288" ctx_max=131072 cap=""
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192 16384" ctx_max=8192 \
+    cap="--max-batch 3"
+  # 1. the CUDA side of what changed: load_blocks (bf16 / fp16 on the GPU), the int4 mirror in the engine,
+  #    fused projections vs transformers, CUDA graphs, budget 1.0 = full attention
+  timeout 90 python3 -m pytest -q -x -p no:warnings tests/test_kernels_block_load.py tests/test_int4_mirror.py \
+    tests/test_host_mirror.py tests/test_fp8_mirror.py tests/test_model_parity.py tests/test_graphs.py \
+    "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" > "$OUT/floor_tests.log" 2>&1
+  echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed" "$OUT/floor_tests.log" | head -12
+  # 2. where the step's time goes now (random KV, as the 2026-12-01 profile), against its floor
+  timeout 100 python3 -m benchmarks.profile_step --contexts $ctx --steps 32 $shapes \
+    --out "$OUT/profile_step.json" 2>&1 | grep -v Warning
+  echo "profile done ($((SECONDS - t0)) s)"
+  # 3. batch 1, full vs lsa 0.10 alive together, plans churning like real text (a third of the set per cycle)
+  timeout 110 python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 $shapes \
+    --rounds 2 --steps 64 --out "$OUT/bench_decode_b1.json" 2>&1 | grep -v built | tail -6
+  echo "batch 1 done ($((SECONDS - t0)) s)"
+  # 4. 128K at each policy's largest batch: full (GPU memory), lsa over the fp8 and the int4 mirror (host RAM)
+  timeout 130 python3 -m cli bench decode --contexts $ctx_max --batch max --rhos 0.1 --churn 0.33 $shapes \
+    --host-dtype fp8 int4 --rounds 2 --steps 32 $cap --out "$OUT/bench_decode_max.json" 2>&1 | grep -v built | tail -6
+  echo "floor phase done in $((SECONDS - t0)) s"
   ;;
 *)
   echo "unknown phase $phase"; exit 2 ;;

@@ -145,7 +145,7 @@ class CycleStaging:
 
     def _prepare_boundary(self, s: int) -> None:
         """The next boundary's resident sets, computed for the length it will run at."""
-        steps_left = (-self._step[s]) % self.config.cycle or self.config.cycle
+        steps_left = (-self._step[s]) % self.config.cycle  # steps before the boundary's (0: it is the next)
         n = self.cache.num_tokens(s) + 1 + steps_left  # this step's token is committed after the launch
         self._ready[s] = PreparedBoundary(n, self.config, self._wanted(s, n))
 
