@@ -61,14 +61,17 @@ class HostMirror:
         """``dtype``: the model's (summaries, and what ``fetch`` returns). ``host_dtype="fp8"``:
         rows are kept as float8 e4m3 with one float32 scale per (row, layer, K/V, KV head);
         ``"int4"``: 4-bit codes, keys per channel and values per token with float16 scales and
-        mins (``kernels.quantize_int4``). ``arena`` (a HostArena; its ``host`` and ``summary`` are
-        used): rows in external memory (e.g. a KV store's shared memory) instead of a private
-        allocation; ``num_blocks`` is then the arena's."""
+        mins (``kernels.quantize_int4``). ``arena`` (a HostArena; its ``host``, ``summary`` and, FP8,
+        ``scale`` are used): rows in external memory (e.g. a KV store's shared memory) instead of a
+        private allocation, in the format ``host_dtype`` names; ``num_blocks`` is then the arena's."""
         if host_dtype not in HOST_DTYPES:
             raise InvalidRequestError(f"host_dtype must be None (the model dtype), 'fp8' or 'int4', got {host_dtype!r}")
-        if host_dtype and arena is not None:
-            raise InvalidRequestError(f"the {host_dtype} host mirror needs a private arena (shared arenas hold the "
-                                      f"model dtype)")
+        if arena is not None and host_dtype == "int4":
+            raise InvalidRequestError("the int4 host mirror needs a private arena (shared arenas hold the model dtype "
+                                      "or fp8)")
+        if arena is not None and (arena.scale is not None) != (host_dtype == "fp8"):
+            raise InvalidRequestError(f"host_dtype {host_dtype!r} and the arena's format differ: size the KV store's "
+                                      f"arena with the same host_dtype")
         self.format = host_dtype or "model"  # kernels.load_blocks' name for it
         self.fp8 = host_dtype == "fp8"
         self.dtype = dtype
@@ -77,11 +80,11 @@ class HostMirror:
         pin = device.type == "cuda"
         (data_shape, data_dtype), scale = row_layout(config, block_size, dtype, host_dtype)
         if arena is not None:
-            self.host, self.summary = arena.host, arena.summary
+            self.host, self.summary, self.scale = arena.host, arena.summary, arena.scale
         else:
             self.host = host_empty((num_blocks, *data_shape), data_dtype, pin)
             self.summary = host_empty((num_blocks, layers, 3, heads, dim), dtype, pin)
-        self.scale = host_empty((num_blocks, *scale[0]), scale[1], pin) if scale is not None else None
+            self.scale = host_empty((num_blocks, *scale[0]), scale[1], pin) if scale is not None else None
         # host RAM (and bytes over PCIe) per row of all layers: data, plus scales
         self.bytes_per_block = row_bytes(config, block_size, dtype, host_dtype)
         self.bytes_per_layer_block = self.bytes_per_block // layers
@@ -177,6 +180,21 @@ class HostMirror:
                 scale[i: i + r].copy_(self.scale[hosts[i]: hosts[i] + r], non_blocking=True)
             i += r
         return data, scale
+
+    def fetch_layer(self, hosts: list[int], layer: int) -> torch.Tensor:
+        """One layer of rows on the device in the model dtype, [n, 2, H, B, D]. From page-locked
+        memory each row's layer (K and V of one block, contiguous) is one DMA copy; the host
+        neither gathers nor waits."""
+        if not self.pinned:
+            return self.fetch(torch.tensor(hosts), layer)
+        out = torch.empty((len(hosts), *self.host.shape[2:]), dtype=self.host.dtype, device=self.device)
+        for i, h in enumerate(hosts):
+            out[i].copy_(self.host[h, layer], non_blocking=True)
+        if self.scale is None:
+            return out
+        self.wait_writes()  # the scales are gathered on the host
+        scale = self.scale[torch.tensor(hosts), layer].pin_memory().to(self.device, non_blocking=True)
+        return kernels.reference.dequantize_blocks(out, scale, self.format, self.dtype)
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:
         """A small host tensor (e.g. destination slots) on the device; asynchronous where the

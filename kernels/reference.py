@@ -227,3 +227,17 @@ def load_blocks(src, meta, dst, slots, fmt="model"):
     """Reference of :func:`kernels.load_blocks`; see there for the contract."""
     dst[:, :, slots.long()] = dequantize_blocks(src, meta, fmt, dst.dtype).permute(1, 2, 0, 3, 4, 5)
     return dst
+
+
+def prefill_attention(q, k, v, q_start, scale, *, out=None):
+    """Reference of :func:`kernels.prefill_attention`; see there for the contract. SDPA with a
+    boolean causal mask [T, start + T] (the CPU backend works through it blockwise)."""
+    num_q, n_qh, _ = q.shape
+    end = q_start + num_q
+    cdt = _compute_dtype(q)
+    dev = q.device
+    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(q_start, end, device=dev)[:, None]  # [T, end]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.to(cdt).transpose(0, 1)[None], k[:, :end].to(cdt)[None], v[:, :end].to(cdt)[None],  # [1, H, T|end, D]
+        attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)  # [T, Hq, D]
+    return o.to(q.dtype) if out is None else out.copy_(o)

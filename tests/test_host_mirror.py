@@ -8,6 +8,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
+from engine.host_arena import ArenaLayout
 from engine.host_mirror import HostMirror
 
 CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
@@ -17,9 +18,10 @@ CPU = torch.device("cpu")
 
 
 def _arena(num_blocks):
-    """What the mirror takes from an arena (a HostArena): its host and summary rows."""
+    """What the mirror takes from an arena (a HostArena): its host and summary rows, no scales (model dtype)."""
     return SimpleNamespace(host=torch.zeros(num_blocks, CFG.num_layers, 2, CFG.num_kv_heads, B, CFG.head_dim),
-                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim))
+                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim),
+                           scale=None)
 
 
 def _blocks(n, seed):
@@ -99,6 +101,9 @@ def test_copies_ahead_run_in_place_without_cuda_and_bad_settings_are_refused():
     with pytest.raises(InvalidRequestError, match="host_dtype"):
         HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int2")
     arena = _arena(2)
-    for host_dtype in ("fp8", "int4"):
-        with pytest.raises(InvalidRequestError, match="private arena"):
-            HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype=host_dtype, arena=arena)
+    with pytest.raises(InvalidRequestError, match="arena.s format differ"):  # an FP8 mirror needs an FP8 arena
+        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="fp8", arena=arena)
+    with pytest.raises(InvalidRequestError, match="private arena"):  # no arena holds int4
+        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int4", arena=arena)
+    with pytest.raises(InvalidRequestError, match="shared arena"):  # and no store sizes one for it
+        ArenaLayout.of(CFG, B, torch.float32, "int4")
