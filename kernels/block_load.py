@@ -51,14 +51,16 @@ def _load_kernel(
         byte = tl.load(src + offs_b[:, None] * stride_sb + (offs_d[None, :] // 2) * stride_sd).to(tl.int32)
         code = ((byte >> ((offs_d[None, :] % 2) * 4)) & 15).to(tl.float32)            # [B, D]
         meta = META + pid_i * stride_mn + layer * stride_ml + head * stride_mh
+        # kv is a runtime value: each branch names its own [D] or [B] tensors (the compiler
+        # refuses a name whose shape differs between the branches of a runtime if)
         if kv == 0:  # keys: per channel
-            scale = tl.load(meta + offs_d * stride_mm).to(tl.float32)                     # [D]
-            low = tl.load(meta + (HEAD_DIM + offs_d) * stride_mm).to(tl.float32)
-            x = code * scale[None, :] + low[None, :]
+            k_scale = tl.load(meta + offs_d * stride_mm).to(tl.float32)                   # [D]
+            k_low = tl.load(meta + (HEAD_DIM + offs_d) * stride_mm).to(tl.float32)
+            x = code * k_scale[None, :] + k_low[None, :]
         else:  # values: per token
-            scale = tl.load(meta + (2 * HEAD_DIM + offs_b) * stride_mm).to(tl.float32)    # [B]
-            low = tl.load(meta + (2 * HEAD_DIM + BLOCK + offs_b) * stride_mm).to(tl.float32)
-            x = code * scale[:, None] + low[:, None]
+            v_scale = tl.load(meta + (2 * HEAD_DIM + offs_b) * stride_mm).to(tl.float32)  # [B]
+            v_low = tl.load(meta + (2 * HEAD_DIM + BLOCK + offs_b) * stride_mm).to(tl.float32)
+            x = code * v_scale[:, None] + v_low[:, None]
     else:
         x = tl.load(src + offs_b[:, None] * stride_sb + offs_d[None, :] * stride_sd)
         if FMT == 1:
