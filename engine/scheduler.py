@@ -109,15 +109,28 @@ class Scheduler:
         return batches
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's new token; returns the sequences that finished."""
+        """Append each sequence's new token; returns the sequences that finished (a sequence
+        whose token or text cannot be processed fails alone)."""
         finished = []
         for seq, token in zip(seqs, tokens):
             seq.status = Status.DECODE  # a prefilled sequence decodes from its first token on
-            reason = self.rules.append(seq, token)
+            try:
+                reason = self.rules.append(seq, token)
+            except Exception as exc:
+                finished += self.fail([seq], exc)
+                continue
             if reason:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def fail(self, seqs: list[Sequence], error: Exception) -> list[Sequence]:
+        """End ``seqs`` because of ``error`` (finish reason "error"); returns them."""
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                seq.error = error
+                self.finish(seq, "error")
+        return list(seqs)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence (``reason``: stop, length, abort) in whatever status it is."""
