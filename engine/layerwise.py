@@ -14,6 +14,8 @@ first resident set afterwards (``after_prefill``), which loads it from the host 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,10 @@ class _SegmentAttention:
 
 class LayerwisePrefill:
     """``run(seq_id, ids)`` prefills an admitted, empty sequence; returns the final hidden state
-    of the last prompt token [1, H]. ``peak_scratch_bytes``: the largest scratch K/V so far."""
+    of the last prompt token [1, H]. ``layers(seq_id, ids)`` does the same a layer at a time: a
+    generator that yields after each layer but the last and returns the hidden state, so that
+    decode steps run between the layers of a long prompt. ``peak_scratch_bytes``: the largest
+    scratch K/V so far."""
 
     def __init__(self, model: LlamaForCausalLM, cache: BlockKVCache, policy: Policy, chunk: int,
                  mirror_chunk_blocks: int = 1024):
@@ -55,8 +60,16 @@ class LayerwisePrefill:
         self.mirror_chunk_blocks = mirror_chunk_blocks  # bounds the temporary of one mirror copy
         self.peak_scratch_bytes = 0
 
-    @torch.inference_mode()
     def run(self, seq_id: int, ids: list[int]) -> torch.Tensor:
+        layers = self.layers(seq_id, ids)
+        while True:
+            try:
+                next(layers)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def layers(self, seq_id: int, ids: list[int]) -> Iterator[None]:
         cache, mc = self.cache, self.model.config
         n, bs = len(ids), cache.block_size
         complete = n // bs
@@ -78,6 +91,8 @@ class LayerwisePrefill:
                                                sin[start:backend.end], backend)
             x = out
             self._offload(layer_idx, host_ids, k_all, v_all, tail)
+            if layer_idx < len(self.model.model.layers) - 1:
+                yield
         if tail is not None:
             cache.blocks.commit(seq_id, n - complete * bs)
         return self.model.model.norm(x[-1:])

@@ -63,7 +63,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
                                    OutputRules(eos_ids, tokenizer),
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
-                                   admit=self._admit, release=self._release)
+                                   admit=self._admit, release=self._release,
+                                   max_prefill_seqs=config.scheduler.max_prefill_seqs)
         self._generators: dict[int, torch.Generator | None] = {}
         self.hooks: list[StepHook] = []  # tools that watch or steer decoding (engine/hooks.py); none when serving
 
@@ -85,6 +86,7 @@ class LLMEngine:
             seq.kept_host_ids = self.cache.blocks.detach_host(seq.seq_id, seq.keep_host_blocks)
             self.cache.release(seq.seq_id)
             self.policy.forget(seq.seq_id)
+        self.runner.forget(seq.seq_id)
         self._generators.pop(seq.seq_id, None)
 
     @classmethod

@@ -2,11 +2,13 @@
 
     DecodeBatch     policy.before_decode (boundaries, swaps) -> forward of one token per
                     sequence (a CUDA graph, or eager with per-step selection) -> commit
-    PrefillSegment  forward of the segment (or of the whole prompt layer by layer) -> commit;
+    PrefillSegment  forward of the segment (or of one layer of the whole prompt, layer by layer) -> commit;
                     at the prompt's end: policy.after_prefill (the first resident set), the
                     reserve shrinks to the decode reserve, and the last position's logits
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -30,6 +32,7 @@ class ModelRunner:
         self.attention = PagedAttention(cache, policy, model.config.head_dim)
         self.layerwise = LayerwisePrefill(model, cache, policy, config.prefill_chunk)
         self.graphs = self._graph_runner(config.cuda_graphs)
+        self._layerwise_runs: dict[int, Iterator] = {}  # seq_id -> its layer-by-layer prefill, a layer a segment
 
     def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
         selects = self.policy.selects_each_step
@@ -70,11 +73,23 @@ class ModelRunner:
             seq.num_cached += 1
         return logits
 
+    def forget(self, seq_id: int) -> None:
+        """The sequence left (finished or aborted): drop its unfinished layer-by-layer prefill."""
+        run = self._layerwise_runs.pop(seq_id, None)
+        if run is not None:
+            run.close()
+
     def _prefill(self, seq: Sequence, end: int) -> torch.Tensor | None:
         start = seq.num_cached
-        if start == 0 and self.prefills_layerwise(seq):  # the whole prompt at once, layer by layer
-            end = seq.prompt_len
-            hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)
+        if seq.seq_id in self._layerwise_runs or (start == 0 and self.prefills_layerwise(seq)):
+            # the whole prompt layer by layer, one layer per segment: other sequences step in between
+            run = self._layerwise_runs.setdefault(seq.seq_id, self.layerwise.layers(seq.seq_id, seq.prompt_ids))
+            try:
+                next(run)
+                return None
+            except StopIteration as done:
+                del self._layerwise_runs[seq.seq_id]
+                hidden, end = done.value, seq.prompt_len
         else:
             self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
             tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)
