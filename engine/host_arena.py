@@ -95,6 +95,10 @@ class HostArena:
     summary: torch.Tensor  # [N, L, 3, H, D]
     allocator: IdPool
 
+    @property
+    def num_blocks(self) -> int:
+        return self.host.shape[0]
+
     @classmethod
     def private(cls, layout: ArenaLayout, num_blocks: int) -> HostArena:
         flat = torch.empty(num_blocks * (layout.block_elems + layout.summary_elems), dtype=layout.torch_dtype)

@@ -59,6 +59,14 @@ class HostMirror:
     def num_blocks(self) -> int:
         return self.host.shape[0]
 
+    def remap(self, arena) -> None:
+        """Rows in another external arena of the same shape (a HostArena)."""
+        if arena.host.shape != self.host.shape or arena.host.dtype != self.host.dtype:
+            raise ValueError(f"the new arena is {tuple(arena.host.shape)} {arena.host.dtype}; the mirror's is "
+                             f"{tuple(self.host.shape)} {self.host.dtype}")
+        self.join()
+        self.host, self.summary = arena.host, arena.summary
+
     # ------------------------------------------------------------ device -> host
 
     def store(self, hosts: list[int], layers: slice, blocks: torch.Tensor) -> torch.Tensor:
