@@ -29,8 +29,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from actors.config import ServeConfig
 from actors.directory import directory_handle
 from actors.messages import TurnResult, WorkerStats
-from actors.worker_deployment import DecodeWorker, indexer_handle
-from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError, SessionNotFound
+from actors.worker_deployment import DecodeWorker, indexer_handle, place_stores
+from engine.errors import http_error, root_cause
 from engine.options import build
 from engine.sampling import SamplingParams
 
@@ -50,33 +50,24 @@ def parse_args(args: dict | ServeConfig | None) -> ServeConfig:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, type: str, headers: dict | None = None):
+    def __init__(self, status: int, message: str, type: str, headers: dict | None = None, code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.headers = status, message, type, headers or {}
+        self.code, self.param = code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def classify(exc: BaseException) -> HTTPError:
-    """Map an engine error (possibly wrapped by Ray) to an HTTP answer."""
-    cause = exc
-    for _ in range(3):
-        inner = getattr(cause, "cause", None)
-        if inner is None or inner is cause:
-            break
-        cause = inner
-    msg = str(getattr(cause, "args", [""])[0] if getattr(cause, "args", None) else cause)
+    """Map an error (possibly wrapped by Ray) to an HTTP answer: the ingress's own, else the
+    engine's typed errors through ``engine.errors.http_error``."""
+    cause = root_cause(exc)
     if isinstance(cause, HTTPError):
         return cause
-    if isinstance(cause, SessionNotFound):
-        return HTTPError(404, msg, "session_not_found")
-    if isinstance(cause, PromptTooLongError):
-        return HTTPError(400, msg, "context_length_exceeded")
-    if isinstance(cause, InvalidRequestError):
-        return HTTPError(400, msg, "invalid_request_error")
-    if isinstance(cause, CacheFullError):
-        return HTTPError(503, msg, "overloaded", {"Retry-After": "1"})
-    if isinstance(cause, LSAError):
-        return HTTPError(400, msg, "invalid_request_error")
-    return HTTPError(500, f"{type(cause).__name__}: {msg}"[:1000], "internal_error")
+    err = http_error(cause)
+    return HTTPError(err.status, err.message, err.type, err.headers, code=err.code, param=err.param)
 
 
 class Ingress:
@@ -88,7 +79,7 @@ class Ingress:
         self.tokenizer = _load_tokenizer(config)
         layout = arena_layout(config.engine)
         self.kv_bytes_per_token = layout.block_bytes // layout.block_size
-        self.directory = directory_handle()  # session records: any ingress replica serves any session
+        self.directory = directory_handle(config.session_ttl_s)  # session records: any ingress replica serves any session
         self.indexer = indexer_handle()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
@@ -98,14 +89,9 @@ class Ingress:
         self._placer = None
 
     async def _place_stores(self, period_s: float = 10.0) -> None:
-        from actors.kv_store import KVStore
-        from actors.placement import ensure_per_node
-
-        cfg = self.args
         while True:
             try:
-                await asyncio.to_thread(ensure_per_node, KVStore, "kvstore", cfg.cluster, cfg.kv_store_bytes,
-                                        self._layout, cfg.kv_dir, num_cpus=0)
+                await asyncio.to_thread(place_stores, self.args, self._layout)
             except Exception:  # a node going away mid-pass; the next pass retries
                 pass
             await asyncio.sleep(period_s)
@@ -122,8 +108,7 @@ class Ingress:
         except Exception as exc:  # every failure is an answer
             err = classify(exc)
             self.errors += 1
-            return self._reply(request, {"error": {"message": err.message, "type": err.type}}, err.status,
-                               err.headers)
+            return self._reply(request, err.body(), err.status, err.headers)
 
     def _authorize(self, request: Request) -> None:
         if not self.args.api_keys or request.url.path in ("/metrics", "/health"):
@@ -152,7 +137,7 @@ class Ingress:
     async def _route(self, request: Request) -> Response:
         method, parts = request.method, [p for p in request.url.path.split("/") if p]
         if parts == ["health"] or parts == ["-", "healthz"]:
-            return PlainTextResponse("ok")
+            return PlainTextResponse(await self.health())
         if parts == ["metrics"]:
             return PlainTextResponse(await self.metrics(), media_type="text/plain; version=0.0.4")
         if parts[:1] != ["v1"]:
@@ -217,16 +202,18 @@ class Ingress:
                 "model": self.args.engine.model}
         if body.get("stream"):
             return await self._stream(prompt_ids, params, head, chat)
-        out: TurnResult = await self.worker.options(method_name="generate").remote(prompt_ids, params)
+        out: TurnResult = await self.worker.options(method_name="generate").remote(prompt_ids=prompt_ids,
+                                                                                     params=params)
         choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}}
                   if chat else {"index": 0, "text": out.text, "logprobs": None})
         choice["finish_reason"] = out.finish_reason
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.token_ids),
-                 "total_tokens": len(prompt_ids) + len(out.token_ids)}
+                 "total_tokens": len(prompt_ids) + len(out.token_ids),
+                 "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
         return self._reply(request, {**head, "choices": [choice], "usage": usage})
 
     async def _stream(self, prompt_ids, params, head, chat) -> Response:
-        gen = self.worker.options(method_name="stream", stream=True).remote(prompt_ids, params)
+        gen = self.worker.options(method_name="stream", stream=True).remote(prompt_ids=prompt_ids, params=params)
         kind = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         # the first item is awaited here, so that a bad request is a 4xx, not a broken stream
         try:
@@ -256,8 +243,7 @@ class Ingress:
             except StopAsyncIteration:
                 pass
             except Exception as exc:
-                err = classify(exc)
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n".encode()
+                yield f"data: {json.dumps(classify(exc).body())}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -313,7 +299,8 @@ class Ingress:
             raise err from None
         self.directory.served.remote(session_id, out.replica, out.node_id)
         return {"session": session_id, "text": out.text, "num_tokens": len(out.token_ids),
-                "prefill_tokens": out.prefill_tokens, "decode_s": round(out.decode_s, 4),
+                "prefill_tokens": out.prefill_tokens, "cached_tokens": out.cached_tokens,
+                "decode_s": round(out.decode_s, 4),
                 "prefill_s": round(out.prefill_s, 4), "finish_reason": out.finish_reason,
                 "replica": out.replica, "node": out.node_id, "held": out.held, "ingress": self.replica}
 
@@ -341,10 +328,16 @@ class Ingress:
 
     async def metrics(self) -> str:
         workers = await self.indexer.worker_stats.remote()
-        return prometheus(workers, await self.directory.count.remote(), self.requests, self.errors)
+        return prometheus(workers, self.requests, self.errors)
+
+    async def health(self) -> str:
+        """"ok", then the workers' warnings (e.g. an arena too small for one request), a line each."""
+        workers = await self.indexer.worker_stats.remote()
+        warnings = sorted({w for stats in workers.values() for w in stats.warnings})
+        return "\n".join(["ok"] + [f"warning: {w}" for w in warnings])
 
 
-def prometheus(workers: dict[str, WorkerStats], sessions: int, requests: int, errors: int) -> str:
+def prometheus(workers: dict[str, WorkerStats], requests: int, errors: int) -> str:
     """Text exposition format (version 0.0.4)."""
     lines: list[str] = []
 
@@ -357,7 +350,7 @@ def prometheus(workers: dict[str, WorkerStats], sessions: int, requests: int, er
 
     stores = {w.node_id: w.store for w in workers.values() if w.store is not None}
     per_worker = lambda key: [({"replica": r}, getattr(w, key)) for r, w in sorted(workers.items())]  # noqa: E731
-    metric("sessions", "gauge", "Sessions in the session directory.", [({}, sessions)])
+    metric("sessions", "gauge", "Sessions the node stores hold.", [({}, sum(s.sessions for s in stores.values()))])
     metric("requests_total", "counter", "HTTP requests.", [({}, requests)])
     metric("request_errors_total", "counter", "HTTP requests answered with an error.", [({}, errors)])
     metric("worker_sessions", "gauge", "Sessions a worker holds.", per_worker("sessions"))
@@ -373,6 +366,12 @@ def prometheus(workers: dict[str, WorkerStats], sessions: int, requests: int, er
     metric("prefill_tokens_total", "counter", "Prompt tokens computed (not loaded from a store).",
            per_worker("prefill_tokens"))
     metric("tokens_per_second", "gauge", "Generated tokens per busy second.", per_worker("tokens_per_s"))
+    metric("cached_tokens_total", "counter", "Prompt tokens loaded from host KV (sessions, prefix blocks).",
+           per_worker("cached_tokens"))
+    metric("store_sessions", "gauge", "Sessions held, per node store.",
+           [({"node": n}, s.sessions) for n, s in sorted(stores.items())])
+    metric("prefix_kv_bytes", "gauge", "Host KV bytes kept for prefix reuse, per node store.",
+           [({"node": n}, s.prefix_bytes) for n, s in sorted(stores.items())])
     metric("host_kv_bytes", "gauge", "Host KV bytes held by sessions, per node store.",
            [({"node": n}, s.session_bytes) for n, s in sorted(stores.items())])
     metric("host_kv_capacity_bytes", "gauge", "Host KV arena size, per node store.",
