@@ -23,6 +23,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+import torch
+
 from actors.messages import ArenaInfo, PlanReport, TurnResult, WorkerStats
 from actors.plans import PlanReporter
 from actors.session_recovery import SessionRecovery
@@ -30,6 +32,7 @@ from actors.session_store import SessionStore, Stores
 from actors.store_healing import StoreHealing
 from engine.errors import RequestCancelled, StoreUnavailable
 from engine.host_arena import HostArena
+from engine.logprobs import LogprobsRecorder
 from engine.prefix import block_hashes, routing_keys
 from engine.sampling import SamplingParams
 from engine.sessions import SessionManager, Turn
@@ -79,6 +82,8 @@ class DecodeWorkerCore:
         self.recovery = SessionRecovery(self)
         self.healing = StoreHealing(self, resolve_store, pin=pin)
         self.warnings = self._capacity_warnings()
+        self.logprobs = LogprobsRecorder()  # for requests that ask (SamplingParams.logprobs)
+        engine.hooks.append(self.logprobs)
         self._reported: dict[int, object] = {}  # seq_id -> the plan object last reported
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._pending: dict[int, tuple[Future, Callable | None, Request]] = {}  # seq_id -> ...
@@ -136,6 +141,35 @@ class DecodeWorkerCore:
         done: Future = Future()
         self._commands.put(lambda: self._delete(session_id, done))
         return done
+
+    def warm_up(self, seed: int = 0) -> dict:
+        """Compile the kernels and capture the decode graphs before the first user request (the
+        replica calls this before it reports ready): on CUDA, plain requests of random tokens,
+        first one whose prompt takes two prefill segments and whose decode crosses an LSA cycle
+        boundary (Level-1 scoring), then 2, 4, 8, ... at once up to ``max_num_seqs`` (each
+        decode batch bucket's graph). Elsewhere one tiny request. Returns what ran."""
+        engine = self.engine
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)
+        vocab = engine.model.config.vocab_size
+        short = 2 * engine.cache.block_size + 3
+        scheduler = engine.config.scheduler
+        if engine.device.type == "cuda":
+            long = min(2 * scheduler.prefill_chunk, engine.max_model_len // 2)
+            cycle = getattr(engine.config.policy, "cycle", 1)
+            batches = [(1, long, cycle + 2)] + [(b, short, b + 4) for b in (2, 4, 8, 16, 32, 64)
+                                                 if b <= scheduler.max_num_seqs]
+        else:
+            batches = [(1, short, 2)]
+        for count, length, max_tokens in batches:
+            params = SamplingParams(max_tokens=min(max_tokens, engine.max_model_len - length), ignore_eos=True)
+            futures = [self.generate(torch.randint(vocab, (length,), generator=gen).tolist(), params)
+                       for _ in range(count)]
+            for future in futures:
+                future.result()
+        graphs = engine.runner.graphs
+        return {"seconds": time.perf_counter() - t0, "requests": sum(b[0] for b in batches),
+                "graphs": graphs.captures if graphs is not None else 0}
 
     def close(self) -> None:
         self._stop.set()
@@ -310,6 +344,7 @@ class DecodeWorkerCore:
 
     def _settle(self, turn: Turn, result: Future, on_text, error: BaseException | None, request: Request) -> None:
         """Hand a finished (or failed) turn's blocks to the store, then answer."""
+        logprobs = self.logprobs.pop(turn.seq) if turn.seq is not None else None  # no seq: failed before admission
         try:
             if request.store is not None:
                 self._settle_blocks(turn, request)
@@ -328,7 +363,7 @@ class DecodeWorkerCore:
             on_text(seq.text, True)
         result.set_result(TurnResult(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_len,
                                      turn.prefill_tokens, seq.prefill_s, seq.decode_s, dict(seq.kv),
-                                     cached_tokens=len(turn.prefix) * self.sessions.block_size))
+                                     cached_tokens=len(turn.prefix) * self.sessions.block_size, logprobs=logprobs))
 
     def _settle_blocks(self, turn: Turn, request: Request) -> None:
         """With the store the request was admitted against (a dead one raises StoreUnavailable)."""
@@ -383,11 +418,33 @@ class DecodeWorkerCore:
             tokens_per_s=self.generated_tokens / self.busy_s if self.busy_s else 0.0,
             prefill_tokens=self.sessions.prefill_tokens, rebuilt=dict(self.recovery.rebuilt), node_id=self.node_id,
             cached_tokens=self.sessions.cached_tokens, cancelled=self.cancelled,
-            store_generation=self.healing.generation, warnings=list(self.warnings))
+            store_generation=self.healing.generation, warnings=list(self.warnings),
+            memory=process_memory(eng.device))
 
     def idle(self) -> bool:
         """Nothing admitted, running or waiting."""
         return not self.engine.has_work() and not self._pending
+
+
+def process_memory(device: torch.device) -> dict[str, int]:
+    """This process's memory: what a leak would grow (host RSS, GPU memory, torch's pinned pool)."""
+    import os
+
+    rss = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    out = {"pid": os.getpid(), "rss_bytes": rss}
+    if device.type == "cuda":
+        out["gpu_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        out["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
+        try:
+            out["pinned_host_bytes"] = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+        except (RuntimeError, AttributeError):
+            pass
+    return out
 
 
 def _relay(inner: Future, request: Request, attempt: int) -> None:

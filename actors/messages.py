@@ -122,6 +122,8 @@ class WorkerStats:
     warnings: list[str] = field(default_factory=list)  # what the operator should know (capacity)
     sessions: int = 0  # sessions this replica holds
     store: StoreStats | None = None
+    memory: dict[str, int] = field(default_factory=dict)  # the worker process: pid, rss_bytes, gpu_allocated_bytes,
+    # gpu_reserved_bytes, pinned_host_bytes (torch's pinned pool; the registered arena is not in it)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class TurnResult:
     node_id: str = ""
     held: bool = False  # the replica held the session before this turn
     cached_tokens: int = 0  # prompt tokens loaded from the host KV (a session's, prefix blocks): not computed
+    logprobs: list | None = None  # per generated token [id, logprob, [[id, logprob], ...]] when asked
 
 
 @dataclass(frozen=True)
@@ -154,3 +157,4 @@ class DirectoryEntry:
     turns: int
     created: float
     last_used: float
+    owner: str | None = None  # a digest of the API key that created it (None: no keys configured)

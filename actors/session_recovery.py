@@ -15,8 +15,6 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import replace
 
-import torch
-
 from actors.messages import SessionView
 from actors.session_store import SessionStore
 from engine.errors import SessionEvicted, SessionNotFound
@@ -99,15 +97,13 @@ class SessionRecovery:
                 if not view.complete:
                     peer.stage(session_id)
                     view = peer.view(session_id)
-                data, summary = peer.read_blocks(view.host_ids)
+                rows = peer.read_blocks(view.host_ids)
             finally:
                 peer.unpin(session_id)
         except Exception:  # gone meanwhile, or its node is failing: prefill instead
             return False
         ids = store.lease(self.core.owner, len(view.host_ids))
-        idx = torch.tensor(ids, dtype=torch.long)
-        self.core.arena.host[idx] = data
-        self.core.arena.summary[idx] = summary
+        self.core.arena.write(ids, rows)
         store.put(self.core.owner, session_id, view.context_ids, ids)
         peer.delete(session_id)
         return True

@@ -44,11 +44,13 @@ class ModelRunner:
         return DecodeGraphRunner(self) if mode else None
 
     def prefills_layerwise(self, seq: Sequence) -> bool:
-        """Prefill this prompt layer by layer (offloading policies, no session prefix): always
-        with ``layerwise_prefill=True``, or, when unset, if the prompt does not fit the device pool."""
-        if self.layerwise_prefill is False or not self.policy.offloads or seq.prefix_host_ids:
+        """Prefill this prompt layer by layer (offloading policies): a session turn always (its
+        prefix streams from the host mirror, one layer at a time, instead of all of it onto the
+        device); a new prompt with ``layerwise_prefill=True``, or, when unset, if it does not fit
+        the device pool. ``layerwise_prefill=False``: never."""
+        if self.layerwise_prefill is False or not self.policy.offloads:
             return False
-        return bool(self.layerwise_prefill) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
+        return bool(self.layerwise_prefill) or bool(seq.prefix_host_ids) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
                                                 > self.cache.blocks.num_device_blocks)
 
     def run(self, batch: Batch) -> torch.Tensor | None:
@@ -81,8 +83,10 @@ class ModelRunner:
 
     def _prefill(self, seq: Sequence, end: int) -> torch.Tensor | None:
         start = seq.num_cached
-        if seq.seq_id in self._layerwise_runs or (start == 0 and self.prefills_layerwise(seq)):
-            # the whole prompt layer by layer, one layer per segment: other sequences step in between
+        if seq.seq_id in self._layerwise_runs or (
+                start == len(seq.prefix_host_ids) * self.cache.block_size and self.prefills_layerwise(seq)):
+            # the whole prompt (after a turn's prefix) layer by layer, one layer per segment:
+            # other sequences step in between
             run = self._layerwise_runs.setdefault(seq.seq_id, self.layerwise.layers(seq.seq_id, seq.prompt_ids))
             try:
                 next(run)

@@ -43,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # record each token's logprob and this many alternatives (engine/logprobs.py)
 
     def __post_init__(self):
         """Every field checked for type and range; a bad one is an ``InvalidRequestError``
@@ -70,6 +71,8 @@ class SamplingParams:
                 raise _bad("stop", "stop strings must be non-empty")
         if not isinstance(self.ignore_eos, bool):
             raise _bad("ignore_eos", f"ignore_eos must be true or false, got {self.ignore_eos!r}", "invalid_type")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, 20)
 
     @property
     def greedy(self) -> bool:

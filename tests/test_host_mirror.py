@@ -16,9 +16,10 @@ CPU = torch.device("cpu")
 
 
 def _arena(num_blocks):
-    """What the mirror takes from an arena (a HostArena): its host and summary rows."""
+    """What the mirror takes from an arena (a HostArena): its host and summary rows, no scales (model dtype)."""
     return SimpleNamespace(host=torch.zeros(num_blocks, CFG.num_layers, 2, CFG.num_kv_heads, B, CFG.head_dim),
-                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim))
+                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim),
+                           scale=None)
 
 
 def _blocks(n, seed):
@@ -72,5 +73,5 @@ def test_copies_ahead_run_in_place_without_cuda_and_bad_settings_are_refused():
     with pytest.raises(InvalidRequestError, match="host_dtype"):
         HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int4")
     arena = _arena(2)
-    with pytest.raises(InvalidRequestError, match="private arena"):
+    with pytest.raises(InvalidRequestError, match="arena.s format differ"):  # an FP8 mirror needs an FP8 arena
         HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="fp8", arena=arena)

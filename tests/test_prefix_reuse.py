@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from ray.serve._private.request_router.common import RequestRoutingContext
 
 from actors.decode_worker import DecodeWorkerCore
 from actors.kv_store import KVStoreCore, arena_path
@@ -103,6 +104,7 @@ class _Meta:
 class _Pending:
     def __init__(self, prompt_ids):
         self.metadata, self.kwargs, self.args = _Meta(), {"prompt_ids": prompt_ids}, ()
+        self.routing_context = RequestRoutingContext()
 
 
 class _Replica:
