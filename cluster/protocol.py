@@ -363,6 +363,7 @@ class SessionCreate(Request):
 
 class SessionAsk(Sampling):
     question: Union[str, list[int]]
+    stream: bool = False  # SSE: {"text": piece} events, then the SessionAnswer's fields, then [DONE]
 
     @field_validator("question")
     @classmethod

@@ -280,8 +280,8 @@ def test_a_prompt_that_extends_an_earlier_one_reuses_its_kv(server):
                                    max_tokens=4, temperature=0)
     # all but the policy's observation window (32 for lsa) and a block or two: loaded, not prefilled
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 64 > 0
-    code, text = http(server, "GET", "/health", key=None)  # Serve's proxy answers /-/healthz itself
-    assert code == 200 and text.decode().splitlines()[0] == "ok"
+    code, text, _ = http(server, "GET", "/health", key=None)  # Serve's proxy answers /-/healthz itself
+    assert code == 200 and text.splitlines()[0] == "ok"
 
 
 def test_sessions_json_and_msgpack(server, client):
