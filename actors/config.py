@@ -31,6 +31,10 @@ class ServeConfig:
     torch_threads: int | None = option(None, "CPU threads for torch in each worker (default: torch's)")
     routing_stats_period_s: float = option(1.0, "how often workers publish their sessions and free KV to routers")
     default_max_tokens: int = option(128, "max_tokens of a request that gives none")
+    session_ttl_s: float = option(3600.0, "a session idle this long (seconds, refreshed by each turn) is deleted "
+                                          "from its store and the directory; 0: never")
+    prefix_reuse: bool = option(True, "keep finished requests' KV blocks in the store and reuse them for prompts "
+                                      "that start with the same tokens (routed to their holder)")
 
     def __post_init__(self):
         if self.num_workers < 1 or self.num_ingress < 1:
@@ -41,6 +45,8 @@ class ServeConfig:
             raise InvalidRequestError("max_body_bytes must be positive")
         if self.default_max_tokens < 1:
             raise InvalidRequestError("default_max_tokens must be >= 1")
+        if self.session_ttl_s < 0:
+            raise InvalidRequestError("session_ttl_s must be >= 0 (0: sessions never expire)")
 
 
 __all__ = ["ServeConfig"]

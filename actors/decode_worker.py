@@ -1,65 +1,97 @@
-"""A decode worker: one engine on one device, continuous batching, sessions.
+"""A decode worker: one engine on one device, continuous batching, sessions, prefix reuse.
 
 The engine never waits on the store (in the cluster every store call is a Ray round trip):
 
     caller --ask()--> admission thread ------> decode loop -----------> settling thread --> Future
-                      pin the session,         the only thread that     put a created session,
-                      stage spilled blocks,    touches the engine:      unpin, give back spare
-                      lease host blocks        engine.step()            blocks; then answer
+                      pin the session (or      the only thread that     put a created session or
+                      match prefix blocks),    touches the engine:      the prefix blocks, unpin,
+                      lease host blocks        engine.step()            give back spare blocks
 
 Requests return ``concurrent.futures.Future`` objects (the Serve deployment awaits them with
-``asyncio.wrap_future``), so any number of callers share the batch. The engine's host mirror
-is the node store's arena, mapped without a copy. A turn on a session this worker does not
-hold is served anyway: from this node's store (no prefill), else from another node's store
-(its blocks are copied here), else re-prefilled from the context the caller passes along.
+``asyncio.wrap_future``), so any number of callers share the batch. Cancelling a request's
+future (``cancel``; awaiting it in a task that is cancelled does it too) aborts its sequence
+before the next engine step. The engine's host mirror is the node store's arena, mapped
+without a copy; when that store dies, the worker maps its successor's arena
+(actors/store_healing.py) and runs the turns it lost once more.
 """
 from __future__ import annotations
 
 import queue
+from collections import OrderedDict
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from actors.messages import PlanReport, SessionView, TurnResult, WorkerStats
+from actors.messages import ArenaInfo, PlanReport, TurnResult, WorkerStats
 from actors.plans import PlanReporter
+from actors.session_recovery import SessionRecovery
 from actors.session_store import SessionStore, Stores
-from engine.errors import SessionEvicted, SessionNotFound
+from actors.store_healing import StoreHealing
+from engine.errors import RequestCancelled, StoreUnavailable
 from engine.host_arena import HostArena
 from engine.logprobs import LogprobsRecorder
+from engine.prefix import block_hashes, routing_keys
 from engine.sampling import SamplingParams
 from engine.sessions import SessionManager, Turn
+
+
+class Request:
+    """One caller's request. ``future`` stays pending until the answer, so that cancelling it
+    works; ``admit`` (run on an admission thread) starts it and returns its turn's result future."""
+
+    def __init__(self, admit: Callable[[Request], Future], retries: int = 1):
+        self.future: Future = Future()
+        self.admit = admit
+        self.retries = retries  # runs again after a failure of its node's store
+        self.attempt = 0
+        self.seq_id: int | None = None  # the sequence running for it now
+        self.generation = 0  # the store generation it was admitted under...
+        self.store: SessionStore | None = None  # ... and that store, which its turn settles with
+        self.prefix_hashes: list[str] = []  # prefix blocks pinned for it in the store
+        self.cancelled = False
 
 
 class DecodeWorkerCore:
     def __init__(self, engine, arena: HostArena, store: SessionStore, owner: str, node_id: str = "",
                  stores: Stores | None = None, prefetch: Callable[[str], int] | None = None,
-                 plans: PlanReporter | None = None, spare_blocks: int = 16, admission_threads: int = 8):
+                 plans: PlanReporter | None = None, spare_blocks: int = 16, admission_threads: int = 8,
+                 prefix_reuse: bool = True, resolve_store: Callable[[], SessionStore] | None = None,
+                 arena_info: ArenaInfo | None = None, pin: bool = False):
         """``store``: this node's store, whose arena ``arena`` maps; ``owner`` names this
         worker's leases there. ``stores``: every node's store, to find a session held by
         another node. ``prefetch(session_id)``: stage a session's spilled blocks on this node
-        (the Indexer; default the store itself). ``plans``: per-cycle plans to the Indexer."""
+        (the Indexer; default the store itself). ``plans``: per-cycle plans to the Indexer.
+        ``prefix_reuse``: keep finished requests' blocks as prefix blocks and reuse them.
+        ``resolve_store()``: this node's store after the current one died (None: no healing);
+        ``arena_info`` what the store said of ``arena``; ``pin``: page-lock arenas for DMA."""
         self.engine = engine
         self.arena = arena
         self.store = store
         self.owner = owner
         self.node_id = node_id
         self.stores = stores
-        self.prefetch = prefetch or store.stage
+        self.prefetch = prefetch or (lambda session_id: self.store.stage(session_id))
         self.plans = plans
-        self.sessions = SessionManager(engine, arena.allocator, spare_blocks=spare_blocks)
+        self.prefix_reuse = prefix_reuse
+        self.spare_blocks = spare_blocks
+        self.arena_info = arena_info
+        self.sessions = SessionManager(engine, arena.allocator, spare_blocks, arena.num_blocks)
+        self.recovery = SessionRecovery(self)
+        self.healing = StoreHealing(self, resolve_store, pin=pin)
+        self.warnings = self._capacity_warnings()
         self.logprobs = LogprobsRecorder()  # for requests that ask (SamplingParams.logprobs)
         engine.hooks.append(self.logprobs)
         self._reported: dict[int, object] = {}  # seq_id -> the plan object last reported
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._pending: dict[int, tuple[Future, Callable | None]] = {}  # seq_id -> (future, on_text)
+        self._pending: dict[int, tuple[Future, Callable | None, Request]] = {}  # seq_id -> ...
         self._stop = threading.Event()
         self.generated_tokens = 0
         self.busy_s = 0.0
-        self.rebuilt = {"remote": 0, "prefill": 0}
+        self.cancelled = 0
+        self.prefix_keys: OrderedDict[str, None] = OrderedDict()  # routing keys of prefix blocks put, newest last
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="admission")
         self._settling = ThreadPoolExecutor(1, thread_name_prefix="settling")
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -71,25 +103,44 @@ class DecodeWorkerCore:
         """``make_engine(arena)`` builds the engine over the store's arena, mapped here."""
         info = store.info()
         arena = HostArena.from_file(info.path, info.layout, info.num_blocks, pin=pin)
-        return cls(make_engine(arena), arena, store, owner, info.node_id, **kw)
+        return cls(make_engine(arena), arena, store, owner, info.node_id, arena_info=info, pin=pin, **kw)
+
+    def _capacity_warnings(self) -> list[str]:
+        """What the operator should know at start: an arena that cannot hold one request of the
+        model's full context (longer prompts are refused as too long)."""
+        limit, held = self.engine.max_model_len, self.sessions.max_context
+        if held >= limit:
+            return []
+        return [f"the host KV arena holds {held} tokens, less than one request of the model's context "
+                f"({limit} tokens): longer requests are refused; raise kv_store_bytes"]
 
     # -- requests (any thread) ------------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> Future:
-        """``on_text(text_so_far, done)`` is called as tokens arrive."""
-        return self._admit(lambda: self._start(self.sessions.admit_generate(prompt_ids, params), on_text))
+        """``on_text(text_so_far, done)`` is called as tokens arrive. The answer's
+        ``cached_tokens`` are the prompt tokens loaded from prefix blocks."""
+        return self._submit(Request(lambda r: self._generate(r, prompt_ids, params, on_text)))
 
     def create_session(self, session_id: str, context_ids: list[int]) -> Future:
-        return self._admit(lambda: self._start(self.sessions.admit_create(session_id, context_ids)))
+        return self._submit(Request(lambda r: self._start(self.sessions.admit_create(session_id, context_ids),
+                                                          r)))
 
     def ask(self, session_id: str, question_ids: list[int], params: SamplingParams,
             context_ids: list[int] | None = None, on_text=None) -> Future:
         """A turn on ``session_id``; ``context_ids`` (the session's context) lets the worker
         re-prefill a session no store holds any more."""
-        return self._admit(lambda: self._ask(session_id, question_ids, params, context_ids, on_text))
+        return self._submit(Request(lambda r: self.recovery.ask(r, session_id, question_ids, params, context_ids,
+                                                                on_text)))
+
+    def cancel(self, future: Future) -> bool:
+        """Cancel the request of ``future``: its sequence is aborted before the next step."""
+        return future.cancel()
 
     def delete_session(self, session_id: str) -> Future:
-        return self._admission.submit(self.store.delete, session_id)
+        """Cancel the session's running turns, then delete it from the store."""
+        done: Future = Future()
+        self._commands.put(lambda: self._delete(session_id, done))
+        return done
 
     def warm_up(self, seed: int = 0) -> dict:
         """Compile the kernels and capture the decode graphs before the first user request (the
@@ -126,95 +177,61 @@ class DecodeWorkerCore:
         self._thread.join(timeout=10)
         self._admission.shutdown(wait=False, cancel_futures=True)
         self._settling.shutdown(wait=True)
+        self.healing.close()
         if self.plans is not None:
             self.plans.close()
 
     # -- admission (its own threads: store calls may wait) ---------------------------------
 
-    def _admit(self, admit: Callable[[], Future]) -> Future:
-        """Run ``admit`` on an admission thread; the returned future follows the one it returns."""
-        outer: Future = Future()
-        outer.set_running_or_notify_cancel()
-        self._admission.submit(admit).add_done_callback(lambda f: _relay(f, outer))
-        return outer
+    def _submit(self, request: Request) -> Future:
+        """Run the request's admission on an admission thread; its future follows the result."""
+        if request.attempt == 0:
+            request.future.add_done_callback(lambda f: f.cancelled() and self._cancelled(request))
+        attempt = request.attempt
+        self._admission.submit(self._run_admission, request).add_done_callback(
+            lambda f: _relay(f, request, attempt))
+        return request.future
 
-    def _start(self, turn: Turn, on_text=None) -> Future:
+    def _run_admission(self, request: Request) -> Future:
+        request.generation, request.store = self.healing.wait_ready()
+        try:
+            return request.admit(request)
+        except StoreUnavailable:
+            if not self._retry_later(request):
+                raise
+            request.generation, request.store = self.healing.wait_ready()
+            return request.admit(request)
+
+    def _retry_later(self, request: Request) -> bool:
+        """The store died under ``request``: heal (once for everyone); True if it may run again."""
+        self.healing.store_lost()
+        if request.retries <= 0 or request.cancelled:
+            return False
+        request.retries -= 1
+        return True
+
+    def _generate(self, request: Request, prompt_ids, params, on_text) -> Future:
+        hashes = block_hashes(prompt_ids, self.sessions.block_size) if self.prefix_reuse else []
+        matched = request.store.match_prefix(hashes) if hashes else []
+        request.prefix_hashes = hashes[: len(matched)]
+        try:
+            return self._start(self.sessions.admit_generate(prompt_ids, params, matched), request, on_text)
+        except BaseException:
+            if request.prefix_hashes:
+                request.store.unpin_prefix(request.prefix_hashes)
+            raise
+
+    def _start(self, turn: Turn, request: Request, on_text=None) -> Future:
         """Lease the turn's host blocks, then hand it to the loop; returns its result's future."""
         try:
-            turn.leased = self.store.lease(self.owner, turn.to_lease) if turn.to_lease else []
+            turn.leased = request.store.lease(self.owner, turn.to_lease) if turn.to_lease else []
         except BaseException:
             self.sessions.cancel(turn)
             raise
         result: Future = Future()
         result.set_running_or_notify_cancel()
-        self._commands.put(lambda: self._begin(turn, result, on_text))
+        self._commands.put(lambda: self._begin(turn, result, on_text, request))
         return result
-
-    def _ask(self, session_id, question_ids, params, context_ids, on_text) -> Future:
-        try:
-            view = self._pin(session_id)
-        except SessionEvicted:
-            raise  # the caller creates it again
-        except SessionNotFound as missing:
-            return self._rebuild(session_id, question_ids, params, context_ids, on_text, missing)
-        return self._start_turn(view, question_ids, params, on_text)
-
-    def _pin(self, session_id: str) -> SessionView:
-        """Pin the session in this node's store, with all its blocks here (spilled ones staged)."""
-        view = self.store.pin(session_id)
-        if view.complete:
-            return view
-        try:
-            self.prefetch(session_id)
-            view = self.store.view(session_id)
-            if not view.complete:
-                raise SessionNotFound(f"session {session_id} has blocks on other nodes that could not be staged")
-        except BaseException:
-            self.store.unpin(session_id)
-            raise
-        return view
-
-    def _start_turn(self, view: SessionView, question_ids, params, on_text) -> Future:
-        try:
-            turn = self.sessions.admit_ask(view.session_id, view.context_ids, view.host_ids, question_ids, params)
-            return self._start(turn, on_text)
-        except BaseException:
-            self.store.unpin(view.session_id)
-            raise
-
-    def _rebuild(self, session_id, question_ids, params, context_ids, on_text, missing) -> Future:
-        """A session this node's store does not hold: copy it from another node's store, or
-        prefill its context again (the answer counts those tokens as prefilled)."""
-        holder = self.stores.holder(session_id, self.node_id) if self.stores is not None else None
-        if holder is not None and self._copy_session(self.stores.store(holder), session_id):
-            self.rebuilt["remote"] += 1
-            return self._start_turn(self._pin(session_id), question_ids, params, on_text)
-        if context_ids is None:
-            raise missing
-        self.rebuilt["prefill"] += 1
-        # waits on this admission thread while the context is prefilled: rare (a lost node)
-        created = self._start(self.sessions.admit_create(session_id, context_ids)).result()
-        answer = self._start_turn(self._pin(session_id), question_ids, params, on_text)
-        return _then(answer, lambda r: replace(r, prefill_tokens=r.prefill_tokens + created.prefill_tokens))
-
-    def _copy_session(self, peer: SessionStore, session_id: str) -> bool:
-        """Copy a session from another node's store into this one, then drop it there."""
-        try:
-            view = peer.pin(session_id)
-            try:
-                if not view.complete:
-                    peer.stage(session_id)
-                    view = peer.view(session_id)
-                rows = peer.read_blocks(view.host_ids)
-            finally:
-                peer.unpin(session_id)
-        except Exception:  # gone meanwhile, or its node is failing: prefill instead
-            return False
-        ids = self.store.lease(self.owner, len(view.host_ids))
-        self.arena.write(ids, rows)
-        self.store.put(self.owner, session_id, view.context_ids, ids)
-        peer.delete(session_id)
-        return True
 
     # -- the loop (the only thread that touches the engine) --------------------------------
 
@@ -230,43 +247,75 @@ class DecodeWorkerCore:
                 command = self._commands.get()
             if command is not None:
                 command()
-                continue
-            self._step()
+            else:
+                self._step()
+            if not self.engine.has_work():
+                self._give_back_surplus()
 
-    def _begin(self, turn: Turn, result: Future, on_text) -> None:
+    def _begin(self, turn: Turn, result: Future, on_text, request: Request) -> None:
+        if request.generation != self.healing.generation:  # admitted against a store that died since
+            self._settling.submit(self._settle, turn, result, None, StoreUnavailable("the node's KV store was "
+                                                                                     "replaced"), request)
+            return
         try:
             seq = self.sessions.start(turn)
         except BaseException as exc:  # a bad request fails its future, not the worker
-            self._settling.submit(self._settle, turn, result, None, exc)
+            self._settling.submit(self._settle, turn, result, None, exc, request)
             return
-        self._pending[seq.seq_id] = (result, on_text)
+        self._pending[seq.seq_id] = (result, on_text, request)
+        request.seq_id = seq.seq_id
+        if request.cancelled:
+            self._abort(request)
+
+    def _cancelled(self, request: Request) -> None:
+        request.cancelled = True
+        self.cancelled += 1
+        self._commands.put(lambda: self._abort(request))
+
+    def _abort(self, request: Request, error: Exception | None = None) -> None:
+        turn = self.sessions.turns.get(request.seq_id)
+        if turn is None or self._pending.get(request.seq_id, (None, None, None))[2] is not request:
+            return  # not started yet (``_begin`` aborts it), or done
+        self.engine.abort(turn.seq, error or RequestCancelled("the request was cancelled"))
+        self._finish(self.sessions.finished([turn.seq]))
+
+    def _delete(self, session_id: str, done: Future) -> None:
+        for seq_id, turn in list(self.sessions.turns.items()):
+            if turn.session_id == session_id and seq_id in self._pending:
+                self._abort(self._pending[seq_id][2], RequestCancelled(f"session {session_id} was deleted"))
+        # the settling thread is one thread: the aborted turns unpin before the store deletes
+        self._settling.submit(self.store.delete, session_id).add_done_callback(lambda f: _copy(f, done))
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
             finished = self.sessions.step()
         except BaseException as exc:  # a broken step fails everything in flight, not the worker
-            self._fail_all(exc)
+            self.abort_all(exc)
             return
         self.busy_s += time.perf_counter() - t0
         if self.plans is not None:
             self._report_plans()
         self._stream_updates()
-        for turn in finished:
-            self.generated_tokens += len(turn.seq.output_ids)
-            result, on_text = self._pending.pop(turn.seq.seq_id)
-            self._settling.submit(self._settle, turn, result, on_text, None)
-        if not self.engine.has_work():
-            surplus = self.sessions.surplus()
-            if surplus:
-                self._settling.submit(self.store.give_back, self.owner, surplus)
+        self._finish(finished)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _give_back_surplus(self) -> None:
+        """(The loop, idle) Pool blocks beyond the spare ones go back to the store."""
+        surplus = self.sessions.surplus()
+        if surplus:
+            self._settling.submit(self.store.give_back, self.owner, surplus)
+
+    def _finish(self, turns: list[Turn]) -> None:
+        for turn in turns:
+            self.generated_tokens += len(turn.seq.output_ids)
+            result, on_text, request = self._pending.pop(turn.seq.seq_id)
+            self._settling.submit(self._settle, turn, result, on_text, turn.seq.error, request)
+
+    def abort_all(self, exc: Exception) -> None:
+        """(The loop) Abort every sequence in flight with ``exc``."""
         for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-            self.engine.abort(seq)
-        for turn in self.sessions.finished([t.seq for t in list(self.sessions.turns.values())]):
-            result, _ = self._pending.pop(turn.seq.seq_id)
-            self._settling.submit(self._settle, turn, result, None, exc)
+            self.engine.abort(seq, exc)
+        self._finish(self.sessions.finished([t.seq for t in list(self.sessions.turns.values())]))
 
     def _stream_updates(self) -> None:
         for seq_id, turn in self.sessions.turns.items():  # running: the finished ones left
@@ -293,20 +342,19 @@ class DecodeWorkerCore:
 
     # -- settling (its own thread: store calls may wait) -----------------------------------
 
-    def _settle(self, turn: Turn, result: Future, on_text, error: BaseException | None) -> None:
+    def _settle(self, turn: Turn, result: Future, on_text, error: BaseException | None, request: Request) -> None:
         """Hand a finished (or failed) turn's blocks to the store, then answer."""
         logprobs = self.logprobs.pop(turn.seq) if turn.seq is not None else None  # no seq: failed before admission
         try:
-            if turn.created is not None:
-                try:
-                    self.store.put(self.owner, turn.session_id, turn.context_ids, turn.created)
-                except BaseException:
-                    self.store.give_back(self.owner, turn.created)
-                    raise
-            elif turn.pinned:
-                self.store.unpin(turn.session_id)
+            if request.store is not None:
+                self._settle_blocks(turn, request)
+        except StoreUnavailable as exc:
+            error = error or (exc if turn.creates else None)  # an answer stands; a session not stored does not
         except BaseException as exc:
             error = error or exc
+        if isinstance(error, StoreUnavailable) and self._retry_later(request):
+            request.attempt += 1  # what this attempt answers is dropped: the next one answers
+            self._submit(request)
         if error is not None:
             result.set_exception(error)
             return
@@ -315,7 +363,44 @@ class DecodeWorkerCore:
             on_text(seq.text, True)
         result.set_result(TurnResult(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_len,
                                      turn.prefill_tokens, seq.prefill_s, seq.decode_s, dict(seq.kv),
-                                     logprobs=logprobs))
+                                     cached_tokens=len(turn.prefix) * self.sessions.block_size, logprobs=logprobs))
+
+    def _settle_blocks(self, turn: Turn, request: Request) -> None:
+        """With the store the request was admitted against (a dead one raises StoreUnavailable)."""
+        store = request.store
+        if turn.created is not None:
+            try:
+                store.put(self.owner, turn.session_id, turn.context_ids, turn.created)
+            except StoreUnavailable:
+                raise
+            except BaseException:
+                store.give_back(self.owner, turn.created)
+                raise
+        elif turn.pinned:
+            store.unpin(turn.session_id)
+        elif turn.kept:
+            hashes = block_hashes(turn.all_ids, self.sessions.block_size, len(turn.kept))
+            store.put_prefix(self.owner, hashes, turn.kept, pinned=len(request.prefix_hashes))
+            self._note_prefix(hashes)
+        elif request.prefix_hashes:
+            store.unpin_prefix(request.prefix_hashes)
+
+    def _note_prefix(self, hashes: list[str], keep: int = 4096) -> None:
+        """Remember the routing keys (engine/prefix.py) of prefix blocks this worker put."""
+        for key in routing_keys(hashes):
+            self.prefix_keys[key] = None
+            self.prefix_keys.move_to_end(key)
+        while len(self.prefix_keys) > keep:
+            self.prefix_keys.popitem(last=False)
+
+    def held_prefix_keys(self) -> list[str]:
+        """The routing keys of prefix blocks this worker put that its store still holds."""
+        keys = list(self.prefix_keys)
+        held = set(self.store.holding_prefixes(keys)) if keys else set()
+        for key in keys:
+            if key not in held:
+                self.prefix_keys.pop(key, None)
+        return [k for k in keys if k in held]
 
     # -- what the router and /metrics read ------------------------------------------------
 
@@ -331,8 +416,14 @@ class DecodeWorkerCore:
             bytes_copied=eng.cache.bytes_copied, misses=policy.get("misses", 0),
             generated_tokens=self.generated_tokens, busy_s=self.busy_s,
             tokens_per_s=self.generated_tokens / self.busy_s if self.busy_s else 0.0,
-            prefill_tokens=self.sessions.prefill_tokens, rebuilt=dict(self.rebuilt), node_id=self.node_id,
+            prefill_tokens=self.sessions.prefill_tokens, rebuilt=dict(self.recovery.rebuilt), node_id=self.node_id,
+            cached_tokens=self.sessions.cached_tokens, cancelled=self.cancelled,
+            store_generation=self.healing.generation, warnings=list(self.warnings),
             memory=process_memory(eng.device))
+
+    def idle(self) -> bool:
+        """Nothing admitted, running or waiting."""
+        return not self.engine.has_work() and not self._pending
 
 
 def process_memory(device: torch.device) -> dict[str, int]:
@@ -356,34 +447,36 @@ def process_memory(device: torch.device) -> dict[str, int]:
     return out
 
 
-def _relay(inner: Future, outer: Future) -> None:
-    """Complete ``outer`` from ``inner``, following a future that resolves to a future."""
-    if outer.done():
+def _relay(inner: Future, request: Request, attempt: int) -> None:
+    """Complete the request's future from attempt ``attempt``'s admission, following a future
+    that resolves to a future; a later attempt (a retry) makes this one's outcome moot."""
+    outer = request.future
+    if outer.done() or request.attempt != attempt:
         return
     exc = inner.exception()
     if exc is not None:
-        outer.set_exception(exc)
+        _complete(outer, exc=exc)
         return
     value = inner.result()
     if isinstance(value, Future):
-        value.add_done_callback(lambda f: _relay(f, outer))
+        value.add_done_callback(lambda f: _relay(f, request, attempt))
     else:
-        outer.set_result(value)
+        _complete(outer, value=value)
 
 
-def _then(fut: Future, fn: Callable) -> Future:
-    """A future of ``fn(fut.result())``."""
-    out: Future = Future()
-    out.set_running_or_notify_cancel()
-
-    def done(f: Future) -> None:
-        if f.exception() is not None:
-            out.set_exception(f.exception())
+def _complete(future: Future, value=None, exc: BaseException | None = None) -> None:
+    try:
+        if exc is not None:
+            future.set_exception(exc)
         else:
-            out.set_result(fn(f.result()))
+            future.set_result(value)
+    except Exception:  # cancelled meanwhile (InvalidStateError)
+        pass
 
-    fut.add_done_callback(done)
-    return out
+
+def _copy(source: Future, target: Future) -> None:
+    exc = source.exception()
+    _complete(target, value=None if exc else source.result(), exc=exc)
 
 
-__all__ = ["DecodeWorkerCore"]
+__all__ = ["DecodeWorkerCore", "Request"]

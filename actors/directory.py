@@ -69,14 +69,32 @@ class SessionDirectoryCore:
     def count(self) -> int:
         return len(self.entries)
 
+    def expire(self, ttl_s: float, now: float | None = None) -> list[str]:
+        """Forget the sessions without a turn for more than ``ttl_s`` seconds (their stores
+        expire them by the same rule); returns their ids."""
+        now = time.time() if now is None else now
+        gone = [s for s, e in list(self.entries.items()) if now - e.last_used > ttl_s]  # a copy: others write
+        return [s for s in gone if self.entries.pop(s, None) is not None]
 
-def directory_handle():
-    """The cluster's directory actor (created on first use, on the head node)."""
+
+def directory_handle(session_ttl_s: float = 0.0):
+    """The cluster's directory actor (created on first use, on the head node); ``session_ttl_s``
+    (> 0, used when it is created): idle sessions are forgotten after that many seconds."""
+    import threading
+
     import ray
 
     @ray.remote(max_concurrency=64)
     class SessionDirectory(SessionDirectoryCore):
-        pass
+        def __init__(self, ttl_s: float):
+            super().__init__()
+            if ttl_s > 0:
+                threading.Thread(target=self._expire_loop, args=(ttl_s,), name="expire", daemon=True).start()
+
+        def _expire_loop(self, ttl_s: float) -> None:
+            while True:
+                time.sleep(min(10.0, max(0.05, ttl_s / 4)))
+                self.expire(ttl_s)
 
     return SessionDirectory.options(name=DIRECTORY_NAME, get_if_exists=True, lifetime="detached", num_cpus=0,
-                                    resources={HEAD: 0.001}).remote()
+                                    resources={HEAD: 0.001}).remote(session_ttl_s)

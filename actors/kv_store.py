@@ -15,8 +15,14 @@ tensors through the Ray object store.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
 import os
+import subprocess
 import threading
+import time
+import uuid
 
 import torch
 
@@ -29,9 +35,20 @@ from engine.errors import CacheFullError
 from engine.host_arena import ArenaLayout, HostArena
 
 
-def arena_path(cluster: str, node_id: str, directory: str | None = None) -> str:
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"lsa-kv-{cluster}-{node_id}")
+def arena_path(cluster: str, node_id: str, directory: str | None = None, incarnation: str = "") -> str:
+    """``lsa-kv-<cluster>-<node>[-<incarnation>].arena``: a store that replaces a dead one on the
+    same node (``incarnation``) gets a file of its own, never the one its predecessor's workers map."""
+    stem = f"lsa-kv-{cluster}-{node_id}" + (f"-{incarnation}" if incarnation else "")
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
     return os.path.join(directory or lsa_env.kv_dir(), name + ".arena")
+
+
+def unlink_when_dead(path: str) -> subprocess.Popen:
+    """A tiny watcher that removes ``path`` once this process is gone, however it goes (a
+    ``ray.kill`` or SIGKILL runs no atexit): it reads its stdin, a pipe from this process, until
+    EOF. Keep the returned object alive as long as the file should stay."""
+    return subprocess.Popen(["sh", "-c", 'read _ignored; rm -f "$0"', path], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 class KVStoreCore:
@@ -62,6 +79,14 @@ class KVStoreCore:
         self.blocks_prefetched = self.blocks_fetched_at_use = 0
         self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
         self.blocks_sent = self.blocks_received = 0
+        self.prefix_hits = self.prefix_blocks_reused = 0
+
+    def close(self) -> None:
+        """Remove the arena file (workers that map it keep their mapping)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
     # -- what a worker needs --------------------------------------------------------------
 
@@ -121,7 +146,7 @@ class KVStoreCore:
             self.table.put(owner, session_id, context_ids, host_ids)
 
     def view(self, session_id: str) -> SessionView:
-        rec = self.table.get(session_id)
+        rec = self.table.records.get(session_id) or self.table.doomed.get(session_id) or self.table.get(session_id)
         ids = list(rec.host_ids)
         for j, local in self.staged.get(session_id, {}).items():
             ids[j] = local
@@ -134,7 +159,9 @@ class KVStoreCore:
 
     def unpin(self, session_id: str) -> None:
         with self.lock:
-            self.table.unpin(session_id)
+            if self.table.unpin(session_id):  # deleted during its last turn: now it goes
+                self._forget(session_id)
+                return
             rec = self.table.records.get(session_id)
             if rec is not None and rec.pins == 0:
                 self._drop_staged(session_id, keep_planned=True)
@@ -146,18 +173,56 @@ class KVStoreCore:
         return [s for s in session_ids if s in self.table.records]
 
     def delete(self, session_id: str) -> bool:
-        """Forget the session here, and its spilled blocks at the stores that keep them."""
+        """Forget the session here, and its spilled blocks at the stores that keep them; a
+        session a turn still reads goes when that turn unpins it."""
         with self.lock:
-            self._drop_staged(session_id)
-            peers = list(self.missing(session_id))
-            self.remote.pop(session_id, None)
             deleted = self.table.delete(session_id)
-        for peer in peers:
+            if session_id not in self.table.doomed:
+                self._forget(session_id)
+        return deleted
+
+    def expire(self, ttl_s: float) -> list[str]:
+        """Delete the sessions idle for more than ``ttl_s`` seconds; returns their ids."""
+        with self.lock:
+            gone = self.table.expire(ttl_s)
+            for session_id in gone:
+                self._forget(session_id)
+        return gone
+
+    def _forget(self, session_id: str) -> None:
+        """Drop a deleted session's staged copies here and its spilled blocks at its peers."""
+        self._drop_staged(session_id)
+        for peer in {peer for peer, _ in self.remote.pop(session_id, {}).values()}:
             try:
                 self.stores.store(peer).drop_foreign(f"spill:{self.node_id}:{session_id}")
             except Exception:  # that node is gone, and its blocks with it
                 pass
-        return deleted
+
+    # -- prefix blocks: the KV of finished stateless requests, by hash chain ----------------
+
+    def match_prefix(self, hashes: list[str]) -> list[int]:
+        """Host ids of the longest held run of the chain ``hashes``, pinned for the caller's turn
+        (``put_prefix`` or ``unpin_prefix`` unpins them)."""
+        with self.lock:
+            ids = self.table.match_prefix(hashes)
+            self.prefix_hits += bool(ids)
+            self.prefix_blocks_reused += len(ids)
+            return ids
+
+    def unpin_prefix(self, hashes: list[str]) -> None:
+        with self.lock:
+            self.table.unpin_prefix(hashes)
+
+    def put_prefix(self, owner: str, hashes: list[str], host_ids: list[int], pinned: int = 0) -> int:
+        """A finished request's complete blocks (leased to ``owner``; the first ``pinned`` of the
+        chain were pinned by ``match_prefix``) become prefix blocks; returns the blocks added."""
+        with self.lock:
+            self.table.unpin_prefix(hashes[:pinned])
+            return self.table.put_prefix(owner, hashes, host_ids)
+
+    def holding_prefixes(self, hashes: list[str]) -> list[str]:
+        """Those of ``hashes`` held here as prefix blocks."""
+        return [h for h in hashes if h in self.table.prefix]
 
     def stats(self) -> StoreStats:
         with self.lock:
@@ -170,7 +235,9 @@ class KVStoreCore:
                 staged_blocks=sum(len(v) for v in self.staged.values()),
                 foreign_blocks=sum(len(v) for v in self.foreign.values()), blocks_sent=self.blocks_sent,
                 blocks_received=self.blocks_received, blocks_spilled=self.num_spilled,
-                blocks_prefetched=self.blocks_prefetched, blocks_fetched_at_use=self.blocks_fetched_at_use)
+                blocks_prefetched=self.blocks_prefetched, blocks_fetched_at_use=self.blocks_fetched_at_use,
+                prefix_blocks=len(table.prefix), prefix_hits=self.prefix_hits,
+                prefix_blocks_reused=self.prefix_blocks_reused, expired=table.num_expired)
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
@@ -295,14 +362,33 @@ def _make_actor():
 
     @ray.remote(max_concurrency=16)
     class KVStore(KVStoreCore):
-        """One per node: ``ensure_per_node(KVStore, "kvstore", cluster, capacity, layout)``."""
+        """One per node: ``ensure_per_node(KVStore, "kvstore", cluster, capacity, layout, ...)``."""
 
-        def __init__(self, cluster: str, capacity_bytes: int, layout: ArenaLayout, directory: str | None = None):
+        def __init__(self, cluster: str, capacity_bytes: int, layout: ArenaLayout, directory: str | None = None,
+                     session_ttl_s: float = 0.0):
             context = ray.get_runtime_context()
             node_id = context.get_node_id()
-            super().__init__(node_id, layout, capacity_bytes, arena_path(cluster, node_id, directory),
-                             stores=RayStores(context.namespace))
+            stale = glob.glob(arena_path(cluster, node_id, directory).removesuffix(".arena") + "*.arena")
+            path = arena_path(cluster, node_id, directory, uuid.uuid4().hex[:8])
+            super().__init__(node_id, layout, capacity_bytes, path, stores=RayStores(context.namespace))
+            for old in stale:  # arenas of stores that died here; workers mapping one keep their mapping
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
+            self._watcher = unlink_when_dead(path)  # the arena goes with this process, however it ends
+            atexit.register(self.close)
             self.owners: dict[str, str] = {}  # lease owner -> actor id, to reap dead workers
+            if session_ttl_s > 0:
+                threading.Thread(target=self._expire_loop, args=(session_ttl_s,), name="expire",
+                                 daemon=True).start()
+
+        def _expire_loop(self, ttl_s: float) -> None:
+            while True:
+                time.sleep(min(10.0, max(0.05, ttl_s / 4)))
+                self.expire(ttl_s)
+
+        def ping(self) -> str:
+            """Answers at once (health checks): the node id."""
+            return self.node_id
 
         def attach(self, owner: str, actor_id: str | None) -> ArenaInfo:
             """A worker starts: its leases are freed when its actor dies."""

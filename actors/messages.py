@@ -74,6 +74,10 @@ class StoreStats:
     blocks_spilled: int
     blocks_prefetched: int  # staged by a prefetch plan
     blocks_fetched_at_use: int  # staged by a turn that needed them
+    prefix_blocks: int = 0  # blocks kept for prefix reuse (finished stateless requests)
+    prefix_hits: int = 0  # requests that reused prefix blocks
+    prefix_blocks_reused: int = 0
+    expired: int = 0  # sessions deleted after their idle TTL
 
     @property
     def capacity_bytes(self) -> int:
@@ -86,6 +90,10 @@ class StoreStats:
     @property
     def free_bytes(self) -> int:
         return self.free_blocks * self.block_bytes
+
+    @property
+    def prefix_bytes(self) -> int:
+        return self.prefix_blocks * self.block_bytes
 
 
 @dataclass(frozen=True)
@@ -106,8 +114,12 @@ class WorkerStats:
     busy_s: float
     tokens_per_s: float
     prefill_tokens: int
-    rebuilt: dict[str, int]  # sessions rebuilt: from this store, from another node's, by prefill
+    rebuilt: dict[str, int]  # sessions rebuilt: from another node's store, by prefill
     node_id: str = ""
+    cached_tokens: int = 0  # prompt tokens loaded from the host KV (sessions, prefix blocks), not computed
+    cancelled: int = 0  # requests cancelled (clients gone, sessions deleted)
+    store_generation: int = 0  # times its node store was replaced under it
+    warnings: list[str] = field(default_factory=list)  # what the operator should know (capacity)
     sessions: int = 0  # sessions this replica holds
     store: StoreStats | None = None
     memory: dict[str, int] = field(default_factory=dict)  # the worker process: pid, rss_bytes, gpu_allocated_bytes,
@@ -129,6 +141,7 @@ class TurnResult:
     replica: str = ""  # set by the deployment
     node_id: str = ""
     held: bool = False  # the replica held the session before this turn
+    cached_tokens: int = 0  # prompt tokens loaded from the host KV (a session's, prefix blocks): not computed
     logprobs: list | None = None  # per generated token [id, logprob, [[id, logprob], ...]] when asked
 
 

@@ -1,6 +1,7 @@
 """How actors talk to a node's KV store: one protocol, an in-process and a Ray implementation.
 
-    SessionStore   one node's store: KVStoreCore (in process), RayStore (its KVStore actor)
+    SessionStore   one node's store: KVStoreCore (in process), RayStore (its KVStore actor;
+                   a store that died raises StoreUnavailable)
     Stores         every node's store, by node id: LocalStores (a dict), RayStores (named actors)
 
 A decode worker, the Indexer and the stores themselves (spilling to and staging from each
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from actors.messages import ArenaInfo, SessionView, StoreStats
+from engine.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +55,18 @@ class SessionStore(Protocol):
         """Copy the session's blocks held by other stores here; returns blocks fetched."""
 
     def stats(self) -> StoreStats: ...
+
+    # -- prefix blocks (engine/prefix.py hash chains of finished stateless requests)
+    def match_prefix(self, hashes: list[str]) -> list[int]:
+        """Host ids of the longest held run of the chain ``hashes``, pinned until ``put_prefix``
+        or ``unpin_prefix``."""
+
+    def unpin_prefix(self, hashes: list[str]) -> None: ...
+
+    def put_prefix(self, owner: str, hashes: list[str], host_ids: list[int], pinned: int = 0) -> int:
+        """Blocks leased to ``owner`` become prefix blocks (the first ``pinned`` are unpinned)."""
+
+    def holding_prefixes(self, hashes: list[str]) -> list[str]: ...
 
     # -- blocks between stores
     def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, ...]: ...
@@ -108,8 +122,19 @@ class RayStore:
         self._ray = ray
 
     def _call(self, method: str, *args, **kwargs):
-        ref = getattr(self.handle, method).remote(*args, **kwargs)
-        return self._ray.get(ref, timeout=self.timeout_s)
+        """One call; a store that died or does not answer raises ``StoreUnavailable``."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            ref = getattr(self.handle, method).remote(*args, **kwargs)
+            return self._ray.get(ref, timeout=self.timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise StoreUnavailable(f"the node's KV store does not answer {method} ({type(exc).__name__}): it died "
+                                   f"or its node is going away") from None
+
+    def ping(self, timeout_s: float = 5.0) -> str:
+        """The store's node id, within ``timeout_s`` (health checks)."""
+        return RayStore(self.handle, timeout_s)._call("ping")
 
     def info(self) -> ArenaInfo:
         return self._call("info")
@@ -146,6 +171,18 @@ class RayStore:
 
     def stats(self) -> StoreStats:
         return self._call("stats")
+
+    def match_prefix(self, hashes: list[str]) -> list[int]:
+        return self._call("match_prefix", hashes)
+
+    def unpin_prefix(self, hashes: list[str]) -> None:
+        self._call("unpin_prefix", hashes)
+
+    def put_prefix(self, owner: str, hashes: list[str], host_ids: list[int], pinned: int = 0) -> int:
+        return self._call("put_prefix", owner, hashes, host_ids, pinned)
+
+    def holding_prefixes(self, hashes: list[str]) -> list[str]:
+        return self._call("holding_prefixes", hashes)
 
     def read_blocks(self, host_ids: list[int]):
         return self._call("read_blocks", host_ids)

@@ -2,14 +2,21 @@
 node's KVStore found (or created) with node affinity, the Indexer for prefetch plans (each
 LSA cycle's plan is reported to it in batches by a background thread).
 
-Replicas publish ``{"sessions", "free_kv_bytes"}`` through ``record_routing_stats`` so that
-``KVLocalityRouter`` (cluster/router.py) sends a session's turns back here. Each answer, a
-``TurnResult``, carries ``replica`` and ``held`` (this replica's own record: it created or
-served the session before this turn), which the tests check for every follow-up.
+Replicas publish ``{"sessions", "prefixes", "free_kv_bytes"}`` through ``record_routing_stats``
+so that ``KVLocalityRouter`` (cluster/router.py) sends a session's turns back here, and a
+stateless request to the replica whose store holds its prompt's longest prefix. Each answer, a
+``TurnResult``, carries ``replica``, ``held`` (this replica's own record: it created or served
+the session before this turn) and ``cached_tokens`` (prompt tokens loaded, not computed).
+
+A caller that goes away cancels its call (Serve cancels the replica's task when the HTTP client
+disconnects): the awaited future is cancelled with it, and the request's sequence is aborted
+before the next engine step. When the node's store dies, the worker moves to a new one
+(actors/store_healing.py); its health check fails while no store answers.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import ray
@@ -17,23 +24,29 @@ from ray import serve
 
 from actors.config import ServeConfig
 from actors.decode_worker import DecodeWorkerCore
-from actors.messages import TurnResult
+from actors.messages import TurnResult, WorkerStats
 from actors.plans import PlanReporter
 from actors.session_store import STORE_PREFIX, RayStore, RayStores
-from engine.errors import SessionNotFound
+from engine.errors import SessionNotFound, StoreUnavailable
 from engine.sampling import SamplingParams
 
 INDEXER_NAME = "lsa-indexer"
+log = logging.getLogger("ray.serve")
+
+
+def place_stores(cfg: ServeConfig, layout, node_filter=lambda node: True) -> dict:
+    """Handles of the KVStore actors of the alive nodes ``node_filter`` accepts, created where
+    missing (actors/placement.py): the one call that places stores, for workers and the app."""
+    from actors.kv_store import KVStore
+    from actors.placement import ensure_per_node
+
+    return ensure_per_node(KVStore, STORE_PREFIX, cfg.cluster, cfg.kv_store_bytes, layout, cfg.kv_dir,
+                           cfg.session_ttl_s, node_filter=node_filter, num_cpus=0)
 
 
 def node_store(cfg: ServeConfig, node_id: str, layout):
     """The handle of node ``node_id``'s KVStore actor, created if it has none yet."""
-    from actors.kv_store import KVStore
-    from actors.placement import ensure_per_node
-
-    handles = ensure_per_node(KVStore, STORE_PREFIX, cfg.cluster, cfg.kv_store_bytes, layout, cfg.kv_dir,
-                              node_filter=lambda n: n["NodeID"] == node_id, num_cpus=0)
-    return handles[node_id]
+    return place_stores(cfg, layout, node_filter=lambda n: n["NodeID"] == node_id)[node_id]
 
 
 def indexer_handle():
@@ -57,18 +70,30 @@ class DecodeWorker:
         self.node_id = context.get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.owner = f"worker:{self.replica}"
-        handle = node_store(cfg, self.node_id, arena_layout(cfg.engine))
-        ray.get(handle.attach.remote(self.owner, context.get_actor_id()))  # its leases die with it
-        self.store = RayStore(handle)
+        self._actor_id = context.get_actor_id()
+        self._cfg, self._layout = cfg, arena_layout(cfg.engine)
         self.indexer = indexer_handle()
         # per-cycle plans go to the Indexer in batches, fire-and-forget: the decode loop never waits
         plans = PlanReporter(self.indexer.report_plans.remote)
-        self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self.store, self.owner,
-                                           pin=cfg.engine.device_name.startswith("cuda"),
-                                           stores=RayStores(context.namespace), prefetch=self._prefetch, plans=plans)
+        self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self._resolve_store(),
+                                           self.owner, pin=cfg.engine.device_name.startswith("cuda"),
+                                           stores=RayStores(context.namespace), prefetch=self._prefetch, plans=plans,
+                                           prefix_reuse=cfg.prefix_reuse, resolve_store=self._resolve_store)
+        for warning in self.core.warnings:
+            log.warning("decode worker %s: %s", self.replica, warning)
         # kernels compiled and decode graphs captured now: Serve routes nothing here until __init__ returns
         self.warm_up = self.core.warm_up()
         self.held: set[str] = set()  # sessions created or served here
+
+    def _resolve_store(self) -> RayStore:
+        """This node's store (a new one where the last one died), attached: its leases die with this worker."""
+        handle = node_store(self._cfg, self.node_id, self._layout)
+        ray.get(handle.attach.remote(self.owner, self._actor_id), timeout=30)
+        return RayStore(handle)
+
+    @property
+    def store(self) -> RayStore:
+        return self.core.store
 
     def _prefetch(self, session_id: str) -> int:
         """The Indexer stages the session's spilled blocks on this node (and counts them)."""
@@ -80,20 +105,41 @@ class DecodeWorker:
         return await asyncio.to_thread(self._routing_stats)
 
     def _routing_stats(self) -> dict:
-        store = self.store.stats()
-        checked = sorted(self.held)
-        self.held.difference_update(set(checked) - set(self.store.holding(checked)))  # evicted, deleted
+        try:
+            store = self.store.stats()
+            checked = sorted(self.held)
+            self.held.difference_update(set(checked) - set(self.store.holding(checked)))  # evicted, deleted
+            prefixes = self.core.held_prefix_keys()
+        except StoreUnavailable:
+            self.core.healing.store_lost()
+            raise
         self.indexer.report_worker.remote(self.replica, replace(self.core.stats(), sessions=len(self.held),
                                                                 store=store))
-        # room for sessions: blocks leased to engines for requests in flight come back soon
-        return {"sessions": sorted(self.held), "free_kv_bytes": store.capacity_bytes - store.session_bytes}
+        # room for sessions: blocks leased to engines for requests in flight come back soon; prefix
+        # blocks are evicted before any session
+        return {"sessions": sorted(self.held), "prefixes": prefixes,
+                "free_kv_bytes": store.capacity_bytes - store.session_bytes}
 
     def record_replica_metadata(self) -> dict:
-        return {"kv_capacity_bytes": self.store.info().capacity_bytes, "node_id": self.node_id}
+        return {"kv_capacity_bytes": self.core.sessions.arena_blocks * self._layout.block_bytes,
+                "node_id": self.node_id, "block_size": self.core.sessions.block_size}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Fails while the decode loop is dead or no node store answers (a dead one is replaced)."""
         if not self.core._thread.is_alive():
             raise RuntimeError("the decode loop died")
+        if not self.core.healing.ready:
+            raise RuntimeError(f"this worker's node KV store is down; a new one is coming up "
+                               f"({self.core.healing.last_error})")
+        try:
+            await asyncio.to_thread(self.store.ping, 5.0)
+        except StoreUnavailable as exc:
+            self.core.healing.store_lost()
+            raise RuntimeError(f"this worker's node KV store does not answer ({exc}); healing") from None
+
+    def stats(self) -> WorkerStats:
+        """The worker's counters now (``running``, ``queue``: what is in flight)."""
+        return replace(self.core.stats(), sessions=len(self.held))
 
     def _answer(self, result: TurnResult, held: bool = False) -> TurnResult:
         return replace(result, replica=self.replica, node_id=self.node_id, held=held)
@@ -151,21 +197,27 @@ class DecodeWorker:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         done = asyncio.ensure_future(asyncio.wrap_future(start(on_text)))
-        while True:
-            getter = asyncio.ensure_future(pieces.get())
-            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                text = getter.result()
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
-                continue
-            getter.cancel()
-            result = done.result()  # raises the request's error
-            if len(result.text) > sent:
-                yield result.text[sent:]
-            yield self._answer(result)
-            return
+        getter = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    text = getter.result()
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                    continue
+                getter.cancel()
+                result = done.result()  # raises the request's error
+                if len(result.text) > sent:
+                    yield result.text[sent:]
+                yield self._answer(result)
+                return
+        finally:  # the consumer went away (or the stream ended): a running request is aborted
+            done.cancel()
+            if getter is not None:
+                getter.cancel()
 
     def __del__(self):
         core = getattr(self, "core", None)

@@ -80,6 +80,8 @@ def _run(engine, prompt, params, chat: bool, progress: bool):
             if bar.n >= seq.prompt_len:
                 bar.close()
     bar.close()
+    if seq.error is not None:
+        raise seq.error
     return Completion(seq.request_id, seq.prompt_ids, seq.output_ids, seq.text, seq.finish_reason,
                       seq.prefill_s, seq.decode_s, seq.kv)
 

@@ -166,7 +166,7 @@ class Edge:
         rid, decode = openai_api.new_id(chat), self.tokenizer.decode
         if req.stream:
             handle = self.worker.options(method_name="stream", stream=True, **({"session_id": key} if key else {}))
-            streams = [handle.remote(ids, params_i) for params_i in params]
+            streams = [handle.remote(prompt_ids=ids, params=params_i) for params_i in params]
             firsts = await openai_api.first_items(streams)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             ttft = []
@@ -178,7 +178,7 @@ class Edge:
                 on_result=lambda out: self.metrics.answered(out, key is None, None, ttft[0] if ttft else None))
             return StreamingResponse(events, media_type="text/event-stream")
         handle = self.worker.options(method_name="generate", **({"session_id": key} if key else {}))
-        outs = await asyncio.gather(*(call_worker(handle, ids, params_i) for params_i in params))
+        outs = await asyncio.gather(*(call_worker(handle, prompt_ids=ids, params=params_i) for params_i in params))
         for out in outs:
             self.metrics.answered(out, stateless=key is None, elapsed_s=time.perf_counter() - start)
         return self.reply(request, openai_api.answer(chat, rid, self.model, len(ids), outs, decode))
@@ -190,10 +190,16 @@ class Edge:
 
     async def metrics_text(self) -> str:
         workers = await self.indexer.worker_stats.remote() if self.indexer is not None else {}
-        text = gauges(workers, await self.sessions.count())
+        text = gauges(workers)
         if self.ray_metrics:
             text += await self.off_loop(scrape_ray_nodes) + "\n"
         return text
+
+    async def health(self) -> str:
+        """"ok", then the workers' warnings (e.g. an arena too small for one request), a line each."""
+        workers = await self.indexer.worker_stats.remote() if self.indexer is not None else {}
+        warnings = sorted({w for stats in workers.values() for w in stats.warnings})
+        return "\n".join(["ok"] + [f"warning: {w}" for w in warnings])
 
 
 def _bearer(request: Request) -> str | None:
@@ -237,7 +243,7 @@ def build_api(edge: Edge) -> FastAPI:
 
     @api.get("/health")
     async def health():
-        return PlainTextResponse("ok")
+        return PlainTextResponse(await edge.health())
 
     @api.get("/metrics")
     async def metrics(request: Request):

@@ -9,7 +9,7 @@ Two kinds, two sources:
   that served the request. Serve tags each series with its replica, and Ray exports them on
   every node's metrics port (``ray start --metrics-export-port``): a request is counted once,
   by one replica, so the sum over replicas is the cluster's total.
-- State (sessions held, resident fraction, arena bytes used and free per node, queue) is a
+- State (sessions held by the node stores, resident fraction, arena bytes used and free per node, queue) is a
   gauge of one truth: the workers' last stats, which they send to the Indexer. Rendered at
   scrape time, labelled per worker replica or node, never recorded by an ingress replica
   (two replicas would report it twice).
@@ -141,9 +141,9 @@ def sum_series(text: str, name: str) -> float:
     return total
 
 
-def gauges(workers: dict, sessions: int) -> str:
-    """The state gauges from the workers' last stats (``WorkerStats`` by replica) and the
-    session directory's count. Text exposition format 0.0.4."""
+def gauges(workers: dict) -> str:
+    """The state gauges from the workers' last stats (``WorkerStats`` by replica, each with its
+    node store's ``StoreStats``). Text exposition format 0.0.4."""
     lines: list[str] = []
 
     def metric(name: str, help: str, samples: list[tuple[dict, float]]) -> None:
@@ -156,7 +156,7 @@ def gauges(workers: dict, sessions: int) -> str:
     stores = {w.node_id: w.store for w in workers.values() if getattr(w, "store", None) is not None}
     per_worker = lambda key: [({"replica": r}, getattr(w, key)) for r, w in sorted(workers.items())]  # noqa: E731
     per_node = lambda key: [({"node": n}, getattr(s, key)) for n, s in sorted(stores.items())]  # noqa: E731
-    metric("sessions", "Sessions in the session directory.", [({}, sessions)])
+    metric("sessions", "Sessions the node stores hold.", [({}, sum(s.sessions for s in stores.values()))])
     metric("worker_sessions", "Sessions a worker holds.", per_worker("sessions"))
     metric("queue_length", "Requests waiting for admission.", per_worker("queue"))
     metric("running_requests", "Requests in the batch.", per_worker("running"))
@@ -173,6 +173,7 @@ def gauges(workers: dict, sessions: int) -> str:
     metric("arena_used_bytes", "Host KV bytes held by sessions, per node store.", per_node("session_bytes"))
     metric("arena_free_bytes", "Free host KV bytes, per node store.", per_node("free_bytes"))
     metric("store_sessions", "Sessions a node store holds.", per_node("sessions"))
+    metric("prefix_kv_bytes", "Host KV bytes kept for prefix reuse, per node store.", per_node("prefix_bytes"))
     metric("spilled_blocks", "Session blocks held by another node's store.", per_node("spilled_blocks"))
     metric("evictions", "Idle sessions evicted since the store started, per node store.", per_node("evictions"))
     return "\n".join(lines) + "\n"

@@ -42,12 +42,9 @@ def chat_messages(req: p.ChatCompletionRequest) -> list[dict]:
 
 
 def cached_tokens(out) -> int:
-    """Prompt tokens whose KV was reused, not computed. The core's ``TurnResult.cached_tokens``
-    when it reports it; else what was not prefilled."""
-    reported = getattr(out, "cached_tokens", None)
-    if reported is not None and (reported or out.prefill_tokens >= out.num_prompt_tokens):
-        return int(reported)
-    return max(0, out.num_prompt_tokens - out.prefill_tokens)
+    """Prompt tokens whose KV was reused (a session's, prefix blocks), not computed: the core's
+    ``TurnResult.cached_tokens``."""
+    return int(out.cached_tokens)
 
 
 def usage(num_prompt: int, outs: list) -> p.Usage:

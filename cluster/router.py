@@ -2,17 +2,23 @@
 
 A session's KV lives with one DecodeWorker replica (and that node's KVStore), so every
 request of the session must go back there; a new session goes to the replica with the
-most free KV capacity. The router runs inside each process that holds a handle to the
-worker deployment (the ingress replicas, or the driver in tests), one instance per
+most free KV capacity. A request without a session (an OpenAI completion or chat) goes to
+the replica whose store holds the longest prefix of its prompt (prefix blocks, keyed by
+block hash chains: engine/prefix.py), as Ray Serve's prefix-aware router does for its LLM
+apps, else by free capacity too. The router runs inside each process that holds a handle to
+the worker deployment (the ingress replicas, or the driver in tests), one instance per
 handle.
 
 What the router knows, per replica (docs/cluster.md):
 
     replica_metadata  {"kv_capacity_bytes": int}        once, from record_replica_metadata()
+    replica_metadata  {"block_size": int}              for the prompt's block hash chain
     routing_stats     {"sessions": [id, ...],          every request_routing_stats_period_s,
-                       "free_kv_bytes": int}            from record_routing_stats()
+                       "prefixes": [key, ...],          from record_routing_stats(): the routing
+                       "free_kv_bytes": int}            keys of the prefix blocks its store holds
     its own records   session -> replica it routed there, and the bytes it reserved for
-                      new sessions that the replica's stats do not show yet
+                      new sessions that the replica's stats do not show yet; prompt routing
+                      key -> replica it routed that prompt to
 
 Holder hint: the keyword argument ``holder`` (a replica's unique id, from the session
 directory), so that an ingress replica that never routed the session, and whose stats
@@ -20,7 +26,11 @@ are not fresh yet, still finds the holder.
 
 Routing key: ``RequestMetadata.session_id`` (``handle.options(session_id=...)``, or the
 HTTP header ``x-session-id`` at the proxy), else the keyword argument ``session_id``.
-A request without a key is placed like a new session (most free capacity).
+A request without a key is routed by its prompt (the keyword argument ``prompt_ids``, or a
+first positional argument that is a list of token ids): the replica holding the deepest of the
+prompt's routing keys (the chain keys at block depths 1, 2, 4, ...) ranks first, the others
+follow by free capacity (so a busy holder passes the request on); with no holder, a request
+is placed like a new session (most free capacity).
 
 Deliberately not mixed in: ``FIFOMixin`` (it hands the chosen replica to the *oldest*
 pending request, which may belong to another session) and ``LocalityMixin`` (KV
@@ -32,6 +42,7 @@ import time
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Tuple
 
+from engine.prefix import block_hashes, routing_depths, routing_keys
 from ray.serve.request_router import (
     PendingRequest,
     ReplicaID,
@@ -41,6 +52,8 @@ from ray.serve.request_router import (
 )
 
 SESSIONS = "sessions"
+PREFIXES = "prefixes"
+BLOCK_SIZE = "block_size"
 FREE_KV_BYTES = "free_kv_bytes"
 KV_CAPACITY_BYTES = "kv_capacity_bytes"
 
@@ -53,13 +66,19 @@ class KVLocalityRouter(RequestRouter):
     ``reservation_ttl_s`` (how long a reservation waits for the replica's stats to show
     the session, default 60), ``max_sessions`` (size of the local session table),
     ``holder_kwarg`` (keyword argument naming the holder replica's unique id: a hint from a
-    shared session record, default ``"holder"``).
+    shared session record, default ``"holder"``), ``prompt_kwarg`` (a stateless request's
+    token ids, default ``"prompt_ids"``), ``min_match_rate`` (the least share of a prompt's
+    blocks a holder's prefix must cover to attract it, default 0.1 as Ray's prefix-aware router).
     """
 
     def initialize_state(self, session_kwarg: str = "session_id", size_kwarg: str = "kv_bytes",
-                         holder_kwarg: str = "holder",
+                         holder_kwarg: str = "holder", prompt_kwarg: str = "prompt_ids",
+                         min_match_rate: float = 0.1,
                          reservation_ttl_s: float = 60.0, max_sessions: int = 200_000):
         self._session_kwarg = session_kwarg
+        self._prompt_kwarg = prompt_kwarg
+        self._min_match_rate = min_match_rate
+        self._prefix_owner: "OrderedDict[str, ReplicaID]" = OrderedDict()  # prompt routing key -> replica
         self._size_kwarg = size_kwarg
         self._holder_kwarg = holder_kwarg
         self._reservation_ttl_s = reservation_ttl_s
@@ -135,11 +154,57 @@ class KVLocalityRouter(RequestRouter):
             return unknown_first, len(self._reserved.get(replica.replica_id, ())), \
                 replica.replica_id.unique_id
 
-        return [[replica] for replica in sorted(candidate_replicas, key=rank)]
+        ranked = sorted(candidate_replicas, key=rank)
+        holder = self.prefix_holder(pending_request, candidate_replicas) if session_id is None else None
+        if holder is not None:
+            return [[holder]] + [[replica] for replica in ranked if replica is not holder]
+        return [[replica] for replica in ranked]
+
+    def prompt_keys(self, pending_request: Optional[PendingRequest]) -> Tuple[List[str], int]:
+        """The routing keys of a request's prompt (engine/prefix.py: the chain keys at block
+        depths 1, 2, 4, ...), shallowest first, and the prompt's number of complete blocks."""
+        if pending_request is None:
+            return [], 0
+        prompt = pending_request.kwargs.get(self._prompt_kwarg)
+        if prompt is None and pending_request.args and isinstance(pending_request.args[0], list):
+            prompt = pending_request.args[0]
+        block_size = next((r.replica_metadata.get(BLOCK_SIZE) for r in self._replicas_list
+                           if r.replica_metadata.get(BLOCK_SIZE)), None)
+        if not prompt or not block_size or not isinstance(prompt[0], int):
+            return [], 0
+        num_blocks = len(prompt) // block_size
+        depths = routing_depths(num_blocks)
+        return routing_keys(block_hashes(prompt, block_size, depths[-1] if depths else 0)), num_blocks
+
+    def prefix_holder(self, pending_request: Optional[PendingRequest],
+                      candidate_replicas: List[RunningReplica]) -> Optional[RunningReplica]:
+        """The candidate holding the deepest routing key of the request's prompt, by this
+        router's own record (newer than any stats), else by what replicas publish; only keys
+        deep enough to cover ``min_match_rate`` of the prompt count."""
+        keys, num_blocks = self.prompt_keys(pending_request)
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        published = [(r, set(r.routing_stats.get(PREFIXES, ()))) for r in candidate_replicas]
+        for depth, key in reversed(list(zip(routing_depths(num_blocks), keys))):
+            if depth < self._min_match_rate * num_blocks:
+                break
+            owner = by_id.get(self._prefix_owner.get(key))
+            if owner is not None:
+                return owner
+            for replica, held in published:
+                if key in held:
+                    return replica
+        return None
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         session_id = self.session_key(pending_request)
+        if session_id is None:
+            for key in self.prompt_keys(pending_request)[0]:  # its blocks will be held there
+                self._prefix_owner[key] = replica_id
+                self._prefix_owner.move_to_end(key)
+            while len(self._prefix_owner) > self._max_sessions:
+                self._prefix_owner.popitem(last=False)
+            return
         if session_id is None or self._owner.get(session_id) == replica_id:
             if session_id is not None:
                 self._owner.move_to_end(session_id)
@@ -156,3 +221,5 @@ class KVLocalityRouter(RequestRouter):
         self._reserved.pop(replica_id, None)
         for session_id in [s for s, r in self._owner.items() if r == replica_id]:
             del self._owner[session_id]
+        for key in [k for k, r in self._prefix_owner.items() if r == replica_id]:
+            del self._prefix_owner[key]

@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from actors.config import ServeConfig
-from actors.worker_deployment import DecodeWorker, indexer_handle
+from actors.worker_deployment import DecodeWorker, indexer_handle, place_stores
 from engine.options import build, options
 
 
@@ -89,7 +89,8 @@ class Ingress:
         max_model_len = min(config.engine.scheduler.max_model_len or mc.max_position_embeddings,
                             mc.max_position_embeddings)
         self.config, self.layout = config, layout
-        self.edge = Edge(config, load_tokenizer(config), worker, directory_handle(), indexer=indexer_handle(),
+        self.edge = Edge(config, load_tokenizer(config), worker, directory_handle(config.session_ttl_s),
+                         indexer=indexer_handle(),
                          replica=serve.get_replica_context().replica_id.unique_id, max_model_len=max_model_len,
                          vocab_size=mc.vocab_size, kv_bytes_per_token=layout.block_bytes // layout.block_size)
 
@@ -102,14 +103,9 @@ class Ingress:
 
     async def _place_stores(self, period_s: float = 10.0) -> None:
         """A node that joins later gets its KV store within seconds (actors/placement.py)."""
-        from actors.kv_store import KVStore
-        from actors.placement import ensure_per_node
-
-        cfg = self.config
         while True:
             try:
-                await asyncio.to_thread(ensure_per_node, KVStore, "kvstore", cfg.cluster, cfg.kv_store_bytes,
-                                        self.layout, cfg.kv_dir, num_cpus=0)
+                await asyncio.to_thread(place_stores, self.config, self.layout)
             except Exception:  # noqa: BLE001 - a node going away mid-pass; the next pass retries
                 pass
             await asyncio.sleep(period_s)

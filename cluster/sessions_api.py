@@ -141,8 +141,5 @@ class SessionsAPI:
         await self._call("delete_session", session_id=session_id)
         return p.SessionDeleted(deleted=session_id)
 
-    async def count(self) -> int:
-        return await self.directory.count.remote()
-
     async def _call(self, method: str, **kwargs):
         return await call_worker(self.edge.worker.options(method_name=method), **kwargs)

@@ -211,7 +211,9 @@ class SchedulerConfig:
 
     max_num_seqs: int = option(8, "sequences decoded together")
     max_model_len: int | None = option(None, "longest sequence, prompt and output (default: the model's context)")
-    prefill_chunk: int = option(1024, "prompt tokens per prefill segment")
+    prefill_chunk: int = option(1024, "prompt tokens prefilled per step, over the sequences prefilling")
+    max_prefill_seqs: int = option(4, "sequences prefilled side by side, the fewest tokens left first (1: one at "
+                                      "a time, in arrival order)")
     layerwise_prefill: bool | None = option(None, "offloading policies: prefill layer by layer, the device holding "
                                             "one layer's prompt KV (default: when the prompt does not fit the "
                                             "device pool)")
@@ -219,8 +221,8 @@ class SchedulerConfig:
                                       "without per-step selection)")
 
     def __post_init__(self):
-        if self.max_num_seqs < 1 or self.prefill_chunk < 1:
-            raise InvalidRequestError("max_num_seqs and prefill_chunk must be positive")
+        if self.max_num_seqs < 1 or self.prefill_chunk < 1 or self.max_prefill_seqs < 1:
+            raise InvalidRequestError("max_num_seqs, prefill_chunk and max_prefill_seqs must be positive")
 
 
 POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")

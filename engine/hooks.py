@@ -76,6 +76,8 @@ def teacher_force(engine, context: list[int], continuation: list[int],
             engine.step()
     finally:
         engine.hooks.remove(hook)
+    if seq.error is not None:
+        raise seq.error
 
 
 def score_continuation(engine, context: list[int], continuation: list[int]) -> torch.Tensor:

@@ -124,6 +124,10 @@ class HostArena:
     allocator: IdPool
     scale: torch.Tensor | None = None  # [N, L, 2, H] float32: an FP8 arena's scales
 
+    @property
+    def num_blocks(self) -> int:
+        return self.host.shape[0]
+
     @classmethod
     def private(cls, layout: ArenaLayout, num_blocks: int) -> HostArena:
         flat = torch.empty(num_blocks * layout.block_bytes, dtype=torch.uint8)

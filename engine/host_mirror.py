@@ -97,6 +97,16 @@ class HostMirror:
     def num_blocks(self) -> int:
         return self.host.shape[0]
 
+    def remap(self, arena) -> None:
+        """Rows in another external arena of the same shape (a HostArena)."""
+        if arena.host.shape != self.host.shape or arena.host.dtype != self.host.dtype:
+            raise ValueError(f"the new arena is {tuple(arena.host.shape)} {arena.host.dtype}; the mirror's is "
+                             f"{tuple(self.host.shape)} {self.host.dtype}")
+        if (arena.scale is None) != (self.scale is None):
+            raise ValueError("the new arena's FP8 scales do not match the mirror's (one is FP8, the other not)")
+        self.join()
+        self.host, self.summary, self.scale = arena.host, arena.summary, arena.scale
+
     # ------------------------------------------------------------ device -> host
 
     def store(self, hosts: list[int], layers: slice, blocks: torch.Tensor) -> torch.Tensor:

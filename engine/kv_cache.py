@@ -116,6 +116,14 @@ class BlockKVCache:
         for g in range(len(self.groups)):
             self.load(seq_id, g, list(range(len(host_ids))))
 
+    def remap_host(self, arena) -> None:
+        """Point the host mirror at another arena of the same shape (a HostArena: the node's KV
+        store was replaced); no sequence may be in the cache."""
+        if self.blocks.seqs:
+            raise RuntimeError("the host arena can change only while no sequence is in the cache")
+        self.mirror.remap(arena)
+        self.blocks.host = arena.allocator
+
     def num_tokens(self, seq_id: int) -> int:
         return self.blocks.seqs[seq_id].num_tokens
 

@@ -25,6 +25,8 @@ which loads it from the host mirror.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 import kernels
@@ -54,7 +56,10 @@ class _ChunkAttention:
 class LayerwisePrefill:
     """``run(seq_id, ids)`` prefills an admitted sequence from its cached length on (0, or a
     session turn's prefix of mirrored blocks) to ``len(ids)``; returns the final hidden state
-    of the last prompt token [1, H]. ``peak_scratch_bytes``: the largest scratch K/V so far."""
+    of the last prompt token [1, H]. ``layers(seq_id, ids)`` does the same a layer at a time: a
+    generator that yields after each layer but the last and returns the hidden state, so that
+    decode steps run between the layers of a long prompt. ``peak_scratch_bytes``: the largest
+    scratch K/V so far."""
 
     def __init__(self, model: LlamaForCausalLM, cache: BlockKVCache, policy: Policy, chunk: int,
                  mirror_chunk_blocks: int = 1024):
@@ -81,8 +86,16 @@ class LayerwisePrefill:
                 "chunk": chunk * per_token * item, "mirror_copy": 2 * copy_blocks * self.cache.block_size * layer_kv,
                 "observe": observe}
 
-    @torch.inference_mode()
     def run(self, seq_id: int, ids: list[int]) -> torch.Tensor:
+        layers = self.layers(seq_id, ids)
+        while True:
+            try:
+                next(layers)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def layers(self, seq_id: int, ids: list[int]) -> Iterator[None]:
         cache, mc = self.cache, self.model.config
         n, bs = len(ids), cache.block_size
         start = cache.num_tokens(seq_id)  # a session's prefix (whole blocks), or 0
@@ -106,6 +119,8 @@ class LayerwisePrefill:
                 backend.start, backend.end = s, e
                 x[s - start: e - start] = layer(x[s - start: e - start], cos, sin, backend)
             self._offload(layer_idx, new_hosts, k_all[:, start:], v_all[:, start:], tail)
+            if layer_idx < len(self.model.model.layers) - 1:
+                yield
         if tail is not None:
             cache.blocks.commit(seq_id, n - complete * bs)
         return self.model.model.norm(x[-1:])

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import CacheFullError, InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.hooks import StepHook
 from engine.kv_cache import BlockKVCache
 from engine.model import LlamaForCausalLM
@@ -63,7 +63,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
                                    OutputRules(eos_ids, tokenizer),
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),
-                                   admit=self._admit, release=self._release)
+                                   admit=self._admit, release=self._release,
+                                   max_prefill_seqs=config.scheduler.max_prefill_seqs)
         self._generators: dict[int, torch.Generator | None] = {}
         self.hooks: list[StepHook] = []  # tools that watch or steer decoding (engine/hooks.py); none when serving
 
@@ -85,6 +86,7 @@ class LLMEngine:
             seq.kept_host_ids = self.cache.blocks.detach_host(seq.seq_id, seq.keep_host_blocks)
             self.cache.release(seq.seq_id)
             self.policy.forget(seq.seq_id)
+        self.runner.forget(seq.seq_id)
         self._generators.pop(seq.seq_id, None)
 
     @classmethod
@@ -114,7 +116,9 @@ class LLMEngine:
     # ------------------------------------------------------------ requests
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str = "", chat: bool = False) -> Sequence:
+                    request_id: str = "", chat: bool = False, prefix_host_ids: list[int] = ()) -> Sequence:
+        """``prefix_host_ids``: host-mirror blocks holding the prompt's first tokens (a session's
+        context, prefix blocks): loaded when admitted, not prefilled."""
         params = params or SamplingParams()
         ids = self._encode(prompt, chat)
         if len(ids) >= self.max_model_len:
@@ -124,11 +128,12 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         if params.max_tokens > room:
             params = SamplingParams(**{**params.__dict__, "max_tokens": room})
-        seq = Sequence(ids, params, request_id=request_id)
+        seq = Sequence(ids, params, request_id=request_id, prefix_host_ids=list(prefix_host_ids))
         if self._admit_blocks(seq) > self.cache.blocks.num_device_blocks:
-            raise CacheFullError(
+            raise PromptTooLongError(
                 f"request needs {self._admit_blocks(seq)} device blocks but the whole device cache holds "
-                f"{self.cache.blocks.num_device_blocks}; lower max_tokens or give the cache more blocks")
+                f"{self.cache.blocks.num_device_blocks}: shorten the prompt, lower max_tokens or give the cache "
+                f"more blocks")
         self._generators[seq.seq_id] = make_generator(params, self.device)
         seq.counters_at_start = self._counters()
         self.scheduler.add(seq)
@@ -154,38 +159,51 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, error: Exception | None = None) -> None:
+        """Finish ``seq`` now (finish reason "abort"), freeing its KV; ``error``: why (kept on it)."""
         if seq.status is not Status.FINISHED:
+            seq.error = error
             self.scheduler.finish(seq, "abort")
 
     # ------------------------------------------------------------ stepping
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run this step's batches (the decode batch, then one prefill segment), each scheduled,
-        run, then post-processed; returns the sequences finished now."""
+        """Run this step's batches (the decode batch, then prefill segments), each scheduled,
+        run, then post-processed; returns the sequences finished now. A failure that belongs to
+        some sequences (a prefill segment, a row's sampling, its stop strings) finishes those
+        with ``error`` set (finish reason "error"); the others go on."""
         finished = []
         for batch in self.scheduler.schedule():
             t0 = time.perf_counter()
-            logits = self.runner.run(batch)
+            try:
+                logits = self.runner.run(batch)
+            except Exception as exc:  # a prefill segment is one sequence's; a decode batch, its rows'
+                finished += self.scheduler.fail(batch.seqs, exc)
+                continue
             if logits is None:  # a prefill segment short of its prompt's end
                 batch.add_time(time.perf_counter() - t0)
                 continue
-            tokens = self._sample(batch.seqs, logits)
+            tokens, failed = self._sample(batch.seqs, logits)
             batch.add_time(time.perf_counter() - t0)
-            finished += self.scheduler.postprocess(batch.seqs, tokens)
+            for i, exc in failed.items():
+                finished += self.scheduler.fail([batch.seqs[i]], exc)
+            ok = [i for i in range(len(tokens)) if i not in failed]
+            finished += self.scheduler.postprocess([batch.seqs[i] for i in ok], [tokens[i] for i in ok])
         return finished
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per sequence from logits [n, V]; the hooks see the logits first and may
-        override the tokens."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int | None], dict[int, Exception]]:
+        """One token per sequence from logits [n, V], and the rows whose sampling failed; the
+        hooks see the logits first and may override the tokens."""
         for hook in self.hooks:
             for seq, row in zip(seqs, logits):
                 hook.observe(seq, row)
-        tokens = sample(logits, [s.params for s in seqs], [self._generators[s.seq_id] for s in seqs])
+        failed: dict[int, Exception] = {}
+        tokens = sample(logits, [s.params for s in seqs], [self._generators[s.seq_id] for s in seqs],
+                        on_error=failed.__setitem__)
         for hook in self.hooks:
-            tokens = [hook.override(seq, token) for seq, token in zip(seqs, tokens)]
-        return tokens
+            tokens = [t if t is None else hook.override(seq, t) for seq, t in zip(seqs, tokens)]
+        return tokens, failed
 
     def _counters(self) -> dict:
         """The engine's running totals: copies, and the policy's counters (misses, cycles, ...)."""
@@ -227,5 +245,8 @@ class LLMEngine:
         seqs = [self.add_request(p, params, chat=chat) for p in prompts]
         while any(s.status is not Status.FINISHED for s in seqs):
             self.step()
+        failed = next((s for s in seqs if s.error is not None), None)
+        if failed is not None:
+            raise failed.error
         return [Completion(s.request_id, s.prompt_ids, s.output_ids, s.text, s.finish_reason, s.prefill_s,
                            s.decode_s, s.kv) for s in seqs]

@@ -3,11 +3,13 @@
     DecodeBatch     policy.before_decode (boundaries, swaps) -> forward of one token per
                     sequence (a CUDA graph, or eager with per-step selection), launched ->
                     policy.after_launch (copies ahead, Level-1: host work the GPU hides) -> commit
-    PrefillSegment  forward of the segment (or of the whole prompt layer by layer) -> commit;
+    PrefillSegment  forward of the segment (or of one layer of the whole prompt, layer by layer) -> commit;
                     at the prompt's end: policy.after_prefill (the first resident set), the
                     reserve shrinks to the decode reserve, and the last position's logits
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -31,6 +33,7 @@ class ModelRunner:
         self.attention = PagedAttention(cache, policy, model.config.head_dim)
         self.layerwise = LayerwisePrefill(model, cache, policy, config.prefill_chunk)
         self.graphs = self._graph_runner(config.cuda_graphs)
+        self._layerwise_runs: dict[int, Iterator] = {}  # seq_id -> its layer-by-layer prefill, a layer a segment
 
     def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
         selects = self.policy.selects_each_step
@@ -74,11 +77,25 @@ class ModelRunner:
             seq.num_cached += 1
         return logits
 
+    def forget(self, seq_id: int) -> None:
+        """The sequence left (finished or aborted): drop its unfinished layer-by-layer prefill."""
+        run = self._layerwise_runs.pop(seq_id, None)
+        if run is not None:
+            run.close()
+
     def _prefill(self, seq: Sequence, end: int) -> torch.Tensor | None:
         start = seq.num_cached
-        if start == len(seq.prefix_host_ids) * self.cache.block_size and self.prefills_layerwise(seq):
-            end = seq.prompt_len  # the whole prompt (after a turn's prefix) at once, layer by layer
-            hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)
+        if seq.seq_id in self._layerwise_runs or (
+                start == len(seq.prefix_host_ids) * self.cache.block_size and self.prefills_layerwise(seq)):
+            # the whole prompt (after a turn's prefix) layer by layer, one layer per segment:
+            # other sequences step in between
+            run = self._layerwise_runs.setdefault(seq.seq_id, self.layerwise.layers(seq.seq_id, seq.prompt_ids))
+            try:
+                next(run)
+                return None
+            except StopIteration as done:
+                del self._layerwise_runs[seq.seq_id]
+                hidden, end = done.value, seq.prompt_len
         else:
             self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)
             tokens = torch.tensor(seq.prompt_ids[start:end], device=self.device)

@@ -1,10 +1,21 @@
 """Continuous batching: sequences join (prefill in segments) and leave (finish) independently.
 
-A step is at most two batches, each scheduled, run, then post-processed in this order:
+A step is a decode batch and some prefill segments, each scheduled, run, then post-processed
+in this order:
 
     DecodeBatch       every sequence that is generating: one token each
-    PrefillSegment    one sequence moves ``num_cached`` towards its prompt length; the last
+    PrefillSegment    a sequence moves ``num_cached`` towards its prompt length; the last
                       segment of a prompt gives the sequence its first token
+
+Up to ``max_prefill_seqs`` sequences prefill side by side. A step's prefill segments share
+``prefill_chunk`` tokens, the sequence with the fewest prompt tokens left first, so a short
+prompt is prefilled in the next step even behind a long one, and decoding sequences get a
+token between any two segments of a long prompt:
+
+    step     decode batch     prefill segments (prefill_chunk = 1024)
+    t        A B              long[0:1024]
+    t+1      A B              short[0:30]  long[1024:2018]       <- short arrives
+    t+2      A B short        long[2018:3042]
 
 Post-processing appends each sampled token, decodes the text, and finishes the sequences a
 stop condition holds for (EOS, ``max_tokens``, a stop string), releasing their KV; so the
@@ -73,11 +84,12 @@ class OutputRules:
 class Scheduler:
     def __init__(self, max_num_seqs: int, prefill_chunk: int, rules: OutputRules,
                  can_admit: Callable[[Sequence], bool], admit: Callable[[Sequence], None],
-                 release: Callable[[Sequence], None]):
+                 release: Callable[[Sequence], None], max_prefill_seqs: int = 1):
         """``admit`` reserves a sequence's KV (``can_admit`` says whether it fits now);
         ``release`` gives it back when the sequence finishes (called in any status)."""
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
+        self.max_prefill_seqs = max_prefill_seqs
         self.rules = rules
         self._can_admit, self._admit, self._release = can_admit, admit, release
         self.waiting: deque[Sequence] = deque()
@@ -90,34 +102,51 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Batch]:
-        """This step's batches: the decode batch, then a prefill segment (each only if any)."""
+        """This step's batches: the decode batch, then prefill segments (each only if any)."""
         prefilling = [s for s in self.running if s.status is Status.PREFILL]
-        if not prefilling and self.waiting and len(self.running) < self.max_num_seqs \
+        while self.waiting and len(prefilling) < self.max_prefill_seqs and len(self.running) < self.max_num_seqs \
                 and self._can_admit(self.waiting[0]):
             seq = self.waiting.popleft()
             self._admit(seq)
             seq.status = Status.PREFILL
             self.running.append(seq)
-            prefilling = [seq]
+            prefilling.append(seq)
         batches: list[Batch] = []
         decode = [s for s in self.running if s.status is Status.DECODE]
         if decode:
             batches.append(DecodeBatch(decode))
-        if prefilling:
-            seq = prefilling[0]
-            batches.append(PrefillSegment(seq, min(seq.prompt_len, seq.num_cached + self.prefill_chunk)))
+        budget = self.prefill_chunk
+        for seq in sorted(prefilling, key=lambda s: s.prompt_len - s.num_cached):  # shortest first, then oldest
+            if budget <= 0:
+                break
+            end = min(seq.prompt_len, seq.num_cached + budget)
+            batches.append(PrefillSegment(seq, end))
+            budget -= end - seq.num_cached
         return batches
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's new token; returns the sequences that finished."""
+        """Append each sequence's new token; returns the sequences that finished (a sequence
+        whose token or text cannot be processed fails alone)."""
         finished = []
         for seq, token in zip(seqs, tokens):
             seq.status = Status.DECODE  # a prefilled sequence decodes from its first token on
-            reason = self.rules.append(seq, token)
+            try:
+                reason = self.rules.append(seq, token)
+            except Exception as exc:
+                finished += self.fail([seq], exc)
+                continue
             if reason:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def fail(self, seqs: list[Sequence], error: Exception) -> list[Sequence]:
+        """End ``seqs`` because of ``error`` (finish reason "error"); returns them."""
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                seq.error = error
+                self.finish(seq, "error")
+        return list(seqs)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence (``reason``: stop, length, abort) in whatever status it is."""

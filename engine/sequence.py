@@ -27,7 +27,8 @@ class Sequence:
     status: Status = Status.WAITING
     num_cached: int = 0  # tokens whose K/V are in the cache (vLLM's num_computed_tokens)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # stop, length, abort (cancelled), error (``error`` set)
+    error: Exception | None = None  # why the engine failed this sequence (alone)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv: dict = field(default_factory=dict)  # accounting snapshot taken when the sequence finishes

@@ -7,7 +7,8 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.errors import (CacheFullError, InvalidRequestError, LSAError, ModelFormatError, ModelNotFoundError,
-                           PromptTooLongError, UnsupportedModelError)
+                           PromptTooLongError, SessionBusy, SessionEvicted, SessionNotFound, StoreUnavailable,
+                           UnsupportedModelError, http_error)
 from engine.llm import LLMEngine
 from engine.loader import load_model, random_model
 from engine.sampling import SamplingParams
@@ -118,11 +119,12 @@ def test_max_tokens_clamped_to_context(engine):
     assert len(seq.prompt_ids) + len(seq.output_ids) == 64 and seq.finish_reason == "length"
 
 
-def test_request_larger_than_the_cache():
+def test_request_larger_than_the_cache_is_final():
     cfg = EngineConfig(cache=CacheConfig(block_size=16, num_device_blocks=2))
     small = LLMEngine(random_model(TINY, "cpu", torch.float32), cfg)
-    with pytest.raises(CacheFullError, match="more blocks"):
+    with pytest.raises(PromptTooLongError, match="more blocks") as never:  # can never fit: not retryable
         small.add_request(list(range(3, 40)), SamplingParams(max_tokens=10))
+    assert never.value.kind == "final" and http_error(never.value).status == 400
 
 
 def test_bad_token_ids_and_sampling(engine):
@@ -131,6 +133,45 @@ def test_bad_token_ids_and_sampling(engine):
     for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(stop=("",))):
         with pytest.raises(InvalidRequestError):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("param,value", [
+    ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", "8"), ("max_tokens", True), ("max_tokens", 10**12),
+    ("temperature", -0.1), ("temperature", "hot"), ("temperature", float("nan")), ("temperature", None),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", "abc"),
+    ("top_k", 1.5), ("top_k", "abc"), ("top_k", -1), ("top_k", False),
+    ("seed", "abc"), ("seed", 2**70), ("seed", 1.0),
+    ("stop", [1]), ("stop", 123), ("stop", [""]), ("stop", ["x"] * 17), ("stop", {"a": 1}),
+    ("ignore_eos", "yes"),
+])
+def test_every_sampling_param_is_checked_and_named(param, value):
+    """A bad type or range of any parameter is a FINAL error naming it (OpenAI's ``param``)."""
+    with pytest.raises(InvalidRequestError) as bad:
+        SamplingParams(**{param: value})
+    assert bad.value.param == param and param in bad.value.message
+    answer = http_error(bad.value)
+    assert answer.status == 400 and answer.body()["error"]["param"] == param
+
+
+def test_error_kinds_map_to_http_once():
+    cases = [(PromptTooLongError("long", param="max_tokens"), 400, "context_length_exceeded"),
+             (SessionNotFound("gone"), 404, "session_not_found"), (SessionEvicted("lru"), 404, "session_evicted"),
+             (SessionBusy("busy"), 409, "session_busy"), (CacheFullError("full", retry_after_s=2.5), 429, "overloaded"),
+             (StoreUnavailable("down"), 503, "unavailable"), (KeyError("bug"), 500, "internal_error")]
+    for exc, status, code in cases:
+        answer = http_error(exc)
+        assert (answer.status, answer.code) == (status, code), exc
+        assert answer.body()["error"]["message"]
+    assert http_error(CacheFullError("full", retry_after_s=2.5)).headers == {"Retry-After": "3"}
+    assert "Retry-After" in http_error(StoreUnavailable("down")).headers
+
+    class Wrapped(Exception):  # as Ray wraps a remote error: the cause decides
+        cause = SessionEvicted("evicted")
+    assert http_error(Wrapped()).status == 404
+
+    class ActorDiedError(Exception):  # a Ray error by name: a dependency is down
+        pass
+    assert http_error(ActorDiedError()).status == 503
 
 
 def test_all_errors_share_a_base():

@@ -148,15 +148,15 @@ def test_device_memory_of_the_layerwise_prefill_is_bounded(model, monkeypatch, p
         engine = engine_for(model, 12, True, budget=0.1, cycle=4, **policy)
         layerwise = engine.runner.layerwise
         layerwise.mirror_chunk_blocks = 4
-        run_prefill = layerwise.run
+        run_layers = layerwise.layers  # the runner steps it a layer at a time (one prompt: nothing runs between)
 
-        def tracked(seq_id, ids, n=n, run_prefill=run_prefill):
+        def tracked(seq_id, ids, n=n, run_layers=run_layers):
             with TrackedMemory() as mem:
-                out = run_prefill(seq_id, ids)
+                out = yield from run_layers(seq_id, ids)
             peaks[n] = mem.peak
             return out
 
-        layerwise.run = tracked
+        layerwise.layers = tracked
         run(engine, prompts([n]), max_tokens=2)
         bounds[n] = layerwise.device_bytes(n)
         held = bounds[n]["hidden"] + bounds[n]["scratch"]

@@ -268,6 +268,22 @@ def test_bad_requests_get_their_status_and_a_good_request_succeeds_after_each(se
 # ------------------------------------------------------------------------------- sessions, limits, metrics
 
 
+def test_a_prompt_that_extends_an_earlier_one_reuses_its_kv(server):
+    """Prefix reuse over HTTP with 2 workers: the router sends the longer prompt to the replica
+    whose store holds the earlier one's blocks, which loads them instead of prefilling."""
+    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY)
+    prompt = "The cat is named Pickles and sleeps all day. " * 8
+    first = oa.completions.create(model="tiny-random", prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    time.sleep(2.5)  # workers publish the prefixes their stores hold with their routing stats
+    second = oa.completions.create(model="tiny-random", prompt=prompt + first.choices[0].text + " Why?",
+                                   max_tokens=4, temperature=0)
+    # all but the policy's observation window (32 for lsa) and a block or two: loaded, not prefilled
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 64 > 0
+    code, text, _ = http(server, "GET", "/health", key=None)  # Serve's proxy answers /-/healthz itself
+    assert code == 200 and text.splitlines()[0] == "ok"
+
+
 def test_sessions_json_and_msgpack(server, client):
     for c in (client, LSAClient(server, api_key=KEY, msgpack=True, timeout_s=120)):
         with c.session("The cat is named Pickles. " * 20) as s:

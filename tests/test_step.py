@@ -105,3 +105,49 @@ def test_teacher_force_refuses_what_cannot_be_forced(model):
     with pytest.raises(PromptTooLongError):
         teacher_force(engine, [4] * 500, [5] * 20, lambda i, row: None)
     assert not engine.has_work() and engine.hooks == []
+
+
+def test_a_short_prompt_is_prefilled_beside_a_long_one():
+    """Several sequences prefill side by side: the step's prefill tokens go to the fewest-left
+    first, so a short prompt waits one step, not the long prompt's whole prefill."""
+    sched = Scheduler(4, prefill_chunk=100, rules=OutputRules({2}), can_admit=lambda s: True,
+                      admit=lambda s: None, release=lambda s: None, max_prefill_seqs=4)
+    long = Sequence([4] * 1000, SamplingParams())
+    sched.add(long)
+    assert [(b.seq, b.end) for b in sched.schedule()] == [(long, 100)]
+    long.num_cached = 100
+    short = Sequence([4] * 30, SamplingParams())
+    sched.add(short)
+    assert [(b.seq, b.end) for b in sched.schedule()] == [(short, 30), (long, 170)]  # 100 tokens in all
+    single = Scheduler(4, prefill_chunk=100, rules=OutputRules({2}), can_admit=lambda s: True,
+                       admit=lambda s: None, release=lambda s: None, max_prefill_seqs=1)
+    single.running.append(long)
+    long.status = Status.PREFILL
+    single.add(Sequence([4] * 30, SamplingParams()))
+    assert [b.seq for b in single.schedule()] == [long]  # one at a time: the short one waits
+
+
+def test_decode_steps_run_between_the_layers_of_a_layerwise_prefill(model):
+    from engine.config import PolicyConfig
+
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, num_device_blocks=64),
+                       scheduler=SchedulerConfig(max_num_seqs=3, prefill_chunk=32, layerwise_prefill=True),
+                       policy=PolicyConfig("streaming", budget=0.5, min_resident_tokens=0))
+    engine = LLMEngine(model, cfg)
+    gen = torch.Generator().manual_seed(2)
+    decoding = engine.add_request(torch.randint(4, 64, (20,), generator=gen).tolist(),
+                                  SamplingParams(max_tokens=20, ignore_eos=True))
+    while decoding.status is not Status.DECODE:  # layer by layer too: a step per layer
+        engine.step()
+    long_ids = torch.randint(4, 64, (300,), generator=gen).tolist()
+    long = engine.add_request(long_ids, SamplingParams(max_tokens=4, ignore_eos=True))
+    tokens_during = []
+    while long.status is not Status.DECODE:
+        before = len(decoding.output_ids)
+        engine.step()
+        tokens_during.append(len(decoding.output_ids) - before)
+    assert len(tokens_during) == TINY.num_layers and all(t == 1 for t in tokens_during)  # a token every layer
+    while engine.has_work():
+        engine.step()
+    alone = LLMEngine(model, cfg).generate([long_ids], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert long.output_ids == alone.token_ids

@@ -40,7 +40,8 @@ def test_warm_up_leaves_nothing_behind_and_the_worker_serves(tmp_path, device):
             assert done["graphs"] >= 3  # batch buckets 1, 2 and 4 at least
         stats = store.stats()
         assert stats.sessions == 0 and stats.session_blocks == 0
-        assert stats.free_blocks + stats.leased_blocks == stats.capacity_blocks
+        # the warm-up prompts' blocks may stay as prefix blocks (engine/prefix.py), which the store evicts at need
+        assert stats.free_blocks + stats.leased_blocks + stats.prefix_blocks == stats.capacity_blocks
         assert stats.leased_blocks <= 16  # at most the worker's spare blocks stay leased
         context = torch.randint(3, 64, (70,), generator=torch.Generator().manual_seed(2)).tolist()
         assert core.create_session("s", context).result(timeout=120).prefill_tokens == 70

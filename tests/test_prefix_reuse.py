@@ -1,0 +1,132 @@
+"""Prefix KV reuse: block hash chains (engine/prefix.py), prefix blocks in a node store beside
+sessions, a stateless chat whose turns prefill only their new tokens (decode worker, no Ray),
+and the router sending a prompt to the replica that holds its longest prefix."""
+import asyncio
+import time
+
+import pytest
+import torch
+from ray.serve._private.request_router.common import RequestRoutingContext
+
+from actors.decode_worker import DecodeWorkerCore
+from actors.kv_store import KVStoreCore, arena_path
+from actors.session_table import SessionTable
+from cluster.router import KVLocalityRouter
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.factory import ByteTokenizer
+from engine.host_arena import ArenaLayout
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.prefix import block_hashes, routing_depths, routing_keys
+from engine.sampling import SamplingParams
+
+TINY = ModelConfig(architecture="llama", vocab_size=260, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048, eos_token_ids=(0,))
+BLOCK = 8
+LAYOUT = ArenaLayout.of(TINY, BLOCK, torch.float32)
+ANSWER = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(TINY, "cpu", torch.float32, seed=5)
+
+
+def config():
+    return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=400),
+                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=256), policy=PolicyConfig("full"))
+
+
+def tokens(n, seed):
+    return torch.randint(4, 260, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_block_hash_chains_name_a_block_and_everything_before_it():
+    a, b = tokens(40, 1), tokens(40, 1)
+    b[20] += 1  # differs in block 2
+    ha, hb = block_hashes(a, BLOCK), block_hashes(b, BLOCK)
+    assert len(ha) == 5 and ha[:2] == hb[:2] and all(x != y for x, y in zip(ha[2:], hb[2:]))
+    assert block_hashes(a + [7, 7], BLOCK) == ha  # a partial block has no key
+    assert routing_depths(9) == [1, 2, 4, 8] and routing_keys(ha) == [ha[0], ha[1], ha[3]]
+
+
+def test_prefix_blocks_are_evicted_before_sessions_and_never_while_pinned():
+    table = SessionTable(10, 1)
+    ids = table.lease("w", 6)
+    table.put("w", "s", list(range(16)), ids[:2])
+    keys = block_hashes(tokens(32, 2), BLOCK)
+    assert table.put_prefix("w", keys, ids[2:6]) == 4
+    assert table.match_prefix(keys[:2] + ["other"]) == ids[2:4]  # pinned: the first two
+    table.lease("x", 6)  # needs 2 more than are free: idle prefix blocks go, pinned ones and the session stay
+    assert "s" in table.records and keys[0] in table.prefix and keys[1] in table.prefix
+    table.unpin_prefix(keys[:2])
+    table.lease("x", 2)
+    assert not table.prefix and "s" in table.records
+
+
+@pytest.fixture()
+def worker(tmp_path, model):
+    store = KVStoreCore("n", LAYOUT, 400 * LAYOUT.block_bytes, arena_path("prefix", "n", str(tmp_path)))
+    core = DecodeWorkerCore.build(lambda arena: LLMEngine(model, config(), ByteTokenizer(), arena=arena), store,
+                                  "w", spare_blocks=0)
+    yield core
+    core.close()
+
+
+def test_a_chat_prefills_only_its_new_tokens_each_turn(worker, model):
+    """Each turn's prompt is the last turn's prompt, its answer and a new message; the answer
+    equals a fresh engine's, and only the tokens after the held blocks are prefilled."""
+    fresh = LLMEngine(model, config(), ByteTokenizer())
+    prompt = tokens(600, 3)
+    held = 0  # tokens of complete blocks the store holds for this conversation
+    for turn in range(10):
+        out = worker.generate(prompt, ANSWER).result(timeout=120)
+        assert out.token_ids == fresh.generate([prompt], ANSWER)[0].token_ids
+        cached = min(held, (len(prompt) - 1) // BLOCK * BLOCK)
+        assert out.cached_tokens == cached and out.prefill_tokens == len(prompt) - cached
+        if turn:
+            assert out.prefill_tokens < BLOCK + 6 + 11  # the partial block, the last answer, the new message
+        held = (len(prompt) + len(out.token_ids) - 1) // BLOCK * BLOCK  # its KV: the answer but its last token
+        prompt = prompt + out.token_ids + tokens(5 + turn, 100 + turn)
+    deadline = time.monotonic() + 5
+    while worker.store.stats().leased_blocks and time.monotonic() < deadline:  # given back after the answer
+        time.sleep(0.01)
+    stats = worker.store.stats()
+    assert stats.prefix_hits == 9 and stats.leased_blocks == 0 and worker.idle()
+    assert worker.held_prefix_keys()  # what the router is told
+
+
+class _Meta:
+    def __init__(self, session_id=""):
+        self.session_id = session_id
+
+
+class _Pending:
+    def __init__(self, prompt_ids):
+        self.metadata, self.kwargs, self.args = _Meta(), {"prompt_ids": prompt_ids}, ()
+        self.routing_context = RequestRoutingContext()
+
+
+class _Replica:
+    def __init__(self, uid, stats):
+        self.replica_id = type("RID", (), {"unique_id": uid})()
+        self.routing_stats, self.replica_metadata = stats, {"block_size": BLOCK, "kv_capacity_bytes": 10_000}
+
+
+def test_the_router_sends_a_prompt_to_the_holder_of_its_longest_prefix():
+    router = KVLocalityRouter.__new__(KVLocalityRouter)  # the ranking logic alone
+    router.initialize_state()
+    doc_a, doc_b = tokens(200, 1), tokens(200, 2)
+    a = _Replica("a", {"sessions": [], "prefixes": routing_keys(block_hashes(doc_a, BLOCK)), "free_kv_bytes": 100})
+    b = _Replica("b", {"sessions": [], "prefixes": [], "free_kv_bytes": 900})
+    router._replicas = {r.replica_id: r for r in (a, b)}
+    router._replicas_list = [a, b]
+    choose = lambda prompt: asyncio.run(router.choose_replicas([a, b], _Pending(prompt)))  # noqa: E731
+    assert choose(doc_a + tokens(30, 9)) == [[a], [b]]  # a holds its prefix, though b has more room
+    assert choose(doc_b) == [[b], [a]]  # no holder: the most free capacity
+    router.on_request_routed(_Pending(doc_b), b.replica_id, None)
+    assert choose(doc_b + tokens(10, 8)) == [[b], [a]]  # the router's own record, before any stats
+    # two interleaved conversations each stay with their holder
+    for turn in range(3):
+        assert choose(doc_a + tokens(8 * turn, 20))[0] == [a] and choose(doc_b + tokens(8 * turn, 30))[0] == [b]
+    assert choose(doc_a[:8] + tokens(192, 4))[0] == [b]  # one shared block of 25: too little to attract
