@@ -252,6 +252,9 @@ class PolicyConfig:
                             choices=(0, 1))
     prefetch: float = option(0.5, "lsa: copy the next plan's blocks during the cycle before it applies, into "
                              "spare slots of at most this fraction of the budget (0: all at the boundary)")
+    stagger_boundaries: bool = option(True, "lsa: sequences that start decoding together reach their Level-1 "
+                                      "boundaries in different steps (False: every first boundary after a full "
+                                      "cycle, so a sequence's plans do not depend on its batch)")
     observation_window: int = option(32, "snapkv, and lsa's first plan: prompt queries that vote")
     first_plan: str = option("attention", "lsa's plan at the end of prefill: exact attention of the observation "
                              "window, or the indexer", choices=("attention", "indexer"))

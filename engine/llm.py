@@ -113,9 +113,16 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str = "", chat: bool = False) -> Sequence:
+    def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    request_id: str = "", chat: bool = False, prompt_state=None) -> Sequence:
+        """Queue a request. ``prompt_state`` (a PromptState of engine/prompt_state.py, captured over
+        this engine's model): the prompt is its tokens (``prompt`` None or the same ids), and its
+        prefill is written in from the state instead of run."""
         params = params or SamplingParams()
+        if prompt_state is not None:
+            if prompt is not None and list(prompt) != list(prompt_state.prompt_ids):
+                raise InvalidRequestError("the prompt differs from the prompt state's tokens")
+            prompt = list(prompt_state.prompt_ids)
         ids = self._encode(prompt, chat)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
@@ -124,7 +131,7 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         if params.max_tokens > room:
             params = SamplingParams(**{**params.__dict__, "max_tokens": room})
-        seq = Sequence(ids, params, request_id=request_id)
+        seq = Sequence(ids, params, request_id=request_id, prompt_state=prompt_state)
         if self._admit_blocks(seq) > self.cache.blocks.num_device_blocks:
             raise CacheFullError(
                 f"request needs {self._admit_blocks(seq)} device blocks but the whole device cache holds "

@@ -2,7 +2,8 @@
 
     DecodeBatch     policy.before_decode (boundaries, swaps) -> forward of one token per
                     sequence (a CUDA graph, or eager with per-step selection) -> commit
-    PrefillSegment  forward of the segment (or of the whole prompt layer by layer) -> commit;
+    PrefillSegment  forward of the segment (or of the whole prompt layer by layer, or a prompt
+                    prefilled elsewhere written in: engine/prompt_state.py) -> commit;
                     at the prompt's end: policy.after_prefill (the first resident set), the
                     reserve shrinks to the decode reserve, and the last position's logits
 """
@@ -17,6 +18,7 @@ from engine.graphs import DecodeGraphRunner
 from engine.kv_cache import BlockKVCache
 from engine.layerwise import LayerwisePrefill
 from engine.model import LlamaForCausalLM
+from engine.prompt_state import write_prompt
 from engine.policies import Policy
 from engine.scheduler import Batch, DecodeBatch
 from engine.sequence import Sequence
@@ -27,6 +29,7 @@ class ModelRunner:
         self.model, self.cache, self.policy = model, cache, policy
         self.device = cache.device
         self.layerwise_prefill = config.layerwise_prefill
+        self.prefill_chunk = config.prefill_chunk
         self.attention = PagedAttention(cache, policy, model.config.head_dim)
         self.layerwise = LayerwisePrefill(model, cache, policy, config.prefill_chunk)
         self.graphs = self._graph_runner(config.cuda_graphs)
@@ -43,7 +46,8 @@ class ModelRunner:
     def prefills_layerwise(self, seq: Sequence) -> bool:
         """Prefill this prompt layer by layer (offloading policies, no session prefix): always
         with ``layerwise_prefill=True``, or, when unset, if the prompt does not fit the device pool."""
-        if self.layerwise_prefill is False or not self.policy.offloads or seq.prefix_host_ids:
+        if self.layerwise_prefill is False or not self.policy.offloads or seq.prefix_host_ids \
+                or seq.prompt_state is not None:
             return False
         return bool(self.layerwise_prefill) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
                                                 > self.cache.blocks.num_device_blocks)
@@ -72,6 +76,14 @@ class ModelRunner:
 
     def _prefill(self, seq: Sequence, end: int) -> torch.Tensor | None:
         start = seq.num_cached
+        if seq.prompt_state is not None:  # prefilled elsewhere: its K/V and observations written in
+            logits = write_prompt(self.cache, self.policy, seq.seq_id, seq.prompt_state, self.prefill_chunk,
+                                  self.attention.scale)
+            seq.num_cached = seq.prompt_len
+            self.policy.after_prefill(seq.seq_id)
+            if self.policy.offloads:
+                self.policy.shrink_reserve(seq.seq_id, seq.max_len)
+            return logits
         if start == 0 and self.prefills_layerwise(seq):  # the whole prompt at once, layer by layer
             end = seq.prompt_len
             hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)

@@ -211,7 +211,7 @@ class LSAPolicy(OffloadPolicy):
         # Sequences that start together would all reach their boundaries in the same step (one
         # slow step for the batch): each one already decoding moves the next one's phase by an
         # eighth of a cycle, so its first boundary comes that much sooner. Alone: phase 0.
-        decoding = sum(1 for s in self._step if s != seq_id)
+        decoding = sum(1 for s in self._step if s != seq_id) if self.config.stagger_boundaries else 0
         self._step[seq_id] = decoding * max(1, self.config.cycle // 8) % self.config.cycle
 
     def before_decode(self, seq_ids: list[int]) -> None:
