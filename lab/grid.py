@@ -1,0 +1,97 @@
+"""The grid of ``lsa eval``: for each context, every (policy, budget) run over the same samples.
+
+    for each context:
+        capture      each prompt prefilled once, densely (engine/prompt_state.py)   --shared-prefill
+        sessions     one host arena and session table for all runs (lab/running.py)
+        for each run (full first: its greedy tokens are the agreement reference):
+            an engine of the run's policy and budget, decoding --batch samples together;
+            the captured prompts written in, the sessions asked on the shared arena
+
+Memory: the captured prompts of one context are held until its runs are done (K and V of
+every layer: 189 MB per 8K prompt of SmolLM2 in bf16, on the model's device).
+"""
+from __future__ import annotations
+
+import time
+
+from engine.config import EngineConfig
+from engine.llm import LLMEngine
+from engine.options import replace
+from engine.prompt_state import PromptRecorder, capture_prompt
+from engine.sessions import ArenaLayout
+from lab.report import run_label
+from lab.running import RunInputs, SessionStore, run_samples, run_sessions
+from lab.tasks import TaskSpec
+
+
+class EvalGrid:
+    """Runs the samples of each context under every (policy, budget); collects records and errors."""
+
+    def __init__(self, args, base: EngineConfig, model, tokenizer, spec: TaskSpec, runs: list[tuple]):
+        self.args, self.base, self.model, self.tokenizer = args, base, model, tokenizer
+        self.spec, self.runs = spec, runs
+        self.model_len = spec.max_model_len
+        self.block_size = base.cache.block_size_for(self.model_len)
+        self.records: list[dict] = []
+        self.errors: list[dict] = []
+        self.timings: dict = {"capture_s": 0.0, "captured_prompts": 0, "captured_bytes_max": 0, "runs": []}
+
+    def make_engine(self, name: str, budget: float | None, arena=None) -> LLMEngine:
+        config = replace(self.base, policy=name, budget=1.0 if budget is None else budget,
+                         max_num_seqs=self.args.batch, max_model_len=self.model_len)
+        return LLMEngine(self.model, config, self.tokenizer, arena=arena)
+
+    def capture(self, samples) -> dict:
+        """Sample key -> PromptState for every sample but the sessions (which share their own way)."""
+        config = replace(self.base, policy="full", max_num_seqs=1, max_model_len=self.model_len, host_mirror=False)
+        p = config.policy
+        recorder = PromptRecorder(p, self.model.config.num_layers, self.block_size,
+                                  max(p.observation_window, p.query_window))
+        engine = LLMEngine(self.model, config, self.tokenizer, policy=recorder)
+        t0 = time.perf_counter()
+        states = {s.key: capture_prompt(engine, list(s.prompt_ids)) for s in samples if s.task != "session"}
+        self.timings["capture_s"] = round(self.timings["capture_s"] + time.perf_counter() - t0, 2)
+        self.timings["captured_prompts"] += len(states)
+        self.timings["captured_bytes_max"] = max(self.timings["captured_bytes_max"],
+                                                 sum(st.nbytes() for st in states.values()))
+        return states
+
+    def session_store(self, sessions) -> SessionStore | None:
+        if not sessions:
+            return None
+        layout = ArenaLayout.of(self.model.config, self.block_size, next(self.model.parameters()).dtype)
+        per_seq = -(-self.model_len // self.block_size) + 2
+        return SessionStore(layout, 2 * max(len(sessions), self.args.batch) * per_seq + 64,
+                            shared=self.args.shared_prefill)
+
+    def run_context(self, samples, need_reference: bool, bar) -> None:
+        plain = [s for s in samples if s.task != "session"]
+        sessions = [s for s in samples if s.task == "session"]
+        bar.set_description(f"prefill (context {samples[0].context})" if samples else "")
+        states = self.capture(plain) if self.args.shared_prefill and plain else None
+        store = self.session_store(sessions)
+        reference: dict[str, list[int]] = {}
+        done = bar.update
+        if need_reference:
+            bar.set_description("full (agreement reference)")
+            agreement = [s for s in plain if s.task == "agreement"]
+            run_samples(self.make_engine("full", None), agreement,
+                        RunInputs(self.spec, reference, True, states, done))
+        for name, budget in self.runs:
+            bar.set_description(run_label(name, budget))
+            t_run = time.perf_counter()
+            inputs = RunInputs(self.spec, reference, name == "full", states, done)
+            try:
+                records = run_samples(self.make_engine(name, budget), plain, inputs) if plain else []
+                if sessions:
+                    arena = store.engine_arena()
+                    records += run_sessions(self.make_engine(name, budget, arena), arena, store, sessions, inputs,
+                                            owner=run_label(name, budget))
+                self.records += [{"policy": name, "budget": budget, **r} for r in records]
+            except Exception as exc:  # noqa: BLE001 - recorded with --keep-going, re-raised otherwise
+                if not self.args.keep_going:
+                    raise
+                self.errors.append({"policy": name, "budget": budget, "context": samples[0].context,
+                                    "error": f"{type(exc).__name__}: {exc}"})
+            self.timings["runs"].append({"policy": name, "budget": budget, "context": samples[0].context,
+                                         "seconds": round(time.perf_counter() - t_run, 2)})

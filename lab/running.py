@@ -1,0 +1,227 @@
+"""Running the samples of ``lsa eval`` on one engine, many at once.
+
+The samples of a task go to the engine together; its scheduler decodes up to ``max_num_seqs``
+of them in one batch (on a GPU a decode step of 20 sequences costs about one of 1). A sample
+whose prompt was prefilled once for every policy (``states``: engine/prompt_state.py) is
+written in instead of prefilled. Teacher-forced passes (ppl, agreement) feed each sequence its
+own continuation through a ``TeacherForcing`` hook. Sessions run through the serving path
+(engine/sessions.py): the documents live in one host arena shared by every run, each turn a
+request on its session, as a served session's turns are.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.hooks import TeacherForcing
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence, Status
+from engine.sessions import ArenaLayout, HostArena, IdPool, SessionManager, SessionTable
+from lab.tasks import SESSION_TURNS, Sample, TaskSpec, agreement, answer_found
+
+
+@dataclass
+class RunInputs:
+    """What every sample of one run shares."""
+
+    spec: TaskSpec
+    reference: dict[str, list[int]]  # full attention's greedy tokens per agreement sample key
+    is_reference: bool = False  # this run is full attention: it fills ``reference``
+    states: dict | None = None  # sample key -> PromptState, when the prefill is shared
+    on_done: Callable[[int], None] | None = None  # told how many records are done
+
+
+def run_samples(engine, samples: list[Sample], inputs: RunInputs) -> list[dict]:
+    """Records of ``samples`` (no session samples) run on ``engine``, in the order given."""
+    out: dict[str, dict] = {}
+    for task in dict.fromkeys(s.task for s in samples):
+        group = [s for s in samples if s.task == task]
+        if task == "ppl":
+            out.update(_ppl(engine, group, inputs))
+        elif task == "agreement":
+            out.update(_agreement(engine, group, inputs))
+        else:
+            out.update(_answers(engine, group, inputs))
+        if inputs.on_done:
+            inputs.on_done(len(group))
+    return [out[s.key] for s in samples]
+
+
+def _base(sample: Sample) -> dict:
+    return {"task": sample.task, "key": sample.key, "text": sample.text, "context": sample.context,
+            "depth": sample.depth, "index": sample.index, "prompt_tokens": len(sample.prompt_ids)}
+
+
+def _add(engine, sample: Sample, params: SamplingParams, inputs: RunInputs) -> Sequence:
+    state = inputs.states.get(sample.key) if inputs.states else None
+    return engine.add_request(None if state is not None else list(sample.prompt_ids), params, prompt_state=state)
+
+
+def _finish(engine, seqs: list[Sequence]) -> float:
+    """Step until every one of ``seqs`` finished; the seconds it took."""
+    t0 = time.perf_counter()
+    while any(s.status is not Status.FINISHED for s in seqs):
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def _generate(engine, samples: list[Sample], params: SamplingParams, inputs: RunInputs):
+    seqs = [_add(engine, s, params, inputs) for s in samples]
+    return seqs, _finish(engine, seqs) / max(1, len(seqs))
+
+
+def teacher_force_many(engine, samples: list[Sample], continuations: list[list[int]], visit,
+                       inputs: RunInputs) -> tuple[list[Sequence], float]:
+    """Feed each sample its continuation through the decode path, all at once; ``visit(k, i,
+    logits [V])`` sees the logits that predict ``continuations[k][i]``."""
+    seqs, hooks = [], []
+    try:
+        for k, (sample, cont) in enumerate(zip(samples, continuations)):
+            seq = _add(engine, sample, SamplingParams(max_tokens=len(cont), ignore_eos=True), inputs)
+            if seq.params.max_tokens < len(cont):
+                engine.abort(seq)
+                raise ValueError(f"{sample.key}: prompt plus continuation exceed the model's context")
+            hooks.append(TeacherForcing(seq, cont, lambda i, row, k=k: visit(k, i, row)))
+            engine.hooks.append(hooks[-1])
+            seqs.append(seq)
+        wall = _finish(engine, seqs)
+    finally:
+        for hook in hooks:
+            engine.hooks.remove(hook)
+    return seqs, wall / max(1, len(seqs))
+
+
+def _answers(engine, samples: list[Sample], inputs: RunInputs) -> dict[str, dict]:
+    seqs, wall = _generate(engine, samples, SamplingParams(max_tokens=inputs.spec.max_tokens), inputs)
+    out = {}
+    for s, seq in zip(samples, seqs):
+        record = {**_base(s), "reply": seq.text, "token_ids": list(seq.output_ids), "prefill_s": round(seq.prefill_s, 4),
+                  "decode_s": round(seq.decode_s, 4), "kv": seq.kv, "answer": s.answer, "question": s.question,
+                  "correct": answer_found(seq.text, s.answer), "wall_s": round(wall, 4)}
+        if s.distractors:
+            record["distractor_hit"] = any(answer_found(seq.text, d) for d in s.distractors)
+        out[s.key] = record
+    return out
+
+
+def _ppl(engine, samples: list[Sample], inputs: RunInputs) -> dict[str, dict]:
+    nll = [0.0] * len(samples)
+    conts = [list(s.continuation) for s in samples]
+
+    def visit(k, i, row):
+        nll[k] -= float(torch.log_softmax(row.double(), -1)[conts[k][i]])
+
+    seqs, wall = teacher_force_many(engine, samples, conts, visit, inputs)
+    return {s.key: {**_base(s), "scored_tokens": len(c), "nll": nll[k], "ppl": math.exp(nll[k] / len(c)),
+                    "kv": seq.kv, "wall_s": round(wall, 4)}
+            for k, (s, c, seq) in enumerate(zip(samples, conts, seqs))}
+
+
+def _agreement(engine, samples: list[Sample], inputs: RunInputs) -> dict[str, dict]:
+    """Free-running: greedy tokens against full's; teacher-forced: full's tokens fed back, so one
+    early flip does not change the later context."""
+    params = SamplingParams(max_tokens=inputs.spec.agreement_tokens, ignore_eos=True)
+    seqs, wall = _generate(engine, samples, params, inputs)
+    if inputs.is_reference:
+        inputs.reference.update((s.key, list(seq.output_ids)) for s, seq in zip(samples, seqs))
+    missing = [s.key for s in samples if s.key not in inputs.reference]
+    if missing:
+        raise RuntimeError(f"no full-attention reference for {missing[0]}: run full first")
+    refs = [inputs.reference[s.key] for s in samples]
+    if inputs.is_reference:
+        forced, forced_wall = refs, 0.0
+    else:
+        forced = [[0] * len(r) for r in refs]
+
+        def visit(k, i, row):
+            forced[k][i] = int(row.argmax())
+
+        _, forced_wall = teacher_force_many(engine, samples, refs, visit, inputs)
+    out = {}
+    for s, seq, ref, f in zip(samples, seqs, refs, forced):
+        same, first = agreement(ref, list(seq.output_ids))
+        out[s.key] = {**_base(s), "reply": seq.text, "token_ids": list(seq.output_ids),
+                      "prefill_s": round(seq.prefill_s, 4), "decode_s": round(seq.decode_s, 4), "kv": seq.kv,
+                      "agreement": same, "first_divergence": first, "forced_token_ids": list(f),
+                      "agreement_forced": agreement(ref, list(f))[0], "wall_s": round(wall + forced_wall, 4)}
+    return out
+
+
+# ------------------------------------------------------------------ sessions
+
+
+@dataclass
+class SessionStore:
+    """The host arena and session table every run of one context shares. With a shared
+    prefill, the first run creates the sessions (prefills each document once) and every later
+    run asks its turns on them; otherwise each run creates and deletes its own."""
+
+    layout: ArenaLayout
+    num_blocks: int
+    shared: bool = True
+    arena: HostArena = field(init=False)
+    table: SessionTable = field(init=False)
+    sessions: dict[str, str] = field(default_factory=dict)  # sample key -> session id
+
+    def __post_init__(self):
+        self.arena = HostArena.private(self.layout, self.num_blocks)
+        self.table = SessionTable(self.num_blocks, self.layout.block_bytes)
+
+    def engine_arena(self) -> HostArena:
+        """The arena as one engine maps it: the same rows, a pool of its own (leased from the table)."""
+        return HostArena(self.arena.host, self.arena.summary, IdPool())
+
+
+def run_sessions(engine, arena: HostArena, store: SessionStore, samples: list[Sample], inputs: RunInputs,
+                 owner: str) -> list[dict]:
+    """Every session sample on ``engine`` (built over ``arena``, from ``store.engine_arena()``):
+    its document made a session if it is not one yet, then its questions asked in order, turn t
+    of every document at once. A record per answer."""
+    manager = SessionManager(engine, store.table, arena.allocator, owner=owner)
+    created = []
+    for s in samples:
+        if s.key not in store.sessions:
+            sid = f"{owner}/{s.key}"
+            created.append((s.key, sid, manager.create(sid, list(s.prompt_ids))))
+    _settle(manager, [seq for _, _, seq in created])
+    for key, sid, seq in created:
+        store.sessions[key] = sid
+    records = []
+    params = SamplingParams(max_tokens=inputs.spec.max_tokens)
+    for t in range(SESSION_TURNS):
+        asked = [(s, manager.ask(store.sessions[s.key], list(s.turns[t].question_ids), params)) for s in samples]
+        prefilled = {seq.seq_id: None for _, seq in asked}
+        t0 = time.perf_counter()
+        for turn in _settle(manager, [seq for _, seq in asked]):
+            prefilled[turn.seq.seq_id] = turn.prefill_tokens
+        wall = (time.perf_counter() - t0) / max(1, len(asked))
+        for s, seq in asked:
+            turn = s.turns[t]
+            records.append({"task": "session", "key": f"{s.key}/{t}", "text": None, "context": s.context,
+                            "depth": turn.depth, "index": s.index, "turn": t,
+                            "prompt_tokens": len(s.prompt_ids) + len(turn.question_ids),
+                            "prefill_tokens": prefilled[seq.seq_id], "reply": seq.text,
+                            "token_ids": list(seq.output_ids), "prefill_s": round(seq.prefill_s, 4),
+                            "decode_s": round(seq.decode_s, 4), "kv": seq.kv, "answer": turn.answer,
+                            "question": turn.question, "correct": answer_found(seq.text, turn.answer),
+                            "wall_s": round(wall, 4)})
+        if inputs.on_done:
+            inputs.on_done(len(samples))
+    if not store.shared:
+        for key, sid, _ in created:
+            manager.delete(sid)
+            store.sessions.pop(key)
+    manager.trim_pool()
+    return records
+
+
+def _settle(manager: SessionManager, seqs: list[Sequence]) -> list:
+    """Step the manager until every one of ``seqs`` finished; the turns that finished meanwhile."""
+    done = []
+    while any(s.status is not Status.FINISHED for s in seqs):
+        done += manager.step()
+    return done
