@@ -259,6 +259,8 @@ class PolicyConfig:
     first_plan: str = option("attention", "lsa's plan at the end of prefill: exact attention of the observation "
                              "window, or the indexer", choices=("attention", "indexer"))
     indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
+    layer_plan: str | None = option(None, "lsa: layer plan file (lsa calibrate): the layers in groups, each with its "
+                                    "own resident set and share of the budget; default: one set for all layers")
     index_score: str = option("quest", "zero-training indexer score", choices=("quest", "mean"))
 
     def __post_init__(self):

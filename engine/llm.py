@@ -47,6 +47,7 @@ class LLMEngine:
         cache_cfg = config.cache
         self.block_size = cache_cfg.block_size_for(self.max_model_len)
         self.policy = policy or make_policy(config.policy, mc.num_layers, self.block_size)
+        self.policy.check_model(model)
         if self.policy.offloads and not cache_cfg.host_mirror:
             raise InvalidRequestError(f"policy {config.policy.name!r} evicts blocks to the host mirror; "
                                       f"enable the host mirror")

@@ -22,6 +22,7 @@ from engine.errors import InvalidRequestError
 from engine.options import add_arguments, from_args
 from lab.haystack import TEXT_NAMES
 from lab.report import run_label
+from lab.runs import Run
 from lab.tasks import SESSION_TURNS, TASKS, TEXT_TASKS, TaskSpec, build_samples, load_needles
 
 POLICY_NAMES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
@@ -38,12 +39,25 @@ def _csv(kind):
     return parse
 
 
+def _policy_list(text: str) -> tuple[str, ...]:
+    """Comma-separated policy specs, where a variant's list value keeps its commas
+    (``lsa:target_layers=3,4,7,streaming``: a piece of digits continues the previous spec)."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if piece.lstrip("-").isdigit() and specs and "=" in specs[-1]:
+            specs[-1] += "," + piece
+        elif piece:
+            specs.append(piece)
+    return tuple(specs)
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="accuracy harness: needle-in-a-haystack, multi-key retrieval, "
                               "perplexity and agreement with full attention, per policy and budget")
     g = p.add_argument_group("grid")
     g.add_argument("--tasks", type=_csv(str), default=TASKS, help=f"comma-separated, of {','.join(TASKS)}")
-    g.add_argument("--policies", type=_csv(str), default=("full", "lsa"), help=f"of {','.join(POLICY_NAMES)}")
+    g.add_argument("--policies", type=_policy_list, default=("full", "lsa"), help=f"of {','.join(POLICY_NAMES)}; a "
+                   "variant as [LABEL=]NAME:KEY=VALUE[:KEY=VALUE...] (config fields of its own)")
     g.add_argument("--budgets", type=_csv(float), default=(0.1,), help="resident fractions, e.g. 0.05,0.1,0.2")
     g.add_argument("--contexts", type=_csv(int), default=(2048, 4096), help="context lengths in tokens "
                    "(shortened to fit the model with the generated tokens)")
@@ -74,13 +88,40 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _runs(policies, budgets) -> list[tuple[str, float | None]]:
-    """(policy, budget) pairs: full once without a budget and first, the others per budget."""
-    bad = [name for name in policies if name not in POLICY_NAMES]
-    if bad:
-        raise InvalidRequestError(f"unknown policies {bad}; use {', '.join(POLICY_NAMES)}")
-    runs = [("full", None)] if "full" in policies else []
-    return runs + [(name, b) for name in dict.fromkeys(policies) if name != "full" for b in budgets]
+def _runs(policies, budgets) -> list[Run]:
+    """The runs: full once without a budget and first, the others per budget. A policy is
+    ``[LABEL=]NAME[:KEY=VALUE...]``: a registered policy with config fields of its own, e.g.
+    ``planned=lsa:layer_plan=plan.json:tail_tokens=64`` (LABEL names it in the tables)."""
+    specs = [parse_policy(text) for text in dict.fromkeys(policies)]
+    labels = [s.label for s in specs]
+    if len(set(labels)) < len(labels):
+        raise InvalidRequestError(f"policy labels repeat: {labels}")
+    runs = [Run("full", "full", None, {})] if any(s.name == "full" and not s.overrides for s in specs) else []
+    return runs + [Run(s.label, s.name, b, s.overrides) for s in specs if s.label != "full" for b in budgets]
+
+
+def parse_policy(text: str) -> Run:
+    """A policy spec of ``--policies`` (budget unset)."""
+    head, *pairs = text.split(":")
+    label, _, name = head.rpartition("=")
+    label = label or (text if pairs else name)
+    if name not in POLICY_NAMES:
+        raise InvalidRequestError(f"unknown policy {name!r} in {text!r}; use {', '.join(POLICY_NAMES)}")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequestError(f"policy {text!r}: expected KEY=VALUE after ':', got {pair!r}")
+        if key in GRID_FIELDS:
+            raise InvalidRequestError(f"policy {text!r}: {key} is set by the grid (--policies, --budgets)")
+        overrides[key] = value
+    if overrides:
+        from engine.options import build, flatten
+
+        build(EngineConfig, {**flatten(EngineConfig()), **overrides})  # unknown keys and bad values: now
+    if name == "full" and overrides:
+        raise InvalidRequestError(f"policy {text!r}: full attention takes no settings")
+    return Run(label, name, None, overrides)
 
 
 def load(model_name: str, device: str, dtype: str):
@@ -159,7 +200,7 @@ def run_eval(args) -> int:
     build_s = time.perf_counter() - t0
 
     grid = EvalGrid(args, base, model, tokenizer, spec, runs)
-    need_reference = any(s.task == "agreement" for s in samples) and "full" not in args.policies
+    need_reference = any(s.task == "agreement" for s in samples) and not any(r.name == "full" for r in runs)
     per_run = sum(SESSION_TURNS if s.task == "session" else 1 for s in samples)
     total = per_run * len(runs) + (sum(s.task == "agreement" for s in samples) if need_reference else 0)
     with tqdm(total=total, unit="sample", disable=args.quiet, file=sys.stderr) as bar:
@@ -170,7 +211,7 @@ def run_eval(args) -> int:
     config.update(command=_command_line(args), device=base.device_name,
                   haystack_source=str(haystack_source or "synthetic filler"), num_needles=len(needles),
                   max_model_len=model_len, git_commit=_git_commit(), texts=list(texts),
-                  runs=[run_label(n, b) for n, b in runs])
+                  runs=[run_label(r.label, r.budget) for r in runs])
     result = {"config": config,
               "timings": {"load_model_s": round(load_s, 2), "build_samples_s": round(build_s, 2),
                           "total_s": round(time.perf_counter() - t_start, 2), **grid.timings},

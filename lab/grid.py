@@ -21,13 +21,14 @@ from engine.prompt_state import PromptRecorder, capture_prompt
 from engine.sessions import ArenaLayout
 from lab.report import run_label
 from lab.running import RunInputs, SessionStore, run_samples, run_sessions
+from lab.runs import Run
 from lab.tasks import TaskSpec
 
 
 class EvalGrid:
     """Runs the samples of each context under every (policy, budget); collects records and errors."""
 
-    def __init__(self, args, base: EngineConfig, model, tokenizer, spec: TaskSpec, runs: list[tuple]):
+    def __init__(self, args, base: EngineConfig, model, tokenizer, spec: TaskSpec, runs: list[Run]):
         self.args, self.base, self.model, self.tokenizer = args, base, model, tokenizer
         self.spec, self.runs = spec, runs
         self.model_len = spec.max_model_len
@@ -36,9 +37,9 @@ class EvalGrid:
         self.errors: list[dict] = []
         self.timings: dict = {"capture_s": 0.0, "captured_prompts": 0, "captured_bytes_max": 0, "runs": []}
 
-    def make_engine(self, name: str, budget: float | None, arena=None) -> LLMEngine:
-        config = replace(self.base, policy=name, budget=1.0 if budget is None else budget,
-                         max_num_seqs=self.args.batch, max_model_len=self.model_len)
+    def make_engine(self, run: Run, arena=None) -> LLMEngine:
+        config = replace(self.base, policy=run.name, budget=1.0 if run.budget is None else run.budget,
+                         max_num_seqs=self.args.batch, max_model_len=self.model_len, **run.overrides)
         return LLMEngine(self.model, config, self.tokenizer, arena=arena)
 
     def capture(self, samples) -> dict:
@@ -75,23 +76,23 @@ class EvalGrid:
         if need_reference:
             bar.set_description("full (agreement reference)")
             agreement = [s for s in plain if s.task == "agreement"]
-            run_samples(self.make_engine("full", None), agreement,
+            run_samples(self.make_engine(Run("full", "full", None)), agreement,
                         RunInputs(self.spec, reference, True, states, done))
-        for name, budget in self.runs:
-            bar.set_description(run_label(name, budget))
+        for run in self.runs:
+            label = run_label(run.label, run.budget)
+            bar.set_description(label)
             t_run = time.perf_counter()
-            inputs = RunInputs(self.spec, reference, name == "full", states, done)
+            inputs = RunInputs(self.spec, reference, run.name == "full", states, done)
             try:
-                records = run_samples(self.make_engine(name, budget), plain, inputs) if plain else []
+                records = run_samples(self.make_engine(run), plain, inputs) if plain else []
                 if sessions:
                     arena = store.engine_arena()
-                    records += run_sessions(self.make_engine(name, budget, arena), arena, store, sessions, inputs,
-                                            owner=run_label(name, budget))
-                self.records += [{"policy": name, "budget": budget, **r} for r in records]
+                    records += run_sessions(self.make_engine(run, arena), arena, store, sessions, inputs, owner=label)
+                self.records += [{"policy": run.label, "budget": run.budget, **r} for r in records]
             except Exception as exc:  # noqa: BLE001 - recorded with --keep-going, re-raised otherwise
                 if not self.args.keep_going:
                     raise
-                self.errors.append({"policy": name, "budget": budget, "context": samples[0].context,
+                self.errors.append({"policy": run.label, "budget": run.budget, "context": samples[0].context,
                                     "error": f"{type(exc).__name__}: {exc}"})
-            self.timings["runs"].append({"policy": name, "budget": budget, "context": samples[0].context,
+            self.timings["runs"].append({"policy": run.label, "budget": run.budget, "context": samples[0].context,
                                          "seconds": round(time.perf_counter() - t_run, 2)})

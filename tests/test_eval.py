@@ -272,8 +272,19 @@ def test_teacher_forcing_reproduces_greedy_under_full_attention(loaded):
     assert len(other["forced_token_ids"]) == 8 and other["forced_token_ids"][0] == greedy[0]
 
 
-def test_runs_full_once_and_first():
+def test_runs_full_once_and_first_and_variants():
     runs = evaluation._runs(("lsa", "full", "quest"), (0.05, 0.1))
-    assert runs == [("full", None), ("lsa", 0.05), ("lsa", 0.1), ("quest", 0.05), ("quest", 0.1)]
-    with pytest.raises(InvalidRequestError, match="unknown policies"):
-        evaluation._runs(("dense",), (0.1,))
+    assert [(r.label, r.name, r.budget) for r in runs] == [("full", "full", None), ("lsa", "lsa", 0.05),
+                                                           ("lsa", "lsa", 0.1), ("quest", "quest", 0.05),
+                                                           ("quest", "quest", 0.1)]
+    specs = evaluation._policy_list("full,planned=lsa:layer_plan=p.json:target_layers=3,4,7,lsa:tail_tokens=64")
+    assert specs == ("full", "planned=lsa:layer_plan=p.json:target_layers=3,4,7", "lsa:tail_tokens=64")
+    full, planned, tail = evaluation._runs(specs, (0.1,))
+    assert (planned.label, planned.name, planned.overrides) == ("planned", "lsa", {"layer_plan": "p.json",
+                                                                                    "target_layers": "3,4,7"})
+    assert (tail.label, tail.overrides) == ("lsa:tail_tokens=64", {"tail_tokens": "64"})
+    for bad, message in [(("dense",), "unknown policy"), (("lsa:tail_tokenz=3",), "did you mean 'tail_tokens'"),
+                         (("lsa:budget=0.2",), "set by the grid"), (("lsa:cycle",), "KEY=VALUE"),
+                         (("full:cycle=4",), "takes no settings"), (("a=lsa", "a=quest"), "labels repeat")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            evaluation._runs(bad, (0.1,))

@@ -65,9 +65,27 @@ class Policy:
         ``num_blocks`` blocks: ``tail_blocks``, or ``tail_tokens`` in whole blocks where that is
         more, capped at half of the budget left after the sinks and the open block, so that at
         least as many blocks stay for the selection as the token tail takes."""
+        return self.tail_size_within(self.budget_blocks(num_blocks))
+
+    def tail_size_within(self, budget: int) -> int:
+        """The tail rule of ``tail_size`` for a resident set of ``budget`` blocks."""
         by_tokens = -(-self.config.tail_tokens // self.block_size)
-        share = (self.budget_blocks(num_blocks) - self.config.sink_blocks - 1) // 2
+        share = (budget - self.config.sink_blocks - 1) // 2
         return max(self.config.tail_blocks, min(by_tokens, share))
+
+    # Budgets per layer group: one budget for every group here; a layer plan (layer_plan.py) gives
+    # each group its own, the layer-blocks of all groups held within L x budget_blocks.
+    def group_budget(self, group: int, num_blocks: int) -> int:
+        return self.budget_blocks(num_blocks)
+
+    def max_group_budget(self, num_blocks: int) -> int:
+        return self.budget_blocks(num_blocks)
+
+    def group_tail(self, group: int, num_blocks: int) -> int:
+        return self.tail_size(num_blocks)
+
+    def check_model(self, model) -> None:
+        """Raise if this policy was configured for another model (a layer plan is per model)."""
 
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         return self.blocks_for(max_len)
@@ -111,28 +129,28 @@ class OffloadPolicy(Policy):
         """Slots a decoding sequence may hold per group: the budget, the blocks a cycle's tokens
         open, and one spare; never more than the whole sequence has."""
         growth = -(-self.config.cycle // self.block_size) + 1
-        return min(self.blocks_for(max_len), self.budget_blocks(self.blocks_for(max_len)) + growth + 1)
+        return min(self.blocks_for(max_len), self.max_group_budget(self.blocks_for(max_len)) + growth + 1)
 
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         # the whole prompt is on the device while it is prefilled, then the reserve shrinks
         return max(self.blocks_for(prompt_len + 1), self.decode_reserve(max_len))
 
-    def must_keep(self, seq_id: int) -> list[int]:
+    def must_keep(self, seq_id: int, group: int = 0) -> list[int]:
         """Blocks always resident, most important first: the open block, the tail, the sinks."""
         n = self.cache.num_tokens(seq_id)
         open_block = n // self.block_size
-        size = self.tail_size(self.blocks_for(n + 1))
+        size = self.group_tail(group, self.blocks_for(n + 1))
         tail = list(range(open_block - 1, max(-1, open_block - 1 - size), -1))
         sinks = list(range(min(self.config.sink_blocks, open_block)))
         keep = [open_block] if n % self.block_size else []  # an empty open block is not allocated yet
         return list(dict.fromkeys(keep + tail + sinks))
 
-    def target_set(self, seq_id: int, ranked: list[int]) -> list[int]:
-        """must_keep, then ``ranked`` blocks, up to the budget at the current length."""
+    def target_set(self, seq_id: int, ranked: list[int], group: int = 0) -> list[int]:
+        """must_keep, then ``ranked`` blocks, up to the group's budget at the current length."""
         n = self.cache.num_tokens(seq_id)
-        budget = self.budget_blocks(self.blocks_for(n + 1))
+        budget = self.group_budget(group, self.blocks_for(n + 1))
         complete = n // self.block_size
-        chosen = self.must_keep(seq_id)[:budget]
+        chosen = self.must_keep(seq_id, group)[:budget]
         seen = set(chosen)
         for j in ranked:
             if len(chosen) >= budget:

@@ -85,7 +85,7 @@ class LSAPolicy(OffloadPolicy):
         """The resident set's reserve plus spare slots the next plan's blocks are copied into."""
         stage = 0
         if self.config.lookahead and self.config.prefetch > 0:
-            stage = math.ceil(self.config.prefetch * self.budget_blocks(self.blocks_for(max_len)))
+            stage = math.ceil(self.config.prefetch * self.max_group_budget(self.blocks_for(max_len)))
         return min(self.blocks_for(max_len), super().decode_reserve(max_len) + stage)
 
     observes_decode = True
@@ -141,8 +141,9 @@ class LSAPolicy(OffloadPolicy):
             per_layer = {layer: s[: len(host_ids)] for layer, s in per_layer.items()}
         # only the head of a ranking is ever used: what fills the budget a cycle or two ahead
         n = self.cache.num_tokens(seq_id)
-        limit = (self.budget_blocks(self.blocks_for(n + 2 * self.config.cycle + 1)) + self.config.sink_blocks
-                 + self.tail_size(self.blocks_for(n + 2 * self.config.cycle + 1)) + 2)
+        ahead = self.blocks_for(n + 2 * self.config.cycle + 1)
+        limit = (self.max_group_budget(ahead) + self.config.sink_blocks
+                 + max(self.group_tail(g, ahead) for g in range(len(self.groups()))) + 2)
         scores = []
         for members in self.groups():
             layers = [m for m in members if m in per_layer] or list(per_layer)
@@ -201,7 +202,7 @@ class LSAPolicy(OffloadPolicy):
 
     def _apply_ranked(self, seq_id: int, ranked: list[list[int]]) -> None:
         for g, blocks in enumerate(ranked):
-            self.apply(seq_id, g, self.target_set(seq_id, blocks))
+            self.apply(seq_id, g, self.target_set(seq_id, blocks, g))
 
     def after_prefill(self, seq_id: int) -> None:
         # from the prompt's last queries: exact attention while the prompt is on the device, or the indexer
@@ -260,7 +261,7 @@ class LSAPolicy(OffloadPolicy):
         queues = []
         for g, ranked in enumerate(self._plan[seq_id]):
             spare = max(0, seq.reserve - seq.held(g) - growth)
-            queues.append([j for j in self.target_set(seq_id, ranked) if j not in seq.resident[g]][:spare])
+            queues.append([j for j in self.target_set(seq_id, ranked, g) if j not in seq.resident[g]][:spare])
         per_step = -(-max(map(len, queues), default=0) // max(1, self.config.cycle // 2))
         self._prefetch[seq_id] = (per_step, queues)
 
