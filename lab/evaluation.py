@@ -39,6 +39,17 @@ def _csv(kind):
     return parse
 
 
+def _limit(text: str) -> int | dict[str, int]:
+    """``--limit``: one count for every task, or ``niah=4,ppl=20``."""
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+        return {task.strip(): int(n) for task, n in pairs}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected N or TASK=N,...: {exc}") from exc
+
+
 def _policy_list(text: str) -> tuple[str, ...]:
     """Comma-separated policy specs, where a variant's list value keeps its commas
     (``lsa:target_layers=3,4,7,streaming``: a piece of digits continues the previous spec)."""
@@ -62,7 +73,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--contexts", type=_csv(int), default=(2048, 4096), help="context lengths in tokens "
                    "(shortened to fit the model with the generated tokens)")
     g.add_argument("--depths", type=_csv(float), default=(0.1, 0.3, 0.5, 0.7, 0.9), help="needle depths, 0..1")
-    g.add_argument("--limit", type=int, default=None, help="samples per grid cell (default: every needle for "
+    g.add_argument("--limit", type=_limit, default=None, help="samples per grid cell, or per task as "
+                   "TASK=N,... (default: every needle for "
                    "niah, 4 documents (20 answers) for session, 2 for the other tasks)")
     g.add_argument("--batch", type=int, default=20, help="samples decoded together (the engines' max_num_seqs)")
     g.add_argument("--shared-prefill", action=argparse.BooleanOptionalAction, default=True,
@@ -145,8 +157,11 @@ def _validate(args) -> None:
         raise InvalidRequestError(f"depths must be in [0, 1], got {args.depths}")
     if any(not 0.0 < b <= 1.0 for b in args.budgets):
         raise InvalidRequestError(f"budgets must be in (0, 1], got {args.budgets}")
-    if args.limit is not None and args.limit < 1:
+    limits = args.limit.values() if isinstance(args.limit, dict) else [args.limit]
+    if any(n is not None and n < 1 for n in limits):
         raise InvalidRequestError("--limit must be >= 1")
+    if isinstance(args.limit, dict) and set(args.limit) - set(TASKS):
+        raise InvalidRequestError(f"--limit names unknown tasks {sorted(set(args.limit) - set(TASKS))}")
     if args.batch < 1:
         raise InvalidRequestError("--batch must be >= 1")
     if not args.texts:
@@ -175,7 +190,8 @@ def run_eval(args) -> int:
     runs = _runs(args.policies, args.budgets)
     needles = load_needles(args.needles) if args.needles else BUILTIN_NEEDLES
     haystack_source = args.haystack or haystack_dir()
-    sessions = (args.limit or 4) if "session" in args.tasks else 1
+    session_limit = args.limit.get("session") if isinstance(args.limit, dict) else args.limit
+    sessions = (session_limit or 4) if "session" in args.tasks else 1
     min_chars = 8 * max(args.contexts) * sessions
     haystack = load_haystack(args.haystack, min_chars=min_chars, seed=args.seed)  # bad paths: before the model loads
     texts = {} if not set(args.tasks) & set(TEXT_TASKS) else \
@@ -203,20 +219,22 @@ def run_eval(args) -> int:
     need_reference = any(s.task == "agreement" for s in samples) and not any(r.name == "full" for r in runs)
     per_run = sum(SESSION_TURNS if s.task == "session" else 1 for s in samples)
     total = per_run * len(runs) + (sum(s.task == "agreement" for s in samples) if need_reference else 0)
-    with tqdm(total=total, unit="sample", disable=args.quiet, file=sys.stderr) as bar:
-        for context in args.contexts:
-            grid.run_context([s for s in samples if s.context == context], need_reference, bar)
-
     config = {k: v for k, v in vars(args).items() if k != "command"}
     config.update(command=_command_line(args), device=base.device_name,
                   haystack_source=str(haystack_source or "synthetic filler"), num_needles=len(needles),
                   max_model_len=model_len, git_commit=_git_commit(), texts=list(texts),
                   runs=[run_label(r.label, r.budget) for r in runs])
-    result = {"config": config,
-              "timings": {"load_model_s": round(load_s, 2), "build_samples_s": round(build_s, 2),
-                          "total_s": round(time.perf_counter() - t_start, 2), **grid.timings},
-              "errors": grid.errors, "records": grid.records}
-    paths = write_outputs(Path(args.out), result)
+
+    def result(partial: bool) -> dict:
+        return {"config": config, "partial": partial,
+                "timings": {"load_model_s": round(load_s, 2), "build_samples_s": round(build_s, 2),
+                            "total_s": round(time.perf_counter() - t_start, 2), **grid.timings},
+                "errors": grid.errors, "records": grid.records}
+
+    with tqdm(total=total, unit="sample", disable=args.quiet, file=sys.stderr) as bar:
+        grid.run(samples, need_reference, bar, checkpoint=lambda: write_outputs(Path(args.out), result(True),
+                                                                               plot=False))
+    paths = write_outputs(Path(args.out), result(False))
     for kind, path in paths.items():
         print(f"{kind}: {path}", file=sys.stderr)
     return 1 if grid.errors else 0
@@ -234,7 +252,11 @@ def _command_line(args) -> str:
         if isinstance(value, bool):
             words.append(flag if value else "--no-" + flag[2:])
         else:
-            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
-                if isinstance(value, tuple) else str(value)
+            if isinstance(value, dict):
+                text = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, tuple):
+                text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+            else:
+                text = str(value)
             words += [flag, shlex.quote(text)]
     return " ".join(words)

@@ -1,14 +1,13 @@
 """The grid of ``lsa eval``: for each context, every (policy, budget) run over the same samples.
 
-    for each context:
-        capture      each prompt prefilled once, densely (engine/prompt_state.py)   --shared-prefill
-        sessions     one host arena and session table for all runs (lab/running.py)
-        for each run (full first: its greedy tokens are the agreement reference):
-            an engine of the run's policy and budget, decoding --batch samples together;
-            the captured prompts written in, the sessions asked on the shared arena
+    capture      each prompt prefilled once, densely (engine/prompt_state.py)   --shared-prefill
+    sessions     one host arena and session table for all runs (lab/running.py)
+    for each run (full first: its greedy tokens are the agreement reference):
+        an engine of the run's policy and budget, decoding --batch samples together (of
+        every context); the captured prompts written in, the sessions asked on the shared arena
 
-Memory: the captured prompts of one context are held until its runs are done (K and V of
-every layer: 189 MB per 8K prompt of SmolLM2 in bf16, on the model's device).
+Memory: the captured prompts are held until the last run is done (K and V of every layer:
+189 MB per 8K prompt of SmolLM2 in bf16, on the model's device; 120 such prompts are 23 GB).
 """
 from __future__ import annotations
 
@@ -38,8 +37,11 @@ class EvalGrid:
         self.timings: dict = {"capture_s": 0.0, "captured_prompts": 0, "captured_bytes_max": 0, "runs": []}
 
     def make_engine(self, run: Run, arena=None) -> LLMEngine:
+        """The run's engine; full attention without a host mirror unless it serves sessions (its
+        KV never leaves the device: the mirror would only cost host memory, pinned on CUDA)."""
+        mirror = {} if run.name != "full" or arena is not None else {"host_mirror": False}
         config = replace(self.base, policy=run.name, budget=1.0 if run.budget is None else run.budget,
-                         max_num_seqs=self.args.batch, max_model_len=self.model_len, **run.overrides)
+                         max_num_seqs=self.args.batch, max_model_len=self.model_len, **mirror, **run.overrides)
         return LLMEngine(self.model, config, self.tokenizer, arena=arena)
 
     def capture(self, samples) -> dict:
@@ -65,10 +67,12 @@ class EvalGrid:
         return SessionStore(layout, 2 * max(len(sessions), self.args.batch) * per_seq + 64,
                             shared=self.args.shared_prefill)
 
-    def run_context(self, samples, need_reference: bool, bar) -> None:
+    def run(self, samples, need_reference: bool, bar, checkpoint=None) -> None:
+        """Every run over ``samples`` (all contexts: an engine serves them together); after each
+        run ``checkpoint()`` (the results so far are written, so a run cut short leaves them)."""
         plain = [s for s in samples if s.task != "session"]
         sessions = [s for s in samples if s.task == "session"]
-        bar.set_description(f"prefill (context {samples[0].context})" if samples else "")
+        bar.set_description("prefill (shared)")
         states = self.capture(plain) if self.args.shared_prefill and plain else None
         store = self.session_store(sessions)
         reference: dict[str, list[int]] = {}
@@ -92,7 +96,8 @@ class EvalGrid:
             except Exception as exc:  # noqa: BLE001 - recorded with --keep-going, re-raised otherwise
                 if not self.args.keep_going:
                     raise
-                self.errors.append({"policy": run.label, "budget": run.budget, "context": samples[0].context,
-                                    "error": f"{type(exc).__name__}: {exc}"})
-            self.timings["runs"].append({"policy": run.label, "budget": run.budget, "context": samples[0].context,
-                                         "seconds": round(time.perf_counter() - t_run, 2)})
+                self.errors.append({"policy": run.label, "budget": run.budget, "error": f"{type(exc).__name__}: {exc}"})
+            self.timings["runs"].append({"policy": run.label, "budget": run.budget,
+                                         "seconds": round(time.perf_counter() - t_run, 2), "steps": inputs.steps})
+            if checkpoint:
+                checkpoint()

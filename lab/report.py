@@ -123,8 +123,7 @@ def markdown(rows: list[dict], errors: list[dict]) -> str:
                 out += _table(task, text, task_rows)
     if errors:
         out.append("### runs that failed\n")
-        out += [f"- {run_label(e['policy'], e['budget'])}"
-                + (f" at {e['context']}" if "context" in e else "") + f": {e['error']}" for e in errors]
+        out += [f"- {run_label(e['policy'], e['budget'])}: {e['error']}" for e in errors]
         out.append("")
     return "\n".join(out)
 
@@ -170,17 +169,19 @@ def _table(task: str, text: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def write_outputs(out_dir: Path, result: dict) -> dict[str, str]:
-    """``results.json``, ``results.md`` and ``accuracy.png`` (if matplotlib is present) in ``out_dir``."""
-    from lab.plot import plot
+def write_outputs(out_dir: Path, result: dict, plot: bool = True) -> dict[str, str]:
+    """``results.json``, ``results.md`` and ``accuracy.png`` (if matplotlib is present and
+    ``plot``) in ``out_dir``."""
+    from lab.plot import plot as draw
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**result, "aggregates": aggregate(result["records"])}
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "accuracy.png"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str))
-    header = (f"# lsa eval: {result['config']['model']}, tasks {', '.join(result['config']['tasks'])}\n\n"
+    header = (f"# lsa eval: {result['config']['model']}, tasks {', '.join(result['config']['tasks'])}"
+              f"{' (partial: runs still to come)' if result.get('partial') else ''}\n\n"
               f"Command: `{result['config']['command']}`\n\n")
     paths["markdown"].write_text(header + markdown(result["aggregates"], result["errors"]))
-    if not plot(result["aggregates"], paths["plot"]):
+    if not plot or not draw(result["aggregates"], paths["plot"]):
         paths.pop("plot")
     return {k: str(v) for k, v in paths.items()}

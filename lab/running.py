@@ -33,6 +33,7 @@ class RunInputs:
     is_reference: bool = False  # this run is full attention: it fills ``reference``
     states: dict | None = None  # sample key -> PromptState, when the prefill is shared
     on_done: Callable[[int], None] | None = None  # told how many records are done
+    steps: int = 0  # engine steps taken (a batch's cost on a device is about one step's)
 
 
 def run_samples(engine, samples: list[Sample], inputs: RunInputs) -> list[dict]:
@@ -61,17 +62,18 @@ def _add(engine, sample: Sample, params: SamplingParams, inputs: RunInputs) -> S
     return engine.add_request(None if state is not None else list(sample.prompt_ids), params, prompt_state=state)
 
 
-def _finish(engine, seqs: list[Sequence]) -> float:
+def _finish(engine, seqs: list[Sequence], inputs: RunInputs) -> float:
     """Step until every one of ``seqs`` finished; the seconds it took."""
     t0 = time.perf_counter()
     while any(s.status is not Status.FINISHED for s in seqs):
         engine.step()
+        inputs.steps += 1
     return time.perf_counter() - t0
 
 
 def _generate(engine, samples: list[Sample], params: SamplingParams, inputs: RunInputs):
     seqs = [_add(engine, s, params, inputs) for s in samples]
-    return seqs, _finish(engine, seqs) / max(1, len(seqs))
+    return seqs, _finish(engine, seqs, inputs) / max(1, len(seqs))
 
 
 def teacher_force_many(engine, samples: list[Sample], continuations: list[list[int]], visit,
@@ -88,7 +90,7 @@ def teacher_force_many(engine, samples: list[Sample], continuations: list[list[i
             hooks.append(TeacherForcing(seq, cont, lambda i, row, k=k: visit(k, i, row)))
             engine.hooks.append(hooks[-1])
             seqs.append(seq)
-        wall = _finish(engine, seqs)
+        wall = _finish(engine, seqs, inputs)
     finally:
         for hook in hooks:
             engine.hooks.remove(hook)
@@ -187,7 +189,7 @@ def run_sessions(engine, arena: HostArena, store: SessionStore, samples: list[Sa
         if s.key not in store.sessions:
             sid = f"{owner}/{s.key}"
             created.append((s.key, sid, manager.create(sid, list(s.prompt_ids))))
-    _settle(manager, [seq for _, _, seq in created])
+    _settle(manager, [seq for _, _, seq in created], inputs)
     for key, sid, seq in created:
         store.sessions[key] = sid
     records = []
@@ -196,7 +198,7 @@ def run_sessions(engine, arena: HostArena, store: SessionStore, samples: list[Sa
         asked = [(s, manager.ask(store.sessions[s.key], list(s.turns[t].question_ids), params)) for s in samples]
         prefilled = {seq.seq_id: None for _, seq in asked}
         t0 = time.perf_counter()
-        for turn in _settle(manager, [seq for _, seq in asked]):
+        for turn in _settle(manager, [seq for _, seq in asked], inputs):
             prefilled[turn.seq.seq_id] = turn.prefill_tokens
         wall = (time.perf_counter() - t0) / max(1, len(asked))
         for s, seq in asked:
@@ -219,9 +221,10 @@ def run_sessions(engine, arena: HostArena, store: SessionStore, samples: list[Sa
     return records
 
 
-def _settle(manager: SessionManager, seqs: list[Sequence]) -> list:
+def _settle(manager: SessionManager, seqs: list[Sequence], inputs: RunInputs) -> list:
     """Step the manager until every one of ``seqs`` finished; the turns that finished meanwhile."""
     done = []
     while any(s.status is not Status.FINISHED for s in seqs):
         done += manager.step()
+        inputs.steps += 1
     return done

@@ -129,13 +129,17 @@ class TaskSpec:
     contexts: tuple[int, ...]
     depths: tuple[float, ...]
     needles: tuple[Needle, ...]
-    limit: int | None  # samples per grid cell; None: all needles, 2 windows / multikey samples
+    limit: int | dict | None  # samples per grid cell, or per task {task: n}; None: the task's default
     num_keys: int = 4
     ppl_tokens: int = 256
     agreement_tokens: int = 64
     max_tokens: int = 32  # generated tokens for niah and multikey
     max_model_len: int = 8192
     seed: int = 0
+
+    def count(self, task: str) -> int | None:
+        """Samples per grid cell of ``task``: ``limit``, or its entry for the task."""
+        return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
 
     def fit(self, context: int, new_tokens: int) -> int:
         """The requested context, shortened so that prompt plus new tokens fit the model."""
@@ -157,7 +161,7 @@ def build_samples(task: str, spec: TaskSpec, tokenizer, text: str, text_name: st
 
 
 def _niah_samples(spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
-    needles = spec.needles[: spec.limit] if spec.limit else spec.needles
+    needles = spec.needles[: spec.count("niah")] if spec.count("niah") else spec.needles
     return [Sample("niah", ctx, depth, i,
                    tuple(niah_prompt(tokenizer, text, [n], n.question, spec.fit(ctx, spec.max_tokens), depth)),
                    answer=n.answer, question=n.question)
@@ -168,7 +172,7 @@ def _multikey_samples(spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
     samples = []
     for ctx in spec.contexts:
         for depth in spec.depths:
-            for i in range(spec.limit or 2):
+            for i in range(spec.count("multikey") or 2):
                 rng = random.Random(f"{spec.seed}/{ctx}/{depth}/{i}")
                 needles, asked = multikey_needles(spec.num_keys, rng)
                 target = needles[asked]
@@ -185,7 +189,7 @@ def _session_samples(spec: TaskSpec, tokenizer, haystack: str) -> list[Sample]:
     fact d, so every depth comes at every turn across documents."""
     samples = []
     for ctx in spec.contexts:
-        for d in range(spec.limit or 4):
+        for d in range(spec.count("session") or 4):
             rng = random.Random(f"{spec.seed}/session/{ctx}/{d}")
             facts = rng.sample(SESSION_FACTS, SESSION_TURNS)
             questions = [session_question_ids(tokenizer, f.question) for f in facts]
@@ -211,7 +215,7 @@ def _session_samples(spec: TaskSpec, tokenizer, haystack: str) -> list[Sample]:
 def _window_samples(task: str, spec: TaskSpec, tokenizer, text: str, text_name: str | None) -> list[Sample]:
     """Windows of ``context`` tokens of the text at evenly spread offsets: the prefix is the
     prompt; ppl teacher-forces its last ``ppl_tokens``, agreement generates after all of it."""
-    count = spec.limit or 2
+    count = spec.count(task) or 2
     new = spec.ppl_tokens if task == "ppl" else spec.agreement_tokens
     longest = max(spec.fit(c, 0 if task == "ppl" else new) for c in spec.contexts)
     ids = tokenizer.encode(text[: 8 * longest * count], add_special_tokens=False)

@@ -184,21 +184,21 @@ class OffloadPolicy(Policy):
 
 
 def narrow(scores, table, num_blocks, last_len, budget_fn):
-    """Keep, per row, the last listed block plus the best-scoring others up to the budget.
-    scores [N, M] over the listed blocks (the last one is ignored)."""
+    """Keep, per row, the last listed block plus the best-scoring others up to the budget, in
+    table order. scores [N, M] over the listed blocks (the last one is ignored). One set of
+    tensor operations for the whole batch (the per-step cost of Quest, the oracle, Level-2)."""
     n, width = table.shape
     counts = num_blocks.tolist()
-    keep = [budget_fn(c) for c in counts]
-    valid = torch.arange(width, device=table.device)[None, :] < (num_blocks - 1)[:, None]
+    keep = torch.tensor([min(budget_fn(c), c) - 1 for c in counts], device=table.device)  # besides the last
+    cols = torch.arange(width, device=table.device)[None, :]
+    valid = cols < (num_blocks - 1)[:, None]
     order = torch.argsort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True)
-    out_w = max(keep)
-    out = torch.zeros(n, out_w, dtype=table.dtype, device=table.device)
-    out_n = torch.empty_like(num_blocks)
-    for i in range(n):
-        others = order[i, : min(keep[i], counts[i]) - 1]
-        row = torch.cat([table[i, others.sort().values], table[i, counts[i] - 1: counts[i]]])
-        out[i, : len(row)] = row
-        out_n[i] = len(row)
+    rank = torch.empty_like(order).scatter_(1, order, cols.expand(n, width))  # rank of each column
+    chosen = (rank < keep[:, None]) | (cols == (num_blocks - 1)[:, None])  # [N, M]
+    out_n = chosen.sum(1).to(num_blocks.dtype)
+    out_w = int(out_n.max())
+    first = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :out_w]  # chosen columns, in order
+    out = table.gather(1, first).masked_fill(cols[:, :out_w] >= out_n[:, None], 0)
     return out, out_n, last_len
 
 
