@@ -1,8 +1,11 @@
-"""Thin Ray wrappers around engine pieces: ``DecodeWorkerCore`` (one engine, sessions,
-continuous batching), ``KVStoreCore`` (one host block arena per node), ``IndexerCore``
-(indexer weights, prefetch plans). Each plain class is driven directly by tests; the Ray
-actors (``kv_store.KVStore``, ``indexer.Indexer``) and the Serve deployment
-(``cluster/serve_app.py``) wrap them. Importing this package needs no Ray.
+"""The cluster's actors, each a thin Ray wrapper beside the plain class it wraps:
+
+    decode_worker.DecodeWorkerCore   <- worker_deployment.DecodeWorker (Serve deployment, one per GPU)
+    kv_store.KVStoreCore             <- kv_store.KVStore (one per node, placement.ensure_per_node)
+    indexer.IndexerCore              <- indexer.Indexer (prefetch plans, worker stats)
+    directory.SessionDirectoryCore   <- directory.SessionDirectory (session records, head node)
+
+Tests drive the plain classes without Ray. Importing this package needs no Ray.
 """
 
 

@@ -2,7 +2,7 @@
 
     ingress replica 1 --.                       .-- DecodeWorker (holder) -> node KVStore
     ingress replica 2 ---+--> SessionDirectory --'   (blocks: the node's arena)
-    ...                 -'    sid -> context ids, holder replica, node, turns
+    ...                 -'    session_id -> context ids, holder replica, node, turns
 
 Any ingress replica serves any session: it reads the record here, passes the holder as a
 routing hint, and the context ids along with the turn, so that a worker can rebuild a
@@ -16,52 +16,52 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+from actors.messages import DirectoryEntry
+
 DIRECTORY_NAME = "lsa-sessions"
 HEAD = "node:__internal_head__"  # the resource Ray gives the head node (ray._common.constants)
 
 
 @dataclass
-class SessionEntry:
-    id: str
+class _Entry:
     context: bytes  # int32 token ids
-    replica: str | None = None  # the DecodeWorker replica that holds its KV
-    node: str | None = None
-    num_tokens: int = 0
+    replica: str | None  # the DecodeWorker replica that holds its KV
+    node_id: str | None
+    num_tokens: int
     turns: int = 0
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
-    def record(self, with_context: bool = True) -> dict:
-        out = {"id": self.id, "replica": self.replica, "node": self.node, "num_tokens": self.num_tokens,
-               "turns": self.turns, "created": self.created, "last_used": self.last_used}
-        if with_context:
-            out["context_ids"] = array("i", self.context).tolist()
-        return out
+    def message(self, session_id: str, with_context: bool = True) -> DirectoryEntry:
+        context_ids = array("i", self.context).tolist() if with_context else []
+        return DirectoryEntry(session_id, context_ids, self.replica, self.node_id, self.num_tokens, self.turns,
+                              self.created, self.last_used)
 
 
 class SessionDirectoryCore:
     def __init__(self):
-        self.entries: dict[str, SessionEntry] = {}
+        self.entries: dict[str, _Entry] = {}
 
-    def create(self, sid: str, context_ids: list[int], replica: str | None, node: str | None) -> None:
-        self.entries[sid] = SessionEntry(sid, array("i", context_ids).tobytes(), replica, node, len(context_ids))
+    def create(self, session_id: str, context_ids: list[int], replica: str | None, node_id: str | None) -> None:
+        self.entries[session_id] = _Entry(array("i", context_ids).tobytes(), replica, node_id, len(context_ids))
 
-    def get(self, sid: str) -> dict | None:
+    def get(self, session_id: str) -> DirectoryEntry | None:
         """The session's record with its context ids, or None when it is unknown."""
-        entry = self.entries.get(sid)
-        return None if entry is None else entry.record()
+        entry = self.entries.get(session_id)
+        return None if entry is None else entry.message(session_id)
 
-    def served(self, sid: str, replica: str, node: str) -> None:
-        """A turn was answered by ``replica`` on ``node`` (which now holds the session)."""
-        entry = self.entries.get(sid)
+    def served(self, session_id: str, replica: str, node_id: str) -> None:
+        """A turn was answered by ``replica`` on ``node_id`` (which now holds the session)."""
+        entry = self.entries.get(session_id)
         if entry is not None:
-            entry.replica, entry.node = replica, node
+            entry.replica, entry.node_id = replica, node_id
             entry.turns += 1
             entry.last_used = time.time()
 
-    def delete(self, sid: str) -> dict | None:
-        entry = self.entries.pop(sid, None)
-        return None if entry is None else entry.record(with_context=False)
+    def delete(self, session_id: str) -> DirectoryEntry | None:
+        """The deleted session's record (without its context), or None when it was unknown."""
+        entry = self.entries.pop(session_id, None)
+        return None if entry is None else entry.message(session_id, with_context=False)
 
     def count(self) -> int:
         return len(self.entries)

@@ -3,8 +3,9 @@
     /dev/shm/lsa-kv-<cluster>-<node>.arena   [N blocks of K/V][N key summaries]
         ^ mapped by every DecodeWorker on the node (torch.from_file(shared=True)): no copy
 
-``KVStoreCore`` is plain Python (tests drive it directly); ``KVStore`` is the Ray actor,
-exactly one per node (cluster/placement.py), detached so that it outlives the workers.
+``KVStoreCore`` is plain Python (tests drive it directly) and implements ``SessionStore``
+(actors/session_store.py); ``KVStore`` is the Ray actor, exactly one per node
+(actors/placement.py), detached so that it outlives the workers.
 
 Host ids go three ways: free, leased to a worker's engine (in-flight sequences), or owned
 by a session (its complete context blocks). A session's blocks can also live in another
@@ -16,46 +17,31 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 
 import torch
 
 import lsa_env
 from actors import lazy_attr
+from actors.messages import SPILLED, ArenaInfo, SessionView, StoreStats
+from actors.session_store import Stores
+from actors.session_table import SessionTable
 from engine.errors import CacheFullError
-from engine.sessions import ArenaLayout, HostArena, SessionTable
-
-SPILLED = -1  # host id of a block held by another store
+from engine.host_arena import ArenaLayout, HostArena
 
 
-@dataclass(frozen=True)
-class SessionView:
-    """What a worker needs of a pinned session (a small message between actors)."""
-
-    id: str
-    tokens: list[int]
-    host_ids: list[int]  # this arena, logical order; SPILLED where not staged yet
-
-    @property
-    def complete(self) -> bool:
-        return SPILLED not in self.host_ids
-
-
-def arena_path(cluster: str, node: str, directory: str | None = None) -> str:
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"lsa-kv-{cluster}-{node}")
+def arena_path(cluster: str, node_id: str, directory: str | None = None) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"lsa-kv-{cluster}-{node_id}")
     return os.path.join(directory or lsa_env.kv_dir(), name + ".arena")
 
 
 class KVStoreCore:
-    """``fetch(store_key, host_ids) -> (data, summary)`` reads blocks from another store;
-    ``peers() -> [(store_key, free blocks)]`` lists the other stores, and ``write(store_key,
-    owner, data, summary) -> ids`` stores blocks there: with both, a full arena spills idle
-    sessions to the peer with the most room before it evicts anything. (The actor passes
-    Ray calls; tests pass dict lookups.)"""
+    """The store of node ``node_id``. ``stores`` (every node's store): with it, a full arena
+    spills idle sessions to the peer with the most room before it evicts anything, and
+    stages spilled blocks back from where they went."""
 
-    def __init__(self, key: str, layout: ArenaLayout, capacity_bytes: int, path: str, fetch=None,
-                 peers=None, write=None):
-        self.key = key
+    def __init__(self, node_id: str, layout: ArenaLayout, capacity_bytes: int, path: str,
+                 stores: Stores | None = None):
+        self.node_id = node_id
         self.layout = layout
         self.path = path
         self.num_blocks = layout.num_blocks(capacity_bytes)
@@ -67,24 +53,20 @@ class KVStoreCore:
             f.truncate(self.num_blocks * layout.block_bytes)
         self.arena = HostArena.from_file(path, layout, self.num_blocks)
         self.table = SessionTable(self.num_blocks, layout.block_bytes)
-        self.fetch = fetch
-        self.peers = peers
-        self.write = write
+        self.stores = stores
         self.num_spilled = 0  # blocks spilled to make room
         self.lock = threading.RLock()
-        self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session -> logical -> (store, id)
-        self.staged: dict[str, dict[int, int]] = {}  # session -> logical -> local id
-        self.planned: dict[str, set[int]] = {}  # session -> logical blocks a prefetch plan staged
+        self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session_id -> logical -> (node_id, id)
+        self.staged: dict[str, dict[int, int]] = {}  # session_id -> logical -> local id
+        self.planned: dict[str, set[int]] = {}  # session_id -> logical blocks a prefetch plan staged
         self.blocks_prefetched = self.blocks_fetched_at_use = 0
         self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
         self.blocks_sent = self.blocks_received = 0
 
     # -- what a worker needs --------------------------------------------------------------
 
-    def info(self) -> dict:
-        lay = self.layout
-        return {"key": self.key, "path": self.path, "num_blocks": self.num_blocks, "block_bytes": lay.block_bytes,
-                "layout": [lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, str(lay.dtype)]}
+    def info(self) -> ArenaInfo:
+        return ArenaInfo(self.node_id, self.path, self.num_blocks, self.layout)
 
     def lease(self, owner: str, n: int) -> list[int]:
         """``n`` free blocks for ``owner``: spilling idle sessions to peers first when the
@@ -92,10 +74,10 @@ class KVStoreCore:
         self.make_room(n)
         with self.lock:
             ids = self.table.lease(owner, n)
-            for sid in [s for s in self.staged if s not in self.table.records]:  # evicted: its copies go too
-                self.staged.pop(sid)
-                self.planned.pop(sid, None)
-                self.table.drop_owner(f"stage:{sid}")
+            for session_id in [s for s in self.staged if s not in self.table.records]:  # evicted: copies go too
+                self.staged.pop(session_id)
+                self.planned.pop(session_id, None)
+                self.table.drop_owner(f"stage:{session_id}")
             return ids
 
     def make_room(self, n: int, keep: str | None = None) -> int:
@@ -104,24 +86,24 @@ class KVStoreCore:
         the most free blocks, until ``n`` blocks are free here or no peer has room. Returns the
         blocks spilled. Peer calls run outside the lock."""
         with self.lock:  # staged copies of idle sessions are caches (the peer keeps the block): first
-            for sid in [s for s in self.staged if s != keep and getattr(self.table.records.get(s), "pins", 0) == 0]:
+            for session_id in [s for s in self.staged
+                               if s != keep and getattr(self.table.records.get(s), "pins", 0) == 0]:
                 if self.table.num_free >= n:
                     break
-                self._drop_staged(sid)
+                self._drop_staged(session_id)
         spilled = 0
-        while self.peers is not None and self.write is not None and self.table.num_free < n:
+        while self.stores is not None and self.table.num_free < n:
             with self.lock:
-                idle = [sid for sid in self.table.idle_sessions() if sid != keep and self.spill_plan(sid, 1)]
-            peers = [p for p in self.peers() if p[1] > 0]
+                idle = [s for s in self.table.idle_sessions() if s != keep and self.spill_plan(s, 1)]
+            peers = self.stores.peers_by_room(self.node_id)
             if not idle or not peers:
                 break
-            peer, room = max(peers, key=lambda p: p[1])
-            sid = idle[0]
+            peer, room = peers[0]
             with self.lock:
-                logical = self.spill_plan(sid, min(room, n - self.table.num_free))
+                logical = self.spill_plan(idle[0], min(room, n - self.table.num_free))
             if not logical:
                 break
-            self.spill(sid, logical, peer, lambda d, s, p=peer, o=f"spill:{self.key}:{sid}": self.write(p, o, d, s))
+            self.spill(idle[0], logical, peer)
             spilled += len(logical)
         self.num_spilled += spilled
         return spilled
@@ -134,50 +116,61 @@ class KVStoreCore:
         with self.lock:
             return self.table.drop_owner(owner)
 
-    def put(self, owner: str, sid: str, tokens: list[int], host_ids: list[int]) -> None:
+    def put(self, owner: str, session_id: str, context_ids: list[int], host_ids: list[int]) -> None:
         with self.lock:
-            self.table.put(owner, sid, tokens, host_ids)
+            self.table.put(owner, session_id, context_ids, host_ids)
 
-    def view(self, sid: str) -> SessionView:
-        rec = self.table.get(sid)
+    def view(self, session_id: str) -> SessionView:
+        rec = self.table.get(session_id)
         ids = list(rec.host_ids)
-        for j, local in self.staged.get(sid, {}).items():
+        for j, local in self.staged.get(session_id, {}).items():
             ids[j] = local
-        return SessionView(sid, list(rec.tokens), ids)
+        return SessionView(session_id, list(rec.context_ids), ids)
 
-    def pin(self, sid: str) -> SessionView:
+    def pin(self, session_id: str) -> SessionView:
         with self.lock:
-            self.table.pin(sid)
-            return self.view(sid)
+            self.table.pin(session_id)
+            return self.view(session_id)
 
-    def unpin(self, sid: str) -> None:
+    def unpin(self, session_id: str) -> None:
         with self.lock:
-            self.table.unpin(sid)
-            rec = self.table.records.get(sid)
+            self.table.unpin(session_id)
+            rec = self.table.records.get(session_id)
             if rec is not None and rec.pins == 0:
-                self._drop_staged(sid, keep_planned=True)
+                self._drop_staged(session_id, keep_planned=True)
 
-    def has(self, sid: str) -> bool:
-        return sid in self.table.records
+    def has(self, session_id: str) -> bool:
+        return session_id in self.table.records
 
-    def delete(self, sid: str) -> bool:
+    def holding(self, session_ids: list[str]) -> list[str]:
+        return [s for s in session_ids if s in self.table.records]
+
+    def delete(self, session_id: str) -> bool:
+        """Forget the session here, and its spilled blocks at the stores that keep them."""
         with self.lock:
-            self._drop_staged(sid)
-            self.remote.pop(sid, None)
-            return self.table.delete(sid)
+            self._drop_staged(session_id)
+            peers = list(self.missing(session_id))
+            self.remote.pop(session_id, None)
+            deleted = self.table.delete(session_id)
+        for peer in peers:
+            try:
+                self.stores.store(peer).drop_foreign(f"spill:{self.node_id}:{session_id}")
+            except Exception:  # that node is gone, and its blocks with it
+                pass
+        return deleted
 
-    def stats(self) -> dict:
+    def stats(self) -> StoreStats:
         with self.lock:
-            s = self.table.stats()
-            spilled = sum(len(r) for r in self.remote.values())
-            return {**s, "key": self.key, "capacity_bytes": self.num_blocks * self.layout.block_bytes,
-                    "session_bytes": s["session_blocks"] * self.layout.block_bytes,
-                    "free_bytes": s["free_blocks"] * self.layout.block_bytes, "spilled_blocks": spilled,
-                    "staged_blocks": sum(len(v) for v in self.staged.values()),
-                    "foreign_blocks": sum(len(v) for v in self.foreign.values()),
-                    "blocks_sent": self.blocks_sent, "blocks_received": self.blocks_received,
-                    "blocks_spilled": self.num_spilled, "blocks_prefetched": self.blocks_prefetched,
-                    "blocks_fetched_at_use": self.blocks_fetched_at_use}
+            table = self.table
+            return StoreStats(
+                node_id=self.node_id, sessions=len(table.records), capacity_blocks=self.num_blocks,
+                block_bytes=self.layout.block_bytes,
+                session_blocks=table.session_blocks, leased_blocks=table.leased_blocks, free_blocks=table.num_free,
+                evictions=table.num_evictions, spilled_blocks=sum(len(r) for r in self.remote.values()),
+                staged_blocks=sum(len(v) for v in self.staged.values()),
+                foreign_blocks=sum(len(v) for v in self.foreign.values()), blocks_sent=self.blocks_sent,
+                blocks_received=self.blocks_received, blocks_spilled=self.num_spilled,
+                blocks_prefetched=self.blocks_prefetched, blocks_fetched_at_use=self.blocks_fetched_at_use)
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
@@ -199,132 +192,123 @@ class KVStoreCore:
             self.blocks_received += len(ids)
             return ids
 
-    def free_blocks(self, owner: str, ids: list[int]) -> None:
+    def drop_foreign(self, owner: str) -> None:
+        """Free the blocks kept for ``owner`` (another store's session, deleted there)."""
         with self.lock:
-            self.table.give_back(owner, ids)
-            held = self.foreign.get(owner, [])
-            self.foreign[owner] = [i for i in held if i not in set(ids)]
+            self.foreign.pop(owner, None)
+            self.table.drop_owner(owner)
 
     # -- spilling and staging -------------------------------------------------------------
 
-    def spill_plan(self, sid: str, num_blocks: int) -> list[int]:
+    def spill_plan(self, session_id: str, num_blocks: int) -> list[int]:
         """The session's last ``num_blocks`` local blocks (logical ids): sinks stay home."""
-        rec = self.table.get(sid)
+        rec = self.table.get(session_id)
         local = [j for j, h in enumerate(rec.host_ids) if h != SPILLED and j > 0]
         return local[-num_blocks:] if num_blocks else []
 
-    def spill(self, sid: str, logical: list[int], peer: str, write) -> None:
-        """Move blocks of an idle session to store ``peer`` (``write(data, summary) -> ids``)."""
+    def spill(self, session_id: str, logical: list[int], peer: str) -> None:
+        """Move blocks of an idle session to node ``peer``'s store."""
         with self.lock:
-            rec = self.table.get(sid)
+            rec = self.table.get(session_id)
             if rec.pins:
-                raise CacheFullError(f"session {sid} is in use and cannot spill")
+                raise CacheFullError(f"session {session_id} is in use and cannot spill")
             local = [rec.host_ids[j] for j in logical]
             data, summary = self.read_blocks(local)
-        remote_ids = write(data, summary)
+        remote_ids = self.stores.store(peer).write_blocks(f"spill:{self.node_id}:{session_id}", data, summary)
         with self.lock:
             for j, rid in zip(logical, remote_ids):
                 rec.host_ids[j] = SPILLED
-                self.remote.setdefault(sid, {})[j] = (peer, rid)
+                self.remote.setdefault(session_id, {})[j] = (peer, rid)
             self.table.free.extend(local)
 
-    def missing(self, sid: str) -> dict[str, list[tuple[int, int]]]:
-        """Blocks of a session not in this arena: store -> [(logical, id there)]."""
-        staged = self.staged.get(sid, {})
+    def spill_session(self, session_id: str, num_blocks: int, peer: str) -> list[int]:
+        """Move the last ``num_blocks`` local blocks of an idle session to ``peer``'s store
+        (what ``make_room`` does under pressure); returns their logical ids."""
+        logical = self.spill_plan(session_id, num_blocks)
+        self.spill(session_id, logical, peer)
+        return logical
+
+    def missing(self, session_id: str) -> dict[str, list[tuple[int, int]]]:
+        """Blocks of a session not in this arena: node id -> [(logical, id there)]."""
+        staged = self.staged.get(session_id, {})
         out: dict[str, list[tuple[int, int]]] = {}
-        for j, (peer, rid) in sorted(self.remote.get(sid, {}).items()):
+        for j, (peer, rid) in sorted(self.remote.get(session_id, {}).items()):
             if j not in staged:
                 out.setdefault(peer, []).append((j, rid))
         return out
 
-    def stage(self, sid: str, logical: list[int] | None = None, plan: bool = False) -> int:
+    def stage(self, session_id: str, logical: list[int] | None = None, plan: bool = False) -> int:
         """Copy the session's spilled blocks (all, or those of ``logical``) into this arena;
         returns the number of blocks fetched. ``plan``: a prefetch plan from the Indexer
         (the blocks its next cycles want): those copies stay after the turn, until the
         session is deleted; other staged copies are dropped when the session is idle again.
         Fetches without a plan happen at use time and are counted as such."""
-        self.table.get(sid)
+        self.table.get(session_id)
         want = None if logical is None else set(logical)
         missing = {peer: [(j, rid) for j, rid in blocks if want is None or j in want]
-                   for peer, blocks in self.missing(sid).items()}
-        self.make_room(sum(len(b) for b in missing.values()), keep=sid)
+                   for peer, blocks in self.missing(session_id).items()}
+        self.make_room(sum(len(b) for b in missing.values()), keep=session_id)
         fetched = 0
         for peer, blocks in missing.items():
             if not blocks:
                 continue
-            data, summary = self.fetch(peer, [rid for _, rid in blocks])
+            data, summary = self.stores.store(peer).read_blocks([rid for _, rid in blocks])
             with self.lock:
-                if sid not in self.table.records:
+                if session_id not in self.table.records:
                     break
-                ids = self.table.lease(f"stage:{sid}", len(blocks))
+                ids = self.table.lease(f"stage:{session_id}", len(blocks))
                 idx = torch.tensor(ids, dtype=torch.long)
                 self.arena.host[idx] = data
                 self.arena.summary[idx] = summary
-                self.staged.setdefault(sid, {}).update({j: i for (j, _), i in zip(blocks, ids)})
+                self.staged.setdefault(session_id, {}).update({j: i for (j, _), i in zip(blocks, ids)})
                 self.blocks_received += len(ids)
                 fetched += len(ids)
         with self.lock:
             if plan and want is not None:
-                self.planned.setdefault(sid, set()).update(j for j in want if j in self.remote.get(sid, {}))
+                self.planned.setdefault(session_id, set()).update(
+                    j for j in want if j in self.remote.get(session_id, {}))
             if plan:
                 self.blocks_prefetched += fetched
             else:
                 self.blocks_fetched_at_use += fetched
         return fetched
 
-    def _drop_staged(self, sid: str, keep_planned: bool = False) -> None:
-        staged = self.staged.pop(sid, None)
+    def _drop_staged(self, session_id: str, keep_planned: bool = False) -> None:
+        staged = self.staged.pop(session_id, None)
         if staged is None:
             return
-        keep = self.planned.get(sid, set()) if keep_planned else set()
+        keep = self.planned.get(session_id, set()) if keep_planned else set()
         drop = [i for j, i in staged.items() if j not in keep]
         kept = {j: i for j, i in staged.items() if j in keep}
-        self.table.give_back(f"stage:{sid}", drop)
+        self.table.give_back(f"stage:{session_id}", drop)
         if kept:
-            self.staged[sid] = kept
+            self.staged[session_id] = kept
         else:
-            self.table.drop_owner(f"stage:{sid}")
-            self.planned.pop(sid, None)
+            self.table.drop_owner(f"stage:{session_id}")
+            self.planned.pop(session_id, None)
 
 
 # ---------------------------------------------------------------- the Ray actor
 
 
-def store_name(node_id: str) -> str:
-    from cluster.placement import actor_name
-
-    return actor_name("kvstore", node_id)
-
-
 def _make_actor():
     import ray
+
+    from actors.session_store import RayStores
 
     @ray.remote(max_concurrency=16)
     class KVStore(KVStoreCore):
         """One per node: ``ensure_per_node(KVStore, "kvstore", cluster, capacity, layout)``."""
 
-        def __init__(self, cluster: str, capacity_bytes: int, layout: tuple, directory: str | None = None):
-            node = ray.get_runtime_context().get_node_id()
-            from engine.config import DTYPES
-            lay = ArenaLayout(*layout[:4], DTYPES[layout[4].replace("torch.", "")])
-            super().__init__(node, lay, capacity_bytes, arena_path(cluster, node, directory), fetch=self._fetch,
-                             peers=self._peers_by_room, write=self._write)
-            self.namespace = ray.get_runtime_context().namespace
+        def __init__(self, cluster: str, capacity_bytes: int, layout: ArenaLayout, directory: str | None = None):
+            context = ray.get_runtime_context()
+            node_id = context.get_node_id()
+            super().__init__(node_id, layout, capacity_bytes, arena_path(cluster, node_id, directory),
+                             stores=RayStores(context.namespace))
             self.owners: dict[str, str] = {}  # lease owner -> actor id, to reap dead workers
 
-        def _peer(self, node: str):
-            return ray.get_actor(store_name(node), namespace=self.namespace)
-
-        def _fetch(self, node: str, ids: list[int]):
-            return ray.get(self._peer(node).read_blocks.remote(ids))
-
-        def _write(self, node: str, owner: str, data, summary) -> list[int]:
-            return ray.get(self._peer(node).write_blocks.remote(owner, data, summary))
-
-        def node_id(self) -> str:
-            return self.key
-
-        def attach(self, owner: str, actor_id: str | None) -> dict:
+        def attach(self, owner: str, actor_id: str | None) -> ArenaInfo:
+            """A worker starts: its leases are freed when its actor dies."""
             self.reap()
             if actor_id:
                 self.owners[owner] = actor_id
@@ -344,47 +328,6 @@ def _make_actor():
             if self.table.num_free < n:
                 self.reap()  # blocks leased to dead workers first
             return super().lease(owner, n)
-
-        def _peers_by_room(self) -> list[tuple[str, int]]:
-            out = []
-            for node in ray.nodes():
-                if not node["Alive"] or node["NodeID"] == self.key:
-                    continue
-                try:
-                    stats = ray.get(self._peer(node["NodeID"]).stats.remote(), timeout=5)
-                except Exception:
-                    continue
-                if stats["free_blocks"] > 0:
-                    out.append((node["NodeID"], stats["free_blocks"]))
-            return sorted(out, key=lambda p: -p[1])
-
-        def delete(self, sid: str) -> bool:
-            for peer, _ in self.missing(sid).items():
-                try:
-                    self._peer(peer).drop_foreign.remote(f"spill:{self.key}:{sid}")
-                except Exception:
-                    pass
-            return super().delete(sid)
-
-        def drop_foreign(self, owner: str) -> None:
-            with self.lock:
-                self.foreign.pop(owner, None)
-                self.table.drop_owner(owner)
-
-        def spill_session(self, sid: str, num_blocks: int, peer: str) -> list[int]:
-            """Move the last ``num_blocks`` local blocks of an idle session to ``peer``'s store
-            (what ``make_room`` does under pressure); returns their logical ids."""
-            logical = self.spill_plan(sid, num_blocks)
-            handle = self._peer(peer)
-            self.spill(sid, logical, peer,
-                       lambda d, s: ray.get(handle.write_blocks.remote(f"spill:{self.key}:{sid}", d, s)))
-            return logical
-
-        def stage_session(self, sid: str) -> int:
-            return self.stage(sid)
-
-        def stage_plan(self, sid: str, logical: list[int]) -> int:
-            return self.stage(sid, logical, plan=True)
 
     return KVStore
 

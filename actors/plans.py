@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass
 from typing import Callable
 
-
-@dataclass(frozen=True)
-class PlanReport:
-    worker: str
-    node: str
-    session: str
-    blocks: list[int]  # logical context blocks the next cycle wants
+from actors.messages import PlanReport
 
 
 class PlanReporter:
-    def __init__(self, send: Callable[[list[dict]], object], capacity: int = 1024, batch: int = 64,
+    """``send(batch)`` delivers a batch of ``PlanReport`` (to the Indexer)."""
+
+    def __init__(self, send: Callable[[list[PlanReport]], object], capacity: int = 1024, batch: int = 64,
                  period_s: float = 0.05):
         self.send = send
         self.batch = batch
@@ -56,7 +51,7 @@ class PlanReporter:
                     self._cond.wait(self.period_s)
                 if self._stop and not self._queue:
                     return
-                batch = [asdict(r) for r in self._queue]
+                batch = list(self._queue)
                 self._queue.clear()
                 self._busy = bool(batch)
             if batch:

@@ -1,7 +1,7 @@
 """Python client for the lsa-serve HTTP API (sync and async).
 
-Needs only the standard library and ``msgpack``; it never imports Ray or torch, so it
-runs on any machine that can reach the server.
+Needs only the standard library, ``msgpack`` and engine/errors.py; it never imports Ray
+or torch, so it runs on any machine that can reach the server.
 
     client = LSAClient("http://head:8000")
     with client.session(long_document) as s:
@@ -30,13 +30,16 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import msgpack
 
+import engine.errors as errors  # the server's typed errors: a module that imports nothing
+
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class LSAError(Exception):
-    """An error answered by the server (``status`` set) or met on the way (``status`` None)."""
+class LSAError(errors.LSAError):
+    """An error answered by the server (``status`` set) or met on the way (``status`` None).
+    The server's errors are those of engine/errors.py; here they carry their HTTP answer."""
 
     def __init__(self, message: str, *, status: int | None = None, type: str = "error",
                  retry_after_s: float | None = None):
@@ -51,13 +54,14 @@ class LSAError(Exception):
         return self.status is None or self.status in TRANSIENT_STATUS
 
 
-class SessionNotFound(LSAError):
-    """The session is unknown to the server or its KV was evicted: create it again."""
+class SessionNotFound(LSAError, errors.SessionNotFound):
+    """The server's ``SessionNotFound`` or ``SessionEvicted`` (404 ``session_not_found``):
+    the session is unknown to the server or its KV was evicted: create it again."""
 
 
 @dataclass(frozen=True)
 class Answer:
-    session: str
+    session_id: str
     text: str
     num_tokens: int
     prefill_tokens: int
@@ -201,7 +205,7 @@ class LSAClient:
     def ask(self, session_id: str, question: str, **sampling) -> Answer:
         path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/ask"
         out = self.request("POST", path, {"question": question, **sampling})
-        return Answer(session=out["session"], text=out["text"], num_tokens=out["num_tokens"],
+        return Answer(session_id=out["session"], text=out["text"], num_tokens=out["num_tokens"],
                       prefill_tokens=out["prefill_tokens"], decode_s=out["decode_s"])
 
     def delete_session(self, session_id: str) -> None:
@@ -216,19 +220,19 @@ class LSAClient:
 class Session:
     """A long context held by the server. ``close()`` (or leaving ``with``) frees its KV."""
 
-    def __init__(self, client: LSAClient, id: str, num_tokens: int):
-        self.client, self.id, self.num_tokens = client, id, num_tokens
+    def __init__(self, client: LSAClient, session_id: str, num_tokens: int):
+        self.client, self.session_id, self.num_tokens = client, session_id, num_tokens
         self.closed = False
 
     def ask(self, question: str, **sampling) -> Answer:
-        return self.client.ask(self.id, question, **sampling)
+        return self.client.ask(self.session_id, question, **sampling)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            self.client.delete_session(self.id)
+            self.client.delete_session(self.session_id)
         except SessionNotFound:
             pass
 
@@ -288,9 +292,9 @@ class AsyncLSAClient:
 
 
 class AsyncSession:
-    def __init__(self, client: LSAClient, id: str, num_tokens: int):
-        self._session = Session(client, id, num_tokens)
-        self.id, self.num_tokens = id, num_tokens
+    def __init__(self, client: LSAClient, session_id: str, num_tokens: int):
+        self._session = Session(client, session_id, num_tokens)
+        self.session_id, self.num_tokens = session_id, num_tokens
 
     async def ask(self, question: str, **sampling) -> Answer:
         return await asyncio.to_thread(self._session.ask, question, **sampling)

@@ -65,7 +65,7 @@ class KVLocalityRouter(RequestRouter):
         self._reservation_ttl_s = reservation_ttl_s
         self._max_sessions = max_sessions
         self._owner: "OrderedDict[str, ReplicaID]" = OrderedDict()
-        # replica -> session -> (bytes, time reserved)
+        # replica -> session_id -> (bytes, time reserved)
         self._reserved: Dict[ReplicaID, Dict[str, Tuple[int, float]]] = defaultdict(dict)
 
     # -- what the router knows -------------------------------------------------------------
@@ -76,19 +76,19 @@ class KVLocalityRouter(RequestRouter):
         key = pending_request.metadata.session_id or pending_request.kwargs.get(self._session_kwarg)
         return str(key) if key else None
 
-    def holder(self, session: str, hint: Optional[str] = None) -> Optional[ReplicaID]:
-        """The live replica that holds ``session``: the ``hint`` (a replica's unique id, from
+    def holder(self, session_id: str, hint: Optional[str] = None) -> Optional[ReplicaID]:
+        """The live replica that holds ``session_id``: the ``hint`` (a replica's unique id, from
         the session directory that every ingress replica shares), then this router's own
         record (newer than any stats), then the sessions replicas publish."""
         if hint:
             for replica_id in self._replicas:
                 if replica_id.unique_id == hint:
                     return replica_id
-        replica_id = self._owner.get(session)
+        replica_id = self._owner.get(session_id)
         if replica_id in self._replicas:
             return replica_id
         for replica in self._replicas_list:
-            if session in replica.routing_stats.get(SESSIONS, ()):
+            if session_id in replica.routing_stats.get(SESSIONS, ()):
                 return replica.replica_id
         return None
 
@@ -98,9 +98,9 @@ class KVLocalityRouter(RequestRouter):
         published = replica.routing_stats.get(SESSIONS, ())
         reserved = self._reserved.get(replica.replica_id, {})
         now = time.monotonic()
-        for session in [s for s, (_, t) in reserved.items()
+        for session_id in [s for s, (_, t) in reserved.items()
                         if s in published or now - t > self._reservation_ttl_s]:
-            del reserved[session]
+            del reserved[session_id]
         free = replica.routing_stats.get(FREE_KV_BYTES,
                                          replica.replica_metadata.get(KV_CAPACITY_BYTES))
         if free is None:
@@ -117,9 +117,9 @@ class KVLocalityRouter(RequestRouter):
         """Ranks, best first; Serve tries each rank in turn (the shortest queue within a
         rank), then backs off and asks again. A held session gets one rank with only its
         holder: if it is busy the request waits for it rather than lose its KV."""
-        session = self.session_key(pending_request)
-        if session is not None:
-            replica_id = self.holder(session, pending_request.kwargs.get(self._holder_kwarg))
+        session_id = self.session_key(pending_request)
+        if session_id is not None:
+            replica_id = self.holder(session_id, pending_request.kwargs.get(self._holder_kwarg))
             for replica in candidate_replicas:
                 if replica.replica_id == replica_id:
                     return [[replica]]
@@ -134,20 +134,20 @@ class KVLocalityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        session = self.session_key(pending_request)
-        if session is None or self._owner.get(session) == replica_id:
-            if session is not None:
-                self._owner.move_to_end(session)
+        session_id = self.session_key(pending_request)
+        if session_id is None or self._owner.get(session_id) == replica_id:
+            if session_id is not None:
+                self._owner.move_to_end(session_id)
             return
-        self._owner[session] = replica_id
-        self._owner.move_to_end(session)
+        self._owner[session_id] = replica_id
+        self._owner.move_to_end(session_id)
         while len(self._owner) > self._max_sessions:
             self._owner.popitem(last=False)
         size = pending_request.kwargs.get(self._size_kwarg) or 0
-        self._reserved[replica_id][session] = (int(size), time.monotonic())
+        self._reserved[replica_id][session_id] = (int(size), time.monotonic())
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._reserved.pop(replica_id, None)
-        for session in [s for s, r in self._owner.items() if r == replica_id]:
-            del self._owner[session]
+        for session_id in [s for s, r in self._owner.items() if r == replica_id]:
+            del self._owner[session_id]

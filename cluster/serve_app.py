@@ -3,7 +3,10 @@
     HTTP -> Ingress (this file: OpenAI API, sessions, msgpack, API keys, /metrics)
               | DeploymentHandle, KVLocalityRouter (session -> holder, new -> most free KV)
               v
-            DecodeWorker replicas (cluster/workers.py) -> node KVStore, Indexer (actors/)
+            DecodeWorker replicas (actors/worker_deployment.py) -> node KVStore, Indexer (actors/)
+
+Between the ingress and a worker travel typed messages: ``SamplingParams`` in, a
+``TurnResult`` (actors/messages.py) back.
 
 Every error is an HTTP 4xx/5xx answer ``{"error": {"message", "type"}}``; the client
 (cluster/client.py) implements the other side of the contract.
@@ -23,11 +26,13 @@ from ray.serve.config import RequestRouterConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from actors.directory import directory_handle
 from actors.config import ServeConfig
-from cluster.workers import DecodeWorker, indexer_handle
+from actors.directory import directory_handle
+from actors.messages import TurnResult, WorkerStats
+from actors.worker_deployment import DecodeWorker, indexer_handle
+from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError, SessionNotFound
 from engine.options import build
-from engine.errors import CacheFullError, InvalidRequestError, LSAError, PromptTooLongError
+from engine.sampling import SamplingParams
 
 MSGPACK = "application/msgpack"
 DOC_HEAD = "Read the following document carefully and answer the questions after it.\n\n<document>\n"
@@ -52,8 +57,6 @@ class HTTPError(Exception):
 
 def classify(exc: BaseException) -> HTTPError:
     """Map an engine error (possibly wrapped by Ray) to an HTTP answer."""
-    from engine.sessions import SessionNotFound
-
     cause = exc
     for _ in range(3):
         inner = getattr(cause, "cause", None)
@@ -78,7 +81,7 @@ def classify(exc: BaseException) -> HTTPError:
 
 class Ingress:
     def __init__(self, worker, config: ServeConfig):
-        from actors.models import arena_layout
+        from engine.factory import arena_layout
 
         self.args = config
         self.worker = worker
@@ -86,17 +89,17 @@ class Ingress:
         layout = arena_layout(config.engine)
         self.kv_bytes_per_token = layout.block_bytes // layout.block_size
         self.directory = directory_handle()  # session records: any ingress replica serves any session
-        self.indexer = indexer_handle(config.engine.policy.indexer)
+        self.indexer = indexer_handle()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.time()
         self.requests = 0
         self.errors = 0
-        self._layout = layout.as_tuple()
+        self._layout = layout
         self._placer = None
 
     async def _place_stores(self, period_s: float = 10.0) -> None:
         from actors.kv_store import KVStore
-        from cluster.placement import ensure_per_node
+        from actors.placement import ensure_per_node
 
         cfg = self.args
         while True:
@@ -173,7 +176,9 @@ class Ingress:
 
     # -- OpenAI ---------------------------------------------------------------------------
 
-    def _params(self, body: dict) -> dict:
+    def _params(self, body: dict) -> SamplingParams:
+        """The request's sampling parameters, validated here: a bad value is a 400 before any
+        worker sees it."""
         params = {k: body.get(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                                             "ignore_eos")}
         if params["max_tokens"] is None:
@@ -183,10 +188,7 @@ class Ingress:
                 raise HTTPError(400, f"{key} must be a number", "invalid_request_error")
         if isinstance(params["stop"], str):
             params["stop"] = [params["stop"]]
-        from cluster.workers import sampling
-
-        sampling(params)  # validates here: a bad value is a 400 before any worker sees it
-        return params
+        return SamplingParams(**{k: v for k, v in params.items() if v is not None})
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
@@ -209,22 +211,22 @@ class Ingress:
         if model not in (None, self.args.engine.model):
             raise HTTPError(404, f"model {model!r} is not served here; GET /v1/models lists "
                             f"{self.args.engine.model!r}", "model_not_found")
-        ids, params = self._prompt_ids(body, chat), self._params(body)
+        prompt_ids, params = self._prompt_ids(body, chat), self._params(body)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.args.engine.model}
         if body.get("stream"):
-            return await self._stream(ids, params, head, chat)
-        out = await self.worker.options(method_name="generate").remote(ids, params)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": out["text"]}}
-                  if chat else {"index": 0, "text": out["text"], "logprobs": None})
-        choice["finish_reason"] = out["finish_reason"]
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(out["token_ids"]),
-                 "total_tokens": len(ids) + len(out["token_ids"])}
+            return await self._stream(prompt_ids, params, head, chat)
+        out: TurnResult = await self.worker.options(method_name="generate").remote(prompt_ids, params)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}}
+                  if chat else {"index": 0, "text": out.text, "logprobs": None})
+        choice["finish_reason"] = out.finish_reason
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.token_ids),
+                 "total_tokens": len(prompt_ids) + len(out.token_ids)}
         return self._reply(request, {**head, "choices": [choice], "usage": usage})
 
-    async def _stream(self, ids, params, head, chat) -> Response:
-        gen = self.worker.options(method_name="stream", stream=True).remote(ids, params)
+    async def _stream(self, prompt_ids, params, head, chat) -> Response:
+        gen = self.worker.options(method_name="stream", stream=True).remote(prompt_ids, params)
         kind = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         # the first item is awaited here, so that a bad request is a 4xx, not a broken stream
         try:
@@ -246,8 +248,8 @@ class Ingress:
                 if chat:
                     yield f"data: {json.dumps({**kind, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n".encode()
                 while item is not None:
-                    if isinstance(item, dict):
-                        yield event(None, item["finish_reason"])
+                    if isinstance(item, TurnResult):
+                        yield event(None, item.finish_reason)
                         break
                     yield event(item)
                     item = await gen.__anext__()
@@ -262,18 +264,18 @@ class Ingress:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def _session_ids(self, body: dict) -> list[int]:
-        context, ids = body.get("context"), body.get("context_ids")
+    def _context_ids(self, body: dict) -> list[int]:
+        context, context_ids = body.get("context"), body.get("context_ids")
         if isinstance(context, str) and context.strip():
             text = self.tokenizer.chat_prompt([{"role": "user", "content": DOC_HEAD + context + DOC_TAIL + SENTINEL}]) \
                 if self.tokenizer.has_chat_template else DOC_HEAD + context + DOC_TAIL + SENTINEL
             return self.tokenizer.encode(text.split(SENTINEL)[0], add_special_tokens=False)
-        if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
-            return ids
+        if isinstance(context_ids, list) and context_ids and all(type(t) is int for t in context_ids):
+            return context_ids
         raise HTTPError(400, "a session needs 'context' (non-empty text) or 'context_ids' (token ids)",
                         "invalid_request_error")
 
-    def _question_ids(self, sid: str, body: dict) -> list[int]:
+    def _question_ids(self, body: dict) -> list[int]:
         question = body.get("question")
         if isinstance(question, list) and question and all(type(t) is int for t in question):
             return question
@@ -285,40 +287,41 @@ class Ingress:
         return self.tokenizer.encode(QUESTION.format(question=question.strip()) + suffix, add_special_tokens=False)
 
     async def create_session(self, body: dict) -> dict:
-        ids = self._session_ids(body)
-        sid = uuid.uuid4().hex
-        out = await self._call_worker("create_session", session_id=sid, context_ids=ids,
-                                      kv_bytes=len(ids) * self.kv_bytes_per_token)
-        await self.directory.create.remote(sid, ids, out["replica"], out["node"])
-        return {"id": sid, "num_tokens": len(ids), "prefill_tokens": out["prefill_tokens"],
-                "prefill_s": round(out["prefill_s"], 4), "replica": out["replica"], "node": out["node"],
+        context_ids = self._context_ids(body)
+        session_id = uuid.uuid4().hex
+        out: TurnResult = await self._call_worker("create_session", session_id=session_id, context_ids=context_ids,
+                                                  kv_bytes=len(context_ids) * self.kv_bytes_per_token)
+        await self.directory.create.remote(session_id, context_ids, out.replica, out.node_id)
+        return {"id": session_id, "num_tokens": len(context_ids), "prefill_tokens": out.prefill_tokens,
+                "prefill_s": round(out.prefill_s, 4), "replica": out.replica, "node": out.node_id,
                 "ingress": self.replica}
 
-    async def ask(self, sid: str, body: dict) -> dict:
-        record = await self.directory.get.remote(sid)
+    async def ask(self, session_id: str, body: dict) -> dict:
+        record = await self.directory.get.remote(session_id)
         if record is None:
-            raise HTTPError(404, f"no session {sid} (deleted, evicted or never created): create it with "
+            raise HTTPError(404, f"no session {session_id} (deleted, evicted or never created): create it with "
                             f"POST /v1/sessions", "session_not_found")
-        question, params = self._question_ids(sid, body), self._params(body)
+        question_ids, params = self._question_ids(body), self._params(body)
         try:
-            out = await self._call_worker("ask", session_id=sid, question_ids=question, params=params,
-                                          context_ids=record["context_ids"], holder=record["replica"])
+            out: TurnResult = await self._call_worker("ask", session_id=session_id, question_ids=question_ids,
+                                                      params=params, context_ids=record.context_ids,
+                                                      holder=record.replica)
         except Exception as exc:
             err = classify(exc)
             if err.type == "session_not_found":  # evicted: the client creates it again
-                await self.directory.delete.remote(sid)
+                await self.directory.delete.remote(session_id)
             raise err from None
-        self.directory.served.remote(sid, out["replica"], out["node"])
-        return {"session": sid, "text": out["text"], "num_tokens": len(out["token_ids"]),
-                "prefill_tokens": out["prefill_tokens"], "decode_s": round(out["decode_s"], 4),
-                "prefill_s": round(out["prefill_s"], 4), "finish_reason": out["finish_reason"],
-                "replica": out["replica"], "node": out["node"], "held": out["held"], "ingress": self.replica}
+        self.directory.served.remote(session_id, out.replica, out.node_id)
+        return {"session": session_id, "text": out.text, "num_tokens": len(out.token_ids),
+                "prefill_tokens": out.prefill_tokens, "decode_s": round(out.decode_s, 4),
+                "prefill_s": round(out.prefill_s, 4), "finish_reason": out.finish_reason,
+                "replica": out.replica, "node": out.node_id, "held": out.held, "ingress": self.replica}
 
-    async def delete_session(self, sid: str) -> dict:
-        if await self.directory.delete.remote(sid) is None:
-            raise HTTPError(404, f"no session {sid}", "session_not_found")
-        await self._call_worker("delete_session", session_id=sid)
-        return {"deleted": sid}
+    async def delete_session(self, session_id: str) -> dict:
+        if await self.directory.delete.remote(session_id) is None:
+            raise HTTPError(404, f"no session {session_id}", "session_not_found")
+        await self._call_worker("delete_session", session_id=session_id)
+        return {"deleted": session_id}
 
     async def _call_worker(self, method: str, attempts: int = 4, **kwargs):
         """A worker call that survives its replica dying under it (node lost, replica killed):
@@ -341,7 +344,7 @@ class Ingress:
         return prometheus(workers, await self.directory.count.remote(), self.requests, self.errors)
 
 
-def prometheus(workers: dict[str, dict], sessions: int, requests: int, errors: int) -> str:
+def prometheus(workers: dict[str, WorkerStats], sessions: int, requests: int, errors: int) -> str:
     """Text exposition format (version 0.0.4)."""
     lines: list[str] = []
 
@@ -352,8 +355,8 @@ def prometheus(workers: dict[str, dict], sessions: int, requests: int, errors: i
             lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
             lines.append(f"lsa_{name}{{{lab}}} {float(value):.6g}" if lab else f"lsa_{name} {float(value):.6g}")
 
-    stores = {w["node"]: w["store"] for w in workers.values()}
-    per_worker = lambda key: [({"replica": r}, w.get(key, 0)) for r, w in sorted(workers.items())]  # noqa: E731
+    stores = {w.node_id: w.store for w in workers.values() if w.store is not None}
+    per_worker = lambda key: [({"replica": r}, getattr(w, key)) for r, w in sorted(workers.items())]  # noqa: E731
     metric("sessions", "gauge", "Sessions in the session directory.", [({}, sessions)])
     metric("requests_total", "counter", "HTTP requests.", [({}, requests)])
     metric("request_errors_total", "counter", "HTTP requests answered with an error.", [({}, errors)])
@@ -371,20 +374,20 @@ def prometheus(workers: dict[str, dict], sessions: int, requests: int, errors: i
            per_worker("prefill_tokens"))
     metric("tokens_per_second", "gauge", "Generated tokens per busy second.", per_worker("tokens_per_s"))
     metric("host_kv_bytes", "gauge", "Host KV bytes held by sessions, per node store.",
-           [({"node": n}, s["session_bytes"]) for n, s in sorted(stores.items())])
+           [({"node": n}, s.session_bytes) for n, s in sorted(stores.items())])
     metric("host_kv_capacity_bytes", "gauge", "Host KV arena size, per node store.",
-           [({"node": n}, s["capacity_bytes"]) for n, s in sorted(stores.items())])
+           [({"node": n}, s.capacity_bytes) for n, s in sorted(stores.items())])
     metric("host_kv_free_bytes", "gauge", "Free host KV bytes, per node store.",
-           [({"node": n}, s["free_bytes"]) for n, s in sorted(stores.items())])
+           [({"node": n}, s.free_bytes) for n, s in sorted(stores.items())])
     metric("evictions_total", "counter", "Idle sessions evicted, per node store.",
-           [({"node": n}, s["evictions"]) for n, s in sorted(stores.items())])
+           [({"node": n}, s.evictions) for n, s in sorted(stores.items())])
     metric("spilled_blocks", "gauge", "Session blocks held by another node's store.",
-           [({"node": n}, s["spilled_blocks"]) for n, s in sorted(stores.items())])
+           [({"node": n}, s.spilled_blocks) for n, s in sorted(stores.items())])
     return "\n".join(lines) + "\n"
 
 
 def _load_tokenizer(config: ServeConfig):
-    from actors.models import TINY_RANDOM, ByteTokenizer
+    from engine.factory import TINY_RANDOM, ByteTokenizer
 
     if config.engine.model == TINY_RANDOM:
         return ByteTokenizer()

@@ -75,7 +75,7 @@ class BlockManager:
                  host_allocator: BlockAllocator | None = None):
         self.block_size = block_size
         self.device = [BlockAllocator(num_device_blocks, "device") for _ in range(num_groups)]
-        # an external host allocator hands out ids of a shared arena (engine/sessions.py)
+        # an external host allocator hands out ids of a shared arena (engine/host_arena.py)
         self.host = host_allocator if host_allocator is not None else BlockAllocator(num_host_blocks, "host")
         self._mirrored = host_allocator is not None or num_host_blocks > 0
         self.seqs: dict[int, SequenceBlocks] = {}

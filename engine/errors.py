@@ -27,3 +27,11 @@ class PromptTooLongError(InvalidRequestError):
 
 class CacheFullError(LSAError, RuntimeError):
     """No KV cache capacity is left for a request that would otherwise be valid."""
+
+
+class SessionNotFound(LSAError):
+    """No session with this id is held here: it was never created, or it was deleted."""
+
+
+class SessionEvicted(SessionNotFound):
+    """The session's KV was evicted to make room for others: create it again."""

@@ -1,19 +1,24 @@
 """actors/ without Ray: KV stores over shared-memory arenas, a decode worker (background loop,
-concurrent requests), spilling a session to another store and staging it back (Indexer),
-a worker restart that resumes sessions without prefill."""
+concurrent requests, no store call on the loop), spilling a session to another store and
+staging it back (Indexer), a worker restart that resumes sessions without prefill."""
 import concurrent.futures as cf
+import threading
+from collections import Counter
 
 import pytest
 import torch
 
 from actors.decode_worker import DecodeWorkerCore
 from actors.indexer import IndexerCore
-from actors.kv_store import SPILLED, KVStoreCore, arena_path
+from actors.kv_store import KVStoreCore, arena_path
+from actors.messages import SPILLED
+from actors.session_store import LocalStores
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
-from engine.sessions import ArenaLayout, SessionNotFound
+from engine.errors import SessionEvicted, SessionNotFound
+from engine.host_arena import ArenaLayout
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
@@ -39,14 +44,11 @@ def tokens(n, seed):
 
 @pytest.fixture()
 def stores(tmp_path):
+    """Two node stores that stage from each other but do not spill on their own."""
     made = {}
-
-    def fetch(key, ids):
-        return made[key].read_blocks(ids)
-
-    for key, blocks in (("node-a", 60), ("node-b", 200)):
-        made[key] = KVStoreCore(key, LAYOUT, blocks * LAYOUT.block_bytes,
-                                arena_path("test", key, str(tmp_path)), fetch=fetch)
+    for node_id, blocks in (("node-a", 60), ("node-b", 200)):
+        made[node_id] = KVStoreCore(node_id, LAYOUT, blocks * LAYOUT.block_bytes,
+                                    arena_path("test", node_id, str(tmp_path)), LocalStores(made, spill=False))
     return made
 
 
@@ -59,7 +61,7 @@ def test_arena_is_shared_memory_mapped_without_copy(stores, model):
     store = stores["node-a"]
     worker = DecodeWorkerCore.build(make_engine(model), store, "w0")
     try:
-        assert store.info()["path"].startswith(str(store.path.rsplit("/", 1)[0]))
+        assert store.info().path.startswith(str(store.path.rsplit("/", 1)[0]))
         worker.create_session("s", tokens(50, 1)).result(timeout=60)
         ids = store.view("s").host_ids
         # the worker wrote the blocks through its own mapping; the store reads the same bytes
@@ -83,10 +85,11 @@ def test_concurrent_requests_and_sessions(stores, model):
             assert r.token_ids == reference(model, context + q)
             assert r.prefill_tokens == 90 % BLOCK + len(q)
         assert results[-1].token_ids == reference(model, tokens(30, 3))
-        assert worker.stats()["generated_tokens"] >= 50
+        assert worker.stats().generated_tokens >= 50
         assert worker.delete_session("doc").result(timeout=10)
-        with pytest.raises(SessionNotFound):
+        with pytest.raises(SessionNotFound) as deleted:
             worker.ask("doc", [5], GREEDY).result(timeout=10)
+        assert not isinstance(deleted.value, SessionEvicted)
     finally:
         worker.close()
 
@@ -111,16 +114,16 @@ def test_spilled_session_staged_by_the_indexer_decodes_like_a_local_one(stores, 
     a, b = stores["node-a"], stores["node-b"]
     context, question = tokens(200, 6), tokens(7, 8)
     worker = DecodeWorkerCore.build(make_engine(model), a, "wa",
-                                    prefetch=lambda sid: indexer.prefetch(sid, "node-a"))
-    indexer = IndexerCore(None, stage=lambda node, sid: stores[node].stage(sid))
+                                    prefetch=lambda session_id: indexer.prefetch(session_id, "node-a"))
+    indexer = IndexerCore(LocalStores(stores))
     try:
         worker.create_session("big", context).result(timeout=60)
         before = a.view("big").host_ids
         original = a.read_blocks(before)
         logical = a.spill_plan("big", 15)  # the last 15 of 25 blocks go to node-b
-        a.spill("big", logical, "node-b", lambda d, s: b.write_blocks("spill:node-a:big", d, s))
+        a.spill("big", logical, "node-b")
         view = a.view("big")
-        assert view.host_ids.count(SPILLED) == 15 and b.stats()["foreign_blocks"] == 15
+        assert view.host_ids.count(SPILLED) == 15 and b.stats().foreign_blocks == 15
         # blocks fetched across nodes are byte-identical
         remote = [rid for _, rid in a.missing("big")["node-b"]]
         data, summary = b.read_blocks(remote)
@@ -129,7 +132,7 @@ def test_spilled_session_staged_by_the_indexer_decodes_like_a_local_one(stores, 
         assert indexer.stats()["prefetched_blocks"] == {"node-a": 15}
         assert r.token_ids == reference(model, context + question)
         assert r.prefill_tokens == 200 % BLOCK + len(question)
-        assert a.stats()["staged_blocks"] == 0  # staging copies are dropped once the turn is done
+        assert a.stats().staged_blocks == 0  # staging copies are dropped once the turn is done
     finally:
         worker.close()
 
@@ -140,11 +143,90 @@ def test_store_evicts_idle_sessions_lru_with_a_clear_error(stores, model):
     try:
         for i in range(4):  # 16 blocks each: the fourth evicts the first
             worker.create_session(f"s{i}", tokens(128, 20 + i)).result(timeout=60)
-        with pytest.raises(SessionNotFound, match="evicted"):
+        with pytest.raises(SessionEvicted, match="least recently used"):
             worker.ask("s0", [3, 4], GREEDY).result(timeout=10)
         assert worker.ask("s3", [3, 4], GREEDY).result(timeout=60).prefill_tokens == 2
     finally:
         worker.close()
+
+
+class Recorded:
+    """A store that records each call with the thread it came from; while ``hold`` is clear,
+    ``pin`` waits (a slow store)."""
+
+    def __init__(self, store):
+        self.store, self.calls, self.hold = store, [], threading.Event()
+        self.hold.set()
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        def call(*args, **kwargs):
+            self.calls.append((name, threading.current_thread().name))
+            if name == "pin":
+                self.hold.wait(60)
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_store_calls_stay_off_the_decode_loop(stores, model):
+    store = Recorded(stores["node-b"])
+    worker = DecodeWorkerCore.build(make_engine(model), store, "w0")
+    try:
+        context = tokens(90, 2)
+        worker.create_session("doc", context).result(timeout=60)
+        worker.ask("doc", tokens(5, 3), GREEDY).result(timeout=60)  # the pool now holds what a turn draws
+        calls_before = len(store.calls)
+        for i in range(5):
+            question = tokens(5, 10 + i)
+            answer = worker.ask("doc", question, GREEDY).result(timeout=60)
+            assert answer.token_ids == reference(model, context + question)
+        # a turn is two store calls: pin (admission) and unpin (settling, before the answer)
+        assert Counter(name for name, _ in store.calls[calls_before:]) == {"pin": 5, "unpin": 5}
+        assert {thread.split("_")[0] for _, thread in store.calls} == {"MainThread", "admission", "settling"}
+        assert worker._thread.name == "decode-loop"  # ... which never called the store
+    finally:
+        worker.close()
+
+
+def test_a_slow_store_never_stalls_decode_steps(stores, model):
+    store = Recorded(stores["node-b"])
+    worker = DecodeWorkerCore.build(make_engine(model), store, "w0")
+    try:
+        context, question = tokens(90, 2), tokens(5, 3)
+        worker.create_session("doc", context).result(timeout=60)
+        store.hold.clear()  # from now on the store takes its time to pin
+        turn = worker.ask("doc", question, GREEDY)
+        long = worker.generate(tokens(20, 4), SamplingParams(max_tokens=150, ignore_eos=True))
+        assert len(long.result(timeout=120).token_ids) == 150  # decoded while the turn's pin waited
+        assert not turn.done()
+        store.hold.set()
+        assert turn.result(timeout=60).token_ids == reference(model, context + question)
+    finally:
+        store.hold.set()
+        worker.close()
+
+
+def test_messages_between_actors_pack_with_msgpack(stores, model):
+    import dataclasses
+
+    import msgpack
+
+    from actors.messages import PlanReport
+
+    store = stores["node-b"]
+    worker = DecodeWorkerCore.build(make_engine(model), store, "w0")
+    try:
+        worker.create_session("doc", tokens(40, 1)).result(timeout=60)
+        result = worker.ask("doc", tokens(4, 2), GREEDY).result(timeout=60)
+        messages = [store.info(), store.view("doc"), store.stats(), PlanReport("w0", "node-b", "doc", [0, 2]),
+                    dataclasses.replace(worker.stats(), store=store.stats()), result]
+    finally:
+        worker.close()
+    for message in messages:
+        fields = dataclasses.asdict(message)
+        assert msgpack.unpackb(msgpack.packb(fields)) == fields, type(message).__name__
 
 
 def test_bad_requests_fail_their_future_not_the_worker(stores, model):
@@ -172,30 +254,28 @@ def test_many_concurrent_callers(stores, model):
 
 def test_full_store_spills_to_the_peer_with_most_room_before_evicting(tmp_path, model):
     made = {}
-    for key, blocks in (("a", 60), ("b", 40), ("c", 120)):
-        made[key] = KVStoreCore(key, LAYOUT, blocks * LAYOUT.block_bytes, arena_path("spill", key, str(tmp_path)),
-                                fetch=lambda peer, ids: made[peer].read_blocks(ids),
-                                peers=lambda me=key: [(k, s.table.num_free) for k, s in made.items() if k != me],
-                                write=lambda peer, owner, d, s: made[peer].write_blocks(owner, d, s))
+    for node_id, blocks in (("a", 60), ("b", 40), ("c", 120)):
+        made[node_id] = KVStoreCore(node_id, LAYOUT, blocks * LAYOUT.block_bytes,
+                                    arena_path("spill", node_id, str(tmp_path)), LocalStores(made))
     a = made["a"]
     worker = DecodeWorkerCore.build(make_engine(model), a, "wa", spare_blocks=0, prefetch=a.stage)
     try:
         contexts = {f"s{i}": tokens(128, 60 + i) for i in range(4)}  # 16 blocks each; the arena holds 60
-        for sid, ctx in contexts.items():
-            worker.create_session(sid, ctx).result(timeout=60)
+        for session_id, ctx in contexts.items():
+            worker.create_session(session_id, ctx).result(timeout=60)
         stats = a.stats()
-        assert stats["evictions"] == 0 and stats["sessions"] == 4  # nothing evicted...
-        assert stats["blocks_spilled"] > 0 and stats["spilled_blocks"] == stats["blocks_spilled"]
+        assert stats.evictions == 0 and stats.sessions == 4  # nothing evicted...
+        assert stats.blocks_spilled > 0 and stats.spilled_blocks == stats.blocks_spilled
         # ... the oldest idle session's tail went to the peer with the most room (c, not b)
         assert SPILLED in a.view("s0").host_ids and a.view("s0").host_ids[0] != SPILLED  # sinks stay home
-        assert made["c"].stats()["foreign_blocks"] == stats["blocks_spilled"]
-        assert made["b"].stats()["foreign_blocks"] == 0
-        for sid, ctx in contexts.items():  # every session still answers exactly, without re-prefill
+        assert made["c"].stats().foreign_blocks == stats.blocks_spilled
+        assert made["b"].stats().foreign_blocks == 0
+        for session_id, ctx in contexts.items():  # every session still answers exactly, without re-prefill
             question = tokens(5, 70)
-            r = worker.ask(sid, question, GREEDY).result(timeout=60)
+            r = worker.ask(session_id, question, GREEDY).result(timeout=60)
             assert r.token_ids == reference(model, ctx + question)
             assert r.prefill_tokens == len(question)
-        assert a.stats()["evictions"] == 0
+        assert a.stats().evictions == 0
     finally:
         worker.close()
 
@@ -204,7 +284,8 @@ def test_plan_reporter_never_blocks_and_batches():
     import threading
     import time
 
-    from actors.plans import PlanReport, PlanReporter
+    from actors.messages import PlanReport
+    from actors.plans import PlanReporter
 
     gate, batches = threading.Event(), []
     reporter = PlanReporter(lambda b: (gate.wait(10), batches.append(b)), capacity=8, batch=4, period_s=0.01)
@@ -215,7 +296,7 @@ def test_plan_reporter_never_blocks_and_batches():
         assert time.perf_counter() - t0 < 0.5
         gate.set()
         assert reporter.flush(10)
-        sent = [r["session"] for b in batches for r in b]
+        sent = [r.session_id for b in batches for r in b]
         assert reporter.num_dropped == 100 - len(sent) > 0  # bounded: the oldest went
         assert sent[-8:] == [f"s{i}" for i in range(92, 100)]  # the newest were all sent
     finally:
@@ -226,45 +307,45 @@ def test_per_cycle_plans_stage_spilled_blocks_before_the_turn_needs_them(stores,
     from actors.plans import PlanReporter
 
     a, b = stores["node-a"], stores["node-b"]
-    indexer = IndexerCore(None, stage_plan=lambda node, sid, blocks: stores[node].stage(sid, blocks, plan=True))
+    indexer = IndexerCore(LocalStores(stores))
     reporter = PlanReporter(indexer.report_plans, period_s=0.01)
     cfg = EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=512),
                        policy=PolicyConfig("lsa", budget=0.3, cycle=4))
     worker = DecodeWorkerCore.build(lambda arena: LLMEngine(model, cfg, arena=arena), a, "wa", spare_blocks=0,
-                                    prefetch=a.stage, plans=reporter, node="node-a")
+                                    prefetch=a.stage, plans=reporter)
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     try:
         context = tokens(200, 80)
         worker.create_session("big", context).result(timeout=60)
         first = worker.ask("big", tokens(6, 81), params).result(timeout=60)  # held locally: plans reported
         assert reporter.flush(10) and indexer.stats()["plans"] >= 3  # one per cycle of 4 steps, and more
-        planned = set(indexer.plans["big"]["blocks"])
+        planned = set(indexer.plans["big"].blocks)
         spilled = a.spill_plan("big", 15)  # now the arena is short: the last 15 of 25 blocks go to node-b
-        a.spill("big", spilled, "node-b", lambda d, s: b.write_blocks("spill:node-a:big", d, s))
+        a.spill("big", spilled, "node-b")
         # this turn fetches the spilled blocks at use; the plans of its cycles keep (or stage
         # again) those the next cycles want, on the worker's node
         second = worker.ask("big", tokens(6, 81), params).result(timeout=60)
         assert second.token_ids == first.token_ids
         assert reporter.flush(10)
-        wanted = set(indexer.plans["big"]["blocks"]) & set(spilled)
+        wanted = set(indexer.plans["big"].blocks) & set(spilled)
         assert wanted  # the plan wants spilled blocks (sinks are local; the recent tail was spilled)
         staged = set(a.staged.get("big", {}))
         assert wanted <= staged  # staged on the worker's node after the plan was reported
-        use_before = a.stats()["blocks_fetched_at_use"]
+        use_before = a.stats().blocks_fetched_at_use
         third = worker.ask("big", tokens(6, 81), params).result(timeout=60)
         assert third.token_ids == first.token_ids == reference_lsa(model, cfg, context + tokens(6, 81), params)
-        fetched_at_use = a.stats()["blocks_fetched_at_use"] - use_before
+        fetched_at_use = a.stats().blocks_fetched_at_use - use_before
         assert fetched_at_use == len(set(spilled) - staged) < len(spilled)  # planned blocks: zero at use
         assert planned and staged <= set(spilled)  # only spilled blocks are staged copies
         # under pressure, the idle session's staged copies go first: nothing spilled or evicted
         before = a.stats()
-        kept = before["staged_blocks"]
+        kept = before.staged_blocks
         assert kept > 0
-        ids = a.lease("probe", before["free_blocks"] + kept)
+        ids = a.lease("probe", before.free_blocks + kept)
         after = a.stats()
-        assert after["staged_blocks"] == 0 and after["blocks_spilled"] == before["blocks_spilled"]
-        assert after["evictions"] == before["evictions"] == 0
+        assert after.staged_blocks == 0 and after.blocks_spilled == before.blocks_spilled
+        assert after.evictions == before.evictions == 0
         a.give_back("probe", ids)
     finally:
         worker.close()

@@ -88,15 +88,15 @@ class FakeLSAServer:
             return self.create(body)
         parts = path.split("/")
         if len(parts) >= 4 and parts[1:3] == ["v1", "sessions"]:
-            sid = parts[3]
+            session_id = parts[3]
             if method == "DELETE" and len(parts) == 4:
                 with self.lock:
-                    gone = self.sessions.pop(sid, None)
+                    gone = self.sessions.pop(session_id, None)
                 if gone is None:
-                    return 404, _err(f"no session {sid}", "session_not_found"), {}
-                return 200, {"deleted": sid}, {}
+                    return 404, _err(f"no session {session_id}", "session_not_found"), {}
+                return 200, {"deleted": session_id}, {}
             if method == "POST" and parts[4:] == ["ask"]:
-                return self.ask(sid, body)
+                return self.ask(session_id, body)
         return 404, _err(f"no route {method} {path}", "not_found"), {}
 
     def create(self, body):
@@ -108,25 +108,25 @@ class FakeLSAServer:
             return 400, _err("need 'context' (str) or 'context_ids' ([int])", "invalid_request"), {}
         if "[flaky-create]" in context and self._fault("create", context, 2):
             return 503, _err("all workers busy", "overloaded"), {"Retry-After": "0"}
-        sid = uuid.uuid4().hex
+        session_id = uuid.uuid4().hex
         with self.lock:
-            self.sessions[sid] = {"context": context, "asks": 0}
+            self.sessions[session_id] = {"context": context, "asks": 0}
             self.created[context] += 1
             n = self.num_created
         if self.on_create:
             self.on_create(n)
-        return 200, {"id": sid, "num_tokens": num_tokens}, {}
+        return 200, {"id": session_id, "num_tokens": num_tokens}, {}
 
-    def ask(self, sid, body):
+    def ask(self, session_id, body):
         if not isinstance(body.get("question"), str):
             return 400, _err("'question' must be a string", "invalid_request"), {}
         with self.lock:
-            session = self.sessions.get(sid)
+            session = self.sessions.get(session_id)
         if session is None:
-            return 404, _err(f"session {sid} was evicted or never existed",
+            return 404, _err(f"session {session_id} was evicted or never existed",
                              "session_not_found"), {}
         context = session["context"]
-        if "[flaky-ask]" in context and self._fault("ask", sid, 2):
+        if "[flaky-ask]" in context and self._fault("ask", session_id, 2):
             return 429, _err("slow down", "rate_limited"), {"Retry-After": "0"}
         if "[slow]" in context:
             time.sleep(0.05)
@@ -135,8 +135,8 @@ class FakeLSAServer:
         with self.lock:
             session["asks"] += 1
             if "[evict]" in context and session["asks"] == 1:
-                self.sessions.pop(sid, None)
-        return 200, {"session": sid, "text": text, "num_tokens": len(text.split()),
+                self.sessions.pop(session_id, None)
+        return 200, {"session": session_id, "text": text, "num_tokens": len(text.split()),
                      "prefill_tokens": 0 if session["asks"] > 1 else len(context.split()),
                      "decode_s": 0.001}, {}
 
@@ -282,8 +282,8 @@ def test_session_follow_ups_and_close(server):
         first, second = s.ask("capital", max_tokens=8), s.ask("river", max_tokens=8)
         assert first.text == "The answer is Paris." and second.text == "The answer is Seine."
         assert first.prefill_tokens > 0 and second.prefill_tokens == 0
-        assert first.session == s.id and s.id in server.sessions
-    assert s.id not in server.sessions and s.closed
+        assert first.session_id == s.session_id and s.session_id in server.sessions
+    assert s.session_id not in server.sessions and s.closed
     s.close()  # closing twice is harmless
 
 
@@ -294,8 +294,8 @@ def test_async_client(server):
         assert texts == [f"echo p{i}" for i in range(6)]
         async with await client.session("k => v") as s:
             assert (await s.ask("k")).text == "The answer is v."
-            sid = s.id
-        assert sid not in server.sessions
+            session_id = s.session_id
+        assert session_id not in server.sessions
         stream = await client.chat([{"role": "user", "content": "x y"}], stream=True)
         return [piece async for piece in stream]
 

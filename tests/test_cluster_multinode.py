@@ -15,6 +15,7 @@ from ray import serve  # noqa: E402
 from ray_cluster import ray_cluster  # noqa: E402
 
 from actors.directory import HEAD  # noqa: E402
+from actors.messages import PlanReport  # noqa: E402
 from cluster.client import LSAClient  # noqa: E402
 from cluster.local import free_port  # noqa: E402
 
@@ -73,27 +74,27 @@ def test_sessions_placed_by_capacity_and_every_turn_lands_on_its_holder(cluster)
              if a["name"].startswith("kvstore:")}
     assert cluster["worker_nodes"][0] in {n.split(":", 1)[1] for n in names}
     for name in names:
-        assert ray.get(ray.get_actor(name, namespace="lsa-multinode").node_id.remote()) == name.split(":", 1)[1]
+        assert ray.get(ray.get_actor(name, namespace="lsa-multinode").info.remote()).node_id == name.split(":", 1)[1]
     assert {n.split(":", 1)[1] for n in names} <= nodes
 
 
 def test_session_spanning_two_nodes_decodes_like_a_local_one(cluster):
     client = LSAClient(cluster["url"], timeout_s=120)
     created = client.request("POST", "/v1/sessions", {"context": "The river flows north past the mill. " * 30})
-    sid, home = created["id"], created["node"]
+    session_id, home = created["id"], created["node"]
     other = next(n for n in cluster["worker_nodes"] if n != home)
-    local = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Where?", "max_tokens": 8})
+    local = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "Where?", "max_tokens": 8})
 
     a, b = store(home), store(other)
-    ids = ray.get(a.view.remote(sid)).host_ids
+    ids = ray.get(a.view.remote(session_id)).host_ids
     before = ray.get(a.read_blocks.remote(ids))
-    logical = ray.get(a.spill_session.remote(sid, len(ids) // 2, other))
-    missing = ray.get(a.missing.remote(sid))[other]
-    assert [j for j, _ in missing] == logical and ray.get(a.stats.remote())["spilled_blocks"] == len(logical)
+    logical = ray.get(a.spill_session.remote(session_id, len(ids) // 2, other))
+    missing = ray.get(a.missing.remote(session_id))[other]
+    assert [j for j, _ in missing] == logical and ray.get(a.stats.remote()).spilled_blocks == len(logical)
     data, summary = ray.get(b.read_blocks.remote([rid for _, rid in missing]))
     assert (data == before[0][logical]).all() and (summary == before[1][logical]).all()  # byte-identical
 
-    spanning = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Where?", "max_tokens": 8})
+    spanning = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "Where?", "max_tokens": 8})
     assert spanning["text"] == local["text"] and spanning["replica"] == local["replica"]
     assert spanning["prefill_tokens"] == local["prefill_tokens"]  # staged by the indexer, not re-prefilled
     indexer = ray.get_actor("lsa-indexer", namespace="lsa-multinode")
@@ -106,21 +107,22 @@ def test_reported_plan_stages_spilled_blocks_before_the_turn(cluster):
     nothing across nodes at use time."""
     client = LSAClient(cluster["url"], timeout_s=120)
     created = client.request("POST", "/v1/sessions", {"context": "Seven lanterns hang over the bridge. " * 30})
-    sid, home = created["id"], created["node"]
+    session_id, home = created["id"], created["node"]
     other = next(n for n in cluster["worker_nodes"] if n != home)
-    local = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "How many?", "max_tokens": 8})
+    local = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "How many?", "max_tokens": 8})
     a = store(home)
-    logical = ray.get(a.spill_session.remote(sid, len(ray.get(a.view.remote(sid)).host_ids) // 2, other))
+    logical = ray.get(a.spill_session.remote(session_id, len(ray.get(a.view.remote(session_id)).host_ids) // 2,
+                                             other))
     before = ray.get(a.stats.remote())
     indexer = ray.get_actor("lsa-indexer", namespace="lsa-multinode")
-    report = {"worker": local["replica"], "node": home, "session": sid, "blocks": logical}
+    report = PlanReport(local["replica"], home, session_id, logical)
     assert ray.get(indexer.report_plans.remote([report])) == len(logical)
     staged = ray.get(a.stats.remote())
-    assert staged["staged_blocks"] == len(logical)  # on the worker's node before the turn
-    assert staged["blocks_prefetched"] - before["blocks_prefetched"] == len(logical)
-    answer = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "How many?", "max_tokens": 8})
+    assert staged.staged_blocks == len(logical)  # on the worker's node before the turn
+    assert staged.blocks_prefetched - before.blocks_prefetched == len(logical)
+    answer = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "How many?", "max_tokens": 8})
     assert answer["text"] == local["text"] and answer["prefill_tokens"] == local["prefill_tokens"]
-    assert ray.get(a.stats.remote())["blocks_fetched_at_use"] == before["blocks_fetched_at_use"]  # zero
+    assert ray.get(a.stats.remote()).blocks_fetched_at_use == before.blocks_fetched_at_use  # zero
 
 
 def test_session_of_a_lost_node_is_rebuilt_elsewhere(cluster):
@@ -129,17 +131,17 @@ def test_session_of_a_lost_node_is_rebuilt_elsewhere(cluster):
     ids the session directory keeps. Last in the module: it removes a node."""
     client = LSAClient(cluster["url"], timeout_s=120)
     created = client.request("POST", "/v1/sessions", {"context": "The owl sleeps in the barn by day. " * 30})
-    sid, lost = created["id"], created["node"]
-    before = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Who sleeps?", "max_tokens": 8})
+    session_id, lost = created["id"], created["node"]
+    before = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "Who sleeps?", "max_tokens": 8})
     assert before["prefill_tokens"] < created["num_tokens"]  # held: from the store
     cluster["cluster"].remove_node(cluster["nodes"][cluster["worker_nodes"].index(lost)])
 
-    after = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Who sleeps?", "max_tokens": 8})
+    after = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "Who sleeps?", "max_tokens": 8})
     assert after["node"] != lost and after["replica"] != before["replica"]
     assert after["text"] == before["text"]  # the same answer, from a re-prefilled context
     assert after["prefill_tokens"] >= created["num_tokens"]  # the whole context was computed again
     directory = ray.get_actor("lsa-sessions", namespace="lsa-multinode")
-    assert ray.get(directory.get.remote(sid))["replica"] == after["replica"]  # the new holder
-    again = client.request("POST", f"/v1/sessions/{sid}/ask", {"question": "Who sleeps?", "max_tokens": 8})
+    assert ray.get(directory.get.remote(session_id)).replica == after["replica"]  # the new holder
+    again = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "Who sleeps?", "max_tokens": 8})
     assert again["replica"] == after["replica"] and again["held"] is True
     assert again["prefill_tokens"] == before["prefill_tokens"]  # held on the new node now

@@ -58,15 +58,17 @@ class SessionHolder:
 def handle():
     # replicas and the controller import cluster.router and this module by name
     with ray_cluster("router-test", head_cpus=2, extra_paths=(REPO / "tests",), serve_app=True):
+        # no HTTP in this test: no proxy on Serve's default port 8000 (another Ray on this machine may hold it)
+        serve.start(proxy_location="Disabled")
         yield serve.run(SessionHolder.bind(CAPACITY), name="router-test", route_prefix=None)
 
 
-def open_session(handle, sid, size):
-    return handle.options(method_name="open", session_id=sid).remote(sid, kv_bytes=size).result()
+def open_session(handle, session_id, size):
+    return handle.options(method_name="open", session_id=session_id).remote(session_id, kv_bytes=size).result()
 
 
-def ask(handle, sid):
-    return handle.options(method_name="ask", session_id=sid).remote(sid)
+def ask(handle, session_id):
+    return handle.options(method_name="ask", session_id=session_id).remote(session_id)
 
 
 def test_new_sessions_go_to_most_free_and_follow_ups_stay(handle):
@@ -74,21 +76,21 @@ def test_new_sessions_go_to_most_free_and_follow_ups_stay(handle):
     sizes = [rng.randrange(200, 1500) for _ in range(10)]
     owner, free = {}, {}  # free bytes per replica, from the replicas' own answers
     for i, size in enumerate(sizes):
-        sid = f"s{i}"
-        replica, free_before = open_session(handle, sid, size)
-        owner[sid] = replica
+        session_id = f"s{i}"
+        replica, free_before = open_session(handle, session_id, size)
+        owner[session_id] = replica
         free[replica] = free_before
         if len(free) == 2:
-            assert free_before == max(free.values()), (sid, free)
+            assert free_before == max(free.values()), (session_id, free)
         elif i == 1:
             pytest.fail("the second session went to the replica that holds the first")
         free[replica] = free_before - size
     assert len(set(owner.values())) == 2
 
     turns = [rng.choice(list(owner)) for _ in range(40)]
-    results = [r.result() for r in [ask(handle, sid) for sid in turns]]  # concurrent
+    results = [r.result() for r in [ask(handle, session_id) for session_id in turns]]  # concurrent
     assert all(held for _, held in results)
-    assert [replica for replica, _ in results] == [owner[sid] for sid in turns]
+    assert [replica for replica, _ in results] == [owner[session_id] for session_id in turns]
 
 
 def test_a_fresh_router_finds_sessions_from_published_stats(handle):
@@ -96,9 +98,9 @@ def test_a_fresh_router_finds_sessions_from_published_stats(handle):
     time.sleep(2.0)  # 10 stats periods: the stats broadcast now lists every session
     fresh = serve.get_app_handle("router-test")  # a new handle: a new, empty router
     turns = random.Random(1).choices(list(owner), k=20)
-    results = [ask(fresh, sid).result() for sid in turns]
+    results = [ask(fresh, session_id).result() for session_id in turns]
     assert all(held for _, held in results)
-    assert [replica for replica, _ in results] == [owner[sid] for sid in turns]
+    assert [replica for replica, _ in results] == [owner[session_id] for session_id in turns]
 
 
 class _Meta:

@@ -6,7 +6,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray_cluster import ray_cluster  # noqa: E402
 
-from cluster.placement import ensure_per_node  # noqa: E402
+from actors.placement import ensure_per_node  # noqa: E402
 
 
 @ray.remote(num_cpus=0)

@@ -84,7 +84,7 @@ def test_sessions_json_and_msgpack(server, client):
             # the context's complete blocks come from the KV store: < one block + the question
             assert second.prefill_tokens < 16 + len("Question: Again? Answer in one short sentence.") + 1
         with pytest.raises(SessionNotFound):
-            c.ask(s.id, "gone?")
+            c.ask(s.session_id, "gone?")
     raw = urllib.request.Request(server + "/v1/sessions", data=msgpack.packb({"context_ids": list(range(5, 60))}),
                                  headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack",
                                           "Authorization": f"Bearer {KEY}"})
@@ -164,12 +164,12 @@ def test_any_ingress_replica_serves_any_session(server, client):
 
 def test_worker_restart_resumes_the_session_without_prefill(server, client):
     s = client.session("Alpha beta gamma delta. " * 40)
-    first = client.request("POST", f"/v1/sessions/{s.id}/ask", {"question": "What?", "max_tokens": 4})
+    first = client.request("POST", f"/v1/sessions/{s.session_id}/ask", {"question": "What?", "max_tokens": 4})
     victim = first["replica"]
     handle = serve.get_app_handle("lsa")
     actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"])
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-    again = client.request("POST", f"/v1/sessions/{s.id}/ask", {"question": "What?", "max_tokens": 4})
+    again = client.request("POST", f"/v1/sessions/{s.session_id}/ask", {"question": "What?", "max_tokens": 4})
     assert again["text"] == first["text"]
     assert again["prefill_tokens"] == first["prefill_tokens"]  # the prefix came from the node's store
     assert handle is not None

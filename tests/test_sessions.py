@@ -8,7 +8,10 @@ from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
-from engine.sessions import ArenaLayout, SessionNotFound, local_sessions
+from engine.errors import SessionEvicted, SessionNotFound
+from actors.session_table import SessionTable
+from engine.host_arena import ArenaLayout, HostArena
+from engine.sessions import SessionManager
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
@@ -27,9 +30,51 @@ def config(policy="full", chunk=40, **kw):
                         policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
 
 
+class Sessions:
+    """A ``SessionManager`` and a ``SessionTable`` of its own, driven in this thread: the
+    store calls that actors/decode_worker.py makes on its admission and settling threads."""
+
+    def __init__(self, engine, table: SessionTable, pool):
+        self.engine, self.table = engine, table
+        self.manager = SessionManager(engine, pool)
+
+    def _start(self, turn):
+        turn.leased = self.table.lease("engine", turn.to_lease)
+        return self.manager.start(turn)
+
+    def create(self, session_id, context_ids):
+        return self._start(self.manager.admit_create(session_id, context_ids))
+
+    def ask(self, session_id, question_ids, params):
+        rec = self.table.pin(session_id)
+        return self._start(self.manager.admit_ask(session_id, rec.context_ids, rec.host_ids, question_ids, params))
+
+    def step(self):
+        turns = self.manager.step()
+        for turn in turns:
+            if turn.created is not None:
+                self.table.put("engine", turn.session_id, turn.context_ids, turn.created)
+            elif turn.pinned:
+                self.table.unpin(turn.session_id)
+        return turns
+
+    def run(self, seq):
+        """Step until ``seq`` finishes (other requests advance too)."""
+        while True:
+            for turn in self.step():
+                if turn.seq is seq:
+                    return turn
+
+    def trim_pool(self):
+        self.table.give_back("engine", self.manager.surplus())
+
+
 def manager(model, policy="full", host_blocks=200, **kw):
+    """An engine over a private arena, its sessions in a table of its own (one process)."""
     layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
-    return local_sessions(lambda arena: LLMEngine(model, config(policy, **kw), arena=arena), layout, host_blocks)
+    arena = HostArena.private(layout, host_blocks)
+    engine = LLMEngine(model, config(policy, **kw), arena=arena)
+    return Sessions(engine, SessionTable(host_blocks, layout.block_bytes), arena.allocator)
 
 
 def tokens(n, seed):
@@ -69,11 +114,12 @@ def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
         # only the partial context block (< B tokens) and the question were prefilled
         assert turn.prefill_tokens == context_len % BLOCK + q_len
     # the session still holds exactly its complete context blocks; nothing else leaked
-    assert mgr.table.stats()["session_blocks"] == context_len // BLOCK
+    assert mgr.table.session_blocks == context_len // BLOCK
     assert not mgr.engine.cache.blocks.seqs
-    assert mgr.delete("doc")
-    with pytest.raises(SessionNotFound):
+    assert mgr.table.delete("doc")
+    with pytest.raises(SessionNotFound) as deleted:
         mgr.ask("doc", [5], GREEDY)
+    assert not isinstance(deleted.value, SessionEvicted)
     mgr.trim_pool()
     assert mgr.table.num_free == mgr.table.num_blocks
 
@@ -81,14 +127,14 @@ def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
 def test_concurrent_turns_on_one_and_several_sessions(model):
     mgr = manager(model)
     contexts = {"a": tokens(130, 2), "b": tokens(75, 3)}
-    for sid, ctx in contexts.items():
-        mgr.run(mgr.create(sid, ctx))
+    for session_id, ctx in contexts.items():
+        mgr.run(mgr.create(session_id, ctx))
     asks = [("a", tokens(7, 20)), ("b", tokens(11, 21)), ("a", tokens(5, 22))]
-    seqs = [(sid, q, mgr.ask(sid, q, GREEDY)) for sid, q in asks]
+    seqs = [(session_id, q, mgr.ask(session_id, q, GREEDY)) for session_id, q in asks]
     while mgr.engine.has_work():
         mgr.step()
-    for sid, q, seq in seqs:
-        assert seq.output_ids == fresh(model, contexts[sid] + q)[0]
+    for session_id, q, seq in seqs:
+        assert seq.output_ids == fresh(model, contexts[session_id] + q)[0]
     assert mgr.table.records["a"].pins == 0
 
 
@@ -105,12 +151,12 @@ def test_lsa_turn_matches_fresh_lsa(model):
 
 def test_idle_sessions_evicted_lru_with_a_clear_error(model):
     mgr = manager(model, host_blocks=40)  # 40 blocks: room for about two 14-block sessions
-    for i, sid in enumerate(("old", "mid", "new")):
-        mgr.run(mgr.create(sid, tokens(112, 30 + i)))
+    for i, session_id in enumerate(("old", "mid", "new")):
+        mgr.run(mgr.create(session_id, tokens(112, 30 + i)))
         mgr.trim_pool()
-        if sid == "mid":
+        if session_id == "mid":
             mgr.run(mgr.ask("old", [4, 5], SamplingParams(max_tokens=2)))  # "old" is now more recent
             mgr.trim_pool()
     assert set(mgr.table.records) == {"old", "new"}
-    with pytest.raises(SessionNotFound, match="evicted"):
+    with pytest.raises(SessionEvicted, match="least recently used"):
         mgr.ask("mid", [4], GREEDY)

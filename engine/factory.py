@@ -43,7 +43,7 @@ def model_layout(config: EngineConfig):
 
 def arena_layout(config: EngineConfig):
     """The host arena's block layout for this config (the block size resolved as the engine does)."""
-    from engine.sessions import ArenaLayout
+    from engine.host_arena import ArenaLayout
 
     mc, dtype = model_layout(config)
     max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
