@@ -17,9 +17,9 @@ from engine.config import EngineConfig
 from engine.llm import LLMEngine
 from engine.options import replace
 from engine.prompt_state import PromptRecorder, capture_prompt
-from engine.sessions import ArenaLayout
+from engine.host_arena import ArenaLayout
 from lab.report import run_label
-from lab.running import RunInputs, SessionStore, run_samples, run_sessions
+from lab.running import RunInputs, EvalSessions, run_samples, run_sessions
 from lab.runs import Run
 from lab.tasks import TaskSpec
 
@@ -59,12 +59,12 @@ class EvalGrid:
                                                  sum(st.nbytes() for st in states.values()))
         return states
 
-    def session_store(self, sessions) -> SessionStore | None:
+    def eval_sessions(self, sessions) -> EvalSessions | None:
         if not sessions:
             return None
         layout = ArenaLayout.of(self.model.config, self.block_size, next(self.model.parameters()).dtype)
         per_seq = -(-self.model_len // self.block_size) + 2
-        return SessionStore(layout, 2 * max(len(sessions), self.args.batch) * per_seq + 64,
+        return EvalSessions(layout, 2 * max(len(sessions), self.args.batch) * per_seq + 64,
                             shared=self.args.shared_prefill)
 
     def run(self, samples, need_reference: bool, bar, checkpoint=None) -> None:
@@ -74,7 +74,7 @@ class EvalGrid:
         sessions = [s for s in samples if s.task == "session"]
         bar.set_description("prefill (shared)")
         states = self.capture(plain) if self.args.shared_prefill and plain else None
-        store = self.session_store(sessions)
+        store = self.eval_sessions(sessions)
         reference: dict[str, list[int]] = {}
         done = bar.update
         if need_reference:

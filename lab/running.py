@@ -5,7 +5,7 @@ of them in one batch (on a GPU a decode step of 20 sequences costs about one of 
 whose prompt was prefilled once for every policy (``states``: engine/prompt_state.py) is
 written in instead of prefilled. Teacher-forced passes (ppl, agreement) feed each sequence its
 own continuation through a ``TeacherForcing`` hook. Sessions run through the serving path
-(engine/sessions.py): the documents live in one host arena shared by every run, each turn a
+(engine/sessions.py, driven as actors/decode_worker.py drives it): the documents live in one host arena shared by every run, each turn a
 request on its session, as a served session's turns are.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import torch
 from engine.hooks import TeacherForcing
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence, Status
-from engine.sessions import ArenaLayout, HostArena, IdPool, SessionManager, SessionTable
+from actors.session_table import SessionTable
+from engine.host_arena import ArenaLayout, HostArena, IdPool
+from engine.sessions import SessionManager, Turn
 from lab.tasks import SESSION_TURNS, Sample, TaskSpec, agreement, answer_found
 
 
@@ -157,7 +159,7 @@ def _agreement(engine, samples: list[Sample], inputs: RunInputs) -> dict[str, di
 
 
 @dataclass
-class SessionStore:
+class EvalSessions:
     """The host arena and session table every run of one context shares. With a shared
     prefill, the first run creates the sessions (prefills each document once) and every later
     run asks its turns on them; otherwise each run creates and deletes its own."""
@@ -178,20 +180,53 @@ class SessionStore:
         return HostArena(self.arena.host, self.arena.summary, IdPool())
 
 
-def run_sessions(engine, arena: HostArena, store: SessionStore, samples: list[Sample], inputs: RunInputs,
+class _SessionDriver:
+    """A ``SessionManager`` on one engine and the shared table, driven in this thread: the
+    store calls that actors/decode_worker.py makes on its admission and settling threads
+    (lease before a turn starts; put a created session's blocks, or unpin, when it ends)."""
+
+    def __init__(self, engine, table: SessionTable, pool: IdPool, owner: str):
+        self.table, self.owner = table, owner
+        self.manager = SessionManager(engine, pool)
+
+    def _start(self, turn: Turn) -> Sequence:
+        turn.leased = self.table.lease(self.owner, turn.to_lease)
+        return self.manager.start(turn)
+
+    def create(self, session_id: str, context_ids: list[int]) -> Sequence:
+        return self._start(self.manager.admit_create(session_id, context_ids))
+
+    def ask(self, session_id: str, question_ids: list[int], params: SamplingParams) -> Sequence:
+        rec = self.table.pin(session_id)
+        return self._start(self.manager.admit_ask(session_id, rec.context_ids, rec.host_ids, question_ids, params))
+
+    def step(self) -> list[Turn]:
+        turns = self.manager.step()
+        for turn in turns:
+            if turn.created is not None:
+                self.table.put(self.owner, turn.session_id, turn.context_ids, turn.created)
+            elif turn.pinned:
+                self.table.unpin(turn.session_id)
+        return turns
+
+    def trim_pool(self) -> None:
+        self.table.give_back(self.owner, self.manager.surplus())
+
+
+def run_sessions(engine, arena: HostArena, store: EvalSessions, samples: list[Sample], inputs: RunInputs,
                  owner: str) -> list[dict]:
     """Every session sample on ``engine`` (built over ``arena``, from ``store.engine_arena()``):
     its document made a session if it is not one yet, then its questions asked in order, turn t
     of every document at once. A record per answer."""
-    manager = SessionManager(engine, store.table, arena.allocator, owner=owner)
+    manager = _SessionDriver(engine, store.table, arena.allocator, owner)
     created = []
     for s in samples:
         if s.key not in store.sessions:
-            sid = f"{owner}/{s.key}"
-            created.append((s.key, sid, manager.create(sid, list(s.prompt_ids))))
+            session_id = f"{owner}/{s.key}"
+            created.append((s.key, session_id, manager.create(session_id, list(s.prompt_ids))))
     _settle(manager, [seq for _, _, seq in created], inputs)
-    for key, sid, seq in created:
-        store.sessions[key] = sid
+    for key, session_id, _ in created:
+        store.sessions[key] = session_id
     records = []
     params = SamplingParams(max_tokens=inputs.spec.max_tokens)
     for t in range(SESSION_TURNS):
@@ -214,14 +249,14 @@ def run_sessions(engine, arena: HostArena, store: SessionStore, samples: list[Sa
         if inputs.on_done:
             inputs.on_done(len(samples))
     if not store.shared:
-        for key, sid, _ in created:
-            manager.delete(sid)
+        for key, session_id, _ in created:
+            store.table.delete(session_id)
             store.sessions.pop(key)
     manager.trim_pool()
     return records
 
 
-def _settle(manager: SessionManager, seqs: list[Sequence], inputs: RunInputs) -> list:
+def _settle(manager: _SessionDriver, seqs: list[Sequence], inputs: RunInputs) -> list:
     """Step the manager until every one of ``seqs`` finished; the turns that finished meanwhile."""
     done = []
     while any(s.status is not Status.FINISHED for s in seqs):
