@@ -47,23 +47,24 @@ early)
   ;;
 fidelity)
   # $LSA_MODEL: the SmolLM2 GGUF, $LSA_HAYSTACK: the essays (env.sh sets both). Files: gpu.txt, layer_plan.json,
-  # grid/results.{json,md,png}, sweep/results.{json,md,png}; each eval rewrites its JSON and table after every run,
+  # grid/{results.json,results.md,accuracy.png}, sweep/ likewise; each eval rewrites its JSON and table after every run,
   # so a timeout leaves what was done. LSA_BEST (a policy spec) replaces the layer-plan variant; FID_* shrink the
   # grid for a rehearsal on a CPU (docs/accuracy.md: the rehearsal and the device-time estimate).
   M=${LSA_MODEL:?source env.sh first}; H=${LSA_HAYSTACK:?source env.sh first}
-  timeout 60 python3 -m cli calibrate --model "$M" --texts essays,pydoc --context "${FID_CALIB_CONTEXT:-4096}" \
+  timeout "${FID_CALIB_S:-75}" python3 -m cli calibrate --model "$M" --texts essays,pydoc --context "${FID_CALIB_CONTEXT:-4096}" \
     --windows 4 --out "$OUT/layer_plan.json" 2>&1 | grep -v Warning | tail -4
   BEST=${LSA_BEST:-plan=lsa:layer_plan=$OUT/layer_plan.json}
-  POLICIES="full,lsa,$BEST,streaming,snapkv,quest"  # quest last: eager, the slowest per step
+  if [ -z "${LSA_BEST:-}" ] && [ ! -f "$OUT/layer_plan.json" ]; then echo "no layer plan (calibrate failed): grid without it"; BEST=; fi
+  POLICIES="full,lsa,${BEST:+$BEST,}streaming,snapkv,quest"  # quest last: eager, the slowest per step
   COMMON=(--model "$M" --haystack "$H" --block-size 16 --prefill-chunk 8192 --batch 20 --quiet --ppl-tokens 128
-          --max-tokens 24 --depths 0.1,0.3,0.5,0.7,0.9 ${FID_EXTRA:-})
+          --max-tokens 24 --depths 0.1,0.3,0.5,0.7,0.9 --min-resident-tokens 0 --keep-going ${FID_EXTRA:-})
   t0=$(date +%s)
-  timeout "${FID_GRID_S:-270}" python3 -m cli eval "${COMMON[@]}" --tasks niah,multikey,session,ppl,agreement \
+  timeout "${FID_GRID_S:-225}" python3 -m cli eval "${COMMON[@]}" --tasks niah,multikey,session,ppl,agreement \
     --texts essays,pydoc --contexts "${FID_CONTEXTS:-8192,4096}" --agreement-tokens 64 --budgets 0.1 \
     --limit "${FID_LIMIT:-niah=4,multikey=4,session=4,ppl=20,agreement=20}" --policies "$POLICIES" \
     --out "$OUT/grid" 2>&1 | grep -v Warning | tail -3
   t1=$(date +%s); echo "grid: $((t1 - t0)) s"
-  timeout "${FID_SWEEP_S:-150}" python3 -m cli eval "${COMMON[@]}" --tasks ppl,niah --texts essays,pydoc \
+  timeout "${FID_SWEEP_S:-120}" python3 -m cli eval "${COMMON[@]}" --tasks ppl,niah --texts essays,pydoc \
     --contexts "${FID_SWEEP_CONTEXT:-8192}" --budgets 0.05,0.1,0.2,0.3,0.5 --limit "${FID_SWEEP_LIMIT:-niah=4,ppl=20}" \
     --policies "$POLICIES" --out "$OUT/sweep" 2>&1 | grep -v Warning | tail -3
   echo "sweep: $(($(date +%s) - t1)) s"
