@@ -88,6 +88,35 @@ class DecodeWorkerCore:
     def delete_session(self, session_id: str) -> Future:
         return self._admission.submit(self.store.delete, session_id)
 
+    def warm_up(self, seed: int = 0) -> dict:
+        """Compile the kernels and capture the decode graphs before the first user request (the
+        replica calls this before it reports ready): on CUDA, plain requests of random tokens,
+        first one whose prompt takes two prefill segments and whose decode crosses an LSA cycle
+        boundary (Level-1 scoring), then 2, 4, 8, ... at once up to ``max_num_seqs`` (each
+        decode batch bucket's graph). Elsewhere one tiny request. Returns what ran."""
+        engine = self.engine
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)
+        vocab = engine.model.config.vocab_size
+        short = 2 * engine.cache.block_size + 3
+        scheduler = engine.config.scheduler
+        if engine.device.type == "cuda":
+            long = min(2 * scheduler.prefill_chunk, engine.max_model_len // 2)
+            cycle = getattr(engine.config.policy, "cycle", 1)
+            batches = [(1, long, cycle + 2)] + [(b, short, b + 4) for b in (2, 4, 8, 16, 32, 64)
+                                                 if b <= scheduler.max_num_seqs]
+        else:
+            batches = [(1, short, 2)]
+        for count, length, max_tokens in batches:
+            params = SamplingParams(max_tokens=min(max_tokens, engine.max_model_len - length), ignore_eos=True)
+            futures = [self.generate(torch.randint(vocab, (length,), generator=gen).tolist(), params)
+                       for _ in range(count)]
+            for future in futures:
+                future.result()
+        graphs = engine.runner.graphs
+        return {"seconds": time.perf_counter() - t0, "requests": sum(b[0] for b in batches),
+                "graphs": graphs.captures if graphs is not None else 0}
+
     def close(self) -> None:
         self._stop.set()
         self._commands.put(lambda: None)
@@ -173,15 +202,13 @@ class DecodeWorkerCore:
                 if not view.complete:
                     peer.stage(session_id)
                     view = peer.view(session_id)
-                data, summary = peer.read_blocks(view.host_ids)
+                rows = peer.read_blocks(view.host_ids)
             finally:
                 peer.unpin(session_id)
         except Exception:  # gone meanwhile, or its node is failing: prefill instead
             return False
         ids = self.store.lease(self.owner, len(view.host_ids))
-        idx = torch.tensor(ids, dtype=torch.long)
-        self.arena.host[idx] = data
-        self.arena.summary[idx] = summary
+        self.arena.write(ids, rows)
         self.store.put(self.owner, session_id, view.context_ids, ids)
         peer.delete(session_id)
         return True
@@ -299,7 +326,29 @@ class DecodeWorkerCore:
             bytes_copied=eng.cache.bytes_copied, misses=policy.get("misses", 0),
             generated_tokens=self.generated_tokens, busy_s=self.busy_s,
             tokens_per_s=self.generated_tokens / self.busy_s if self.busy_s else 0.0,
-            prefill_tokens=self.sessions.prefill_tokens, rebuilt=dict(self.rebuilt), node_id=self.node_id)
+            prefill_tokens=self.sessions.prefill_tokens, rebuilt=dict(self.rebuilt), node_id=self.node_id,
+            memory=process_memory(eng.device))
+
+
+def process_memory(device: torch.device) -> dict[str, int]:
+    """This process's memory: what a leak would grow (host RSS, GPU memory, torch's pinned pool)."""
+    import os
+
+    rss = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    out = {"pid": os.getpid(), "rss_bytes": rss}
+    if device.type == "cuda":
+        out["gpu_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        out["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
+        try:
+            out["pinned_host_bytes"] = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+        except (RuntimeError, AttributeError):
+            pass
+    return out
 
 
 def _relay(inner: Future, outer: Future) -> None:

@@ -174,20 +174,19 @@ class KVStoreCore:
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
-    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of blocks: (data [n, L, 2, H, B, D], summary [n, L, 3, H, D])."""
-        idx = torch.tensor(host_ids, dtype=torch.long)
+    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, ...]:
+        """Copies of blocks: (data [n, L, 2, H, B, D], summary [n, L, 3, H, D]) and, in an FP8
+        arena, their scales [n, L, 2, H] (``HostArena.read``)."""
         with self.lock:
             self.blocks_sent += len(host_ids)
-            return self.arena.host[idx].clone(), self.arena.summary[idx].clone()
+            return self.arena.read(host_ids)
 
-    def write_blocks(self, owner: str, data: torch.Tensor, summary: torch.Tensor) -> list[int]:
-        """Store blocks for ``owner`` (another store's spilled session); returns their ids."""
+    def write_blocks(self, owner: str, rows: tuple[torch.Tensor, ...]) -> list[int]:
+        """Store blocks (``read_blocks`` of another store) for ``owner`` (that store's spilled
+        session); returns their ids."""
         with self.lock:
-            ids = self.table.lease(owner, data.shape[0])
-            idx = torch.tensor(ids, dtype=torch.long)
-            self.arena.host[idx] = data
-            self.arena.summary[idx] = summary
+            ids = self.table.lease(owner, rows[0].shape[0])
+            self.arena.write(ids, rows)
             self.foreign.setdefault(owner, []).extend(ids)
             self.blocks_received += len(ids)
             return ids
@@ -213,8 +212,8 @@ class KVStoreCore:
             if rec.pins:
                 raise CacheFullError(f"session {session_id} is in use and cannot spill")
             local = [rec.host_ids[j] for j in logical]
-            data, summary = self.read_blocks(local)
-        remote_ids = self.stores.store(peer).write_blocks(f"spill:{self.node_id}:{session_id}", data, summary)
+            rows = self.read_blocks(local)
+        remote_ids = self.stores.store(peer).write_blocks(f"spill:{self.node_id}:{session_id}", rows)
         with self.lock:
             for j, rid in zip(logical, remote_ids):
                 rec.host_ids[j] = SPILLED
@@ -252,14 +251,12 @@ class KVStoreCore:
         for peer, blocks in missing.items():
             if not blocks:
                 continue
-            data, summary = self.stores.store(peer).read_blocks([rid for _, rid in blocks])
+            rows = self.stores.store(peer).read_blocks([rid for _, rid in blocks])
             with self.lock:
                 if session_id not in self.table.records:
                     break
                 ids = self.table.lease(f"stage:{session_id}", len(blocks))
-                idx = torch.tensor(ids, dtype=torch.long)
-                self.arena.host[idx] = data
-                self.arena.summary[idx] = summary
+                self.arena.write(ids, rows)
                 self.staged.setdefault(session_id, {}).update({j: i for (j, _), i in zip(blocks, ids)})
                 self.blocks_received += len(ids)
                 fetched += len(ids)

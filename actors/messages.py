@@ -110,6 +110,8 @@ class WorkerStats:
     node_id: str = ""
     sessions: int = 0  # sessions this replica holds
     store: StoreStats | None = None
+    memory: dict[str, int] = field(default_factory=dict)  # the worker process: pid, rss_bytes, gpu_allocated_bytes,
+    # gpu_reserved_bytes, pinned_host_bytes (torch's pinned pool; the registered arena is not in it)
 
 
 @dataclass(frozen=True)

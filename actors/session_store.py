@@ -55,9 +55,9 @@ class SessionStore(Protocol):
     def stats(self) -> StoreStats: ...
 
     # -- blocks between stores
-    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, ...]: ...
 
-    def write_blocks(self, owner: str, data: torch.Tensor, summary: torch.Tensor) -> list[int]: ...
+    def write_blocks(self, owner: str, rows: tuple[torch.Tensor, ...]) -> list[int]: ...
 
     def drop_foreign(self, owner: str) -> None: ...
 
@@ -150,8 +150,8 @@ class RayStore:
     def read_blocks(self, host_ids: list[int]):
         return self._call("read_blocks", host_ids)
 
-    def write_blocks(self, owner: str, data, summary) -> list[int]:
-        return self._call("write_blocks", owner, data, summary)
+    def write_blocks(self, owner: str, rows) -> list[int]:
+        return self._call("write_blocks", owner, rows)
 
     def drop_foreign(self, owner: str) -> None:
         self._call("drop_foreign", owner)

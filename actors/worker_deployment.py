@@ -66,6 +66,8 @@ class DecodeWorker:
         self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self.store, self.owner,
                                            pin=cfg.engine.device_name.startswith("cuda"),
                                            stores=RayStores(context.namespace), prefetch=self._prefetch, plans=plans)
+        # kernels compiled and decode graphs captured now: Serve routes nothing here until __init__ returns
+        self.warm_up = self.core.warm_up()
         self.held: set[str] = set()  # sessions created or served here
 
     def _prefetch(self, session_id: str) -> int:
@@ -123,6 +125,24 @@ class DecodeWorker:
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams):
         """Yields text pieces, then the ``TurnResult``."""
+        async for item in self._streamed(lambda on_text: self.core.generate(prompt_ids, params, on_text=on_text)):
+            yield item
+
+    async def ask_stream(self, session_id: str, question_ids: list[int], params: SamplingParams,
+                         context_ids: list[int] | None = None, holder: str | None = None):
+        """``ask``, streamed: yields text pieces as the turn decodes, then the ``TurnResult``."""
+        held = session_id in self.held
+        try:
+            async for item in self._streamed(lambda on_text: self.core.ask(session_id, question_ids, params,
+                                                                           context_ids, on_text=on_text)):
+                yield replace(item, held=held) if isinstance(item, TurnResult) else item
+        except SessionNotFound:
+            self.held.discard(session_id)
+            raise
+        self.held.add(session_id)
+
+    async def _streamed(self, start):
+        """Run ``start(on_text)`` (a core request): yield the text as it grows, then the result."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         sent = 0
@@ -130,7 +150,7 @@ class DecodeWorker:
         def on_text(text: str, done: bool) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        done = asyncio.ensure_future(asyncio.wrap_future(self.core.generate(prompt_ids, params, on_text=on_text)))
+        done = asyncio.ensure_future(asyncio.wrap_future(start(on_text)))
         while True:
             getter = asyncio.ensure_future(pieces.get())
             await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,9 +1,10 @@
-"""The benchmarks' subcommand of ``lsa``: ``lsa bench decode`` (benchmarks/decode.py)."""
+"""The benchmarks' subcommands of ``lsa``: ``lsa bench decode`` (benchmarks/decode.py), ``lsa bench
+prefill`` (benchmarks/prefill.py), ``lsa bench serve`` (benchmarks/serve.py)."""
 from __future__ import annotations
 
 
 def add_commands(sub) -> None:
-    from benchmarks import decode
+    from benchmarks import decode, prefill, serve
 
     bench = sub.add_parser("bench", help="benchmarks (writing JSON)")
     inner = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -11,3 +12,12 @@ def add_commands(sub) -> None:
                          description=decode.__doc__, formatter_class=decode.DocHelpFormatter)
     decode.add_arguments(p)
     p.set_defaults(func=decode.run_bench)
+    p = inner.add_parser("prefill", help="long prefill against its floor (matmul + flash attention rates)",
+                         description=prefill.__doc__, formatter_class=decode.DocHelpFormatter)
+    prefill.add_arguments(p)
+    p.set_defaults(func=prefill.run_bench)
+    p = inner.add_parser("serve", help="a served app: TTFT, inter-token latency, tokens/s at N sessions, and the "
+                         "same workload on the engine alone", description=serve.__doc__,
+                         formatter_class=decode.DocHelpFormatter)
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run_bench)

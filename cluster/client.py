@@ -12,7 +12,8 @@ The HTTP contract (the server implements it; docs/cluster.md):
     POST   /v1/completions, /v1/chat/completions   OpenAI JSON; "stream": true gives SSE
     GET    /v1/models, /-/healthz
     POST   /v1/sessions              {"context": str} | {"context_ids": [int]} -> {"id", "num_tokens"}
-    POST   /v1/sessions/{id}/ask     {"question", "max_tokens", ...} -> Answer fields
+    POST   /v1/sessions/{id}/ask     {"question", "max_tokens", ...} -> Answer fields; "stream": true
+                                     gives SSE: {"text": piece} ..., then the Answer fields
     DELETE /v1/sessions/{id}         -> {"deleted": id}
     errors: 4xx/5xx {"error": {"message", "type"}}; 404 session_not_found; 429/503 transient
 """
@@ -202,8 +203,12 @@ class LSAClient:
         body = {"context": context} if isinstance(context, str) else {"context_ids": list(context)}
         return self.request("POST", "/v1/sessions", body)
 
-    def ask(self, session_id: str, question: str, **sampling) -> Answer:
+    def ask(self, session_id: str, question: str, *, stream: bool = False, **sampling):
+        """A turn on the session: its ``Answer``; with ``stream=True`` an iterator of text pieces."""
         path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/ask"
+        if stream:
+            return (e["text"] for e in self.stream(path, {"question": question, **sampling}) if "text" in e
+                    and "session" not in e)
         out = self.request("POST", path, {"question": question, **sampling})
         return Answer(session_id=out["session"], text=out["text"], num_tokens=out["num_tokens"],
                       prefill_tokens=out["prefill_tokens"], decode_s=out["decode_s"])

@@ -78,8 +78,9 @@ def local_app(app_args: dict, num_cpus: int | None = None, port: int = 8000, hos
                         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
                 ray.shutdown()
         finally:
-            for f in Path(os.environ.get("LSA_KV_DIR", tmp)).glob(f"lsa-kv-{app_args['cluster']}-*.arena"):
-                f.unlink(missing_ok=True)
+            for folder in {os.environ.get("LSA_KV_DIR", tmp), app_args.get("kv_dir") or tmp}:  # where stores made arenas
+                for f in Path(folder).glob(f"lsa-kv-{app_args['cluster']}-*.arena"):
+                    f.unlink(missing_ok=True)
             os.environ.clear()
             os.environ.update(saved)
             signal.signal(signal.SIGTERM, previous)

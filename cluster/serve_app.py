@@ -166,7 +166,10 @@ class Ingress:
         if route == ["sessions"] and method == "POST":
             return self._reply(request, await self.create_session(await self._body(request)))
         if len(route) == 3 and route[0] == "sessions" and route[2] == "ask" and method == "POST":
-            return self._reply(request, await self.ask(route[1], await self._body(request)))
+            body = await self._body(request)
+            if body.get("stream"):
+                return await self.ask_stream(route[1], body)
+            return self._reply(request, await self.ask(route[1], body))
         if len(route) == 2 and route[0] == "sessions" and method == "DELETE":
             return self._reply(request, await self.delete_session(route[1]))
         known = ["models"], ["completions"], ["chat", "completions"], ["sessions"]
@@ -296,11 +299,58 @@ class Ingress:
                 "prefill_s": round(out.prefill_s, 4), "replica": out.replica, "node": out.node_id,
                 "ingress": self.replica}
 
-    async def ask(self, session_id: str, body: dict) -> dict:
+    async def _session_record(self, session_id: str):
         record = await self.directory.get.remote(session_id)
         if record is None:
             raise HTTPError(404, f"no session {session_id} (deleted, evicted or never created): create it with "
                             f"POST /v1/sessions", "session_not_found")
+        return record
+
+    def _answer(self, session_id: str, out: TurnResult) -> dict:
+        return {"session": session_id, "text": out.text, "num_tokens": len(out.token_ids),
+                "prefill_tokens": out.prefill_tokens, "decode_s": round(out.decode_s, 4),
+                "prefill_s": round(out.prefill_s, 4), "finish_reason": out.finish_reason,
+                "replica": out.replica, "node": out.node_id, "held": out.held, "ingress": self.replica}
+
+    async def ask_stream(self, session_id: str, body: dict) -> Response:
+        """A turn as Server-Sent Events: ``{"text": piece}`` as tokens decode, then the answer
+        (the fields of a plain ask), then ``[DONE]``."""
+        record = await self._session_record(session_id)
+        question_ids, params = self._question_ids(body), self._params(body)
+        gen = self.worker.options(method_name="ask_stream", stream=True).remote(
+            session_id=session_id, question_ids=question_ids, params=params, context_ids=record.context_ids,
+            holder=record.replica)
+        try:  # the first item is awaited here, so that a bad request is a 4xx, not a broken stream
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as exc:
+            err = classify(exc)
+            if err.type == "session_not_found":
+                await self.directory.delete.remote(session_id)
+            raise err from None
+
+        async def events():
+            item = first
+            try:
+                while item is not None:
+                    if isinstance(item, TurnResult):
+                        self.directory.served.remote(session_id, item.replica, item.node_id)
+                        yield f"data: {json.dumps(self._answer(session_id, item))}\n\n".encode()
+                        break
+                    yield f"data: {json.dumps({'text': item})}\n\n".encode()
+                    item = await gen.__anext__()
+            except StopAsyncIteration:
+                pass
+            except Exception as exc:
+                err = classify(exc)
+                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type}})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def ask(self, session_id: str, body: dict) -> dict:
+        record = await self._session_record(session_id)
         question_ids, params = self._question_ids(body), self._params(body)
         try:
             out: TurnResult = await self._call_worker("ask", session_id=session_id, question_ids=question_ids,
@@ -312,10 +362,7 @@ class Ingress:
                 await self.directory.delete.remote(session_id)
             raise err from None
         self.directory.served.remote(session_id, out.replica, out.node_id)
-        return {"session": session_id, "text": out.text, "num_tokens": len(out.token_ids),
-                "prefill_tokens": out.prefill_tokens, "decode_s": round(out.decode_s, 4),
-                "prefill_s": round(out.prefill_s, 4), "finish_reason": out.finish_reason,
-                "replica": out.replica, "node": out.node_id, "held": out.held, "ingress": self.replica}
+        return self._answer(session_id, out)
 
     async def delete_session(self, session_id: str) -> dict:
         if await self.directory.delete.remote(session_id) is None:
@@ -364,6 +411,11 @@ def prometheus(workers: dict[str, WorkerStats], sessions: int, requests: int, er
     metric("queue_length", "gauge", "Requests waiting for admission.", per_worker("queue"))
     metric("running_requests", "gauge", "Requests in the batch.", per_worker("running"))
     metric("device_kv_bytes", "gauge", "KV bytes on the device.", per_worker("device_kv_bytes"))
+    memory = lambda key: [({"replica": r}, w.memory.get(key, 0)) for r, w in sorted(workers.items())]  # noqa: E731
+    metric("gpu_memory_bytes", "gauge", "GPU memory a worker's torch allocated.", memory("gpu_allocated_bytes"))
+    metric("pinned_host_bytes", "gauge", "Pinned host memory in a worker's torch pool (the arena not counted).",
+           memory("pinned_host_bytes"))
+    metric("worker_rss_bytes", "gauge", "Resident host memory of a worker process.", memory("rss_bytes"))
     metric("resident_fraction", "gauge", "Device KV over full-context KV of running requests.",
            per_worker("resident_fraction"))
     metric("blocks_copied_total", "counter", "Single-layer blocks copied host to device.",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from engine.kv_cache import BlockKVCache
@@ -39,12 +38,11 @@ class PrefillPlan:
     end: int  # one past the last position
     observe: bool  # the segment ends the prompt: let the policy see the last queries
     slots: list[tuple[torch.Tensor, torch.Tensor]]  # per group: (slots [T], offsets [T])
-    mask: torch.Tensor  # [T, end] bool, True where a query may attend
 
 
 class PagedAttention:
-    """Prefill segments attend with SDPA over the whole prompt so far (kept on the device while
-    it is prefilled); decode attends over each sequence's resident blocks through the kernel."""
+    """Prefill segments attend (flash attention, causal) over the whole prompt so far, kept on
+    the device while it is prefilled; decode attends over each sequence's resident blocks through the kernel."""
 
     def __init__(self, cache: BlockKVCache, policy: Policy, head_dim: int):
         self.cache = cache
@@ -54,10 +52,7 @@ class PagedAttention:
 
     def plan_prefill(self, seq_id: int, start: int, end: int, observe: bool = False) -> None:
         slots = self.cache.append_slots([seq_id], [end - start])
-        dev = self.cache.device
-        q_pos = torch.arange(start, end, device=dev)[:, None]
-        k_pos = torch.arange(end, device=dev)[None, :]
-        self.plan = PrefillPlan(seq_id, start, end, observe, slots, k_pos <= q_pos)
+        self.plan = PrefillPlan(seq_id, start, end, observe, slots)
 
     def plan_decode(self, seq_ids: list[int]) -> None:
         slots = self.cache.append_slots(seq_ids, [1] * len(seq_ids))
@@ -85,7 +80,4 @@ class PagedAttention:
         if plan.observe and self.policy.observes_prefill(layer):
             w = min(self.policy.prefill_window, q.shape[0])
             self.policy.observe_prefill(plan.seq_id, layer, q[-w:], keys, self.scale)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None],  # [1, Hq, T, D], [1, Hkv, n, D]
-            attn_mask=plan.mask, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)  # [T, Hq, D]
+        return kernels.prefill_attention(q, keys, values, plan.start, self.scale)  # [T, Hq, D], causal

@@ -47,7 +47,7 @@ def arena_layout(config: EngineConfig):
 
     mc, dtype = model_layout(config)
     max_len = min(config.scheduler.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return ArenaLayout.of(mc, config.cache.block_size_for(max_len), dtype)
+    return ArenaLayout.of(mc, config.cache.block_size_for(max_len), dtype, config.cache.host_dtype)
 
 
 def build_engine(config: EngineConfig, arena=None):

@@ -1,12 +1,13 @@
 """The host block arena: the full KV cache in host memory, one block (all layers of B tokens)
 per host id.
 
-    flat buffer   [ N blocks of K/V               ][ N key summaries      ]
-    views         host [N, L, 2, H, B, D]            summary [N, L, 3, H, D]     (no copy)
+    flat bytes    [ N blocks of K/V            ][ N key summaries        ][ N scales (FP8 only) ]
+    views         host [N, L, 2, H, B, D]         summary [N, L, 3, H, D]   scale [N, L, 2, H]   (no copy)
+                  model dtype, or float8 e4m3     model dtype               float32
 
 ``ArenaLayout`` gives the shapes (plain fields: it travels between actors as it is);
-``HostArena`` holds the two views, over private memory or a KV store's shared-memory file,
-and the ``IdPool`` of host ids its engine may use.
+``HostArena`` holds the views, over private memory or a KV store's shared-memory file, and
+the ``IdPool`` of host ids its engine may use; ``read`` / ``write`` move whole blocks.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from engine.block_manager import BlockAllocator
 from engine.config import DTYPES
+from engine.host_memory import FP8
 
 
 class IdPool(BlockAllocator):
@@ -44,17 +46,24 @@ class IdPool(BlockAllocator):
 @dataclass(frozen=True)
 class ArenaLayout:
     """Shapes of a host block arena; one block holds all layers of B tokens. ``dtype`` is a
-    name of ``engine.config.DTYPES`` ("float32", "bfloat16", ...)."""
+    name of ``engine.config.DTYPES`` ("float32", "bfloat16", ...): the model's, which the key
+    summaries keep. ``host_dtype="fp8"``: the blocks' K/V are float8 e4m3, with one float32
+    scale per (block, layer, K/V, KV head) (engine/host_memory.py); None: the model dtype."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int
     dtype: str
+    host_dtype: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def data_dtype(self) -> torch.dtype:
+        return FP8 if self.host_dtype == "fp8" else self.torch_dtype
 
     @property
     def itemsize(self) -> int:
@@ -69,24 +78,39 @@ class ArenaLayout:
         return self.num_layers * 3 * self.num_kv_heads * self.head_dim
 
     @property
+    def scale_elems(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads if self.host_dtype == "fp8" else 0
+
+    def _region_bytes(self) -> tuple[int, int, int]:
+        """Bytes per block of its K/V, its key summary and its scales."""
+        data = self.block_elems * torch.empty((), dtype=self.data_dtype).element_size()
+        return data, self.summary_elems * self.itemsize, self.scale_elems * 4
+
+    @property
     def block_bytes(self) -> int:
-        """Bytes one block takes in the arena: its K/V and its key summary."""
-        return (self.block_elems + self.summary_elems) * self.itemsize
+        """Bytes one block takes in the arena: its K/V, its key summary (and its FP8 scales)."""
+        return sum(self._region_bytes())
 
     def num_blocks(self, capacity_bytes: int) -> int:
         return max(0, capacity_bytes // self.block_bytes)
 
-    def views(self, flat: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(host [N, L, 2, H, B, D], summary [N, L, 3, H, D]) over one flat buffer."""
+    def views(self, flat: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(host [N, L, 2, H, B, D], summary [N, L, 3, H, D], scale [N, L, 2, H] or None) over one
+        flat byte buffer: N blocks' K/V, then N summaries, then N scales."""
         l, h, b, d = self.num_layers, self.num_kv_heads, self.block_size, self.head_dim
-        data = flat[: num_blocks * self.block_elems].view(num_blocks, l, 2, h, b, d)
-        summary = flat[num_blocks * self.block_elems: num_blocks * (self.block_elems + self.summary_elems)]
-        return data, summary.view(num_blocks, l, 3, h, d)
+        data_bytes, summary_bytes, scale_bytes = (num_blocks * r for r in self._region_bytes())
+        data = flat[:data_bytes].view(self.data_dtype).view(num_blocks, l, 2, h, b, d)
+        summary = flat[data_bytes: data_bytes + summary_bytes].view(self.torch_dtype).view(num_blocks, l, 3, h, d)
+        if not scale_bytes:
+            return data, summary, None
+        scale = flat[data_bytes + summary_bytes: data_bytes + summary_bytes + scale_bytes].view(torch.float32)
+        return data, summary, scale.view(num_blocks, l, 2, h)
 
     @classmethod
-    def of(cls, model_config, block_size: int, dtype: torch.dtype) -> ArenaLayout:
+    def of(cls, model_config, block_size: int, dtype: torch.dtype, host_dtype: str | None = None) -> ArenaLayout:
         name = next(n for n, t in DTYPES.items() if t == dtype)
-        return cls(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, name)
+        return cls(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, name,
+                   host_dtype)
 
 
 @dataclass
@@ -94,19 +118,53 @@ class HostArena:
     host: torch.Tensor  # [N, L, 2, H, B, D]
     summary: torch.Tensor  # [N, L, 3, H, D]
     allocator: IdPool
+    scale: torch.Tensor | None = None  # [N, L, 2, H] float32: an FP8 arena's scales
 
     @classmethod
     def private(cls, layout: ArenaLayout, num_blocks: int) -> HostArena:
-        flat = torch.empty(num_blocks * (layout.block_elems + layout.summary_elems), dtype=layout.torch_dtype)
-        host, summary = layout.views(flat, num_blocks)
-        return cls(host, summary, IdPool())
+        flat = torch.empty(num_blocks * layout.block_bytes, dtype=torch.uint8)
+        host, summary, scale = layout.views(flat, num_blocks)
+        return cls(host, summary, IdPool(), scale)
 
     @classmethod
     def from_file(cls, path: str, layout: ArenaLayout, num_blocks: int, pin: bool = False) -> HostArena:
         """Map a KV store's arena file without copying (``shared=True``: writes go to the file)."""
-        numel = num_blocks * (layout.block_elems + layout.summary_elems)
-        flat = torch.from_file(path, shared=True, size=numel, dtype=layout.torch_dtype)
+        nbytes = num_blocks * layout.block_bytes
+        flat = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         if pin and torch.cuda.is_available():  # page-locked for DMA, still the same memory
-            torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), numel * flat.element_size(), 0)
-        host, summary = layout.views(flat, num_blocks)
-        return cls(host, summary, IdPool())
+            torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
+        host, summary, scale = layout.views(flat, num_blocks)
+        return cls(host, summary, IdPool(), scale)
+
+    def read(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
+        """Copies of blocks ``ids``: (K/V, summaries) and, FP8, their scales; FP8 K/V as its bytes
+        (uint8: Ray's serializer takes no float8 tensor)."""
+        idx = torch.tensor(ids, dtype=torch.long)
+        if self.scale is None:
+            return self.host[idx], self.summary[idx]
+        return self.host.view(torch.uint8)[idx], self.summary[idx], self.scale[idx]
+
+    def write(self, ids: list[int], rows: tuple[torch.Tensor, ...]) -> None:
+        """Blocks ``ids`` := ``rows`` (what ``read`` returns, here or from another arena)."""
+        if len(rows) != (3 if self.scale is not None else 2):
+            raise ValueError("blocks of an FP8 arena carry their scales, others do not: the arenas differ")
+        idx = torch.tensor(ids, dtype=torch.long)
+        self.host[idx] = rows[0].view(self.host.dtype)
+        self.summary[idx] = rows[1]
+        if self.scale is not None:
+            self.scale[idx] = rows[2]
+
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Blocks ``dst`` := blocks ``src`` of this arena, one slice copy per run of consecutive
+        ids on both sides (a fresh lease is mostly one run)."""
+        i = 0
+        while i < len(src):
+            r = 1
+            while i + r < len(src) and src[i + r] == src[i] + r and dst[i + r] == dst[i] + r:
+                r += 1
+            a, b = slice(src[i], src[i] + r), slice(dst[i], dst[i] + r)
+            self.host[b] = self.host[a]
+            self.summary[b] = self.summary[a]
+            if self.scale is not None:
+                self.scale[b] = self.scale[a]
+            i += r

@@ -28,24 +28,25 @@ class HostMirror:
                  device: torch.device, host_dtype: str | None = None, arena=None):
         """``dtype``: the model's (summaries, and what ``fetch`` returns). ``host_dtype="fp8"``:
         rows are kept as float8 e4m3 with one float32 scale per (row, layer, K/V, KV head).
-        ``arena`` (a HostArena; its ``host`` and ``summary`` are used): rows in external memory
-        (e.g. a KV store's shared memory) instead of a private allocation; ``num_blocks`` is then
-        the arena's."""
+        ``arena`` (a HostArena; its ``host``, ``summary`` and, FP8, ``scale`` are used): rows in
+        external memory (e.g. a KV store's shared memory) instead of a private allocation, in the
+        format ``host_dtype`` names; ``num_blocks`` is then the arena's."""
         if host_dtype not in (None, "fp8"):
             raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {host_dtype!r}")
-        if host_dtype and arena is not None:
-            raise InvalidRequestError("the FP8 host mirror needs a private arena (shared arenas hold the model dtype)")
+        if arena is not None and (arena.scale is not None) != (host_dtype == "fp8"):
+            raise InvalidRequestError(f"host_dtype {host_dtype!r} and the arena's format differ: size the KV store's "
+                                      f"arena with the same host_dtype")
         self.fp8 = host_dtype == "fp8"
         self.dtype = dtype
         self.device = device
         layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
         pin = device.type == "cuda"
         if arena is not None:
-            self.host, self.summary = arena.host, arena.summary
+            self.host, self.summary, self.scale = arena.host, arena.summary, arena.scale
         else:
             self.host = host_empty((num_blocks, layers, 2, heads, block_size, dim), FP8 if self.fp8 else dtype, pin)
             self.summary = host_empty((num_blocks, layers, 3, heads, dim), dtype, pin)
-        self.scale = host_empty((num_blocks, layers, 2, heads), torch.float32, pin) if self.fp8 else None
+            self.scale = host_empty((num_blocks, layers, 2, heads), torch.float32, pin) if self.fp8 else None
         # host RAM (and bytes over PCIe) per row of all layers: data, plus scales with FP8
         self.bytes_per_block = (self.host.element_size() * layers * 2 * heads * block_size * dim
                                 + (layers * 2 * heads * 4 if self.fp8 else 0))
@@ -129,6 +130,21 @@ class HostMirror:
                 scale[i: i + r].copy_(self.scale[hosts[i]: hosts[i] + r], non_blocking=True)
             i += r
         return dequantize_fp8(out, scale, self.dtype) if scale is not None else out
+
+    def fetch_layer(self, hosts: list[int], layer: int) -> torch.Tensor:
+        """One layer of rows on the device in the model dtype, [n, 2, H, B, D]. From page-locked
+        memory each row's layer (K and V of one block, contiguous) is one DMA copy; the host
+        neither gathers nor waits."""
+        if not self.pinned:
+            return self.fetch(torch.tensor(hosts), layer)
+        out = torch.empty((len(hosts), *self.host.shape[2:]), dtype=self.host.dtype, device=self.device)
+        for i, h in enumerate(hosts):
+            out[i].copy_(self.host[h, layer], non_blocking=True)
+        if not self.fp8:
+            return out
+        self.wait_writes()  # the scales are gathered on the host
+        scale = self.scale[torch.tensor(hosts), layer].pin_memory().to(self.device, non_blocking=True)
+        return dequantize_fp8(out, scale, self.dtype)
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:
         """A small host tensor (e.g. destination slots) on the device; asynchronous where the

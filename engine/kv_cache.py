@@ -97,9 +97,10 @@ class BlockKVCache:
         self.mirror.join()  # staged copies into its slots finish before the slots are reused
         self.blocks.release(seq_id)
 
-    def attach_prefix(self, seq_id: int, host_ids: list[int]) -> None:
-        """Give an admitted sequence a prefix of mirrored blocks and load all of them onto the
-        device (every group), refreshing their device index keys from the host summaries."""
+    def attach_prefix(self, seq_id: int, host_ids: list[int], load: bool = True) -> None:
+        """Give an admitted sequence a prefix of mirrored blocks, refreshing their device index
+        keys from the host summaries; ``load``: also copy all of them onto the device (every
+        group), else they stay in the host mirror (the layer-by-layer prefill streams them)."""
         if not host_ids:
             return
         self.blocks.attach_prefix(seq_id, host_ids)
@@ -109,6 +110,8 @@ class BlockKVCache:
             idx = torch.tensor(self.index_layers)
             self.index_keys[:, :, hosts.to(self.device)] = (
                 self.mirror.summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
+        if not load:
+            return
         for g in range(len(self.groups)):
             self.load(seq_id, g, list(range(len(host_ids))))
 

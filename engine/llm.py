@@ -70,8 +70,8 @@ class LLMEngine:
 
     def _admit(self, seq: Sequence) -> None:
         self.cache.admit(seq.seq_id, self._admit_blocks(seq))
-        if seq.prefix_host_ids:  # a session turn: its prefix is loaded, not prefilled
-            self.cache.attach_prefix(seq.seq_id, seq.prefix_host_ids)
+        if seq.prefix_host_ids:  # a session turn: its prefix is not prefilled; loaded, or streamed layer by layer
+            self.cache.attach_prefix(seq.seq_id, seq.prefix_host_ids, load=not self.runner.prefills_layerwise(seq))
             seq.num_cached = len(seq.prefix_host_ids) * self.cache.block_size
 
     def _admit_blocks(self, seq: Sequence) -> int:

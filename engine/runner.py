@@ -44,12 +44,13 @@ class ModelRunner:
         return DecodeGraphRunner(self) if mode else None
 
     def prefills_layerwise(self, seq: Sequence) -> bool:
-        """Prefill this prompt layer by layer (offloading policies, no session prefix): always
-        with ``layerwise_prefill=True``, or, when unset, if the prompt does not fit the device pool."""
-        if self.layerwise_prefill is False or not self.policy.offloads or seq.prefix_host_ids \
-                or seq.prompt_state is not None:
+        """Prefill this prompt layer by layer (offloading policies): a session turn always (its
+        prefix streams from the host mirror, one layer at a time, instead of all of it onto the
+        device); a new prompt with ``layerwise_prefill=True``, or, when unset, if it does not fit
+        the device pool. ``layerwise_prefill=False``, or a prompt prefilled elsewhere: never."""
+        if self.layerwise_prefill is False or not self.policy.offloads or seq.prompt_state is not None:
             return False
-        return bool(self.layerwise_prefill) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
+        return bool(self.layerwise_prefill) or bool(seq.prefix_host_ids) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
                                                 > self.cache.blocks.num_device_blocks)
 
     def run(self, batch: Batch) -> torch.Tensor | None:
@@ -84,8 +85,8 @@ class ModelRunner:
             if self.policy.offloads:
                 self.policy.shrink_reserve(seq.seq_id, seq.max_len)
             return logits
-        if start == 0 and self.prefills_layerwise(seq):  # the whole prompt at once, layer by layer
-            end = seq.prompt_len
+        if start == len(seq.prefix_host_ids) * self.cache.block_size and self.prefills_layerwise(seq):
+            end = seq.prompt_len  # the whole prompt (after a turn's prefix) at once, layer by layer
             hidden = self.layerwise.run(seq.seq_id, seq.prompt_ids)
         else:
             self.attention.plan_prefill(seq.seq_id, start, end, observe=end == seq.prompt_len)

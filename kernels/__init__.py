@@ -9,7 +9,7 @@ import torch
 from . import reference
 from .dispatch import pick
 
-__all__ = ["sparse_decode_attention", "block_scores", "select_blocks", "paged_kv_write",
+__all__ = ["sparse_decode_attention", "prefill_attention", "block_scores", "select_blocks", "paged_kv_write",
            "rms_norm", "rotary", "silu_mul", "reference"]
 
 
@@ -44,6 +44,25 @@ def sparse_decode_attention(q, k_cache, v_cache, block_table, num_blocks, last_l
     fn = pick(q, "sparse_attention", "sparse_decode_attention", q.shape[-1], _dim(k_cache, 2))
     return fn(q, k_cache, v_cache, block_table, num_blocks, last_len, scale, return_block_mass,
               out=out, mass_out=mass_out)
+
+
+def prefill_attention(q, k, v, q_start, scale, *, out=None):
+    """Causal attention of a prompt segment over the prompt so far (flash attention, no mask).
+
+    Args:
+        q:       [T, Hq, D] queries at positions ``q_start .. q_start + T - 1``.
+        k, v:    [Hkv, N, D] keys and values of one layer at positions 0 .. N-1 (any strides;
+                 N >= q_start + T; keys past q_start + T are never read).
+        q_start: position of the first query.
+        scale:   softmax scale (usually D ** -0.5).
+        out:     optional [T, Hq, D] output.
+
+    Returns:
+        [T, Hq, D] in q's dtype: query i attends to keys 0 .. q_start + i. Query head h uses
+        KV head h // (Hq // Hkv).
+    """
+    fn = pick(q, "flash_prefill", "prefill_attention", q.shape[-1])
+    return fn(q, k, v, q_start, scale, out=out)
 
 
 def block_scores(q, kmin, kmax, kmean, block_table, num_blocks, *, out=None):

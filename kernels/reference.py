@@ -149,3 +149,17 @@ def rotary(x, cos, sin):
 def silu_mul(gate, up):
     """Reference of :func:`kernels.silu_mul`; see there for the contract."""
     return torch.nn.functional.silu(gate) * up
+
+
+def prefill_attention(q, k, v, q_start, scale, *, out=None):
+    """Reference of :func:`kernels.prefill_attention`; see there for the contract. SDPA with a
+    boolean causal mask [T, start + T] (the CPU backend works through it blockwise)."""
+    num_q, n_qh, _ = q.shape
+    end = q_start + num_q
+    cdt = _compute_dtype(q)
+    dev = q.device
+    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(q_start, end, device=dev)[:, None]  # [T, end]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.to(cdt).transpose(0, 1)[None], k[:, :end].to(cdt)[None], v[:, :end].to(cdt)[None],  # [1, H, T|end, D]
+        attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)  # [T, Hq, D]
+    return o.to(q.dtype) if out is None else out.copy_(o)

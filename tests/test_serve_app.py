@@ -173,3 +173,16 @@ def test_worker_restart_resumes_the_session_without_prefill(server, client):
     assert again["text"] == first["text"]
     assert again["prefill_tokens"] == first["prefill_tokens"]  # the prefix came from the node's store
     assert handle is not None
+
+
+def test_a_streamed_turn_is_the_plain_turn_in_pieces(server, client):
+    s = client.session("Gamma delta epsilon zeta. " * 30)
+    plain = client.ask(s.session_id, "Which letters?", max_tokens=8)
+    events = list(client.stream(f"/v1/sessions/{s.session_id}/ask", {"question": "Which letters?", "max_tokens": 8}))
+    pieces, answer = [e["text"] for e in events[:-1]], events[-1]
+    assert len(pieces) >= 2 and "".join(pieces) == answer["text"] == plain.text  # greedy: the same turn
+    assert answer["num_tokens"] == plain.num_tokens and answer["prefill_tokens"] == plain.prefill_tokens
+    assert "".join(client.ask(s.session_id, "Which letters?", max_tokens=8, stream=True)) == plain.text
+    with pytest.raises(SessionNotFound):  # an unknown session is a 404 before any event
+        list(client.stream("/v1/sessions/nope/ask", {"question": "Which?"}))
+    s.close()

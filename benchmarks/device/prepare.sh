@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run HERE (not on the GPU machine), once per session; idempotent. Builds what the GPU machine lacks:
-# a stripped Python 3.12 site dir (ray[serve] 2.60 + deps + gguf), the SmolLM2 GGUF and the haystack,
+# a stripped Python 3.12 site dir (ray[serve] 2.60 + deps + gguf), the SmolLM2 GGUF, its tokenizer and the haystack,
 # packed with xz and cut into part folders of at most MAXPART bytes under <main checkout>/.device/.
 # Then prints the device `run` calls to make. See README.md beside this file.
 set -euo pipefail
@@ -73,8 +73,19 @@ if [ "$(cat art/gguf.key 2>/dev/null)" != "$(stat -c %s.%Y "$GGUF")" ] || [ ! -f
   stat -c %s.%Y "$GGUF" > art/gguf.key
 fi
 tar --sort=name --mtime=@0 --owner=0 --group=0 -C "$(dirname "$HAYSTACK")" -cJf art/haystack.tar.xz "$(basename "$HAYSTACK")"
+# the GGUF's tokenizer as Hugging Face files (~1 MB packed), so that call 1 can write a model directory
+if [ "$(cat art/tokenizer.key 2>/dev/null)" != "$(stat -c %s.%Y "$GGUF")" ] || [ ! -f art/tokenizer.tar.xz ]; then
+  rm -rf tokenizer
+  # tokenizer_class as every transformers version names it (5.x writes its own TokenizersBackend)
+  "${TOKENIZER_PY:-$MAIN/.venv/bin/python}" -c "import json, os, sys; from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(os.path.dirname(sys.argv[1]), gguf_file=os.path.basename(sys.argv[1])).save_pretrained(sys.argv[2])
+p = os.path.join(sys.argv[2], 'tokenizer_config.json'); c = json.load(open(p)); c['tokenizer_class'] = 'PreTrainedTokenizerFast'
+json.dump(c, open(p, 'w'), indent=1)" "$GGUF" tokenizer
+  tar --sort=name --mtime=@0 --owner=0 --group=0 -cJf art/tokenizer.tar.xz tokenizer
+  stat -c %s.%Y "$GGUF" > art/tokenizer.key
+fi
 # 3. cut into parts: artefacts in this order, site first, so part 1 holds the whole site dir
-ARTS="site.tar.xz haystack.tar.xz smollm2.gguf.xz"
+ARTS="site.tar.xz haystack.tar.xz tokenizer.tar.xz smollm2.gguf.xz"  # all but the GGUF's tail in part 1
 total=0; for a in $ARTS; do total=$((total + $(stat -c %s "art/$a"))); done
 nparts=$(( (total + MAXPART - 1) / MAXPART )); cap=$(( (total + nparts - 1) / nparts ))
 rm -rf "$DEV"/part*

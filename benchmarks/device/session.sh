@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
 # The device calls of a session, by phase (run there, after setup.sh receive N and env.sh):
 #   bash benchmarks/device/session.sh early    step profile (512K/128K), tiny-random served on CUDA, bench 128K
-#   bash benchmarks/device/session.sh fidelity issue 10's accuracy grids on SmolLM2 (~7 min; docs/accuracy.md):
-#        layer plan by lsa calibrate, then every task at rho 0.10 (8K, 4K; essays and pydoc; n = 20 per cell),
-#        then the budget sweep 0.05-0.5 (8K: ppl on both texts, NIAH); 8 files under $OUT
-# Every phase writes JSON and logs under $OUT and prints a short summary last.
+#   bash benchmarks/device/session.sh PHASE...  the issue-15 phases, in the order given (~9 min in all):
+#     prefill  (a) the Llama-3-8B-shaped random model written once (~0.5 min); its prefill at 32K/128K
+#              vs the floor (~1 min; LSA_PREFILL_512K=1 adds 512K: +4 min)
+#     serve    (b) that model served (FP8 host store): sessions at 32K and 128K, 2 follow-ups each,
+#              LSA_SESSIONS (default 4; max: what host RAM holds) concurrent 128K sessions, then the same
+#              workload on the engine alone (~4 min; each session past 4: +20 s)
+#     checks   (c) SmolLM2 (the GGUF: after receive 2) answering the demo's questions, (d) worker
+#              restart, (e) leak check (~1.5 min)
+#     pooled   (f) host RAM pooled over two Ray nodes, sessions of LSA_POOLED_CONTEXT (131072; 32768:
+#              -0.5 min) tokens (~2 min; makes the 8B model again if /tmp lost it: +0.5 min)
+#     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
+#     fidelity issue 10's accuracy grids on SmolLM2 (<= 7 min; docs/accuracy.md): layer plan by lsa calibrate,
+#              every task at rho 0.10 (8K, 4K; essays and pydoc; n = 20 per cell), the budget sweep 0.05-0.5
+#              (8K: ppl on both texts, NIAH); after receive 2 (the GGUF and the haystack)
+# Every phase writes JSON and logs under $OUT and prints a short summary last; each step has a
+# timeout (step NAME SECONDS command...), and $OUT/steps.txt lists every step's exit status and time.
+# LSA_REHEARSE=1: the issue-15 phases with tiny shapes on the CPU, the same steps (tests/test_device_session.py).
 set -uo pipefail
-phase=${1:?phase}
+[ $# -ge 1 ] || { echo "usage: session.sh PHASE..."; exit 2; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, ray; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__)" | tee -a "$OUT/gpu.txt"
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$OUT/gpu.txt"
 
@@ -34,8 +47,77 @@ serve_stop() {
   grep -ciE "traceback|error" "$OUT/serve_$port.log" | sed "s/^/error lines in the server log: /"
 }
 
-case $phase in
-early)
+step() {  # step NAME SECONDS command...: run with a timeout (x SLOW), log to $OUT/NAME.log, record the exit status
+  local name=$1 limit=$(($2 * SLOW)) t0=$SECONDS rc; shift 2
+  echo "== $name (at most $limit s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; rc=$?
+  grep -v -E "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -${TAIL:-12}
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  return $rc
+}
+
+if [ "${LSA_REHEARSE:-0}" = 1 ]; then  # the served phases' steps, tiny, on the CPU
+  MODEL=${TMPDIR:-/tmp}/lsa-rehearse-model SHAPE=tiny CTX="512 1024" CONC=1024 ORDINARY=512 RATE=256 CHUNK=256 SESSIONS=2 SLOW=3  # a shared CPU
+  APP="device=cpu worker_num_gpus=0 block_size=16 torch_threads=1 worker_num_cpus=0.5 max_num_seqs=3"
+  SMALL="--context-tokens 250 model=tiny-random $APP" KV_RESERVE=0 DEVICE_KV="" PORT_ARGS="--port ${LSA_PORT:-8000} --num-cpus 4"
+  export LSA_KV_MAX=${LSA_KV_MAX:-268435456}
+else
+  MODEL=/tmp/llama3-8b-random SHAPE=llama3-8b CTX="32768 131072" CONC=131072 ORDINARY=32768 RATE=32768 CHUNK=8192 SESSIONS=4 SLOW=1
+  APP="device=cuda worker_num_gpus=1 max_num_seqs=16"
+  # host RAM kept off the arena: a model load (16 GB, transient), Ray's processes, the driver
+  SMALL="model=${LSA_MODEL:-smollm2-135m} $APP block_size=16 max_num_seqs=4" KV_RESERVE=${LSA_KV_RESERVE:-24e9}
+  DEVICE_KV="device_kv_bytes=40000000000" PORT_ARGS=""  # the app's worker, then the engine alone: each this much
+fi
+APPBIG="model=$MODEL $APP policy=lsa host_dtype=fp8 prefill_chunk=$CHUNK $DEVICE_KV"
+
+make_model() {  # the 8B-shaped model, once per machine (~30 s: drawn on the GPU, 16 GB of safetensors)
+  [ -f $MODEL/config.json ] && ls $MODEL/*.safetensors > /dev/null 2>&1 && return 0
+  step make_model 150 python3 -m benchmarks.make_random_model $MODEL --shape $SHAPE \
+    ${LSA_TOKENIZER_DIR:+--tokenizer $LSA_TOKENIZER_DIR}  # call 1 has no GGUF yet: setup.sh's tokenizer files
+}
+
+kv_budget() {  # bytes for one node's host KV store: host RAM and /dev/shm, less what loading the model and Ray take
+  python3 - "$@" <<'PY'
+import os, shutil, sys
+avail = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable"))
+shm = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+reserve = float(sys.argv[1])
+print(int(max(1 << 26, min(avail - reserve, shm - 8e9, float(os.environ.get("LSA_KV_MAX", "inf"))))))
+PY
+}
+
+phase_prefill() {
+  df -h /dev/shm | tail -1; grep -E "MemTotal|MemAvailable" /proc/meminfo
+  make_model
+  local big="" more=0; [ "${LSA_PREFILL_512K:-0}" = 1 ] && { big=524288; more=300; }
+  step prefill $((150 + more)) python3 -m cli bench prefill --model $MODEL --contexts $CTX $big \
+    --ordinary-max $ORDINARY --chunk $CHUNK --rate-tokens $RATE --out "$OUT/prefill.json"
+}
+
+phase_serve() {
+  make_model
+  local fit sessions kv
+  read -r fit sessions kv < <(python3 -c "import sys; from benchmarks.serve import plan_store
+print(*plan_store(sys.argv[4:], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))" \
+    $CONC "$(kv_budget $KV_RESERVE)" ${LSA_SESSIONS:-$SESSIONS} $APPBIG)
+  [ -n "$kv" ] || { echo "serve: sizing the host KV store failed" | tee -a "$OUT/steps.txt"; return 1; }
+  echo "host RAM holds $fit sessions of $CONC tokens; running $sessions in a host KV store of $kv bytes"
+  step serve $((200 + 30 * sessions)) python3 -m cli bench serve $APPBIG kv_store_bytes=$kv --contexts $CTX \
+    --followups 2 --concurrency-context $CONC --sessions $sessions --max-tokens 128 $PORT_ARGS --out "$OUT/serve.json"
+}
+
+phase_checks() {  # (c) (d) (e) on one SmolLM2 app
+  step checks 200 python3 benchmarks/device/served_checks.py app "$OUT/checks.json" --checks demo,restart,leaks \
+    $SMALL policy=lsa kv_store_bytes=4000000000 $PORT_ARGS
+}
+
+phase_pooled() {
+  make_model
+  step pooled 240 python3 benchmarks/device/served_checks.py pooled "$OUT/pooled.json" \
+    --context ${LSA_POOLED_CONTEXT:-$CONC} --sessions 1 --extra 1 --max-tokens 128 $APPBIG $PORT_ARGS
+}
+
+phase_early() {
   timeout 300 python3 -m benchmarks.profile_step --contexts 131072 524288 --steps 32 \
     --out "$OUT/profile_step.json" 2>&1 | grep -v Warning | tee "$OUT/profile_step.log"
   if serve_start 8011 model=tiny-random device=cuda worker_num_gpus=1 policy=lsa kv_store_bytes=2000000000; then
@@ -44,32 +126,40 @@ early)
   fi
   timeout 200 python3 -m cli bench decode --contexts 131072 --batch 1 --rounds 3 --steps 32 \
     --out "$OUT/bench_decode_128k.json" 2>&1 | grep -v built | tail -8
-  ;;
-fidelity)
-  # $LSA_MODEL: the SmolLM2 GGUF, $LSA_HAYSTACK: the essays (env.sh sets both). Files: gpu.txt, layer_plan.json,
-  # grid/{results.json,results.md,accuracy.png}, sweep/ likewise; each eval rewrites its JSON and table after every run,
-  # so a timeout leaves what was done. LSA_BEST (a policy spec) replaces the layer-plan variant; FID_* shrink the
-  # grid for a rehearsal on a CPU (docs/accuracy.md: the rehearsal and the device-time estimate).
-  M=${LSA_MODEL:?source env.sh first}; H=${LSA_HAYSTACK:?source env.sh first}
-  timeout "${FID_CALIB_S:-75}" python3 -m cli calibrate --model "$M" --texts essays,pydoc --context "${FID_CALIB_CONTEXT:-4096}" \
-    --windows 4 --out "$OUT/layer_plan.json" 2>&1 | grep -v Warning | tail -4
+}
+
+phase_fidelity() {
+  # $LSA_MODEL: the SmolLM2 GGUF, $LSA_HAYSTACK: the essays (env.sh sets both). Files: layer_plan.json,
+  # grid/{results.json,results.md,accuracy.png}, sweep/ likewise, and the steps' logs; each eval rewrites its JSON
+  # and tables after every run, so a timeout leaves what was done. LSA_BEST (a policy spec) replaces the
+  # layer-plan variant; FID_* shrink the grid (docs/accuracy.md: what to cut when short, the CPU rehearsal).
+  local M=${LSA_MODEL:?source env.sh first} H=${LSA_HAYSTACK:?source env.sh first} BEST POLICIES COMMON
+  step fid_calibrate "${FID_CALIB_S:-75}" python3 -m cli calibrate --model "$M" --texts essays,pydoc \
+    --context "${FID_CALIB_CONTEXT:-4096}" --windows 4 --out "$OUT/layer_plan.json"
   BEST=${LSA_BEST:-plan=lsa:layer_plan=$OUT/layer_plan.json}
   if [ -z "${LSA_BEST:-}" ] && [ ! -f "$OUT/layer_plan.json" ]; then echo "no layer plan (calibrate failed): grid without it"; BEST=; fi
   POLICIES="full,lsa,${BEST:+$BEST,}streaming,snapkv,quest"  # quest last: eager, the slowest per step
   COMMON=(--model "$M" --haystack "$H" --block-size 16 --prefill-chunk 8192 --batch 20 --quiet --ppl-tokens 128
           --max-tokens 24 --depths 0.1,0.3,0.5,0.7,0.9 --min-resident-tokens 0 --keep-going ${FID_EXTRA:-})
-  t0=$(date +%s)
-  timeout "${FID_GRID_S:-225}" python3 -m cli eval "${COMMON[@]}" --tasks niah,multikey,session,ppl,agreement \
-    --texts essays,pydoc --contexts "${FID_CONTEXTS:-8192,4096}" --agreement-tokens 64 --budgets 0.1 \
-    --limit "${FID_LIMIT:-niah=4,multikey=4,session=4,ppl=20,agreement=20}" --policies "$POLICIES" \
-    --out "$OUT/grid" 2>&1 | grep -v Warning | tail -3
-  t1=$(date +%s); echo "grid: $((t1 - t0)) s"
-  timeout "${FID_SWEEP_S:-120}" python3 -m cli eval "${COMMON[@]}" --tasks ppl,niah --texts essays,pydoc \
-    --contexts "${FID_SWEEP_CONTEXT:-8192}" --budgets 0.05,0.1,0.2,0.3,0.5 --limit "${FID_SWEEP_LIMIT:-niah=4,ppl=20}" \
-    --policies "$POLICIES" --out "$OUT/sweep" 2>&1 | grep -v Warning | tail -3
-  echo "sweep: $(($(date +%s) - t1)) s"
+  TAIL=3 step fid_grid "${FID_GRID_S:-225}" python3 -m cli eval "${COMMON[@]}" \
+    --tasks niah,multikey,session,ppl,agreement --texts essays,pydoc --contexts "${FID_CONTEXTS:-8192,4096}" \
+    --agreement-tokens 64 --budgets 0.1 --limit "${FID_LIMIT:-niah=4,multikey=4,session=4,ppl=20,agreement=20}" \
+    --policies "$POLICIES" --out "$OUT/grid"
+  [ "${FID_SWEEP_S:-120}" -gt 0 ] && TAIL=3 step fid_sweep "${FID_SWEEP_S:-120}" python3 -m cli eval "${COMMON[@]}" \
+    --tasks ppl,niah --texts essays,pydoc --contexts "${FID_SWEEP_CONTEXT:-8192}" --budgets 0.05,0.1,0.2,0.3,0.5 \
+    --limit "${FID_SWEEP_LIMIT:-niah=4,ppl=20}" --policies "$POLICIES" --out "$OUT/sweep"
   for f in "$OUT"/grid/results.md "$OUT"/sweep/results.md; do [ -f "$f" ] && head -c 6000 "$f"; done
-  ;;
-*)
-  echo "unknown phase $phase"; exit 2 ;;
-esac
+  return 0
+}
+
+for phase in "$@"; do
+  case $phase in
+  served1) phase_prefill; phase_serve ;;
+  served2) phase_checks; phase_pooled ;;
+  prefill | serve | checks | pooled | early | fidelity) phase_$phase ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
+ls /dev/shm 2>/dev/null | grep -c lsa-kv | sed 's/^/arena files left in \/dev\/shm: /'
+[ -f "$OUT/steps.txt" ] && cat "$OUT/steps.txt"
+exit 0

@@ -3,6 +3,7 @@
 #   bash .device/partN/setup.sh receive N   copy part N (carried folder .device/partN) to /tmp/lsa-dev;
 #                                           each artefact whose pieces are all in is verified and unpacked:
 #                                           /tmp/site (ray[serve], gguf, ...), /tmp/haystack,
+#                                           /tmp/smollm2-tokenizer (its Hugging Face files),
 #                                           /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf. Parts may come in
 #                                           any order; a no-op once everything is in (machine still warm).
 #                                           Exit 0 when all is in, or when only later parts are missing.
@@ -13,7 +14,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ROOT=${LSA_DEV_ROOT:-/tmp}
-W=$ROOT/lsa-dev SITE=$ROOT/site HAY=$ROOT/haystack MODEL_DIR=$ROOT/smollm2
+W=$ROOT/lsa-dev SITE=$ROOT/site HAY=$ROOT/haystack MODEL_DIR=$ROOT/smollm2 TOK=$ROOT/smollm2-tokenizer
 MODEL=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
 PARTS=${LSA_PARTS:-$PWD/.device}
 say() { echo "setup: $*"; }
@@ -23,7 +24,7 @@ env_lines() {
   cat <<EOF
 export PYTHONPATH=$SITE:$REPO\${PYTHONPATH:+:\$PYTHONPATH}
 export PATH=$SITE/bin:\$PATH
-export LSA_MODEL_DIR=$MODEL_DIR LSA_MODEL=$MODEL LSA_HAYSTACK=$HAY
+export LSA_MODEL_DIR=$MODEL_DIR LSA_MODEL=$MODEL LSA_HAYSTACK=$HAY LSA_TOKENIZER_DIR=$TOK
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 EOF
 }
@@ -50,6 +51,8 @@ install_artefact() {  # install_artefact NAME FILE
     site.tar.xz) rm -rf "$SITE" "$W/site.tar" "$W/done/check"; mkdir -p "$SITE"; unxz_to "$2" "$W/site.tar"
                  tar -xf "$W/site.tar" -C "$SITE"; rm -f "$W/site.tar";;
     haystack.tar.xz) rm -rf "$HAY" "$W/hay.tar"; unxz_to "$2" "$W/hay.tar"; tar -xf "$W/hay.tar" -C "$ROOT"; rm -f "$W/hay.tar";;
+    tokenizer.tar.xz) rm -rf "$TOK" "$W/tok.tar"; mkdir -p "$TOK"; unxz_to "$2" "$W/tok.tar"
+                 tar -xf "$W/tok.tar" -C "$TOK" --strip-components=1; rm -f "$W/tok.tar";;
     smollm2.gguf.xz) mkdir -p "$MODEL_DIR"; unxz_to "$2" "$MODEL.tmp"
                  want=$(awk '$1=="original" && $3=="SmolLM2-135M-Instruct.Q4_1.gguf" {print $5}' "$W/MANIFEST")
                  [ "$(sha256sum < "$MODEL.tmp" | cut -c1-64)" = "$want" ] || die "GGUF sha256 mismatch after unpacking"

@@ -205,13 +205,18 @@ def narrow(scores, table, num_blocks, last_len, budget_fn):
 def window_block_mass(q: torch.Tensor, keys: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
     """Attention mass per KV head and block of the last W prompt queries, causal.
 
-    q [W, Hq, D] (positions n-W..n-1), keys [Hkv, n, D] -> [Hkv, num_blocks] (mean over queries)."""
+    q [W, Hq, D] (positions n-W..n-1), keys [Hkv, n, D] -> [Hkv, num_blocks] (mean over queries).
+    One KV head at a time: the scores of a head are [G, W, n] float32 (256 MB at 512K tokens,
+    G = 4, W = 32), not Hkv times that."""
     w, hq, d = q.shape
     hkv, n, _ = keys.shape
-    qg = q.float().view(w, hkv, hq // hkv, d)  # [W, Hkv, G, D]
-    s = torch.einsum("whgd,hnd->hgwn", qg, keys.float()) * scale  # [Hkv, G, W, n]
-    causal = torch.arange(n)[None, :] <= torch.arange(n - w, n)[:, None]  # [W, n]
-    p = torch.softmax(s.masked_fill(~causal.to(s.device), float("-inf")), dim=-1)
-    per_token = p.mean((1, 2))  # [Hkv, n]
-    pad = (-n) % block_size
-    return torch.nn.functional.pad(per_token, (0, pad)).view(hkv, -1, block_size).sum(-1)
+    g = hq // hkv
+    causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - w, n, device=q.device)[:, None]  # [W, n]
+    per_token = [_head_mass(q[:, h * g: (h + 1) * g].float() * scale, keys[h], causal) for h in range(hkv)]
+    return torch.nn.functional.pad(torch.stack(per_token), (0, (-n) % block_size)).view(hkv, -1, block_size).sum(-1)
+
+
+def _head_mass(q: torch.Tensor, keys: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """Mean attention of one KV head's scaled queries q [W, G, D] on keys [n, D]: [n]."""
+    s = torch.einsum("wgd,nd->gwn", q, keys.float()).masked_fill_(~causal, float("-inf"))  # [G, W, n]
+    return torch.softmax(s, dim=-1).mean((0, 1))

@@ -1,0 +1,130 @@
+"""The tensor-parallel engine on Ray: 2 rank actors in one placement group (gloo on CPU) generate
+exactly the single-process engine's tokens, and a killed rank fails the group with a typed error
+within a bounded time instead of hanging."""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.errors import InvalidRequestError
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.sampling import SamplingParams
+
+ray = pytest.importorskip("ray")
+
+from actors.tp_engine import TensorParallelEngine, TensorParallelGroupError  # noqa: E402
+from ray_cluster import ray_cluster  # noqa: E402
+
+WORLD = 2
+CALL_TIMEOUT_S = 60
+DEAD_RANK_BOUND_S = 30
+BLOCK = 16
+# GQA: 4 query heads over 2 KV heads, one KV head per rank; vocabulary 67 pads its shards
+LLAMA = ModelConfig(architecture="llama", vocab_size=67, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
+POLICIES = {
+    "full": dict(name="full"),
+    # a short tail and no neighbours: most resident blocks are chosen by the (all-reduced) scores
+    "lsa": dict(name="lsa", budget=0.4, cycle=4, tail_tokens=16, neighbors=0, first_plan="indexer"),
+}
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def engine_config(policy: dict) -> EngineConfig:
+    return EngineConfig(device="cpu", dtype="fp32", cache=CacheConfig(block_size=BLOCK, num_device_blocks=64),
+                        scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=64),
+                        policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
+
+
+# whole random weights, the same on every rank (a fixed seed); an importable callable for the ranks
+make_model = functools.partial(random_model, LLAMA, seed=3)
+
+
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(3, LLAMA.vocab_size, (n,), generator=gen).tolist() for n in (200, 131)]
+
+
+def single_process(policy: dict) -> list[list[int]]:
+    engine = LLMEngine(make_model("cpu", torch.float32), engine_config(policy))
+    seqs = [engine.add_request(p, PARAMS) for p in prompts()]
+    while engine.has_work():
+        engine.step()
+    return [list(s.output_ids) for s in seqs]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ray_cluster("lsa-tp-ray", head_cpus=2 * WORLD) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tp_engine(cluster):
+    engine = TensorParallelEngine(WORLD, make_model, engine_config(POLICIES["full"]),
+                                  call_timeout_s=CALL_TIMEOUT_S)
+    yield engine
+    engine.shutdown()
+
+
+def test_ranks_share_one_strict_pack_placement_group(tp_engine):
+    table = ray.util.placement_group_table(tp_engine.placement_group)
+    assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == WORLD
+    assert table["state"] == "CREATED"
+
+
+@pytest.mark.parametrize("policy", ["full", "lsa"])
+def test_two_ranks_over_ray_generate_the_single_process_tokens(tp_engine, policy):
+    if policy != "full":  # the same group, a new engine shard on every rank
+        tp_engine.build(make_model, engine_config(POLICIES[policy]))
+    want = single_process(POLICIES[policy])
+    got = tp_engine.generate(prompts(), PARAMS)
+    assert got == want
+    assert all(len(tokens) == PARAMS.max_tokens for tokens in got)
+
+
+def test_a_request_every_rank_refuses_is_raised_and_the_group_survives(tp_engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tp_engine.add_request([], PARAMS, "empty")
+    with pytest.raises(InvalidRequestError, match=r"\[0, 67\)"):
+        tp_engine.add_request([1, 99], PARAMS, "out-of-vocabulary")
+    assert tp_engine.generate([prompts()[1][:40]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+
+
+def test_a_hung_rank_fails_the_group_at_the_deadline(tp_engine):
+    """Rank 1 stopped (SIGSTOP): rank 0 waits for it in a collective, so neither answers; the driver
+    gives up at its deadline. Runs last on the module's engine, which it destroys."""
+    tp_engine.call_timeout_s = 5
+    tp_engine.add_request(prompts()[1], PARAMS, "stalled")
+    pid = ray.get(tp_engine.ranks[1].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(TensorParallelGroupError, match=r"ranks \[0, 1\] of 2 did not answer step within 5 s"):
+        tp_engine.step()
+    assert time.monotonic() - start < 5 + DEAD_RANK_BOUND_S
+    assert tp_engine.ranks == [] and tp_engine.placement_group is None
+
+
+def test_a_killed_rank_fails_the_group_with_a_typed_error(cluster):
+    engine = TensorParallelEngine(WORLD, make_model, engine_config(POLICIES["lsa"]), call_timeout_s=CALL_TIMEOUT_S)
+    try:
+        engine.add_request(prompts()[0], PARAMS, "doomed")
+        engine.step()
+        ray.kill(engine.ranks[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelGroupError, match=r"rank 1 of 2 failed during (has_work|step)"):
+            while engine.has_work():
+                engine.step()
+        assert time.monotonic() - start < DEAD_RANK_BOUND_S
+        with pytest.raises(TensorParallelGroupError, match="rank 1"):  # and on every later call
+            engine.add_request(prompts()[1], PARAMS, "after")
+        assert engine.ranks == []
+    finally:
+        engine.shutdown()

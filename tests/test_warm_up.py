@@ -1,0 +1,50 @@
+"""DecodeWorkerCore.warm_up: the requests a replica runs before it reports ready leave nothing
+behind (no session, every leased host block given back) and the worker serves afterwards; on
+CUDA they capture a decode graph per batch bucket up to max_num_seqs."""
+import pytest
+import torch
+
+from actors.decode_worker import DecodeWorkerCore
+from actors.kv_store import KVStoreCore, arena_path
+from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.host_arena import ArenaLayout
+from engine.llm import LLMEngine
+from engine.loader import random_model
+from engine.sampling import SamplingParams
+
+TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
+BLOCK = 16
+CUDA = torch.cuda.is_available()
+
+
+def worker(tmp_path, device):
+    model = random_model(TINY, device, torch.bfloat16 if device == "cuda" else torch.float32, seed=1)
+    dtype = next(model.parameters()).dtype
+    layout = ArenaLayout.of(TINY, BLOCK, dtype)
+    store = KVStoreCore("n", layout, 300 * layout.block_bytes, arena_path("warm", "n", str(tmp_path)))
+    config = EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=400),
+                          scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=64),
+                          policy=PolicyConfig(name="lsa", cycle=4, min_resident_tokens=0))
+    return store, DecodeWorkerCore.build(lambda arena: LLMEngine(model, config, arena=arena), store, "w",
+                                         pin=device == "cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_warm_up_leaves_nothing_behind_and_the_worker_serves(tmp_path, device):
+    store, core = worker(tmp_path, device)
+    try:
+        done = core.warm_up()
+        assert done["requests"] == (1 if device == "cpu" else 1 + 2 + 4) and done["seconds"] > 0
+        if device == "cuda":
+            assert done["graphs"] >= 3  # batch buckets 1, 2 and 4 at least
+        stats = store.stats()
+        assert stats.sessions == 0 and stats.session_blocks == 0
+        assert stats.free_blocks + stats.leased_blocks == stats.capacity_blocks
+        assert stats.leased_blocks <= 16  # at most the worker's spare blocks stay leased
+        context = torch.randint(3, 64, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+        assert core.create_session("s", context).result(timeout=120).prefill_tokens == 70
+        answer = core.ask("s", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True)).result(timeout=120)
+        assert len(answer.token_ids) == 5 and answer.prefill_tokens < 70
+    finally:
+        core.close()
