@@ -20,7 +20,6 @@ import torch
 from engine.hooks import TeacherForcing
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence, Status
-from actors.session_table import SessionTable
 from engine.host_arena import ArenaLayout, HostArena, IdPool
 from engine.sessions import SessionManager, Turn
 from lab.tasks import SESSION_TURNS, Sample, TaskSpec, agreement, answer_found
@@ -158,6 +157,31 @@ def _agreement(engine, samples: list[Sample], inputs: RunInputs) -> dict[str, di
 # ------------------------------------------------------------------ sessions
 
 
+class HostBlocks:
+    """The host ids of the eval's arena: free, leased to an engine, or a session's. The eval's
+    stand-in for a node's session table (actors/session_table.py; lab does not import actors):
+    one arena sized for every document, so nothing is ever evicted."""
+
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks))
+        self.sessions: dict[str, tuple[list[int], list[int]]] = {}  # session id -> (context ids, host ids)
+
+    def lease(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"the eval's host arena is full: {n} blocks wanted, {len(self.free)} free")
+        ids, self.free = self.free[:n], self.free[n:]
+        return ids
+
+    def give_back(self, ids: list[int]) -> None:
+        self.free += ids
+
+    def put(self, session_id: str, context_ids: list[int], host_ids: list[int]) -> None:
+        self.sessions[session_id] = (list(context_ids), list(host_ids))
+
+    def delete(self, session_id: str) -> None:
+        self.free += self.sessions.pop(session_id)[1]
+
+
 @dataclass
 class EvalSessions:
     """The host arena and session table every run of one context shares. With a shared
@@ -168,12 +192,12 @@ class EvalSessions:
     num_blocks: int
     shared: bool = True
     arena: HostArena = field(init=False)
-    table: SessionTable = field(init=False)
+    table: HostBlocks = field(init=False)
     sessions: dict[str, str] = field(default_factory=dict)  # sample key -> session id
 
     def __post_init__(self):
         self.arena = HostArena.private(self.layout, self.num_blocks)
-        self.table = SessionTable(self.num_blocks, self.layout.block_bytes)
+        self.table = HostBlocks(self.num_blocks)
 
     def engine_arena(self) -> HostArena:
         """The arena as one engine maps it: the same rows, a pool of its own (leased from the table)."""
@@ -181,36 +205,35 @@ class EvalSessions:
 
 
 class _SessionDriver:
-    """A ``SessionManager`` on one engine and the shared table, driven in this thread: the
-    store calls that actors/decode_worker.py makes on its admission and settling threads
-    (lease before a turn starts; put a created session's blocks, or unpin, when it ends)."""
+    """A ``SessionManager`` on one engine and the shared host blocks, driven in this thread as
+    actors/decode_worker.py drives it on its admission and settling threads: lease before a
+    turn starts; when it ends, a created session's blocks are put (a turn's session is
+    never evicted here, so no pin is needed)."""
 
-    def __init__(self, engine, table: SessionTable, pool: IdPool, owner: str):
-        self.table, self.owner = table, owner
+    def __init__(self, engine, table: HostBlocks, pool: IdPool):
+        self.table = table
         self.manager = SessionManager(engine, pool)
 
     def _start(self, turn: Turn) -> Sequence:
-        turn.leased = self.table.lease(self.owner, turn.to_lease)
+        turn.leased = self.table.lease(turn.to_lease)
         return self.manager.start(turn)
 
     def create(self, session_id: str, context_ids: list[int]) -> Sequence:
         return self._start(self.manager.admit_create(session_id, context_ids))
 
     def ask(self, session_id: str, question_ids: list[int], params: SamplingParams) -> Sequence:
-        rec = self.table.pin(session_id)
-        return self._start(self.manager.admit_ask(session_id, rec.context_ids, rec.host_ids, question_ids, params))
+        context_ids, host_ids = self.table.sessions[session_id]
+        return self._start(self.manager.admit_ask(session_id, context_ids, host_ids, question_ids, params))
 
     def step(self) -> list[Turn]:
         turns = self.manager.step()
         for turn in turns:
             if turn.created is not None:
-                self.table.put(self.owner, turn.session_id, turn.context_ids, turn.created)
-            elif turn.pinned:
-                self.table.unpin(turn.session_id)
+                self.table.put(turn.session_id, turn.context_ids, turn.created)
         return turns
 
     def trim_pool(self) -> None:
-        self.table.give_back(self.owner, self.manager.surplus())
+        self.table.give_back(self.manager.surplus())
 
 
 def run_sessions(engine, arena: HostArena, store: EvalSessions, samples: list[Sample], inputs: RunInputs,
@@ -218,7 +241,7 @@ def run_sessions(engine, arena: HostArena, store: EvalSessions, samples: list[Sa
     """Every session sample on ``engine`` (built over ``arena``, from ``store.engine_arena()``):
     its document made a session if it is not one yet, then its questions asked in order, turn t
     of every document at once. A record per answer."""
-    manager = _SessionDriver(engine, store.table, arena.allocator, owner)
+    manager = _SessionDriver(engine, store.table, arena.allocator)
     created = []
     for s in samples:
         if s.key not in store.sessions:
