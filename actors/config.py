@@ -21,6 +21,9 @@ class ServeConfig:
     kv_dir: str | None = option(None, "where stores create their arenas (default: LSA_KV_DIR, else /dev/shm)")
     cluster: str = option("lsa", "names the arenas: two apps on one machine do not share one")
     api_keys: list = option([], "accepted API keys (comma-separated); none: no authentication")
+    admin_api_keys: list = option([], "keys for /metrics (comma-separated); none: /metrics is open only when "
+                                  "api_keys is empty too")
+    max_body_bytes: int = option(32 << 20, "largest request body in bytes (413 above)")
     worker_num_cpus: float = option(1.0, "CPUs each decode worker reserves")
     worker_num_gpus: float = option(0.0, "GPUs each decode worker reserves (1 on GPU nodes)")
     worker_resources: dict = option({}, "custom resources each decode worker reserves (name=amount,...)")
@@ -34,6 +37,8 @@ class ServeConfig:
             raise InvalidRequestError("num_workers and num_ingress must be >= 1")
         if self.kv_store_bytes < 1:
             raise InvalidRequestError("kv_store_bytes must be positive")
+        if self.max_body_bytes < 1:
+            raise InvalidRequestError("max_body_bytes must be positive")
         if self.default_max_tokens < 1:
             raise InvalidRequestError("default_max_tokens must be >= 1")
 

@@ -29,6 +29,7 @@ from actors.plans import PlanReporter
 from actors.session_store import SessionStore, Stores
 from engine.errors import SessionEvicted, SessionNotFound
 from engine.host_arena import HostArena
+from engine.logprobs import LogprobsRecorder
 from engine.sampling import SamplingParams
 from engine.sessions import SessionManager, Turn
 
@@ -50,6 +51,8 @@ class DecodeWorkerCore:
         self.prefetch = prefetch or store.stage
         self.plans = plans
         self.sessions = SessionManager(engine, arena.allocator, spare_blocks=spare_blocks)
+        self.logprobs = LogprobsRecorder()  # for requests that ask (SamplingParams.logprobs)
+        engine.hooks.append(self.logprobs)
         self._reported: dict[int, object] = {}  # seq_id -> the plan object last reported
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._pending: dict[int, tuple[Future, Callable | None]] = {}  # seq_id -> (future, on_text)
@@ -292,6 +295,7 @@ class DecodeWorkerCore:
 
     def _settle(self, turn: Turn, result: Future, on_text, error: BaseException | None) -> None:
         """Hand a finished (or failed) turn's blocks to the store, then answer."""
+        logprobs = self.logprobs.pop(turn.seq) if turn.seq is not None else None  # no seq: failed before admission
         try:
             if turn.created is not None:
                 try:
@@ -310,7 +314,8 @@ class DecodeWorkerCore:
         if on_text is not None:
             on_text(seq.text, True)
         result.set_result(TurnResult(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_len,
-                                     turn.prefill_tokens, seq.prefill_s, seq.decode_s, dict(seq.kv)))
+                                     turn.prefill_tokens, seq.prefill_s, seq.decode_s, dict(seq.kv),
+                                     logprobs=logprobs))
 
     # -- what the router and /metrics read ------------------------------------------------
 

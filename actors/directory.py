@@ -29,21 +29,24 @@ class _Entry:
     node_id: str | None
     num_tokens: int
     turns: int = 0
+    owner: str | None = None  # who created it (a digest of its API key): others are told it does not exist
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
     def message(self, session_id: str, with_context: bool = True) -> DirectoryEntry:
         context_ids = array("i", self.context).tolist() if with_context else []
         return DirectoryEntry(session_id, context_ids, self.replica, self.node_id, self.num_tokens, self.turns,
-                              self.created, self.last_used)
+                              self.created, self.last_used, self.owner)
 
 
 class SessionDirectoryCore:
     def __init__(self):
         self.entries: dict[str, _Entry] = {}
 
-    def create(self, session_id: str, context_ids: list[int], replica: str | None, node_id: str | None) -> None:
-        self.entries[session_id] = _Entry(array("i", context_ids).tobytes(), replica, node_id, len(context_ids))
+    def create(self, session_id: str, context_ids: list[int], replica: str | None, node_id: str | None,
+               owner: str | None = None) -> None:
+        self.entries[session_id] = _Entry(array("i", context_ids).tobytes(), replica, node_id, len(context_ids),
+                                          owner=owner)
 
     def get(self, session_id: str) -> DirectoryEntry | None:
         """The session's record with its context ids, or None when it is unknown."""

@@ -129,6 +129,7 @@ class TurnResult:
     replica: str = ""  # set by the deployment
     node_id: str = ""
     held: bool = False  # the replica held the session before this turn
+    logprobs: list | None = None  # per generated token [id, logprob, [[id, logprob], ...]] when asked
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,4 @@ class DirectoryEntry:
     turns: int
     created: float
     last_used: float
+    owner: str | None = None  # a digest of the API key that created it (None: no keys configured)

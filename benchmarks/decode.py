@@ -11,11 +11,17 @@ engine as served: tokens from the model, Level-1 at every cycle boundary, swaps 
 blocks. Selections on random KV churn more than on real text, so bytes copied per cycle are
 an upper estimate.
 
+Each row carries the step's memory floor (benchmarks/floor.py: weights + attended KV + index keys
+per step, at the device copy bandwidth measured in the same run) and the median's ratio to it;
+``--churn 0.33`` gives each sequence blocks every plan keeps, so that a plan replaces about a third
+of the resident set, as plans do on real text (docs/perf.md), instead of most of it.
+
 Windows alternate: batch 1 (and any explicit batch) keeps one full engine and one LSA engine
 alive and times, round-robin, full / lsa at each rho (the LSA engine's budget is switched
 between windows; its reserve is sized for the largest rho, and one cycle runs untimed after
 each switch). ``max`` gives each policy its own largest batch (from free GPU memory and, for
-lsa, host RAM), so those engines run one after the other.
+lsa, host RAM, per mirror format), so those engines run one after the other; their "vs full" is
+the ratio of aggregate tokens/s.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ from engine.options import HelpFormatter
 from engine.sequence import Status
 
 # the synthetic-KV engines (also imported from here by swap_probe and the tests)
+from benchmarks.floor import copy_bandwidth, floor_fields
+from benchmarks.floor import step_bytes as engine_step_bytes
 from benchmarks.synthetic import (GiB, LLAMA3_8B, TINY, Setup, _sync, build, fill_host,  # noqa: F401
                                   model_config, per_seq_bytes)
 
@@ -75,7 +83,7 @@ class SwapTimer:
 def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -> dict:
     cache, policy = engine.cache, engine.policy
     copied0, cycles0, swap0 = cache.bytes_copied, getattr(policy, "cycles", 0), swaps.seconds
-    late0, ahead0 = cache.blocks_loaded_late, cache.blocks_prefetched
+    late0, ahead0, deferred0 = cache.blocks_loaded_late, cache.blocks_prefetched, getattr(policy, "deferred", 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, peak = [], 0.0
@@ -91,6 +99,7 @@ def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -
     cycles = getattr(policy, "cycles", 0) - cycles0
     return {"step_s": times, "bytes_copied": cache.bytes_copied - copied0, "cycles": cycles,
             "late_blocks": cache.blocks_loaded_late - late0, "prefetched_blocks": cache.blocks_prefetched - ahead0,
+            "deferred_blocks": getattr(policy, "deferred", 0) - deferred0,
             "swap_wait_s": swaps.seconds - swap0, "device_kv_bytes": acc.device_bytes, "staged_kv_bytes": acc.staged_bytes,
             "device_kv_capacity_bytes": acc.device_capacity_bytes, "full_kv_bytes": acc.full_bytes,
             "host_kv_bytes": acc.host_bytes, "device_kv_fraction": acc.device_fraction, "peak_device_kv_fraction": peak,
@@ -115,11 +124,16 @@ def summarise(label: dict, windows: list[dict], batch: int) -> dict:
             # single-layer blocks copied at the boundary (the plan's blocks not copied ahead) and ahead of it
             "late_blocks_per_cycle": sum(w["late_blocks"] for w in windows) / cycles if cycles else 0,
             "prefetched_blocks_per_cycle": sum(w["prefetched_blocks"] for w in windows) / cycles if cycles else 0,
+            # plan blocks kept out a cycle more for want of staging room (late="defer"); late + prefetched
+            # + deferred is what the plans wanted to bring in
+            "deferred_blocks_per_cycle": sum(w["deferred_blocks"] for w in windows) / cycles if cycles else 0,
+            "late_fraction": (sum(w["late_blocks"] for w in windows)
+                              / max(1, sum(w["late_blocks"] + w["prefetched_blocks"] for w in windows))),
             "swap_wait_ms_per_cycle": 1e3 * sum(w["swap_wait_s"] for w in windows) / cycles if cycles else 0.0,
             "swap_wait_fraction": sum(w["swap_wait_s"] for w in windows) / sum(steps)}
 
 
-def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
+def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -> list[dict]:
     """Build every engine of the group, then time windows round-robin over (engine, rho)."""
     engines = []
     for s in setups:
@@ -130,6 +144,7 @@ def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
         engines.append((s, engine, seqs, SwapTimer(engine, device)))
     pairs = [(i, rho) for i, (s, *_) in enumerate(engines) for rho in (s.rhos if s.policy == "lsa" else (None,))]
     windows = {p: [] for p in pairs}
+    step_bytes = {}  # (engine, rho) -> what its step reads, taken at the end of its last window
     for _ in range(args.warmup):
         for s, engine, *_ in engines:
             engine.step()
@@ -141,12 +156,15 @@ def run_group(model, setups: list[Setup], device, args, gen) -> list[dict]:
                 for _ in range(s.cycle):  # one boundary applies the new budget, untimed
                     engine.step()
             windows[(i, rho)].append(time_window(engine, seqs, device, args.steps, swaps))
+            step_bytes[(i, rho)] = engine_step_bytes(model, engine)
     rows = []
     for i, rho in pairs:
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
-                 "alternated": len(pairs) > 1, "cuda_graphs": engines[i][1].runner.graphs is not None}
-        rows.append(summarise(label, windows[(i, rho)], s.batch))
+                 "churn": s.churn, "max_batch": s.max_batch, "alternated": len(pairs) > 1,
+                 "cuda_graphs": engines[i][1].runner.graphs is not None}
+        row = summarise(label, windows[(i, rho)], s.batch)
+        rows.append({**row, **floor_fields(step_bytes[(i, rho)], bandwidth, row["token_ms_median"])})
     engines.clear()  # and the loop variables: the last engine must not outlive its group
     s = engine = seqs = swaps = None
     gc.collect()
@@ -166,16 +184,18 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
         6 * GiB if device.type == "cuda" else 64 * 2 ** 20)
     dev_budget = int(device_free_bytes(device, args.cpu_device_bytes) * args.device_fraction) - activations
 
-    def setup(policy, batch):
-        host_dtype = None
+    def setup(policy, batch, host_dtype=None):
         if policy == "lsa":
-            host_dtype = args.host_dtype
             if host_dtype == "auto":  # the model dtype if one sequence's mirror fits in host RAM, else fp8
                 probe = Setup(policy, rhos, 1, context, max_tokens, args.block_size, args.cycle, None)
                 host_dtype = None if per_seq_bytes(cfg, probe, dtype)[1] <= host_budget else "fp8"
             host_dtype = None if host_dtype in ("bf16", "model") else host_dtype
         return Setup(policy, rhos if policy == "lsa" else (), batch, context, max_tokens, args.block_size,
-                     args.cycle, host_dtype, graphs=False if args.eager else None)
+                     args.cycle, host_dtype, graphs=False if args.eager else None,
+                     churn=args.churn if policy == "lsa" else None)
+
+    # (policy, host mirror format): full attention, then LSA over each format asked for
+    variants = [("full", None)] + [("lsa", h) for h in dict.fromkeys(args.host_dtype)]
 
     def largest(s: Setup) -> int:
         dev, host = per_seq_bytes(cfg, s, dtype)
@@ -186,18 +206,18 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
 
     groups, skipped = [], []
     for b in batches:
-        if b == "max":  # each policy alone, at its own largest batch
-            for policy in ("full", "lsa"):
-                n = largest(setup(policy, 1))
+        if b == "max":  # each policy (and mirror format) alone, at its own largest batch
+            for policy, host_dtype in variants:
+                n = largest(setup(policy, 1, host_dtype))
                 if n >= 1:
-                    groups.append([setup(policy, n)])
+                    groups.append([dataclasses.replace(setup(policy, n, host_dtype), max_batch=True)])
                 else:
                     skipped.append({"context": context, "policy": policy, "batch": "max",
                                     "skipped": "one sequence does not fit"})
             continue
         group, dev_left, host_left = [], dev_budget, host_budget  # alive together: lsa first, full in what is left
-        for policy in ("lsa", "full"):
-            s = setup(policy, int(b))
+        for policy, host_dtype in variants[1:] + variants[:1]:
+            s = setup(policy, int(b), host_dtype)
             dev, host = (x * int(b) for x in per_seq_bytes(cfg, s, dtype))
             if dev <= dev_left and host <= host_left:
                 group.append(s)
@@ -212,22 +232,31 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ms/tok':>8} {'p99':>8} {'tok/s':>9} "
-            f"{'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'peak GB':>8} {'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
+    head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ms/tok':>8} {'p99':>8} {'floor':>7} {'x floor':>7} "
+            f"{'tok/s':>9} {'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'late %':>6} {'defer/c':>7} {'peak GB':>8} "
+            f"{'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
     print(head)
-    full = {(r["context"], r["batch"]): r for r in rows if r.get("policy") == "full" and "skipped" not in r}
+    full = {(r["context"], "max" if r["max_batch"] else r["batch"]): r for r in rows
+            if r.get("policy") == "full" and "skipped" not in r}
     for r in rows:
         if "skipped" in r:
             print(f"{r['context']:>8} {str(r['batch']):>5} {r['policy']:>10}  skipped: {r['skipped']}")
             continue
         name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
-        ref = full.get((r["context"], r["batch"]))
-        speed = f"{ref['token_ms_median'] / r['token_ms_median']:.2f}x" if ref and ref is not r else "-"
+        ref = full.get((r["context"], "max" if r["max_batch"] else r["batch"]))
+        if not ref or ref is r:
+            speed = "-"
+        elif r["max_batch"]:  # each at its own largest batch: aggregate tokens/s
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+        else:
+            speed = f"{ref['token_ms_median'] / r['token_ms_median']:.2f}x"
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
-        host = "fp8" if r["host_dtype"] == "fp8" else ("-" if r["policy"] == "full" else "model")
+        host = "-" if r["policy"] == "full" else r["host_dtype"]
         print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {r['token_ms_median']:>8.2f} "
-              f"{r['token_ms_p99']:>8.2f} {r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['resident_kv_fraction']:>6.1f}% "
-              f"{100 * r['peak_device_kv_fraction']:>6.1f}% "
+              f"{r['token_ms_p99']:>8.2f} {r['floor_ms']:>7.2f} {r['ratio_to_floor'] or 0:>7.2f} "
+              f"{r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['resident_kv_fraction']:>6.1f}% "
+              f"{100 * r['peak_device_kv_fraction']:>6.1f}% {100 * r['late_fraction']:>5.1f}% "
+              f"{r['deferred_blocks_per_cycle']:>7.0f} "
               f"{peak:>8} {r['host_kv_bytes'] / 1e9:>8.2f} {r['bytes_copied_per_cycle'] / 1e6:>9.1f} "
               f"{r['swap_wait_ms_per_cycle']:>11.2f}")
 
@@ -246,8 +275,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps before the windows")
     p.add_argument("--cycle", type=int, default=64, help="lsa cycle (decode steps between boundaries)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
-    p.add_argument("--host-dtype", default="auto", help="lsa host mirror: auto (model dtype if it fits, else "
-                   "fp8), model, fp8")
+    p.add_argument("--host-dtype", nargs="+", default=["auto"], help="lsa host mirror formats, each its own lsa "
+                   "engine: auto (model dtype if it fits, else fp8), model, fp8, int4")
+    p.add_argument("--churn", type=float, default=None, help="lsa: make plans replace about this share of the "
+                   "resident set (real text: 0.33; default: random KV, most of it)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--eager", action="store_true", help="decode steps launched from Python (no CUDA graphs)")
     p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -279,17 +310,19 @@ def run_bench(args) -> int:
     print("KV is synthetic: the host mirror (lsa) or the device pool (full) is filled with random blocks and "
           "summaries; prefill is skipped", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
+    bandwidth = copy_bandwidth(device)
+    print(f"device copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written): the floor's rate", file=sys.stderr)
     rows = []
     for context in contexts:
         groups, skipped = plan_groups(cfg, context, args.batch, args, dtype, device)
         rows += skipped
         for group in groups:
-            rows += run_group(model, group, device, args, gen)
+            rows += run_group(model, group, device, args, gen, bandwidth)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(device)
             if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "dtype": str(dtype),
             "model": f"{args.config} shapes, {cfg.num_layers} layers, random weights (seed {args.seed})",
             "kv": "synthetic (prefill skipped)", "command": " ".join(sys.argv), "args": vars(args),
-            "host_available_bytes": host_available_bytes()}
+            "host_available_bytes": host_available_bytes(), "copy_bw_bytes_per_s": bandwidth}
     try:
         import triton
         meta["triton"] = triton.__version__

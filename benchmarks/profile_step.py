@@ -6,8 +6,8 @@ against the step's memory floor (issue 13: "find where the time above the floor 
 Builds the synthetic-KV LSA engine of ``lsa bench decode`` (Llama-3-8B shapes, random
 weights, batch 1), decodes into steady state, then profiles ``--steps`` engine steps with
 torch.profiler (CUDA activity): every kernel's name, count and GPU time, grouped by kind.
-The floor is the bytes one step must read (weights + attended KV + index keys) at the copy
-bandwidth measured in the same run.
+The floor is the bytes one step must read (weights + attended KV + index keys, benchmarks/floor.py)
+at the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks.floor import copy_bandwidth, floor_fields, step_bytes
 from benchmarks.synthetic import Setup, _sync, build, model_config
 from engine.loader import random_model
 
@@ -45,24 +46,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
-    """Bytes per second of a device-to-device copy (bytes read + written)."""
-    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    times = []
-    for _ in range(10):
-        _sync(device)
-        t0 = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times)
-
-
-def profile_context(model, context: int, rho: float, steps: int, device) -> dict:
-    s = Setup("lsa", (rho,), 1, context, steps * 4 + 256, 64, 64, None)
+def profile_context(model, context: int, rho: float, steps: int, device, bandwidth: float,
+                    churn: float | None = None) -> dict:
+    s = Setup("lsa", (rho,), 1, context, steps * 4 + 256, 64, 64, None, churn=churn)
     gen = torch.Generator().manual_seed(0)
     engine, seqs = build(model, s, device, gen)
     for _ in range(96):  # past the first boundary, graphs captured
@@ -95,19 +81,12 @@ def profile_context(model, context: int, rho: float, steps: int, device) -> dict
         k = by_kind[kind_of(name)]
         k["count"] += count
         k["ms"] += ms
-    cache = engine.cache
-    acc = cache.accounting()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    attended = acc.device_bytes - acc.staged_bytes
-    bw = copy_bandwidth(device)
-    floor_ms = (weights + attended) / bw * 1e3  # each byte read once at the measured copy rate (docs/perf.md)
     step_ms = statistics.median(wall) * 1e3
+    floor = floor_fields(step_bytes(model, engine), bandwidth, step_ms)  # each byte read once (benchmarks/floor.py)
     per_step = {k: {"count": v["count"] / steps, "ms": v["ms"] / steps} for k, v in by_kind.items()}
     top = sorted(((n, c / steps, ms / steps) for n, (c, ms) in kernels.items()), key=lambda r: -r[2])[:25]
-    return {"context": context, "rho": rho, "step_ms_median": step_ms,
-            "step_ms_p99": sorted(wall)[int(0.99 * (len(wall) - 1))] * 1e3,
-            "weights_bytes": weights, "attended_kv_bytes": attended, "copy_bw_bytes_per_s": bw,
-            "floor_ms": floor_ms, "ratio_to_floor": step_ms / floor_ms,
+    return {"context": context, "rho": rho, "churn": churn, "step_ms_median": step_ms,
+            "step_ms_p99": sorted(wall)[int(0.99 * (len(wall) - 1))] * 1e3, **floor,
             "kernels_per_step": sum(v["count"] for v in per_step.values()),
             "gpu_ms_per_step": sum(v["ms"] for v in per_step.values()),
             "by_kind": per_step, "top_kernels": [{"name": n[:120], "count": c, "ms": ms} for n, c, ms in top],
@@ -120,15 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rho", type=float, default=0.10)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--config", default="llama3-8b", help="llama3-8b, or tiny for a CPU smoke run")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
+    p.add_argument("--churn", type=float, default=None, help="plans replace about this share of the resident "
+                   "set (real text: 0.33; default: random KV, most of it)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="profile_step.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    cfg = model_config(args.config, None, max(args.contexts) + 65536)
+    cfg = model_config(args.config, args.layers, max(args.contexts) + 65536)
     model = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed=0)
+    bandwidth = copy_bandwidth(device)
     rows = []
     for context in args.contexts:
-        row = profile_context(model, context, args.rho, args.steps, device)
+        row = profile_context(model, context, args.rho, args.steps, device, bandwidth, args.churn)
         rows.append(row)
         print(f"{context:>8} tokens: step {row['step_ms_median']:.2f} ms (p99 {row['step_ms_p99']:.2f}), floor "
               f"{row['floor_ms']:.2f} ms ({row['ratio_to_floor']:.2f}x), {row['kernels_per_step']:.0f} kernels, "

@@ -9,6 +9,7 @@ import json
 import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.host_mirror import row_bytes
 from engine.llm import LLMEngine
 from engine.sampling import SamplingParams
 from engine.sequence import Status
@@ -56,6 +57,8 @@ class Setup:
     cycle: int
     host_dtype: str | None
     graphs: bool | None = None  # CUDA-graph decode (None: the engine's auto)
+    churn: float | None = None  # plans replace about this share of the resident set (None: random KV, most of it)
+    max_batch: bool = False  # the largest batch the policy fits (lsa bench decode --batch max)
 
     @property
     def max_len(self) -> int:
@@ -70,9 +73,7 @@ def per_seq_bytes(cfg: ModelConfig, s: Setup, dtype: torch.dtype) -> tuple[int, 
     if s.policy == "full":
         return blocks * block, 0
     probe = probe_policy(cfg, s)
-    host_block = (cfg.num_layers * 2 * cfg.num_kv_heads * bs * cfg.head_dim
-                  * (1 if s.host_dtype == "fp8" else torch.empty((), dtype=dtype).element_size())
-                  + (cfg.num_layers * 2 * cfg.num_kv_heads * 4 if s.host_dtype == "fp8" else 0))
+    host_block = row_bytes(cfg, bs, dtype, s.host_dtype)
     index = len(probe.index_layers()) * 3 * blocks * cfg.num_kv_heads * cfg.head_dim * 2
     return probe.decode_reserve(s.max_len) * block + index, blocks * host_block
 
@@ -111,7 +112,7 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
         cache.admit(seq.seq_id, reserve)
         if lsa:
             ids = [h for _, h in cache.blocks.commit(seq.seq_id, s.context)]
-            fill_host(cache, ids, gen)
+            fill_host(cache, ids, gen, hot=hot_blocks(probe, s, gen) if s.churn is not None else ())
         else:
             cache.append_slots([seq.seq_id], [s.context])
             cache.blocks.commit(seq.seq_id, s.context)
@@ -133,20 +134,40 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
     return engine, seqs
 
 
-def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64) -> None:
+def hot_blocks(policy, s: Setup, gen: torch.Generator) -> list[int]:
+    """Logical blocks that every plan should keep, so that a plan replaces about ``s.churn`` of
+    the resident set (the rest of its selection is random): (1 - churn) of the blocks selected at
+    the smallest rho, best first, away from the sinks and the tail."""
+    blocks = s.context // s.block_size
+    small = dataclasses.replace(policy.config, budget=min(s.rhos))
+    probe = type(policy)(small, policy.num_layers, policy.block_size)
+    keep = probe.config.sink_blocks + probe.tail_size(blocks + 1) + 1
+    count = max(0, round((1 - s.churn) * probe.budget_blocks(blocks + 1)) - keep)
+    candidates = torch.arange(probe.config.sink_blocks, blocks - keep)
+    return candidates[torch.randperm(len(candidates), generator=gen)[:count]].tolist()
+
+
+def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64, hot=()) -> None:
     """Synthetic complete blocks in the host mirror: a bank of random blocks tiled over the
-    rows, summaries (min <= mean <= max) around a random mean key, and the device index keys."""
+    rows, summaries (min <= mean <= max) around a random mean key, and the device index keys.
+    ``hot`` (logical blocks, best first): their key bounds are widened by 2 + 0.1 x rank on each
+    side, which raises their Quest bound above any other block's for every query, in that order."""
     mirror = cache.mirror
     host = mirror.host
-    shape = host.shape[1:]  # [L, 2, H, B, D]
+    layers, _, _, heads, block, dim = cache.pool.shape
+    shape = (layers, 2, heads, block, dim)  # a row in the model dtype, before any quantization
     bank = torch.randn(bank_blocks, *shape, generator=gen)
     mean = torch.randn(bank_blocks, shape[0], shape[2], shape[4], generator=gen) * 0.1  # [n, L, H, D]
     spread = torch.rand(bank_blocks, shape[0], shape[2], shape[4], generator=gen) + 0.5
     summary = torch.stack([mean - spread, mean + spread, mean], 2).to(cache.dtype)  # [n, L, 3, H, D]
-    if mirror.fp8:
+    if mirror.format == "fp8":
         from engine.host_memory import quantize_fp8
 
         data, scale = quantize_fp8(bank)
+    elif mirror.format == "int4":
+        import kernels
+
+        data, scale = kernels.quantize_int4(bank)
     else:
         data, scale = bank.to(cache.dtype), None
     ids = torch.tensor(host_ids)
@@ -158,5 +179,9 @@ def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int
         mirror.summary[rows] = summary[:n]
         if scale is not None:
             mirror.scale[rows] = scale[:n]
+    for rank, j in enumerate(hot):
+        widen = 2.0 + 0.1 * (len(hot) - rank)
+        mirror.summary[host_ids[j], :, 0] -= widen
+        mirror.summary[host_ids[j], :, 1] += widen
     for li, layer in enumerate(cache.index_layers):
         cache.index_keys[li][:, ids.to(cache.device)] = mirror.summary[ids, layer].transpose(0, 1).to(cache.device)

@@ -1,6 +1,14 @@
-"""Batch long-context jobs through a running lsa-serve (``lsa batch``).
+"""Batch jobs through a running lsa-serve (``lsa batch``), in either of two formats, told apart
+by the first line:
 
-Jobs file, JSON Lines, one object a line::
+- OpenAI's Batch format (a line with ``custom_id``): each line a request ``{"custom_id",
+  "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}``; each result
+  line ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` as
+  OpenAI writes it (cluster/batch_openai.py), so existing batch files run unchanged. Requests
+  that share a long prefix (one document, many questions) reuse its KV on the server.
+- lsa-serve's long-context jobs, below: one session per document, every question a turn.
+
+LSA jobs file, JSON Lines, one object a line::
 
     {"id": "doc-7", "context": "..." | "context_file": "docs/7.txt",
      "questions": ["q1", "q2"], "answers": ["a1", null], "max_tokens": 64}
@@ -11,16 +19,17 @@ Results file, one line per finished job, appended and flushed as each job finish
 
 Each job becomes one session: the context is prefilled once, then every question is a
 turn on it. A reply is correct when the expected answer appears in it (case-insensitive).
-Transient errors (connection, 429, 5xx) are retried with exponential backoff; an evicted
-session is created again. Re-running with the same results file resumes: jobs that
-finished without error are skipped, failed ones are run again and their old lines dropped,
-so each job ends up in the file exactly once.
+Only what can succeed later is retried (connection errors, 429, 503; never a 400), with
+jittered exponential backoff honouring Retry-After; ``retries`` is the one knob (the client's
+own retries are off inside a batch). An evicted session is created again. Re-running with the
+same results file resumes: jobs that finished are skipped, failed ones are run again and their
+old lines dropped, so each job ends up in the file exactly once.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import random
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -30,7 +39,7 @@ from typing import Callable, TypeVar
 
 from tqdm import tqdm
 
-from cluster.client import LSAClient, LSAError, SessionNotFound
+from cluster.client import LSAClient, LSAError, SessionNotFound, retry_delay
 
 T = TypeVar("T")
 
@@ -142,9 +151,10 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     return jobs
 
 
-def load_done(out_path: str | os.PathLike) -> set[str]:
-    """Ids that finished without error. Rewrites the file without failed lines and
-    without a torn last line (a run killed mid-write), so a re-run adds each job once."""
+def load_done(out_path: str | os.PathLike, key: str = "id",
+              finished: Callable[[dict], bool] = lambda rec: rec.get("error") is None) -> set[str]:
+    """Ids (``rec[key]``) of the lines that ``finished``. Rewrites the file without the other
+    lines and without a torn last line (a run killed mid-write), so a re-run adds each job once."""
     out_path = Path(out_path)
     if not out_path.exists():
         return set()
@@ -154,8 +164,8 @@ def load_done(out_path: str | os.PathLike) -> set[str]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and rec.get("error") is None and rec.get("id") not in done:
-            done.add(rec["id"])
+        if isinstance(rec, dict) and finished(rec) and rec.get(key) not in done:
+            done.add(rec[key])
             kept.append(line)
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
@@ -172,10 +182,7 @@ def with_retries(fn: Callable[[], T], retries: int, backoff_s: float) -> T:
         except LSAError as e:
             if not e.transient or attempt == retries:
                 raise
-            delay = backoff_s * (2 ** attempt) * random.uniform(0.5, 1.5)
-            if e.retry_after_s is not None:
-                delay = max(delay, min(e.retry_after_s, 30.0))
-            time.sleep(min(delay, 30.0))
+            time.sleep(retry_delay(e, attempt, backoff_s))
     raise AssertionError("unreachable")
 
 
@@ -229,18 +236,35 @@ def run_job(client: LSAClient, job: Job, retries: int, backoff_s: float,
 def run_batch(client: LSAClient, jobs_path, out_path, *, concurrency: int = 4,
               retries: int = 3, backoff_s: float = 0.5, temperature: float = 0.0,
               progress: bool = True, stop: threading.Event | None = None) -> BatchSummary:
-    """Run every job of ``jobs_path`` not yet done in ``out_path``, ``concurrency`` at a
-    time; append each result as it finishes. Setting ``stop`` ends the run gracefully:
-    no new job starts, running ones finish and are written. Raises ``JobLineError`` for a
-    bad jobs file."""
+    """Run every job of ``jobs_path`` (either format) not yet done in ``out_path``,
+    ``concurrency`` at a time; append each result as it finishes. Setting ``stop`` ends the run
+    gracefully: no new job starts, running ones finish and are written. Raises ``JobLineError``
+    for a bad jobs file, before anything is sent. ``temperature`` applies to LSA jobs (an OpenAI
+    line's body says its own)."""
+    from cluster import batch_openai
+
     if concurrency < 1 or retries < 0:
         raise ValueError("concurrency must be >= 1 and retries >= 0")
+    client = copy.copy(client)
+    client.max_retries = 0  # ``retries`` is the batch's one knob
+    if batch_openai.is_openai_batch(jobs_path):
+        requests = batch_openai.read_requests(jobs_path)
+        done = load_done(out_path, "custom_id", batch_openai.finished)
+        todo = [(r.custom_id, lambda r=r: batch_openai.run_request(client, r, retries, backoff_s))
+                for r in requests if r.custom_id not in done]
+        return _run_all(todo, len(requests), out_path, concurrency, progress, stop, batch_openai.tally)
     jobs = read_jobs(jobs_path)
     done = load_done(out_path)
-    todo = [job for job in jobs if job.id not in done]
+    todo = [(job.id, lambda job=job: run_job(client, job, retries, backoff_s, temperature))
+            for job in jobs if job.id not in done]
+    return _run_all(todo, len(jobs), out_path, concurrency, progress, stop, _Tally.add)
+
+
+def _run_all(todo: list[tuple[str, Callable[[], dict]]], total: int, out_path, concurrency: int, progress: bool,
+             stop: threading.Event | None, count: Callable[["_Tally", dict], None]) -> BatchSummary:
+    """Run the ``todo`` calls ``concurrency`` at a time, appending each result line as it comes."""
     tally = _Tally()
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="job",
-               disable=not progress, desc="lsa batch")
+    bar = tqdm(total=total, initial=total - len(todo), unit="job", disable=not progress, desc="lsa batch")
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lsa-batch")
     interrupted = True
     try:
@@ -255,14 +279,14 @@ def run_batch(client: LSAClient, jobs_path, out_path, *, concurrency: int = 4,
                         rec = fut.result()
                         out.write(json.dumps(rec) + "\n")
                         out.flush()
-                        tally.add(rec)
+                        count(tally, rec)
                         bar.update(1)
 
-            for job in todo:
+            for _, call in todo:
                 collect(keep=concurrency - 1)
                 if stop is not None and stop.is_set():
                     break
-                pending.add(pool.submit(run_job, client, job, retries, backoff_s, temperature))
+                pending.add(pool.submit(call))
             collect(keep=0)
         interrupted = False
     finally:
@@ -270,6 +294,6 @@ def run_batch(client: LSAClient, jobs_path, out_path, *, concurrency: int = 4,
         # re-run does them again.
         pool.shutdown(wait=not interrupted, cancel_futures=True)
         bar.close()
-    return BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo), succeeded=tally.succeeded,
+    return BatchSummary(total=total, skipped=total - len(todo), succeeded=tally.succeeded,
                         failed=tally.failed, num_correct=tally.num_correct,
                         num_checked=tally.num_checked)

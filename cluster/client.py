@@ -1,28 +1,27 @@
 """Python client for the lsa-serve HTTP API (sync and async).
 
-Needs only the standard library, ``msgpack`` and engine/errors.py; it never imports Ray
-or torch, so it runs on any machine that can reach the server.
+Needs only the standard library, ``msgpack``, pydantic (the contract: cluster/protocol.py)
+and engine/errors.py; it never imports Ray or torch, so it runs on any machine that can reach
+the server.
 
     client = LSAClient("http://head:8000")
     with client.session(long_document) as s:
         print(s.ask("Who wrote it?", max_tokens=32).text)
 
-The HTTP contract (the server implements it; docs/cluster.md):
-
-    POST   /v1/completions, /v1/chat/completions   OpenAI JSON; "stream": true gives SSE
-    GET    /v1/models, /-/healthz
-    POST   /v1/sessions              {"context": str} | {"context_ids": [int]} -> {"id", "num_tokens"}
-    POST   /v1/sessions/{id}/ask     {"question", "max_tokens", ...} -> Answer fields; "stream": true
-                                     gives SSE: {"text": piece} ..., then the Answer fields
-    DELETE /v1/sessions/{id}         -> {"deleted": id}
-    errors: 4xx/5xx {"error": {"message", "type"}}; 404 session_not_found; 429/503 transient
+Requests are built, and answers read, with the models of cluster/protocol.py (the contract the
+server validates with): a bad argument fails here, before anything is sent. Errors are
+``LSAError`` with the server's ``status``, ``type``, ``param`` and ``code``; only what can succeed
+later is retried (``max_retries``, honouring ``Retry-After``): 429, 503 and connection errors,
+never a 400.
 """
 from __future__ import annotations
 
 import asyncio
 import http.client
 import json
+import random
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,27 +31,39 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 import msgpack
 
 import engine.errors as errors  # the server's typed errors: a module that imports nothing
+from cluster import protocol as p
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_STATUS = frozenset({429, 503})  # load that passes, a dependency coming back
+CONNECTION_ERROR = "connection_error"
+MAX_RETRY_WAIT_S = 30.0
 
 
 class LSAError(errors.LSAError):
-    """An error answered by the server (``status`` set) or met on the way (``status`` None).
-    The server's errors are those of engine/errors.py; here they carry their HTTP answer."""
+    """An error answered by the server (``status`` set) or met on the way (``status`` None:
+    a connection error, or a request this client refused to send). The server's errors are
+    those of engine/errors.py; here they carry their HTTP answer."""
 
     def __init__(self, message: str, *, status: int | None = None, type: str = "error",
-                 retry_after_s: float | None = None):
-        super().__init__(f"[{status or '-'} {type}] {message}")
+                 retry_after_s: float | None = None, param: str | None = None, code: str | None = None):
+        Exception.__init__(self, f"[{status or '-'} {type}{f' {param}' if param else ''}] {message}")
         self.message = message
         self.status = status
         self.type = type
+        self.param = param
+        self.code = code
         self.retry_after_s = retry_after_s
 
     @property
     def transient(self) -> bool:
-        return self.status is None or self.status in TRANSIENT_STATUS
+        """Asking again can succeed: 429 (load), 503 (a dependency down), or no answer at all."""
+        return self.status in TRANSIENT_STATUS or self.type == CONNECTION_ERROR
+
+    def body(self) -> dict:
+        """The error as the server answers it: ``{"error": {"message", "type", "param", "code"}}``."""
+        return p.ErrorResponse(error=p.ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                                   code=self.code)).model_dump()
 
 
 class SessionNotFound(LSAError, errors.SessionNotFound):
@@ -67,6 +78,7 @@ class Answer:
     num_tokens: int
     prefill_tokens: int
     decode_s: float
+    cached_tokens: int = 0  # the session's tokens whose KV was reused, not computed
 
 
 def iter_sse(lines: Iterator[bytes]) -> Iterator[dict]:
@@ -92,12 +104,21 @@ def iter_sse(lines: Iterator[bytes]) -> Iterator[dict]:
 
 
 def _error_from(body: Any, status: int | None, retry_after_s: float | None = None) -> LSAError:
-    err = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(err, dict):
-        err = {"message": str(body)[:500], "type": "http_error"}
-    kind = str(err.get("type") or "error")
-    cls = SessionNotFound if kind == "session_not_found" else LSAError
-    return cls(str(err.get("message", "")), status=status, type=kind, retry_after_s=retry_after_s)
+    try:
+        err = p.ErrorResponse.model_validate(body).error
+    except ValueError:  # not an error object (a proxy's text, a bug): keep what it said
+        err = p.ErrorDetail(message=str(body)[:500], type="http_error")
+    cls = SessionNotFound if err.type == "session_not_found" else LSAError
+    return cls(err.message, status=status, type=err.type, retry_after_s=retry_after_s, param=err.param,
+               code=err.code)
+
+
+def _request_body(model: type[p.Request], body: dict) -> dict:
+    """``body`` checked against the contract before it is sent (a ``LSAError`` naming the param)."""
+    try:
+        return p.parse(model, body).model_dump(exclude_none=True, exclude_defaults=True)
+    except p.ProtocolError as exc:
+        raise LSAError(exc.message, type="invalid_request_error", param=exc.param, code=exc.code) from None
 
 
 def _retry_after(headers) -> float | None:
@@ -111,20 +132,36 @@ class LSAClient:
     """Blocking client. Thread-safe: it holds no per-request state.
 
     ``msgpack=True`` sends and accepts ``application/msgpack`` bodies (token ids and long
-    contexts are smaller and faster to parse); streams are always SSE.
+    contexts are smaller and faster to parse); streams are always SSE. ``max_retries``: how
+    often a transient error (429, 503, no connection) is tried again, after the server's
+    ``Retry-After`` or a jittered exponential backoff from ``backoff_s``.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 msgpack: bool = False, timeout_s: float = 600.0, model: str | None = None):
+                 msgpack: bool = False, timeout_s: float = 600.0, model: str | None = None,
+                 max_retries: int = 2, backoff_s: float = 0.5):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.msgpack = msgpack
         self.timeout_s = timeout_s
         self.model = model
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
 
     # -- transport -------------------------------------------------------------------
 
     def _open(self, method: str, path: str, body: dict | None, accept: str):
+        """The response of one call, after retrying transient errors (``max_retries``)."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._open_once(method, path, body, accept)
+            except LSAError as e:
+                if not e.transient or attempt == self.max_retries:
+                    raise
+                time.sleep(retry_delay(e, attempt, self.backoff_s))
+        raise AssertionError("unreachable")
+
+    def _open_once(self, method: str, path: str, body: dict | None, accept: str):
         headers = {"Accept": accept}
         data = None
         if body is not None:
@@ -146,7 +183,7 @@ class LSAClient:
             raise _error_from(parsed, e.code, _retry_after(e.headers)) from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                 socket.timeout, TimeoutError) as e:
-            raise LSAError(f"{method} {path}: {e}", type="connection_error") from None
+            raise LSAError(f"{method} {path}: {e}", type=CONNECTION_ERROR) from None
 
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """One call of the API; returns the decoded body. Raises ``LSAError``."""
@@ -154,7 +191,7 @@ class LSAClient:
             try:
                 raw = resp.read()
             except (http.client.HTTPException, ConnectionError, socket.timeout) as e:
-                raise LSAError(f"{method} {path}: {e}", type="connection_error") from None
+                raise LSAError(f"{method} {path}: {e}", type=CONNECTION_ERROR) from None
             return _decode(raw, resp.headers.get("Content-Type", ""))
 
     def stream(self, path: str, body: dict) -> Iterator[dict]:
@@ -168,30 +205,43 @@ class LSAClient:
     def _with_model(self, body: dict) -> dict:
         return {"model": self.model, **body} if self.model else body
 
+    def completion(self, prompt: str | Sequence[int], **params) -> p.Completion:
+        """The whole answer of ``POST /v1/completions`` (choices, usage with cached_tokens)."""
+        body = _request_body(p.CompletionRequest, self._with_model({"prompt": prompt, **params}))
+        return p.Completion.model_validate(self.request("POST", "/v1/completions", body))
+
+    def chat_completion(self, messages: list[dict], **params) -> p.ChatCompletion:
+        """The whole answer of ``POST /v1/chat/completions``."""
+        body = _request_body(p.ChatCompletionRequest, self._with_model({"messages": messages, **params}))
+        return p.ChatCompletion.model_validate(self.request("POST", "/v1/chat/completions", body))
+
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, **sampling):
         """Completion text of ``prompt`` (text or token ids); with ``stream=True`` an
         iterator of text pieces."""
-        body = self._with_model({"prompt": prompt, **sampling})
         if stream:
-            return (e["choices"][0].get("text", "") for e in self.stream("/v1/completions", body))
-        return self.request("POST", "/v1/completions", body)["choices"][0]["text"]
+            body = _request_body(p.CompletionRequest, self._with_model({"prompt": prompt, "stream": True,
+                                                                        **sampling}))
+            return (p.Completion.model_validate(e).choices[0].text
+                    for e in self.stream("/v1/completions", body) if e.get("choices"))
+        return self.completion(prompt, **sampling).choices[0].text
 
     def chat(self, messages: list[dict], *, stream: bool = False, **sampling):
         """Assistant reply to ``messages``; with ``stream=True`` an iterator of pieces."""
-        body = self._with_model({"messages": messages, **sampling})
         if stream:
-            return (e["choices"][0].get("delta", {}).get("content") or ""
-                    for e in self.stream("/v1/chat/completions", body))
-        return self.request("POST", "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+            body = _request_body(p.ChatCompletionRequest, self._with_model({"messages": messages, "stream": True,
+                                                                            **sampling}))
+            return (p.ChatCompletionChunk.model_validate(e).choices[0].delta.content or ""
+                    for e in self.stream("/v1/chat/completions", body) if e.get("choices"))
+        return self.chat_completion(messages, **sampling).choices[0].message.content or ""
 
     def models(self) -> list[str]:
-        return [m["id"] for m in self.request("GET", "/v1/models")["data"]]
+        return [m.id for m in p.ModelList.model_validate(self.request("GET", "/v1/models")).data]
 
     def healthy(self) -> bool:
         """True when ``/-/healthz`` answers 2xx. Behind Ray Serve the proxy itself answers
         this path, with the plain text ``success``."""
         try:
-            with self._open("GET", "/-/healthz", None, "*/*") as resp:
+            with self._open_once("GET", "/-/healthz", None, "*/*") as resp:
                 resp.read()
             return True
         except LSAError:
@@ -201,17 +251,19 @@ class LSAClient:
 
     def create_session(self, context: str | Sequence[int]) -> dict:
         body = {"context": context} if isinstance(context, str) else {"context_ids": list(context)}
-        return self.request("POST", "/v1/sessions", body)
+        created = self.request("POST", "/v1/sessions", _request_body(p.SessionCreate, body))
+        return p.SessionCreated.model_validate(created).model_dump() | created
 
     def ask(self, session_id: str, question: str, *, stream: bool = False, **sampling):
-        """A turn on the session: its ``Answer``; with ``stream=True`` an iterator of text pieces."""
+        """A turn on the session: its ``Answer``; with ``stream=True`` an iterator of text pieces
+        (SSE ``{"text": piece}`` events, then the answer's fields, which are not yielded)."""
         path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/ask"
+        body = _request_body(p.SessionAsk, {"question": question, **sampling})
         if stream:
-            return (e["text"] for e in self.stream(path, {"question": question, **sampling}) if "text" in e
-                    and "session" not in e)
-        out = self.request("POST", path, {"question": question, **sampling})
-        return Answer(session_id=out["session"], text=out["text"], num_tokens=out["num_tokens"],
-                      prefill_tokens=out["prefill_tokens"], decode_s=out["decode_s"])
+            return (e["text"] for e in self.stream(path, body) if "text" in e and "session" not in e)
+        out = p.SessionAnswer.model_validate(self.request("POST", path, body))
+        return Answer(session_id=out.session, text=out.text, num_tokens=out.num_tokens,
+                      prefill_tokens=out.prefill_tokens, decode_s=out.decode_s, cached_tokens=out.cached_tokens)
 
     def delete_session(self, session_id: str) -> None:
         self.request("DELETE", f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}")
@@ -246,6 +298,15 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def retry_delay(error: LSAError, attempt: int, backoff_s: float) -> float:
+    """Seconds before trying ``error``'s call again: jittered exponential, at least the server's
+    ``Retry-After``, at most 30."""
+    delay = backoff_s * (2 ** attempt) * random.uniform(0.5, 1.5)
+    if error.retry_after_s is not None:
+        delay = max(delay, error.retry_after_s)
+    return min(delay, MAX_RETRY_WAIT_S)
 
 
 def _decode(raw: bytes, content_type: str) -> Any:
@@ -284,6 +345,12 @@ class AsyncLSAClient:
         if stream:
             return _aiter(self.sync.chat(messages, stream=True, **sampling))
         return await asyncio.to_thread(self.sync.chat, messages, **sampling)
+
+    async def completion(self, prompt, **params) -> p.Completion:
+        return await asyncio.to_thread(self.sync.completion, prompt, **params)
+
+    async def chat_completion(self, messages: list[dict], **params) -> p.ChatCompletion:
+        return await asyncio.to_thread(self.sync.chat_completion, messages, **params)
 
     async def models(self) -> list[str]:
         return await asyncio.to_thread(self.sync.models)

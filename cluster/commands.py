@@ -31,15 +31,18 @@ def add_commands(sub) -> None:
 
 
 def add_batch_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("batch", help="run a JSONL file of long-context jobs against a server",
-                       description="Run a JSONL file of long-context jobs against a running lsa-serve: each "
-                       "job one session, its context prefilled once, each question a turn (cluster/batch.py).")
-    p.add_argument("jobs", help='jobs file, one JSON object a line: {"id", "context" | "context_file", '
-                   '"questions": [...], "answers": [...]}')
+    p = sub.add_parser("batch", help="run a JSONL file of jobs (OpenAI Batch format, or long-context jobs) "
+                       "against a server",
+                       description="Run a JSONL file against a running lsa-serve (cluster/batch.py): OpenAI's Batch "
+                       "format (custom_id, method, url, body; results as OpenAI writes them), or long-context jobs "
+                       "(each job one session, its context prefilled once, each question a turn).")
+    p.add_argument("jobs", help='jobs file, one JSON object a line: {"custom_id", "method", "url", "body"} '
+                   '(OpenAI Batch), or {"id", "context" | "context_file", "questions": [...], "answers": [...]}')
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address")
     p.add_argument("--out", required=True, help="results file (appended; re-runs resume)")
     p.add_argument("--concurrency", type=int, default=4, help="jobs running at once")
-    p.add_argument("--retries", type=int, default=3, help="retries of a transient error (429, 5xx, connection)")
+    p.add_argument("--retries", type=int, default=3, help="retries of an error that can pass (429, 503, "
+                   "connection); never of a 4xx")
     p.add_argument("--api-key", default=None, help="bearer token, when the server has api_keys")
     p.add_argument("--msgpack", action="store_true", help="send and accept msgpack bodies")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -50,6 +53,7 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
 
 def run_batch_command(args: argparse.Namespace) -> int:
     from cluster.batch import JobLineError, read_jobs, run_batch
+    from cluster.batch_openai import is_openai_batch, read_requests
     from cluster.client import LSAClient
 
     if not Path(args.jobs).is_file():
@@ -60,7 +64,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.retries < 0:
         raise InvalidRequestError("--concurrency must be >= 1 and --retries >= 0")
     try:
-        read_jobs(args.jobs)  # every line checked before a request is sent
+        (read_requests if is_openai_batch(args.jobs) else read_jobs)(args.jobs)  # every line, before sending
     except JobLineError as exc:
         raise InvalidRequestError(f"{exc}; fix that line and run again") from None
     client = LSAClient(args.url, api_key=args.api_key, msgpack=args.msgpack)

@@ -117,6 +117,11 @@ class KVLocalityRouter(RequestRouter):
         """Ranks, best first; Serve tries each rank in turn (the shortest queue within a
         rank), then backs off and asks again. A held session gets one rank with only its
         holder: if it is busy the request waits for it rather than lose its KV."""
+        if pending_request is not None:
+            # Serve asks again when every rank refused; without this flag it asks again at
+            # once, and that busy loop starves the router's event loop: the queue-length
+            # probes never answer and the request waits forever (seen with n=2 under load)
+            pending_request.routing_context.should_backoff = True
         session_id = self.session_key(pending_request)
         if session_id is not None:
             replica_id = self.holder(session_id, pending_request.kwargs.get(self._holder_kwarg))

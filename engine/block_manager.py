@@ -105,6 +105,10 @@ class BlockManager:
         have = self.seqs[seq_id].reserve if seq_id is not None else 0
         return all(self._unreserved(g) >= num_blocks - have for g in range(self.num_groups))
 
+    def max_reserve(self, seq_id: int) -> int:
+        """The largest reservation the sequence could grow to now (its own plus the unpromised slots)."""
+        return self.seqs[seq_id].reserve + min(self._unreserved(g) for g in range(self.num_groups))
+
     def admit(self, seq_id: int, num_blocks: int) -> None:
         """Reserve ``num_blocks`` slots in every group for a new sequence."""
         if seq_id in self.seqs:
@@ -223,6 +227,23 @@ class BlockManager:
         for j in blocks:
             seq.resident[group][j] = seq.staged[group].pop(j)
         seq.versions[group] += bool(blocks)
+
+    def retain(self, seq_id: int, group: int, want: set[int]) -> list[int]:
+        """Make the group's resident set ``want`` in one pass: resident blocks outside it are
+        evicted, staged blocks in it promoted, the other staged ones dropped (their slots freed).
+        Returns the wanted blocks that were neither resident nor staged (the caller loads them)."""
+        seq = self.seqs[seq_id]
+        resident, staged = seq.resident[group], seq.staged[group]
+        kept = {j: slot for j, slot in resident.items() if j in want}
+        freed = [slot for j, slot in resident.items() if j not in want]
+        if staged:
+            kept.update((j, slot) for j, slot in staged.items() if j in want)
+            freed += [slot for j, slot in staged.items() if j not in want]
+            seq.staged[group] = {}
+        seq.resident[group] = kept
+        self.device[group].free(freed)
+        seq.versions[group] += 1
+        return [j for j in want if j not in kept]
 
     def unstage(self, seq_id: int, group: int, keep=()) -> int:
         """Free the staged slots of a group except those of blocks in ``keep``; returns how many."""

@@ -189,14 +189,17 @@ class CacheConfig:
                                          "of free GPU memory on CUDA, 4 GiB on CPU)")
     host_mirror: bool = option(True, "mirror complete blocks to host RAM (offloading policies need it)")
     num_host_blocks: int | None = option(None, "host mirror blocks (default: as many as the contexts need)")
-    host_dtype: str | None = option(None, "host mirror format: the model dtype (default) or fp8 (e4m3 blocks, "
-                                    "one scale per block, layer, K/V and head)", choices=("fp8",))
+    host_dtype: str | None = option(None, "host mirror format: the model dtype (default), fp8 (e4m3 blocks, "
+                                    "one scale per block, layer, K/V and head) or int4 (4-bit, keys per channel "
+                                    "and values per token with float16 scales: 0.55x fp8's bytes at B=64, D=128)",
+                                    choices=("fp8", "int4"))
 
     def __post_init__(self):
         if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
-        if self.host_dtype not in (None, "fp8"):
-            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {self.host_dtype!r}")
+        if self.host_dtype not in (None, "fp8", "int4"):
+            raise InvalidRequestError(f"host_dtype must be None (the model dtype), 'fp8' or 'int4', "
+                                      f"got {self.host_dtype!r}")
 
     def block_size_for(self, max_model_len: int) -> int:
         return self.block_size or auto_block_size(max_model_len)
@@ -250,11 +253,16 @@ class PolicyConfig:
     neighbors: int = option(1, "lsa: with each selected block, also the next this many (a fact spans blocks)")
     lookahead: int = option(1, "lsa: cycles between computing a plan and applying it (1: the paper's, 0: at once)",
                             choices=(0, 1))
-    prefetch: float = option(0.5, "lsa: copy the next plan's blocks during the cycle before it applies, into "
-                             "spare slots of at most this fraction of the budget (0: all at the boundary)")
+    prefetch: float = option(0.35, "lsa: copy the next plan's blocks during the cycle before it applies, into "
+                             "spare slots of at most this fraction of the budget (real text brings in about a "
+                             "third of the set per cycle; 0: all at the boundary)")
+    late: str = option("defer", "lsa: a plan's blocks not copied ahead by its boundary: defer (the blocks they "
+                       "replace stay a cycle more; no step waits for a copy) or load (copied at the boundary)",
+                       choices=("defer", "load"))
     stagger_boundaries: bool = option(True, "lsa: sequences that start decoding together reach their Level-1 "
-                                      "boundaries in different steps (False: every first boundary after a full "
-                                      "cycle, so a sequence's plans do not depend on its batch)")
+                                      "boundaries in different steps, each at the phase farthest from the "
+                                      "others' (False: every first boundary after a full cycle, so a "
+                                      "sequence's plans do not depend on its batch)")
     observation_window: int = option(32, "snapkv, and lsa's first plan: prompt queries that vote")
     first_plan: str = option("attention", "lsa's plan at the end of prefill: exact attention of the observation "
                              "window, or the indexer", choices=("attention", "indexer"))
@@ -278,6 +286,8 @@ class PolicyConfig:
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if not 0.0 <= self.prefetch <= 1.0:
             raise InvalidRequestError(f"prefetch must be in [0, 1] (a fraction of the budget), got {self.prefetch}")
+        if self.late not in ("defer", "load"):
+            raise InvalidRequestError(f"late must be 'defer' or 'load', got {self.late!r}")
         if self.lookahead not in (0, 1):
             raise InvalidRequestError("lookahead must be 0 (plan applied at once) or 1 (next cycle)")
         if self.target_layers is not None and not isinstance(self.target_layers, tuple):

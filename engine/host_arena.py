@@ -17,6 +17,7 @@ import torch
 
 from engine.block_manager import BlockAllocator
 from engine.config import DTYPES
+from engine.errors import InvalidRequestError
 from engine.host_memory import FP8
 
 
@@ -108,6 +109,9 @@ class ArenaLayout:
 
     @classmethod
     def of(cls, model_config, block_size: int, dtype: torch.dtype, host_dtype: str | None = None) -> ArenaLayout:
+        if host_dtype not in (None, "fp8"):
+            raise InvalidRequestError(f"a shared arena holds the model dtype or fp8, not {host_dtype!r} (an int4 "
+                                      f"mirror is the engine's own)")
         name = next(n for n, t in DTYPES.items() if t == dtype)
         return cls(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, name,
                    host_dtype)

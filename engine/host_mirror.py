@@ -1,11 +1,16 @@
 """The host mirror: every complete block of every sequence in host RAM, and the copies across PCIe.
 
     host     [N, L, 2, H_kv, B, D]   one row = one complete block of all layers (e4m3 with FP8)
+             [N, L, 2, H_kv, B, D/2] uint8 with int4: two 4-bit codes per byte
     summary  [N, L, 3, H_kv, D]      min / max / mean key of each row, model dtype
     scale    [N, L, 2, H_kv]         float32, FP8 only: amax / 448 of each (row, layer, K/V, head)
+             [N, L, H_kv, 2D + 2B]   float16, int4 only: key scale | key min (per channel),
+                                     value scale | value min (per token)   (kernels.quantize_int4)
 
-    device --store--> host      complete blocks and their summaries (quantized on the device first)
-    host --fetch--> device      rows back in the model dtype (dequantized on the device)
+    device --store--> host          complete blocks and their summaries (quantized on the device first)
+    host --load--> device slots     rows copied as they are kept, dequantized into the pool by one
+                                    kernel (kernels.load_blocks)
+    host --fetch--> device          rows back in the model dtype, as a tensor
 
 The rows are addressed by host id (engine/block_manager.py allocates them); docs/kv-layout.md is
 the layout contract. Where CUDA is present the tensors are page-locked, every copy is
@@ -13,43 +18,75 @@ asynchronous, and copies made ahead of use (``ahead``) run on a copy stream besi
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
+import kernels
 from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
-from engine.host_memory import FP8, dequantize_fp8, host_empty, quantize_fp8
+from engine.host_memory import FP8, host_empty, quantize_fp8
+
+HOST_DTYPES = (None, "fp8", "int4")
+
+
+def row_layout(config: ModelConfig, block_size: int, dtype: torch.dtype, host_dtype: str | None):
+    """((shape, dtype) of one row's data, (shape, dtype) of its scales or None) in format ``host_dtype``."""
+    layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
+    kv = (layers, 2, heads, block_size, dim)
+    if host_dtype == "fp8":
+        return (kv, FP8), ((layers, 2, heads), torch.float32)
+    if host_dtype == "int4":
+        return ((layers, 2, heads, block_size, dim // 2), torch.uint8), ((layers, heads, 2 * dim + 2 * block_size),
+                                                                         torch.float16)
+    return (kv, dtype), None
+
+
+def row_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, host_dtype: str | None) -> int:
+    """Host RAM (and bytes over PCIe) of one mirrored block of all layers: data plus scales."""
+    (shape, data_dtype), scale = row_layout(config, block_size, dtype, host_dtype)
+    size = math.prod(shape) * _itemsize(data_dtype)
+    return size + (math.prod(scale[0]) * _itemsize(scale[1]) if scale is not None else 0)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class HostMirror:
     def __init__(self, config: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype,
                  device: torch.device, host_dtype: str | None = None, arena=None):
         """``dtype``: the model's (summaries, and what ``fetch`` returns). ``host_dtype="fp8"``:
-        rows are kept as float8 e4m3 with one float32 scale per (row, layer, K/V, KV head).
-        ``arena`` (a HostArena; its ``host``, ``summary`` and, FP8, ``scale`` are used): rows in
-        external memory (e.g. a KV store's shared memory) instead of a private allocation, in the
-        format ``host_dtype`` names; ``num_blocks`` is then the arena's."""
-        if host_dtype not in (None, "fp8"):
-            raise InvalidRequestError(f"host_dtype must be None (the model dtype) or 'fp8', got {host_dtype!r}")
+        rows are kept as float8 e4m3 with one float32 scale per (row, layer, K/V, KV head);
+        ``"int4"``: 4-bit codes, keys per channel and values per token with float16 scales and
+        mins (``kernels.quantize_int4``). ``arena`` (a HostArena; its ``host``, ``summary`` and, FP8,
+        ``scale`` are used): rows in external memory (e.g. a KV store's shared memory) instead of a
+        private allocation, in the format ``host_dtype`` names; ``num_blocks`` is then the arena's."""
+        if host_dtype not in HOST_DTYPES:
+            raise InvalidRequestError(f"host_dtype must be None (the model dtype), 'fp8' or 'int4', got {host_dtype!r}")
+        if arena is not None and host_dtype == "int4":
+            raise InvalidRequestError("the int4 host mirror needs a private arena (shared arenas hold the model dtype "
+                                      "or fp8)")
         if arena is not None and (arena.scale is not None) != (host_dtype == "fp8"):
             raise InvalidRequestError(f"host_dtype {host_dtype!r} and the arena's format differ: size the KV store's "
                                       f"arena with the same host_dtype")
+        self.format = host_dtype or "model"  # kernels.load_blocks' name for it
         self.fp8 = host_dtype == "fp8"
         self.dtype = dtype
         self.device = device
         layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
         pin = device.type == "cuda"
+        (data_shape, data_dtype), scale = row_layout(config, block_size, dtype, host_dtype)
         if arena is not None:
             self.host, self.summary, self.scale = arena.host, arena.summary, arena.scale
         else:
-            self.host = host_empty((num_blocks, layers, 2, heads, block_size, dim), FP8 if self.fp8 else dtype, pin)
+            self.host = host_empty((num_blocks, *data_shape), data_dtype, pin)
             self.summary = host_empty((num_blocks, layers, 3, heads, dim), dtype, pin)
-            self.scale = host_empty((num_blocks, layers, 2, heads), torch.float32, pin) if self.fp8 else None
-        # host RAM (and bytes over PCIe) per row of all layers: data, plus scales with FP8
-        self.bytes_per_block = (self.host.element_size() * layers * 2 * heads * block_size * dim
-                                + (layers * 2 * heads * 4 if self.fp8 else 0))
+            self.scale = host_empty((num_blocks, *scale[0]), scale[1], pin) if scale is not None else None
+        # host RAM (and bytes over PCIe) per row of all layers: data, plus scales
+        self.bytes_per_block = row_bytes(config, block_size, dtype, host_dtype)
         self.bytes_per_layer_block = self.bytes_per_block // layers
         self.pinned = device.type == "cuda" and self.host.is_pinned()
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -75,6 +112,8 @@ class HostMirror:
         scale = None
         if self.fp8:  # quantized where the blocks are, so only e4m3 bytes cross to the host
             blocks, scale = quantize_fp8(blocks)
+        elif self.format == "int4":  # codes and float16 scales cross, a bit over half the e4m3 bytes
+            blocks, scale = kernels.quantize_int4(blocks)
         if self.pinned:
             blocks, summary_c = blocks.contiguous(), summary.contiguous()
             for i, h in enumerate(hosts):
@@ -103,33 +142,44 @@ class HostMirror:
 
     def fetch(self, hosts: torch.Tensor, layers) -> torch.Tensor:
         """Rows on the device in the model dtype: [n, ...] of ``host[hosts, layers]``."""
-        self.wait_writes()  # the gather below runs on the host
-        data = self.host[hosts, layers].to(self.device, non_blocking=True)
-        if self.fp8:
-            scale = self.scale[hosts, layers].to(self.device, non_blocking=True)
-            data = dequantize_fp8(data, scale, self.dtype)
-        return data
+        data, scale = self._rows(hosts.tolist(), layers)
+        return kernels.reference.dequantize_blocks(data, scale, self.format, self.dtype)
 
     def fetch_rows(self, hosts: list[int]) -> torch.Tensor:
-        """Whole rows on the device in the model dtype, [n, L, 2, H, B, D]. From page-locked
-        memory each run of consecutive rows is one DMA copy, issued without the host touching
-        the data (a gather on the host would copy it twice, synchronously)."""
-        if not self.pinned:
-            return self.fetch(torch.tensor(hosts), slice(None))
+        """Whole rows on the device in the model dtype, [n, L, 2, H, B, D]."""
+        return self.fetch(torch.tensor(hosts, dtype=torch.long), slice(None))
+
+    def load(self, hosts: list[int], layers: slice, dst: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy rows ``hosts`` (layers ``layers``) into the slots ``slots`` (device) of ``dst``, the
+        pool's layers ``layers`` [L', 2, S, H, B, D]: the rows cross as they are kept (e4m3 or
+        4-bit with their scales) and one kernel dequantizes them into the slots."""
+        data, scale = self._rows(hosts, layers)
+        kernels.load_blocks(data, scale, dst, slots, self.format)
+
+    def _rows(self, hosts: list[int], layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(data, scale) of ``host[hosts, layers]`` on the device, as kept. Whole rows from
+        page-locked memory: one DMA copy per run of consecutive rows, issued without the host
+        touching the data (a gather on the host would copy it twice, synchronously)."""
+        if not (self.pinned and layers == slice(None)):
+            self.wait_writes()  # the gather below runs on the host (DMA copies are ordered on the streams)
+            rows = torch.tensor(hosts, dtype=torch.long)
+            data = self.host[rows, layers].to(self.device, non_blocking=True)
+            scale = self.scale[rows, layers].to(self.device, non_blocking=True) if self.scale is not None else None
+            return data, scale
         n = len(hosts)
-        out = torch.empty((n, *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
-        scale = (torch.empty((n, *self.scale.shape[1:]), dtype=torch.float32, device=self.device)
-                 if self.fp8 else None)
+        data = torch.empty((n, *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
+        scale = (torch.empty((n, *self.scale.shape[1:]), dtype=self.scale.dtype, device=self.device)
+                 if self.scale is not None else None)
         i = 0
         while i < n:
             r = 1
             while i + r < n and hosts[i + r] == hosts[i] + r:
                 r += 1
-            out[i: i + r].copy_(self.host[hosts[i]: hosts[i] + r], non_blocking=True)
+            data[i: i + r].copy_(self.host[hosts[i]: hosts[i] + r], non_blocking=True)
             if scale is not None:
                 scale[i: i + r].copy_(self.scale[hosts[i]: hosts[i] + r], non_blocking=True)
             i += r
-        return dequantize_fp8(out, scale, self.dtype) if scale is not None else out
+        return data, scale
 
     def fetch_layer(self, hosts: list[int], layer: int) -> torch.Tensor:
         """One layer of rows on the device in the model dtype, [n, 2, H, B, D]. From page-locked
@@ -140,11 +190,11 @@ class HostMirror:
         out = torch.empty((len(hosts), *self.host.shape[2:]), dtype=self.host.dtype, device=self.device)
         for i, h in enumerate(hosts):
             out[i].copy_(self.host[h, layer], non_blocking=True)
-        if not self.fp8:
+        if self.scale is None:
             return out
         self.wait_writes()  # the scales are gathered on the host
         scale = self.scale[torch.tensor(hosts), layer].pin_memory().to(self.device, non_blocking=True)
-        return dequantize_fp8(out, scale, self.dtype)
+        return kernels.reference.dequantize_blocks(out, scale, self.format, self.dtype)
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:
         """A small host tensor (e.g. destination slots) on the device; asynchronous where the

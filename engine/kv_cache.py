@@ -57,8 +57,9 @@ class BlockKVCache:
         """``arena`` (a HostArena: ``host``, ``summary``, ``allocator``): an external host mirror
         (e.g. a KV store's shared memory) with its own host-id allocator, instead of a private one.
         ``host_dtype="fp8"``: complete blocks are kept in host RAM as float8 e4m3 with one float32
-        scale per (block, layer, K/V, KV head), and dequantized on the device after each copy;
-        summaries stay in the model dtype."""
+        scale per (block, layer, K/V, KV head); ``"int4"``: as 4-bit codes with float16 scales
+        (keys per channel, values per token); either is dequantized on the device after each
+        copy (``kernels.load_blocks``). Summaries stay in the model dtype."""
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
@@ -193,6 +194,14 @@ class BlockKVCache:
             self._copy_in(seq_id, group, rest, self.blocks.load(seq_id, group, rest))
             self.blocks_loaded_late += len(rest) * len(self.groups[group])
 
+    def retain(self, seq_id: int, group: int, want: set[int]) -> list[int]:
+        """The group's resident set becomes ``want``: the rest evicted (no copy), staged blocks in
+        it promoted once their copies have arrived (the compute stream waits, the host does not),
+        other staged ones dropped. Returns the wanted blocks to ``load``."""
+        if self.blocks.seqs[seq_id].staged[group]:
+            self.mirror.join()  # promoted slots are read, dropped ones reused, only after their copies
+        return self.blocks.retain(seq_id, group, want)
+
     def stage(self, seq_id: int, group: int, blocks: list[int]) -> None:
         """Copy mirrored blocks into spare slots ahead of use, on the copy stream (CUDA) while
         decode goes on; ``load`` later makes them resident without copying."""
@@ -215,13 +224,13 @@ class BlockKVCache:
         dst = self.mirror.to_device(torch.tensor(slots))
         members = self.groups[group]
         rows = torch.tensor(hosts)
-        if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one scatter per chunk
+        if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one kernel per chunk
             for a in range(0, len(blocks), self.load_chunk_blocks):
-                data = self.mirror.fetch_rows(hosts[a: a + self.load_chunk_blocks])  # [n, L, 2, H, B, D]
-                self.pool[:, :, dst[a: a + self.load_chunk_blocks]] = data.permute(1, 2, 0, 3, 4, 5)
+                chunk = slice(a, a + self.load_chunk_blocks)
+                self.mirror.load(hosts[chunk], slice(None), self.pool, dst[chunk])
         else:
             for layer in members:
-                self.pool[layer, :, dst] = self.mirror.fetch(rows, layer).transpose(0, 1)  # [2, n, H, B, D]
+                self.mirror.load(hosts, slice(layer, layer + 1), self.pool[layer: layer + 1], dst)
         if self.slot_summary is not None:
             self.mirror.wait_writes()
             for layer in members:

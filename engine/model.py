@@ -3,6 +3,10 @@
 Tokens of all sequences in a step are flattened into one list of T tokens (no padding);
 attention is delegated to a backend that owns the KV cache, so the model stays plain.
 Module names follow Hugging Face, so a safetensors state dict loads as it is.
+
+After loading, ``fuse_projections`` concatenates q|k|v and gate|up into one Linear each: a
+decode step then runs 4 GEMMs per layer instead of 7 (each a few microseconds of fixed cost on
+the GPU, and small ones such as k and v read the weights below the memory rate).
 """
 from __future__ import annotations
 
@@ -77,13 +81,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.o_bias)
+        self.qkv_proj: nn.Linear | None = None  # q|k|v in one Linear, once fused
+
+    def fuse(self) -> None:
+        """Replace q_proj, k_proj and v_proj by ``qkv_proj``, their rows concatenated."""
+        self.qkv_proj = concat_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 backend: AttentionBackend) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # views of one [T, (Hq + 2 Hkv) D] output
+            q, k, v = self.qkv_proj(x).split((hq * d, hkv * d, hkv * d), dim=-1)
+        q = q.view(t, hq, d)  # [T, Hq, D]
+        k = k.view(t, hkv, d)  # [T, Hkv, D]
+        v = v.view(t, hkv, d)
         kernels.rotary(q, cos, sin)  # in place
         kernels.rotary(k, cos, sin)
         out = backend(self.layer, q, k, v)  # [T, Hq, D]
@@ -97,9 +111,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_up_proj: nn.Linear | None = None  # gate|up in one Linear, once fused
+
+    def fuse(self) -> None:
+        """Replace gate_proj and up_proj by ``gate_up_proj``, their rows concatenated."""
+        self.gate_up_proj = concat_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one [T, 2I] output
+        return self.down_proj(kernels.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -145,3 +169,26 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [T, V]
+
+
+def concat_linear(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of ``linears`` side by side (rows concatenated)."""
+    weight = torch.cat([m.weight for m in linears])  # [sum(out), in]
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=linears[0].weight.requires_grad)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=linears[0].bias.requires_grad)
+    return fused
+
+
+def fuse_projections(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """q|k|v and gate|up of every layer as one Linear each (in place; after the weights are loaded,
+    so a loader's renames and permutations apply to the separate weights first). The logits are
+    those of the unfused model: each output row is the same dot product."""
+    for layer in model.model.layers:
+        if layer.self_attn.qkv_proj is None:
+            layer.self_attn.fuse()
+        if layer.mlp.gate_up_proj is None:
+            layer.mlp.fuse()
+    return model

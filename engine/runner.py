@@ -1,7 +1,8 @@
 """The model runner: one scheduled batch through the model, and the policy's calls around it.
 
     DecodeBatch     policy.before_decode (boundaries, swaps) -> forward of one token per
-                    sequence (a CUDA graph, or eager with per-step selection) -> commit
+                    sequence (a CUDA graph, or eager with per-step selection), launched ->
+                    policy.after_launch (copies ahead, Level-1: host work the GPU hides) -> commit
     PrefillSegment  forward of the segment (or of the whole prompt layer by layer, or a prompt
                     prefilled elsewhere written in: engine/prompt_state.py) -> commit;
                     at the prompt's end: policy.after_prefill (the first resident set), the
@@ -70,6 +71,7 @@ class ModelRunner:
             positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
             self.attention.plan_decode(ids)
             logits = self.model.logits(self.model(tokens, positions, self.attention))
+        self.policy.after_launch(ids)  # before anything waits for the step: hidden behind its GPU work
         self.cache.commit(ids, [1] * len(ids))
         for seq in seqs:
             seq.num_cached += 1

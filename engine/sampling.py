@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # record each token's logprob and this many alternatives (engine/logprobs.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -35,6 +36,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k!r}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= 20):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -1,4 +1,5 @@
-"""GPU math of lsa-serve: sparse paged decode attention, block scoring, paged KV write.
+"""GPU math of lsa-serve: sparse paged decode attention, block scoring, paged KV write, blocks
+loaded from the host mirror (dequantized).
 
 Every function here runs its Triton kernel on CUDA tensors and its plain-torch reference
 (``kernels.reference``) elsewhere; ``LSA_KERNELS`` overrides that (see ``kernels.dispatch``).
@@ -10,7 +11,7 @@ from . import reference
 from .dispatch import pick
 
 __all__ = ["sparse_decode_attention", "prefill_attention", "block_scores", "select_blocks", "paged_kv_write",
-           "rms_norm", "rotary", "silu_mul", "reference"]
+           "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "reference"]
 
 
 def _dim(t, i: int) -> int | None:
@@ -104,6 +105,34 @@ def paged_kv_write(k, v, k_cache, v_cache, slot_ids, offsets, kmin=None, kmax=No
     """
     fn = pick(k, "kv_write", "paged_kv_write", k.shape[-1])
     fn(k, v, k_cache, v_cache, slot_ids, offsets, kmin, kmax, kmean, summary_ids)
+
+
+def load_blocks(src, meta, dst, slots, fmt="model"):
+    """Write whole blocks copied from the host mirror into their pool slots, dequantized.
+
+    Args:
+        src:   [n, L, 2, H, B, D] rows in the pool dtype (``fmt="model"``) or float8 e4m3
+               (``"fp8"``); [n, L, 2, H, B, D/2] uint8 4-bit codes (``"int4"``, see
+               :func:`quantize_int4`). On the pool's device.
+        meta:  None (model); fp8: scale [n, L, 2, H] float32; int4: [n, L, H, 2D + 2B] float16.
+        dst:   [L, 2, S, H, B, D] the pool, or a range of its layers (``pool[l:l+1]``); written
+               at ``dst[:, :, slots[i]]`` only.
+        slots: [n] int32 / int64 device slots, distinct.
+        fmt:   ``model``, ``fp8`` or ``int4``.
+
+    Returns:
+        dst. Values are computed in fp32 and rounded once to the pool dtype.
+    """
+    fn = pick(dst, "block_load", "load_blocks", dst.shape[-1], dst.shape[-2])
+    return fn(src, meta, dst, slots, fmt)
+
+
+def quantize_int4(blocks):
+    """Blocks [..., 2, H, B, D] -> (codes [..., 2, H, B, D/2] uint8, meta [..., H, 2D + 2B] float16):
+    4-bit codes with KIVI's grouping (keys per channel over the block's tokens, values per token
+    over the channels), each group's min rounded down and scale rounded up to float16, so that
+    ``|x - dequantized| <= scale / 2`` of its group. Plain torch on any device."""
+    return reference.quantize_int4(blocks)
 
 
 def select_blocks(scores, num_blocks, k=None, threshold=None, top_p=None):

@@ -151,6 +151,84 @@ def silu_mul(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
+# ------------------------------------------------------------------ the host mirror's block formats
+
+INT4_LEVELS = 15  # codes 0..15
+
+
+def _fp16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """``x`` (fp32) rounded to float16 toward +inf (``up``) or -inf: the result bounds ``x``.
+    One step on the float16 bit pattern where round-to-nearest went the wrong way."""
+    h = x.to(torch.float16)
+    wrong = h.float() < x if up else h.float() > x
+    bits = h.view(torch.int16)
+    away_from_zero = (h > 0) == up  # the next float16 in the wanted direction has a larger magnitude
+    step = torch.where(away_from_zero, bits + 1, bits - 1)
+    step = torch.where(h == 0, torch.full_like(bits, 1 if up else -32767), step)  # +-smallest subnormal
+    return torch.where(wrong, step, bits).view(torch.float16)
+
+
+def quantize_int4(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks [..., 2, H, B, D] (K, V) -> 4-bit codes and their scales, KIVI's grouping.
+
+    Keys per channel (one scale and min per channel d over the block's B tokens: outlier
+    channels keep their own range), values per token (one per token over its D channels).
+    Each group's min is rounded down and its scale up to float16, so every value lies in
+    [min, min + 15 * scale] and ``|x - dequantized| <= scale / 2`` (fp32 arithmetic aside).
+    Values must be within the float16 range.
+
+    Returns (codes [..., 2, H, B, D/2] uint8, two per byte, the even channel in the low nibble;
+    meta [..., H, 2D + 2B] float16: key scale [D] | key min [D] | value scale [B] | value min [B]).
+    """
+    x = blocks.float()
+    k, v = x[..., 0, :, :, :], x[..., 1, :, :, :]  # [..., H, B, D]
+    k_min = _fp16_toward(k.amin(-2), up=False)  # [..., H, D]
+    step = (1 + 2.0 ** -20) / INT4_LEVELS  # a hair over 1/15: fp32 rounding never leaves the range uncovered
+    k_scale = _fp16_toward((k.amax(-2) - k_min.float()) * step, up=True)
+    v_min = _fp16_toward(v.amin(-1), up=False)  # [..., H, B]
+    v_scale = _fp16_toward((v.amax(-1) - v_min.float()) * step, up=True)
+
+    def codes(t, low, scale):
+        return torch.round((t - low.float()) / scale.float().clamp_min(1e-30)).clamp_(0, INT4_LEVELS)
+
+    c = torch.stack([codes(k, k_min[..., None, :], k_scale[..., None, :]),
+                     codes(v, v_min[..., None], v_scale[..., None])], -4).to(torch.uint8)  # [..., 2, H, B, D]
+    packed = c[..., 0::2] | (c[..., 1::2] << 4)
+    meta = torch.cat([k_scale, k_min, v_scale, v_min], -1)  # [..., H, 2D + 2B]
+    return packed, meta
+
+
+def dequantize_int4(codes: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4`: codes [..., 2, H, B, D/2], meta [..., H, 2D + 2B] ->
+    blocks [..., 2, H, B, D] in ``dtype`` (fp32 arithmetic, one rounding at the end)."""
+    block, d = codes.shape[-2], codes.shape[-1] * 2
+    c = torch.stack([codes & 15, codes >> 4], -1).flatten(-2).float()  # [..., 2, H, B, D]
+    m = meta.float()
+    k_scale, k_min = m[..., None, :d], m[..., None, d: 2 * d]  # [..., H, 1, D]
+    v_scale, v_min = m[..., 2 * d: 2 * d + block, None], m[..., 2 * d + block:, None]  # [..., H, B, 1]
+    k = c[..., 0, :, :, :] * k_scale + k_min
+    v = c[..., 1, :, :, :] * v_scale + v_min
+    return torch.stack([k, v], -4).to(dtype)
+
+
+def dequantize_blocks(src: torch.Tensor, meta: torch.Tensor | None, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Host-mirror rows [n, L, 2, H, B, D(/2)] in format ``fmt`` -> [n, L, 2, H, B, D] in ``dtype``
+    (``model``: as they are; ``fp8``: e4m3 times one scale per (row, layer, K/V, head); ``int4``)."""
+    if fmt == "int4":
+        return dequantize_int4(src, meta, dtype)
+    if fmt == "fp8":
+        return (src.float() * meta.float()[..., None, None]).to(dtype)
+    if fmt != "model":
+        raise ValueError(f"fmt must be model, fp8 or int4, got {fmt!r}")
+    return src.to(dtype)
+
+
+def load_blocks(src, meta, dst, slots, fmt="model"):
+    """Reference of :func:`kernels.load_blocks`; see there for the contract."""
+    dst[:, :, slots.long()] = dequantize_blocks(src, meta, fmt, dst.dtype).permute(1, 2, 0, 3, 4, 5)
+    return dst
+
+
 def prefill_attention(q, k, v, q_start, scale, *, out=None):
     """Reference of :func:`kernels.prefill_attention`; see there for the contract. SDPA with a
     boolean causal mask [T, start + T] (the CPU backend works through it blockwise)."""

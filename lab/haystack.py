@@ -167,7 +167,7 @@ def niah_prompt(tokenizer, haystack: str, needles: list[Needle] | tuple[Needle, 
     return tokenizer.encode_chat([{"role": "user", "content": head + document + tail}])
 
 
-# A session as the served API builds one (cluster/serve_app.py; tests/test_eval_session.py checks
+# A session as the served API builds one (cluster/sessions_api.py; tests/test_eval_session.py checks
 # they agree): the context is the chat prompt up to the end of the document, each question the
 # rest of a user turn; the two together are the chat prompt of the document and the question.
 SESSION_DOC_HEAD = "Read the following document carefully and answer the questions after it.\n\n<document>\n"

@@ -20,15 +20,18 @@ LSA_ACTORS = ("kvstore:", "lsa-indexer", "lsa-sessions")
 
 @contextlib.contextmanager
 def ray_cluster(namespace: str, head_cpus: float = 1, worker_nodes: tuple[dict, ...] = (),
-                extra_paths: tuple[Path, ...] = (), serve_app: bool = False):
+                extra_paths: tuple[Path, ...] = (), serve_app: bool = False, system_config: dict | None = None):
     """Yields (cluster, worker nodes). Replicas import code by name, so the repository (and
-    ``extra_paths``) go on PYTHONPATH before Ray starts; ``LSA_KV_DIR`` is the temp dir."""
+    ``extra_paths``) go on PYTHONPATH before Ray starts; ``LSA_KV_DIR`` is the temp dir.
+    ``system_config``: Ray's ``_system_config`` of the head (e.g. a faster metrics report)."""
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     saved = dict(os.environ)
     os.environ.update(RAY_TMPDIR=tmp, HOME=tmp, LSA_KV_DIR=tmp)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *map(str, extra_paths)]
                                                + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH") else []))
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
+    head = {"num_cpus": head_cpus, "include_dashboard": False,
+            **({"_system_config": system_config} if system_config else {})}
+    c = Cluster(initialize_head=True, head_node_args=head)
     nodes = [c.add_node(**node) for node in worker_nodes]
     c.wait_for_nodes()
     ray.init(address=c.address, namespace=namespace, log_to_driver=False)

@@ -209,13 +209,18 @@ def test_only_the_cli_package_defines_the_console_entry():
 
 
 def test_the_client_imports_nothing_of_the_cluster():
-    """``cluster.batch`` runs jobs through the client; the client (stdlib, msgpack and the
-    server's typed errors, ``engine/errors.py``, which imports nothing) knows nothing of it."""
+    """``cluster.batch`` runs jobs through the client; the client (stdlib, msgpack, the contract
+    ``cluster/protocol.py``, which imports pydantic only, and the server's typed errors,
+    ``engine/errors.py``, which imports nothing) knows nothing of it."""
     def modules_of(path):
         tree = ast.parse(path.read_text())
         modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        return modules | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        return modules | {f"{node.module}.{alias.name}" if node.module == "cluster" else node.module
+                          for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                          for alias in node.names}
 
-    modules = modules_of(REPO / "cluster" / "client.py") - {"engine.errors"}
+    modules = modules_of(REPO / "cluster" / "client.py") - {"engine.errors", "cluster.protocol"}
     assert not {m for m in modules if m.split(".")[0] in ("cluster", "engine", "actors", "ray", "torch")}, modules
+    assert {m.split(".")[0] for m in modules_of(REPO / "cluster" / "protocol.py")} <= {"__future__", "typing",
+                                                                                         "pydantic"}
     assert modules_of(REPO / "engine" / "errors.py") == set()

@@ -1,6 +1,8 @@
 """cluster.client against a fake lsa-serve that implements the HTTP contract in a thread.
 
-The fake server (``FakeLSAServer``) is shared with test_client_batch.py. It answers a
+The fake server (``FakeLSAServer``) is shared with test_client_batch.py. It reads requests and
+writes answers with the models of cluster/protocol.py, the contract the real server uses, so
+the client is tested against the contract itself (a bad body is the same 400 naming the param). It answers a
 session question by looking it up in the context, which holds lines ``question => answer``,
 and injects faults where the context says so:
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from cluster import protocol as p
 from cluster.client import AsyncLSAClient, LSAClient, LSAError, SessionNotFound, iter_sse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +39,7 @@ class FakeLSAServer:
         self.created = Counter()       # context -> successful creations
         self.content_types = Counter()
         self.inflight = self.max_inflight = 0
+        self.posts = 0
         self.broken_after: int | None = None   # answer 500 to everything after N creations
         self.on_create = None                  # callback(num_created) after each creation
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -68,24 +72,44 @@ class FakeLSAServer:
         """Returns (status, payload, extra headers) or (status, list of SSE events)."""
         if self.broken_after is not None and self.num_created >= self.broken_after:
             return 500, _err("worker crashed", "internal_error"), {}
+        try:
+            return self._route(method, path, body)
+        except p.ProtocolError as exc:
+            return 400, _err(exc.message, "invalid_request_error", exc.param, exc.code), {}
+
+    def _route(self, method: str, path: str, body):
         if (method, path) == ("GET", "/-/healthz"):  # as the Serve proxy answers it
             return 200, b"success", {}
         if (method, path) == ("GET", "/v1/models"):
-            return 200, {"object": "list", "data": [{"id": "fake-lsa", "object": "model"}]}, {}
+            return 200, p.ModelList(data=[p.Model(id="fake-lsa")]).model_dump(), {}
+        if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            model = (body or {}).get("model")
+            if model not in (None, "fake-lsa"):
+                return 404, _err(f"model {model!r} is not served here", "invalid_request_error", "model",
+                                 "model_not_found"), {}
+            if "[flaky]" in json.dumps(body) and self._fault("openai", json.dumps(body), 2):
+                return 503, _err("a worker is restarting", "unavailable"), {"Retry-After": "0"}
         if (method, path) == ("POST", "/v1/completions"):
-            text = f"echo {body['prompt']}"
-            if body.get("stream"):
-                return 200, [{"choices": [{"index": 0, "text": w}]} for w in _pieces(text)]
-            return 200, {"object": "text_completion", "choices": [{"index": 0, "text": text}]}, {}
-        if (method, path) == ("POST", "/v1/chat/completions"):
-            text = f"you said {body['messages'][-1]['content']}"
-            if body.get("stream"):
-                return 200, [{"choices": [{"index": 0, "delta": {"content": w}}]}
+            req = p.parse(p.CompletionRequest, body)
+            text = f"echo {req.prompt}"
+            head = dict(id="cmpl-fake", created=int(time.time()), model="fake-lsa")
+            if req.stream:
+                return 200, [p.Completion(**head, choices=[p.CompletionChoice(index=0, text=w)]).model_dump()
                              for w in _pieces(text)]
-            return 200, {"choices": [{"index": 0, "message": {"role": "assistant",
-                                                               "content": text}}]}, {}
+            choice = p.CompletionChoice(index=0, text=text, finish_reason="stop")
+            return 200, p.Completion(**head, choices=[choice], usage=_usage(req.prompt, text)).model_dump(), {}
+        if (method, path) == ("POST", "/v1/chat/completions"):
+            req = p.parse(p.ChatCompletionRequest, body)
+            text = f"you said {req.messages[-1].text}"
+            head = dict(id="chatcmpl-fake", created=int(time.time()), model="fake-lsa")
+            if req.stream:
+                return 200, [p.ChatCompletionChunk(**head, choices=[p.ChunkChoice(index=0, delta=p.Delta(content=w))])
+                             .model_dump() for w in _pieces(text)]
+            choice = p.ChatChoice(index=0, message=p.AssistantMessage(content=text), finish_reason="stop")
+            usage = _usage(req.messages[-1].text, text)
+            return 200, p.ChatCompletion(**head, choices=[choice], usage=usage).model_dump(), {}
         if (method, path) == ("POST", "/v1/sessions"):
-            return self.create(body)
+            return self.create(p.parse(p.SessionCreate, body))
         parts = path.split("/")
         if len(parts) >= 4 and parts[1:3] == ["v1", "sessions"]:
             session_id = parts[3]
@@ -94,18 +118,14 @@ class FakeLSAServer:
                     gone = self.sessions.pop(session_id, None)
                 if gone is None:
                     return 404, _err(f"no session {session_id}", "session_not_found"), {}
-                return 200, {"deleted": session_id}, {}
+                return 200, p.SessionDeleted(deleted=session_id).model_dump(), {}
             if method == "POST" and parts[4:] == ["ask"]:
-                return self.ask(session_id, body)
+                return self.ask(session_id, p.parse(p.SessionAsk, body))
         return 404, _err(f"no route {method} {path}", "not_found"), {}
 
-    def create(self, body):
-        if "context" in body and isinstance(body["context"], str):
-            context, num_tokens = body["context"], len(body["context"].split())
-        elif "context_ids" in body and all(type(t) is int for t in body["context_ids"]):
-            context, num_tokens = "", len(body["context_ids"])
-        else:
-            return 400, _err("need 'context' (str) or 'context_ids' ([int])", "invalid_request"), {}
+    def create(self, req: p.SessionCreate):
+        context = req.context or ""
+        num_tokens = len(req.context.split()) if req.context is not None else len(req.context_ids)
         if "[flaky-create]" in context and self._fault("create", context, 2):
             return 503, _err("all workers busy", "overloaded"), {"Retry-After": "0"}
         session_id = uuid.uuid4().hex
@@ -115,11 +135,9 @@ class FakeLSAServer:
             n = self.num_created
         if self.on_create:
             self.on_create(n)
-        return 200, {"id": session_id, "num_tokens": num_tokens}, {}
+        return 200, p.SessionCreated(id=session_id, num_tokens=num_tokens).model_dump(), {}
 
-    def ask(self, session_id, body):
-        if not isinstance(body.get("question"), str):
-            return 400, _err("'question' must be a string", "invalid_request"), {}
+    def ask(self, session_id, req: p.SessionAsk):
         with self.lock:
             session = self.sessions.get(session_id)
         if session is None:
@@ -127,18 +145,20 @@ class FakeLSAServer:
                              "session_not_found"), {}
         context = session["context"]
         if "[flaky-ask]" in context and self._fault("ask", session_id, 2):
-            return 429, _err("slow down", "rate_limited"), {"Retry-After": "0"}
+            return 429, _err("slow down", "overloaded"), {"Retry-After": "0"}
         if "[slow]" in context:
             time.sleep(0.05)
         facts = dict(line.split(" => ", 1) for line in context.splitlines() if " => " in line)
-        text = f"The answer is {facts.get(body['question'], 'unknown')}."
+        text = f"The answer is {facts.get(req.question, 'unknown')}."
         with self.lock:
             session["asks"] += 1
             if "[evict]" in context and session["asks"] == 1:
                 self.sessions.pop(session_id, None)
-        return 200, {"session": session_id, "text": text, "num_tokens": len(text.split()),
-                     "prefill_tokens": 0 if session["asks"] > 1 else len(context.split()),
-                     "decode_s": 0.001}, {}
+        first = session["asks"] == 1
+        return 200, p.SessionAnswer(session=session_id, text=text, num_tokens=len(text.split()),
+                                    prefill_tokens=len(context.split()) if first else 0,
+                                    cached_tokens=0 if first else len(context.split()),
+                                    decode_s=0.001).model_dump(), {}
 
     def _handler(server):
         class Handler(BaseHTTPRequestHandler):
@@ -149,11 +169,20 @@ class FakeLSAServer:
 
             def _serve(self, method):
                 with server.lock:
+                    server.posts += method == "POST"
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
+                self.in_flight = True
                 try:
                     self._answer(method)
                 finally:
+                    self._done()
+
+            def _done(self):
+                # before the answer is written: once the client has read it, it may send the next
+                # request while this thread is still here, which is not two requests in flight
+                if self.in_flight:
+                    self.in_flight = False
                     with server.lock:
                         server.inflight -= 1
 
@@ -166,6 +195,7 @@ class FakeLSAServer:
                     body = (msgpack.unpackb(raw, raw=False) if ctype == "application/msgpack"
                             else json.loads(raw))
                 status, payload, *rest = server.route(method, self.path, body)
+                self._done()
                 if isinstance(payload, list):  # SSE
                     self.send_response(status)
                     self.send_header("Content-Type", "text/event-stream")
@@ -204,8 +234,13 @@ class FakeLSAServer:
         return Handler
 
 
-def _err(message, kind):
-    return {"error": {"message": message, "type": kind}}
+def _err(message, kind, param=None, code=None):
+    return p.ErrorResponse(error=p.ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()
+
+
+def _usage(prompt, text):
+    n_prompt, n_out = len(str(prompt).split()), len(text.split())
+    return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
 
 
 def _pieces(text):
@@ -265,14 +300,18 @@ def test_error_types(server):
     with pytest.raises(SessionNotFound) as info:
         client.ask("no-such-session", "q")
     assert (info.value.status, info.value.type, info.value.transient) == (404, "session_not_found", False)
-    with pytest.raises(LSAError) as info:
+    with pytest.raises(LSAError) as info:  # sent as is: the server's 400 names the param
         client.request("POST", "/v1/sessions", {"context": 5})
-    assert (info.value.status, info.value.type, info.value.transient) == (400, "invalid_request", False)
+    err = info.value
+    assert (err.status, err.type, err.param, err.transient) == (400, "invalid_request_error", "context", False)
+    with pytest.raises(LSAError) as info:  # checked before sending: the same contract, no request
+        client.chat([{"role": "user", "content": "hi"}], temperature="hot")
+    assert (info.value.status, info.value.param) == (None, "temperature") and not info.value.transient
     closed = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     port = closed.server_address[1]
     closed.server_close()
     with pytest.raises(LSAError) as info:
-        LSAClient(f"http://127.0.0.1:{port}", timeout_s=5).models()
+        LSAClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=0).models()
     assert info.value.status is None and info.value.transient
 
 

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from cluster import protocol as p
 from cluster.batch import JobLineError, read_jobs, run_batch
 from cluster.client import LSAClient
 from test_client import FakeLSAServer
@@ -61,7 +62,8 @@ def test_no_retries_means_transient_error_is_reported(tmp_path):
     jobs = make_jobs(tmp_path, 2, tags=("[flaky-create]",))
     out = tmp_path / "results.jsonl"
     with FakeLSAServer() as server:
-        summary = run_batch(LSAClient(server.url), jobs, out, retries=0, progress=False)
+        summary = run_batch(LSAClient(server.url), jobs, out, retries=0, progress=False)  # the client's own retries
+        # are off inside a batch: ``retries`` is the one knob
     results = read_results(out)
     assert summary.failed == 2 and all("503" in r["error"] for r in results)
     assert all(r["answers"] == [] for r in results)
@@ -173,3 +175,58 @@ def test_lsa_batch_cli(tmp_path, capsys):
     bad.write_text("{}\n")
     assert main(["batch", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def openai_lines():
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}], "max_tokens": 8}
+    return [
+        {"custom_id": "c-1", "method": "POST", "url": "/v1/chat/completions", "body": chat},
+        {"custom_id": "c-2", "method": "POST", "url": "/v1/completions", "body": {"prompt": "one two"}},
+        {"custom_id": "c-3", "method": "POST", "url": "/v1/completions", "body": {"prompt": "[flaky] x"}},
+        {"custom_id": "c-4", "method": "POST", "url": "/v1/chat/completions",
+         "body": {**chat, "model": "gpt-4"}},  # refused for good: its 404 is the response
+    ]
+
+
+def test_openai_batch_format_in_and_out_with_resume(tmp_path):
+    jobs, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in openai_lines()))
+    with FakeLSAServer() as server:
+        first = run_batch(LSAClient(server.url), jobs, out, retries=0, progress=False, backoff_s=0.01)
+        lines = {r["custom_id"]: p.BatchOutputLine.model_validate(r) for r in read_results(out)}
+        assert (first.succeeded, first.failed) == (2, 2)
+        assert lines["c-1"].response.status_code == 200 and lines["c-1"].error is None
+        assert p.ChatCompletion.model_validate(lines["c-1"].response.body).choices[0].message.content == \
+            "you said hello"
+        assert lines["c-1"].response.request_id == "chatcmpl-fake" and lines["c-1"].id.startswith("batch_req_")
+        assert p.Completion.model_validate(lines["c-2"].response.body).choices[0].text == "echo one two"
+        assert lines["c-3"].response is None and lines["c-3"].error.code == "503"  # no retries: run again later
+        refused = lines["c-4"].response
+        assert refused.status_code == 404 and refused.body["error"]["param"] == "model"
+        second = run_batch(LSAClient(server.url), jobs, out, retries=3, progress=False, backoff_s=0.01)
+        assert (second.skipped, second.succeeded, second.failed) == (3, 1, 0)  # only c-3 ran again
+    results = read_results(out)
+    assert sorted(r["custom_id"] for r in results) == ["c-1", "c-2", "c-3", "c-4"]  # each exactly once
+    c3 = next(r for r in results if r["custom_id"] == "c-3")
+    assert c3["error"] is None and c3["response"]["body"]["choices"][0]["text"] == "echo [flaky] x"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda line: line.update(method="GET"), "method"),
+    (lambda line: line.update(url="/v1/embeddings"), "url"),
+    (lambda line: line.pop("custom_id") and line.update(id="x"), "custom_id"),
+    (lambda line: line["body"].update(tools=[{"type": "function"}]), "'tools' is not supported"),
+    (lambda line: line["body"].update(temperature="hot"), "body: temperature"),
+    (lambda line: line["body"].update(stream=True), "cannot stream"),
+    (lambda line: line.update(custom_id="c-1"), "duplicate custom_id"),
+])
+def test_bad_openai_batch_line_names_its_line(tmp_path, change, reason):
+    lines = openai_lines()
+    change(lines[2])
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with FakeLSAServer() as server:
+        with pytest.raises(JobLineError, match=reason) as info:
+            run_batch(LSAClient(server.url), path, tmp_path / "out.jsonl", progress=False)
+        assert server.posts == 0  # nothing is sent before the whole file is valid
+    assert info.value.line_no == 3

@@ -19,8 +19,6 @@ ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from actors.config import ServeConfig  # noqa: E402
-from engine.options import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO.parent / "shared" / "data" / "kuberay"
@@ -150,25 +148,64 @@ def test_rayservice_layout():
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     gpu = groups["gpu-decode"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["requests"]["nvidia.com/gpu"] == gpu["limits"]["nvidia.com/gpu"] == "1"
-    assert groups["kv-memory"]["resources"] == {"kv_store": "1"}
+    # the custom resource through ray start (every ray.io/v1 operator), in KubeRay's quoting
+    assert json.loads(json.loads(groups["kv-memory"]["rayStartParams"]["resources"])) == {"kv_store": 1}
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(spec)  # ignored
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]
     images = {c["image"] for p in pods for c in p["spec"]["containers"]}
     assert len(images) == 1
     for pod in pods:
         for c in pod["spec"]["containers"]:
             assert {"readinessProbe", "livenessProbe", "resources", "image"} <= set(c)
+    app_args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+    for group in groups.values():  # /dev/shm holds the node's arena and Ray's object store
+        pod = group["template"]["spec"]
+        shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]
+        container = pod["containers"][0]
+        needed = app_args["kv_store_bytes"] + int(group["rayStartParams"]["object-store-memory"])
+        assert _bytes(shm["sizeLimit"]) >= needed and shm["medium"] == "Memory"
+        assert _bytes(container["resources"]["limits"]["memory"]) > _bytes(shm["sizeLimit"])
+        assert {"containerPort": 8080, "name": "metrics"} in container["ports"]
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
     worker_ready = " ".join(groups["gpu-decode"]["template"]["spec"]["containers"][0]
                             ["readinessProbe"]["exec"]["command"])
     assert "8000/-/healthz" in worker_ready  # the Serve proxy's own health route
 
 
-def test_serve_config_v2_matches_serve_schema():
-    config = yaml.safe_load(load("rayservice.yaml")["spec"]["serveConfigV2"])
-    parsed = ServeDeploySchema.model_validate(config)
+def _bytes(quantity: str) -> int:
+    """A Kubernetes quantity in Gi/Mi (what these manifests use) as bytes."""
+    units = {"Gi": 1 << 30, "Mi": 1 << 20}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+@pytest.mark.parametrize("text", [lambda: load("rayservice.yaml")["spec"]["serveConfigV2"],
+                                  lambda: (REPO / "serve_config.yaml").read_text()],
+                         ids=["rayservice-serveConfigV2", "serve_config.yaml"])
+def test_serve_configs_match_serve_schema_and_app_args(text):
+    from cluster.serve_app import AppArgs, app as build_app
+
+    parsed = ServeDeploySchema.model_validate(yaml.safe_load(text()))
     (app,) = parsed.applications
     assert app.import_path == "cluster:app"
-    config = build(ServeConfig, app.args)  # every argument is known and valid
+    args = AppArgs.model_validate(app.args)  # every argument is known and valid, as Serve checks it
+    config = args.config
     assert config.engine.policy.name == "lsa" and 0 < config.engine.policy.budget <= 1 and config.num_workers >= 1
+    worker = build_app(args)._bound_deployment.init_args[0]._bound_deployment  # the DecodeWorker deployment
+    autoscaling = worker._deployment_config.autoscaling_config
+    if args.decode_autoscaling:  # Serve's autoscaling_config replaces num_workers
+        assert (autoscaling.min_replicas, autoscaling.max_replicas) == (args.decode_autoscaling["min_replicas"],
+                                                                        args.decode_autoscaling["max_replicas"])
+    else:
+        assert autoscaling is None and worker.num_replicas == config.num_workers
+
+
+def test_app_args_reject_unknown_and_badly_typed_arguments():
+    from cluster.serve_app import AppArgs
+
+    with pytest.raises(Exception, match="num_worker"):
+        AppArgs.model_validate({"num_worker": 2})
+    with pytest.raises(Exception, match="max_body_bytes"):
+        AppArgs.model_validate({"max_body_bytes": "lots"}).config
 
 
 def test_rayjob_runs_lsa_batch_against_the_service():

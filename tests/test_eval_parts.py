@@ -75,14 +75,14 @@ def test_texts_by_name():
 
 def test_session_prompts_are_the_served_format():
     pytest.importorskip("gguf")
-    serve_app = pytest.importorskip("cluster.serve_app")
+    sessions_api = pytest.importorskip("cluster.sessions_api")
     from engine.tokenizer import Tokenizer
     from engine.weights import resolve_model
     from lab import haystack
     from lab.tasks import TaskSpec, build_samples
 
     assert (haystack.SESSION_DOC_HEAD, haystack.SESSION_DOC_TAIL, haystack.SESSION_QUESTION, haystack._SPLIT) == \
-        (serve_app.DOC_HEAD, serve_app.DOC_TAIL, serve_app.QUESTION, serve_app.SENTINEL)
+        (sessions_api.DOC_HEAD, sessions_api.DOC_TAIL, sessions_api.QUESTION, sessions_api.SENTINEL)
     tokenizer = Tokenizer(resolve_model("smollm2-135m"))
     spec = TaskSpec(contexts=(600,), depths=(0.5,), needles=(), limit=2, max_tokens=8, max_model_len=2048)
     samples = build_samples("session", spec, tokenizer, haystack.load_haystack(None, min_chars=40_000))

@@ -105,6 +105,6 @@ def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks():
 
 def test_fp8_mirror_refuses_bad_settings():
     with pytest.raises(InvalidRequestError, match="host_dtype"):
-        CacheConfig(host_dtype="int4")
+        CacheConfig(host_dtype="int2")
     with pytest.raises(InvalidRequestError, match="host_dtype"):
         BlockKVCache(CFG, 8, 4, 4, torch.float32, "cpu", host_dtype="fp16")

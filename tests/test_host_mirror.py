@@ -1,5 +1,6 @@
-"""HostMirror on its own: rows stored from the device come back unchanged (model dtype) or within
-the e4m3 bound (FP8), with exact key summaries, into a private allocation or an arena."""
+"""HostMirror on its own: rows stored from the device come back unchanged (model dtype), within
+the e4m3 bound (FP8) or within half a 4-bit step (int4), with exact key summaries, into a private
+allocation or an arena; ``load`` puts them into pool slots as ``fetch`` returns them."""
 from types import SimpleNamespace
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
+from engine.host_arena import ArenaLayout
 from engine.host_mirror import HostMirror
 
 CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
@@ -16,9 +18,10 @@ CPU = torch.device("cpu")
 
 
 def _arena(num_blocks):
-    """What the mirror takes from an arena (a HostArena): its host and summary rows."""
+    """What the mirror takes from an arena (a HostArena): its host and summary rows, no scales (model dtype)."""
     return SimpleNamespace(host=torch.zeros(num_blocks, CFG.num_layers, 2, CFG.num_kv_heads, B, CFG.head_dim),
-                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim))
+                           summary=torch.zeros(num_blocks, CFG.num_layers, 3, CFG.num_kv_heads, CFG.head_dim),
+                           scale=None)
 
 
 def _blocks(n, seed):
@@ -62,6 +65,32 @@ def test_fp8_rows_cost_a_byte_per_element_and_come_back_within_bound():
     assert fp8.bytes_per_block == elems + CFG.num_layers * 2 * CFG.num_kv_heads * 4
 
 
+def test_int4_rows_cost_half_a_byte_per_element_plus_scales_and_load_into_slots():
+    fp8 = HostMirror(CFG, B, 6, torch.float32, CPU, host_dtype="fp8")
+    int4 = HostMirror(CFG, B, 6, torch.float32, CPU, host_dtype="int4")
+    blocks = _blocks(3, 3)
+    assert torch.equal(int4.store([0, 4, 5], slice(None), blocks), fp8.store([0, 4, 5], slice(None), blocks))
+    back = int4.fetch_rows([0, 4, 5])
+    codes, meta = int4.host[[0, 4, 5]], int4.scale[[0, 4, 5]]
+    d = CFG.head_dim
+    k_step = meta[..., :d].float()[:, :, :, None, :]  # [n, L, H, 1, D] per channel
+    v_step = meta[..., 2 * d: 2 * d + B].float()[..., None]  # [n, L, H, B, 1] per token
+    assert ((back[:, :, 0] - blocks[:, :, 0]).abs() <= k_step / 2 * (1 + 1e-6)).all()
+    assert ((back[:, :, 1] - blocks[:, :, 1]).abs() <= v_step / 2 * (1 + 1e-6)).all()
+    assert codes.dtype == torch.uint8 and meta.dtype == torch.float16
+    # exact accounting: 4 bits per element, and per (layer, head) 2D key + 2B value float16 scales
+    elems = CFG.num_layers * 2 * CFG.num_kv_heads * B * CFG.head_dim
+    scales = CFG.num_layers * CFG.num_kv_heads * (2 * CFG.head_dim + 2 * B) * 2
+    assert int4.bytes_per_block == elems // 2 + scales == int4.host[0].nbytes + int4.scale[0].nbytes
+    assert int4.bytes_per_layer_block * CFG.num_layers == int4.bytes_per_block
+    # load: the rows into slots of a pool, as fetch returns them; one layer alone into pool[l:l+1]
+    pool = torch.full((CFG.num_layers, 2, 5, CFG.num_kv_heads, B, CFG.head_dim), float("nan"))
+    int4.load([5, 0], slice(None), pool, torch.tensor([3, 1]))
+    assert torch.equal(pool[:, :, 3], back[2]) and torch.equal(pool[:, :, 1], back[0])
+    int4.load([4], slice(2, 3), pool[2:3], torch.tensor([0]))
+    assert torch.equal(pool[2, :, 0], back[1, 2]) and torch.isnan(pool[:2, :, 0]).all()
+
+
 def test_copies_ahead_run_in_place_without_cuda_and_bad_settings_are_refused():
     mirror = HostMirror(CFG, B, 2, torch.float32, CPU)
     ran = []
@@ -70,7 +99,11 @@ def test_copies_ahead_run_in_place_without_cuda_and_bad_settings_are_refused():
     mirror.join()
     assert ran == [None]
     with pytest.raises(InvalidRequestError, match="host_dtype"):
-        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int4")
+        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int2")
     arena = _arena(2)
-    with pytest.raises(InvalidRequestError, match="private arena"):
+    with pytest.raises(InvalidRequestError, match="arena.s format differ"):  # an FP8 mirror needs an FP8 arena
         HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="fp8", arena=arena)
+    with pytest.raises(InvalidRequestError, match="private arena"):  # no arena holds int4
+        HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int4", arena=arena)
+    with pytest.raises(InvalidRequestError, match="shared arena"):  # and no store sizes one for it
+        ArenaLayout.of(CFG, B, torch.float32, "int4")

@@ -12,6 +12,7 @@ from engine.errors import InvalidRequestError, LSAError
 from engine.policies.indexer import IndexerFormatError, IndexerNotFoundError, LearnedIndexer
 from engine.llm import LLMEngine
 from engine.loader import random_model
+from engine.model import fuse_projections
 from engine.sampling import SamplingParams
 from lab.traces import TraceConfig, TraceJob, dump_traces, load_traces, read_manifest
 from lab.train_indexer import TrainConfig, cross_layer_scores, recall_report, train_indexer
@@ -28,7 +29,7 @@ def tiny_model():
     topic's direction, and every head's q and k read it into the slowest rotary dimensions, so a
     query attends to the keys of its own topic wherever they are (as a real model attends to the
     passage a question is about). The rest of the weights stay random."""
-    model = random_model(TINY, "cpu", torch.float32, seed=3)
+    model = random_model(TINY, "cpu", torch.float32, seed=3, fuse=False)  # planted in q_proj / k_proj, then fused
     directions = torch.linalg.qr(torch.randn(TINY.hidden_size, TOPICS, generator=torch.Generator().manual_seed(4)))[0]
     slow = [6, 7, 14, 15]  # the rotary pairs that barely turn over a few hundred positions
     with torch.no_grad():
@@ -37,7 +38,7 @@ def tiny_model():
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.view(-1, TINY.head_dim, TINY.hidden_size)[:, slow] = 0.7 * directions.T
-    return model
+    return fuse_projections(model)
 
 
 def sequences(n, seed, segment=16):

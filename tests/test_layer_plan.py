@@ -160,5 +160,8 @@ def test_group_budgets_hold_the_total():
         assert total <= 30 * policy.budget_blocks(blocks) or policy.budget_blocks(blocks) < 6
         if policy.budget_blocks(blocks) >= blocks:
             assert budgets == [blocks, blocks]
-    assert policy.group_budgets(512) == [int(2 * 30 / 38 * 51), int(30 / 38 * 51)]  # 8K tokens at rho 0.1
+    # 8K tokens at rho 0.1, the index keys inside it (3 key rows per index layer per block, of 2 x 30 x 16 KV rows)
+    budget = int((0.1 - 3 * 3 / (2 * 30 * 16)) * 512)
+    assert budget == policy.budget_blocks(512) == 46
+    assert policy.group_budgets(512) == [int(2 * 30 / 38 * budget), int(30 / 38 * budget)]
     assert policy.config.target_layers == (4, 6, 8)  # the plan's index layers

@@ -127,3 +127,34 @@ def test_cuda_bf16_matches(pair):
         assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
     ours.to(device="cpu", dtype=torch.float32)
     ours.model.rotary.inv_freq = ours.model.rotary.inv_freq.float()
+
+
+def test_fused_projections_give_the_unfused_logits():
+    """q|k|v and gate|up fused into one Linear each (what the loader does) change no logit beyond
+    fp32 rounding: prefill and continuous-batch decode of the same random model (biases
+    everywhere, GQA), fused and not, through the engine."""
+    from engine.config import ModelConfig
+    from engine.loader import random_model
+
+    cfg = ModelConfig(architecture="qwen2", vocab_size=96, hidden_size=64, intermediate_size=112, num_layers=2,
+                      num_heads=8, num_kv_heads=2, head_dim=16, qkv_bias=True, mlp_bias=True,
+                      max_position_embeddings=512)
+    plain, fused = random_model(cfg, "cpu", torch.float32, seed=5, fuse=False), random_model(cfg, "cpu", torch.float32,
+                                                                                              seed=5)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and attn.qkv_proj.weight.shape == (8 * 16 + 2 * 2 * 16, 64)
+    assert not hasattr(mlp, "up_proj") and mlp.gate_up_proj.bias.shape == (2 * 112,)
+    assert plain.model.layers[0].self_attn.qkv_proj is None
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (9, 40)]
+    logits = []
+    for model in (plain, fused):
+        engine = _engine(model, seqs=2)
+        recorded = []
+        engine.hooks.append(LogitsObserver(lambda seq, row: recorded.append(row.clone())))
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+        logits.append(torch.stack(recorded))
+    scale = logits[0].abs().max().item()
+    assert logits[0].shape == (12, 96) and (logits[0] - logits[1]).abs().max().item() <= 1e-5 * max(1.0, scale)

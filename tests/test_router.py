@@ -13,6 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
+from ray.serve._private.request_router.common import RequestRoutingContext  # noqa: E402
 from ray_cluster import ray_cluster  # noqa: E402
 
 from cluster.router import KVLocalityRouter  # noqa: E402
@@ -111,6 +112,7 @@ class _Meta:
 class _Pending:
     def __init__(self, session_id="", **kwargs):
         self.metadata, self.kwargs = _Meta(session_id), kwargs
+        self.routing_context = RequestRoutingContext()
 
 
 class _Replica:
@@ -137,3 +139,6 @@ def test_ranking_without_ray_serve():
     assert router.free_bytes(b) == 350 and router._reserved[b.replica_id] == {}
     d = _Replica("d")  # no capacity known at all: tried first
     assert asyncio.run(router.choose_replicas([a, d], _Pending("y")))[0] == [d]
+    pending = _Pending("z")
+    asyncio.run(router.choose_replicas([a, b], pending))
+    assert pending.routing_context.should_backoff  # Serve sleeps between rounds, not a busy loop

@@ -11,6 +11,10 @@
 #              restart, (e) leak check (~1.5 min)
 #     pooled   (f) host RAM pooled over two Ray nodes, sessions of LSA_POOLED_CONTEXT (131072; 32768:
 #              -0.5 min) tokens (~2 min; makes the 8B model again if /tmp lost it: +0.5 min)
+#     floor    issue 13 (~5 min; ~7.5 at its limits): CUDA tests of the floor branch, step profile,
+#              bench decode 128K/512K batch 1, 128K at max batch (fp8 vs int4); log floor.log
+#     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
+#              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
 #     fidelity issue 10's accuracy grids on SmolLM2 (<= 7 min; docs/accuracy.md): layer plan by lsa calibrate,
 #              every task at rho 0.10 (8K, 4K; essays and pydoc; n = 20 per cell), the budget sweep 0.05-0.5
@@ -152,11 +156,67 @@ phase_fidelity() {
   return 0
 }
 
+phase_floor() {
+  # JSON: profile_step, bench_decode_b1, bench_decode_max (and floor.log, floor_tests.log)
+  t0=$SECONDS
+  # FLOOR_REHEARSE=1: the same commands at tiny shapes on the CPU (a rehearsal off the device; tests
+  # collected only, time limits x5 for a CPU shared with other work)
+  shapes="" ctx="131072 524288" ctx_max=131072 win1="--rounds 2 --steps 64" win2="--rounds 2 --steps 32" cap="" collect="" slow=1 psteps=32
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192 16384" ctx_max=8192 \
+    win1="--rounds 1 --steps 12 --cycle 8" win2="--rounds 1 --steps 8 --cycle 8" cap="--max-batch 3" collect="--collect-only" psteps=4 \
+    slow=5
+  # 1. the CUDA side of what changed: load_blocks (bf16 / fp16 on the GPU), the int4 mirror in the engine,
+  #    fused projections vs transformers, CUDA graphs, budget 1.0 = full attention
+  timeout $((90 * slow)) python3 -m pytest -q -x -p no:warnings $collect tests/test_kernels_block_load.py tests/test_int4_mirror.py \
+    tests/test_host_mirror.py tests/test_fp8_mirror.py tests/test_model_parity.py tests/test_graphs.py \
+    "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" > "$OUT/floor_tests.log" 2>&1
+  echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed" "$OUT/floor_tests.log" | head -12
+  # 2. where the step's time goes now (random KV, as the 2026-12-01 profile), against its floor
+  timeout $((100 * slow)) python3 -m benchmarks.profile_step --contexts $ctx --steps $psteps $shapes \
+    --out "$OUT/profile_step.json" 2>&1 | grep -v Warning
+  echo "profile done ($((SECONDS - t0)) s)"
+  # 3. batch 1, full vs lsa 0.10 alive together, plans churning like real text (a third of the set per cycle)
+  timeout $((110 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 $shapes $win1 \
+    --out "$OUT/bench_decode_b1.json" 2>&1 | grep -v built | tail -6
+  echo "batch 1 done ($((SECONDS - t0)) s)"
+  # 4. 128K at each policy's largest batch: full (GPU memory), lsa over the fp8 and the int4 mirror (host RAM)
+  timeout $((130 * slow)) python3 -m cli bench decode --contexts $ctx_max --batch max --rhos 0.1 --churn 0.33 $shapes \
+    --host-dtype fp8 int4 $win2 $cap --out "$OUT/bench_decode_max.json" 2>&1 | grep -v built | tail -6
+  echo "floor phase done in $((SECONDS - t0)) s"
+}
+
+phase_floor_eval() {
+  # Issue 13, the int4 mirror's accuracy cost against the bf16 and FP8 mirrors (~2 min): SmolLM2, LSA 0.10,
+  # cycle 16 (so that blocks come back from the mirror every 16 tokens), ppl / NIAH / agreement at 4K. The three
+  # runs share the GPU at once (a 135M model; accuracy, not speed, is measured here).
+  # JSON: eval_{model,fp8,int4}.json (results.json of each run) and floor_eval.log.
+  t0=$SECONDS
+  # FLOOR_REHEARSE=1: 1K context, 32 ppl tokens, on the CPU (a rehearsal off the device)
+  grid="--contexts 4096 --limit 2 --ppl-tokens 128"
+  [ -n "${FLOOR_REHEARSE:-}" ] && grid="--contexts 1024 --limit 1 --ppl-tokens 32 --agreement-tokens 8 --device cpu"
+  for fmt in model fp8 int4; do
+    extra=""; [ "$fmt" != model ] && extra="--host-dtype $fmt"
+    timeout 170 python3 -m cli eval --model "${LSA_MODEL:-smollm2-135m}" --tasks ppl,niah,agreement --policies lsa \
+      --budgets 0.1 $grid --depths 0.1,0.5,0.9 --max-tokens 24 \
+      --block-size 16 --cycle 16 --prefill-chunk 4096 $extra --out "/tmp/floor_eval_$fmt" --quiet \
+      > "/tmp/floor_eval_$fmt.log" 2>&1 &
+  done
+  wait
+  for fmt in model fp8 int4; do
+    tail -3 "/tmp/floor_eval_$fmt.log" | sed "s/^/$fmt: /"
+    cp "/tmp/floor_eval_$fmt/results.json" "$OUT/eval_$fmt.json" 2>/dev/null
+    grep -A6 "^### " "/tmp/floor_eval_$fmt/results.md" 2>/dev/null | grep -E "^\| lsa" | sed "s/^/$fmt: /"
+  done
+  echo "floor-eval done in $((SECONDS - t0)) s"
+}
+
 for phase in "$@"; do
   case $phase in
   served1) phase_prefill; phase_serve ;;
   served2) phase_checks; phase_pooled ;;
   prefill | serve | checks | pooled | early | fidelity) phase_$phase ;;
+  floor) phase_floor 2>&1 | tee -a "$OUT/floor.log" ;;
+  floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

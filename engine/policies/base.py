@@ -8,6 +8,8 @@ The hooks the engine calls:
     admit_blocks(prompt_len, max_len)   slots to reserve when a sequence is admitted
     after_prefill(seq_id)               the prompt is in the cache: pick the first resident set
     before_decode(seq_ids)              per step, before the tables are built: boundaries, swaps
+    after_launch(seq_ids)               per step, once its forward is launched: host work that the
+                                        step's GPU work hides (copies ahead, Level-1 launches)
     observe_prefill(...) / observe_decode(...)   queries seen at the Level-1 layers
     select(layer, ...)                  per step and layer: narrow the table (Level-2, Quest, oracle)
 
@@ -96,6 +98,9 @@ class Policy:
     def before_decode(self, seq_ids: list[int]) -> None:
         pass
 
+    def after_launch(self, seq_ids: list[int]) -> None:
+        pass
+
     def observes_prefill(self, layer: int) -> bool:
         return False
 
@@ -135,9 +140,10 @@ class OffloadPolicy(Policy):
         # the whole prompt is on the device while it is prefilled, then the reserve shrinks
         return max(self.blocks_for(prompt_len + 1), self.decode_reserve(max_len))
 
-    def must_keep(self, seq_id: int, group: int = 0) -> list[int]:
-        """Blocks always resident, most important first: the open block, the tail, the sinks."""
-        n = self.cache.num_tokens(seq_id)
+    def must_keep(self, seq_id: int, num_tokens: int | None = None, group: int = 0) -> list[int]:
+        """Blocks always resident in ``group``'s set, most important first: the open block, the
+        tail, the sinks (at the sequence's length, or at ``num_tokens``)."""
+        n = self.cache.num_tokens(seq_id) if num_tokens is None else num_tokens
         open_block = n // self.block_size
         size = self.group_tail(group, self.blocks_for(n + 1))
         tail = list(range(open_block - 1, max(-1, open_block - 1 - size), -1))
@@ -145,12 +151,14 @@ class OffloadPolicy(Policy):
         keep = [open_block] if n % self.block_size else []  # an empty open block is not allocated yet
         return list(dict.fromkeys(keep + tail + sinks))
 
-    def target_set(self, seq_id: int, ranked: list[int], group: int = 0) -> list[int]:
-        """must_keep, then ``ranked`` blocks, up to the group's budget at the current length."""
-        n = self.cache.num_tokens(seq_id)
+    def target_set(self, seq_id: int, ranked: list[int], num_tokens: int | None = None,
+                   group: int = 0) -> list[int]:
+        """must_keep, then ``ranked`` blocks, up to ``group``'s budget at the current length (or at
+        ``num_tokens``, a length the sequence will have)."""
+        n = self.cache.num_tokens(seq_id) if num_tokens is None else num_tokens
         budget = self.group_budget(group, self.blocks_for(n + 1))
-        complete = n // self.block_size
-        chosen = self.must_keep(seq_id, group)[:budget]
+        complete = min(n, self.cache.num_tokens(seq_id)) // self.block_size  # mirrored by then: complete now
+        chosen = self.must_keep(seq_id, n, group=group)[:budget]
         seen = set(chosen)
         for j in ranked:
             if len(chosen) >= budget:
@@ -163,17 +171,13 @@ class OffloadPolicy(Policy):
     def apply(self, seq_id: int, group: int, wanted: list[int]) -> None:
         """Make the resident set of one group exactly ``wanted`` (plus the open block): evict
         what is not wanted (no copy), copy in only what is missing."""
-        resident = self.cache.blocks.seqs[seq_id].resident[group]
         n = self.cache.num_tokens(seq_id)
         open_block = n // self.block_size if n % self.block_size else None
         want = set(wanted) | ({open_block} if open_block is not None else set())
-        evict = [j for j in resident if j not in want]
-        load = sorted(j for j in want if j not in resident)
+        # one pass: evict, promote what was staged, free staged slots of a plan that changed
+        load = sorted(self.cache.retain(seq_id, group, want))
         mirrored = len(self.cache.blocks.seqs[seq_id].host_ids)
-        missing = [j for j in load if j >= mirrored]
-        self.misses += len(missing)
-        self.cache.evict(seq_id, group, evict)
-        self.cache.unstage(seq_id, group, keep=want)  # staged for a plan that changed: free the slots first
+        self.misses += sum(1 for j in load if j >= mirrored)
         self.cache.load(seq_id, group, [j for j in load if j < mirrored])
 
     def shrink_reserve(self, seq_id: int, max_len: int) -> None:

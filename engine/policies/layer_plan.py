@@ -125,7 +125,9 @@ def model_identity(model) -> dict:
     stay within a few per cent across dtypes and quantisations of the same weights."""
     mc = model.config
     inner = model.model
-    rows = [inner.embed_tokens.weight[:4], inner.layers[0].self_attn.q_proj.weight[:4],
+    attn = inner.layers[0].self_attn
+    q_rows = (attn.q_proj if attn.qkv_proj is None else attn.qkv_proj).weight[:4]  # fused: q's rows come first
+    rows = [inner.embed_tokens.weight[:4], q_rows,
             inner.layers[-1].mlp.down_proj.weight[:4], inner.norm.weight[None]]
     fingerprint = [round(float(r.float().norm()), 5) for t in rows for r in t]
     return {"architecture": mc.architecture, "num_layers": mc.num_layers, "num_heads": mc.num_heads,

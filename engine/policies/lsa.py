@@ -13,8 +13,6 @@ every complete block). Sinks, the recent tail and the open block are always resi
 """
 from __future__ import annotations
 
-import math
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -23,6 +21,7 @@ import torch
 import kernels
 from engine.policies.base import OffloadPolicy, narrow, window_block_mass
 from engine.policies.indexer import LearnedIndexer
+from engine.policies.staging import CycleStaging
 
 
 class QuestIndexer:
@@ -51,9 +50,10 @@ class QuestIndexer:
         return torch.log_softmax(quest[0] * scale, dim=-1).amax(0)
 
 
-class LSAPolicy(OffloadPolicy):
+class LSAPolicy(CycleStaging, OffloadPolicy):
     """Level-1 plans at cycle boundaries from the indexer (``QuestIndexer``, or the learned one
-    ``config.indexer`` names), applied one cycle later; Level-2 top-k inside the resident set."""
+    ``config.indexer`` names), applied one cycle later; Level-2 top-k inside the resident set.
+    Boundaries, copies ahead and the device budget: ``CycleStaging`` (staging.py)."""
 
     def __init__(self, config, num_layers, block_size):
         super().__init__(config, num_layers, block_size)
@@ -68,9 +68,7 @@ class LSAPolicy(OffloadPolicy):
         self._step: dict[int, int] = {}  # decode steps done per sequence
         self._plan: dict[int, list[list[int]]] = {}  # pending plan: per group, ranked blocks
         self._first: dict[int, dict[int, torch.Tensor]] = {}  # seq -> layer -> prefill block scores
-        self._prefetch: dict[int, tuple[int, list[list[int]]]] = {}  # seq -> (blocks per step, per group queue)
-        self.cycles = 0
-        self.timing = {"rank_s": 0.0, "apply_s": 0.0}  # host time at boundaries (lookahead 1)
+        self._init_staging()
         # Level-1 ordering on a worker thread (CUDA: the host would otherwise hold up a step)
         self.background_rank = None
         self._ranker: ThreadPoolExecutor | None = None
@@ -80,13 +78,6 @@ class LSAPolicy(OffloadPolicy):
         super().bind(cache)
         if self.background_rank is None:
             self.background_rank = cache.device.type == "cuda"
-
-    def decode_reserve(self, max_len: int) -> int:
-        """The resident set's reserve plus spare slots the next plan's blocks are copied into."""
-        stage = 0
-        if self.config.lookahead and self.config.prefetch > 0:
-            stage = math.ceil(self.config.prefetch * self.max_group_budget(self.blocks_for(max_len)))
-        return min(self.blocks_for(max_len), super().decode_reserve(max_len) + stage)
 
     observes_decode = True
 
@@ -202,7 +193,7 @@ class LSAPolicy(OffloadPolicy):
 
     def _apply_ranked(self, seq_id: int, ranked: list[list[int]]) -> None:
         for g, blocks in enumerate(ranked):
-            self.apply(seq_id, g, self.target_set(seq_id, blocks, g))
+            self.apply(seq_id, g, self.target_set(seq_id, blocks, group=g))
 
     def after_prefill(self, seq_id: int) -> None:
         # from the prompt's last queries: exact attention while the prompt is on the device, or the indexer
@@ -210,69 +201,9 @@ class LSAPolicy(OffloadPolicy):
         self._apply_ranked(seq_id, ranked)
         self._plan[seq_id] = ranked
         # Sequences that start together would all reach their boundaries in the same step (one
-        # slow step for the batch): each one already decoding moves the next one's phase by an
-        # eighth of a cycle, so its first boundary comes that much sooner. Alone: phase 0.
-        decoding = sum(1 for s in self._step if s != seq_id) if self.config.stagger_boundaries else 0
-        self._step[seq_id] = decoding * max(1, self.config.cycle // 8) % self.config.cycle
-
-    def before_decode(self, seq_ids: list[int]) -> None:
-        for s in seq_ids:
-            step = self._step[s]
-            if step and step % self.config.cycle == 0:
-                t0 = time.perf_counter()
-                if self.config.lookahead:
-                    self._take_plan(s, wait=True)  # computed one cycle ago
-                    self._prefetch.pop(s, None)  # what was not copied ahead is copied now
-                    self._apply_ranked(s, self._plan[s])  # its blocks copied in by now
-                    for g in range(len(self.groups())):
-                        self.cache.unstage(s, g)
-                    t1 = time.perf_counter()
-                    if self.background_rank:
-                        self._next[s] = self._rank_in_background(s)
-                    else:
-                        self._plan[s] = self.rank(s)  # for the next boundary
-                        self._queue_prefetch(s)
-                    self.timing["apply_s"] += t1 - t0
-                    self.timing["rank_s"] += time.perf_counter() - t1
-                else:
-                    self._apply_ranked(s, self.rank(s))
-                self.cycles += 1
-            else:
-                self._take_plan(s, wait=False)
-                self._prefetch_some(s)
-            self._step[s] = step + 1
-
-    def _take_plan(self, seq_id: int, wait: bool) -> None:
-        """Adopt a plan ranked in the background once it is ready (or now, with ``wait``)."""
-        future = self._next.get(seq_id)
-        if future is not None and (wait or future.done()):
-            del self._next[seq_id]
-            self._plan[seq_id] = future.result()
-            if not wait:  # at a boundary the plan is applied at once: nothing to copy ahead
-                self._queue_prefetch(seq_id)
-
-    def _queue_prefetch(self, seq_id: int) -> None:
-        """Queue the next plan's missing blocks for copying during this cycle, spread over its
-        first half, into the spare slots of the reserve (what does not fit is copied at the boundary)."""
-        if self.config.prefetch <= 0:
-            return
-        seq = self.cache.blocks.seqs[seq_id]
-        growth = -(-self.config.cycle // self.block_size) + 1  # blocks the cycle's tokens may open
-        queues = []
-        for g, ranked in enumerate(self._plan[seq_id]):
-            spare = max(0, seq.reserve - seq.held(g) - growth)
-            queues.append([j for j in self.target_set(seq_id, ranked, g) if j not in seq.resident[g]][:spare])
-        per_step = -(-max(map(len, queues), default=0) // max(1, self.config.cycle // 2))
-        self._prefetch[seq_id] = (per_step, queues)
-
-    def _prefetch_some(self, seq_id: int) -> None:
-        per_step, queues = self._prefetch.get(seq_id, (0, []))
-        seq = self.cache.blocks.seqs[seq_id]
-        for g, queue in enumerate(queues):
-            if queue:
-                take = [j for j in queue[:per_step] if j not in seq.resident[g] and j not in seq.staged[g]]
-                self.cache.stage(seq_id, g, take)
-                del queue[:per_step]
+        # slow step for the batch): each one takes the phase farthest from the others'. Without
+        # stagger_boundaries, every first boundary a whole cycle away (plans independent of the batch).
+        self._step[seq_id] = self.first_phase(seq_id) if self.config.stagger_boundaries else 0
 
     # ------------------------------------------------------------ Level-2
 
@@ -289,9 +220,10 @@ class LSAPolicy(OffloadPolicy):
         return self._plan.get(seq_id)
 
     def forget(self, seq_id: int) -> None:
-        for state in (self._queries, self._step, self._plan, self._first, self._prefetch, self._next):
+        for state in (self._queries, self._step, self._plan, self._first, self._prefetch, self._next, self._ready):
             state.pop(seq_id, None)
+        self._rank_due.discard(seq_id)
 
     def stats(self) -> dict:
         return {"misses": self.misses, "cycles": self.cycles, "blocks_prefetched": self.cache.blocks_prefetched,
-                "blocks_loaded_late": self.cache.blocks_loaded_late}
+                "blocks_loaded_late": self.cache.blocks_loaded_late, "blocks_deferred": self.deferred}
