@@ -120,7 +120,7 @@ def test_budget_is_never_exceeded(model, tmp_path, local_weight, local_recent):
     policy = engine.policy
     assert isinstance(policy, LayerPlanPolicy) and policy.groups() == [[1, 2], [0, 3]]
     growth = -(-policy.config.cycle // BLOCK) + 1
-    checked = []
+    checked, staged = [], [0, 0]
 
     def check(engine, seq):
         cache = engine.cache
@@ -138,6 +138,8 @@ def test_budget_is_never_exceeded(model, tmp_path, local_weight, local_recent):
             tail = policy.group_tail(g, blocks)
             assert set(range(max(0, blocks - 1 - tail), blocks)) <= held
             layer_blocks += len(held) * len(cache.groups[g])
+            staged[g] = max(staged[g], len(state.staged[g]))  # copies ahead: within prefetch x the group's budget
+            assert len(state.staged[g]) <= policy.stage_cap(policy.blocks_for(n + 1), g)
         assert sum(b * len(cache.groups[g]) for g, b in enumerate(budgets)) <= 4 * policy.budget_blocks(blocks)
         assert layer_blocks <= 4 * (policy.budget_blocks(blocks) + growth)
         checked.append(blocks)
@@ -145,6 +147,7 @@ def test_budget_is_never_exceeded(model, tmp_path, local_weight, local_recent):
     seqs, logits = run(engine, max_tokens=50, hook=check)
     assert len(checked) > 100 and all(torch.isfinite(lg).all() for lg in logits)
     assert policy.misses == 0 and engine.cache.blocks.device[0].num_used == 0
+    assert sum(staged) > 0  # plans were copied ahead (into the group whose plans change)
     if local_recent == 1.0:  # the local group keeps a window: sinks + the most recent blocks, nothing selected
         assert policy.group_tail(1, 26) == policy.group_budgets(26)[1] - 2
 
