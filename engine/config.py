@@ -261,10 +261,16 @@ class PolicyConfig:
     late: str = option("defer", "lsa: a plan's blocks not copied ahead by its boundary: defer (the blocks they "
                        "replace stay a cycle more; no step waits for a copy) or load (copied at the boundary)",
                        choices=("defer", "load"))
+    stagger_boundaries: bool = option(True, "lsa: sequences that start decoding together reach their Level-1 "
+                                      "boundaries in different steps, each at the phase farthest from the "
+                                      "others' (False: every first boundary after a full cycle, so a "
+                                      "sequence's plans do not depend on its batch)")
     observation_window: int = option(32, "snapkv, and lsa's first plan: prompt queries that vote")
     first_plan: str = option("attention", "lsa's plan at the end of prefill: exact attention of the observation "
                              "window, or the indexer", choices=("attention", "indexer"))
     indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
+    layer_plan: str | None = option(None, "lsa: layer plan file (lsa calibrate): the layers in groups, each with its "
+                                    "own resident set and share of the budget; default: one set for all layers")
     index_score: str = option("quest", "zero-training indexer score", choices=("quest", "mean"))
 
     def __post_init__(self):

@@ -47,6 +47,7 @@ class LLMEngine:
         cache_cfg = config.cache
         self.block_size = cache_cfg.block_size_for(self.max_model_len)
         self.policy = policy or make_policy(config.policy, mc.num_layers, self.block_size)
+        self.policy.check_model(model)
         if self.policy.offloads and not cache_cfg.host_mirror:
             raise InvalidRequestError(f"policy {config.policy.name!r} evicts blocks to the host mirror; "
                                       f"enable the host mirror")
@@ -115,11 +116,19 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str = "", chat: bool = False, prefix_host_ids: list[int] = ()) -> Sequence:
-        """``prefix_host_ids``: host-mirror blocks holding the prompt's first tokens (a session's
-        context, prefix blocks): loaded when admitted, not prefilled."""
+    def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    request_id: str = "", chat: bool = False, prefix_host_ids: list[int] = (),
+                    prompt_state=None) -> Sequence:
+        """Queue a request. ``prompt_state`` (a PromptState of engine/prompt_state.py, captured over
+        this engine's model): the prompt is its tokens (``prompt`` None or the same ids), and its
+        prefill is written in from the state instead of run. ``prefix_host_ids``: host-mirror blocks
+        holding the prompt's first tokens (a session's context, prefix blocks): loaded when
+        admitted, not prefilled."""
         params = params or SamplingParams()
+        if prompt_state is not None:
+            if prompt is not None and list(prompt) != list(prompt_state.prompt_ids):
+                raise InvalidRequestError("the prompt differs from the prompt state's tokens")
+            prompt = list(prompt_state.prompt_ids)
         ids = self._encode(prompt, chat)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
@@ -128,7 +137,8 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         if params.max_tokens > room:
             params = SamplingParams(**{**params.__dict__, "max_tokens": room})
-        seq = Sequence(ids, params, request_id=request_id, prefix_host_ids=list(prefix_host_ids))
+        seq = Sequence(ids, params, request_id=request_id, prefix_host_ids=list(prefix_host_ids),
+                       prompt_state=prompt_state)
         if self._admit_blocks(seq) > self.cache.blocks.num_device_blocks:
             raise PromptTooLongError(
                 f"request needs {self._admit_blocks(seq)} device blocks but the whole device cache holds "

@@ -3,7 +3,8 @@
     DecodeBatch     policy.before_decode (boundaries, swaps) -> forward of one token per
                     sequence (a CUDA graph, or eager with per-step selection), launched ->
                     policy.after_launch (copies ahead, Level-1: host work the GPU hides) -> commit
-    PrefillSegment  forward of the segment (or of one layer of the whole prompt, layer by layer) -> commit;
+    PrefillSegment  forward of the segment (or of one layer of the whole prompt, layer by layer, or a
+                    prompt prefilled elsewhere written in: engine/prompt_state.py) -> commit;
                     at the prompt's end: policy.after_prefill (the first resident set), the
                     reserve shrinks to the decode reserve, and the last position's logits
 """
@@ -20,6 +21,7 @@ from engine.graphs import DecodeGraphRunner
 from engine.kv_cache import BlockKVCache
 from engine.layerwise import LayerwisePrefill
 from engine.model import LlamaForCausalLM
+from engine.prompt_state import write_prompt
 from engine.policies import Policy
 from engine.scheduler import Batch, DecodeBatch
 from engine.sequence import Sequence
@@ -30,6 +32,7 @@ class ModelRunner:
         self.model, self.cache, self.policy = model, cache, policy
         self.device = cache.device
         self.layerwise_prefill = config.layerwise_prefill
+        self.prefill_chunk = config.prefill_chunk
         self.attention = PagedAttention(cache, policy, model.config.head_dim)
         self.layerwise = LayerwisePrefill(model, cache, policy, config.prefill_chunk)
         self.graphs = self._graph_runner(config.cuda_graphs)
@@ -48,8 +51,8 @@ class ModelRunner:
         """Prefill this prompt layer by layer (offloading policies): a session turn always (its
         prefix streams from the host mirror, one layer at a time, instead of all of it onto the
         device); a new prompt with ``layerwise_prefill=True``, or, when unset, if it does not fit
-        the device pool. ``layerwise_prefill=False``: never."""
-        if self.layerwise_prefill is False or not self.policy.offloads:
+        the device pool. ``layerwise_prefill=False``, or a prompt prefilled elsewhere: never."""
+        if self.layerwise_prefill is False or not self.policy.offloads or seq.prompt_state is not None:
             return False
         return bool(self.layerwise_prefill) or bool(seq.prefix_host_ids) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
                                                 > self.cache.blocks.num_device_blocks)
@@ -85,6 +88,14 @@ class ModelRunner:
 
     def _prefill(self, seq: Sequence, end: int) -> torch.Tensor | None:
         start = seq.num_cached
+        if seq.prompt_state is not None:  # prefilled elsewhere: its K/V and observations written in
+            logits = write_prompt(self.cache, self.policy, seq.seq_id, seq.prompt_state, self.prefill_chunk,
+                                  self.attention.scale)
+            seq.num_cached = seq.prompt_len
+            self.policy.after_prefill(seq.seq_id)
+            if self.policy.offloads:
+                self.policy.shrink_reserve(seq.seq_id, seq.max_len)
+            return logits
         if seq.seq_id in self._layerwise_runs or (
                 start == len(seq.prefix_host_ids) * self.cache.block_size and self.prefills_layerwise(seq)):
             # the whole prompt (after a turn's prefix) layer by layer, one layer per segment:

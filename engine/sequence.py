@@ -36,6 +36,7 @@ class Sequence:
     prefix_host_ids: list[int] = field(default_factory=list)  # session blocks already mirrored (not prefilled)
     keep_host_blocks: int = 0  # leading host blocks a session keeps when the sequence finishes
     kept_host_ids: list[int] = field(default_factory=list)  # ... filled in when it finishes
+    prompt_state: object | None = None  # a PromptState: the prompt was prefilled elsewhere (engine/prompt_state.py)
 
     def __post_init__(self):
         if not self.request_id:

@@ -36,6 +36,55 @@ BUILTIN_NEEDLES = (
 )
 
 
+# facts for the session task: one document holds five of them, one question a turn
+SESSION_FACTS = BUILTIN_NEEDLES + (
+    Needle("The meeting with the architects will take place in Lisbon.",
+           "In which city will the meeting with the architects take place?", "Lisbon"),
+    Needle("The password to the garden shed is 'copper kettle'.", "What is the password to the garden shed?",
+           "copper kettle"),
+    Needle("Captain Ortega's ship is called the Silver Heron.", "What is Captain Ortega's ship called?",
+           "Silver Heron"),
+    Needle("The museum's oldest clock was built in 1642.", "In which year was the museum's oldest clock built?",
+           "1642"),
+    Needle("Doctor Alvarez keeps her spare keys inside a green teapot.",
+           "Where does Doctor Alvarez keep her spare keys?", "teapot"),
+    Needle("The winning horse of the autumn race was named Thunderbolt.",
+           "What was the name of the winning horse of the autumn race?", "Thunderbolt"),
+)
+
+# the texts ``lsa eval --texts`` knows by name (any other value is a file path)
+TEXT_NAMES = ("essays", "pydoc")
+
+
+def load_text(name: str, haystack_directory: str | Path | None = None, min_chars: int = 0, seed: int = 0) -> str:
+    """Long text by name: ``essays`` (the haystack: the shared essays, else synthetic filler),
+    ``pydoc`` (technical prose: the Python reference topics of the running interpreter's
+    ``pydoc_data.topics``, joined in name order), or the contents of a file."""
+    if name == "essays":
+        return load_haystack(haystack_directory, min_chars=min_chars, seed=seed)
+    if name == "pydoc":
+        try:
+            from pydoc_data.topics import topics
+        except ImportError as exc:
+            raise InvalidRequestError(f"this Python has no pydoc_data.topics ({exc}): give a text file instead") \
+                from exc
+        return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    path = Path(name)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read the evaluation text {name!r} (not {' or '.join(TEXT_NAMES)}, "
+                                  f"nor a readable file): {exc.strerror or exc}") from exc
+    if not text.strip():
+        raise InvalidRequestError(f"text file {name} is empty")
+    return text
+
+
+def text_label(name: str) -> str:
+    """How a text is named in records and tables: its name, or a file's stem."""
+    return name if name in TEXT_NAMES else Path(name).stem
+
+
 class HaystackNotFoundError(InvalidRequestError, FileNotFoundError):
     """A haystack directory that was asked for is missing or holds no ``.txt`` files."""
 
@@ -74,18 +123,12 @@ def synthetic_filler(num_chars: int, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
-def niah_prompt(tokenizer, haystack: str, needles: list[Needle] | tuple[Needle, ...], question: str,
-                context_tokens: int, depth: float) -> list[int]:
-    """Chat-formatted token ids: about ``context_tokens`` of haystack with the needles placed at
-    ``depth`` (0 = start, 1 = end; several needles spread evenly from there), then the question."""
+def place_needles(tokenizer, haystack: str, needles: list[Needle] | tuple[Needle, ...], budget: int,
+                  depth: float) -> str:
+    """About ``budget`` tokens of haystack with the needles put in at sentence boundaries, the
+    first at ``depth`` (0 = start, 1 = end), the others spread evenly from there to the end."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    head = "Read the following document carefully and answer the question after it.\n\n<document>\n"
-    tail = f"\n</document>\n\nQuestion: {question} Answer in one short sentence."
-    budget = context_tokens - len(tokenizer.encode_chat([{"role": "user", "content": head + tail}]))
-    budget -= sum(len(tokenizer.encode(" " + n.needle, add_special_tokens=False)) for n in needles)
-    if budget < 16:
-        raise ValueError(f"context_tokens={context_tokens} is too small for the question and needles")
     hay_ids = tokenizer.encode(haystack[: budget * 8], add_special_tokens=False)[:budget]
     pieces, prev = [], 0
     for i, needle in enumerate(needles):
@@ -101,5 +144,43 @@ def niah_prompt(tokenizer, haystack: str, needles: list[Needle] | tuple[Needle, 
         pieces.append(" " + needle.needle + " " + carry)
         prev = at
     pieces.append(tokenizer.decode(hay_ids[prev:]))
-    document = "".join(pieces)
+    return "".join(pieces)
+
+
+def needle_tokens(tokenizer, needles) -> int:
+    return sum(len(tokenizer.encode(" " + n.needle, add_special_tokens=False)) for n in needles)
+
+
+def niah_prompt(tokenizer, haystack: str, needles: list[Needle] | tuple[Needle, ...], question: str,
+                context_tokens: int, depth: float) -> list[int]:
+    """Chat-formatted token ids: about ``context_tokens`` of haystack with the needles placed at
+    ``depth`` (0 = start, 1 = end; several needles spread evenly from there), then the question."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    head = "Read the following document carefully and answer the question after it.\n\n<document>\n"
+    tail = f"\n</document>\n\nQuestion: {question} Answer in one short sentence."
+    budget = context_tokens - len(tokenizer.encode_chat([{"role": "user", "content": head + tail}]))
+    budget -= needle_tokens(tokenizer, needles)
+    if budget < 16:
+        raise ValueError(f"context_tokens={context_tokens} is too small for the question and needles")
+    document = place_needles(tokenizer, haystack, needles, budget, depth)
     return tokenizer.encode_chat([{"role": "user", "content": head + document + tail}])
+
+
+# A session as the served API builds one (cluster/sessions_api.py; tests/test_eval_session.py checks
+# they agree): the context is the chat prompt up to the end of the document, each question the
+# rest of a user turn; the two together are the chat prompt of the document and the question.
+SESSION_DOC_HEAD = "Read the following document carefully and answer the questions after it.\n\n<document>\n"
+SESSION_DOC_TAIL = "\n</document>\n\n"
+SESSION_QUESTION = "Question: {question} Answer in one short sentence."
+_SPLIT = "\x00LSA-SPLIT\x00"
+
+
+def session_context_ids(tokenizer, document: str) -> list[int]:
+    text = tokenizer.chat_prompt([{"role": "user", "content": SESSION_DOC_HEAD + document + SESSION_DOC_TAIL + _SPLIT}])
+    return tokenizer.encode(text.split(_SPLIT)[0], add_special_tokens=False)
+
+
+def session_question_ids(tokenizer, question: str) -> list[int]:
+    suffix = tokenizer.chat_prompt([{"role": "user", "content": _SPLIT}]).split(_SPLIT)[1]
+    return tokenizer.encode(SESSION_QUESTION.format(question=question.strip()) + suffix, add_special_tokens=False)

@@ -1,32 +1,33 @@
-"""The tasks of ``lsa eval``: building samples, and running one sample on one engine.
+"""The tasks of ``lsa eval``: what each sample is, and how the samples are built.
 
 Every task turns into a list of :class:`Sample` (token ids plus what the reply is checked
-against); :func:`run_sample` runs one sample through an :class:`~engine.llm.LLMEngine` whose
-attention policy is under test and returns a JSON-ready record.
+against); lab/running.py runs them on an :class:`~engine.llm.LLMEngine` whose attention policy
+is under test, many at once, and returns JSON-ready records.
 
 | task      | grid cell                   | metric                                                   |
 |-----------|-----------------------------|----------------------------------------------------------|
 | niah      | context x depth x needle    | answer string in the greedy reply (case-insensitive)     |
 | multikey  | context x depth x sample    | the asked key's value in the reply; others are distractors |
-| ppl       | context x window            | perplexity of the last tokens, teacher-forced via decode |
-| agreement | context x window            | greedy tokens identical to full attention's, first divergence; |
+| session   | context x document x turn   | one document, five facts at depths 0.1 .. 0.9, five questions |
+|           |                             | asked as successive turns of one session; each answer scored |
+| ppl       | text x context x window     | perplexity of the last tokens, teacher-forced via decode |
+| agreement | text x context x window     | greedy tokens identical to full attention's, first divergence; |
 |           |                             | teacher-forced: the policy's argmax on full's tokens     |
 """
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import InvalidRequestError
-from engine.hooks import score_continuation, teacher_force
-from engine.sampling import SamplingParams
-from lab.haystack import Needle, niah_prompt
+from lab.haystack import (SESSION_FACTS, Needle, needle_tokens, niah_prompt, place_needles, session_context_ids,
+                          session_question_ids)
 
-TASKS = ("niah", "multikey", "ppl", "agreement")
+TASKS = ("niah", "multikey", "session", "ppl", "agreement")
+TEXT_TASKS = ("ppl", "agreement")  # run on each of --texts; the others on the haystack
+SESSION_TURNS = 5
 
 _KEY_WORDS = ("amber harbor silent copper velvet northern hollow crimson lunar quiet rapid golden frozen "
               "bitter gentle hidden ancient wild").split()
@@ -35,24 +36,37 @@ _KEY_NOUNS = ("falcon lantern meadow orchard compass glacier violin pepper canyo
 
 
 @dataclass(frozen=True)
+class SessionTurn:
+    """One question of a session: its token ids (a turn's suffix) and the fact it asks for."""
+
+    question_ids: tuple[int, ...]
+    question: str
+    answer: str
+    depth: float  # where the fact sits in the document
+
+
+@dataclass(frozen=True)
 class Sample:
     """One prompt of one task. ``answer`` is checked in the reply (niah, multikey);
-    ``continuation`` is teacher-forced (ppl); agreement compares with full attention."""
+    ``continuation`` is teacher-forced (ppl); agreement compares with full attention; a
+    session's ``prompt_ids`` are its context and ``turns`` its questions, asked in order."""
 
     task: str
     context: int  # requested context length in tokens
     depth: float | None  # where the needles start (niah, multikey)
-    index: int  # needle or window number inside the grid cell
+    index: int  # needle, window or document number inside the grid cell
     prompt_ids: tuple[int, ...]
     answer: str = ""
     question: str = ""
     distractors: tuple[str, ...] = ()  # multikey: values of the keys not asked
     continuation: tuple[int, ...] = ()
+    text: str | None = None  # ppl and agreement: which text the window is of
+    turns: tuple[SessionTurn, ...] = ()
 
     @property
     def key(self) -> str:
         depth = "-" if self.depth is None else f"{self.depth:g}"
-        return f"{self.task}/{self.context}/{depth}/{self.index}"
+        return f"{self.task}/{self.text or '-'}/{self.context}/{depth}/{self.index}"
 
 
 # ------------------------------------------------------------------ needles and scoring
@@ -115,7 +129,7 @@ class TaskSpec:
     contexts: tuple[int, ...]
     depths: tuple[float, ...]
     needles: tuple[Needle, ...]
-    limit: int | None  # samples per grid cell; None: all needles, 2 windows / multikey samples
+    limit: int | dict | None  # samples per grid cell, or per task {task: n}; None: the task's default
     num_keys: int = 4
     ppl_tokens: int = 256
     agreement_tokens: int = 64
@@ -123,23 +137,31 @@ class TaskSpec:
     max_model_len: int = 8192
     seed: int = 0
 
+    def count(self, task: str) -> int | None:
+        """Samples per grid cell of ``task``: ``limit``, or its entry for the task."""
+        return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
+
     def fit(self, context: int, new_tokens: int) -> int:
         """The requested context, shortened so that prompt plus new tokens fit the model."""
         return min(context, self.max_model_len - new_tokens)
 
 
-def build_samples(task: str, spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
+def build_samples(task: str, spec: TaskSpec, tokenizer, text: str, text_name: str | None = None) -> list[Sample]:
+    """The samples of one task: ``text`` is the haystack (niah, multikey, session) or the text
+    whose windows ppl and agreement take (named ``text_name`` in the records)."""
     if task == "niah":
         return _niah_samples(spec, tokenizer, text)
     if task == "multikey":
         return _multikey_samples(spec, tokenizer, text)
-    if task in ("ppl", "agreement"):
-        return _window_samples(task, spec, tokenizer, text)
+    if task == "session":
+        return _session_samples(spec, tokenizer, text)
+    if task in TEXT_TASKS:
+        return _window_samples(task, spec, tokenizer, text, text_name)
     raise InvalidRequestError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
 
 
 def _niah_samples(spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
-    needles = spec.needles[: spec.limit] if spec.limit else spec.needles
+    needles = spec.needles[: spec.count("niah")] if spec.count("niah") else spec.needles
     return [Sample("niah", ctx, depth, i,
                    tuple(niah_prompt(tokenizer, text, [n], n.question, spec.fit(ctx, spec.max_tokens), depth)),
                    answer=n.answer, question=n.question)
@@ -150,7 +172,7 @@ def _multikey_samples(spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
     samples = []
     for ctx in spec.contexts:
         for depth in spec.depths:
-            for i in range(spec.limit or 2):
+            for i in range(spec.count("multikey") or 2):
                 rng = random.Random(f"{spec.seed}/{ctx}/{depth}/{i}")
                 needles, asked = multikey_needles(spec.num_keys, rng)
                 target = needles[asked]
@@ -161,10 +183,39 @@ def _multikey_samples(spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
     return samples
 
 
-def _window_samples(task: str, spec: TaskSpec, tokenizer, text: str) -> list[Sample]:
+def _session_samples(spec: TaskSpec, tokenizer, haystack: str) -> list[Sample]:
+    """``limit`` documents per context (default 4: 20 answers), each from its own stretch of the
+    haystack with five facts at depths 0.1, 0.28, .. 0.82; document d asks them starting from
+    fact d, so every depth comes at every turn across documents."""
+    samples = []
+    for ctx in spec.contexts:
+        for d in range(spec.count("session") or 4):
+            rng = random.Random(f"{spec.seed}/session/{ctx}/{d}")
+            facts = rng.sample(SESSION_FACTS, SESSION_TURNS)
+            questions = [session_question_ids(tokenizer, f.question) for f in facts]
+            target = spec.fit(ctx, spec.max_tokens) - max(map(len, questions))  # context tokens at most
+            budget = target - len(session_context_ids(tokenizer, "")) - needle_tokens(tokenizer, facts)
+            start = (d * 4 * ctx) % max(1, len(haystack) - 8 * budget)  # about 4 characters a token
+            while True:  # text and facts tokenized together may take a few tokens more than apart
+                if budget < 16 * SESSION_TURNS:
+                    raise InvalidRequestError(f"context {ctx} is too small for a session of {SESSION_TURNS} facts")
+                document = place_needles(tokenizer, haystack[start:], facts, budget, 0.1)
+                context_ids = session_context_ids(tokenizer, document)
+                if len(context_ids) <= target:
+                    break
+                budget -= len(context_ids) - target
+            depths = [0.1 + i * 0.9 / SESSION_TURNS for i in range(SESSION_TURNS)]
+            order = [(d + t) % SESSION_TURNS for t in range(SESSION_TURNS)]
+            turns = tuple(SessionTurn(tuple(questions[i]), facts[i].question, facts[i].answer, round(depths[i], 3))
+                          for i in order)
+            samples.append(Sample("session", ctx, None, d, tuple(context_ids), turns=turns))
+    return samples
+
+
+def _window_samples(task: str, spec: TaskSpec, tokenizer, text: str, text_name: str | None) -> list[Sample]:
     """Windows of ``context`` tokens of the text at evenly spread offsets: the prefix is the
     prompt; ppl teacher-forces its last ``ppl_tokens``, agreement generates after all of it."""
-    count = spec.limit or 2
+    count = spec.count(task) or 2
     new = spec.ppl_tokens if task == "ppl" else spec.agreement_tokens
     longest = max(spec.fit(c, 0 if task == "ppl" else new) for c in spec.contexts)
     ids = tokenizer.encode(text[: 8 * longest * count], add_special_tokens=False)
@@ -181,13 +232,12 @@ def _window_samples(task: str, spec: TaskSpec, tokenizer, text: str) -> list[Sam
         for i in range(count):
             window = ids[i * stride: i * stride + size]
             if task == "ppl":
-                samples.append(Sample(task, ctx, None, i, tuple(window[:-new]), continuation=tuple(window[-new:])))
+                samples.append(Sample(task, ctx, None, i, tuple(window[:-new]), continuation=tuple(window[-new:]),
+                                      text=text_name))
             else:
-                samples.append(Sample(task, ctx, None, i, tuple(window)))
+                samples.append(Sample(task, ctx, None, i, tuple(window), text=text_name))
     return samples
 
-
-# ------------------------------------------------------------------ running
 
 def agreement(reference: list[int], tokens: list[int]) -> tuple[float, int | None]:
     """Fraction of positions where ``tokens`` equals the full-attention ``reference``, and the
@@ -198,50 +248,3 @@ def agreement(reference: list[int], tokens: list[int]) -> tuple[float, int | Non
     same = [i < len(reference) and i < len(tokens) and reference[i] == tokens[i] for i in range(n)]
     first = next((i for i, s in enumerate(same) if not s), None)
     return sum(same) / n, first
-
-
-def forced_argmax(engine, context: list[int], continuation: list[int]) -> list[int]:
-    """The engine's greedy choice at every position of ``continuation`` when it is teacher-forced
-    after ``context`` through the decode path: [len(continuation)] token ids, the first from the
-    prefill's last logits. Position i sees ``context + continuation[:i]`` whatever was chosen before."""
-    choices: list[int] = []
-    teacher_force(engine, context, continuation, lambda i, row: choices.append(int(row.argmax())))
-    return choices
-
-
-def run_sample(engine, sample: Sample, spec: TaskSpec, reference: dict[str, list[int]],
-               is_reference: bool = False) -> dict:
-    """Run ``sample`` on ``engine``. For agreement, ``reference`` maps sample keys to full
-    attention's greedy tokens; the full run (``is_reference``) fills it with its own, once."""
-    record = {"task": sample.task, "key": sample.key, "context": sample.context, "depth": sample.depth,
-              "index": sample.index, "prompt_tokens": len(sample.prompt_ids)}
-    t0 = time.perf_counter()
-    if sample.task == "ppl":
-        logprobs = score_continuation(engine, list(sample.prompt_ids), list(sample.continuation))
-        nll = -float(logprobs.double().sum())
-        record.update(scored_tokens=len(sample.continuation), nll=nll,
-                      ppl=math.exp(nll / len(sample.continuation)), kv={})
-    else:
-        new = spec.agreement_tokens if sample.task == "agreement" else spec.max_tokens
-        params = SamplingParams(max_tokens=new, ignore_eos=sample.task == "agreement")
-        done = engine.generate([list(sample.prompt_ids)], params)[0]
-        record.update(reply=done.text, token_ids=done.token_ids, prefill_s=round(done.prefill_s, 4),
-                      decode_s=round(done.decode_s, 4), kv=done.kv)
-        if sample.task == "agreement":
-            if is_reference:
-                reference[sample.key] = list(done.token_ids)
-            ref = reference.get(sample.key)
-            if ref is None:
-                raise RuntimeError(f"no full-attention reference for {sample.key}: run full first")
-            record["agreement"], record["first_divergence"] = agreement(ref, done.token_ids)
-            # teacher-forced: full's tokens fed back, so one early flip does not change the later context
-            forced = list(ref) if is_reference else forced_argmax(engine, list(sample.prompt_ids), ref)
-            record["forced_token_ids"] = forced
-            record["agreement_forced"] = agreement(ref, forced)[0]
-        else:
-            record.update(answer=sample.answer, question=sample.question,
-                          correct=answer_found(done.text, sample.answer))
-            if sample.distractors:
-                record["distractor_hit"] = any(answer_found(done.text, d) for d in sample.distractors)
-    record["wall_s"] = round(time.perf_counter() - t0, 4)
-    return record

@@ -1,6 +1,7 @@
-"""``lsa eval`` end to end on SmolLM2 at a tiny context (every task, every policy), plus the
-pieces that decide the numbers: needle scoring, needles-file validation, multi-key prompts,
-token agreement. The model is loaded once for the module and handed to ``lsa eval``."""
+"""``lsa eval`` end to end on SmolLM2 at a tiny context (every task, every policy), the shared
+prefill against separate ones, plus the pieces that decide the numbers: needle scoring,
+needles-file validation, multi-key and session prompts, token agreement. The model is loaded
+once for the module and handed to ``lsa eval``."""
 import json
 import random
 
@@ -14,8 +15,9 @@ from engine.errors import InvalidRequestError, ModelNotFoundError  # noqa: E402
 from engine.weights import resolve_model  # noqa: E402
 from lab import evaluation  # noqa: E402
 from lab.haystack import synthetic_filler  # noqa: E402
-from lab.tasks import (TaskSpec, agreement, answer_found, build_samples, forced_argmax,  # noqa: E402
-                       load_needles, multikey_needles)
+from lab.running import RunInputs, run_samples  # noqa: E402
+from lab.tasks import (Sample, TaskSpec, agreement, answer_found, build_samples, load_needles,  # noqa: E402
+                       multikey_needles)
 
 try:
     resolve_model("smollm2-135m")
@@ -23,8 +25,10 @@ except ModelNotFoundError as exc:  # pragma: no cover - the test extra installs 
     pytest.skip(f"embedded model not installed: {exc}", allow_module_level=True)
 
 POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+TASKS = ("niah", "multikey", "session", "ppl", "agreement")
 TINY = ["--contexts", "384", "--depths", "0.5", "--limit", "1", "--max-tokens", "6", "--ppl-tokens", "16",
-        "--agreement-tokens", "8", "--block-size", "16", "--budgets", "0.25", "--device", "cpu", "--quiet"]
+        "--agreement-tokens", "8", "--block-size", "16", "--budgets", "0.25", "--min-resident-tokens", "0",
+        "--cycle", "4", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -54,58 +58,93 @@ def _spec(**kw):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_eval_end_to_end(policy, shared_model, tmp_path):
     out = tmp_path / "out"
-    rc = main(["eval", "--policies", policy, "--tasks", "niah,multikey,ppl,agreement", "--out", str(out), *TINY])
+    rc = main(["eval", "--policies", policy, "--tasks", ",".join(TASKS), "--texts", "essays,pydoc", "--out", str(out),
+               *TINY])
     assert rc == 0
 
     result = json.loads((out / "results.json").read_text())
     assert {"config", "timings", "aggregates", "records", "errors"} <= set(result)
     assert result["errors"] == []
     assert result["config"]["command"].startswith("lsa eval --policies " + policy)
-    assert result["timings"]["total_s"] > 0
+    assert result["timings"]["total_s"] > 0 and result["timings"]["captured_prompts"] == 6
     records = result["records"]
-    assert sorted(r["task"] for r in records) == ["agreement", "multikey", "niah", "ppl"]
+    assert sorted(r["task"] for r in records) == sorted(["niah", "multikey", "ppl", "ppl", "agreement", "agreement"]
+                                                        + ["session"] * 5)
     assert {r["policy"] for r in records} == {policy}
     assert {r["budget"] for r in records} == ({None} if policy == "full" else {0.25})
     by_task = {r["task"]: r for r in records}
-    for task in ("niah", "multikey"):
+    for task in ("niah", "multikey", "session"):
         r = by_task[task]
         assert r["correct"] == answer_found(r["reply"], r["answer"])
         assert 0 < len(r["token_ids"]) <= 6 and "device_kv_fraction" in r["kv"]
+    sessions = [r for r in records if r["task"] == "session"]
+    assert sorted(r["depth"] for r in sessions) == [0.1, 0.28, 0.46, 0.64, 0.82] and [r["turn"] for r in sessions] \
+        == [0, 1, 2, 3, 4]
+    assert all(r["prefill_tokens"] < 100 for r in sessions)  # each turn prefills its question, not the document
+    assert {r["text"] for r in records if r["task"] in ("ppl", "agreement")} == {"essays", "pydoc"}
     assert by_task["ppl"]["scored_tokens"] == 16 and by_task["ppl"]["ppl"] > 1.0
     assert len(by_task["agreement"]["token_ids"]) == 8
     assert 0.0 <= by_task["agreement"]["agreement"] <= 1.0
     assert len(by_task["agreement"]["forced_token_ids"]) == 8
     assert 0.0 <= by_task["agreement"]["agreement_forced"] <= 1.0
+    if policy not in ("full", "quest", "oracle"):  # a resident set under the budget (lsa: + a cycle's blocks)
+        assert by_task["ppl"]["kv"]["device_kv_fraction"] < 0.5
 
-    totals = {r["task"]: r for r in result["aggregates"] if r["context"] == "all"}
-    assert set(totals) == {"niah", "multikey", "ppl", "agreement"}
-    assert totals["niah"]["accuracy"] == float(by_task["niah"]["correct"])
-    assert totals["ppl"]["ppl"] == pytest.approx(by_task["ppl"]["ppl"])
+    totals = {(r["task"], r["text"]): r for r in result["aggregates"] if r["context"] == "all"}
+    assert {t for t, _ in totals} == set(TASKS)
+    niah = totals[("niah", None)]
+    assert niah["accuracy"] == float(by_task["niah"]["correct"]) and niah["ci"][0] <= niah["accuracy"] <= niah["ci"][1]
+    ppl = [r for r in records if r["task"] == "ppl" and r["text"] == "pydoc"][0]
+    assert totals[("ppl", "pydoc")]["ppl"] == pytest.approx(ppl["ppl"])
     (depth_row,) = [r for r in result["aggregates"] if r["task"] == "niah" and r["depth"] is not None]
     assert (depth_row["context"], depth_row["depth"], depth_row["n"]) == (384, 0.5, 1)
     if policy == "full":  # the reference compared with itself
-        assert totals["agreement"]["agreement"] == 1.0
+        agree = totals[("agreement", "essays")]
+        assert agree["agreement"] == 1.0 and agree["agreement_forced"] == 1.0
         assert by_task["agreement"]["first_divergence"] is None
-        assert totals["agreement"]["agreement_forced"] == 1.0
+        assert totals[("ppl", "essays")]["vs_full"] == 0.0
 
     md = (out / "results.md").read_text()
-    for task in ("niah", "multikey", "ppl", "agreement"):
-        assert f"### {task}:" in md
-    assert "| all (free-running) | first div. | teacher-forced % | n |" in md
+    for title in ("niah", "multikey", "session", "ppl (essays)", "ppl (pydoc)", "agreement (essays)"):
+        assert f"### {title}:" in md
+    assert "| agreement % | teacher-forced % | first div. | n |" in md
     row = next(line for line in md.splitlines() if line.startswith(f"| {policy} |"))
     assert len(row.split("|")) == len(md.splitlines()[md.splitlines().index(row) - 2].split("|"))
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_keep_going_records_a_failing_policy(shared_model, tmp_path, monkeypatch):
-    real = evaluation.run_sample
+def test_shared_prefill_gives_the_numbers_of_separate_prefills(shared_model, tmp_path):
+    """The grid with each prompt prefilled once for every policy against each policy prefilling
+    its own: the same records, bit for bit (one sample at a time: decoded together, a written-in
+    prompt joins the batch at another step than one prefilled in segments, so the rows of a
+    step differ; tests/test_prompt_state.py shows the tokens are still the same then)."""
+    argv = ["eval", "--policies", "full,lsa,snapkv", "--tasks", "niah,session,ppl,agreement", "--batch", "1", *TINY,
+            "--prefill-chunk", "128"]
+    results = []
+    for shared in ("--shared-prefill", "--no-shared-prefill"):
+        assert main([*argv, shared, "--out", str(tmp_path / shared)]) == 0
+        results.append(json.loads((tmp_path / shared / "results.json").read_text())["records"])
+    shared, separate = results
+    assert len(shared) == len(separate) == 3 * (1 + 5 + 1 + 1)
+    for a, b in zip(shared, separate):
+        assert (a["policy"], a["key"]) == (b["policy"], b["key"])
+        for field in ("token_ids", "forced_token_ids", "correct", "reply", "nll"):
+            assert a.get(field) == b.get(field), (a["key"], field)
+        if a["task"] != "session":  # sessions share the documents' KV through the host arena instead
+            assert a["kv"]["device_kv_bytes"] == b["kv"]["device_kv_bytes"]
 
-    def run_sample(engine, *a, **kw):
+
+def test_keep_going_records_a_failing_policy(shared_model, tmp_path, monkeypatch):
+    from lab import grid
+
+    real = grid.run_samples
+
+    def run_samples(engine, *a, **kw):
         if engine.config.policy.name == "streaming":
             raise RuntimeError("boom")
         return real(engine, *a, **kw)
 
-    monkeypatch.setattr(evaluation, "run_sample", run_sample)
+    monkeypatch.setattr(grid, "run_samples", run_samples)
     out = tmp_path / "out"
     argv = ["eval", "--policies", "full,streaming", "--tasks", "niah", "--out", str(out), *TINY]
     with pytest.raises(RuntimeError, match="boom"):
@@ -128,7 +167,7 @@ def test_bad_inputs_are_reported_before_loading(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--needles", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and "answer" in err
-    assert main(["eval", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert main(["eval", "--texts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "cannot read the evaluation text" in capsys.readouterr().err
 
 
@@ -202,29 +241,49 @@ def test_agreement():
     assert agreement([5], [6]) == (0.0, 0)
 
 
-def test_forced_argmax_reproduces_greedy_under_full_attention(loaded):
+def test_teacher_forcing_reproduces_greedy_under_full_attention(loaded):
+    """The agreement task's forced pass: full attention fed its own greedy tokens chooses them
+    again at every position; a streaming engine fed other tokens still takes its first from
+    the dense prefill."""
     from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
     from engine.llm import LLMEngine
-    from engine.sampling import SamplingParams
 
     model, tokenizer = loaded
     prompt = tokenizer.encode(synthetic_filler(2000, seed=1), add_special_tokens=False)[:200]
 
     def engine(**policy):
         cfg = EngineConfig(device="cpu", cache=CacheConfig(block_size=16),
-                           scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=256), policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
+                           scheduler=SchedulerConfig(max_num_seqs=2, max_model_len=256),
+                           policy=PolicyConfig(**{"min_resident_tokens": 0, **policy}))
         return LLMEngine(model, cfg, tokenizer)
 
+    sample = Sample("agreement", 200, None, 0, tuple(prompt))
+    reference: dict[str, list[int]] = {}
     full = engine(name="full")
-    greedy = full.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
-    assert forced_argmax(full, prompt, greedy) == greedy  # teacher forcing on its own tokens changes nothing
-    wrong = [greedy[0]] + [(t + 1) % 1000 for t in greedy[1:]]  # forced tokens that are not greedy
-    choices = forced_argmax(engine(name="streaming", budget=0.25), prompt, wrong)
-    assert len(choices) == 8 and choices[0] == greedy[0]  # the first comes from the dense prefill
+    spec = _spec(agreement_tokens=8)
+    (own,) = run_samples(full, [sample], RunInputs(spec, reference, is_reference=True))
+    assert len(reference[sample.key]) == 8 and own["agreement_forced"] == 1.0
+    (again,) = run_samples(full, [sample], RunInputs(spec, reference))  # the forced pass really run
+    assert again["forced_token_ids"] == reference[sample.key] and again["agreement"] == 1.0
+    greedy = reference[sample.key]
+    reference[sample.key] = [greedy[0]] + [(t + 1) % 1000 for t in greedy[1:]]  # forced tokens that are not greedy
+    (other,) = run_samples(engine(name="streaming", budget=0.25), [sample], RunInputs(spec, reference))
+    assert len(other["forced_token_ids"]) == 8 and other["forced_token_ids"][0] == greedy[0]
 
 
-def test_runs_full_once_and_first():
+def test_runs_full_once_and_first_and_variants():
     runs = evaluation._runs(("lsa", "full", "quest"), (0.05, 0.1))
-    assert runs == [("full", None), ("lsa", 0.05), ("lsa", 0.1), ("quest", 0.05), ("quest", 0.1)]
-    with pytest.raises(InvalidRequestError, match="unknown policies"):
-        evaluation._runs(("dense",), (0.1,))
+    assert [(r.label, r.name, r.budget) for r in runs] == [("full", "full", None), ("lsa", "lsa", 0.05),
+                                                           ("lsa", "lsa", 0.1), ("quest", "quest", 0.05),
+                                                           ("quest", "quest", 0.1)]
+    specs = evaluation._policy_list("full,planned=lsa:layer_plan=p.json:target_layers=3,4,7,lsa:tail_tokens=64")
+    assert specs == ("full", "planned=lsa:layer_plan=p.json:target_layers=3,4,7", "lsa:tail_tokens=64")
+    full, planned, tail = evaluation._runs(specs, (0.1,))
+    assert (planned.label, planned.name, planned.overrides) == ("planned", "lsa", {"layer_plan": "p.json",
+                                                                                    "target_layers": "3,4,7"})
+    assert (tail.label, tail.overrides) == ("lsa:tail_tokens=64", {"tail_tokens": "64"})
+    for bad, message in [(("dense",), "unknown policy"), (("lsa:tail_tokenz=3",), "did you mean 'tail_tokens'"),
+                         (("lsa:budget=0.2",), "set by the grid"), (("lsa:cycle",), "KEY=VALUE"),
+                         (("full:cycle=4",), "takes no settings"), (("a=lsa", "a=quest"), "labels repeat")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            evaluation._runs(bad, (0.1,))

@@ -16,6 +16,9 @@
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
+#     fidelity issue 10's accuracy grids on SmolLM2 (<= 7 min; docs/accuracy.md): layer plan by lsa calibrate,
+#              every task at rho 0.10 (8K, 4K; essays and pydoc; n = 20 per cell), the budget sweep 0.05-0.5
+#              (8K: ppl on both texts, NIAH); after receive 2 (the GGUF and the haystack)
 # Every phase writes JSON and logs under $OUT and prints a short summary last; each step has a
 # timeout (step NAME SECONDS command...), and $OUT/steps.txt lists every step's exit status and time.
 # LSA_REHEARSE=1: the issue-15 phases with tiny shapes on the CPU, the same steps (tests/test_device_session.py).
@@ -129,6 +132,30 @@ phase_early() {
     --out "$OUT/bench_decode_128k.json" 2>&1 | grep -v built | tail -8
 }
 
+phase_fidelity() {
+  # $LSA_MODEL: the SmolLM2 GGUF, $LSA_HAYSTACK: the essays (env.sh sets both). Files: layer_plan.json,
+  # grid/{results.json,results.md,accuracy.png}, sweep/ likewise, and the steps' logs; each eval rewrites its JSON
+  # and tables after every run, so a timeout leaves what was done. LSA_BEST (a policy spec) replaces the
+  # layer-plan variant; FID_* shrink the grid (docs/accuracy.md: what to cut when short, the CPU rehearsal).
+  local M=${LSA_MODEL:?source env.sh first} H=${LSA_HAYSTACK:?source env.sh first} BEST POLICIES COMMON
+  step fid_calibrate "${FID_CALIB_S:-75}" python3 -m cli calibrate --model "$M" --texts essays,pydoc \
+    --context "${FID_CALIB_CONTEXT:-4096}" --windows 4 --out "$OUT/layer_plan.json"
+  BEST=${LSA_BEST:-plan=lsa:layer_plan=$OUT/layer_plan.json}
+  if [ -z "${LSA_BEST:-}" ] && [ ! -f "$OUT/layer_plan.json" ]; then echo "no layer plan (calibrate failed): grid without it"; BEST=; fi
+  POLICIES="full,lsa,${BEST:+$BEST,}streaming,snapkv,quest"  # quest last: eager, the slowest per step
+  COMMON=(--model "$M" --haystack "$H" --block-size 16 --prefill-chunk 8192 --batch 20 --quiet --ppl-tokens 128
+          --max-tokens 24 --depths 0.1,0.3,0.5,0.7,0.9 --min-resident-tokens 0 --keep-going ${FID_EXTRA:-})
+  TAIL=3 step fid_grid "${FID_GRID_S:-225}" python3 -m cli eval "${COMMON[@]}" \
+    --tasks niah,multikey,session,ppl,agreement --texts essays,pydoc --contexts "${FID_CONTEXTS:-8192,4096}" \
+    --agreement-tokens 64 --budgets 0.1 --limit "${FID_LIMIT:-niah=4,multikey=4,session=4,ppl=20,agreement=20}" \
+    --policies "$POLICIES" --out "$OUT/grid"
+  [ "${FID_SWEEP_S:-120}" -gt 0 ] && TAIL=3 step fid_sweep "${FID_SWEEP_S:-120}" python3 -m cli eval "${COMMON[@]}" \
+    --tasks ppl,niah --texts essays,pydoc --contexts "${FID_SWEEP_CONTEXT:-8192}" --budgets 0.05,0.1,0.2,0.3,0.5 \
+    --limit "${FID_SWEEP_LIMIT:-niah=4,ppl=20}" --policies "$POLICIES" --out "$OUT/sweep"
+  for f in "$OUT"/grid/results.md "$OUT"/sweep/results.md; do [ -f "$f" ] && head -c 6000 "$f"; done
+  return 0
+}
+
 phase_floor() {
   # JSON: profile_step, bench_decode_b1, bench_decode_max (and floor.log, floor_tests.log)
   t0=$SECONDS
@@ -187,7 +214,7 @@ for phase in "$@"; do
   case $phase in
   served1) phase_prefill; phase_serve ;;
   served2) phase_checks; phase_pooled ;;
-  prefill | serve | checks | pooled | early) phase_$phase ;;
+  prefill | serve | checks | pooled | early | fidelity) phase_$phase ;;
   floor) phase_floor 2>&1 | tee -a "$OUT/floor.log" ;;
   floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;

@@ -67,9 +67,27 @@ class Policy:
         ``num_blocks`` blocks: ``tail_blocks``, or ``tail_tokens`` in whole blocks where that is
         more, capped at half of the budget left after the sinks and the open block, so that at
         least as many blocks stay for the selection as the token tail takes."""
+        return self.tail_size_within(self.budget_blocks(num_blocks))
+
+    def tail_size_within(self, budget: int) -> int:
+        """The tail rule of ``tail_size`` for a resident set of ``budget`` blocks."""
         by_tokens = -(-self.config.tail_tokens // self.block_size)
-        share = (self.budget_blocks(num_blocks) - self.config.sink_blocks - 1) // 2
+        share = (budget - self.config.sink_blocks - 1) // 2
         return max(self.config.tail_blocks, min(by_tokens, share))
+
+    # Budgets per layer group: one budget for every group here; a layer plan (layer_plan.py) gives
+    # each group its own, the layer-blocks of all groups held within L x budget_blocks.
+    def group_budget(self, group: int, num_blocks: int) -> int:
+        return self.budget_blocks(num_blocks)
+
+    def max_group_budget(self, num_blocks: int) -> int:
+        return self.budget_blocks(num_blocks)
+
+    def group_tail(self, group: int, num_blocks: int) -> int:
+        return self.tail_size(num_blocks)
+
+    def check_model(self, model) -> None:
+        """Raise if this policy was configured for another model (a layer plan is per model)."""
 
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         return self.blocks_for(max_len)
@@ -116,30 +134,31 @@ class OffloadPolicy(Policy):
         """Slots a decoding sequence may hold per group: the budget, the blocks a cycle's tokens
         open, and one spare; never more than the whole sequence has."""
         growth = -(-self.config.cycle // self.block_size) + 1
-        return min(self.blocks_for(max_len), self.budget_blocks(self.blocks_for(max_len)) + growth + 1)
+        return min(self.blocks_for(max_len), self.max_group_budget(self.blocks_for(max_len)) + growth + 1)
 
     def admit_blocks(self, prompt_len: int, max_len: int) -> int:
         # the whole prompt is on the device while it is prefilled, then the reserve shrinks
         return max(self.blocks_for(prompt_len + 1), self.decode_reserve(max_len))
 
-    def must_keep(self, seq_id: int, num_tokens: int | None = None) -> list[int]:
-        """Blocks always resident, most important first: the open block, the tail, the sinks
-        (at the sequence's length, or at ``num_tokens``)."""
+    def must_keep(self, seq_id: int, num_tokens: int | None = None, group: int = 0) -> list[int]:
+        """Blocks always resident in ``group``'s set, most important first: the open block, the
+        tail, the sinks (at the sequence's length, or at ``num_tokens``)."""
         n = self.cache.num_tokens(seq_id) if num_tokens is None else num_tokens
         open_block = n // self.block_size
-        size = self.tail_size(self.blocks_for(n + 1))
+        size = self.group_tail(group, self.blocks_for(n + 1))
         tail = list(range(open_block - 1, max(-1, open_block - 1 - size), -1))
         sinks = list(range(min(self.config.sink_blocks, open_block)))
         keep = [open_block] if n % self.block_size else []  # an empty open block is not allocated yet
         return list(dict.fromkeys(keep + tail + sinks))
 
-    def target_set(self, seq_id: int, ranked: list[int], num_tokens: int | None = None) -> list[int]:
-        """must_keep, then ``ranked`` blocks, up to the budget at the current length (or at
+    def target_set(self, seq_id: int, ranked: list[int], num_tokens: int | None = None,
+                   group: int = 0) -> list[int]:
+        """must_keep, then ``ranked`` blocks, up to ``group``'s budget at the current length (or at
         ``num_tokens``, a length the sequence will have)."""
         n = self.cache.num_tokens(seq_id) if num_tokens is None else num_tokens
-        budget = self.budget_blocks(self.blocks_for(n + 1))
+        budget = self.group_budget(group, self.blocks_for(n + 1))
         complete = min(n, self.cache.num_tokens(seq_id)) // self.block_size  # mirrored by then: complete now
-        chosen = self.must_keep(seq_id, n)[:budget]
+        chosen = self.must_keep(seq_id, n, group=group)[:budget]
         seen = set(chosen)
         for j in ranked:
             if len(chosen) >= budget:
@@ -169,21 +188,21 @@ class OffloadPolicy(Policy):
 
 
 def narrow(scores, table, num_blocks, last_len, budget_fn):
-    """Keep, per row, the last listed block plus the best-scoring others up to the budget.
-    scores [N, M] over the listed blocks (the last one is ignored)."""
+    """Keep, per row, the last listed block plus the best-scoring others up to the budget, in
+    table order. scores [N, M] over the listed blocks (the last one is ignored). One set of
+    tensor operations for the whole batch (the per-step cost of Quest, the oracle, Level-2)."""
     n, width = table.shape
     counts = num_blocks.tolist()
-    keep = [budget_fn(c) for c in counts]
-    valid = torch.arange(width, device=table.device)[None, :] < (num_blocks - 1)[:, None]
+    keep = torch.tensor([min(budget_fn(c), c) - 1 for c in counts], device=table.device)  # besides the last
+    cols = torch.arange(width, device=table.device)[None, :]
+    valid = cols < (num_blocks - 1)[:, None]
     order = torch.argsort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True)
-    out_w = max(keep)
-    out = torch.zeros(n, out_w, dtype=table.dtype, device=table.device)
-    out_n = torch.empty_like(num_blocks)
-    for i in range(n):
-        others = order[i, : min(keep[i], counts[i]) - 1]
-        row = torch.cat([table[i, others.sort().values], table[i, counts[i] - 1: counts[i]]])
-        out[i, : len(row)] = row
-        out_n[i] = len(row)
+    rank = torch.empty_like(order).scatter_(1, order, cols.expand(n, width))  # rank of each column
+    chosen = (rank < keep[:, None]) | (cols == (num_blocks - 1)[:, None])  # [N, M]
+    out_n = chosen.sum(1).to(num_blocks.dtype)
+    out_w = int(out_n.max())
+    first = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :out_w]  # chosen columns, in order
+    out = table.gather(1, first).masked_fill(cols[:, :out_w] >= out_n[:, None], 0)
     return out, out_n, last_len
 
 

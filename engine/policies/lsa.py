@@ -132,8 +132,9 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
             per_layer = {layer: s[: len(host_ids)] for layer, s in per_layer.items()}
         # only the head of a ranking is ever used: what fills the budget a cycle or two ahead
         n = self.cache.num_tokens(seq_id)
-        limit = (self.budget_blocks(self.blocks_for(n + 2 * self.config.cycle + 1)) + self.config.sink_blocks
-                 + self.tail_size(self.blocks_for(n + 2 * self.config.cycle + 1)) + 2)
+        ahead = self.blocks_for(n + 2 * self.config.cycle + 1)
+        limit = (self.max_group_budget(ahead) + self.config.sink_blocks
+                 + max(self.group_tail(g, ahead) for g in range(len(self.groups()))) + 2)
         scores = []
         for members in self.groups():
             layers = [m for m in members if m in per_layer] or list(per_layer)
@@ -192,7 +193,7 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
 
     def _apply_ranked(self, seq_id: int, ranked: list[list[int]]) -> None:
         for g, blocks in enumerate(ranked):
-            self.apply(seq_id, g, self.target_set(seq_id, blocks))
+            self.apply(seq_id, g, self.target_set(seq_id, blocks, group=g))
 
     def after_prefill(self, seq_id: int) -> None:
         # from the prompt's last queries: exact attention while the prompt is on the device, or the indexer
@@ -200,8 +201,9 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         self._apply_ranked(seq_id, ranked)
         self._plan[seq_id] = ranked
         # Sequences that start together would all reach their boundaries in the same step (one
-        # slow step for the batch): each one takes the phase farthest from the others'.
-        self._step[seq_id] = self.first_phase(seq_id)
+        # slow step for the batch): each one takes the phase farthest from the others'. Without
+        # stagger_boundaries, every first boundary a whole cycle away (plans independent of the batch).
+        self._step[seq_id] = self.first_phase(seq_id) if self.config.stagger_boundaries else 0
 
     # ------------------------------------------------------------ Level-2
 

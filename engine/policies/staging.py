@@ -16,7 +16,10 @@ the step.
   would replace stays for one more cycle, and the next plan, ranked again, brings it in then.
 - **Boundaries spread.** A sequence starting to decode takes the phase where the fewest of the
   decoding sequences have their boundaries, the farthest from the others, so at batch > 1 one
-  step carries at most ceil(batch / cycle) boundaries.
+  step carries at most ceil(batch / cycle) boundaries. ``stagger_boundaries=False``: every first
+  boundary a whole cycle away, so that a sequence's plans do not depend on its batch (the evals).
+- **Groups.** Each KV group (one, or a layer plan's: layer_plan.py) has its own plan, resident set,
+  budget and staging cap (``prefetch`` x its budget); the reserve is sized for the largest.
 
 The mixin holds no selection rule: which blocks a plan wants is ``rank`` and ``target_set``.
 """
@@ -73,11 +76,13 @@ class CycleStaging:
 
     # ------------------------------------------------------------ reserve
 
-    def stage_cap(self, num_blocks: int) -> int:
-        """Staging slots a sequence of ``num_blocks`` blocks may hold: ``prefetch`` x its budget."""
+    def stage_cap(self, num_blocks: int, group: int | None = None) -> int:
+        """Staging slots a sequence of ``num_blocks`` blocks may hold for ``group``: ``prefetch`` x
+        the group's budget (None: the largest group's, what the reserve is sized for)."""
         if not (self.config.lookahead and self.config.prefetch > 0):
             return 0
-        return math.ceil(self.config.prefetch * self.budget_blocks(num_blocks))
+        budget = self.max_group_budget(num_blocks) if group is None else self.group_budget(group, num_blocks)
+        return math.ceil(self.config.prefetch * budget)
 
     def decode_reserve(self, max_len: int) -> int:
         """The resident set's reserve plus the largest staging area (the reserve then follows
@@ -154,7 +159,7 @@ class CycleStaging:
         seq = self.cache.blocks.seqs[s]
         out = []
         for g, ranked in enumerate(self._plan[s]):
-            want = self.target_set(s, ranked, num_tokens)
+            want = self.target_set(s, ranked, num_tokens, group=g)
             if self.config.late == "defer" and self.config.prefetch > 0:
                 want = self._defer_unstaged(seq, g, want, ranked)
             out.append(want)
@@ -196,17 +201,18 @@ class CycleStaging:
         seq = blocks.seqs[s]
         n = self.cache.num_tokens(s)
         growth = -(-self.config.cycle // self.block_size) + 1  # blocks the cycle's tokens may open
-        missing = [[j for j in self.target_set(s, ranked) if j not in seq.resident[g]]
+        missing = [[j for j in self.target_set(s, ranked, group=g) if j not in seq.resident[g]]
                    for g, ranked in enumerate(self._plan[s])]
         self.churn.append(len(missing[0]))
-        cap = self.stage_cap(self.blocks_for(n + 1))
-        want = self._cycle_reserve(n) + min(cap, max(map(len, missing)))
+        num_blocks = self.blocks_for(n + 1)
+        caps = [self.stage_cap(num_blocks, g) for g in range(len(missing))]  # a layer plan's groups differ
+        want = self._cycle_reserve(n) + max(min(c, len(m)) for c, m in zip(caps, missing))
         held = max(seq.held(g) for g in range(len(missing)))
         blocks.set_reserve(s, max(held, min(want, blocks.max_reserve(s))))
         queues = []
         for g, queue in enumerate(missing):
             spare = max(0, seq.reserve - seq.held(g) - growth)
-            queues.append(queue[:min(cap, spare)])
+            queues.append(queue[:min(caps[g], spare)])
         per_step = -(-max(map(len, queues), default=0) // max(1, self.config.cycle // 2))
         self._prefetch[s] = (per_step, queues)
 
