@@ -83,13 +83,24 @@ def test_per_layer_groups_and_a_state_used_twice(model):
         assert tokens == own_tokens and all(torch.equal(a, b) for a, b in zip(logits, own_logits))
 
 
+def failure(engine, state) -> Exception | None:
+    """The error a request from ``state`` finished with (None if it finished well)."""
+    seq = engine.add_request(None, SamplingParams(max_tokens=4, ignore_eos=True), prompt_state=state)
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == ("error" if seq.error is not None else seq.finish_reason)
+    return seq.error
+
+
 def test_bad_uses_are_typed_errors(model):
     state = capture_prompt(recorder_engine(model, window=4), prompts()[0])
-    with pytest.raises(InvalidRequestError, match="observes the prompt's last 12 queries; the state holds 4"):
-        run(engine_for(model, name="snapkv", budget=0.2), states=[state])
+    # a state that does not fit the engine fails its own sequence (the engine goes on), typed
+    failed = failure(engine_for(model, name="snapkv", budget=0.2), state)
+    assert isinstance(failed, InvalidRequestError)
+    assert "observes the prompt's last 12 queries; the state holds 4" in str(failed)
     state = capture_prompt(recorder_engine(model), prompts()[0])
-    with pytest.raises(InvalidRequestError, match="prefill_chunk"):
-        run(engine_for(model, chunk=64, name="lsa", budget=0.2), states=[state])
+    failed = failure(engine_for(model, chunk=64, name="lsa", budget=0.2), state)
+    assert isinstance(failed, InvalidRequestError) and "prefill_chunk" in str(failed)
     with pytest.raises(InvalidRequestError, match="differs from the prompt state"):
         engine_for(model, name="full").add_request([5, 6, 7], prompt_state=state)
     with pytest.raises(InvalidRequestError, match="PromptRecorder"):

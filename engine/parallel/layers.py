@@ -50,6 +50,34 @@ def _keep_rows(linear: nn.Linear, start: int, stop: int) -> None:
     linear.out_features = stop - start
 
 
+def _rows_of(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """A new Linear of output features [start, stop) of ``linear``."""
+    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None, device="meta",
+                     dtype=linear.weight.dtype)
+    part.weight = nn.Parameter(linear.weight[start:stop].clone(), requires_grad=False)
+    if linear.bias is not None:
+        part.bias = nn.Parameter(linear.bias[start:stop].clone(), requires_grad=False)
+    return part
+
+
+def _unfuse(layer, full) -> bool:
+    """Split a layer's fused q|k|v and gate|up Linears (engine.model.fuse_projections) back into
+    their parts, so that each is sharded by its own heads or features; True if it was fused."""
+    attn, mlp = layer.self_attn, layer.mlp
+    fused = getattr(attn, "qkv_proj", None) is not None
+    if fused:
+        q, kv = full.num_heads * full.head_dim, full.num_kv_heads * full.head_dim
+        attn.q_proj, attn.k_proj, attn.v_proj = (_rows_of(attn.qkv_proj, 0, q), _rows_of(attn.qkv_proj, q, q + kv),
+                                                 _rows_of(attn.qkv_proj, q + kv, q + 2 * kv))
+        attn.qkv_proj = None
+    if getattr(mlp, "gate_up_proj", None) is not None:
+        i = full.intermediate_size
+        mlp.gate_proj, mlp.up_proj = _rows_of(mlp.gate_up_proj, 0, i), _rows_of(mlp.gate_up_proj, i, 2 * i)
+        mlp.gate_up_proj = None
+        fused = True
+    return fused
+
+
 class RowParallelLinear(nn.Module):
     """Input features [start, stop) of a linear layer; the partial products are summed over ranks,
     then the (whole) bias is added once. x [T, (stop-start)] -> [T, out]."""
@@ -111,6 +139,7 @@ def shard_model(model: LlamaForCausalLM, tp: TensorParallel) -> LlamaForCausalLM
     local = shard_config(full, tp)
     r = tp.rank
     for layer in model.model.layers:
+        fused = _unfuse(layer, full)  # sharded part by part, fused again after (4 GEMMs a layer, not 7)
         attn = layer.self_attn
         d = full.head_dim
         _keep_rows(attn.q_proj, r * local.num_heads * d, (r + 1) * local.num_heads * d)
@@ -122,6 +151,9 @@ def shard_model(model: LlamaForCausalLM, tp: TensorParallel) -> LlamaForCausalLM
         _keep_rows(mlp.gate_proj, r * i, (r + 1) * i)
         _keep_rows(mlp.up_proj, r * i, (r + 1) * i)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, r * i, (r + 1) * i, tp)
+        if fused:
+            attn.fuse()
+            mlp.fuse()
     embed_rows, start = _vocab_rows(model.model.embed_tokens.weight, tp)
     head_rows = embed_rows if full.tie_word_embeddings else _vocab_rows(model.lm_head.weight, tp)[0]
     model.model.embed_tokens = VocabParallelEmbedding(embed_rows, start, tp)
