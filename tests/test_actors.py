@@ -19,9 +19,8 @@ from engine.loader import random_model
 from engine.sampling import SamplingParams
 from engine.errors import SessionEvicted, SessionNotFound
 from engine.host_arena import ArenaLayout
+from tiny import TINY  # noqa: E402
 
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
 BLOCK = 8
 LAYOUT = ArenaLayout.of(TINY, BLOCK, torch.float32)
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)

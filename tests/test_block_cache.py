@@ -6,9 +6,8 @@ from engine.block_manager import BlockAllocator, BlockManager
 from engine.config import ModelConfig
 from engine.errors import CacheFullError
 from engine.kv_cache import BlockKVCache
+from tiny import CFG  # noqa: E402
 
-CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def test_allocator_hands_out_distinct_ids_and_refuses_when_empty():

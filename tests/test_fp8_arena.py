@@ -13,9 +13,8 @@ from engine.host_memory import FP8
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
+from tiny import TINY  # noqa: E402
 
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
 BLOCK = 8
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 POLICY = PolicyConfig(name="lsa", budget=0.3, cycle=4, min_resident_tokens=0)

@@ -9,11 +9,8 @@ from engine.kv_cache import BlockKVCache
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
+from tiny import CFG, TINY  # noqa: E402
 
-CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
 
 
 def test_round_trip_error_is_bounded_per_element():

@@ -10,9 +10,8 @@ from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
 from engine.host_arena import ArenaLayout
 from engine.host_mirror import HostMirror
+from tiny import CFG  # noqa: E402
 
-CFG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
 B = 4
 CPU = torch.device("cpu")
 

@@ -16,9 +16,8 @@ from engine.model import fuse_projections
 from engine.sampling import SamplingParams
 from lab.traces import TraceConfig, TraceJob, dump_traces, load_traces, read_manifest
 from lab.train_indexer import TrainConfig, cross_layer_scores, recall_report, train_indexer
+from tiny import TINY  # noqa: E402
 
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
 TRACE = TraceConfig(block_size=8, cycle=8, window=4, target_layers=(1, 2), top_p=0.6, min_votes=2)
 PROMPT, STEPS = 160, 32
 TOPICS, TOPIC_TOKENS = 4, 15  # tokens 4..63 in 4 topics of 15

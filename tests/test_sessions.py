@@ -12,9 +12,8 @@ from engine.errors import SessionEvicted, SessionNotFound
 from actors.session_table import SessionTable
 from engine.host_arena import ArenaLayout, HostArena
 from engine.sessions import SessionManager
+from tiny import TINY  # noqa: E402
 
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
 BLOCK = 8
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 

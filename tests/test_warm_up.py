@@ -11,9 +11,8 @@ from engine.host_arena import ArenaLayout
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
+from tiny import TINY  # noqa: E402
 
-TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=4,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
 BLOCK = 16
 CUDA = torch.cuda.is_available()
 
