@@ -28,7 +28,7 @@ from actors.config import ServeConfig
 from cluster import openai_api, protocol as p
 from cluster.metrics import EdgeMetrics, gauges, scrape_ray_nodes
 from cluster.sessions_api import SessionsAPI
-from cluster.taxonomy import EdgeError, call_worker, error_answer
+from cluster.taxonomy import EdgeError, call_worker, error_answer, own_request
 
 MSGPACK = "application/msgpack"
 
@@ -166,7 +166,7 @@ class Edge:
         rid, decode = openai_api.new_id(chat), self.tokenizer.decode
         if req.stream:
             handle = self.worker.options(method_name="stream", stream=True, **({"session_id": key} if key else {}))
-            streams = [handle.remote(ids, params_i) for params_i in params]
+            streams = [own_request(handle, ids, params_i) for params_i in params]
             firsts = await openai_api.first_items(streams)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             ttft = []

@@ -9,7 +9,8 @@ the error classes this tree has.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 
 import engine.errors as errors
 from cluster import protocol as p
@@ -84,13 +85,35 @@ def error_answer(exc: BaseException) -> tuple[int, p.ErrorResponse, dict]:
     return status, p.ErrorResponse(error=detail), dict(e.headers)
 
 
+def own_request(handle, *args, **kwargs):
+    """``handle.remote(*args, **kwargs)`` as a request of its own to Serve's router.
+
+    A call made while serving an HTTP request inherits that request's internal id, and Ray
+    Serve 2.60's router indexes its pending requests by that id (``_pending_requests_by_id``)
+    and hands a chosen replica to the pending request of the routed one's id. Two calls of one
+    request pending at once (an n=2 completion) share the id: the second is never indexed,
+    and whichever routing task finds a replica second finds no request to give it, so that
+    call retries with backoff for ever. A fresh internal id per call keeps them apart; the
+    user-visible ``request_id`` is kept. The cost: Serve files the call's in-flight record
+    under the fresh id, so cancelling the ingress request (a client that hangs up) no longer
+    cancels the worker call with it; the worker finishes the turn and its answer is dropped."""
+    from ray.serve import context
+
+    parent = context._get_serve_request_context()
+    token = context._serve_request_context.set(replace(parent, _internal_request_id=uuid.uuid4().hex))
+    try:
+        return handle.remote(*args, **kwargs)  # reads the request context now, not when awaited
+    finally:
+        context._serve_request_context.reset(token)
+
+
 async def call_worker(handle, *args, attempts: int = 4, **kwargs):
-    """``handle.remote(*args, **kwargs)``, again when the replica died under it: Serve drops the
-    dead replica and the next attempt is routed among the live ones (without the ``holder``
-    hint, which named the dead one)."""
+    """``handle.remote(*args, **kwargs)`` (``own_request``), again when the replica died under
+    it: Serve drops the dead replica and the next attempt is routed among the live ones
+    (without the ``holder`` hint, which named the dead one)."""
     for attempt in range(attempts):
         try:
-            return await handle.remote(*args, **kwargs)
+            return await own_request(handle, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             died = {c.__name__ for c in type(exc).__mro__} & {"ActorDiedError", "ActorUnavailableError",
                                                                "RayActorError"}
