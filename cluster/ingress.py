@@ -28,7 +28,7 @@ from actors.config import ServeConfig
 from cluster import openai_api, protocol as p
 from cluster.metrics import EdgeMetrics, gauges, scrape_ray_nodes
 from cluster.sessions_api import SessionsAPI
-from cluster.taxonomy import EdgeError, call_worker, error_answer
+from cluster.taxonomy import EdgeError, call_worker, error_answer, own_request
 
 MSGPACK = "application/msgpack"
 
@@ -166,7 +166,9 @@ class Edge:
         rid, decode = openai_api.new_id(chat), self.tokenizer.decode
         if req.stream:
             handle = self.worker.options(method_name="stream", stream=True, **({"session_id": key} if key else {}))
-            streams = [handle.remote(prompt_ids=ids, params=params_i) for params_i in params]
+            # n > 1: each call its own Serve request (cluster.taxonomy.own_request)
+            streams = [own_request(handle, prompt_ids=ids, params=params_i) if len(params) > 1
+                       else handle.remote(prompt_ids=ids, params=params_i) for params_i in params]
             firsts = await openai_api.first_items(streams)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             ttft = []
@@ -178,7 +180,8 @@ class Edge:
                 on_result=lambda out: self.metrics.answered(out, key is None, None, ttft[0] if ttft else None))
             return StreamingResponse(events, media_type="text/event-stream")
         handle = self.worker.options(method_name="generate", **({"session_id": key} if key else {}))
-        outs = await asyncio.gather(*(call_worker(handle, prompt_ids=ids, params=params_i) for params_i in params))
+        outs = await asyncio.gather(*(call_worker(handle, prompt_ids=ids, params=params_i, fan_out=len(params) > 1)
+                                       for params_i in params))
         for out in outs:
             self.metrics.answered(out, stateless=key is None, elapsed_s=time.perf_counter() - start)
         return self.reply(request, openai_api.answer(chat, rid, self.model, len(ids), outs, decode))

@@ -138,8 +138,9 @@ class KVLocalityRouter(RequestRouter):
         holder: if it is busy the request waits for it rather than lose its KV."""
         if pending_request is not None:
             # Serve asks again when every rank refused; without this flag it asks again at
-            # once, and that busy loop starves the router's event loop: the queue-length
-            # probes never answer and the request waits forever (seen with n=2 under load)
+            # once, a busy loop that starves the router's event loop (the queue-length probes
+            # never answer). The n=2 hang once blamed on it was two calls sharing one internal
+            # request id: cluster.taxonomy.own_request
             pending_request.routing_context.should_backoff = True
         session_id = self.session_key(pending_request)
         if session_id is not None:

@@ -9,6 +9,8 @@ OVERLOADED 429 + Retry-After (a full arena), UNAVAILABLE 503 + Retry-After (a de
 from __future__ import annotations
 
 import asyncio
+import uuid
+from dataclasses import replace
 
 from cluster import protocol as p
 from engine.errors import HTTPError, http_error
@@ -38,13 +40,38 @@ def error_answer(exc: BaseException) -> tuple[int, p.ErrorResponse, dict]:
     return status, p.ErrorResponse(error=detail), dict(e.headers)
 
 
-async def call_worker(handle, *args, attempts: int = 4, **kwargs):
+def own_request(handle, *args, **kwargs):
+    """``handle.remote(*args, **kwargs)`` as a request of its own to Serve's router.
+
+    A call made while serving an HTTP request inherits that request's internal id, and Ray
+    Serve 2.60's router indexes its pending requests by that id (``_pending_requests_by_id``)
+    and hands a chosen replica to the pending request of the routed one's id. Two calls of one
+    request pending at once (an n=2 completion) share the id: the second is never indexed,
+    and whichever routing task finds a replica second finds no request to give it, so that
+    call retries with backoff for ever. A fresh internal id per call keeps them apart; the
+    user-visible ``request_id`` is kept. The cost: Serve files the call's in-flight record
+    under the fresh id, so cancelling the ingress request (a client that hangs up) does not
+    cancel these calls with it: used only for fan-out (n > 1), whose turns then finish and
+    their answers are dropped."""
+    from ray.serve import context
+
+    parent = context._get_serve_request_context()
+    token = context._serve_request_context.set(replace(parent, _internal_request_id=uuid.uuid4().hex))
+    try:
+        return handle.remote(*args, **kwargs)  # reads the request context now, not when awaited
+    finally:
+        context._serve_request_context.reset(token)
+
+
+async def call_worker(handle, *args, attempts: int = 4, fan_out: bool = False, **kwargs):
     """``handle.remote(*args, **kwargs)``, again when the replica died under it: Serve drops the
     dead replica and the next attempt is routed among the live ones (without the ``holder``
-    hint, which named the dead one)."""
+    hint, which named the dead one). ``fan_out``: one of several calls of this request pending
+    at once (n > 1): sent as a request of its own (``own_request``); a single call keeps the
+    request's id, so that a client hanging up cancels it."""
     for attempt in range(attempts):
         try:
-            return await handle.remote(*args, **kwargs)
+            return await (own_request(handle, *args, **kwargs) if fan_out else handle.remote(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001
             died = {c.__name__ for c in type(exc).__mro__} & {"ActorDiedError", "ActorUnavailableError",
                                                                "RayActorError"}

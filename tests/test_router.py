@@ -17,6 +17,7 @@ from ray.serve._private.request_router.common import RequestRoutingContext  # no
 from ray_cluster import ray_cluster  # noqa: E402
 
 from cluster.router import KVLocalityRouter  # noqa: E402
+from cluster.taxonomy import own_request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CAPACITY = 10_000
@@ -102,6 +103,22 @@ def test_a_fresh_router_finds_sessions_from_published_stats(handle):
     results = [ask(fresh, session_id).result() for session_id in turns]
     assert all(held for _, held in results)
     assert [replica for replica, _ in results] == [owner[session_id] for session_id in turns]
+
+
+def test_concurrent_calls_of_one_request_are_all_routed(handle):
+    """Calls made while serving one request (an n=4 completion's turns, issued at once without a
+    session) inherit its internal request id; Serve's router matched a chosen replica to a
+    pending request by that id, so all but one waited for ever. ``own_request`` routes each."""
+    from ray.serve import context
+
+    token = context._serve_request_context.set(context._RequestContext(request_id="r1", _internal_request_id="r1"))
+    try:
+        responses = [own_request(handle.options(method_name="ask"), f"n{i}") for i in range(4)]
+        assert context._get_serve_request_context()._internal_request_id == "r1"  # the caller's context is kept
+    finally:
+        context._serve_request_context.reset(token)
+    answers = [r.result(timeout_s=20) for r in responses]
+    assert [held for _, held in answers] == [False] * 4  # none of them holds a session
 
 
 class _Meta:
