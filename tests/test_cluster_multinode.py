@@ -119,7 +119,9 @@ def test_reported_plan_stages_spilled_blocks_before_the_turn(cluster):
     assert ray.get(indexer.report_plans.remote([report])) == len(logical)
     staged = ray.get(a.stats.remote())
     assert staged.staged_blocks == len(logical)  # on the worker's node before the turn
-    assert staged.blocks_prefetched - before.blocks_prefetched == len(logical)
+    # node-wide counter: plans the worker reported for the module's other sessions (sent in
+    # batches, fire-and-forget) may stage their blocks meanwhile
+    assert staged.blocks_prefetched - before.blocks_prefetched >= len(logical)
     answer = client.request("POST", f"/v1/sessions/{session_id}/ask", {"question": "How many?", "max_tokens": 8})
     assert answer["text"] == local["text"] and answer["prefill_tokens"] == local["prefill_tokens"]
     assert ray.get(a.stats.remote()).blocks_fetched_at_use == before.blocks_fetched_at_use  # zero
