@@ -27,6 +27,7 @@ import torch
 
 from actors.messages import ArenaInfo, PlanReport, TurnResult, WorkerStats
 from actors.plans import PlanReporter
+from actors.requests import Request, copy_outcome, process_memory, relay
 from actors.session_recovery import SessionRecovery
 from actors.session_store import SessionStore, Stores
 from actors.store_healing import StoreHealing
@@ -36,22 +37,6 @@ from engine.logprobs import LogprobsRecorder
 from engine.prefix import block_hashes, routing_keys
 from engine.sampling import SamplingParams
 from engine.sessions import SessionManager, Turn
-
-
-class Request:
-    """One caller's request. ``future`` stays pending until the answer, so that cancelling it
-    works; ``admit`` (run on an admission thread) starts it and returns its turn's result future."""
-
-    def __init__(self, admit: Callable[[Request], Future], retries: int = 1):
-        self.future: Future = Future()
-        self.admit = admit
-        self.retries = retries  # runs again after a failure of its node's store
-        self.attempt = 0
-        self.seq_id: int | None = None  # the sequence running for it now
-        self.generation = 0  # the store generation it was admitted under...
-        self.store: SessionStore | None = None  # ... and that store, which its turn settles with
-        self.prefix_hashes: list[str] = []  # prefix blocks pinned for it in the store
-        self.cancelled = False
 
 
 class DecodeWorkerCore:
@@ -189,7 +174,7 @@ class DecodeWorkerCore:
             request.future.add_done_callback(lambda f: f.cancelled() and self._cancelled(request))
         attempt = request.attempt
         self._admission.submit(self._run_admission, request).add_done_callback(
-            lambda f: _relay(f, request, attempt))
+            lambda f: relay(f, request, attempt))
         return request.future
 
     def _run_admission(self, request: Request) -> Future:
@@ -284,7 +269,7 @@ class DecodeWorkerCore:
             if turn.session_id == session_id and seq_id in self._pending:
                 self._abort(self._pending[seq_id][2], RequestCancelled(f"session {session_id} was deleted"))
         # the settling thread is one thread: the aborted turns unpin before the store deletes
-        self._settling.submit(self.store.delete, session_id).add_done_callback(lambda f: _copy(f, done))
+        self._settling.submit(self.store.delete, session_id).add_done_callback(lambda f: copy_outcome(f, done))
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -424,59 +409,6 @@ class DecodeWorkerCore:
     def idle(self) -> bool:
         """Nothing admitted, running or waiting."""
         return not self.engine.has_work() and not self._pending
-
-
-def process_memory(device: torch.device) -> dict[str, int]:
-    """This process's memory: what a leak would grow (host RSS, GPU memory, torch's pinned pool)."""
-    import os
-
-    rss = 0
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    out = {"pid": os.getpid(), "rss_bytes": rss}
-    if device.type == "cuda":
-        out["gpu_allocated_bytes"] = torch.cuda.memory_allocated(device)
-        out["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
-        try:
-            out["pinned_host_bytes"] = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
-        except (RuntimeError, AttributeError):
-            pass
-    return out
-
-
-def _relay(inner: Future, request: Request, attempt: int) -> None:
-    """Complete the request's future from attempt ``attempt``'s admission, following a future
-    that resolves to a future; a later attempt (a retry) makes this one's outcome moot."""
-    outer = request.future
-    if outer.done() or request.attempt != attempt:
-        return
-    exc = inner.exception()
-    if exc is not None:
-        _complete(outer, exc=exc)
-        return
-    value = inner.result()
-    if isinstance(value, Future):
-        value.add_done_callback(lambda f: _relay(f, request, attempt))
-    else:
-        _complete(outer, value=value)
-
-
-def _complete(future: Future, value=None, exc: BaseException | None = None) -> None:
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-    except Exception:  # cancelled meanwhile (InvalidStateError)
-        pass
-
-
-def _copy(source: Future, target: Future) -> None:
-    exc = source.exception()
-    _complete(target, value=None if exc else source.result(), exc=exc)
 
 
 __all__ = ["DecodeWorkerCore", "Request"]
