@@ -5,21 +5,13 @@ Tolerances, ||out - ref|| / ||ref|| over the whole output: fp32 1e-5, fp16 2e-3,
 (fp32, scores are exact products of the rounded inputs) max abs error 5e-5, sums 1 +- 1e-5.
 On CPU the Triton path runs under TRITON_INTERPRET=1 in fp32 / fp16; on CUDA in bf16 / fp16.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
+from kernel_cases import CUDA, DEVICE_DTYPES, TOL, rel_err  # first: sets TRITON_INTERPRET on CPU
+import kernels
+from kernels import reference
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE_DTYPES = ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA
-                 else [("cpu", torch.float32), ("cpu", torch.float16)])
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 BACKENDS = ["triton", "torch"]
 
 
@@ -75,9 +67,6 @@ def attention_f64(q, k_cache, v_cache, table, num_blocks, last_len, scale):
                 mass[n, h, j] = chunk.sum()
     return out, mass
 
-
-def rel_err(x, ref):
-    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 SHAPES = [  # (Hq, Hkv, D, B): GQA ratios 1, 4, 8, 3 (3 = SmolLM2's 9 / 3)

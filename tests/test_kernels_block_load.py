@@ -8,20 +8,13 @@ arithmetic, 1e-6 relative). ``load_blocks``: the kernel writes exactly what the 
 (fp32: within 1e-6 relative; fp16 / bf16: within one rounding of the pool dtype) into the listed
 slots and nothing else (the rest of the pool stays NaN).
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
+from kernel_cases import DEVICE_DTYPES  # first: sets TRITON_INTERPRET on CPU
+import kernels
+from kernels import reference
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE_DTYPES = ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA
-                 else [("cpu", torch.float32), ("cpu", torch.float16)])
 FP16_STEP = 2.0 ** -10  # relative spacing of float16 normals
 
 

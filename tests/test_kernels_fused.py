@@ -1,18 +1,11 @@
 """Fused RMSNorm (+ residual add), rotary and SiLU*up (Triton, and the torch reference the CPU
 runs) against float64 math on random inputs; the Triton ones also against the reference."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
+from kernel_cases import DEVICE_DTYPES  # first: sets TRITON_INTERPRET on CPU
+from kernels import reference
 
-from kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE_DTYPES = ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA
-                 else [("cpu", torch.float32), ("cpu", torch.float16)])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

@@ -5,21 +5,12 @@ change (unused positions start as NaN and must stay NaN). Summaries: min / max e
 float64 values cast to the summary dtype; mean within rtol 1e-5 (fp32), 2e-3 (fp16),
 1e-2 (bf16), atol 1e-5. Summary rows of untouched blocks stay NaN.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE_DTYPES = ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA
-                 else [("cpu", torch.float32), ("cpu", torch.float16)])
-MEAN_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from kernel_cases import DEVICE_DTYPES, TOL as MEAN_RTOL  # first: sets TRITON_INTERPRET on CPU
+import kernels
+from kernels import reference
 
 
 def write_impl(backend):

@@ -6,21 +6,12 @@ read). Tolerances, ||out - ref|| / ||ref||: fp32 1e-5, fp16 2e-3, bf16 1e-2. On 
 kernel runs under TRITON_INTERPRET=1 (fp32 / fp16, small tiles so that every stage and ragged
 edge is crossed); on CUDA in bf16 / fp16 at its default tiles too.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE_DTYPES = ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA
-                 else [("cpu", torch.float32), ("cpu", torch.float16)])
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from kernel_cases import CUDA, DEVICE_DTYPES, TOL, rel_err  # first: sets TRITON_INTERPRET on CPU
+import kernels
+from kernels import reference
 
 
 def impl(backend):
@@ -56,9 +47,6 @@ def attention_f64(q, k, v, start, scale):
             out[i, h] = p @ vals
     return out
 
-
-def rel_err(x, ref):
-    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 CASES = [  # (Hq, Hkv, D, start, T): GQA 1 / 4 / 8 / 3, D 64 / 128, start 0 / > 0, ragged T

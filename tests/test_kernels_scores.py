@@ -3,20 +3,12 @@
 block_scores tolerance: |out - ref| <= 1e-5 * |ref| + 1e-4 (fp32 sums of D exact products of
 the rounded inputs; values are O(10)). Padding entries must be exactly -inf.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE_DTYPES = ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA
-                 else [("cpu", torch.float32), ("cpu", torch.float16)])
+from kernel_cases import DEVICE_DTYPES  # first: sets TRITON_INTERPRET on CPU
+import kernels
+from kernels import reference
 
 
 def scores_impl(backend):
