@@ -13,32 +13,24 @@ from actors.indexer import IndexerCore
 from actors.kv_store import KVStoreCore, arena_path
 from actors.messages import SPILLED
 from actors.session_store import LocalStores
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
 from engine.llm import LLMEngine
-from engine.loader import random_model
 from engine.sampling import SamplingParams
 from engine.errors import SessionEvicted, SessionNotFound
 from engine.host_arena import ArenaLayout
-from tiny import TINY  # noqa: E402
+from tiny import TINY, engine_config, tokens  # noqa: E402
 
 BLOCK = 8
 LAYOUT = ArenaLayout.of(TINY, BLOCK, torch.float32)
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(TINY, "cpu", torch.float32, seed=7)
+SEED = 7  # the conftest's model fixture
 
 
 def make_engine(model):
-    cfg = EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
-                       scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=64), policy=PolicyConfig("full"))
+    cfg = engine_config(BLOCK)
     return lambda arena: LLMEngine(model, cfg, arena=arena)
-
-
-def tokens(n, seed):
-    return torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture()

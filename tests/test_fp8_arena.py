@@ -7,13 +7,13 @@ from actors.decode_worker import DecodeWorkerCore
 from actors.kv_store import KVStoreCore, arena_path
 from actors.messages import SPILLED
 from actors.session_store import LocalStores
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.config import PolicyConfig
 from engine.host_arena import ArenaLayout, HostArena
 from engine.host_memory import FP8
 from engine.llm import LLMEngine
 from engine.loader import random_model
 from engine.sampling import SamplingParams
-from tiny import TINY  # noqa: E402
+from tiny import TINY, engine_config, tokens  # noqa: E402
 
 BLOCK = 8
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -21,12 +21,7 @@ POLICY = PolicyConfig(name="lsa", budget=0.3, cycle=4, min_resident_tokens=0)
 
 
 def config():
-    return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=128, host_dtype="fp8"),
-                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=64), policy=POLICY)
-
-
-def tokens(n, seed):
-    return torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return engine_config(BLOCK, 128, policy=POLICY, host_dtype="fp8")
 
 
 def test_fp8_layout_views_and_sizes():

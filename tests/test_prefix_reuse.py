@@ -3,6 +3,7 @@ sessions, a stateless chat whose turns prefill only their new tokens (decode wor
 and the router sending a prompt to the replica that holds its longest prefix."""
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,33 +13,26 @@ from actors.decode_worker import DecodeWorkerCore
 from actors.kv_store import KVStoreCore, arena_path
 from actors.session_table import SessionTable
 from cluster.router import KVLocalityRouter
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.factory import ByteTokenizer
 from engine.host_arena import ArenaLayout
 from engine.llm import LLMEngine
-from engine.loader import random_model
 from engine.prefix import block_hashes, routing_depths, routing_keys
 from engine.sampling import SamplingParams
+import tiny
+from tiny import BYTES, engine_config
 
-TINY = ModelConfig(architecture="llama", vocab_size=260, hidden_size=64, intermediate_size=96, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048, eos_token_ids=(0,))
 BLOCK = 8
-LAYOUT = ArenaLayout.of(TINY, BLOCK, torch.float32)
+MODEL, SEED = replace(BYTES, max_position_embeddings=2048), 5  # the conftest's model fixture
+LAYOUT = ArenaLayout.of(MODEL, BLOCK, torch.float32)
 ANSWER = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(TINY, "cpu", torch.float32, seed=5)
-
-
 def config():
-    return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=400),
-                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=256), policy=PolicyConfig("full"))
+    return engine_config(BLOCK, 400, prefill_chunk=256)
 
 
 def tokens(n, seed):
-    return torch.randint(4, 260, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return tiny.tokens(n, seed, BYTES.vocab_size, low=4)
 
 
 def test_block_hash_chains_name_a_block_and_everything_before_it():

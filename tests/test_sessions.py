@@ -3,30 +3,25 @@ prefix prefill; LRU eviction of idle sessions; host blocks accounted."""
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.config import PolicyConfig
 from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
-from engine.loader import random_model
 from engine.sampling import SamplingParams
 from engine.errors import SessionEvicted, SessionNotFound
 from actors.session_table import SessionTable
 from engine.host_arena import ArenaLayout, HostArena
 from engine.sessions import SessionManager
-from tiny import TINY  # noqa: E402
+from tiny import TINY, engine_config  # noqa: E402
 
 BLOCK = 8
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(TINY, "cpu", torch.float32, seed=5)
+SEED = 5  # the conftest's model fixture
 
 
 def config(policy="full", chunk=40, **kw):
-    return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
-                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=chunk),
-                        policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
+    return engine_config(BLOCK, prefill_chunk=chunk, policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
 
 
 class Sessions:

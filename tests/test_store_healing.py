@@ -5,23 +5,20 @@ while no store answers, then it maps the new arena, and the turns in flight run 
 import threading
 import time
 
-import pytest
 import torch
 
 from actors.decode_worker import DecodeWorkerCore
 from actors.kv_store import KVStoreCore, arena_path
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import StoreUnavailable
 from engine.factory import ByteTokenizer
 from engine.host_arena import ArenaLayout
 from engine.llm import LLMEngine
-from engine.loader import random_model
 from engine.sampling import SamplingParams
+import tiny
+from tiny import BYTES, engine_config
 
-TINY = ModelConfig(architecture="llama", vocab_size=260, hidden_size=64, intermediate_size=96, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(0,))
 BLOCK = 8
-LAYOUT = ArenaLayout.of(TINY, BLOCK, torch.float32)
+LAYOUT = ArenaLayout.of(BYTES, BLOCK, torch.float32)
 LONG = SamplingParams(max_tokens=20, ignore_eos=True)
 
 
@@ -43,18 +40,15 @@ class MortalStore:
         return call
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(TINY, "cpu", torch.float32, seed=11)
+MODEL, SEED = BYTES, 11  # the conftest's model fixture
 
 
 def config():
-    return EngineConfig(cache=CacheConfig(block_size=BLOCK, num_device_blocks=256),
-                        scheduler=SchedulerConfig(max_num_seqs=4, prefill_chunk=64), policy=PolicyConfig("full"))
+    return engine_config(BLOCK)
 
 
 def tokens(n, seed):
-    return torch.randint(4, 260, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return tiny.tokens(n, seed, BYTES.vocab_size, low=4)
 
 
 def test_a_worker_moves_to_the_new_store_and_reruns_its_turns(tmp_path, model):
