@@ -54,8 +54,9 @@ def local_app(app_args: dict, num_cpus: int | None = None, port: int = 8000, hos
     def on_term(*_):
         raise KeyboardInterrupt("SIGTERM")
 
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, on_term)
+    # Ray's driver installs a C-level SIGTERM handler in ray.init that aborts the process (no
+    # cleanup: the arena, this temp folder and Ray's processes stayed behind): ours goes in after.
+    stop_on_term = signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
     os.environ["RAY_TMPDIR"] = tmp
     os.environ.setdefault("LSA_KV_DIR", tmp if not os.path.isdir("/dev/shm") else "/dev/shm")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([saved["PYTHONPATH"]] if saved.get("PYTHONPATH")
@@ -64,6 +65,8 @@ def local_app(app_args: dict, num_cpus: int | None = None, port: int = 8000, hos
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace=namespace,
                  configure_logging=False)
+        if stop_on_term:
+            signal.signal(signal.SIGTERM, on_term)
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         from cluster.serve_app import app
 
