@@ -1,8 +1,27 @@
-"""Fixtures every test module may use. The shared configurations and builders are plain
-functions in tiny.py (importable by helpers too); here only what pytest injects."""
+"""Fixtures every test module may use, and modules that run in their own process.
+
+The shared configurations and builders are plain functions in tiny.py (importable by helpers
+too); here only what pytest injects.
+
+``pytestmark = pytest.mark.own_process``: the module's tests run in a pytest process of their
+own when the session also runs other modules. Ray Serve keeps driver-side state (its router
+threads and long-poll clients) after ``serve.shutdown()`` and ``ray.shutdown()``, and a later
+module's Ray cluster in the same process could then wait for ever on its first handle call
+(seen late in full runs, never alone). The module then shows as one test here; its own
+results, failures in full, are in that test's report.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tiny import TINY, tiny_model
+
+CHILD = "LSA_TEST_CHILD"  # set in a module's own process
+OWN_PROCESS_TIMEOUT_S = 2400
+SUMMARIES = pytest.StashKey[list]()
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +29,65 @@ def model(request):
     """The module's random model: its ``MODEL`` config (default TINY) with its ``SEED``
     (default 3), fp32 on the CPU. A module that needs another device or dtype defines its own."""
     return tiny_model(getattr(request.module, "MODEL", TINY), getattr(request.module, "SEED", 3))
+
+
+class ModuleProcessFailed(Exception):
+    pass
+
+
+class ModuleInOwnProcess(pytest.Item):
+    """A module's selected tests, run by ``python -m pytest`` in a child process."""
+
+    def __init__(self, *, node_ids: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.node_ids = node_ids
+        self.add_marker(pytest.mark.timeout(OWN_PROCESS_TIMEOUT_S))
+
+    def runtest(self):
+        root = Path(self.config.rootpath)
+        env = {**os.environ, CHILD: "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.node_ids]
+        try:
+            done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                                  timeout=OWN_PROCESS_TIMEOUT_S - 60)
+        except subprocess.TimeoutExpired as exc:
+            raise ModuleProcessFailed(f"{self.name}: no result after {exc.timeout:.0f} s\n"
+                                      f"{(exc.stdout or '')[-20000:]}") from None
+        summary = done.stdout.strip().splitlines()[-1:] or ["(no output)"]
+        self.config.stash.setdefault(SUMMARIES, []).append(f"{self.name}: {summary[0].strip('= ')}")
+        if done.returncode != 0:
+            raise ModuleProcessFailed(f"{self.name} (exit {done.returncode}): {summary[0]}\n"
+                                      f"{done.stdout[-20000:]}\n{done.stderr[-5000:]}")
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, ModuleProcessFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name}: its tests in their own process"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if os.environ.get(CHILD):
+        return
+    own: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("own_process") is not None:
+            own.setdefault(Path(item.path), []).append(item)
+    if not own or len({Path(item.path) for item in items}) == 1:
+        return  # only one module: it has the process to itself already
+    kept = [item for item in items if Path(item.path) not in own]
+    for path, module_items in own.items():
+        name = str(path.relative_to(config.rootpath))
+        kept.append(ModuleInOwnProcess.from_parent(session, name=name, path=path,
+                                                   node_ids=[item.nodeid for item in module_items]))
+    items[:] = kept
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    summaries = config.stash.get(SUMMARIES, [])
+    if summaries:
+        terminalreporter.write_sep("-", "modules run in their own process")
+        for line in summaries:
+            terminalreporter.write_line(line)

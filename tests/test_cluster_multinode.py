@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.own_process  # Serve's driver-side state: see conftest.py
 from ray import serve  # noqa: E402
 from ray_cluster import ray_cluster  # noqa: E402
 

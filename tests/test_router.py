@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.own_process  # Serve's driver-side state: see conftest.py
 from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 from ray.serve._private.request_router.common import RequestRoutingContext  # noqa: E402

@@ -4,6 +4,7 @@ that joins later gets its own actor, existing ones are kept."""
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.own_process  # Serve's driver-side state: see conftest.py
 from ray_cluster import ray_cluster  # noqa: E402
 
 from actors.placement import ensure_per_node  # noqa: E402

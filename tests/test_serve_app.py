@@ -18,6 +18,7 @@ import msgpack
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.own_process  # Serve's driver-side state: see conftest.py
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 from ray_cluster import ray_cluster  # noqa: E402

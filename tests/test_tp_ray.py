@@ -18,6 +18,7 @@ from engine.loader import random_model
 from engine.sampling import SamplingParams
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.own_process  # Serve's driver-side state: see conftest.py
 
 from actors.tp_engine import TensorParallelEngine, TensorParallelGroupError  # noqa: E402
 from ray_cluster import ray_cluster  # noqa: E402
