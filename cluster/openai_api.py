@@ -29,7 +29,8 @@ def sampling_params(req: p.Sampling, max_tokens: int, seed_offset: int = 0, defa
     fields = dict(max_tokens=max_tokens,
                   temperature=default_temperature if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, stop=req.stops,
-                  ignore_eos=bool(req.ignore_eos),
+                  ignore_eos=bool(req.ignore_eos), presence_penalty=req.presence_penalty or 0.0,
+                  frequency_penalty=req.frequency_penalty or 0.0,
                   seed=None if req.seed is None else (req.seed + seed_offset) % (1 << 63))
     if logprobs is not None:
         fields["logprobs"] = logprobs  # engine support: SamplingParams.logprobs (engine/logprobs.py)

@@ -44,8 +44,6 @@ UNSUPPORTED = {
     "reasoning_effort": (None,), "verbosity": (None,), "service_tier": (None, "auto", "default"),
     "store": (None, False), "metadata": (None, {}), "best_of": (None, 1), "echo": (None, False),
     "suffix": (None, ""), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
-    # not yet: the sampler has no penalties (0 is accepted: it is the default)
-    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
 }
 
 
@@ -125,6 +123,9 @@ class Sampling(Request):
     seed: Optional[int] = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
     ignore_eos: Optional[bool] = None  # an extension, as vLLM's
+    # OpenAI's: lower the logits of tokens already generated, once (presence) or per use (frequency)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
 
     @field_validator("stop")
     @classmethod

@@ -210,7 +210,7 @@ class LLMEngine:
                 hook.observe(seq, row)
         failed: dict[int, Exception] = {}
         tokens = sample(logits, [s.params for s in seqs], [self._generators[s.seq_id] for s in seqs],
-                        on_error=failed.__setitem__)
+                        on_error=failed.__setitem__, outputs=[s.output_ids for s in seqs])
         for hook in self.hooks:
             tokens = [t if t is None else hook.override(seq, t) for seq, t in zip(seqs, tokens)]
         return tokens, failed

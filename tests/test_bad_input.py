@@ -143,6 +143,7 @@ def test_bad_token_ids_and_sampling(engine):
     ("seed", "abc"), ("seed", 2**70), ("seed", 1.0),
     ("stop", [1]), ("stop", 123), ("stop", [""]), ("stop", ["x"] * 17), ("stop", {"a": 1}),
     ("ignore_eos", "yes"),
+    ("presence_penalty", 2.5), ("presence_penalty", "x"), ("frequency_penalty", -3), ("frequency_penalty", float("inf")),
 ])
 def test_every_sampling_param_is_checked_and_named(param, value):
     """A bad type or range of any parameter is a FINAL error naming it (OpenAI's ``param``)."""
