@@ -157,3 +157,16 @@ def test_a_session_no_turn_has_moved_is_deleted_at_the_prefill_node(cluster, dis
     assert ray.get(prefill_store.has.remote(created["id"]))
     client.request("DELETE", f"/v1/sessions/{created['id']}")  # routed to a decode worker, on the decode node
     assert not ray.get(prefill_store.has.remote(created["id"]))
+
+
+def test_the_app_deploys_prefill_workers_only_when_asked():
+    from cluster.serve_app import app
+
+    colocated = app({"model": "tiny-random"})._bound_deployment
+    assert colocated.init_args[2] is None  # the ingress's prefill handle: none
+    bound = app({"model": "tiny-random", **DISAGG, "prefill_num_gpus": 0.25})._bound_deployment
+    worker, prefill = bound.init_args[0]._bound_deployment, bound.init_args[2]._bound_deployment
+    assert (worker.name, prefill.name) == ("DecodeWorker", "PrefillWorker")
+    assert prefill.num_replicas == 1 and prefill.init_kwargs == {"role": "prefill"}
+    assert prefill.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.25, "resources": {"lsa_prefill": 1.0}}
+    assert worker.num_replicas == 2 and not worker.init_kwargs
