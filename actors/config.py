@@ -27,6 +27,11 @@ class ServeConfig:
     worker_num_cpus: float = option(1.0, "CPUs each decode worker reserves")
     worker_num_gpus: float = option(0.0, "GPUs each decode worker reserves (1 on GPU nodes)")
     worker_resources: dict = option({}, "custom resources each decode worker reserves (name=amount,...)")
+    prefill_workers: int = option(0, "prefill worker replicas: they create (prefill) sessions, decode workers take "
+                                     "the turns (docs/cluster.md, Disaggregated prefill); 0: decode workers prefill")
+    prefill_num_cpus: float = option(1.0, "CPUs each prefill worker reserves")
+    prefill_num_gpus: float = option(0.0, "GPUs each prefill worker reserves (1 on GPU nodes)")
+    prefill_resources: dict = option({}, "custom resources each prefill worker reserves (e.g. a prefill node group)")
     ingress_resources: dict = option({}, "custom resources each ingress replica reserves (e.g. a CPU node group)")
     torch_threads: int | None = option(None, "CPU threads for torch in each worker (default: torch's)")
     routing_stats_period_s: float = option(1.0, "how often workers publish their sessions and free KV to routers")
@@ -39,6 +44,8 @@ class ServeConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.num_ingress < 1:
             raise InvalidRequestError("num_workers and num_ingress must be >= 1")
+        if self.prefill_workers < 0:
+            raise InvalidRequestError("prefill_workers must be >= 0 (0: no prefill workers, decode workers prefill)")
         if self.kv_store_bytes < 1:
             raise InvalidRequestError("kv_store_bytes must be positive")
         if self.max_body_bytes < 1:

@@ -127,12 +127,13 @@ class DecodeWorkerCore:
         self._commands.put(lambda: self._delete(session_id, done))
         return done
 
-    def warm_up(self, seed: int = 0) -> dict:
+    def warm_up(self, seed: int = 0, decode: bool = True) -> dict:
         """Compile the kernels and capture the decode graphs before the first user request (the
         replica calls this before it reports ready): on CUDA, plain requests of random tokens,
         first one whose prompt takes two prefill segments and whose decode crosses an LSA cycle
         boundary (Level-1 scoring), then 2, 4, 8, ... at once up to ``max_num_seqs`` (each
-        decode batch bucket's graph). Elsewhere one tiny request. Returns what ran."""
+        decode batch bucket's graph; ``decode=False``, a prefill worker: the long prompt only,
+        one token). Elsewhere one tiny request. Returns what ran."""
         engine = self.engine
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
@@ -143,7 +144,7 @@ class DecodeWorkerCore:
             long = min(2 * scheduler.prefill_chunk, engine.max_model_len // 2)
             cycle = getattr(engine.config.policy, "cycle", 1)
             batches = [(1, long, cycle + 2)] + [(b, short, b + 4) for b in (2, 4, 8, 16, 32, 64)
-                                                 if b <= scheduler.max_num_seqs]
+                                                 if b <= scheduler.max_num_seqs] if decode else [(1, long, 1)]
         else:
             batches = [(1, short, 2)]
         for count, length, max_tokens in batches:

@@ -8,6 +8,13 @@ stateless request to the replica whose store holds its prompt's longest prefix. 
 ``TurnResult``, carries ``replica``, ``held`` (this replica's own record: it created or served
 the session before this turn) and ``cached_tokens`` (prompt tokens loaded, not computed).
 
+The same class is the ``PrefillWorker`` deployment when ``prefill_workers > 0`` (role
+``"prefill"``, docs/cluster.md "Disaggregated prefill"): it creates sessions (the context
+prefilled, its complete blocks into its node's store) and refuses turns and stateless requests
+with a typed error; a decode worker then adopts such a session from the store at its first turn
+(actors/session_recovery.py: pinned on the same node, copied from the prefill node's store on
+another), without prefilling it again.
+
 A caller that goes away cancels its call (Serve cancels the replica's task when the HTTP client
 disconnects): the awaited future is cancelled with it, and the request's sequence is aborted
 before the next engine step. When the node's store dies, the worker moves to a new one
@@ -27,10 +34,11 @@ from actors.decode_worker import DecodeWorkerCore
 from actors.messages import TurnResult, WorkerStats
 from actors.plans import PlanReporter
 from actors.session_store import STORE_PREFIX, RayStore, RayStores
-from engine.errors import SessionNotFound, StoreUnavailable
+from engine.errors import InvalidRequestError, SessionNotFound, StoreUnavailable
 from engine.sampling import SamplingParams
 
 INDEXER_NAME = "lsa-indexer"
+DECODE, PREFILL = "decode", "prefill"  # a worker's role: sessions' turns and stateless requests, or sessions' prefill
 log = logging.getLogger("ray.serve")
 
 
@@ -60,8 +68,14 @@ def indexer_handle():
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class DecodeWorker:
-    def __init__(self, cfg: ServeConfig):
+    role = DECODE  # or PREFILL (``__init__``'s ``role``)
+
+    def __init__(self, cfg: ServeConfig, role: str = DECODE):
         from engine.factory import arena_layout, build_engine
+
+        if role not in (DECODE, PREFILL):
+            raise InvalidRequestError(f"a worker's role is {DECODE!r} or {PREFILL!r}, not {role!r}")
+        self.role = role
 
         if cfg.torch_threads:
             import torch
@@ -69,12 +83,12 @@ class DecodeWorker:
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.owner = f"worker:{self.replica}"
+        self.owner = f"worker:{self.replica}" if role == DECODE else f"prefill:{self.replica}"
         self._actor_id = context.get_actor_id()
         self._cfg, self._layout = cfg, arena_layout(cfg.engine)
         self.indexer = indexer_handle()
         # per-cycle plans go to the Indexer in batches, fire-and-forget: the decode loop never waits
-        plans = PlanReporter(self.indexer.report_plans.remote)
+        plans = PlanReporter(self.indexer.report_plans.remote) if role == DECODE else None  # prefill: no cycles
         self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self._resolve_store(),
                                            self.owner, pin=cfg.engine.device_name.startswith("cuda"),
                                            stores=RayStores(context.namespace), prefetch=self._prefetch, plans=plans,
@@ -82,8 +96,8 @@ class DecodeWorker:
         for warning in self.core.warnings:
             log.warning("decode worker %s: %s", self.replica, warning)
         # kernels compiled and decode graphs captured now: Serve routes nothing here until __init__ returns
-        self.warm_up = self.core.warm_up()
-        self.held: set[str] = set()  # sessions created or served here
+        self.warm_up = self.core.warm_up(decode=role == DECODE)
+        self.held: set[str] = set()  # sessions created or served here (a prefill worker hands its sessions on)
 
     def _resolve_store(self) -> RayStore:
         """This node's store (a new one where the last one died), attached: its leases die with this worker."""
@@ -144,15 +158,24 @@ class DecodeWorker:
     def _answer(self, result: TurnResult, held: bool = False) -> TurnResult:
         return replace(result, replica=self.replica, node_id=self.node_id, held=held)
 
+    def _decode_only(self, what: str) -> None:
+        if self.role == PREFILL:
+            raise InvalidRequestError(f"{what} goes to a decode worker: this is a prefill worker, which only creates "
+                                      f"sessions", code="prefill_worker")
+
     async def create_session(self, session_id: str, context_ids: list[int], kv_bytes: int = 0) -> TurnResult:
         """``kv_bytes``: the session's expected KV (read by the router to place it)."""
         result = await asyncio.wrap_future(self.core.create_session(session_id, context_ids))
-        self.held.add(session_id)
+        if self.role == DECODE:
+            self.held.add(session_id)
         return self._answer(result, held=True)
 
     async def ask(self, session_id: str, question_ids: list[int], params: SamplingParams,
-                  context_ids: list[int] | None = None, holder: str | None = None) -> TurnResult:
-        """``holder``: the replica the session directory names (a routing hint, read by the router)."""
+                  context_ids: list[int] | None = None, holder: str | None = None, kv_bytes: int = 0) -> TurnResult:
+        """``holder``: the replica the session directory names (a routing hint, read by the router);
+        ``kv_bytes``: the session's KV, reserved by the router where it places a turn of a
+        session no decode worker holds yet (one a prefill worker created)."""
+        self._decode_only("a session's turn")
         held = session_id in self.held
         try:
             result = await asyncio.wrap_future(self.core.ask(session_id, question_ids, params, context_ids))
@@ -164,19 +187,31 @@ class DecodeWorker:
 
     async def delete_session(self, session_id: str) -> bool:
         self.held.discard(session_id)
-        return await asyncio.wrap_future(self.core.delete_session(session_id))
+        if await asyncio.wrap_future(self.core.delete_session(session_id)):
+            return True
+        return await asyncio.to_thread(self._delete_elsewhere, session_id)
+
+    def _delete_elsewhere(self, session_id: str) -> bool:
+        """A session this node's store does not hold, held by another's (a prefill worker there
+        created it and no turn brought it here yet): deleted there."""
+        stores = self.core.stores
+        node = stores.holder(session_id, self.node_id) if stores is not None else None
+        return node is not None and stores.store(node).delete(session_id)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> TurnResult:
+        self._decode_only("a stateless request")
         return self._answer(await asyncio.wrap_future(self.core.generate(prompt_ids, params)))
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams):
         """Yields text pieces, then the ``TurnResult``."""
+        self._decode_only("a stateless request")
         async for item in self._streamed(lambda on_text: self.core.generate(prompt_ids, params, on_text=on_text)):
             yield item
 
     async def ask_stream(self, session_id: str, question_ids: list[int], params: SamplingParams,
-                         context_ids: list[int] | None = None, holder: str | None = None):
+                         context_ids: list[int] | None = None, holder: str | None = None, kv_bytes: int = 0):
         """``ask``, streamed: yields text pieces as the turn decodes, then the ``TurnResult``."""
+        self._decode_only("a session's turn")
         held = session_id in self.held
         try:
             async for item in self._streamed(lambda on_text: self.core.ask(session_id, question_ids, params,

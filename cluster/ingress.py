@@ -60,9 +60,12 @@ class Edge:
     """What the routes do, with the worker and directory handles given (Serve's, or fakes)."""
 
     def __init__(self, config: ServeConfig, tokenizer, worker, directory, *, max_model_len: int, vocab_size: int,
-                 kv_bytes_per_token: int, indexer=None, replica: str = "local", ray_metrics: bool = True,
-                 threads: int = 4):
+                 kv_bytes_per_token: int, indexer=None, prefill=None, replica: str = "local",
+                 ray_metrics: bool = True, threads: int = 4):
+        """``worker``: the decode workers' handle; ``prefill``: the prefill workers' (None:
+        the decode workers create sessions too)."""
         self.config, self.tokenizer, self.worker, self.indexer = config, tokenizer, worker, indexer
+        self.prefill = prefill
         self.replica = replica
         self.model = config.engine.model
         self.max_model_len, self.vocab_size, self.kv_bytes_per_token = max_model_len, vocab_size, kv_bytes_per_token

@@ -6,6 +6,11 @@
               v
             DecodeWorker replicas (actors/worker_deployment.py) -> node KVStore, Indexer (actors/)
 
+With ``prefill_workers > 0`` (disaggregated prefill, docs/cluster.md) the ingress also holds
+a handle to ``PrefillWorker`` replicas (the same class in the prefill role, placed by the
+``prefill_*`` resources): ``POST /v1/sessions`` goes there (most free KV first), and the
+session's turns go to the decode workers, which adopt it from the store.
+
 The application's arguments are ``AppArgs``: a pydantic model generated from ServeConfig's flat
 options (engine/options.py), so Serve validates them (types, unknown names with a did-you-mean)
 before the builder runs, and no field is written twice. ``decode_autoscaling`` (a dict, as
@@ -21,7 +26,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from actors.config import ServeConfig
-from actors.worker_deployment import DecodeWorker, indexer_handle, place_stores
+from actors.worker_deployment import PREFILL, DecodeWorker, indexer_handle, place_stores
 from engine.options import build, options
 
 
@@ -77,9 +82,10 @@ def load_tokenizer(config: ServeConfig):
 
 @serve.ingress()
 class Ingress:
-    """One HTTP ingress replica: an ``Edge`` over the decode workers' handle."""
+    """One HTTP ingress replica: an ``Edge`` over the decode workers' handle (and the prefill
+    workers', when there are any)."""
 
-    def __init__(self, worker, config: ServeConfig):
+    def __init__(self, worker, config: ServeConfig, prefill=None):
         from actors.directory import directory_handle
         from cluster.ingress import Edge
         from engine.factory import arena_layout, model_layout
@@ -90,7 +96,7 @@ class Ingress:
                             mc.max_position_embeddings)
         self.config, self.layout = config, layout
         self.edge = Edge(config, load_tokenizer(config), worker, directory_handle(config.session_ttl_s),
-                         indexer=indexer_handle(),
+                         indexer=indexer_handle(), prefill=prefill,
                          replica=serve.get_replica_context().replica_id.unique_id, max_model_len=max_model_len,
                          vocab_size=mc.vocab_size, kv_bytes_per_token=layout.block_bytes // layout.block_size)
 
@@ -118,17 +124,26 @@ def app(args: AppArgs):
     config = args.config
     router = RequestRouterConfig(request_router_class="cluster.router:KVLocalityRouter",
                                  request_routing_stats_period_s=config.routing_stats_period_s)
-    actor_options = {"num_cpus": config.worker_num_cpus, "num_gpus": config.worker_num_gpus}
-    if config.worker_resources:
-        actor_options["resources"] = config.worker_resources
     scaling = ({"autoscaling_config": args.decode_autoscaling} if args.decode_autoscaling
                else {"num_replicas": config.num_workers})
-    worker = DecodeWorker.options(ray_actor_options=actor_options, request_router_config=router,
-                                  **scaling).bind(config)
+    worker = DecodeWorker.options(ray_actor_options=_actor_options(config.worker_num_cpus, config.worker_num_gpus,
+                                                                   config.worker_resources),
+                                  request_router_config=router, **scaling).bind(config)
+    prefill = None
+    if config.prefill_workers:  # the same class in the prefill role, a deployment of its own
+        prefill = DecodeWorker.options(name="PrefillWorker", num_replicas=config.prefill_workers,
+                                       ray_actor_options=_actor_options(config.prefill_num_cpus,
+                                                                        config.prefill_num_gpus,
+                                                                        config.prefill_resources),
+                                       request_router_config=router).bind(config, role=PREFILL)
     ingress_options = {"num_cpus": 0, **({"resources": config.ingress_resources} if config.ingress_resources else {})}
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=config.num_ingress, max_ongoing_requests=256,
                                ray_actor_options=ingress_options)
-    return ingress.bind(worker, config)
+    return ingress.bind(worker, config, prefill)
+
+
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict) -> dict:
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, **({"resources": resources} if resources else {})}
 
 
 __all__ = ["app", "AppArgs", "parse_args", "Ingress"]

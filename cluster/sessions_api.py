@@ -3,6 +3,10 @@
 A session's record (context ids, holder, owner) lives in the session directory, shared by
 every ingress replica. With API keys, a session belongs to the key that created it: for any
 other key it does not exist (404, the same answer as an unknown id, so ids do not leak).
+
+With prefill workers (``prefill_workers > 0``) a session is created by one of them; its first
+turn goes to the decode worker with the most free KV (the router reserves the session's bytes
+there), which adopts the session from the store, and later turns to that holder.
 """
 from __future__ import annotations
 
@@ -53,8 +57,9 @@ class SessionsAPI:
                             "context" if req.context is not None else "context_ids", "context_length_exceeded")
         session_id = uuid.uuid4().hex
         start = time.perf_counter()
-        out = await self._call("create_session", session_id=session_id, context_ids=context_ids,
-                               kv_bytes=len(context_ids) * edge.kv_bytes_per_token)
+        creator = edge.prefill if edge.prefill is not None else edge.worker
+        out = await call_worker(creator.options(method_name="create_session"), session_id=session_id,
+                                context_ids=context_ids, kv_bytes=len(context_ids) * edge.kv_bytes_per_token)
         await self.directory.create.remote(session_id, context_ids, out.replica, out.node_id, owner)
         edge.metrics.answered(out, stateless=False, elapsed_s=time.perf_counter() - start)
         return p.SessionCreated(id=session_id, num_tokens=len(context_ids), prefill_tokens=out.prefill_tokens,
@@ -78,7 +83,8 @@ class SessionsAPI:
         params = sampling_params(req, limit, default_temperature=0.0)  # session turns: greedy by default
         try:
             out = await self._call("ask", session_id=session_id, question_ids=question_ids, params=params,
-                                   context_ids=record.context_ids, holder=record.replica)
+                                   context_ids=record.context_ids, holder=record.replica,
+                                   kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
         except Exception as exc:
             if error_answer(exc)[1].error.type == "session_not_found":  # evicted: the client creates it again
                 await self.directory.delete.remote(session_id)
@@ -98,7 +104,7 @@ class SessionsAPI:
         params = sampling_params(req, req.max_tokens or edge.config.default_max_tokens, default_temperature=0.0)
         gen = edge.worker.options(method_name="ask_stream", stream=True).remote(
             session_id=session_id, question_ids=question_ids, params=params, context_ids=record.context_ids,
-            holder=record.replica)
+            holder=record.replica, kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
