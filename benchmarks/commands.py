@@ -1,10 +1,11 @@
 """The benchmarks' subcommands of ``lsa``: ``lsa bench decode`` (benchmarks/decode.py), ``lsa bench
-prefill`` (benchmarks/prefill.py), ``lsa bench serve`` (benchmarks/serve.py)."""
+prefill`` (benchmarks/prefill.py), ``lsa bench serve`` (benchmarks/serve.py), ``lsa bench chat``
+(benchmarks/chat.py)."""
 from __future__ import annotations
 
 
 def add_commands(sub) -> None:
-    from benchmarks import decode, prefill, serve
+    from benchmarks import chat, decode, prefill, serve
 
     bench = sub.add_parser("bench", help="benchmarks (writing JSON)")
     inner = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -21,3 +22,7 @@ def add_commands(sub) -> None:
                          formatter_class=decode.DocHelpFormatter)
     serve.add_arguments(p)
     p.set_defaults(func=serve.run_bench)
+    p = inner.add_parser("chat", help="multi-turn chats through the openai client: KV reused across turns, TTFT",
+                         description=chat.__doc__, formatter_class=decode.DocHelpFormatter)
+    chat.add_arguments(p)
+    p.set_defaults(func=chat.run_bench)
