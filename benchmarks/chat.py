@@ -7,13 +7,16 @@ turns each, interleaved (A1 B1 A2 B2 ...): every turn sends the whole conversati
 streamed with ``stream_options.include_usage``. Per turn: prompt tokens, ``cached_tokens``
 (usage.prompt_tokens_details: KV the server reused), tokens prefilled (the difference), the turn's
 new tokens (its prompt less the previous turn's prompt and answer), the time to the first
-content chunk (TTFT) and its ratio to the conversation's first turn. ``--pin`` sends each
+content chunk (TTFT) and its ratio to the conversation's first turn, and the decode replica
+that answered (the one whose ``lsa_generated_tokens`` on ``/metrics`` grew by the turn's
+tokens: turns run one at a time). ``--pin`` sends each
 conversation's ``user`` field, which pins it to one decode replica (its session key); without
 it the router follows the prompt's longest held prefix.
 
 Issue 12's targets, checked in the table: turns 2..N prefill only their new tokens (here: at
 most ``--slack`` tokens more: the partial last block and the policy's observation window are
-computed again), and their TTFT is at most 15% of the first turn's.
+computed again), their TTFT is at most 15% of the first turn's, and each conversation stays on
+the replica that holds it.
 
     lsa bench chat model=smollm2-135m num_workers=2 --context 6000 --turns 10 --out chat.json
     lsa bench chat --url http://127.0.0.1:8000 --context 6000
@@ -25,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+import urllib.request
 
 QUESTIONS = [
     "In one sentence, what is this text about?",
@@ -49,6 +53,39 @@ def documents(context_tokens: int, haystack: str | None) -> list[str]:
     chars = context_tokens * 4
     text = load_haystack(haystack, min_chars=2 * chars + 1)
     return [text[:chars], text[chars:2 * chars]]
+
+
+def generated_by_replica(url: str, api_key: str) -> dict[str, float] | None:
+    """``lsa_generated_tokens`` per decode replica from ``/metrics`` (None when not readable:
+    an app with API keys needs its admin key here)."""
+    request = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("lsa_generated_tokens{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('replica="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def answering_replica(url: str, api_key: str, before: dict[str, float] | None, tokens: int,
+                      wait_s: float = 6.0) -> str | None:
+    """The replica whose generated-token count grew by at least ``tokens`` since ``before``
+    (workers publish their counters about once a second)."""
+    if before is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        now = generated_by_replica(url, api_key) or {}
+        grown = [r for r, v in now.items() if v - before.get(r, 0.0) >= tokens]
+        if len(grown) == 1:
+            return grown[0]
+        time.sleep(0.25)
+    return None
 
 
 def one_turn(oa, model: str, messages: list[dict], max_tokens: int, user: str | None) -> dict:
@@ -89,7 +126,9 @@ def run_chats(url: str, context: int, turns: int, max_tokens: int, pin: bool, ha
             if turn == 0:
                 question = f"Read this text.\n\n{document}\n\n{question}"
             conv["messages"].append({"role": "user", "content": question})
+            before = generated_by_replica(url, api_key)
             out = one_turn(oa, model, conv["messages"], max_tokens, conv["id"] if pin else None)
+            out["replica"] = answering_replica(url, api_key, before, out["completion_tokens"])
             conv["messages"].append({"role": "assistant", "content": out["text"]})
             last = conv["last"]
             out.update(conversation=conv["id"], turn=turn + 1,
@@ -98,7 +137,7 @@ def run_chats(url: str, context: int, turns: int, max_tokens: int, pin: bool, ha
             conv["last"] = out
             rows.append(out)
             print(f"  {conv['id']}{turn + 1}: prompt {out['prompt_tokens']}, cached {out['cached_tokens']}, "
-                  f"TTFT {out['ttft_s']:.2f} s", file=sys.stderr)
+                  f"TTFT {out['ttft_s']:.2f} s, replica {out['replica']}", file=sys.stderr)
     return rows
 
 
@@ -116,22 +155,28 @@ def summarize(rows: list[dict], slack: int) -> dict:
             "later_prefilled_over_new_max": max((r["prefilled_tokens"] - r["new_tokens"] for r in later), default=None),
             "prefill_only_new": all(r["prefilled_tokens"] <= r["new_tokens"] + slack for r in later),
             "ttft_target_met": all(r["ttft_ratio"] <= TTFT_TARGET for r in later),
+            "replicas": sorted({r["replica"] or "unknown" for r in mine}),
+            "stays_on_holder": None if any(r["replica"] is None for r in mine)
+            else len({r["replica"] for r in mine}) == 1,
         }
     return out
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
-    print("| turn | prompt | cached | prefilled | new | TTFT s | / turn 1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| turn | prompt | cached | prefilled | new | TTFT s | / turn 1 | replica |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['conversation']}{r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | "
-              f"{r['prefilled_tokens']} | {r['new_tokens']} | {r['ttft_s']:.2f} | {r['ttft_ratio']:.3f} |")
+              f"{r['prefilled_tokens']} | {r['new_tokens']} | {r['ttft_s']:.2f} | {r['ttft_ratio']:.3f} | "
+              f"{(r['replica'] or '?')[:8]} |")
     for conv, s in summary.items():
         print(f"{conv}: turn 1 TTFT {s['first_ttft_s']:.2f} s; later turns median {s['later_ttft_median_s']:.2f} s, "
               f"at most {s['later_ttft_ratio_max']:.3f} of turn 1 (target {TTFT_TARGET}: "
               f"{'met' if s['ttft_target_met'] else 'MISSED'}); prefilled at most "
               f"{s['later_prefilled_over_new_max']} tokens over the new ones "
-              f"({'only new' if s['prefill_only_new'] else 'MORE than the new tokens'})")
+              f"({'only new' if s['prefill_only_new'] else 'MORE than the new tokens'}); replicas "
+              f"{', '.join(x[:8] for x in s['replicas'])} ("
+              f"{ {True: 'stays on its holder', False: 'MOVED', None: 'unknown'}[s['stays_on_holder']]})")
 
 
 def run_bench(args) -> int:

@@ -5,7 +5,7 @@ request of the session must go back there; a new session goes to the replica wit
 most free KV capacity. A request without a session (an OpenAI completion or chat) goes to
 the replica whose store holds the longest prefix of its prompt (prefix blocks, keyed by
 block hash chains: engine/prefix.py), as Ray Serve's prefix-aware router does for its LLM
-apps, else by free capacity too. The router runs inside each process that holds a handle to
+apps, else to the shortest queue among the replicas with room. The router runs inside each process that holds a handle to
 the worker deployment (the ingress replicas, or the driver in tests), one instance per
 handle.
 
@@ -29,8 +29,9 @@ HTTP header ``x-session-id`` at the proxy), else the keyword argument ``session_
 A request without a key is routed by its prompt (the keyword argument ``prompt_ids``, or a
 first positional argument that is a list of token ids): the replica holding the deepest of the
 prompt's routing keys (the chain keys at block depths 1, 2, 4, ...) ranks first, the others
-follow by free capacity (so a busy holder passes the request on); with no holder, a request
-is placed like a new session (most free capacity).
+follow by free capacity (so a busy holder passes the request on); with no holder, the
+replicas with room (at least half the most free KV) share the first rank, where Serve picks
+the shortest queue (``spread``): such a request's KV lives only while it runs.
 
 Deliberately not mixed in: ``FIFOMixin`` (it hands the chosen replica to the *oldest*
 pending request, which may belong to another session) and ``LocalityMixin`` (KV
@@ -59,7 +60,8 @@ KV_CAPACITY_BYTES = "kv_capacity_bytes"
 
 
 class KVLocalityRouter(RequestRouter):
-    """Session affinity first, then most free KV capacity.
+    """Session affinity first, then most free KV capacity (a stateless request: the replica
+    holding its prompt's longest prefix, else the shortest queue among the replicas with room).
 
     ``request_router_kwargs``: ``session_kwarg`` (default ``"session_id"``), ``size_kwarg``
     (keyword argument carrying a new session's expected KV bytes, default ``"kv_bytes"``),
@@ -156,10 +158,26 @@ class KVLocalityRouter(RequestRouter):
                 replica.replica_id.unique_id
 
         ranked = sorted(candidate_replicas, key=rank)
-        holder = self.prefix_holder(pending_request, candidate_replicas) if session_id is None else None
-        if holder is not None:
-            return [[holder]] + [[replica] for replica in ranked if replica is not holder]
+        if session_id is None:
+            holder = self.prefix_holder(pending_request, candidate_replicas)
+            if holder is not None:
+                return [[holder]] + [[replica] for replica in ranked if replica is not holder]
+            return self.spread(ranked)
         return [[replica] for replica in ranked]
+
+    def spread(self, ranked: List[RunningReplica]) -> List[List[RunningReplica]]:
+        """Ranks for a request without a session whose prompt no replica holds: its KV lives
+        only while it runs, so every replica with room (at least half the most free KV, or not
+        reported yet) is in the first rank, where Serve picks the shortest queue; the rest
+        follow one by one, most free first. (Ranking these by free KV alone sent every such
+        request to one replica while the others idled.)"""
+        frees = [self.free_bytes(replica) for replica in ranked]
+        known = [free for free in frees if free is not None]
+        most = max(known, default=0.0)
+        floor = most / 2 if most > 0 else most
+        roomy = [free is None or free >= floor for free in frees]
+        first = [replica for replica, ok in zip(ranked, roomy) if ok]
+        return [first] + [[replica] for replica, ok in zip(ranked, roomy) if not ok]
 
     def prompt_keys(self, pending_request: Optional[PendingRequest]) -> Tuple[List[str], int]:
         """The routing keys of a request's prompt (engine/prefix.py: the chain keys at block

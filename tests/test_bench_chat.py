@@ -1,7 +1,8 @@
 """``lsa bench chat`` end to end on a tiny random model (byte tokenizer, CPU): two interleaved
-conversations through the official openai client against a served app it starts; the later
-turns of each reuse the KV of the earlier ones (``cached_tokens``) and prefill only their new
-tokens, and the report's checks say so."""
+conversations through the official openai client against a served app it starts with 2 decode
+replicas; the later turns of each reuse the KV of the earlier ones (``cached_tokens``), prefill
+only their new tokens, and stay on the replica that holds the conversation (by the replicas'
+own generated-token counters), and the report's checks say so."""
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from cluster.local import free_port  # noqa: E402
 def test_later_turns_reuse_the_kv_of_earlier_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("LSA_KV_DIR", str(tmp_path))
     out = tmp_path / "chat.json"
-    args = parse_args(["bench", "chat", "model=tiny-random", "num_workers=1", "block_size=16",
+    args = parse_args(["bench", "chat", "model=tiny-random", "num_workers=2", "worker_num_cpus=0.5", "block_size=16",
                        f"kv_store_bytes={32 << 20}", "torch_threads=1", "--context", "120", "--turns", "3",
                        "--max-tokens", "4", "--num-cpus", "2", "--port", str(free_port()), "--out", str(out)])
     assert args.func(args) == 0
@@ -33,3 +34,6 @@ def test_later_turns_reuse_the_kv_of_earlier_ones(tmp_path, monkeypatch):
             assert r["cached_tokens"] >= r["prompt_tokens"] - r["new_tokens"] - 64 > 0, r
             assert r["prefilled_tokens"] <= r["new_tokens"] + report["slack"], r
     assert all(s["prefill_only_new"] for s in report["summary"].values()), report["summary"]
+    # every turn's replica was identified, and each conversation stayed on the replica holding it
+    assert all(r["replica"] for r in rows), rows
+    assert all(s["stays_on_holder"] for s in report["summary"].values()), report["summary"]

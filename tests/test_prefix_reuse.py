@@ -117,10 +117,15 @@ def test_the_router_sends_a_prompt_to_the_holder_of_its_longest_prefix():
     router._replicas_list = [a, b]
     choose = lambda prompt: asyncio.run(router.choose_replicas([a, b], _Pending(prompt)))  # noqa: E731
     assert choose(doc_a + tokens(30, 9)) == [[a], [b]]  # a holds its prefix, though b has more room
-    assert choose(doc_b) == [[b], [a]]  # no holder: the most free capacity
+    assert choose(doc_b) == [[b], [a]]  # no holder: a has less than half b's room
     router.on_request_routed(_Pending(doc_b), b.replica_id, None)
     assert choose(doc_b + tokens(10, 8)) == [[b], [a]]  # the router's own record, before any stats
     # two interleaved conversations each stay with their holder
     for turn in range(3):
         assert choose(doc_a + tokens(8 * turn, 20))[0] == [a] and choose(doc_b + tokens(8 * turn, 30))[0] == [b]
     assert choose(doc_a[:8] + tokens(192, 4))[0] == [b]  # one shared block of 25: too little to attract
+    # no holder and room on both: one rank, in which Serve picks the shorter queue (not always the same one)
+    c = _Replica("c", {"sessions": [], "prefixes": [], "free_kv_bytes": 700})
+    router._replicas[c.replica_id] = c
+    router._replicas_list.append(c)
+    assert asyncio.run(router.choose_replicas([a, b, c], _Pending(tokens(50, 6)))) == [[b, c], [a]]
