@@ -39,6 +39,7 @@ locality beats network locality).
 """
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Tuple
@@ -168,15 +169,16 @@ class KVLocalityRouter(RequestRouter):
     def spread(self, ranked: List[RunningReplica]) -> List[List[RunningReplica]]:
         """Ranks for a request without a session whose prompt no replica holds: its KV lives
         only while it runs, so every replica with room (at least half the most free KV, or not
-        reported yet) is in the first rank, where Serve picks the shortest queue; the rest
-        follow one by one, most free first. (Ranking these by free KV alone sent every such
-        request to one replica while the others idled.)"""
+        reported yet) is in the first rank, in random order, where Serve picks the shortest
+        queue (the first of equal ones); the rest follow one by one, most free first. (Ranking
+        these by free KV alone sent every such request to one replica while the others idled.)"""
         frees = [self.free_bytes(replica) for replica in ranked]
         known = [free for free in frees if free is not None]
         most = max(known, default=0.0)
         floor = most / 2 if most > 0 else most
         roomy = [free is None or free >= floor for free in frees]
         first = [replica for replica, ok in zip(ranked, roomy) if ok]
+        random.shuffle(first)  # Serve takes the first of equal queues: idle replicas share the load
         return [first] + [[replica] for replica, ok in zip(ranked, roomy) if not ok]
 
     def prompt_keys(self, pending_request: Optional[PendingRequest]) -> Tuple[List[str], int]:
