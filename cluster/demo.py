@@ -99,6 +99,38 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+# what the KV line reads from /metrics (cluster/metrics.py: Ray counters get "_total")
+KV_METRICS = ("lsa_arena_capacity_bytes", "lsa_evictions", "lsa_prefill_tokens_total", "lsa_cached_tokens_total",
+              "lsa_bytes_copied_total", "lsa_misses_total", "lsa_decode_tokens_total", "lsa_tokens_per_second")
+
+
+def kv_line(metrics: dict[str, float]) -> str:
+    m = {name: metrics.get(name, 0.0) for name in KV_METRICS}
+    mib = 1 / 2 ** 20
+    return (f"KV: host store arena {m['lsa_arena_capacity_bytes'] * mib:.0f} MiB, {m['lsa_evictions']:.0f} evictions; "
+            f"prompt tokens computed {m['lsa_prefill_tokens_total']:.0f} (the documents once, then only each "
+            f"question), reused {m['lsa_cached_tokens_total']:.0f}; host->device KV copied "
+            f"{m['lsa_bytes_copied_total'] * mib:.1f} MiB; misses {m['lsa_misses_total']:.0f}; "
+            f"{m['lsa_decode_tokens_total']:.0f} tokens generated, {m['lsa_tokens_per_second']:.1f} tokens/s "
+            f"per busy worker")
+
+
+def settled_metrics(url: str, wait_s: float = 30.0) -> dict[str, float]:
+    """/metrics once the demo's work shows in it: workers publish their gauges about once a
+    second and Ray exports the ingress counters every few seconds, so a scrape right after the
+    last answer may still read zeros."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        metrics = scrape(url)
+        if all(metrics.get(name, 0) > 0 for name in SETTLED) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(1.0)
+
+
+SETTLED = ("lsa_arena_capacity_bytes", "lsa_prefill_tokens_total", "lsa_cached_tokens_total",
+           "lsa_decode_tokens_total", "lsa_tokens_per_second")  # not zero after any demo
+
+
 def run_demo(args, work: Path) -> tuple:
     """Serve, run the jobs, scrape the metrics: (jobs, summary, results by id, metrics)."""
     from cluster.batch import run_batch
@@ -116,8 +148,7 @@ def run_demo(args, work: Path) -> tuple:
               f"{args.facts} questions", file=sys.stderr)
         client = LSAClient(url, timeout_s=900)
         summary = run_batch(client, jobs_path, out_path, concurrency=args.concurrency, progress=True)
-        time.sleep(1.2)  # workers publish their counters every second
-        metrics = scrape(url)
+        metrics = settled_metrics(url)
     results = {r["id"]: r for r in map(json.loads, out_path.read_text().splitlines())}
     return jobs, summary, results, metrics
 
@@ -150,14 +181,7 @@ def run(args) -> int:
             print(f"  Q: {q}\n  A: {a.strip()!r}  [{'correct' if ok else 'expected ' + repr(want)}]")
     acc = "n/a" if summary.accuracy is None else f"{summary.num_correct}/{summary.num_checked} " \
                                                   f"({summary.accuracy:.0%})"
-    mib = 1 / 2 ** 20
     print(f"\naccuracy {acc} with {_describe(app_args(args))}; {summary.succeeded} jobs done, "
           f"{summary.failed} failed; {time.perf_counter() - t0:.0f} s in all")
-    print(f"KV: host store arena {metrics.get('lsa_host_kv_capacity_bytes', 0) * mib:.0f} MiB, "
-          f"{metrics.get('lsa_evictions_total', 0):.0f} evictions; "
-          f"prompt tokens computed {metrics.get('lsa_prefill_tokens_total', 0):.0f} "
-          f"(the documents once, then only each question); blocks copied host->device "
-          f"{metrics.get('lsa_blocks_copied_total', 0):.0f}; misses {metrics.get('lsa_misses_total', 0):.0f}; "
-          f"{metrics.get('lsa_generated_tokens_total', 0):.0f} tokens generated, "
-          f"{metrics.get('lsa_tokens_per_second', 0):.1f} tokens/s per busy worker")
+    print(kv_line(metrics))
     return 0 if summary.failed == 0 else 1
