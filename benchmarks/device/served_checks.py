@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,12 +67,12 @@ def check_demo(client, out: dict, tokens: int) -> None:
     import lsa_env
 
     jobs = make_jobs(2, 3, tokens, lsa_env.haystack_dir(), 24)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"lsa-checks-{os.getpid()}"
-    work.mkdir(exist_ok=True)
-    (work / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    t0 = time.perf_counter()
-    summary = run_batch(client, work / "jobs.jsonl", work / "results.jsonl", concurrency=2, progress=False)
-    results = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    with tempfile.TemporaryDirectory(prefix="lsa-checks-") as tmp:  # removed after (it was left in /tmp)
+        work = Path(tmp)
+        (work / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+        t0 = time.perf_counter()
+        summary = run_batch(client, work / "jobs.jsonl", work / "results.jsonl", concurrency=2, progress=False)
+        results = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
     out["demo"] = {"seconds": time.perf_counter() - t0, "succeeded": summary.succeeded, "failed": summary.failed,
                    "accuracy": summary.accuracy, "answers": [{"id": r["id"], "answers": r.get("answers"),
                                                              "correct": r.get("correct")} for r in results]}
