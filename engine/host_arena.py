@@ -11,6 +11,7 @@ the ``IdPool`` of host ids its engine may use; ``read`` / ``write`` move whole b
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,9 @@ import torch
 from engine.block_manager import BlockAllocator
 from engine.config import DTYPES
 from engine.errors import InvalidRequestError
-from engine.host_memory import FP8
+from engine.host_memory import FP8, on_tmpfs, register_host
+
+log = logging.getLogger(__name__)
 
 
 class IdPool(BlockAllocator):
@@ -140,7 +143,9 @@ class HostArena:
         nbytes = num_blocks * layout.block_bytes
         flat = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         if pin and torch.cuda.is_available():  # page-locked for DMA, still the same memory
-            torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
+            if not (on_tmpfs(path) and register_host(flat.data_ptr(), nbytes)):
+                log.warning("the KV arena %s could not be page-locked (not on tmpfs, or too large to lock): "
+                            "copies from it to the GPU are pageable and synchronous", path)
         host, summary, scale = layout.views(flat, num_blocks)
         return cls(host, summary, IdPool(), scale)
 

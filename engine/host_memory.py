@@ -40,9 +40,52 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
     if not pin or nbytes < PIN_REGISTER_BYTES:
         return torch.empty(shape, dtype=dtype, pin_memory=pin)
     t = torch.empty(shape, dtype=dtype)
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
-    if int(getattr(err, "value", err)) != 0:  # cannot lock that much: stay pageable (copies are synchronous)
-        return t
-    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    if register_host(t.data_ptr(), nbytes):  # else: cannot lock that much: stay pageable (copies are synchronous)
+        weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, t.data_ptr())
     return t
+
+
+def register_host(ptr: int, nbytes: int) -> bool:
+    """Page-lock ``nbytes`` of host memory at ``ptr`` for DMA (``cudaHostRegister``); False when
+    the driver refuses (too much to lock, or file-backed pages that Linux will not pin for long:
+    a mapping of a file on disk rather than on tmpfs). A refusal is cleared from the CUDA
+    runtime's last-error slot, which PyTorch reads after every kernel launch: left there, the next
+    unrelated launch would fail with the refusal's "invalid argument"."""
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    if int(getattr(err, "value", err)) == 0:
+        return True
+    _clear_cuda_error()
+    return False
+
+
+def _clear_cuda_error() -> None:
+    """``cudaGetLastError()`` of the CUDA runtime PyTorch loaded (torch binds no such call): reads
+    and resets the calling thread's last error."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+    for path in paths:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+        except (OSError, AttributeError):
+            continue
+
+
+def on_tmpfs(path: str) -> bool:
+    """Whether ``path`` is on a tmpfs / hugetlbfs mount (shared memory, which CUDA can pin) rather
+    than a disk filesystem (whose mapped pages Linux will not pin for DMA)."""
+    import os
+
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")) \
+                        and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        return False
+    return kind in ("tmpfs", "hugetlbfs")

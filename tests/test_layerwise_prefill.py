@@ -6,6 +6,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is defined
+# where the engines run: on a CUDA machine the Triton kernels take CUDA tensors (no interpreter there)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.hooks import LogitsObserver
@@ -20,7 +22,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(TINY, "cpu", torch.float32, seed=3)
+    return random_model(TINY, DEVICE, torch.float32, seed=3)
 
 
 def engine_for(model, num_device_blocks, layerwise, **policy):
