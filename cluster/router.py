@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from typing import Dict, List, Optional, Tuple
 
 from engine.prefix import block_hashes, routing_depths, routing_keys
@@ -82,6 +82,7 @@ class KVLocalityRouter(RequestRouter):
         self._prompt_kwarg = prompt_kwarg
         self._min_match_rate = min_match_rate
         self._prefix_owner: "OrderedDict[str, ReplicaID]" = OrderedDict()  # prompt routing key -> replica
+        self._keys_on: Counter = Counter()  # replica -> routing keys it holds by _prefix_owner
         self._size_kwarg = size_kwarg
         self._holder_kwarg = holder_kwarg
         self._reservation_ttl_s = reservation_ttl_s
@@ -167,11 +168,15 @@ class KVLocalityRouter(RequestRouter):
         return [[replica] for replica in ranked]
 
     def spread(self, ranked: List[RunningReplica]) -> List[List[RunningReplica]]:
-        """Ranks for a request without a session whose prompt no replica holds: its KV lives
-        only while it runs, so every replica with room (at least half the most free KV, or not
-        reported yet) is in the first rank, in random order, where Serve picks the shortest
-        queue (the first of equal ones); the rest follow one by one, most free first. (Ranking
-        these by free KV alone sent every such request to one replica while the others idled.)"""
+        """Ranks for a request without a session whose prompt no replica holds (a new
+        conversation): every replica with room (at least half the most free KV, or not reported
+        yet) is in the first rank, where Serve picks the shortest queue (the first of equal
+        ones); the rest follow one by one, most free first. Within the first rank the replicas
+        this router has placed the fewest prompts on come first (counted by the routing keys it
+        recorded), equal ones in random order: two new conversations on idle replicas go to
+        two replicas, where the published free KV (reported every few seconds) would not yet
+        tell them apart. (Ranking these by free KV alone sent every such request to one replica
+        while the others idled.)"""
         frees = [self.free_bytes(replica) for replica in ranked]
         known = [free for free in frees if free is not None]
         most = max(known, default=0.0)
@@ -179,6 +184,7 @@ class KVLocalityRouter(RequestRouter):
         roomy = [free is None or free >= floor for free in frees]
         first = [replica for replica, ok in zip(ranked, roomy) if ok]
         random.shuffle(first)  # Serve takes the first of equal queues: idle replicas share the load
+        first.sort(key=lambda replica: self._keys_on[replica.replica_id])  # stable: random among equals
         return [first] + [[replica] for replica, ok in zip(ranked, roomy) if not ok]
 
     def prompt_keys(self, pending_request: Optional[PendingRequest]) -> Tuple[List[str], int]:
@@ -221,10 +227,15 @@ class KVLocalityRouter(RequestRouter):
         session_id = self.session_key(pending_request)
         if session_id is None:
             for key in self.prompt_keys(pending_request)[0]:  # its blocks will be held there
+                previous = self._prefix_owner.get(key)
+                if previous != replica_id:
+                    if previous is not None:
+                        self._keys_on[previous] -= 1
+                    self._keys_on[replica_id] += 1
                 self._prefix_owner[key] = replica_id
                 self._prefix_owner.move_to_end(key)
             while len(self._prefix_owner) > self._max_sessions:
-                self._prefix_owner.popitem(last=False)
+                self._keys_on[self._prefix_owner.popitem(last=False)[1]] -= 1
             return
         if session_id is None or self._owner.get(session_id) == replica_id:
             if session_id is not None:
@@ -244,3 +255,4 @@ class KVLocalityRouter(RequestRouter):
             del self._owner[session_id]
         for key in [k for k, r in self._prefix_owner.items() if r == replica_id]:
             del self._prefix_owner[key]
+        self._keys_on.pop(replica_id, None)

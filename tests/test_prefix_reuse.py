@@ -124,13 +124,33 @@ def test_the_router_sends_a_prompt_to_the_holder_of_its_longest_prefix():
     for turn in range(3):
         assert choose(doc_a + tokens(8 * turn, 20))[0] == [a] and choose(doc_b + tokens(8 * turn, 30))[0] == [b]
     assert choose(doc_a[:8] + tokens(192, 4))[0] == [b]  # one shared block of 25: too little to attract
-    # no holder and room on both: one rank, in which Serve picks the shorter queue (not always the same one)
+    # no holder and room on both: one rank, in which Serve picks the shorter queue; the replica this
+    # router placed fewer prompts on first (b holds doc_b's conversation, c nothing yet)
     c = _Replica("c", {"sessions": [], "prefixes": [], "free_kv_bytes": 700})
     router._replicas[c.replica_id] = c
     router._replicas_list.append(c)
+    choose3 = lambda prompt: asyncio.run(router.choose_replicas([a, b, c], _Pending(prompt)))  # noqa: E731
+    ranks = choose3(tokens(50, 6))
+    assert [r.replica_id.unique_id for r in ranks[0]] == ["c", "b"] and ranks[1:] == [[a]]
+    router.on_request_routed(_Pending(tokens(50, 6)), c.replica_id, None)  # a new conversation lands on c
+    doc_c = tokens(200, 3)
+    router.on_request_routed(_Pending(doc_c), c.replica_id, None)  # and another: c now holds more than b
+    assert [r.replica_id.unique_id for r in choose3(tokens(50, 7))[0]] == ["b", "c"]
+    assert choose3(doc_c + tokens(10, 8))[0] == [c]  # c's own conversation still goes to c
+
+
+def test_new_conversations_on_equal_replicas_are_spread_at_random():
+    """Replicas with room and no prompts placed by this router: one rank in random order (Serve
+    takes the first of equal queues, so a fixed order would always give the same replica)."""
+    router = KVLocalityRouter.__new__(KVLocalityRouter)
+    router.initialize_state()
+    b = _Replica("b", {"sessions": [], "prefixes": [], "free_kv_bytes": 900})
+    c = _Replica("c", {"sessions": [], "prefixes": [], "free_kv_bytes": 700})
+    router._replicas = {r.replica_id: r for r in (b, c)}
+    router._replicas_list = [b, c]
     firsts = set()
     for _ in range(40):
-        ranks = asyncio.run(router.choose_replicas([a, b, c], _Pending(tokens(50, 6))))
-        assert sorted(r.replica_id.unique_id for r in ranks[0]) == ["b", "c"] and ranks[1:] == [[a]]
+        ranks = asyncio.run(router.choose_replicas([b, c], _Pending(tokens(50, 6))))
+        assert sorted(r.replica_id.unique_id for r in ranks[0]) == ["b", "c"] and len(ranks) == 1
         firsts.add(ranks[0][0].replica_id.unique_id)
-    assert firsts == {"b", "c"}  # in random order: Serve takes the first of equal queues
+    assert firsts == {"b", "c"}

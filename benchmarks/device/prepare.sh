@@ -24,7 +24,7 @@ for p in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2
 CARRY=" ray aiohttp-cors annotated-types colorful fastapi gguf googleapis-common-protos grpcio-reflection httptools
  jsonschema jsonschema-specifications mmh3 opencensus opencensus-context opentelemetry-api
  opentelemetry-exporter-prometheus opentelemetry-proto opentelemetry-sdk opentelemetry-semantic-conventions
- openai distro jiter sniffio pydantic pydantic-core python-dotenv referencing rpds-py smart-open starlette typing-extensions
+ openai httpx2 httpcore2 truststore distro jiter sniffio pydantic pydantic-core python-dotenv referencing rpds-py smart-open starlette typing-extensions
  typing-inspection uvicorn watchfiles websockets "  # typing-extensions: pydantic 2.14 needs >=4.16
 IMAGE=" aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi charset-normalizer click filelock
  frozenlist grpcio h11 httpx httpcore idna jinja2 markupsafe msgpack multidict numpy packaging prometheus-client propcache
