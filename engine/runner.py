@@ -98,7 +98,7 @@ class ModelRunner:
             return logits
         if seq.seq_id in self._layerwise_runs or (
                 start == len(seq.prefix_host_ids) * self.cache.block_size and self.prefills_layerwise(seq)):
-            # the whole prompt (after a turn's prefix) layer by layer, one layer per segment:
+            # the whole prompt (after a turn's prefix) layer by layer, about a chunk's work per segment:
             # other sequences step in between
             run = self._layerwise_runs.setdefault(seq.seq_id, self.layerwise.layers(seq.seq_id, seq.prompt_ids))
             try:

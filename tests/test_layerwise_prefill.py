@@ -224,3 +224,18 @@ def test_a_turn_streams_its_prefix_one_layer_at_a_time(model):
     layerwise = engine.runner.layerwise
     assert layerwise.peak_scratch_bytes == n * engine.cache.bytes_per_token // TINY.num_layers  # one layer
     assert layerwise.prefix_bytes_loaded == TINY.num_layers * prefix_blocks * engine.cache.mirror.bytes_per_layer_block
+
+
+def test_a_short_prompt_runs_several_layers_a_step(model):
+    """A layer-by-layer prefill yields about one ordinary step's work at a time (``prefill_chunk``
+    tokens through every layer, a layer of an n-token prompt counting n), at least a layer: over
+    4 layers at chunk 48, 64 tokens take 2 steps to their first token (3 layers, then 1), 400
+    tokens 4 (one layer a step)."""
+    for n, steps in ((64, 2), (400, 4)):
+        engine = engine_for(model, 64, True, name="streaming", budget=0.5, cycle=4)
+        seq = engine.add_request(prompts([n])[0], SamplingParams(max_tokens=2, ignore_eos=True))
+        count = 0
+        while not seq.output_ids:
+            engine.step()
+            count += 1
+        assert count == steps, (n, count)
