@@ -69,17 +69,6 @@ def _app_args_model() -> type[BaseModel]:
 AppArgs = _app_args_model()
 
 
-def load_tokenizer(config: ServeConfig):
-    from engine.factory import TINY_RANDOM, ByteTokenizer
-
-    if config.engine.model == TINY_RANDOM:
-        return ByteTokenizer()
-    from engine.tokenizer import Tokenizer
-    from engine.weights import resolve_model
-
-    return Tokenizer(resolve_model(config.engine.model))
-
-
 @serve.ingress()
 class Ingress:
     """One HTTP ingress replica: an ``Edge`` over the decode workers' handle (and the prefill
@@ -88,14 +77,14 @@ class Ingress:
     def __init__(self, worker, config: ServeConfig, prefill=None):
         from actors.directory import directory_handle
         from cluster.ingress import Edge
-        from engine.factory import arena_layout, model_layout
+        from engine.factory import arena_layout, load_tokenizer, model_layout
 
         mc, _ = model_layout(config.engine)
         layout = arena_layout(config.engine)
         max_model_len = min(config.engine.scheduler.max_model_len or mc.max_position_embeddings,
                             mc.max_position_embeddings)
         self.config, self.layout = config, layout
-        self.edge = Edge(config, load_tokenizer(config), worker, directory_handle(config.session_ttl_s),
+        self.edge = Edge(config, load_tokenizer(config.engine), worker, directory_handle(config.session_ttl_s),
                          indexer=indexer_handle(), prefill=prefill,
                          replica=serve.get_replica_context().replica_id.unique_id, max_model_len=max_model_len,
                          vocab_size=mc.vocab_size, kv_bytes_per_token=layout.block_bytes // layout.block_size)
