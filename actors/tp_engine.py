@@ -101,6 +101,11 @@ class TensorParallelEngine:
             self.shutdown()
             raise
 
+    @property
+    def failure(self) -> str | None:
+        """Why the group is gone (later calls raise ``TensorParallelGroupError``); None while it serves."""
+        return self._failure
+
     # ------------------------------------------------------------ lockstep calls
 
     def build(self, make_model: Callable, config: EngineConfig, tokenizer=None) -> None:
@@ -109,6 +114,10 @@ class TensorParallelEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> str:
         return self._call_all("add_request", prompt, params, request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a running request on every rank (its KV freed); False when none runs by that id."""
+        return self._call_all("abort", request_id)
 
     def has_work(self) -> bool:
         return self._call_all("has_work")
