@@ -1,0 +1,109 @@
+"""The tensor-parallel worker's core without Ray: a fake group in place of the rank actors. Answers
+and streamed text, a refusal that fails one request only, a cancelled request aborted on the ranks,
+and a failed group that fails what is in flight and every later request."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from actors.tp_worker import TensorParallelWorkerCore
+from engine.errors import InvalidRequestError, LSAError
+from engine.parallel.rank import Finished, TokenUpdate
+from engine.sampling import SamplingParams
+
+
+class GroupGone(LSAError, RuntimeError):
+    pass
+
+
+class FakeGroup:
+    """TensorParallelEngine's lockstep calls: each request gains token 7 (text "a") per step."""
+
+    size = 2
+
+    def __init__(self):
+        self.failure: str | None = None
+        self.running: dict[str, int] = {}  # request_id -> tokens left
+        self.aborted: list[str] = []
+        self.lock = threading.Lock()
+
+    def _check(self):
+        if self.failure:
+            raise GroupGone(self.failure)
+
+    def add_request(self, prompt, params, request_id):
+        self._check()
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        self.running[request_id] = params.max_tokens
+
+    def abort(self, request_id):
+        self._check()
+        self.aborted.append(request_id)
+        return self.running.pop(request_id, None) is not None
+
+    def step(self):
+        time.sleep(0.005)
+        with self.lock:
+            self._check()
+            updates = []
+            for request_id in list(self.running):
+                self.running[request_id] -= 1
+                done = self.running[request_id] == 0
+                finished = Finished("a" * 3, 0.1, 0.2, {"kv": 1}) if done else None
+                updates.append(TokenUpdate(request_id, [7], "length" if done else None, "a", finished))
+                if done:
+                    del self.running[request_id]
+            return updates
+
+
+@pytest.fixture()
+def core():
+    group = FakeGroup()
+    core = TensorParallelWorkerCore(group, node_id="n1", vocab_size=10)
+    yield core
+    core.close()
+
+
+def test_answers_and_streamed_text(core):
+    texts = []
+    out = core.generate([1, 2, 3], SamplingParams(max_tokens=3), on_text=lambda t, done: texts.append((t, done)))
+    result = out.result(timeout=5)
+    assert result.token_ids == [7, 7, 7] and result.text == "aaa" and result.finish_reason == "length"
+    assert result.num_prompt_tokens == 3 and result.prefill_tokens == 3 and result.kv == {"kv": 1}
+    assert texts == [("a", False), ("aa", False), ("aaa", True)]
+    assert core.stats().generated_tokens == 3 and core.idle()
+
+
+def test_a_refused_request_fails_alone(core):
+    other = core.generate([1], SamplingParams(max_tokens=20))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        core.generate([], SamplingParams(max_tokens=2)).result(timeout=5)
+    assert other.result(timeout=5).token_ids == [7] * 20 and core.failure is None
+
+
+def test_a_cancelled_request_is_aborted_on_the_ranks(core):
+    doomed = core.generate([1], SamplingParams(max_tokens=10_000))
+    deadline = time.monotonic() + 5
+    while not core.engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert doomed.cancel()
+    while core.engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert core.engine.aborted == ["tp-0"] and not core.engine.running and core.stats().cancelled == 1
+
+
+def test_a_failed_group_fails_everything_in_flight_and_after(core):
+    running = core.generate([1], SamplingParams(max_tokens=10_000))
+    deadline = time.monotonic() + 5
+    while not core.engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with core.engine.lock:
+        core.engine.failure = "rank 1 of 2 failed during step"
+    with pytest.raises(GroupGone, match="rank 1"):
+        running.result(timeout=5)
+    with pytest.raises(GroupGone, match="rank 1"):
+        core.generate([1], SamplingParams(max_tokens=2)).result(timeout=5)
+    assert core.failure == "rank 1 of 2 failed during step"
