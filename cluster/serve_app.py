@@ -5,6 +5,7 @@
               | DeploymentHandle, KVLocalityRouter (session -> holder, new -> most free KV)
               v
             DecodeWorker replicas (actors/worker_deployment.py) -> node KVStore, Indexer (actors/)
+            (tensor_parallel_size > 1: actors/tp_deployment.py, each replica over P rank actors)
 
 With ``prefill_workers > 0`` (disaggregated prefill, docs/cluster.md) the ingress also holds
 a handle to ``PrefillWorker`` replicas (the same class in the prefill role, placed by the
@@ -115,9 +116,17 @@ def app(args: AppArgs):
                                  request_routing_stats_period_s=config.routing_stats_period_s)
     scaling = ({"autoscaling_config": args.decode_autoscaling} if args.decode_autoscaling
                else {"num_replicas": config.num_workers})
-    worker = DecodeWorker.options(ray_actor_options=_actor_options(config.worker_num_cpus, config.worker_num_gpus,
-                                                                   config.worker_resources),
-                                  request_router_config=router, **scaling).bind(config)
+    if config.tensor_parallel_size > 1:  # each replica over a placement group of its ranks (docs/parallel.md)
+        from actors.tp_deployment import TensorParallelWorker, check_tensor_parallel, deployment_options
+
+        check_tensor_parallel(config)
+        worker = TensorParallelWorker.options(request_router_config=router, **deployment_options(config),
+                                              **scaling).bind(config)
+    else:
+        worker = DecodeWorker.options(ray_actor_options=_actor_options(config.worker_num_cpus,
+                                                                       config.worker_num_gpus,
+                                                                       config.worker_resources),
+                                      request_router_config=router, **scaling).bind(config)
     prefill = None
     if config.prefill_workers:  # the same class in the prefill role, a deployment of its own
         prefill = DecodeWorker.options(name="PrefillWorker", num_replicas=config.prefill_workers,
