@@ -74,7 +74,7 @@ class TensorParallelWorker:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.indexer = indexer_handle()
-        size = cfg.tensor_parallel_size
+        size, self.call_timeout_s = cfg.tensor_parallel_size, call_timeout_s
         engine = TensorParallelEngine(size, functools.partial(load_weights, cfg.engine), cfg.engine,
                                       load_tokenizer(cfg.engine),
                                       resources=RankResources(cfg.worker_num_cpus, cfg.worker_num_gpus),
@@ -96,11 +96,17 @@ class TensorParallelWorker:
         return {"node_id": self.node_id, "tensor_parallel_size": self.core.engine.size}
 
     async def check_health(self) -> None:
-        """Fails once the group has failed (Serve then replaces the replica and its group)."""
-        if self.core.failure:
-            raise RuntimeError(self.core.failure)
+        """Fails once the group has failed (Serve then replaces the replica and its group); a
+        no-op call to every rank finds one that died while the group was idle."""
         if not self.core._thread.is_alive():
             raise RuntimeError("the decode loop died")
+        if self.core.failure is None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self.core.check()), self.call_timeout_s)
+            except Exception:  # noqa: BLE001 - the group's failure, said below
+                pass
+        if self.core.failure is not None:
+            raise RuntimeError(self.core.failure)
 
     def stats(self) -> WorkerStats:
         return self.core.stats()

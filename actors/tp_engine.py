@@ -23,13 +23,16 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
-from engine.errors import LSAError
+from engine.errors import LSAError, UnavailableError
 from engine.parallel.rank import RankWorker, TokenUpdate, free_port
 from engine.sampling import SamplingParams
 
 
-class TensorParallelGroupError(LSAError, RuntimeError):
-    """A rank of the tensor-parallel group died or stopped answering: the group is gone."""
+class TensorParallelGroupError(UnavailableError, RuntimeError):
+    """A rank of the tensor-parallel group died or stopped answering: the group is gone (HTTP 503:
+    a served replica's health check then fails, and Serve replaces it with a new group)."""
+
+    code = "tensor_parallel_group_failed"
 
 
 @dataclass(frozen=True)

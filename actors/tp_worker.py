@@ -1,7 +1,7 @@
 """A tensor-parallel decode worker's core: stateless requests over a group of ranks in lockstep.
 
 The engine is a ``TensorParallelEngine`` (actors/tp_engine.py; anything with its lockstep calls
-``add_request``, ``abort``, ``step`` and ``failure``): one call reaches every rank, so only the
+``add_request``, ``abort``, ``has_work``, ``step`` and ``failure``): one call reaches every rank, so only the
 loop thread makes calls, and requests from any thread go to it as commands:
 
     caller --generate()--> commands --> loop thread: add_request | abort | step --> every rank
@@ -79,6 +79,23 @@ class TensorParallelWorkerCore:
         future.add_done_callback(lambda f: f.cancelled() and self._cancelled(request_id))
         self._commands.put(lambda: self._add(request_id, list(prompt_ids), params, future, on_text))
         return future
+
+    def check(self) -> Future:
+        """A no-op lockstep call, made by the loop: a rank that died while the group was idle
+        fails the group now rather than at the next request. Resolves to True, or the error."""
+        done: Future = Future()
+
+        def probe() -> None:
+            try:
+                self.engine.has_work()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+                complete(done, exc=exc)
+                return
+            complete(done, True)
+
+        self._commands.put(probe)
+        return done
 
     def warm_up(self) -> dict:
         """One short request through every rank before the replica reports ready (the group's

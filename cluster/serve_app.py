@@ -94,7 +94,8 @@ class Ingress:
         from cluster.ingress import build_api
 
         api = build_api(self.edge)
-        self._placer = asyncio.get_event_loop().create_task(self._place_stores())
+        if self.config.tensor_parallel_size == 1:  # tensor-parallel workers use no node store (yet)
+            self._placer = asyncio.get_event_loop().create_task(self._place_stores())
         return api
 
     async def _place_stores(self, period_s: float = 10.0) -> None:

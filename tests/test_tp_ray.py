@@ -2,7 +2,8 @@
 exactly the single-process engine's tokens, and a killed rank fails the group with a typed error
 within a bounded time instead of hanging. Last, ``cluster:app`` with ``tensor_parallel_size=2``:
 a completion (plain, streamed, and through the deployment's handle) is the single-process
-engine's, the replica's placement group holds it and its 2 ranks, and session routes are 501."""
+engine's, the replica's placement group holds it and its 2 ranks, session routes are 501, and a
+killed rank makes the next request a 503."""
 from __future__ import annotations
 
 import functools
@@ -190,3 +191,13 @@ def test_the_served_app_on_two_ranks_answers_as_one_process(cluster):
     status, body = post(url + "/v1/sessions", {"context": "a long document"})
     assert status == 501 and body["error"]["type"] == "not_implemented_error", body
     assert "tensor-parallel" in body["error"]["message"]
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvstore:")]
+
+    # a rank killed: the replica's group fails, the request is a 503 naming the rank (the health check fails next)
+    ranks = [a for a in ray._private.state.actors().values()
+             if a["ActorClassName"] == "RankActor" and a["State"] == "ALIVE"]
+    assert len(ranks) == WORLD
+    os.kill(ranks[0]["Pid"], signal.SIGKILL)
+    status, body = post(url + "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert status == 503 and body["error"]["code"] == "tensor_parallel_group_failed", body
+    assert f"of {WORLD} failed" in body["error"]["message"]

@@ -1,8 +1,10 @@
 """The tensor-parallel worker's core without Ray: a fake group in place of the rank actors. Answers
 and streamed text, a refusal that fails one request only, a cancelled request aborted on the ranks,
-and a failed group that fails what is in flight and every later request."""
+a failed group that fails what is in flight and every later request, and the deployment's health
+check that finds a rank that died while the group was idle."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -24,14 +26,27 @@ class FakeGroup:
     size = 2
 
     def __init__(self):
-        self.failure: str | None = None
+        self.failure: str | None = None  # set by the first call after ``kill``
+        self.dead: str | None = None
         self.running: dict[str, int] = {}  # request_id -> tokens left
         self.aborted: list[str] = []
         self.lock = threading.Lock()
 
+    def kill(self, message: str):
+        with self.lock:
+            self.dead = message
+
     def _check(self):
-        if self.failure:
+        if self.dead:
+            self.failure = self.dead
             raise GroupGone(self.failure)
+
+    def shutdown(self):
+        self.running.clear()
+
+    def has_work(self):
+        self._check()
+        return bool(self.running)
 
     def add_request(self, prompt, params, request_id):
         self._check()
@@ -100,10 +115,23 @@ def test_a_failed_group_fails_everything_in_flight_and_after(core):
     deadline = time.monotonic() + 5
     while not core.engine.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    with core.engine.lock:
-        core.engine.failure = "rank 1 of 2 failed during step"
+    core.engine.kill("rank 1 of 2 failed during step")
     with pytest.raises(GroupGone, match="rank 1"):
         running.result(timeout=5)
     with pytest.raises(GroupGone, match="rank 1"):
         core.generate([1], SamplingParams(max_tokens=2)).result(timeout=5)
     assert core.failure == "rank 1 of 2 failed during step"
+
+
+def test_the_health_check_finds_a_rank_that_died_while_idle(core):
+    from actors.tp_deployment import TensorParallelWorker
+
+    worker = object.__new__(TensorParallelWorker.func_or_class)
+    worker.core, worker.call_timeout_s = core, 5
+    asyncio.run(worker.check_health())
+    core.engine.kill("rank 1 of 2 failed during has_work")
+    assert core.failure is None  # nothing has called the ranks since
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed during has_work"):
+        asyncio.run(worker.check_health())
+    with pytest.raises(GroupGone):
+        core.generate([1], SamplingParams(max_tokens=2)).result(timeout=5)
