@@ -155,6 +155,12 @@ def post(url: str, body: dict) -> tuple[int, dict | str]:
     return status, json.loads(payload) if media.startswith("application/json") else payload
 
 
+def generated_tokens(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("lsa_generated_tokens{"))
+
+
 def test_the_served_app_on_two_ranks_answers_as_one_process(cluster):
     from ray import serve
 
@@ -192,6 +198,10 @@ def test_the_served_app_on_two_ranks_answers_as_one_process(cluster):
     assert status == 501 and body["error"]["type"] == "not_implemented_error", body
     assert "tensor-parallel" in body["error"]["message"]
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvstore:")]
+    deadline = time.monotonic() + 30  # the replica's stats reach /metrics through the Indexer
+    while not generated_tokens(url) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert generated_tokens(url) >= 3 * len(want.token_ids)
 
     # a rank killed: the replica's group fails, the request is a 503 naming the rank (the health check fails next)
     ranks = [a for a in ray._private.state.actors().values()
