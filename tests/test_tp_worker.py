@@ -135,3 +135,30 @@ def test_the_health_check_finds_a_rank_that_died_while_idle(core):
         asyncio.run(worker.check_health())
     with pytest.raises(GroupGone):
         core.generate([1], SamplingParams(max_tokens=2)).result(timeout=5)
+
+
+@pytest.mark.parametrize("args, error", [
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be >= 1"),
+    ({"tensor_parallel_size": 2, "prefill_workers": 1}, "set prefill_workers=0"),
+    ({"tensor_parallel_size": 4}, "num_key_value_heads=2 is not divisible by the tensor-parallel size 4"),
+    ({"tensor_parallel_size": 2, "policy": "quest"}, "policy 'quest' is not supported with tensor parallelism"),
+])
+def test_the_app_checks_tensor_parallel_arguments_before_any_replica(args, error):
+    from actors.config import ServeConfig
+    from actors.tp_deployment import check_tensor_parallel
+    from engine.options import build
+
+    with pytest.raises(LSAError, match=error):
+        check_tensor_parallel(build(ServeConfig, {"model": "tiny-random", **args}))
+
+
+def test_each_replica_asks_for_its_bundle_and_one_per_rank():
+    from actors.config import ServeConfig
+    from actors.tp_deployment import deployment_options
+    from engine.options import build
+
+    cfg = build(ServeConfig, {"model": "tiny-random", "tensor_parallel_size": 2, "worker_num_gpus": 1,
+                              "worker_resources": "lsa_decode=1"})
+    options = deployment_options(cfg)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "lsa_decode": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert options["placement_group_strategy"] == "STRICT_PACK" and options["ray_actor_options"]["num_gpus"] == 0
