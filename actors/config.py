@@ -15,7 +15,9 @@ from engine.errors import InvalidRequestError
 @dataclass(frozen=True)
 class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
-    num_workers: int = option(1, "decode worker replicas (one per GPU)")
+    num_workers: int = option(1, "decode worker replicas (one per GPU, or per tensor_parallel_size GPUs)")
+    tensor_parallel_size: int = option(1, "GPUs (ranks) per decode worker replica, the model split over them "
+                                          "(docs/parallel.md); above 1: stateless requests only, no sessions")
     num_ingress: int = option(1, "HTTP ingress replicas")
     kv_store_bytes: int = option(1 << 30, "host KV arena of each node's store, in bytes")
     kv_dir: str | None = option(None, "where stores create their arenas (default: LSA_KV_DIR, else /dev/shm)")
@@ -24,8 +26,10 @@ class ServeConfig:
     admin_api_keys: list = option([], "keys for /metrics (comma-separated); none: /metrics is open only when "
                                   "api_keys is empty too")
     max_body_bytes: int = option(32 << 20, "largest request body in bytes (413 above)")
-    worker_num_cpus: float = option(1.0, "CPUs each decode worker reserves")
-    worker_num_gpus: float = option(0.0, "GPUs each decode worker reserves (1 on GPU nodes)")
+    worker_num_cpus: float = option(1.0, "CPUs each decode worker reserves (with tensor_parallel_size > 1: the "
+                                         "replica and each of its ranks)")
+    worker_num_gpus: float = option(0.0, "GPUs each decode worker reserves (1 on GPU nodes; with "
+                                         "tensor_parallel_size > 1: each rank)")
     worker_resources: dict = option({}, "custom resources each decode worker reserves (name=amount,...)")
     prefill_workers: int = option(0, "prefill worker replicas: they create (prefill) sessions, decode workers take "
                                      "the turns (docs/cluster.md, Disaggregated prefill); 0: decode workers prefill")
@@ -44,6 +48,14 @@ class ServeConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.num_ingress < 1:
             raise InvalidRequestError("num_workers and num_ingress must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise InvalidRequestError("tensor_parallel_size must be >= 1 (1: one GPU per decode worker)")
+        if self.tensor_parallel_size > 1 and self.prefill_workers:
+            raise InvalidRequestError("prefill_workers needs sessions, which tensor-parallel decode workers "
+                                      "(tensor_parallel_size > 1) do not serve yet: set prefill_workers=0")
+        if self.tensor_parallel_size > 1 and self.worker_num_cpus <= 0:
+            raise InvalidRequestError("with tensor_parallel_size > 1, worker_num_cpus must be > 0 (the replica "
+                                      "and each rank reserve that many CPUs in the replica's placement group)")
         if self.prefill_workers < 0:
             raise InvalidRequestError("prefill_workers must be >= 0 (0: no prefill workers, decode workers prefill)")
         if self.kv_store_bytes < 1:

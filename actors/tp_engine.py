@@ -23,13 +23,16 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
-from engine.errors import LSAError
+from engine.errors import LSAError, UnavailableError
 from engine.parallel.rank import RankWorker, TokenUpdate, free_port
 from engine.sampling import SamplingParams
 
 
-class TensorParallelGroupError(LSAError, RuntimeError):
-    """A rank of the tensor-parallel group died or stopped answering: the group is gone."""
+class TensorParallelGroupError(UnavailableError, RuntimeError):
+    """A rank of the tensor-parallel group died or stopped answering: the group is gone (HTTP 503:
+    a served replica's health check then fails, and Serve replaces it with a new group)."""
+
+    code = "tensor_parallel_group_failed"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,11 @@ class TensorParallelEngine:
             self.shutdown()
             raise
 
+    @property
+    def failure(self) -> str | None:
+        """Why the group is gone (later calls raise ``TensorParallelGroupError``); None while it serves."""
+        return self._failure
+
     # ------------------------------------------------------------ lockstep calls
 
     def build(self, make_model: Callable, config: EngineConfig, tokenizer=None) -> None:
@@ -109,6 +117,10 @@ class TensorParallelEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> str:
         return self._call_all("add_request", prompt, params, request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a running request on every rank (its KV freed); False when none runs by that id."""
+        return self._call_all("abort", request_id)
 
     def has_work(self) -> bool:
         return self._call_all("has_work")

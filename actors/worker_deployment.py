@@ -61,9 +61,44 @@ def indexer_handle():
     from actors.directory import HEAD
     from actors.indexer import Indexer
 
-    # on the head node, which outlives worker nodes (as the session directory does)
+    # on the head node, which outlives worker nodes (as the session directory does); never in the
+    # placement group of the replica that asks first (a tensor-parallel worker's captures its children)
     return Indexer.options(name=INDEXER_NAME, get_if_exists=True, lifetime="detached", num_cpus=0,
-                           resources={HEAD: 0.001}).remote()
+                           resources={HEAD: 0.001}, scheduling_strategy="DEFAULT").remote()
+
+
+async def stream_request(start, answer):
+    """Run ``start(on_text)`` (a core's request, a future): yield its text as it grows, then
+    ``answer(result)``. A consumer that goes away (or the end) cancels the request."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    sent = 0
+
+    def on_text(text: str, done: bool) -> None:
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+    done = asyncio.ensure_future(asyncio.wrap_future(start(on_text)))
+    getter = None
+    try:
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                text = getter.result()
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                continue
+            getter.cancel()
+            result = done.result()  # raises the request's error
+            if len(result.text) > sent:
+                yield result.text[sent:]
+            yield answer(result)
+            return
+    finally:  # the consumer went away (or the stream ended): a running request is aborted
+        done.cancel()
+        if getter is not None:
+            getter.cancel()
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
@@ -222,37 +257,8 @@ class DecodeWorker:
             raise
         self.held.add(session_id)
 
-    async def _streamed(self, start):
-        """Run ``start(on_text)`` (a core request): yield the text as it grows, then the result."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        sent = 0
-
-        def on_text(text: str, done: bool) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-        done = asyncio.ensure_future(asyncio.wrap_future(start(on_text)))
-        getter = None
-        try:
-            while True:
-                getter = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    text = getter.result()
-                    if len(text) > sent:
-                        yield text[sent:]
-                        sent = len(text)
-                    continue
-                getter.cancel()
-                result = done.result()  # raises the request's error
-                if len(result.text) > sent:
-                    yield result.text[sent:]
-                yield self._answer(result)
-                return
-        finally:  # the consumer went away (or the stream ended): a running request is aborted
-            done.cancel()
-            if getter is not None:
-                getter.cancel()
+    def _streamed(self, start):
+        return stream_request(start, self._answer)
 
     def __del__(self):
         core = getattr(self, "core", None)

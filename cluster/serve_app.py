@@ -5,6 +5,7 @@
               | DeploymentHandle, KVLocalityRouter (session -> holder, new -> most free KV)
               v
             DecodeWorker replicas (actors/worker_deployment.py) -> node KVStore, Indexer (actors/)
+            (tensor_parallel_size > 1: actors/tp_deployment.py, each replica over P rank actors)
 
 With ``prefill_workers > 0`` (disaggregated prefill, docs/cluster.md) the ingress also holds
 a handle to ``PrefillWorker`` replicas (the same class in the prefill role, placed by the
@@ -69,17 +70,6 @@ def _app_args_model() -> type[BaseModel]:
 AppArgs = _app_args_model()
 
 
-def load_tokenizer(config: ServeConfig):
-    from engine.factory import TINY_RANDOM, ByteTokenizer
-
-    if config.engine.model == TINY_RANDOM:
-        return ByteTokenizer()
-    from engine.tokenizer import Tokenizer
-    from engine.weights import resolve_model
-
-    return Tokenizer(resolve_model(config.engine.model))
-
-
 @serve.ingress()
 class Ingress:
     """One HTTP ingress replica: an ``Edge`` over the decode workers' handle (and the prefill
@@ -88,14 +78,14 @@ class Ingress:
     def __init__(self, worker, config: ServeConfig, prefill=None):
         from actors.directory import directory_handle
         from cluster.ingress import Edge
-        from engine.factory import arena_layout, model_layout
+        from engine.factory import arena_layout, load_tokenizer, model_layout
 
         mc, _ = model_layout(config.engine)
         layout = arena_layout(config.engine)
         max_model_len = min(config.engine.scheduler.max_model_len or mc.max_position_embeddings,
                             mc.max_position_embeddings)
         self.config, self.layout = config, layout
-        self.edge = Edge(config, load_tokenizer(config), worker, directory_handle(config.session_ttl_s),
+        self.edge = Edge(config, load_tokenizer(config.engine), worker, directory_handle(config.session_ttl_s),
                          indexer=indexer_handle(), prefill=prefill,
                          replica=serve.get_replica_context().replica_id.unique_id, max_model_len=max_model_len,
                          vocab_size=mc.vocab_size, kv_bytes_per_token=layout.block_bytes // layout.block_size)
@@ -104,7 +94,8 @@ class Ingress:
         from cluster.ingress import build_api
 
         api = build_api(self.edge)
-        self._placer = asyncio.get_event_loop().create_task(self._place_stores())
+        if self.config.tensor_parallel_size == 1:  # tensor-parallel workers use no node store (yet)
+            self._placer = asyncio.get_event_loop().create_task(self._place_stores())
         return api
 
     async def _place_stores(self, period_s: float = 10.0) -> None:
@@ -126,9 +117,17 @@ def app(args: AppArgs):
                                  request_routing_stats_period_s=config.routing_stats_period_s)
     scaling = ({"autoscaling_config": args.decode_autoscaling} if args.decode_autoscaling
                else {"num_replicas": config.num_workers})
-    worker = DecodeWorker.options(ray_actor_options=_actor_options(config.worker_num_cpus, config.worker_num_gpus,
-                                                                   config.worker_resources),
-                                  request_router_config=router, **scaling).bind(config)
+    if config.tensor_parallel_size > 1:  # each replica over a placement group of its ranks (docs/parallel.md)
+        from actors.tp_deployment import TensorParallelWorker, check_tensor_parallel, deployment_options
+
+        check_tensor_parallel(config)
+        worker = TensorParallelWorker.options(request_router_config=router, **deployment_options(config),
+                                              **scaling).bind(config)
+    else:
+        worker = DecodeWorker.options(ray_actor_options=_actor_options(config.worker_num_cpus,
+                                                                       config.worker_num_gpus,
+                                                                       config.worker_resources),
+                                      request_router_config=router, **scaling).bind(config)
     prefill = None
     if config.prefill_workers:  # the same class in the prefill role, a deployment of its own
         prefill = DecodeWorker.options(name="PrefillWorker", num_replicas=config.prefill_workers,

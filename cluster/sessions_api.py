@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from actors.tp_worker import sessions_not_served
 from cluster import protocol as p
 from cluster.openai_api import DONE, cached_tokens, sampling_params, sse
 from cluster.taxonomy import EdgeError, call_worker, error_answer
@@ -48,7 +49,13 @@ class SessionsAPI:
 
     # -- the routes -----------------------------------------------------------------------
 
+    def check_served(self, what: str) -> None:
+        """Tensor-parallel decode workers serve no sessions yet: every session route is a 501."""
+        if self.edge.config.tensor_parallel_size > 1:
+            raise sessions_not_served(what)
+
     async def create(self, req: p.SessionCreate, owner: str | None) -> p.SessionCreated:
+        self.check_served("creating a session")
         edge = self.edge
         context_ids = await edge.off_loop(self.context_ids, req)
         if len(context_ids) >= edge.max_model_len:
@@ -75,6 +82,7 @@ class SessionsAPI:
         return record
 
     async def ask(self, session_id: str, req: p.SessionAsk, owner: str | None) -> p.SessionAnswer:
+        self.check_served("a session's turn")
         edge = self.edge
         start = time.perf_counter()
         record = await self.record(session_id, owner)
@@ -97,6 +105,7 @@ class SessionsAPI:
         """A turn as Server-Sent Events: ``{"text": piece}`` as tokens decode, then the answer
         (the fields of a plain ask), then ``[DONE]``. The first item is awaited here, so that a
         bad request or an unknown session is a 4xx, not a broken stream."""
+        self.check_served("a session's turn")
         edge = self.edge
         start = time.perf_counter()
         record = await self.record(session_id, owner)
@@ -141,6 +150,7 @@ class SessionsAPI:
                                ingress=self.edge.replica)
 
     async def delete(self, session_id: str, owner: str | None) -> p.SessionDeleted:
+        self.check_served("deleting a session")
         await self.record(session_id, owner)
         if await self.directory.delete.remote(session_id) is None:  # deleted meanwhile by another request
             await self.record(session_id, None)

@@ -8,6 +8,7 @@ Each error says what kind of failure it is, which decides whether asking again c
     BUSY          yes, once the other turn is done             409
     OVERLOADED    yes, when load passes (``retry_after_s``)     429 + Retry-After
     UNAVAILABLE   yes, when a dependency is back               503 + Retry-After
+    UNSUPPORTED   not on this deployment: it does not serve it  501
 
 ``param`` names the request field at fault (OpenAI's ``param``), ``code`` a machine-readable
 reason (``context_length_exceeded``, ``session_evicted``, ...). This module imports nothing, so
@@ -19,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 FINAL, MISSING, BUSY, OVERLOADED, UNAVAILABLE = "final", "missing", "busy", "overloaded", "unavailable"
+UNSUPPORTED = "unsupported"
 
 
 class LSAError(Exception):
@@ -104,6 +106,13 @@ class StoreUnavailable(UnavailableError):
     """A node's KV store does not answer (it died, or its node is going away)."""
 
 
+class NotServedError(LSAError):
+    """This deployment does not serve the route (e.g. sessions on tensor-parallel decode workers) (UNSUPPORTED)."""
+
+    kind = UNSUPPORTED
+    code = "not_implemented"
+
+
 class RequestCancelled(LSAError):
     """The request was cancelled (its client went away, or its session was deleted)."""
 
@@ -112,10 +121,10 @@ class RequestCancelled(LSAError):
 
 # -------------------------------------------------------------------------------- HTTP
 
-STATUS = {FINAL: 400, MISSING: 404, BUSY: 409, OVERLOADED: 429, UNAVAILABLE: 503}
+STATUS = {FINAL: 400, MISSING: 404, BUSY: 409, OVERLOADED: 429, UNAVAILABLE: 503, UNSUPPORTED: 501}
 # the wire's ``type`` of each (kept from the first HTTP contract; ``code`` is the finer reason)
 TYPES = {FINAL: "invalid_request_error", MISSING: "session_not_found", BUSY: "session_busy",
-         OVERLOADED: "overloaded", UNAVAILABLE: "unavailable"}
+         OVERLOADED: "overloaded", UNAVAILABLE: "unavailable", UNSUPPORTED: "not_implemented_error"}
 # Ray's errors when an actor a call needed died or cannot be reached (named, not imported)
 RAY_UNAVAILABLE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "GetTimeoutError",
                              "NodeDiedError", "OwnerDiedError", "WorkerCrashedError"})

@@ -50,18 +50,32 @@ def arena_layout(config: EngineConfig):
     return ArenaLayout.of(mc, config.cache.block_size_for(max_len), dtype, config.cache.host_dtype)
 
 
-def build_engine(config: EngineConfig, arena=None):
-    from engine.llm import LLMEngine
-
+def load_weights(config: EngineConfig, device: str, dtype: torch.dtype):
+    """The whole model ``config.model`` names, on ``device`` (``tiny-random``: random weights
+    of ``weights_seed``). ``partial(load_weights, config)`` is what tensor-parallel ranks build
+    their shards from (engine/parallel/rank.py)."""
     if config.model == TINY_RANDOM:
         from engine.loader import random_model
 
-        model = random_model(TINY, config.device_name, config.torch_dtype, seed=config.weights_seed)
-        return LLMEngine(model, config, ByteTokenizer(), arena=arena)
+        return random_model(TINY, device, dtype, seed=config.weights_seed)
     from engine.loader import load_model
+    from engine.weights import resolve_model
+
+    torch.manual_seed(config.weights_seed)
+    return load_model(resolve_model(config.model), device, dtype)
+
+
+def load_tokenizer(config: EngineConfig):
+    if config.model == TINY_RANDOM:
+        return ByteTokenizer()
     from engine.tokenizer import Tokenizer
     from engine.weights import resolve_model
 
-    source = resolve_model(config.model)
-    torch.manual_seed(config.weights_seed)
-    return LLMEngine(load_model(source, config.device_name, config.torch_dtype), config, Tokenizer(source), arena=arena)
+    return Tokenizer(resolve_model(config.model))
+
+
+def build_engine(config: EngineConfig, arena=None):
+    from engine.llm import LLMEngine
+
+    model = load_weights(config, config.device_name, config.torch_dtype)
+    return LLMEngine(model, config, load_tokenizer(config), arena=arena)

@@ -1,12 +1,18 @@
 """The tensor-parallel engine on Ray: 2 rank actors in one placement group (gloo on CPU) generate
 exactly the single-process engine's tokens, and a killed rank fails the group with a typed error
-within a bounded time instead of hanging."""
+within a bounded time instead of hanging. Last, ``cluster:app`` with ``tensor_parallel_size=2``:
+a completion (plain, streamed, and through the deployment's handle) is the single-process
+engine's, the replica's placement group holds it and its 2 ranks, session routes are 501, and a
+killed rank makes the next request a 503."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -63,7 +69,7 @@ def single_process(policy: dict) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with ray_cluster("lsa-tp-ray", head_cpus=2 * WORLD) as c:
+    with ray_cluster("lsa-tp-ray", head_cpus=2 * WORLD, serve_app=True) as c:
         yield c
 
 
@@ -129,3 +135,79 @@ def test_a_killed_rank_fails_the_group_with_a_typed_error(cluster):
         assert engine.ranks == []
     finally:
         engine.shutdown()
+
+
+# ------------------------------------------------------------------------ served: cluster:app
+
+SERVED = {"model": "tiny-random", "tensor_parallel_size": WORLD, "device": "cpu", "dtype": "fp32",
+          "block_size": BLOCK, "num_device_blocks": 64, "max_num_seqs": 2, "prefill_chunk": 64, "worker_num_cpus": 0.5,
+          "kv_store_bytes": 16 << 20, "cluster": "tpserve", "min_resident_tokens": 0,
+          **{k if k != "name" else "policy": v for k, v in POLICIES["lsa"].items()}}
+
+
+def post(url: str, body: dict) -> tuple[int, dict | str]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            status, payload, media = resp.status, resp.read().decode(), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        status, payload, media = e.code, e.read().decode(), e.headers.get("Content-Type", "")
+    return status, json.loads(payload) if media.startswith("application/json") else payload
+
+
+def generated_tokens(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("lsa_generated_tokens{"))
+
+
+def test_the_served_app_on_two_ranks_answers_as_one_process(cluster):
+    from ray import serve
+
+    from cluster import app
+    from cluster.local import free_port
+    from cluster.serve_app import parse_args
+    from engine.factory import build_engine
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app(SERVED), name="lsa-tp", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    prompt = prompts()[0]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    want = build_engine(parse_args(SERVED).engine).generate([prompt], params)[0]
+    assert len(want.token_ids) == 8 and want.kv["device_kv_fraction"] < 0.5  # LSA chose the resident blocks
+
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert [(g["strategy"], len(g["bundles"])) for g in groups] == [("STRICT_PACK", 1 + WORLD)]
+
+    handle = serve.get_deployment_handle("DecodeWorker", "lsa-tp")
+    got = handle.generate.remote(prompt_ids=prompt, params=params).result(timeout_s=120)
+    assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason and got.text == want.text
+    assert got.kv["policy"] == "lsa" and got.kv["cycles"] == want.kv["cycles"]
+
+    status, body = post(url + "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == want.text and body["usage"]["completion_tokens"] == len(want.token_ids)
+    status, events = post(url + "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                    "stream": True})
+    pieces = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
+    assert status == 200 and "".join(c["choices"][0]["text"] for c in pieces if c["choices"]) == want.text
+
+    status, body = post(url + "/v1/sessions", {"context": "a long document"})
+    assert status == 501 and body["error"]["type"] == "not_implemented_error", body
+    assert "tensor-parallel" in body["error"]["message"]
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvstore:")]
+    deadline = time.monotonic() + 30  # the replica's stats reach /metrics through the Indexer
+    while not generated_tokens(url) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert generated_tokens(url) >= 3 * len(want.token_ids)
+
+    # a rank killed: the replica's group fails, the request is a 503 naming the rank (the health check fails next)
+    ranks = [a for a in ray._private.state.actors().values()
+             if a["ActorClassName"] == "RankActor" and a["State"] == "ALIVE"]
+    assert len(ranks) == WORLD
+    os.kill(ranks[0]["Pid"], signal.SIGKILL)
+    status, body = post(url + "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert status == 503 and body["error"]["code"] == "tensor_parallel_group_failed", body
+    assert f"of {WORLD} failed" in body["error"]["message"]

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, RequestCancelled
+from engine.logprobs import LogprobsRecorder
 from engine.parallel.engine import build_tp_engine
 from engine.parallel.group import TensorParallel
 from engine.sampling import SamplingParams
@@ -28,12 +29,28 @@ from engine.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
+class Finished:
+    """What a request's last update adds: its whole text, timings, KV accounting (this rank's),
+    the log-probabilities it asked for, and the error that failed it alone (finish reason "error")."""
+
+    text: str
+    prefill_s: float
+    decode_s: float
+    kv: dict
+    logprobs: list | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
 class TokenUpdate:
-    """The tokens one request produced in one ``step``; ``finish_reason`` once it has finished."""
+    """The tokens one request produced in one ``step``; ``finish_reason`` once it has finished.
+    ``text``: what its text grew by (the engine's text, stop strings cut; "" without a tokenizer)."""
 
     request_id: str
     new_token_ids: list[int]
     finish_reason: str | None = None
+    text: str = ""
+    finished: Finished | None = None
 
 
 def backend_for(device: str) -> str:
@@ -55,7 +72,8 @@ class RankWorker:
         self.tp = TensorParallel(rank, size)
         self.engine = None
         self._seqs: dict[str, Sequence] = {}
-        self._emitted: dict[str, int] = {}
+        self._emitted: dict[str, tuple[int, int]] = {}  # request_id -> (tokens, text characters) sent
+        self.logprobs: LogprobsRecorder | None = None
 
     def join(self, host: str, port: int, device: str, timeout_s: float) -> None:
         """Join the group whose rendezvous is rank 0's ``host:port`` (blocks until all ranks have)."""
@@ -70,6 +88,8 @@ class RankWorker:
         here; e.g. ``partial(load_model, source)``). Replaces an earlier engine and its requests."""
         model = make_model(config.device_name, config.torch_dtype)
         self.engine = build_tp_engine(model, config, self.tp, tokenizer)
+        self.logprobs = LogprobsRecorder()  # for requests that ask (SamplingParams.logprobs)
+        self.engine.hooks.append(self.logprobs)
         self._seqs.clear()
         self._emitted.clear()
 
@@ -80,8 +100,18 @@ class RankWorker:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         seq = self.engine.add_request(prompt, params, request_id=request_id)
         self._seqs[request_id] = seq
-        self._emitted[request_id] = 0
+        self._emitted[request_id] = (0, 0)
         return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Finish the request now (its KV freed) and forget it; False when it is not running."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        del self._emitted[request_id]
+        self.engine.abort(seq, RequestCancelled(f"request {request_id} was cancelled"))
+        self.logprobs.pop(seq)
+        return True
 
     def has_work(self) -> bool:
         return self.engine is not None and self.engine.has_work()
@@ -92,10 +122,14 @@ class RankWorker:
         updates = []
         for request_id, seq in list(self._seqs.items()):
             done = seq.status is Status.FINISHED
-            new = seq.output_ids[self._emitted[request_id]:]
+            tokens, chars = self._emitted[request_id]
+            new = seq.output_ids[tokens:]
             if new or done:
-                updates.append(TokenUpdate(request_id, list(new), seq.finish_reason if done else None))
-                self._emitted[request_id] = len(seq.output_ids)
+                finished = Finished(seq.text, seq.prefill_s, seq.decode_s, dict(seq.kv), self.logprobs.pop(seq),
+                                    seq.error) if done else None
+                updates.append(TokenUpdate(request_id, list(new), seq.finish_reason if done else None,
+                                           seq.text[chars:], finished))
+                self._emitted[request_id] = (len(seq.output_ids), max(chars, len(seq.text)))
             if done:
                 del self._seqs[request_id], self._emitted[request_id]
         return updates
