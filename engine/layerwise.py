@@ -62,9 +62,8 @@ class LayerwisePrefill:
     (``chunk`` tokens through every layer, counting a layer of a prompt of ``n`` tokens as ``n``:
     its new tokens computed, its prefix streamed from the mirror), and at least one layer: a
     128K-token prompt yields every layer or two, a session turn of a few thousand tokens every
-    several layers (one layer a step made such a turn wait ~30 engine steps for its first token:
-    about 0.3 s of a 0.4 s TTFT on an H200 with SmolLM2). ``peak_scratch_bytes``: the largest
-    scratch K/V so far."""
+    several layers (one layer a step made a SmolLM2 turn wait 30 engine steps for its first
+    token). ``peak_scratch_bytes``: the largest scratch K/V so far."""
 
     def __init__(self, model: LlamaForCausalLM, cache: BlockKVCache, policy: Policy, chunk: int,
                  mirror_chunk_blocks: int = 1024):
