@@ -1,11 +1,12 @@
 """The benchmarks' subcommands of ``lsa``: ``lsa bench decode`` (benchmarks/decode.py), ``lsa bench
 prefill`` (benchmarks/prefill.py), ``lsa bench serve`` (benchmarks/serve.py), ``lsa bench chat``
-(benchmarks/chat.py)."""
+(benchmarks/chat.py), ``lsa bench soak`` (benchmarks/soak.py), ``lsa bench hol``
+(benchmarks/hol.py)."""
 from __future__ import annotations
 
 
 def add_commands(sub) -> None:
-    from benchmarks import chat, decode, prefill, serve
+    from benchmarks import chat, decode, hol, prefill, serve, soak
 
     bench = sub.add_parser("bench", help="benchmarks (writing JSON)")
     inner = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -26,3 +27,13 @@ def add_commands(sub) -> None:
                          description=chat.__doc__, formatter_class=decode.DocHelpFormatter)
     chat.add_arguments(p)
     p.set_defaults(func=chat.run_bench)
+    p = inner.add_parser("soak", help="minutes of mixed sessions, chats and bad requests at a fixed rate: statuses, "
+                         "p99 latency per window, memory at start and end", description=soak.__doc__,
+                         formatter_class=decode.DocHelpFormatter)
+    soak.add_arguments(p)
+    p.set_defaults(func=soak.run_bench)
+    p = inner.add_parser("hol", help="head-of-line blocking: TTFT of short requests behind a long prefill, against "
+                         "the same on the idle server", description=hol.__doc__,
+                         formatter_class=decode.DocHelpFormatter)
+    hol.add_arguments(p)
+    p.set_defaults(func=hol.run_bench)

@@ -379,6 +379,24 @@ def test_batch_client(server, client, tmp_path):
                for line in lines)
 
 
+def test_soak_benchmark_sends_every_kind_and_reads_memory(server):
+    """``lsa bench soak``'s traffic against this app for 9 s: sessions created, asked and
+    deleted, chats and bad requests, each answer the status it must have; latency per window
+    and memory from /metrics (with the admin key) and from the Ray processes."""
+    from benchmarks.soak import SoakPlan, run_soak
+
+    plan = SoakPlan(minutes=0.15, rate=3, sessions=2, turns=2, context=40, chat_tokens=10, max_tokens=2, window_s=3)
+    result = run_soak(server, plan, KEY, ADMIN, os.getpid(), "Alpha beta gamma delta epsilon. " * 100)
+    assert result["mismatches"] == []
+    kinds = result["statuses_by_kind"]
+    assert set(kinds) == {"create", "ask", "delete", "chat", "bad"}, kinds
+    assert all(set(statuses) == {"200"} for kind, statuses in kinds.items() if kind != "bad"), kinds
+    assert set(kinds["bad"]) <= {"400", "404"} and sum(kinds["bad"].values()) >= 2, kinds
+    assert result["requests"] >= 25 and len(result["windows"]) >= 3
+    for sample in result["memory"][0], result["memory"][-1]:
+        assert sample["worker_rss_bytes"] > 0 and sample["arena_free_bytes"] > 0 and sample["ray_rss_bytes"] > 0
+
+
 def test_any_ingress_replica_serves_any_session(server, client):
     """Two ingress replicas share the session directory: turns of one session answered by
     either of them all succeed and all land on the worker replica holding the session."""

@@ -1,12 +1,16 @@
 """``lsa serve`` stopped with SIGTERM (as ``kill``, systemd or a container runtime stop it)
 leaves nothing behind: it exits by itself, its KV arena in the arena folder is gone, its
-temporary folder is gone, and no Ray process of its cluster is left running. Each of these is
-first seen present while it serves, so that the test can fail."""
+temporary folder is gone, and no Ray process of its cluster is left running. ``serve run``
+(Ray's CLI) likewise leaves no arena and no Ray process. Each of these is first seen present
+while it serves, so that the test can fail."""
 import glob
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -87,3 +91,45 @@ def test_sigterm_leaves_no_arena_no_temp_folder_and_no_ray_process(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_serve_run_sigterm_leaves_no_arena_and_no_ray_process(tmp_path):
+    """``serve run`` started its own Ray; on SIGTERM Ray's signal handler ends the process
+    (abort, exit 134: no drain, see docs/cluster.md), the cluster's processes go with it
+    (Ray's fate sharing) and each store's watcher unlinks its arena. A config file gives the
+    proxy a free port; ``serve run cluster:app key=value ...`` blocks in the same loop, on 8000.
+    Ray's session logs stay under RAY_TMPDIR, as with any Ray driver."""
+    serve_cli = Path(sys.executable).with_name("serve")
+    if not serve_cli.exists():
+        pytest.skip("no serve command beside this python")
+    kv = tmp_path / "kv"
+    kv.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths are limited
+    port = free_port()
+    config = tmp_path / "serve.yaml"  # JSON is YAML
+    config.write_text(json.dumps({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [
+        {"name": "lsa", "route_prefix": "/", "import_path": "cluster:app",
+         "args": {"model": "tiny-random", "num_workers": 1, "kv_store_bytes": 16 << 20, "torch_threads": 1}}]}))
+    env = {**os.environ, "LSA_KV_DIR": str(kv), "HOME": str(tmp_path), "RAY_TMPDIR": ray_tmp,
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    server = subprocess.Popen([str(serve_cli), "run", str(config)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+        up = wait_for(lambda: (serving(f"http://127.0.0.1:{port}") and list(kv.glob("lsa-kv-*.arena")))
+                      or server.poll() is not None, 240)
+        assert up and server.poll() is None, "".join(lines)[-3000:]
+        assert processes_naming(ray_tmp) and processes_naming(str(kv)), "the checks below would prove nothing"
+
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        assert wait_for(lambda: not list(kv.glob("lsa-kv-*.arena")), 30), list(kv.iterdir())
+        assert wait_for(lambda: not processes_naming(ray_tmp) and not processes_naming(str(kv)), 30), \
+            processes_naming(ray_tmp) + processes_naming(str(kv))
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
