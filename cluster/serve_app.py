@@ -108,8 +108,37 @@ class Ingress:
             await asyncio.sleep(period_s)
 
 
+def drain_on_sigterm_under_serve_run() -> bool:
+    """``serve run cluster:app ...`` calls this builder in its main thread before it starts Ray;
+    ``ray.init`` then installs a SIGTERM handler that aborts the driver (no drain: requests in
+    flight are cut). A hook run at the end of ``ray.init`` (Ray's ``_post_init_hooks``) puts a
+    handler after it that turns SIGTERM into Ctrl-C, on which ``serve run`` shuts Serve down
+    gracefully, as on SIGINT. Nothing when Ray is already up (``lsa serve``, tests, a config file
+    built by the controller): those stop their own way. True when the hook was registered."""
+    import signal
+    import threading
+
+    import ray
+
+    hooks = getattr(getattr(ray, "_private", None) and ray._private.worker, "_post_init_hooks", None)
+    if ray.is_initialized() or threading.current_thread() is not threading.main_thread() or hooks is None:
+        return False
+
+    def on_term(*_):
+        raise KeyboardInterrupt("SIGTERM")
+
+    def install():
+        hooks.remove(install)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+
+    hooks.append(install)
+    return True
+
+
 def app(args: AppArgs):
     """The application builder Serve calls with the (validated) arguments."""
+    drain_on_sigterm_under_serve_run()
     if not isinstance(args, BaseModel):
         args = AppArgs.model_validate(dict(args or {}))
     config = args.config

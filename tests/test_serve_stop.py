@@ -4,7 +4,6 @@ temporary folder is gone, and no Ray process of its cluster is left running. ``s
 (Ray's CLI) likewise leaves no arena and no Ray process. Each of these is first seen present
 while it serves, so that the test can fail."""
 import glob
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-from cluster.local import free_port  # noqa: E402
+from cluster.local import check_port_free, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,28 +92,29 @@ def test_sigterm_leaves_no_arena_no_temp_folder_and_no_ray_process(tmp_path):
             server.wait()
 
 
-def test_serve_run_sigterm_leaves_no_arena_and_no_ray_process(tmp_path):
-    """``serve run`` started its own Ray; on SIGTERM Ray's signal handler ends the process
-    (abort, exit 134: no drain, see docs/cluster.md), the cluster's processes go with it
-    (Ray's fate sharing) and each store's watcher unlinks its arena. A config file gives the
-    proxy a free port; ``serve run cluster:app key=value ...`` blocks in the same loop, on 8000.
-    Ray's session logs stay under RAY_TMPDIR, as with any Ray driver."""
+def test_serve_run_sigterm_drains_and_leaves_no_arena_and_no_ray_process(tmp_path):
+    """``serve run cluster:app key=value ...`` (the README's command) stopped with SIGTERM: the app's
+    builder made it a Ctrl-C (Ray's own handler would abort the driver: exit 134, no drain), so
+    ``serve run`` shuts Serve down gracefully and exits 0; the cluster's processes go with the
+    driver (Ray's fate sharing) and each store's watcher unlinks its arena. ``serve run`` with an
+    import path serves on port 8000. Ray's session logs stay under RAY_TMPDIR, as with any driver."""
     serve_cli = Path(sys.executable).with_name("serve")
     if not serve_cli.exists():
         pytest.skip("no serve command beside this python")
+    port = 8000  # serve run's port for an import path (a config file can set another)
+    try:
+        check_port_free("127.0.0.1", port)
+    except Exception as exc:  # noqa: BLE001 - taken by something else on this machine
+        pytest.skip(f"port {port} is taken: {exc}")
     kv = tmp_path / "kv"
     kv.mkdir()
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths are limited
-    port = free_port()
-    config = tmp_path / "serve.yaml"  # JSON is YAML
-    config.write_text(json.dumps({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [
-        {"name": "lsa", "route_prefix": "/", "import_path": "cluster:app",
-         "args": {"model": "tiny-random", "num_workers": 1, "kv_store_bytes": 16 << 20, "torch_threads": 1}}]}))
     env = {**os.environ, "LSA_KV_DIR": str(kv), "HOME": str(tmp_path), "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    server = subprocess.Popen([str(serve_cli), "run", str(config)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([str(serve_cli), "run", "cluster:app", "model=tiny-random", "num_workers=1",
+                               f"kv_store_bytes={16 << 20}", "torch_threads=1"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines: list[str] = []
         threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
@@ -124,7 +124,8 @@ def test_serve_run_sigterm_leaves_no_arena_and_no_ray_process(tmp_path):
         assert processes_naming(ray_tmp) and processes_naming(str(kv)), "the checks below would prove nothing"
 
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+        assert server.wait(timeout=120) == 0, "".join(lines)[-3000:]  # a graceful shutdown, not Ray's abort
+        assert any("shutting down" in line for line in lines), "".join(lines)[-3000:]
         assert wait_for(lambda: not list(kv.glob("lsa-kv-*.arena")), 30), list(kv.iterdir())
         assert wait_for(lambda: not processes_naming(ray_tmp) and not processes_naming(str(kv)), 30), \
             processes_naming(ray_tmp) + processes_naming(str(kv))
