@@ -1,7 +1,7 @@
 """The cluster's actors, each a thin Ray wrapper beside the plain class it wraps:
 
     decode_worker.DecodeWorkerCore   <- worker_deployment.DecodeWorker (Serve deployment, one per GPU)
-    kv_store.KVStoreCore             <- kv_store.KVStore (one per node, placement.ensure_per_node)
+    kv_store.KVStoreCore             <- kv_store_actor.KVStore (one per node, placement.ensure_per_node)
     indexer.IndexerCore              <- indexer.Indexer (prefetch plans, worker stats)
     directory.SessionDirectoryCore   <- directory.SessionDirectory (session records, head node)
 
