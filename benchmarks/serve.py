@@ -279,6 +279,18 @@ def max_sessions(serve_config, context: int) -> int:
     return max(1, serve_config.kv_store_bytes // session_bytes(serve_config, context) - 1)
 
 
+def sessions_to_run(sessions: str, serve_config, context: int) -> int:
+    """``--sessions``: a number, or max: the sessions of ``context`` tokens the node's host KV store
+    holds (``max_sessions``), at most the app's ``max_num_seqs``."""
+    if sessions != "max":
+        return int(sessions)
+    if serve_config is None:
+        from engine.errors import InvalidRequestError
+
+        raise InvalidRequestError("--sessions max needs the app's arguments (kv_store_bytes, model)")
+    return min(max_sessions(serve_config, context), serve_config.engine.scheduler.max_num_seqs)
+
+
 def plan_store(app_args: list[str], context: int, budget_bytes: int, sessions: str) -> tuple[int, int, int]:
     """(sessions of ``context`` tokens a store of ``budget_bytes`` holds, sessions to run, the store's
     ``kv_store_bytes``) for the app of ``app_args`` (key=value). ``sessions`` "max": what the budget
@@ -329,14 +341,7 @@ def run_bench(args) -> int:
         serve_config = build(ServeConfig, app_args)
         if args.vocab is None:
             vocab = (4, min(model_layout(serve_config.engine)[0].vocab_size, 32000))
-    if args.sessions == "max":
-        if serve_config is None:
-            from engine.errors import InvalidRequestError
-
-            raise InvalidRequestError("--sessions max needs the app's arguments (kv_store_bytes, model)")
-        sessions = min(max_sessions(serve_config, args.concurrency_context), serve_config.engine.scheduler.max_num_seqs)
-    else:
-        sessions = int(args.sessions)
+    sessions = sessions_to_run(args.sessions, serve_config, args.concurrency_context)
     w = Workload(args.contexts, args.followups, args.concurrency_context, sessions, args.max_tokens, vocab=vocab,
                  seed=args.seed)
     report = {"app_args": app_args, "url": args.url, "workload": asdict(w)}

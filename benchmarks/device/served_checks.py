@@ -1,5 +1,5 @@
 """Checks of the served system on the GPU machine (issue 15), each writing JSON; rehearsed on the
-CPU with tiny-random (tests/test_served_checks.py).
+CPU with tiny-random (tests/test_device_session.py, session.sh's rehearsal).
 
     python benchmarks/device/served_checks.py app OUT.json [--checks demo,restart,leaks] key=value ...
         one local cluster:app (the key=value arguments, as lsa serve takes them), then, in order:
