@@ -82,9 +82,17 @@ def load_config(source: ModelSource) -> ModelConfig:
 
 def load_state_dict(source: ModelSource, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face-named float32 tensors for ``LlamaForCausalLM.load_state_dict``."""
+    return load_weights(source, config)[1]
+
+
+def load_weights(source: ModelSource, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config (``config`` if given) and the state dict, a GGUF file parsed once for both (its
+    metadata, the tokenizer's vocabulary included, takes seconds to parse)."""
     if source.kind == "hf":
-        return _load_safetensors_dir(source.path)
-    return _load_gguf_tensors(_gguf_reader(source.path), config)
+        return config or load_config(source), _load_safetensors_dir(source.path)
+    reader = _gguf_reader(source.path)
+    config = config or _gguf_config(reader)
+    return config, _load_gguf_tensors(reader, config)
 
 
 # ---------------------------------------------------------------- safetensors
