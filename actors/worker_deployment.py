@@ -45,7 +45,7 @@ log = logging.getLogger("ray.serve")
 def place_stores(cfg: ServeConfig, layout, node_filter=lambda node: True) -> dict:
     """Handles of the KVStore actors of the alive nodes ``node_filter`` accepts, created where
     missing (actors/placement.py): the one call that places stores, for workers and the app."""
-    from actors.kv_store import KVStore
+    from actors.kv_store_actor import KVStore
     from actors.placement import ensure_per_node
 
     return ensure_per_node(KVStore, STORE_PREFIX, cfg.cluster, cfg.kv_store_bytes, layout, cfg.kv_dir,

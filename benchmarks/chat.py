@@ -30,6 +30,8 @@ import sys
 import time
 import urllib.request
 
+from benchmarks import served
+
 QUESTIONS = [
     "In one sentence, what is this text about?",
     "Name one person, place or thing the text mentions.",
@@ -180,22 +182,14 @@ def print_table(rows: list[dict], summary: dict) -> None:
 
 
 def run_bench(args) -> int:
-    from cluster.commands import parse_app_args
     from engine.errors import InvalidRequestError
 
-    app_args = parse_app_args(args.app_args)
-    if bool(app_args) == bool(args.url):
-        raise InvalidRequestError("give the app's key=value arguments (the bench starts it) or --url of a running app")
+    app_args = served.app_args(args)
     if args.turns < 2 or args.context < 16 or args.max_tokens < 1:
         raise InvalidRequestError("--turns must be >= 2, --context >= 16 and --max-tokens >= 1")
     t0 = time.perf_counter()
-    if args.url:
-        rows = run_chats(args.url, args.context, args.turns, args.max_tokens, args.pin, args.haystack, args.api_key)
-    else:
-        from cluster.local import local_app
-
-        with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
-            rows = run_chats(url, args.context, args.turns, args.max_tokens, args.pin, args.haystack, args.api_key)
+    with served.app_url(args, app_args) as url:
+        rows = run_chats(url, args.context, args.turns, args.max_tokens, args.pin, args.haystack, args.api_key)
     summary = summarize(rows, args.slack)
     report = {"app_args": app_args, "url": args.url, "context": args.context, "turns": args.turns,
               "max_tokens": args.max_tokens, "pin": args.pin, "slack": args.slack, "rows": rows,
@@ -208,8 +202,7 @@ def run_bench(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("app_args", nargs="*", metavar="key=value", help="the app's arguments, as lsa serve takes them")
-    p.add_argument("--url", default=None, help="a running app instead")
+    served.add_arguments(p)
     p.add_argument("--api-key", default="none", help="the app's API key, if it has keys")
     p.add_argument("--context", type=int, default=6000, help="tokens of each document (about)")
     p.add_argument("--turns", type=int, default=10, help="turns of each conversation")
@@ -217,16 +210,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", action="store_true", help="send each conversation's user field (its session key)")
     p.add_argument("--slack", type=int, default=64, help="tokens a later turn may prefill beyond its new ones")
     p.add_argument("--haystack", default=None, help="folder of texts (default: the shared haystack, else filler)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the app this command starts")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--out", default=None, help="JSON report")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks.commands import main
+
+    raise SystemExit(main("chat"))

@@ -39,7 +39,6 @@ import torch
 from engine.config import ModelConfig
 from engine.llm import LLMEngine
 from engine.loader import random_model
-from engine.options import HelpFormatter
 from engine.sequence import Status
 
 # the synthetic-KV engines (also imported from here by swap_probe and the tests)
@@ -292,10 +291,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench_decode.json", help="JSON results file")
 
 
-class DocHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """The module docstring as written, and each flag's default."""
-
-
 def run_bench(args) -> int:
     from engine.config import parse_dtype
 
@@ -334,11 +329,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
-    add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.commands import main
+
+    raise SystemExit(main("decode"))

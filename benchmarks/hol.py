@@ -128,25 +128,18 @@ def print_table(report: dict) -> None:
 
 
 def run_bench(args) -> int:
-    from cluster.commands import parse_app_args
+    from benchmarks import served
     from engine.errors import InvalidRequestError
 
-    app_args = parse_app_args(args.app_args)
-    if bool(app_args) == bool(args.url):
-        raise InvalidRequestError("give the app's key=value arguments (the bench starts it) or --url of a running app")
+    app_args = served.app_args(args)
     if args.long < 1 or args.shorts < 1 or args.short_tokens < 1 or args.short_max_tokens < 1:
         raise InvalidRequestError("--long, --shorts, --short-tokens and --short-max-tokens must be positive")
     if args.rate != "auto" and float(args.rate) <= 0:
         raise InvalidRequestError("--rate must be positive or auto")
     vocab = (4, args.vocab)
     t0 = time.perf_counter()
-    if args.url:
-        phases = run_phases(args.url, args, vocab)
-    else:
-        from cluster.local import local_app
-
-        with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
-            phases = run_phases(url, args, vocab)
+    with served.app_url(args, app_args) as url:
+        phases = run_phases(url, args, vocab)
     report = {"app_args": app_args, "url": args.url, "long": args.long, "shorts": args.shorts,
               "short_tokens": args.short_tokens, "short_max_tokens": args.short_max_tokens, "delay_s": args.delay_s,
               "seed": args.seed, "phases": phases, "summary": summarize(phases), "seconds": time.perf_counter() - t0}
@@ -158,8 +151,9 @@ def run_bench(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("app_args", nargs="*", metavar="key=value", help="the app's arguments, as lsa serve takes them")
-    p.add_argument("--url", default=None, help="a running app instead")
+    from benchmarks import served
+
+    served.add_arguments(p)
     p.add_argument("--api-key", default=None, help="the app's API key, if it has keys")
     p.add_argument("--long", type=int, default=32768, help="tokens of the long prompt")
     p.add_argument("--shorts", type=int, default=30, help="short requests, idle and behind the prefill each")
@@ -169,16 +163,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay-s", type=float, default=0.5, help="after the long request, the first short one")
     p.add_argument("--vocab", type=int, default=260, help="token ids are drawn below this")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the app this command starts")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--out", default=None, help="JSON report")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks.commands import main
+
+    raise SystemExit(main("hol"))

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from benchmarks import served
+
 
 @dataclass
 class Workload:
@@ -277,6 +279,18 @@ def max_sessions(serve_config, context: int) -> int:
     return max(1, serve_config.kv_store_bytes // session_bytes(serve_config, context) - 1)
 
 
+def sessions_to_run(sessions: str, serve_config, context: int) -> int:
+    """``--sessions``: a number, or max: the sessions of ``context`` tokens the node's host KV store
+    holds (``max_sessions``), at most the app's ``max_num_seqs``."""
+    if sessions != "max":
+        return int(sessions)
+    if serve_config is None:
+        from engine.errors import InvalidRequestError
+
+        raise InvalidRequestError("--sessions max needs the app's arguments (kv_store_bytes, model)")
+    return min(max_sessions(serve_config, context), serve_config.engine.scheduler.max_num_seqs)
+
+
 def plan_store(app_args: list[str], context: int, budget_bytes: int, sessions: str) -> tuple[int, int, int]:
     """(sessions of ``context`` tokens a store of ``budget_bytes`` holds, sessions to run, the store's
     ``kv_store_bytes``) for the app of ``app_args`` (key=value). ``sessions`` "max": what the budget
@@ -316,13 +330,7 @@ def print_table(report: dict) -> None:
 
 
 def run_bench(args) -> int:
-    from cluster.commands import parse_app_args
-
-    app_args = parse_app_args(args.app_args)
-    if not app_args and not args.url:
-        from engine.errors import InvalidRequestError
-
-        raise InvalidRequestError("give the app's key=value arguments (the bench starts it), or --url of a running app")
+    app_args = served.app_args(args, url_too=True)
     serve_config = None
     vocab = (4, args.vocab or 260)
     if app_args:
@@ -333,25 +341,13 @@ def run_bench(args) -> int:
         serve_config = build(ServeConfig, app_args)
         if args.vocab is None:
             vocab = (4, min(model_layout(serve_config.engine)[0].vocab_size, 32000))
-    if args.sessions == "max":
-        if serve_config is None:
-            from engine.errors import InvalidRequestError
-
-            raise InvalidRequestError("--sessions max needs the app's arguments (kv_store_bytes, model)")
-        sessions = min(max_sessions(serve_config, args.concurrency_context), serve_config.engine.scheduler.max_num_seqs)
-    else:
-        sessions = int(args.sessions)
+    sessions = sessions_to_run(args.sessions, serve_config, args.concurrency_context)
     w = Workload(args.contexts, args.followups, args.concurrency_context, sessions, args.max_tokens, vocab=vocab,
                  seed=args.seed)
     report = {"app_args": app_args, "url": args.url, "workload": asdict(w)}
     t0 = time.perf_counter()
-    if args.url:
-        report["served"] = run_workload(Served(args.url), w, "served")
-    else:
-        from cluster.local import local_app
-
-        with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
-            report["served"] = run_workload(Served(url), w, "served")
+    with served.app_url(args, app_args) as url:
+        report["served"] = run_workload(Served(url), w, "served")
     if serve_config is not None and not args.no_engine:
         import lsa_env
 
@@ -360,9 +356,9 @@ def run_bench(args) -> int:
             report["engine"] = run_workload(engine, w, "engine")
         finally:
             engine.close()
-        served, alone = report["served"].get("concurrent"), report["engine"].get("concurrent")
-        if served and alone:
-            report["ratio"] = served["tokens_per_s"] / alone["tokens_per_s"]
+        over_http, alone = report["served"].get("concurrent"), report["engine"].get("concurrent")
+        if over_http and alone:
+            report["ratio"] = over_http["tokens_per_s"] / alone["tokens_per_s"]
     report["seconds"] = time.perf_counter() - t0
     print_table(report)
     if args.out:
@@ -372,8 +368,7 @@ def run_bench(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("app_args", nargs="*", metavar="key=value", help="the app's arguments, as lsa serve takes them")
-    p.add_argument("--url", default=None, help="a running app instead (served part only)")
+    served.add_arguments(p, url_help="a running app instead (served part only)")
     p.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072], help="one session each")
     p.add_argument("--followups", type=int, default=2, help="questions on each of those sessions")
     p.add_argument("--concurrency-context", type=int, default=131072)
@@ -383,16 +378,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "at most 32000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-engine", action="store_true", help="skip the engine-alone run")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the app this command starts")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--out", default=None, help="JSON report")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks.commands import main
+
+    raise SystemExit(main("serve"))

@@ -30,7 +30,6 @@ import argparse
 import collections
 import json
 import random
-import statistics
 import subprocess
 import threading
 import time
@@ -355,13 +354,11 @@ def print_table(r: dict) -> None:
 def run_bench(args) -> int:
     import os
 
-    from cluster.commands import parse_app_args
+    from benchmarks import served
     from engine.errors import InvalidRequestError
     from lab.haystack import load_haystack
 
-    app_args = parse_app_args(args.app_args)
-    if bool(app_args) == bool(args.url):
-        raise InvalidRequestError("give the app's key=value arguments (the bench starts it) or --url of a running app")
+    app_args = served.app_args(args)
     if args.minutes <= 0 or args.rate <= 0 or args.sessions < 1 or args.turns < 1:
         raise InvalidRequestError("--minutes and --rate must be positive, --sessions and --turns at least 1")
     plan = SoakPlan(minutes=args.minutes, rate=args.rate, sessions=args.sessions, turns=args.turns,
@@ -369,13 +366,8 @@ def run_bench(args) -> int:
                     window_s=args.window_s, seed=args.seed)
     text = load_haystack(args.haystack, min_chars=8 * max(plan.context, plan.chat_tokens) + 1)
     admin_key = args.admin_key or args.api_key
-    if args.url:
-        result = run_soak(args.url, plan, args.api_key, admin_key, None, text)
-    else:
-        from cluster.local import local_app
-
-        with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
-            result = run_soak(url, plan, args.api_key, admin_key, os.getpid(), text)
+    with served.app_url(args, app_args) as url:  # the Ray processes this command starts are its children
+        result = run_soak(url, plan, args.api_key, admin_key, None if args.url else os.getpid(), text)
     result.update(app_args=app_args, url=args.url)
     print_table(result)
     if args.out:
@@ -385,8 +377,9 @@ def run_bench(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("app_args", nargs="*", metavar="key=value", help="the app's arguments, as lsa serve takes them")
-    p.add_argument("--url", default=None, help="a running app instead")
+    from benchmarks import served
+
+    served.add_arguments(p)
     p.add_argument("--api-key", default=None, help="the app's API key, if it has keys")
     p.add_argument("--admin-key", default=None, help="the key of /metrics (default: --api-key)")
     p.add_argument("--minutes", type=float, default=30.0, help="how long requests are sent")
@@ -399,16 +392,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-s", type=float, default=60.0, help="latency and memory per window of this length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack", default=None, help="folder of texts (default: the shared haystack, else filler)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the app this command starts")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--out", default=None, help="JSON report")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks.commands import main
+
+    raise SystemExit(main("soak"))

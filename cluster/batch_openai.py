@@ -1,10 +1,10 @@
 """OpenAI's Batch file format for ``lsa batch`` / ``cluster.batch.run_batch``.
 
-Input, one request a line (``protocol.BatchRequestLine``)::
+Input, one request a line (``BatchRequestLine``)::
 
     {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...]}}
 
-Output, one line per request (``protocol.BatchOutputLine``), as OpenAI writes it::
+Output, one line per request (``BatchOutputLine``), as OpenAI writes it::
 
     {"id": "batch_req_...", "custom_id": "q-1",
      "response": {"status_code": 200, "request_id": "chatcmpl-...", "body": {...the answer...}},
@@ -21,11 +21,45 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import ConfigDict, Field
 
 from cluster import protocol as p
 from cluster.client import LSAClient, LSAError
 
 BODIES = {"/v1/chat/completions": p.ChatCompletionRequest, "/v1/completions": p.CompletionRequest}
+
+
+class BatchRequestLine(p.Request):
+    """A line of an OpenAI Batch input file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    custom_id: str = Field(min_length=1)
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions", "/v1/completions"]
+    body: dict
+
+
+class BatchResponse(p.Reply):
+    status_code: int
+    request_id: str
+    body: dict
+
+
+class BatchError(p.Reply):
+    code: str
+    message: str
+
+
+class BatchOutputLine(p.Reply):
+    """A line of an OpenAI Batch output file: ``response`` when the server answered (any
+    status), ``error`` when no answer came back."""
+
+    id: str
+    custom_id: str
+    response: Optional[BatchResponse] = None
+    error: Optional[BatchError] = None
 
 
 def is_openai_batch(path: str | os.PathLike) -> bool:
@@ -41,7 +75,7 @@ def is_openai_batch(path: str | os.PathLike) -> bool:
     return False
 
 
-def read_requests(path: str | os.PathLike) -> list[p.BatchRequestLine]:
+def read_requests(path: str | os.PathLike) -> list[BatchRequestLine]:
     """Parse and validate every line (and its body) before anything is sent; ``JobLineError``
     names the line and the param at fault."""
     from cluster.batch import JobLineError
@@ -52,7 +86,7 @@ def read_requests(path: str | os.PathLike) -> list[p.BatchRequestLine]:
             if not line.strip():
                 continue
             try:
-                request = p.parse(p.BatchRequestLine, json.loads(line))
+                request = p.parse(BatchRequestLine, json.loads(line))
             except ValueError as exc:  # ProtocolError, json.JSONDecodeError
                 raise JobLineError(path, line_no, getattr(exc, "message", str(exc))) from None
             try:
@@ -68,22 +102,22 @@ def read_requests(path: str | os.PathLike) -> list[p.BatchRequestLine]:
     return out
 
 
-def run_request(client: LSAClient, request: p.BatchRequestLine, retries: int, backoff_s: float) -> dict:
+def run_request(client: LSAClient, request: BatchRequestLine, retries: int, backoff_s: float) -> dict:
     """One request, retried while it can succeed; never raises ``LSAError``."""
     from cluster.batch import with_retries
 
     line_id = f"batch_req_{uuid.uuid4().hex}"
     try:
         body = with_retries(lambda: client.request("POST", request.url, request.body), retries, backoff_s)
-        response = p.BatchResponse(status_code=200, request_id=str(body.get("id", "")), body=body)
-        line = p.BatchOutputLine(id=line_id, custom_id=request.custom_id, response=response)
+        response = BatchResponse(status_code=200, request_id=str(body.get("id", "")), body=body)
+        line = BatchOutputLine(id=line_id, custom_id=request.custom_id, response=response)
     except LSAError as exc:
         if exc.status is None or exc.transient:  # no answer that counts: run it again on resume
-            error = p.BatchError(code=exc.type if exc.status is None else str(exc.status), message=exc.message)
-            line = p.BatchOutputLine(id=line_id, custom_id=request.custom_id, error=error)
+            error = BatchError(code=exc.type if exc.status is None else str(exc.status), message=exc.message)
+            line = BatchOutputLine(id=line_id, custom_id=request.custom_id, error=error)
         else:
-            response = p.BatchResponse(status_code=exc.status, request_id="", body=exc.body())
-            line = p.BatchOutputLine(id=line_id, custom_id=request.custom_id, response=response)
+            response = BatchResponse(status_code=exc.status, request_id="", body=exc.body())
+            line = BatchOutputLine(id=line_id, custom_id=request.custom_id, response=response)
     return line.model_dump()
 
 

@@ -1,15 +1,15 @@
 """Python client for the lsa-serve HTTP API (sync and async).
 
-Needs only the standard library, ``msgpack``, pydantic (the contract: cluster/protocol.py)
-and engine/errors.py; it never imports Ray or torch, so it runs on any machine that can reach
-the server.
+Needs only the standard library, ``msgpack``, pydantic (the contract: cluster/protocol.py and
+cluster/protocol_sessions.py) and engine/errors.py; it never imports Ray or torch, so it runs on
+any machine that can reach the server.
 
     client = LSAClient("http://head:8000")
     with client.session(long_document) as s:
         print(s.ask("Who wrote it?", max_tokens=32).text)
 
-Requests are built, and answers read, with the models of cluster/protocol.py (the contract the
-server validates with): a bad argument fails here, before anything is sent. Errors are
+Requests are built, and answers read, with the models of the contract (the server
+validates with them): a bad argument fails here, before anything is sent. Errors are
 ``LSAError`` with the server's ``status``, ``type``, ``param`` and ``code``; only what can succeed
 later is retried (``max_retries``, honouring ``Retry-After``): 429, 503 and connection errors,
 never a 400.
@@ -32,6 +32,7 @@ import msgpack
 
 import engine.errors as errors  # the server's typed errors: a module that imports nothing
 from cluster import protocol as p
+from cluster import protocol_sessions as ps
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -251,17 +252,17 @@ class LSAClient:
 
     def create_session(self, context: str | Sequence[int]) -> dict:
         body = {"context": context} if isinstance(context, str) else {"context_ids": list(context)}
-        created = self.request("POST", "/v1/sessions", _request_body(p.SessionCreate, body))
-        return p.SessionCreated.model_validate(created).model_dump() | created
+        created = self.request("POST", "/v1/sessions", _request_body(ps.SessionCreate, body))
+        return ps.SessionCreated.model_validate(created).model_dump() | created
 
     def ask(self, session_id: str, question: str, *, stream: bool = False, **sampling):
         """A turn on the session: its ``Answer``; with ``stream=True`` an iterator of text pieces
         (SSE ``{"text": piece}`` events, then the answer's fields, which are not yielded)."""
         path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/ask"
-        body = _request_body(p.SessionAsk, {"question": question, **sampling})
+        body = _request_body(ps.SessionAsk, {"question": question, **sampling})
         if stream:
             return (e["text"] for e in self.stream(path, body) if "text" in e and "session" not in e)
-        out = p.SessionAnswer.model_validate(self.request("POST", path, body))
+        out = ps.SessionAnswer.model_validate(self.request("POST", path, body))
         return Answer(session_id=out.session, text=out.text, num_tokens=out.num_tokens,
                       prefill_tokens=out.prefill_tokens, decode_s=out.decode_s, cached_tokens=out.cached_tokens)
 

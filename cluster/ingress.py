@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.config import ServeConfig
-from cluster import openai_api, protocol as p
+from cluster import openai_api, protocol as p, protocol_sessions as ps
 from cluster.metrics import EdgeMetrics, gauges, scrape_ray_nodes
 from cluster.sessions_api import SessionsAPI
 from cluster.taxonomy import EdgeError, call_worker, error_answer, own_request
@@ -275,21 +275,21 @@ def build_api(edge: Edge) -> FastAPI:
     async def chat(request: Request):
         return await edge.openai(request, chat=True)
 
-    @api.post("/v1/sessions", response_model=p.SessionCreated)
+    @api.post("/v1/sessions", response_model=ps.SessionCreated)
     async def create_session(request: Request):
         owner = edge.principal(request)
-        return edge.reply(request, await edge.sessions.create(await edge.read(request, p.SessionCreate), owner))
+        return edge.reply(request, await edge.sessions.create(await edge.read(request, ps.SessionCreate), owner))
 
-    @api.post("/v1/sessions/{session_id}/ask", response_model=p.SessionAnswer)
+    @api.post("/v1/sessions/{session_id}/ask", response_model=ps.SessionAnswer)
     async def ask(session_id: str, request: Request):
         owner = edge.principal(request)
-        req = await edge.read(request, p.SessionAsk)
+        req = await edge.read(request, ps.SessionAsk)
         if req.stream:
             return StreamingResponse(await edge.sessions.ask_stream(session_id, req, owner),
                                      media_type="text/event-stream")
         return edge.reply(request, await edge.sessions.ask(session_id, req, owner))
 
-    @api.delete("/v1/sessions/{session_id}", response_model=p.SessionDeleted)
+    @api.delete("/v1/sessions/{session_id}", response_model=ps.SessionDeleted)
     async def delete_session(session_id: str, request: Request):
         return edge.reply(request, await edge.sessions.delete(session_id, edge.principal(request)))
 

@@ -7,11 +7,11 @@ The server (cluster/ingress.py) validates bodies with them, the Python client
     POST   /v1/completions        CompletionRequest      -> Completion | SSE of Completion chunks
     POST   /v1/chat/completions   ChatCompletionRequest  -> ChatCompletion | SSE of ChatCompletionChunk
     GET    /v1/models[/{id}]                             -> ModelList | Model
-    POST   /v1/sessions           SessionCreate          -> SessionCreated
+    POST   /v1/sessions           SessionCreate          -> SessionCreated   (cluster/protocol_sessions.py)
     POST   /v1/sessions/{id}/ask  SessionAsk             -> SessionAnswer
     DELETE /v1/sessions/{id}                             -> SessionDeleted
     errors                                               -> ErrorResponse {"error": {message, type, param, code}}
-    batch files (lsa batch)       BatchRequestLine in, BatchOutputLine out (OpenAI's Batch format)
+    batch files (lsa batch)       BatchRequestLine in, BatchOutputLine out (cluster/batch_openai.py)
 
 Requests are strict (OpenAI's types: no "0.5" for a number) and closed: a field this server
 does not know is a 400 naming it, and an OpenAI field it does not implement (``tools``,
@@ -340,106 +340,6 @@ class ErrorDetail(Reply):
 
 class ErrorResponse(Reply):
     error: ErrorDetail
-
-
-# ------------------------------------------------------------------------------- sessions
-
-
-class SessionCreate(Request):
-    """A long context, prefilled once: text (framed as a document) or token ids."""
-
-    context: Optional[str] = Field(None, min_length=1)
-    context_ids: Optional[list[int]] = Field(None, min_length=1)
-
-    @model_validator(mode="after")
-    def _one(self):
-        if (self.context is None) == (self.context_ids is None):
-            raise ValueError("give exactly one of 'context' (text) and 'context_ids' (token ids)")
-        if self.context is not None and not self.context.strip():
-            raise ValueError("'context' is blank")
-        if self.context_ids is not None and any(t < 0 for t in self.context_ids):
-            raise ValueError("token ids are non-negative integers")
-        return self
-
-
-class SessionAsk(Sampling):
-    question: Union[str, list[int]]
-    stream: bool = False  # SSE: {"text": piece} events, then the SessionAnswer's fields, then [DONE]
-
-    @field_validator("question")
-    @classmethod
-    def _question(cls, question):
-        if isinstance(question, str) and not question.strip():
-            raise ValueError("the question is empty")
-        if isinstance(question, list) and (not question or any(t < 0 for t in question)):
-            raise ValueError("give non-empty text or non-negative token ids")
-        return question
-
-
-class SessionCreated(Reply):
-    id: str
-    num_tokens: int
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
-    replica: str = ""
-    node: str = ""
-    ingress: str = ""
-
-
-class SessionAnswer(Reply):
-    session: str
-    text: str
-    num_tokens: int
-    prefill_tokens: int
-    cached_tokens: int = 0
-    decode_s: float = 0.0
-    prefill_s: float = 0.0
-    finish_reason: Optional[str] = None
-    replica: str = ""
-    node: str = ""
-    held: bool = False
-    ingress: str = ""
-
-
-class SessionDeleted(Reply):
-    deleted: str
-
-
-# ------------------------------------------------------------------------------- batch files
-
-
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
-
-
-class BatchRequestLine(Request):
-    """A line of an OpenAI Batch input file."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-    custom_id: str = Field(min_length=1)
-    method: Literal["POST"]
-    url: Literal["/v1/chat/completions", "/v1/completions"]
-    body: dict
-
-
-class BatchResponse(Reply):
-    status_code: int
-    request_id: str
-    body: dict
-
-
-class BatchError(Reply):
-    code: str
-    message: str
-
-
-class BatchOutputLine(Reply):
-    """A line of an OpenAI Batch output file: ``response`` when the server answered (any
-    status), ``error`` when no answer came back."""
-
-    id: str
-    custom_id: str
-    response: Optional[BatchResponse] = None
-    error: Optional[BatchError] = None
 
 
 __all__ = [name for name in dir() if name[0].isupper() and not name.startswith("Optional")] + [

@@ -15,7 +15,7 @@ import uuid
 from typing import AsyncIterator
 
 from actors.tp_worker import sessions_not_served
-from cluster import protocol as p
+from cluster import protocol_sessions as ps
 from cluster.openai_api import DONE, cached_tokens, sampling_params, sse
 from cluster.taxonomy import EdgeError, call_worker, error_answer
 
@@ -31,7 +31,7 @@ class SessionsAPI:
 
     # -- token ids (on the edge's threads) -------------------------------------------------
 
-    def context_ids(self, req: p.SessionCreate) -> list[int]:
+    def context_ids(self, req: ps.SessionCreate) -> list[int]:
         if req.context_ids is not None:
             return list(req.context_ids)
         tok = self.edge.tokenizer
@@ -39,7 +39,7 @@ class SessionsAPI:
         text = tok.chat_prompt([{"role": "user", "content": framed}]) if tok.has_chat_template else framed
         return tok.encode(text.split(SENTINEL)[0], add_special_tokens=False)
 
-    def question_ids(self, req: p.SessionAsk) -> list[int]:
+    def question_ids(self, req: ps.SessionAsk) -> list[int]:
         if isinstance(req.question, list):
             return list(req.question)
         tok, suffix = self.edge.tokenizer, ""
@@ -54,7 +54,7 @@ class SessionsAPI:
         if self.edge.config.tensor_parallel_size > 1:
             raise sessions_not_served(what)
 
-    async def create(self, req: p.SessionCreate, owner: str | None) -> p.SessionCreated:
+    async def create(self, req: ps.SessionCreate, owner: str | None) -> ps.SessionCreated:
         self.check_served("creating a session")
         edge = self.edge
         context_ids = await edge.off_loop(self.context_ids, req)
@@ -69,7 +69,7 @@ class SessionsAPI:
                                 context_ids=context_ids, kv_bytes=len(context_ids) * edge.kv_bytes_per_token)
         await self.directory.create.remote(session_id, context_ids, out.replica, out.node_id, owner)
         edge.metrics.answered(out, stateless=False, elapsed_s=time.perf_counter() - start)
-        return p.SessionCreated(id=session_id, num_tokens=len(context_ids), prefill_tokens=out.prefill_tokens,
+        return ps.SessionCreated(id=session_id, num_tokens=len(context_ids), prefill_tokens=out.prefill_tokens,
                                 prefill_s=round(out.prefill_s, 4), replica=out.replica, node=out.node_id,
                                 ingress=edge.replica)
 
@@ -81,7 +81,7 @@ class SessionsAPI:
                             f"with POST /v1/sessions", "session_not_found", None, "session_not_found")
         return record
 
-    async def ask(self, session_id: str, req: p.SessionAsk, owner: str | None) -> p.SessionAnswer:
+    async def ask(self, session_id: str, req: ps.SessionAsk, owner: str | None) -> ps.SessionAnswer:
         self.check_served("a session's turn")
         edge = self.edge
         start = time.perf_counter()
@@ -101,7 +101,7 @@ class SessionsAPI:
         edge.metrics.answered(out, stateless=False, elapsed_s=time.perf_counter() - start)
         return self._answer(session_id, out)
 
-    async def ask_stream(self, session_id: str, req: p.SessionAsk, owner: str | None) -> AsyncIterator[bytes]:
+    async def ask_stream(self, session_id: str, req: ps.SessionAsk, owner: str | None) -> AsyncIterator[bytes]:
         """A turn as Server-Sent Events: ``{"text": piece}`` as tokens decode, then the answer
         (the fields of a plain ask), then ``[DONE]``. The first item is awaited here, so that a
         bad request or an unknown session is a 4xx, not a broken stream."""
@@ -142,20 +142,20 @@ class SessionsAPI:
 
         return events()
 
-    def _answer(self, session_id: str, out) -> p.SessionAnswer:
-        return p.SessionAnswer(session=session_id, text=out.text, num_tokens=len(out.token_ids),
+    def _answer(self, session_id: str, out) -> ps.SessionAnswer:
+        return ps.SessionAnswer(session=session_id, text=out.text, num_tokens=len(out.token_ids),
                                prefill_tokens=out.prefill_tokens, cached_tokens=cached_tokens(out),
                                decode_s=round(out.decode_s, 4), prefill_s=round(out.prefill_s, 4),
                                finish_reason=out.finish_reason, replica=out.replica, node=out.node_id, held=out.held,
                                ingress=self.edge.replica)
 
-    async def delete(self, session_id: str, owner: str | None) -> p.SessionDeleted:
+    async def delete(self, session_id: str, owner: str | None) -> ps.SessionDeleted:
         self.check_served("deleting a session")
         await self.record(session_id, owner)
         if await self.directory.delete.remote(session_id) is None:  # deleted meanwhile by another request
             await self.record(session_id, None)
         await self._call("delete_session", session_id=session_id)
-        return p.SessionDeleted(deleted=session_id)
+        return ps.SessionDeleted(deleted=session_id)
 
     async def _call(self, method: str, **kwargs):
         return await call_worker(self.edge.worker.options(method_name=method), **kwargs)

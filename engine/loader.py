@@ -6,7 +6,7 @@ import torch
 from engine.config import ModelConfig
 from engine.errors import ModelFormatError
 from engine.model import LlamaForCausalLM, fuse_projections, rope_inv_freq
-from engine.weights import ModelSource, load_config, load_state_dict
+from engine.weights import ModelSource, load_weights
 
 
 def _finish(model: LlamaForCausalLM, device: torch.device | str, dtype: torch.dtype,
@@ -25,8 +25,7 @@ def _finish(model: LlamaForCausalLM, device: torch.device | str, dtype: torch.dt
 def load_model(source: ModelSource, device: torch.device | str, dtype: torch.dtype,
                config: ModelConfig | None = None, fuse: bool = True) -> LlamaForCausalLM:
     """``fuse``: q|k|v and gate|up as one Linear each once loaded (``engine.model.fuse_projections``)."""
-    config = config or load_config(source)
-    state = load_state_dict(source, config)
+    config, state = load_weights(source, config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):

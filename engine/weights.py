@@ -4,6 +4,7 @@ Nothing is downloaded: a name resolves to files already on this machine.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -77,14 +78,30 @@ def load_config(source: ModelSource) -> ModelConfig:
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelFormatError(f"cannot read {source.path / 'config.json'}: {exc}") from exc
         return ModelConfig.from_hf(raw)
-    return _gguf_config(_gguf_reader(source.path))
+    stat = source.path.stat()
+    return _gguf_file_config(str(source.path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_file_config(path: str, mtime_ns: int, size: int) -> ModelConfig:
+    """A GGUF file's config, parsed once per process and version of the file (a served app asks
+    for it to size the arena and the context before it loads the weights)."""
+    return _gguf_config(_gguf_reader(Path(path)))
 
 
 def load_state_dict(source: ModelSource, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face-named float32 tensors for ``LlamaForCausalLM.load_state_dict``."""
+    return load_weights(source, config)[1]
+
+
+def load_weights(source: ModelSource, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config (``config`` if given) and the state dict, a GGUF file parsed once for both (its
+    metadata, the tokenizer's vocabulary included, takes seconds to parse)."""
     if source.kind == "hf":
-        return _load_safetensors_dir(source.path)
-    return _load_gguf_tensors(_gguf_reader(source.path), config)
+        return config or load_config(source), _load_safetensors_dir(source.path)
+    reader = _gguf_reader(source.path)
+    config = config or _gguf_config(reader)
+    return config, _load_gguf_tensors(reader, config)
 
 
 # ---------------------------------------------------------------- safetensors

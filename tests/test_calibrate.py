@@ -79,15 +79,17 @@ def test_derive_plan_splits_local_and_retrieving_layers():
         derive_plan(profiles, identity, 2, margin=0.5, local_recent=1.0, local_weight=1.0, targets=1, calibration={})
 
 
-def test_calibrate_command_writes_a_plan_the_engine_takes(tmp_path):
+def test_calibrate_command_writes_a_plan_the_engine_takes(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     from cli import main
     from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
     from engine.llm import LLMEngine
     from engine.policies import LayerPlanPolicy
     from engine.sampling import SamplingParams
-    from lab.evaluation import load
+    from lab import evaluation
 
+    model, tokenizer = evaluation.load("smollm2-135m", "cpu", "auto")
+    monkeypatch.setattr(evaluation, "load", lambda *a: (model, tokenizer))  # the command's, loaded once
     out = tmp_path / "plan.json"
     assert main(["calibrate", "--texts", "pydoc", "--context", "256", "--windows", "1", "--queries", "40",
                  "--observe", "16", "--budget", "0.25", "--device", "cpu", "--out", str(out)]) == 0
@@ -95,7 +97,6 @@ def test_calibrate_command_writes_a_plan_the_engine_takes(tmp_path):
     assert raw["calibration"]["texts"] == ["pydoc"] and len(raw["calibration"]["per_layer"]) == 30
     plan = LayerPlan.load(out)
     assert sorted(i for g in plan.groups for i in g.layers) == list(range(30))
-    model, tokenizer = load("smollm2-135m", "cpu", "auto")
     cfg = EngineConfig(device="cpu", cache=CacheConfig(block_size=16),
                        scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=512),
                        policy=PolicyConfig(name="lsa", layer_plan=str(out), min_resident_tokens=0))

@@ -210,8 +210,8 @@ def test_only_the_cli_package_defines_the_console_entry():
 
 def test_the_client_imports_nothing_of_the_cluster():
     """``cluster.batch`` runs jobs through the client; the client (stdlib, msgpack, the contract
-    ``cluster/protocol.py``, which imports pydantic only, and the server's typed errors,
-    ``engine/errors.py``, which imports the standard library only) knows nothing of it."""
+    ``cluster/protocol.py`` and ``cluster/protocol_sessions.py``, which import pydantic only, and the
+    server's typed errors, ``engine/errors.py``, which imports the standard library only) knows nothing of it."""
     def modules_of(path):
         tree = ast.parse(path.read_text())
         modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -219,8 +219,10 @@ def test_the_client_imports_nothing_of_the_cluster():
                           for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
                           for alias in node.names}
 
-    modules = modules_of(REPO / "cluster" / "client.py") - {"engine.errors", "cluster.protocol"}
+    contract = {"cluster.protocol", "cluster.protocol_sessions"}
+    modules = modules_of(REPO / "cluster" / "client.py") - {"engine.errors"} - contract
     assert not {m for m in modules if m.split(".")[0] in ("cluster", "engine", "actors", "ray", "torch")}, modules
-    assert {m.split(".")[0] for m in modules_of(REPO / "cluster" / "protocol.py")} <= {"__future__", "typing",
-                                                                                         "pydantic"}
+    for name in contract:
+        imported = modules_of(REPO / (name.replace(".", "/") + ".py")) - contract
+        assert {m.split(".")[0] for m in imported} <= {"__future__", "typing", "pydantic"}, (name, imported)
     assert {m.split(".")[0] for m in modules_of(REPO / "engine" / "errors.py")} <= set(sys.stdlib_module_names)

@@ -26,6 +26,7 @@ import msgpack
 import pytest
 
 from cluster import protocol as p
+from cluster import protocol_sessions as ps
 from cluster.client import AsyncLSAClient, LSAClient, LSAError, SessionNotFound, iter_sse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ class FakeLSAServer:
             usage = _usage(req.messages[-1].text, text)
             return 200, p.ChatCompletion(**head, choices=[choice], usage=usage).model_dump(), {}
         if (method, path) == ("POST", "/v1/sessions"):
-            return self.create(p.parse(p.SessionCreate, body))
+            return self.create(p.parse(ps.SessionCreate, body))
         parts = path.split("/")
         if len(parts) >= 4 and parts[1:3] == ["v1", "sessions"]:
             session_id = parts[3]
@@ -118,12 +119,12 @@ class FakeLSAServer:
                     gone = self.sessions.pop(session_id, None)
                 if gone is None:
                     return 404, _err(f"no session {session_id}", "session_not_found"), {}
-                return 200, p.SessionDeleted(deleted=session_id).model_dump(), {}
+                return 200, ps.SessionDeleted(deleted=session_id).model_dump(), {}
             if method == "POST" and parts[4:] == ["ask"]:
-                return self.ask(session_id, p.parse(p.SessionAsk, body))
+                return self.ask(session_id, p.parse(ps.SessionAsk, body))
         return 404, _err(f"no route {method} {path}", "not_found"), {}
 
-    def create(self, req: p.SessionCreate):
+    def create(self, req: ps.SessionCreate):
         context = req.context or ""
         num_tokens = len(req.context.split()) if req.context is not None else len(req.context_ids)
         if "[flaky-create]" in context and self._fault("create", context, 2):
@@ -135,9 +136,9 @@ class FakeLSAServer:
             n = self.num_created
         if self.on_create:
             self.on_create(n)
-        return 200, p.SessionCreated(id=session_id, num_tokens=num_tokens).model_dump(), {}
+        return 200, ps.SessionCreated(id=session_id, num_tokens=num_tokens).model_dump(), {}
 
-    def ask(self, session_id, req: p.SessionAsk):
+    def ask(self, session_id, req: ps.SessionAsk):
         with self.lock:
             session = self.sessions.get(session_id)
         if session is None:
@@ -155,7 +156,7 @@ class FakeLSAServer:
             if "[evict]" in context and session["asks"] == 1:
                 self.sessions.pop(session_id, None)
         first = session["asks"] == 1
-        return 200, p.SessionAnswer(session=session_id, text=text, num_tokens=len(text.split()),
+        return 200, ps.SessionAnswer(session=session_id, text=text, num_tokens=len(text.split()),
                                     prefill_tokens=len(context.split()) if first else 0,
                                     cached_tokens=0 if first else len(context.split()),
                                     decode_s=0.001).model_dump(), {}

@@ -7,6 +7,7 @@ import pytest
 
 from cluster import protocol as p
 from cluster.batch import JobLineError, read_jobs, run_batch
+from cluster.batch_openai import BatchOutputLine
 from cluster.client import LSAClient
 from test_client import FakeLSAServer
 
@@ -193,7 +194,7 @@ def test_openai_batch_format_in_and_out_with_resume(tmp_path):
     jobs.write_text("".join(json.dumps(line) + "\n" for line in openai_lines()))
     with FakeLSAServer() as server:
         first = run_batch(LSAClient(server.url), jobs, out, retries=0, progress=False, backoff_s=0.01)
-        lines = {r["custom_id"]: p.BatchOutputLine.model_validate(r) for r in read_results(out)}
+        lines = {r["custom_id"]: BatchOutputLine.model_validate(r) for r in read_results(out)}
         assert (first.succeeded, first.failed) == (2, 2)
         assert lines["c-1"].response.status_code == 200 and lines["c-1"].error is None
         assert p.ChatCompletion.model_validate(lines["c-1"].response.body).choices[0].message.content == \

@@ -2,15 +2,13 @@
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
+from engine.config import CacheConfig
 from engine.errors import InvalidRequestError
 from engine.host_memory import FP8, dequantize_fp8, quantize_fp8
 from engine.kv_cache import BlockKVCache
-from engine.llm import LLMEngine
-from engine.loader import random_model
 from engine.sampling import SamplingParams
-from tiny import CFG, TINY  # noqa: E402
-
+from mirror_engine import check_loads, mirror_engine, prompts
+from tiny import CFG
 
 
 def test_round_trip_error_is_bounded_per_element():
@@ -69,30 +67,15 @@ def test_mirror_load_dequantizes_and_accounting_counts_scales():
     assert fp8.accounting(0).full_bytes == exact.accounting(0).full_bytes  # full KV stays in the model dtype
 
 
-def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks():
-    model = random_model(TINY, "cpu", torch.float32, seed=3)
-    engine = LLMEngine(model, EngineConfig(
-        cache=CacheConfig(block_size=16, num_device_blocks=64, host_dtype="fp8"),
-        scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=64),
-        policy=PolicyConfig(name="lsa", budget=0.25, cycle=4, lookahead=0, index_score="mean",
-                            min_resident_tokens=0)))
+def test_lsa_generate_with_fp8_mirror_loads_dequantized_blocks(model):
+    engine = mirror_engine(model, "fp8", name="lsa", budget=0.25, cycle=4, lookahead=0, index_score="mean")
     cache = engine.cache
-    checked = []
-    original = cache.load
 
-    def load_and_check(seq_id, group, blocks):
-        original(seq_id, group, blocks)
-        resident = cache.blocks.seqs[seq_id].resident[group]
-        for j in blocks:
-            h = cache.host_blocks(seq_id)[j]
-            want = dequantize_fp8(cache.mirror.host[h], cache.mirror.scale[h], cache.dtype)
-            assert torch.equal(cache.pool[:, :, resident[j]], want)
-            checked.append(j)
+    def check(block, h):
+        assert torch.equal(block, dequantize_fp8(cache.mirror.host[h], cache.mirror.scale[h], cache.dtype))
 
-    cache.load = load_and_check
-    gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (300, 250)]
-    done = engine.generate(ids, SamplingParams(max_tokens=40, ignore_eos=True))
+    checked = check_loads(cache, check)
+    done = engine.generate(prompts(), SamplingParams(max_tokens=40, ignore_eos=True))
     assert [len(c.token_ids) for c in done] == [40, 40]
     assert checked, "no block was ever loaded from the host mirror"
     kv = done[0].kv

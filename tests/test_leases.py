@@ -66,7 +66,7 @@ def test_an_arena_file_goes_with_its_process_however_it_dies(tmp_path, how):
     path = tmp_path / "lsa-kv-test.arena"
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from actors.kv_store import unlink_when_dead\n"
+        "from actors.kv_store_actor import unlink_when_dead\n"
         f"open({str(path)!r}, 'wb').write(b'kv')\n"
         f"watcher = unlink_when_dead({str(path)!r})\n"
         "print('ready', flush=True)\n"

@@ -25,6 +25,7 @@ from ray_cluster import ray_cluster  # noqa: E402
 
 from cluster import protocol as p  # noqa: E402
 from cluster.batch import run_batch  # noqa: E402
+from cluster.batch_openai import BatchOutputLine  # noqa: E402
 from cluster.client import LSAClient, SessionNotFound  # noqa: E402
 from cluster.local import free_port  # noqa: E402
 from cluster.metrics import sum_series  # noqa: E402
@@ -374,7 +375,7 @@ def test_batch_client(server, client, tmp_path):
                                                "body": {**CHAT, "temperature": 0}}) + "\n" for i in range(3)))
     openai_out = tmp_path / "openai_out.jsonl"
     assert run_batch(client, openai_jobs, openai_out, progress=False).succeeded == 3
-    lines = [p.BatchOutputLine.model_validate_json(line) for line in openai_out.read_text().splitlines()]
+    lines = [BatchOutputLine.model_validate_json(line) for line in openai_out.read_text().splitlines()]
     assert all(line.response.status_code == 200 and line.response.request_id.startswith("chatcmpl-")
                for line in lines)
 

@@ -1,5 +1,5 @@
 """Checks of the served system on the GPU machine (issue 15), each writing JSON; rehearsed on the
-CPU with tiny-random (tests/test_served_checks.py).
+CPU with tiny-random (tests/test_device_session.py, session.sh's rehearsal).
 
     python benchmarks/device/served_checks.py app OUT.json [--checks demo,restart,leaks] key=value ...
         one local cluster:app (the key=value arguments, as lsa serve takes them), then, in order:
@@ -136,12 +136,12 @@ def check_leaks(client, out: dict, tokens: int, rounds: int = 3) -> None:
 
 
 def run_app(args, app_args: dict) -> dict:
+    from benchmarks import served
     from cluster.client import LSAClient
-    from cluster.local import local_app
 
     out: dict = {"app_args": app_args}
     t0 = time.perf_counter()
-    with local_app(app_args, num_cpus=args.num_cpus, port=args.port) as url:
+    with served.started_app(args, app_args) as url:
         out["startup_s"] = time.perf_counter() - t0
         print(f"app up in {out['startup_s']:.0f} s at {url}", flush=True)
         client = LSAClient(url, timeout_s=900)
@@ -293,16 +293,15 @@ def _spilled_sessions(node_id: str, session_ids: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks import served
     from cluster.commands import parse_app_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["app", "pooled"])
     p.add_argument("out", help="JSON report")
-    p.add_argument("app_args", nargs="*", metavar="key=value")
+    served.add_arguments(p, url_help=None)
     p.add_argument("--checks", default="demo,restart,leaks")
     p.add_argument("--context-tokens", type=int, default=2000, help="app: about this many tokens per document")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--context", type=int, default=131072, help="pooled: tokens per session")
     p.add_argument("--sessions", type=int, default=1, help="pooled: sessions each node's store holds")
     p.add_argument("--extra", type=int, default=1, help="pooled: sessions created past that")
