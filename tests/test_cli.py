@@ -29,7 +29,8 @@ def test_every_command_is_registered_and_shows_its_defaults():
     found = dict(parsers(build_parser()))
     assert set(found) == {"lsa", "lsa generate", "lsa demo", "lsa eval", "lsa calibrate", "lsa dump-traces",
                           "lsa train-indexer", "lsa serve", "lsa batch", "lsa cluster-demo", "lsa bench",
-                          "lsa bench decode", "lsa bench prefill", "lsa bench serve", "lsa bench chat"}
+                          "lsa bench decode", "lsa bench prefill", "lsa bench serve", "lsa bench chat",
+                          "lsa bench soak", "lsa bench hol"}
     missing = []
     for name, parser in found.items():
         text = " ".join(parser.format_help().split())
