@@ -129,7 +129,13 @@ def run_chats(url: str, context: int, turns: int, max_tokens: int, pin: bool, ha
                 question = f"Read this text.\n\n{document}\n\n{question}"
             conv["messages"].append({"role": "user", "content": question})
             before = generated_by_replica(url, api_key)
-            out = one_turn(oa, model, conv["messages"], max_tokens, conv["id"] if pin else None)
+            try:
+                out = one_turn(oa, model, conv["messages"], max_tokens, conv["id"] if pin else None)
+            except openai.APIStatusError as exc:  # e.g. a conversation grown past the model's context
+                from engine.errors import InvalidRequestError
+
+                raise InvalidRequestError(f"turn {conv['id']}{turn + 1} was refused: {exc.message} "
+                                          f"(a smaller --context or fewer --turns?)") from None
             out["replica"] = answering_replica(url, api_key, before, out["completion_tokens"])
             conv["messages"].append({"role": "assistant", "content": out["text"]})
             last = conv["last"]
