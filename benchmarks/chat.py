@@ -24,7 +24,6 @@ the replica that holds it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -200,11 +199,7 @@ def run_bench(args) -> int:
     report = {"app_args": app_args, "url": args.url, "context": args.context, "turns": args.turns,
               "max_tokens": args.max_tokens, "pin": args.pin, "slack": args.slack, "rows": rows,
               "summary": summary, "seconds": time.perf_counter() - t0}
-    print_table(rows, summary)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
+    return served.finish(report, args.out, lambda _: print_table(rows, summary))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,6 @@ prefill; without chunked prefill interleaved with decode a short waits for the w
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import threading
 import time
@@ -143,11 +142,7 @@ def run_bench(args) -> int:
     report = {"app_args": app_args, "url": args.url, "long": args.long, "shorts": args.shorts,
               "short_tokens": args.short_tokens, "short_max_tokens": args.short_max_tokens, "delay_s": args.delay_s,
               "seed": args.seed, "phases": phases, "summary": summarize(phases), "seconds": time.perf_counter() - t0}
-    print_table(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
+    return served.finish(report, args.out, print_table)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -31,7 +31,6 @@ N-1 prefills saved). The ratio served / engine of aggregate tokens/s is the serv
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
@@ -360,11 +359,7 @@ def run_bench(args) -> int:
         if over_http and alone:
             report["ratio"] = over_http["tokens_per_s"] / alone["tokens_per_s"]
     report["seconds"] = time.perf_counter() - t0
-    print_table(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
+    return served.finish(report, args.out, print_table)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

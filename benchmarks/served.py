@@ -50,3 +50,14 @@ def app_url(args: argparse.Namespace, app_args: dict):
     else:
         with started_app(args, app_args) as url:
             yield url
+
+
+def finish(report: dict, out: str | None, print_table) -> int:
+    """A bench's last step: its table printed, its report written to ``out`` (JSON) when given."""
+    import json
+
+    print_table(report)
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0

@@ -369,11 +369,7 @@ def run_bench(args) -> int:
     with served.app_url(args, app_args) as url:  # the Ray processes this command starts are its children
         result = run_soak(url, plan, args.api_key, admin_key, None if args.url else os.getpid(), text)
     result.update(app_args=app_args, url=args.url)
-    print_table(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return served.finish(result, args.out, print_table)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
