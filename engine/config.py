@@ -271,7 +271,9 @@ class PolicyConfig:
     indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
     layer_plan: str | None = option(None, "lsa: layer plan file (lsa calibrate): the layers in groups, each with its "
                                     "own resident set and share of the budget; default: one set for all layers")
-    index_score: str = option("quest", "zero-training indexer score", choices=("quest", "mean"))
+    index_score: str = option("quest", "zero-training indexer score: quest (min/max bounds), mean (mean-key dot), "
+                                  "mass (attention mass with the mean key as the block's keys)",
+                                  choices=("quest", "mean", "mass"))
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -282,8 +284,8 @@ class PolicyConfig:
                 or self.page_blocks < 1 or self.neighbors < 0 or self.min_resident_tokens < 0:
             raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens, "
                                       "neighbors and min_resident_tokens >= 0")
-        if self.index_score not in ("quest", "mean"):
-            raise InvalidRequestError("index_score must be 'quest' or 'mean'")
+        if self.index_score not in ("quest", "mean", "mass"):
+            raise InvalidRequestError("index_score must be 'quest', 'mean' or 'mass'")
         if self.first_plan not in ("attention", "indexer"):
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if not 0.0 <= self.prefetch <= 1.0:

@@ -237,6 +237,7 @@ def run_train_indexer(args) -> int:
     scorers = {"learned": lambda s: cross_layer_scores(model, s),
                "quest (zero-training)": lambda s: cross_layer_scores(QuestIndexer("quest"), s),
                "mean-key (zero-training)": lambda s: cross_layer_scores(QuestIndexer("mean"), s),
+               "mean-key mass (zero-training)": lambda s: cross_layer_scores(QuestIndexer("mass"), s),
                "recency": lambda s: cross_layer_scores(RecencyIndexer(), s),
                "learned, untrained": lambda s: cross_layer_scores(untrained, s),
                "oracle (future mass)": lambda s: s["mass"].float().mean(0)}

@@ -51,11 +51,12 @@ def run(engine, ids, max_tokens=40, hook=None):
     return seqs, [torch.stack(logits[s.seq_id]) for s in seqs]
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_lsa_with_full_budget_equals_full_attention(model, per_layer):
+@pytest.mark.parametrize("per_layer,index_score", [(False, "quest"), (True, "quest"), (False, "mass")])
+def test_lsa_with_full_budget_equals_full_attention(model, per_layer, index_score):
     ids = prompts()
     full_seqs, full_logits = run(engine_for(model, name="full"), ids)
-    lsa_seqs, lsa_logits = run(engine_for(model, name="lsa", budget=1.0, cycle=4, per_layer=per_layer), ids)
+    lsa_seqs, lsa_logits = run(engine_for(model, name="lsa", budget=1.0, cycle=4, per_layer=per_layer,
+                                          index_score=index_score), ids)
     for f, s, fl, sl in zip(full_seqs, lsa_seqs, full_logits, lsa_logits):
         assert s.output_ids == f.output_ids
         assert torch.equal(sl, fl)  # same blocks, same order, same kernel: bit-identical
@@ -219,7 +220,8 @@ def test_every_policy_generates(model, name):
 
 def test_page_recall_and_threshold_and_level2_run(model):
     for policy in (dict(page_blocks=2), dict(threshold=0.01), dict(level2_topk=3), dict(lookahead=0),
-                   dict(first_plan="indexer"), dict(first_plan="indexer", index_score="mean"), dict(neighbors=0)):
+                   dict(first_plan="indexer"), dict(first_plan="indexer", index_score="mean"), dict(neighbors=0),
+                   dict(index_score="mass"), dict(first_plan="indexer", index_score="mass")):
         engine = engine_for(model, name="lsa", budget=0.25, cycle=4, **policy)
         seqs, logits = run(engine, prompts(2), max_tokens=24)
         assert all(len(s.output_ids) == 24 for s in seqs), policy
@@ -349,3 +351,31 @@ def test_batched_narrow_equals_the_per_row_loop():
         got = narrow(scores, table, counts, last, lambda c: budget)
         want = _narrow_by_rows(scores, table, counts, last, lambda c: budget)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0][:, : got[0].shape[1]])
+
+
+def test_mass_score_matches_a_float64_softmax_over_mean_keys():
+    """QuestIndexer("mass") against a per-head, per-query float64 recomputation on fresh random
+    inputs: softmax over the listed blocks of q . kmean / sqrt(D), mean over the window's queries
+    and the group's heads, log, max over KV heads."""
+    from engine.policies.lsa import QuestIndexer
+    g = torch.Generator().manual_seed(7)
+    w, hkv, group, d, rows = 5, 3, 3, 16, 40
+    queries = torch.randn(w, hkv * group, d, generator=g)
+    kmean = torch.randn(rows, hkv, d, generator=g) * 2
+    ids = torch.randperm(rows, generator=g)[:17]
+    got = QuestIndexer("mass").score(queries, kmean - 1, kmean + 1, kmean, ids)
+    want = torch.full((len(ids),), -float("inf"), dtype=torch.float64)
+    for h in range(hkv):
+        mass = torch.zeros(len(ids), dtype=torch.float64)
+        for qi in range(w):
+            for j in range(group):
+                q = queries[qi, h * group + j].double()
+                logits = torch.stack([q @ kmean[r, h].double() for r in ids]) / d ** 0.5
+                mass += torch.softmax(logits, 0) / (w * group)
+        want = torch.maximum(want, mass.log())
+    assert got.shape == (len(ids),)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quest, mean, mass"):
+        QuestIndexer("magic")
+    with pytest.raises(InvalidRequestError, match="index_score"):
+        PolicyConfig(name="lsa", index_score="magic")

@@ -29,18 +29,26 @@ class QuestIndexer:
 
     ``quest``: Quest upper bounds, normalised per layer and head (log-softmax over blocks) so
     layers can be compared, maxed over heads. ``mean``: the mean-key dot product q . kmean
-    (scaled), maxed over heads. Measured on SmolLM2 NIAH prompts (docs/accuracy.md), ``mean``
-    recovers more of the blocks the prompt's last queries attend to than ``quest``; at 16-token
-    blocks the min/max bounds are loose."""
+    (scaled), maxed over heads. ``mass``: the attention mass each block would get if its keys
+    were its mean key - a softmax over the blocks per query head and query, averaged over the
+    window's queries and the heads of a KV group, then the log maxed over KV heads: the
+    statistic of the first plan (exact attention of the prompt's last queries,
+    ``window_block_mass``) with the mean key standing in for the keys. Measured on SmolLM2 NIAH
+    prompts (docs/accuracy.md), ``mean`` recovers more of the blocks the prompt's last queries
+    attend to than ``quest``; at 16-token blocks the min/max bounds are loose."""
+
+    KINDS = ("quest", "mean", "mass")
 
     def __init__(self, kind: str = "quest"):
-        if kind not in ("quest", "mean"):
-            raise ValueError(f"indexer score must be quest or mean, got {kind!r}")
+        if kind not in self.KINDS:
+            raise ValueError(f"indexer score must be one of {', '.join(self.KINDS)}, got {kind!r}")
         self.kind = kind
 
     def score(self, queries: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor,
               host_ids: torch.Tensor) -> torch.Tensor:
         """queries [W, Hq, D]; summaries [R, Hkv, D]; host_ids [M] -> scores [M] (higher = needed)."""
+        if self.kind == "mass":
+            return self.mass(queries, kmean, host_ids)
         m = host_ids.numel()
         quest, meandot = kernels.block_scores(queries[None], kmin, kmax, kmean, host_ids[None].to(torch.int32),
                                               torch.tensor([m], dtype=torch.int32, device=host_ids.device))
@@ -48,6 +56,17 @@ class QuestIndexer:
         if self.kind == "mean":
             return (meandot[0] * scale).amax(0)  # [M]
         return torch.log_softmax(quest[0] * scale, dim=-1).amax(0)
+
+    @staticmethod
+    def mass(queries: torch.Tensor, kmean: torch.Tensor, host_ids: torch.Tensor) -> torch.Tensor:
+        """Log of the estimated attention mass per block, maxed over KV heads: [M]."""
+        w, hq, d = queries.shape
+        keys = kmean[host_ids.long()].float()  # [M, Hkv, D]
+        hkv = keys.shape[1]
+        q = queries.float().view(w, hkv, hq // hkv, d) * d ** -0.5
+        logits = torch.einsum("whgd,mhd->hwgm", q, keys)  # [Hkv, W, G, M]
+        mass = torch.softmax(logits, dim=-1).mean((1, 2))  # [Hkv, M]
+        return mass.clamp_min(1e-30).log().amax(0)
 
 
 class LSAPolicy(CycleStaging, OffloadPolicy):
