@@ -271,8 +271,9 @@ class PolicyConfig:
     indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
     layer_plan: str | None = option(None, "lsa: layer plan file (lsa calibrate): the layers in groups, each with its "
                                     "own resident set and share of the budget; default: one set for all layers")
-    index_score: str = option("quest", "zero-training indexer score: quest (min/max bounds), mean (mean-key dot), "
-                                  "mass (attention mass with the mean key as the block's keys)",
+    index_score: str = option("mean", "zero-training indexer score: mean (mean-key dot; the best measured, "
+                                  "docs/accuracy.md), quest (min/max bounds), mass (attention mass with the mean "
+                                  "key as the block's keys)",
                                   choices=("quest", "mean", "mass"))
 
     def __post_init__(self):

@@ -221,7 +221,8 @@ def test_every_policy_generates(model, name):
 def test_page_recall_and_threshold_and_level2_run(model):
     for policy in (dict(page_blocks=2), dict(threshold=0.01), dict(level2_topk=3), dict(lookahead=0),
                    dict(first_plan="indexer"), dict(first_plan="indexer", index_score="mean"), dict(neighbors=0),
-                   dict(index_score="mass"), dict(first_plan="indexer", index_score="mass")):
+                   dict(index_score="mass"), dict(first_plan="indexer", index_score="mass"),
+                   dict(index_score="quest")):
         engine = engine_for(model, name="lsa", budget=0.25, cycle=4, **policy)
         seqs, logits = run(engine, prompts(2), max_tokens=24)
         assert all(len(s.output_ids) == 24 for s in seqs), policy
