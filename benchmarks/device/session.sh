@@ -143,7 +143,7 @@ phase_fidelity() {
   BEST=${LSA_BEST:-plan=lsa:layer_plan=$OUT/layer_plan.json}
   if [ -z "${LSA_BEST:-}" ] && [ ! -f "$OUT/layer_plan.json" ]; then echo "no layer plan (calibrate failed): grid without it"; BEST=; fi
   POLICIES=${FID_POLICIES:-"full,lsa,${BEST:+$BEST,}streaming,snapkv,quest"}  # quest last: eager, the slowest per step
-  COMMON=(--model "$M" --haystack "$H" --block-size 16 --prefill-chunk 8192 --batch 20 --quiet --ppl-tokens 128
+  COMMON=(--model "$M" --haystack "$H" --block-size 16 --prefill-chunk 8192 --batch 20 --quiet --ppl-tokens ${FID_PPL_TOKENS:-256}
           --max-tokens 24 --depths 0.1,0.3,0.5,0.7,0.9 --min-resident-tokens 0 --keep-going ${FID_EXTRA:-})
   TAIL=3 step fid_grid "${FID_GRID_S:-225}" python3 -m cli eval "${COMMON[@]}" \
     --tasks niah,multikey,session,ppl,agreement --texts essays,pydoc --contexts "${FID_CONTEXTS:-8192,4096}" \
