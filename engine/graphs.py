@@ -2,12 +2,19 @@
 
 The eager decode step launches ~20 kernels per layer from Python, so a small batch runs at
 several times its memory floor (docs/perf.md). Here the whole step (embedding, every layer's
-KV write and sparse attention, the LM head) is captured once per (batch bucket, table width
-bucket) and replayed; a step only fills the static inputs and replays:
+KV write and sparse attention, the LM head) is captured once per (batch bucket, table width)
+and replayed; a step only fills the static inputs and replays:
 
     host (pinned, int32)   tokens | positions | per group: slots offsets num_blocks last_len table
        --- one copy --->   the graph's static buffer of the same layout
     replay                 logits [b, V] in a static output; the index layers' queries too
+
+Table width: under an offloading policy (LSA) one width, the widest row a decoding sequence
+can hold (its decode reserve at ``max_model_len``: budget, a cycle's growth, the staging cap),
+so a changed resident set never needs another graph; the kernel shares out each row's own
+blocks, so the unused width costs nothing (kernels/sparse_attention.py). ``capture_batches``
+captures every batch bucket at warm-up: no capture happens in steady state. Full attention,
+whose rows grow with the context, buckets the width (<= 12.5% padding) instead.
 
 Rows past the batch (padding up to the bucket) write their token into the pool's trash slot
 and attend to it alone. Table rows are rewritten on the host only when the sequence's
@@ -29,6 +36,11 @@ from engine.errors import InvalidRequestError
 def batch_bucket(n: int) -> int:
     """1, 2, 4, 8, then multiples of 8."""
     return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Every batch bucket a batch of 1 .. ``max_batch`` sequences uses."""
+    return sorted({batch_bucket(n) for n in range(1, max_batch + 1)})
 
 
 def width_bucket(w: int) -> int:
@@ -72,7 +84,7 @@ class DecodeGraphRunner:
     padding and table caching; the graph itself needs CUDA)."""
 
     def __init__(self, runner, capture: bool = True):
-        """``runner`` (engine.runner.ModelRunner): its model, cache and policy."""
+        """``runner`` (engine.runner.ModelRunner): its model, cache, policy and max_model_len."""
         if capture and runner.device.type != "cuda":
             raise InvalidRequestError("CUDA graphs need a CUDA device; set cuda_graphs=False")
         self.model = runner.model
@@ -81,6 +93,8 @@ class DecodeGraphRunner:
         self.capture = capture
         self.scale = runner.model.config.head_dim ** -0.5
         self.query_layers = tuple(self.cache.index_layers) if self.policy.observes_decode else ()
+        # an offloading policy's rows never outgrow its decode reserve: one width for every graph
+        self.max_width = self.policy.decode_reserve(runner.max_model_len) if self.policy.offloads else None
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
@@ -100,7 +114,7 @@ class DecodeGraphRunner:
         for seq_id in seq_ids:
             resident = blocks.seqs[seq_id].resident
             width = max(width, max(len(r) for r in resident))
-        step = self._step(batch_bucket(n), width_bucket(width))
+        step = self._step(batch_bucket(n), self.table_width(width))
         self._fill(step, seq_ids, tokens, positions, per_group)
         step.packed.copy_(step.host, non_blocking=True)
         if step.graph is not None:
@@ -111,6 +125,24 @@ class DecodeGraphRunner:
         for layer in self.query_layers:
             self.policy.observe_decode(layer, seq_ids, step.queries[layer][:n])
         return logits[:n].clone()
+
+    def table_width(self, width: int) -> int:
+        """The graph's table width for rows of up to ``width`` blocks."""
+        if self.max_width is not None and width <= self.max_width:
+            return self.max_width
+        return width_bucket(width)  # full attention; or a row past the reserve (not expected: a capture)
+
+    def capture_batches(self, max_batch: int) -> int:
+        """Capture now (warm-up) the graph of every batch bucket up to ``max_batch`` at the one
+        table width, so that neither a growing batch nor a new resident set captures mid-run.
+        Returns how many graphs were made (captured, or on CPU built); none under full attention,
+        whose width is not known ahead."""
+        if self.max_width is None:
+            return 0
+        made = len(self.steps)
+        for batch in batch_buckets(max_batch):
+            self._step(batch, self.max_width)
+        return len(self.steps) - made
 
     def _fill(self, step: StaticStep, seq_ids, tokens, positions, per_group) -> None:
         """Write the step's inputs into the pinned host buffer (through numpy: Python lists go in
