@@ -18,7 +18,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Level-1 scores every complete block of a sequence: the width grows by one every B tokens. Not
+# specialized on it (nor on the strides that follow it), one compiled kernel serves every width;
+# otherwise the first width not a multiple of 16 compiles a second one at a cycle boundary.
+@triton.jit(do_not_specialize=["stride_tn", "stride_on", "stride_oh", "width"])
 def _block_scores_kernel(
     Q, KMIN, KMAX, KMEAN, TABLE, NUM_BLOCKS, QUEST, MEANDOT,
     stride_qn, stride_qw, stride_qh, stride_qd,
