@@ -5,8 +5,8 @@ several times its memory floor (docs/perf.md). Here the whole step (embedding, e
 KV write and sparse attention, the LM head) is captured once per (batch bucket, table width)
 and replayed; a step only fills the static inputs and replays:
 
-    host (pinned, int32)   tokens | positions | per group: slots offsets num_blocks last_len table
-       --- one copy --->   the graph's static buffer of the same layout
+    host (pinned, int32)   tokens | positions | per group: slots offsets num_blocks last_len | per group: table
+       --- one copy --->   the graph's static buffer of the same layout (the tables only when a row changed)
     replay                 logits [b, V] in a static output; the index layers' queries too
 
 Table width: under an offloading policy (LSA) one width, the widest row a decoding sequence
@@ -56,24 +56,29 @@ class StaticStep:
     batch: int
     width: int
     groups: int
-    packed: torch.Tensor  # int32 [2b + groups * (4b + b * w)]
+    packed: torch.Tensor  # int32 [head + groups * b * w], head = 2b + groups * 4b
     host: torch.Tensor
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # index layer -> [b, Hq, D]
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     rows: list = field(default_factory=list)  # per group, per row: (seq_id, version, length) held, or None
 
+    @property
+    def head(self) -> int:
+        """Entries before the tables: what changes every step."""
+        return 2 * self.batch + 4 * self.batch * self.groups
+
     def views(self, t: torch.Tensor):
         """(tokens, positions, per group (slots, offsets, num_blocks, last_len, table)) of ``t``, a
         tensor or a numpy array of the layout."""
-        b, w = self.batch, self.width
+        b, w, head = self.batch, self.width, self.head
         tokens, positions = t[:b], t[b: 2 * b]
-        out, at = [], 2 * b
-        for _ in range(self.groups):
+        out = []
+        for g in range(self.groups):
+            at = 2 * b + 4 * b * g
             slots, offsets, num_blocks, last_len = (t[at + i * b: at + (i + 1) * b] for i in range(4))
-            table = t[at + 4 * b: at + 4 * b + b * w].reshape(b, w)  # a view (torch or numpy)
+            table = t[head + g * b * w: head + (g + 1) * b * w].reshape(b, w)  # a view (torch or numpy)
             out.append((slots, offsets, num_blocks, last_len, table))
-            at += 4 * b + b * w
         return tokens, positions, out
 
 
@@ -115,8 +120,11 @@ class DecodeGraphRunner:
             resident = blocks.seqs[seq_id].resident
             width = max(width, max(len(r) for r in resident))
         step = self._step(batch_bucket(n), self.table_width(width))
-        self._fill(step, seq_ids, tokens, positions, per_group)
-        step.packed.copy_(step.host, non_blocking=True)
+        tables_changed = self._fill(step, seq_ids, tokens, positions, per_group)
+        head = step.head
+        step.packed[:head].copy_(step.host[:head], non_blocking=True)
+        if tables_changed:  # rows change at boundaries and new blocks only: a wide table is not copied every step
+            step.packed[head:].copy_(step.host[head:], non_blocking=True)
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits
@@ -144,14 +152,16 @@ class DecodeGraphRunner:
             self._step(batch, self.max_width)
         return len(self.steps) - made
 
-    def _fill(self, step: StaticStep, seq_ids, tokens, positions, per_group) -> None:
+    def _fill(self, step: StaticStep, seq_ids, tokens, positions, per_group) -> bool:
         """Write the step's inputs into the pinned host buffer (through numpy: Python lists go in
-        without a tensor per field, which matters with one group per layer)."""
+        without a tensor per field, which matters with one group per layer). Returns whether a
+        table row was rewritten."""
         n, b, bs, trash = len(seq_ids), step.batch, self.cache.block_size, self.cache.trash_slot
         host_tokens, host_positions, groups = step.views(step.host.numpy())
         host_tokens[:n], host_tokens[n:] = tokens, 0
         host_positions[:n], host_positions[n:] = positions, 0
         blocks = self.cache.blocks
+        changed = False
         for g, (slots, offsets, num_blocks, last_len, table) in enumerate(groups):
             rows = step.rows[g]
             slots[:n], slots[n:] = [s for s, _ in per_group[g]], trash
@@ -165,12 +175,15 @@ class DecodeGraphRunner:
                     _, row, _ = blocks.table(seq_id, g, pending=1)
                     table[i, : len(row)] = row
                     rows[i] = key + (len(row),)
+                    changed = True
                 num_blocks[i] = rows[i][2]
                 last_len[i] = length - (length - 1) // bs * bs
             for i in range(n, b):
                 if rows[i] is not None:
                     table[i, 0] = trash
                     rows[i] = None
+                    changed = True
+        return changed
 
     # ------------------------------------------------------------ capture
 
@@ -179,7 +192,7 @@ class DecodeGraphRunner:
         if step is not None:
             return step
         groups = len(self.cache.groups)
-        size = 2 * batch + groups * (4 * batch + batch * width)
+        size = 2 * batch + groups * (4 * batch + batch * width)  # head, then the tables
         dev = self.cache.device
         host = torch.zeros(size, dtype=torch.int32, pin_memory=dev.type == "cuda")
         step = StaticStep(batch, width, groups, torch.zeros(size, dtype=torch.int32, device=dev), host)
