@@ -102,3 +102,13 @@ def test_churned_plans_copy_the_blocks_they_change():
     assert cache.blocks_loaded_late == LAYERS * len(blocks.resident[0])  # only the first plan, at build
     per_block = LAYERS * cache.mirror.bytes_per_layer_block  # all layers of one block
     assert cache.bytes_copied - copied0 == entered * per_block > 0
+
+
+def test_slow_steps_say_where_they_were_and_what_they_ran():
+    from benchmarks.decode import slow_steps
+
+    windows = [{"step_s": [0.01] * 5 + [0.5], "boundaries": [0] * 5 + [1], "captures": [0] * 6},
+               {"step_s": [0.01, 0.25, 0.09], "boundaries": [0, 0, 1], "captures": [0, 1, 0]}]
+    slow = slow_steps(windows, median=0.01)
+    assert [(s["window"], s["step"], s["boundaries"], s["captures"]) for s in slow] == [(0, 5, 1, 0), (1, 1, 0, 1)]
+    assert [round(s["ms"]) for s in slow] == [500, 250]
