@@ -131,8 +131,9 @@ class DecodeWorkerCore:
         """Compile the kernels and capture the decode graphs before the first user request (the
         replica calls this before it reports ready): on CUDA, plain requests of random tokens,
         first one whose prompt takes two prefill segments and whose decode crosses an LSA cycle
-        boundary (Level-1 scoring), then 2, 4, 8, ... at once up to ``max_num_seqs`` (each
-        decode batch bucket's graph; ``decode=False``, a prefill worker: the long prompt only,
+        boundary (Level-1 scoring), then 2, 4, 8, ... at once up to ``max_num_seqs``, then the
+        graphs of the batch buckets still missing (16, 24, 32, ...: engine/graphs.py), so that
+        none is captured while serving (``decode=False``, a prefill worker: the long prompt only,
         one token). Elsewhere one tiny request. Returns what ran."""
         engine = self.engine
         t0 = time.perf_counter()
@@ -154,6 +155,16 @@ class DecodeWorkerCore:
             for future in futures:
                 future.result()
         graphs = engine.runner.graphs
+        if graphs is not None and decode:  # on the loop thread, the only one that touches the engine
+            captured: Future = Future()
+
+            def capture() -> None:
+                try:
+                    captured.set_result(graphs.capture_batches(scheduler.max_num_seqs))
+                except BaseException as exc:  # reported to the caller; the loop goes on
+                    captured.set_exception(exc)
+            self._commands.put(capture)
+            captured.result()
         return {"seconds": time.perf_counter() - t0, "requests": sum(b[0] for b in batches),
                 "graphs": graphs.captures if graphs is not None else 0}
 

@@ -8,8 +8,13 @@ synthetic (random blocks; block summaries around a random mean key) written stra
 device pool (full) or the host mirror (lsa; the first resident set is then chosen by the
 indexer from random queries and loaded like any other plan). Decode then runs through the
 engine as served: tokens from the model, Level-1 at every cycle boundary, swaps of changed
-blocks. Selections on random KV churn more than on real text, so bytes copied per cycle are
-an upper estimate.
+blocks. Plans on random KV hardly change (nothing to copy); ``--churn`` makes them change as
+on real text (below). LSA warms up through each sequence's first boundary, which re-applies the
+prefill's plan, so every timed boundary applies a plan ranked during decode.
+
+Each row also says how many decode graphs were captured while timed (0 expected: every batch
+bucket's graph is made at build, engine/graphs.py) and lists the steps over 10x the median, with
+the cycle boundaries and captures each ran (``slow_steps``; printed under the table).
 
 Each row carries the step's memory floor (benchmarks/floor.py: weights + attended KV + index keys
 per step, at the device copy bandwidth measured in the same run) and the median's ratio to it;
@@ -79,24 +84,33 @@ class SwapTimer:
         engine.policy.before_decode = timed
 
 
+def graph_captures(engine: LLMEngine) -> int:
+    graphs = engine.runner.graphs
+    return graphs.captures if graphs is not None else 0
+
+
 def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -> dict:
     cache, policy = engine.cache, engine.policy
     copied0, cycles0, swap0 = cache.bytes_copied, getattr(policy, "cycles", 0), swaps.seconds
     late0, ahead0, deferred0 = cache.blocks_loaded_late, cache.blocks_prefetched, getattr(policy, "deferred", 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, peak = [], 0.0
+    times, peak, boundaries, captures = [], 0.0, [], []  # per step: boundaries it ran, graphs it captured
     for _ in range(steps):
+        cycles, captured = getattr(policy, "cycles", 0), graph_captures(engine)
         _sync(device)
         t0 = time.perf_counter()
         engine.step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        boundaries.append(getattr(policy, "cycles", 0) - cycles)
+        captures.append(graph_captures(engine) - captured)
         peak = max(peak, cache.accounting().device_fraction)  # untimed
     assert all(s.status is Status.DECODE for s in seqs), "a sequence finished inside the timed window"
     acc = cache.accounting()
     cycles = getattr(policy, "cycles", 0) - cycles0
-    return {"step_s": times, "bytes_copied": cache.bytes_copied - copied0, "cycles": cycles,
+    return {"step_s": times, "boundaries": boundaries, "captures": captures,
+            "bytes_copied": cache.bytes_copied - copied0, "cycles": cycles,
             "late_blocks": cache.blocks_loaded_late - late0, "prefetched_blocks": cache.blocks_prefetched - ahead0,
             "deferred_blocks": getattr(policy, "deferred", 0) - deferred0,
             "swap_wait_s": swaps.seconds - swap0, "device_kv_bytes": acc.device_bytes, "staged_kv_bytes": acc.staged_bytes,
@@ -105,13 +119,25 @@ def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
+def slow_steps(windows: list[dict], median: float, factor: float = 10.0) -> list[dict]:
+    """Timed steps over ``factor`` x the median: where (window, step), how long, how many cycle
+    boundaries they ran and how many decode graphs they captured."""
+    return [{"window": w, "step": i, "ms": t * 1e3, "boundaries": win["boundaries"][i], "captures": win["captures"][i]}
+            for w, win in enumerate(windows) for i, t in enumerate(win["step_s"]) if t > factor * median]
+
+
 def summarise(label: dict, windows: list[dict], batch: int) -> dict:
     steps = sorted(t for w in windows for t in w["step_s"])
     p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
     cycles = sum(w["cycles"] for w in windows)
     last = windows[-1]
-    return {**label, "batch": batch, "steps": len(steps), "token_ms_median": statistics.median(steps) * 1e3,
+    median = statistics.median(steps)
+    at_boundary = [t for w in windows for t, b in zip(w["step_s"], w["boundaries"]) if b]
+    return {**label, "batch": batch, "steps": len(steps), "token_ms_median": median * 1e3,
             "token_ms_p99": p99 * 1e3, "timed_s": sum(steps), "tokens_per_s": batch * len(steps) / sum(steps),
+            # captures while timed should be 0 (every graph made at warm-up); slow steps say where time went
+            "graph_captures": sum(sum(w["captures"]) for w in windows), "slow_steps": slow_steps(windows, median),
+            "boundary_steps": len(at_boundary), "boundary_ms_max": max(at_boundary, default=0.0) * 1e3,
             "device_kv_fraction": last["device_kv_fraction"], "device_kv_bytes": last["device_kv_bytes"],
             # without the slots staged for the next plan: what decode attends to, plus index keys
             "resident_kv_fraction": (last["device_kv_bytes"] - last["staged_kv_bytes"]) / last["full_kv_bytes"],
@@ -138,15 +164,20 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
     for s in setups:
         t0 = time.perf_counter()
         engine, seqs = build(model, s, device, gen)
+        made = engine.runner.graphs.capture_batches(s.batch) if engine.runner.graphs is not None else 0
         print(f"  built {s.policy} batch {s.batch} at {s.context} tokens in {time.perf_counter() - t0:.1f} s "
-              f"(synthetic KV, prefill skipped)", file=sys.stderr)
+              f"(synthetic KV, prefill skipped; {made} decode graphs made)", file=sys.stderr)
         engines.append((s, engine, seqs, SwapTimer(engine, device)))
     pairs = [(i, rho) for i, (s, *_) in enumerate(engines) for rho in (s.rhos if s.policy == "lsa" else (None,))]
     windows = {p: [] for p in pairs}
     step_bytes = {}  # (engine, rho) -> what its step reads, taken at the end of its last window
-    for _ in range(args.warmup):
-        for s, engine, *_ in engines:
+    # lsa warms up through each sequence's first boundary too: it re-applies the prefill's plan (copies
+    # nothing, and its one-time costs are not the steady state), so every timed boundary applies a
+    # plan ranked from decode queries
+    for s, engine, *_ in engines:
+        for _ in range(args.warmup + (s.cycle if s.policy == "lsa" else 0)):
             engine.step()
+    warm_captures = [graph_captures(engine) for _, engine, *_ in engines]
     for _ in range(args.rounds):
         for i, rho in pairs:
             s, engine, seqs, swaps = engines[i]
@@ -161,7 +192,7 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
                  "churn": s.churn, "max_batch": s.max_batch, "alternated": len(pairs) > 1,
-                 "cuda_graphs": engines[i][1].runner.graphs is not None}
+                 "cuda_graphs": engines[i][1].runner.graphs is not None, "graph_captures_warmup": warm_captures[i]}
         row = summarise(label, windows[(i, rho)], s.batch)
         rows.append({**row, **floor_fields(step_bytes[(i, rho)], bandwidth, row["token_ms_median"])})
     engines.clear()  # and the loop variables: the last engine must not outlive its group
@@ -177,7 +208,7 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
 
 def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype, device) -> list[list[Setup]]:
     rhos = tuple(args.rhos)
-    max_tokens = args.warmup + args.rounds * (args.steps + args.cycle) * (len(rhos) + 1) + 8
+    max_tokens = args.warmup + args.cycle + args.rounds * (args.steps + args.cycle) * (len(rhos) + 1) + 8
     host_budget = int(host_available_bytes() * args.host_fraction)
     activations = args.activation_bytes if args.activation_bytes is not None else (
         6 * GiB if device.type == "cuda" else 64 * 2 ** 20)
@@ -233,7 +264,7 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
 def print_table(rows: list[dict]) -> None:
     head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ms/tok':>8} {'p99':>8} {'floor':>7} {'x floor':>7} "
             f"{'tok/s':>9} {'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'late %':>6} {'defer/c':>7} {'peak GB':>8} "
-            f"{'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11}")
+            f"{'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11} {'bound max':>9} {'caps':>4} {'slow':>4}")
     print(head)
     full = {(r["context"], "max" if r["max_batch"] else r["batch"]): r for r in rows
             if r.get("policy") == "full" and "skipped" not in r}
@@ -257,7 +288,15 @@ def print_table(rows: list[dict]) -> None:
               f"{100 * r['peak_device_kv_fraction']:>6.1f}% {100 * r['late_fraction']:>5.1f}% "
               f"{r['deferred_blocks_per_cycle']:>7.0f} "
               f"{peak:>8} {r['host_kv_bytes'] / 1e9:>8.2f} {r['bytes_copied_per_cycle'] / 1e6:>9.1f} "
-              f"{r['swap_wait_ms_per_cycle']:>11.2f}")
+              f"{r['swap_wait_ms_per_cycle']:>11.2f} {r['boundary_ms_max']:>9.2f} {r['graph_captures']:>4} "
+              f"{len(r['slow_steps']):>4}")
+    # steps over 10x the median: a capture (caps) or a boundary's work, or neither
+    for r in rows:
+        for slow in r.get("slow_steps", ()):
+            name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
+            print(f"  slow step: {r['context']} batch {r['batch']} {name}: window {slow['window']} step "
+                  f"{slow['step']} {slow['ms']:.1f} ms (median {r['token_ms_median']:.2f}), boundaries "
+                  f"{slow['boundaries']}, graph captures {slow['captures']}")
 
 
 # ------------------------------------------------------------------ CLI

@@ -104,6 +104,9 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
         scheduler=SchedulerConfig(max_num_seqs=s.batch, max_model_len=s.max_len + 1, cuda_graphs=s.graphs),
         policy=policy_config(s)))
     cache, policy = engine.cache, engine.policy
+    if lsa and s.churn is not None:
+        policy.indexer = SyntheticChurn(policy.indexer, cache.mirror.summary.shape[0], device,
+                                        int(torch.randint(2 ** 31, (1,), generator=gen)))
     params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True)
     seqs = []
     for _ in range(s.batch):
@@ -112,7 +115,9 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
         cache.admit(seq.seq_id, reserve)
         if lsa:
             ids = [h for _, h in cache.blocks.commit(seq.seq_id, s.context)]
-            fill_host(cache, ids, gen, hot=hot_blocks(probe, s, gen) if s.churn is not None else ())
+            fill_host(cache, ids, gen)
+            if s.churn is not None:
+                policy.indexer.keep([ids[j] for j in hot_blocks(probe, s, gen)])
         else:
             cache.append_slots([seq.seq_id], [s.context])
             cache.blocks.commit(seq.seq_id, s.context)
@@ -137,21 +142,47 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
 def hot_blocks(policy, s: Setup, gen: torch.Generator) -> list[int]:
     """Logical blocks that every plan should keep, so that a plan replaces about ``s.churn`` of
     the resident set (the rest of its selection is random): (1 - churn) of the blocks selected at
-    the smallest rho, best first, away from the sinks and the tail."""
+    the smallest rho, best first, away from the sinks and the tail (a ranked block brings its
+    ``neighbors`` with it, so a kept block stands for 1 + neighbors of them)."""
     blocks = s.context // s.block_size
     small = dataclasses.replace(policy.config, budget=min(s.rhos))
     probe = type(policy)(small, policy.num_layers, policy.block_size)
     keep = probe.config.sink_blocks + probe.tail_size(blocks + 1) + 1
-    count = max(0, round((1 - s.churn) * probe.budget_blocks(blocks + 1)) - keep)
+    count = max(0, round((1 - s.churn) * probe.budget_blocks(blocks + 1)) - keep) // (1 + small.neighbors)
     candidates = torch.arange(probe.config.sink_blocks, blocks - keep)
     return candidates[torch.randperm(len(candidates), generator=gen)[:count]].tolist()
 
 
-def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64, hot=()) -> None:
+class SyntheticChurn:
+    """The indexer of a churned run (``--churn``): it scores as the real one does (the cost of
+    Level-1 stays in the run), then ranks the blocks every plan keeps (``keep``, best first)
+    above all others and the others in a fresh random order at each call, so that each plan
+    replaces about ``churn`` of the resident set.
+
+    Random KV alone does not churn: its summaries are a bank of 64 blocks tiled over the
+    context (ties, broken by position), and the Quest bound of random summaries hardly depends
+    on the query, so successive plans were the same and boundaries copied nothing."""
+
+    def __init__(self, indexer, num_host_blocks: int, device: torch.device, seed: int):
+        self.indexer = indexer
+        self.rank = torch.zeros(num_host_blocks, device=device)  # per host block: > 1 for kept blocks
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def keep(self, host_ids: list[int]) -> None:
+        """Blocks every plan keeps, best first."""
+        self.rank[torch.tensor(host_ids, dtype=torch.long, device=self.rank.device)] = \
+            2.0 + torch.arange(len(host_ids), 0, -1, device=self.rank.device, dtype=torch.float32)
+
+    def score(self, queries, kmin, kmax, kmean, host_ids: torch.Tensor) -> torch.Tensor:
+        self.indexer.score(queries, kmin, kmax, kmean, host_ids)
+        kept = self.rank[host_ids]
+        noise = torch.rand(kept.shape, generator=self.gen, device=kept.device)  # in [0, 1): below every kept block
+        return torch.where(kept > 0, kept, noise)
+
+
+def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int = 64) -> None:
     """Synthetic complete blocks in the host mirror: a bank of random blocks tiled over the
-    rows, summaries (min <= mean <= max) around a random mean key, and the device index keys.
-    ``hot`` (logical blocks, best first): their key bounds are widened by 2 + 0.1 x rank on each
-    side, which raises their Quest bound above any other block's for every query, in that order."""
+    rows, summaries (min <= mean <= max) around a random mean key, and the device index keys."""
     mirror = cache.mirror
     host = mirror.host
     layers, _, _, heads, block, dim = cache.pool.shape
@@ -179,9 +210,5 @@ def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int
         mirror.summary[rows] = summary[:n]
         if scale is not None:
             mirror.scale[rows] = scale[:n]
-    for rank, j in enumerate(hot):
-        widen = 2.0 + 0.1 * (len(hot) - rank)
-        mirror.summary[host_ids[j], :, 0] -= widen
-        mirror.summary[host_ids[j], :, 1] += widen
     for li, layer in enumerate(cache.index_layers):
         cache.index_keys[li][:, ids.to(cache.device)] = mirror.summary[ids, layer].transpose(0, 1).to(cache.device)

@@ -60,7 +60,7 @@ class LLMEngine:
                                   index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries,
                                   arena=arena, host_dtype=cache_cfg.host_dtype)
         self.policy.bind(self.cache)
-        self.runner = ModelRunner(model, self.cache, self.policy, config.scheduler)
+        self.runner = ModelRunner(model, self.cache, self.policy, config.scheduler, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,
                                    OutputRules(eos_ids, tokenizer),
                                    can_admit=lambda s: self.cache.blocks.can_reserve(self._admit_blocks(s)),

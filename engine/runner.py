@@ -28,8 +28,10 @@ from engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: BlockKVCache, policy: Policy, config: SchedulerConfig):
+    def __init__(self, model: LlamaForCausalLM, cache: BlockKVCache, policy: Policy, config: SchedulerConfig,
+                 max_model_len: int):
         self.model, self.cache, self.policy = model, cache, policy
+        self.max_model_len = max_model_len
         self.device = cache.device
         self.layerwise_prefill = config.layerwise_prefill
         self.prefill_chunk = config.prefill_chunk

@@ -18,7 +18,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Level-1 scores every complete block of a sequence: the width grows by one every B tokens. Not
+# specialized on it nor on the strides that follow it (Triton specializes integers divisible by
+# 16), one compiled kernel serves every width; otherwise a boundary that meets a new pattern
+# (M = 2049, then 2050 with 8M divisible by 16) compiles another, mid-run.
+@triton.jit(do_not_specialize=["stride_tn", "stride_on", "stride_oh", "width"])
 def _block_scores_kernel(
     Q, KMIN, KMAX, KMEAN, TABLE, NUM_BLOCKS, QUEST, MEANDOT,
     stride_qn, stride_qw, stride_qh, stride_qd,

@@ -6,15 +6,18 @@ from the paged pool (docs/kv-layout.md). Two launches:
 ```
 pass 1, grid (SPLITS, H_kv, N)                 pass 2, grid (H_q, N)
   program (s, h, n): listed blocks                combine the SPLITS partials of a
-  [s*BPS, (s+1)*BPS) of row n, all G query        query head by their log-sum-exp;
-  heads of KV head h at once ->                   optionally turn the per-block lse
+  [s*P, (s+1)*P) of row n, P = cdiv(num_blocks[n], query head by their log-sum-exp;
+  SPLITS); all G query heads of KV head h ->      optionally turn the per-block lse
   o_part[n, hG:hG+G, s, :]  (normalised, fp32)    into softmax mass
   lse_part[n, hG:hG+G, s]   (log2 units)
   block_lse[n, hG:hG+G, j]  (if mass wanted)
 ```
 
 Each K/V tile [B, D] of a (slot, KV head) is contiguous and read exactly once; the G query
-heads of the group share it through one tl.dot with G padded to 16 rows.
+heads of the group share it through one tl.dot with G padded to 16 rows. A row's listed blocks
+are shared out over the splits by its own ``num_blocks``, not by the table's width: a table wider
+than what it lists (a CUDA graph's, sized for the widest row it may hold) reads and computes
+nothing more, and every split keeps an equal share of the work.
 """
 import functools
 import math
@@ -37,7 +40,6 @@ def _split_kernel(
     stride_on, stride_oh, stride_os, stride_od,
     stride_ln, stride_lh, stride_ls,
     stride_mn, stride_mh, stride_mm,
-    blocks_per_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_MASS: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -47,8 +49,9 @@ def _split_kernel(
 
     n_blocks = tl.load(NUM_BLOCKS + pid_n)
     last_len = tl.load(LAST_LEN + pid_n)
-    start = pid_s * blocks_per_split
-    end = tl.minimum(start + blocks_per_split, n_blocks)
+    per_split = tl.cdiv(n_blocks, tl.num_programs(0))                # this row's blocks, not the width
+    start = pid_s * per_split
+    end = tl.minimum(start + per_split, n_blocks)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_b = tl.arange(0, BLOCK)
@@ -209,9 +212,7 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
     if num_splits is None:
         num_splits = default_num_splits(n_seq, n_kvh, width, dev, num_stages,
                                         block * head_dim * k_cache.element_size())
-    num_splits = max(1, min(num_splits, width))
-    blocks_per_split = math.ceil(width / num_splits)
-    num_splits = math.ceil(width / blocks_per_split)
+    num_splits = max(1, min(num_splits, width))  # each row's blocks are shared out over them in the kernel
 
     o_part = torch.empty((n_seq, n_qh, num_splits, head_dim), dtype=torch.float32, device=dev)
     lse_part = torch.empty((n_seq, n_qh, num_splits), dtype=torch.float32, device=dev)
@@ -231,7 +232,6 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
         scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
         *o_part.stride(), *lse_part.stride(), *mass.stride()[:3],
-        blocks_per_split,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=block,
         HEAD_DIM=head_dim, RETURN_MASS=return_block_mass,
         IEEE_DOT=k_cache.dtype == torch.float32, NUM_STAGES=num_stages,

@@ -27,6 +27,7 @@ def test_bench_decode_runs_on_cpu_and_reports_every_policy(tmp_path, capsys):
     full, lo, hi = one[("full", None)], one[("lsa", 0.1)], one[("lsa", 0.135)]
     for r in rows:
         assert r["steps"] == 12 and 0 < r["token_ms_median"] <= r["token_ms_p99"]
+        assert r["graph_captures"] == 0 and all(s["ms"] > 10 * r["token_ms_median"] for s in r["slow_steps"])
         assert abs(r["tokens_per_s"] * r["timed_s"] - r["batch"] * r["steps"]) < 1e-6  # every step, every sequence
         assert r["timed_s"] * 1e3 >= r["steps"] / 2 * r["token_ms_median"]
     # resident fraction follows the budget (plus tail, open block and index keys); full holds everything
@@ -36,7 +37,7 @@ def test_bench_decode_runs_on_cpu_and_reports_every_policy(tmp_path, capsys):
     assert 0.05 < lo["resident_kv_fraction"] <= 0.1 + 1 / blocks < hi["resident_kv_fraction"] <= 0.135 + 1 / blocks
     assert all(r["device_kv_fraction"] >= r["resident_kv_fraction"] for r in (lo, hi))  # plus staged slots
     for r in (lo, hi):
-        assert r["cycles"] >= 2 and r["swap_wait_ms_per_cycle"] > 0
+        assert r["cycles"] >= 2 and r["swap_wait_ms_per_cycle"] > 0 and r["boundary_steps"] >= r["cycles"] // r["batch"]
         # FP8 mirror: one byte per element plus a float32 scale per (layer, K/V, head), complete blocks only
         tokens = r["full_kv_bytes"] // (LAYERS * 2 * KV_HEADS * HEAD_DIM * 4)
         per_block = LAYERS * 2 * KV_HEADS * (BLOCK * HEAD_DIM + 4)
@@ -72,4 +73,42 @@ def test_bench_decode_int4_mirror_with_real_text_churn(tmp_path, capsys):
     assert lsa["host_kv_bytes"] == (tokens // BLOCK) * per_block
     assert lsa["resident_kv_fraction"] <= 0.1 + 1 / (tokens // BLOCK)  # one block opened since the boundary
     assert lsa["peak_device_kv_fraction"] <= 0.135 + 2 / (tokens // BLOCK)
-    assert lsa["late_fraction"] == 0
+    assert lsa["late_fraction"] == 0 and lsa["bytes_copied_per_cycle"] > 0  # every timed plan brings blocks in
+
+
+def test_churned_plans_copy_the_blocks_they_change():
+    """``--churn 0.33``: each plan replaces about a third of the resident set, and what the
+    boundaries copy is exactly the blocks that entered the resident set x their bytes (random
+    summaries alone never changed a plan: 0 bytes copied per cycle on the H200)."""
+    from benchmarks.synthetic import Setup, build
+
+    cycle, cycles = 8, 4
+    model = random_model(model_config("tiny", LAYERS, 20000), "cpu", torch.float32, seed=0)
+    setup = Setup("lsa", (0.1,), 1, 16384, 6 * cycle, BLOCK, cycle, None, churn=0.33)
+    engine, seqs = build(model, setup, torch.device("cpu"), torch.Generator().manual_seed(0))
+    cache, policy = engine.cache, engine.policy
+    blocks = cache.blocks.seqs[seqs[0].seq_id]
+    for _ in range(cycle + 1):  # past the first boundary (the prefill's plan again) and its step
+        engine.step()
+    copied0, entered, budgets = cache.bytes_copied, 0, []
+    for _ in range(cycles * cycle):  # staging for a boundary starts the step after the one before
+        before, opened = set(blocks.resident[0]), blocks.num_tokens // BLOCK
+        engine.step()
+        came = set(blocks.resident[0]) - before - {opened}
+        if came:
+            entered += len(came)
+            budgets.append(len(came) / len(blocks.resident[0]))
+    assert len(budgets) == cycles and all(0.2 <= share <= 0.45 for share in budgets)  # about a third each
+    assert cache.blocks_loaded_late == LAYERS * len(blocks.resident[0])  # only the first plan, at build
+    per_block = LAYERS * cache.mirror.bytes_per_layer_block  # all layers of one block
+    assert cache.bytes_copied - copied0 == entered * per_block > 0
+
+
+def test_slow_steps_say_where_they_were_and_what_they_ran():
+    from benchmarks.decode import slow_steps
+
+    windows = [{"step_s": [0.01] * 5 + [0.5], "boundaries": [0] * 5 + [1], "captures": [0] * 6},
+               {"step_s": [0.01, 0.25, 0.09], "boundaries": [0, 0, 1], "captures": [0, 1, 0]}]
+    slow = slow_steps(windows, median=0.01)
+    assert [(s["window"], s["step"], s["boundaries"], s["captures"]) for s in slow] == [(0, 5, 1, 0), (1, 1, 0, 1)]
+    assert [round(s["ms"]) for s in slow] == [500, 250]

@@ -8,7 +8,7 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, PolicyConfig, SchedulerConfig
 from engine.errors import InvalidRequestError
-from engine.graphs import DecodeGraphRunner, batch_bucket, width_bucket
+from engine.graphs import DecodeGraphRunner, batch_bucket, batch_buckets, width_bucket
 from engine.hooks import LogitsObserver
 from engine.llm import LLMEngine
 from engine.loader import random_model
@@ -61,11 +61,18 @@ def test_static_decode_matches_eager(model, policy):
     late = torch.randint(3, 64, (70,), generator=torch.Generator().manual_seed(2)).tolist()
     eager_seqs, eager_logits = drive(engine_for(model, False, **policy), late)
     engine = engine_for(model, True, **policy)
+    graphs = engine.runner.graphs
+    made = graphs.capture_batches(4)  # as at warm-up
     graph_seqs, graph_logits = drive(engine, late)
     for e, g, el, gl in zip(eager_seqs, graph_seqs, eager_logits, graph_logits):
         assert g.output_ids == e.output_ids
         torch.testing.assert_close(gl, el, atol=2e-4, rtol=2e-4)
-    assert {b for b, _ in engine.runner.graphs.steps} >= {1, 2, 4}  # padded buckets were used
+    assert {b for b, _ in graphs.steps} >= {1, 2, 4}  # padded buckets were used
+    if engine.policy.offloads:  # one width, every batch bucket made at warm-up: none while decoding
+        assert graphs.max_width == engine.policy.decode_reserve(engine.max_model_len)
+        assert made == 3 and set(graphs.steps) == {(b, graphs.max_width) for b in (1, 2, 4)}
+    else:
+        assert made == 0 and graphs.max_width is None
     if model.lm_head.weight.is_cuda:
         assert engine.runner.graphs.captures == len(engine.runner.graphs.steps)
 
@@ -104,6 +111,7 @@ def test_padding_rows_leave_real_blocks_alone(model):
 
 def test_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+    assert batch_buckets(17) == [1, 2, 4, 8, 16, 24] and len(batch_buckets(64)) == 11 and len(batch_buckets(256)) == 35
     assert width_bucket(1) == 16 and width_bucket(100) == 112 and width_bucket(8192) == 8192
     assert all(w <= width_bucket(w) <= w * 1.25 + 16 for w in range(1, 5000, 37))
 

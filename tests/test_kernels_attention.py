@@ -125,6 +125,19 @@ def test_triton_split_counts(num_splits):
     assert (mass.double().cpu() - ref_mass).abs().max().item() < 5e-5
 
 
+def test_wide_table_shares_the_listed_blocks_out():
+    """A table much wider than the rows list (a CUDA graph's, sized for its widest row): the
+    splits share each row's own blocks, so a row of 40 blocks in a 300-wide table with 8 splits
+    is still exact (and no entry past num_blocks, NaN in the pool, is read)."""
+    device, dtype = DEVICE_DTYPES[0]
+    gen = torch.Generator().manual_seed(11)
+    q, pool, table, nb, last = make_case(gen, device, dtype, 8, 2, 64, 16, [40, 1, 9], [3, 16, 5], pad=260)
+    from kernels.sparse_attention import sparse_decode_attention_triton
+    out = sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125, num_splits=8)
+    ref_out, _ = attention_f64(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125)
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
 def test_noncontiguous_query_and_long_sequence():
     """q as a strided view; one sequence much longer than the rest (the split-K case)."""
     device, dtype = DEVICE_DTYPES[0]

@@ -48,3 +48,21 @@ def test_warm_up_leaves_nothing_behind_and_the_worker_serves(tmp_path, device):
         assert len(answer.token_ids) == 5 and answer.prefill_tokens < 70
     finally:
         core.close()
+
+
+def test_warm_up_makes_every_batch_bucket_graph(tmp_path):
+    """The static-buffer runner (on CPU without capture): after warm-up every batch bucket up to
+    max_num_seqs has its graph at the one table width, and serving makes no other."""
+    from engine.graphs import DecodeGraphRunner
+
+    store, core = worker(tmp_path, "cpu")
+    try:
+        graphs = core.engine.runner.graphs = DecodeGraphRunner(core.engine.runner, capture=False)
+        core.warm_up()
+        assert set(graphs.steps) == {(b, graphs.max_width) for b in (1, 2, 4)}
+        context = torch.randint(3, 64, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+        core.create_session("s", context).result(timeout=120)
+        core.ask("s", [5, 6, 7], SamplingParams(max_tokens=9, ignore_eos=True)).result(timeout=120)
+        assert set(graphs.steps) == {(b, graphs.max_width) for b in (1, 2, 4)}
+    finally:
+        core.close()
