@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Iterable, Iterator
 
 import lsa_env
@@ -65,6 +66,7 @@ class KVStoreCore:
         self.blocks_prefetched = self.blocks_fetched_at_use = 0
         self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
         self.blocks_sent = self.blocks_received = 0
+        self.stage_s = self.spill_s = 0.0
         self.prefix_hits = self.prefix_blocks_reused = 0
 
     def close(self) -> None:
@@ -223,7 +225,8 @@ class KVStoreCore:
                 blocks_received=self.blocks_received, blocks_spilled=self.num_spilled,
                 blocks_prefetched=self.blocks_prefetched, blocks_fetched_at_use=self.blocks_fetched_at_use,
                 prefix_blocks=len(table.prefix), prefix_hits=self.prefix_hits,
-                prefix_blocks_reused=self.prefix_blocks_reused, expired=table.num_expired)
+                prefix_blocks_reused=self.prefix_blocks_reused, expired=table.num_expired, stage_s=self.stage_s,
+                spill_s=self.spill_s)
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
@@ -293,8 +296,10 @@ class KVStoreCore:
         batch = batch_blocks(self.layout.block_bytes)
         batches = (self.read_runs(local[s:s + batch]) for s in range(0, len(local), batch))
         peer_store = self.stores.store(peer)
+        t0 = time.perf_counter()
         remote_ids = peer_store.write_batches(owner, batches)
         with self.lock:
+            self.spill_s += time.perf_counter() - t0
             if self.table.records.get(session_id) is rec and not rec.pins:
                 for j, rid in zip(logical, remote_ids):
                     rec.host_ids[j] = SPILLED
@@ -346,6 +351,7 @@ class KVStoreCore:
                     if session_id not in self.table.records:
                         break
                     ids = self.table.lease(landing, len(blocks))
+                t0 = time.perf_counter()
                 try:
                     for start, rows in self.stores.store(peer).read_batches([rid for _, rid in blocks], batch):
                         self.arena.write(ids[start:start + num_rows(rows)], rows)
@@ -354,6 +360,7 @@ class KVStoreCore:
                         self.table.give_back(landing, ids)
                     raise
                 with self.lock:
+                    self.stage_s += time.perf_counter() - t0
                     if session_id not in self.table.records:  # deleted meanwhile
                         self.table.give_back(landing, ids)
                         break

@@ -173,7 +173,11 @@ def store_stats() -> dict:
 def moved(before: dict, after: dict, block_bytes: int) -> dict:
     sent = sum(after[n]["blocks_sent"] - before.get(n, {}).get("blocks_sent", 0) for n in after)
     received = sum(after[n]["blocks_received"] - before.get(n, {}).get("blocks_received", 0) for n in after)
-    return {"blocks_sent": sent, "blocks_received": received, "bytes": (sent + received) * block_bytes}
+    delta = lambda key: sum(after[n].get(key, 0) - before.get(n, {}).get(key, 0) for n in after)  # noqa: E731
+    staged, stage_s = delta("blocks_fetched_at_use") + delta("blocks_prefetched"), delta("stage_s")
+    return {"blocks_sent": sent, "blocks_received": received, "bytes": (sent + received) * block_bytes,
+            "blocks_staged": staged, "stage_s": stage_s,
+            "stage_gb_per_s": staged * block_bytes / 1e9 / stage_s if stage_s else None}
 
 
 def timed_turn(client, session_id: str, question: str, max_tokens: int, cycle: int, block_bytes: int) -> dict:
@@ -264,7 +268,8 @@ def run_pooled(args, app_args: dict) -> dict:
         if loc and spl:
             out["spilled_vs_local_tokens_per_s"] = (sum(spl) / len(spl)) / (sum(loc) / len(loc))
         print(f"pooled: {len(spilled)} spilled of {len(local) + len(extra)}; tokens/s local {loc}, spilled {spl}; "
-              f"cross-node bytes per cycle {[t['cross_node_bytes_per_cycle'] for t in out['spilled_turns']]}",
+              f"cross-node bytes per cycle {[t['cross_node_bytes_per_cycle'] for t in out['spilled_turns']]}; "
+              f"staging {[(round(t['stage_s'], 2), t['stage_gb_per_s']) for t in out['spilled_turns']]} (s, GB/s)",
               flush=True)
     finally:
         serve.shutdown()
