@@ -62,7 +62,6 @@ class KVStoreCore:
         self._stage_locks: dict[str, threading.Lock] = {}  # session_id -> held while staging it
         self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session_id -> logical -> (node_id, id)
         self.staged: dict[str, dict[int, int]] = {}  # session_id -> logical -> local id
-        self.planned: dict[str, set[int]] = {}  # session_id -> logical blocks a prefetch plan staged
         self.blocks_prefetched = self.blocks_fetched_at_use = 0
         self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
         self.blocks_sent = self.blocks_received = 0
@@ -87,11 +86,12 @@ class KVStoreCore:
         self.make_room(n)
         with self.lock:
             ids = self.table.lease(owner, n)
-            for session_id in [s for s in self.staged if s not in self.table.records]:  # evicted: copies go too
-                self.staged.pop(session_id)
-                self.planned.pop(session_id, None)
-                self.table.drop_owner(f"stage:{session_id}")
+            self._drop_staged_of_evicted()
             return ids
+
+    def _drop_staged_of_evicted(self) -> None:
+        for session_id in [s for s in self.staged if s not in self.table.records]:  # evicted: copies go too
+            self._drop_staged(session_id)
 
     def make_room(self, n: int, keep: str | None = None) -> int:
         """Drop staged copies of idle sessions, then spill idle sessions other than ``keep``
@@ -149,10 +149,8 @@ class KVStoreCore:
         with self.lock:
             if self.table.unpin(session_id):  # deleted during its last turn: now it goes
                 self._forget(session_id)
-                return
-            rec = self.table.records.get(session_id)
-            if rec is not None and rec.pins == 0:
-                self._drop_staged(session_id, keep_planned=True)
+        # staged copies stay: the next turn needs them all again, and ``make_room`` drops the
+        # copies of idle sessions first, at no cost (the peer keeps every block)
 
     def has(self, session_id: str) -> bool:
         return session_id in self.table.records
@@ -327,10 +325,10 @@ class KVStoreCore:
 
     def stage(self, session_id: str, logical: list[int] | None = None, plan: bool = False) -> int:
         """Copy the session's spilled blocks (all, or those of ``logical``) into this arena;
-        returns the number of blocks fetched. ``plan``: a prefetch plan from the Indexer
-        (the blocks its next cycles want): those copies stay after the turn, until the
-        session is deleted; other staged copies are dropped when the session is idle again.
-        Fetches without a plan happen at use time and are counted as such.
+        returns the number of blocks fetched. ``plan``: a prefetch plan from the Indexer (the
+        blocks its next cycles want), counted as prefetched; fetches without a plan happen at
+        use time and are counted as such. Staged copies stay until the session is deleted or
+        ``make_room`` needs their blocks (idle sessions' copies go first there).
 
         Blocks come in batches of ``BATCH_BYTES``, ``IN_FLIGHT`` on the way at once, each
         written here as it lands (into blocks leased to an in-flight owner, outside the lock);
@@ -351,6 +349,7 @@ class KVStoreCore:
                     if session_id not in self.table.records:
                         break
                     ids = self.table.lease(landing, len(blocks))
+                    self._drop_staged_of_evicted()
                 t0 = time.perf_counter()
                 try:
                     for start, rows in self.stores.store(peer).read_batches([rid for _, rid in blocks], batch):
@@ -369,9 +368,6 @@ class KVStoreCore:
                     self.blocks_received += len(ids)
                     fetched += len(ids)
             with self.lock:
-                if plan and want is not None:
-                    self.planned.setdefault(session_id, set()).update(
-                        j for j in want if j in self.remote.get(session_id, {}))
                 if plan:
                     self.blocks_prefetched += fetched
                 else:
@@ -385,16 +381,6 @@ class KVStoreCore:
                     del self._stage_locks[key]
             return self._stage_locks.setdefault(session_id, threading.Lock())
 
-    def _drop_staged(self, session_id: str, keep_planned: bool = False) -> None:
-        staged = self.staged.pop(session_id, None)
-        if staged is None:
-            return
-        keep = self.planned.get(session_id, set()) if keep_planned else set()
-        drop = [i for j, i in staged.items() if j not in keep]
-        kept = {j: i for j, i in staged.items() if j in keep}
-        self.table.give_back(f"stage:{session_id}", drop)
-        if kept:
-            self.staged[session_id] = kept
-        else:
+    def _drop_staged(self, session_id: str) -> None:
+        if self.staged.pop(session_id, None) is not None:
             self.table.drop_owner(f"stage:{session_id}")
-            self.planned.pop(session_id, None)
