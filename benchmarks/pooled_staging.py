@@ -8,7 +8,8 @@ node B's store (``spill_session``), then staged back (``stage``, what a turn on 
 waits for) and checked byte for byte. Reported per round: spill and stage seconds and GB/s, and,
 to say where the time goes, the pieces of one stage done by hand from the driver: the peer's
 ``read_runs`` of the batches (serialised into its object store), their pull to the driver's node
-and deserialisation, and the ``write`` into an arena.
+and deserialisation, and the ``write`` into an arena; last, Ray's own pull of the same bytes of
+plain numpy between the two nodes (the ceiling a stage can reach here).
 """
 from __future__ import annotations
 
@@ -120,6 +121,9 @@ def run(args) -> dict:
                   f"{stage_s:.2f} s ({row['stage_gb_s']:.2f} GB/s), same bytes {same}; by hand: peer read+put "
                   f"{read_s:.2f} s, pull+deserialise {pull_s:.2f} s, write {write_s:.2f} s", flush=True)
         out["capacity_blocks"] = info.num_blocks
+        out["ray_pull"] = ray_pull(peer, len(remote_ids) * layout.block_bytes)
+        print(f"Ray's own pull of plain numpy between the nodes (the ceiling): "
+              f"{[round(x, 2) for x in out['ray_pull']]} GB/s", flush=True)
     finally:
         for s in stores.values():
             ray.kill(s)
@@ -130,6 +134,29 @@ def run(args) -> dict:
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ray_pull(node_id: str, nbytes: int, rounds: int = 2) -> list[float]:
+    """GB/s of pulling ``nbytes`` of plain numpy, made on node ``node_id``, to this node in
+    64 MB objects: what Ray's object manager moves between two nodes here, nothing of ours."""
+    import numpy as np
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def make(n: int):
+        return np.ones(n, dtype=np.uint8)
+
+    out = []
+    for _ in range(rounds):
+        on_peer = make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        refs = [on_peer.remote(64 << 20) for _ in range(max(1, nbytes // (64 << 20)))]
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        t0 = time.perf_counter()
+        got = ray.get(refs)
+        out.append(len(refs) * (64 << 20) / 1e9 / (time.perf_counter() - t0))
+        del got, refs
     return out
 
 
