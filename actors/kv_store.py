@@ -60,6 +60,7 @@ class KVStoreCore:
         self.num_spilled = 0  # blocks spilled to make room
         self.lock = threading.RLock()
         self._stage_locks: dict[str, threading.Lock] = {}  # session_id -> held while staging it
+        self._spilling: set[str] = set()  # sessions whose blocks are on their way to a peer
         self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session_id -> logical -> (node_id, id)
         self.staged: dict[str, dict[int, int]] = {}  # session_id -> logical -> local id
         self.blocks_prefetched = self.blocks_fetched_at_use = 0
@@ -107,7 +108,8 @@ class KVStoreCore:
         spilled = 0
         while self.stores is not None and self.table.num_free < n:
             with self.lock:
-                idle = [s for s in self.table.idle_sessions() if s != keep and self.spill_plan(s, 1)]
+                idle = [s for s in self.table.idle_sessions()
+                        if s != keep and s not in self._spilling and self.spill_plan(s, 1)]
             peers = self.stores.peers_by_room(self.node_id)
             if not idle or not peers:
                 break
@@ -116,8 +118,11 @@ class KVStoreCore:
                 logical = self.spill_plan(idle[0], min(room, n - self.table.num_free))
             if not logical:
                 break
-            if self.spill(idle[0], logical, peer):
-                spilled += len(logical)
+            try:
+                if self.spill(idle[0], logical, peer):
+                    spilled += len(logical)
+            except CacheFullError:  # pinned, or spilled by another thread, since it was picked
+                continue
         self.num_spilled += spilled
         return spilled
 
@@ -287,15 +292,20 @@ class KVStoreCore:
         was deleted meanwhile."""
         with self.lock:
             rec = self.table.get(session_id)
-            if rec.pins:
+            if rec.pins or session_id in self._spilling:
                 raise CacheFullError(f"session {session_id} is in use and cannot spill")
             local = [rec.host_ids[j] for j in logical]
+            self._spilling.add(session_id)
         owner = f"spill:{self.node_id}:{session_id}"
         batch = batch_blocks(self.layout.block_bytes)
         batches = (self.read_runs(local[s:s + batch]) for s in range(0, len(local), batch))
         peer_store = self.stores.store(peer)
         t0 = time.perf_counter()
-        remote_ids = peer_store.write_batches(owner, batches)
+        try:
+            remote_ids = peer_store.write_batches(owner, batches)
+        finally:
+            with self.lock:
+                self._spilling.discard(session_id)
         with self.lock:
             self.spill_s += time.perf_counter() - t0
             if self.table.records.get(session_id) is rec and not rec.pins:
