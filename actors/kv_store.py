@@ -11,18 +11,19 @@ Host ids go three ways: free, leased to a worker's engine (in-flight sequences),
 by a session (its complete context blocks). A session's blocks can also live in another
 node's store (*spilled*, when this node's arena was full); the Indexer's prefetch plan
 *stages* them back into this arena before a turn needs them. Blocks travel between nodes as
-tensors through the Ray object store.
+uint8 numpy arrays through the Ray object store (no copy in or out of it), in batches of
+``BATCH_BYTES`` with ``IN_FLIGHT`` on the way at once (actors/session_store.py).
 """
 from __future__ import annotations
 
 import os
 import threading
-
-import torch
+import time
+from typing import Iterable, Iterator
 
 import lsa_env
 from actors.messages import SPILLED, ArenaInfo, SessionView, StoreStats
-from actors.session_store import Stores
+from actors.session_store import Rows, Stores, batch_blocks, num_rows
 from actors.session_table import SessionTable
 from engine.errors import CacheFullError
 from engine.host_arena import ArenaLayout, HostArena
@@ -58,12 +59,14 @@ class KVStoreCore:
         self.stores = stores
         self.num_spilled = 0  # blocks spilled to make room
         self.lock = threading.RLock()
+        self._stage_locks: dict[str, threading.Lock] = {}  # session_id -> held while staging it
+        self._spilling: set[str] = set()  # sessions whose blocks are on their way to a peer
         self.remote: dict[str, dict[int, tuple[str, int]]] = {}  # session_id -> logical -> (node_id, id)
         self.staged: dict[str, dict[int, int]] = {}  # session_id -> logical -> local id
-        self.planned: dict[str, set[int]] = {}  # session_id -> logical blocks a prefetch plan staged
         self.blocks_prefetched = self.blocks_fetched_at_use = 0
         self.foreign: dict[str, list[int]] = {}  # blocks held for other stores' sessions
         self.blocks_sent = self.blocks_received = 0
+        self.stage_s = self.spill_s = 0.0
         self.prefix_hits = self.prefix_blocks_reused = 0
 
     def close(self) -> None:
@@ -84,11 +87,12 @@ class KVStoreCore:
         self.make_room(n)
         with self.lock:
             ids = self.table.lease(owner, n)
-            for session_id in [s for s in self.staged if s not in self.table.records]:  # evicted: copies go too
-                self.staged.pop(session_id)
-                self.planned.pop(session_id, None)
-                self.table.drop_owner(f"stage:{session_id}")
+            self._drop_staged_of_evicted()
             return ids
+
+    def _drop_staged_of_evicted(self) -> None:
+        for session_id in [s for s in self.staged if s not in self.table.records]:  # evicted: copies go too
+            self._drop_staged(session_id)
 
     def make_room(self, n: int, keep: str | None = None) -> int:
         """Drop staged copies of idle sessions, then spill idle sessions other than ``keep``
@@ -104,7 +108,8 @@ class KVStoreCore:
         spilled = 0
         while self.stores is not None and self.table.num_free < n:
             with self.lock:
-                idle = [s for s in self.table.idle_sessions() if s != keep and self.spill_plan(s, 1)]
+                idle = [s for s in self.table.idle_sessions()
+                        if s != keep and s not in self._spilling and self.spill_plan(s, 1)]
             peers = self.stores.peers_by_room(self.node_id)
             if not idle or not peers:
                 break
@@ -113,8 +118,11 @@ class KVStoreCore:
                 logical = self.spill_plan(idle[0], min(room, n - self.table.num_free))
             if not logical:
                 break
-            self.spill(idle[0], logical, peer)
-            spilled += len(logical)
+            try:
+                if self.spill(idle[0], logical, peer):
+                    spilled += len(logical)
+            except CacheFullError:  # pinned, or spilled by another thread, since it was picked
+                continue
         self.num_spilled += spilled
         return spilled
 
@@ -146,10 +154,8 @@ class KVStoreCore:
         with self.lock:
             if self.table.unpin(session_id):  # deleted during its last turn: now it goes
                 self._forget(session_id)
-                return
-            rec = self.table.records.get(session_id)
-            if rec is not None and rec.pins == 0:
-                self._drop_staged(session_id, keep_planned=True)
+        # staged copies stay: the next turn needs them all again, and ``make_room`` drops the
+        # copies of idle sessions first, at no cost (the peer keeps every block)
 
     def has(self, session_id: str) -> bool:
         return session_id in self.table.records
@@ -222,32 +228,55 @@ class KVStoreCore:
                 blocks_received=self.blocks_received, blocks_spilled=self.num_spilled,
                 blocks_prefetched=self.blocks_prefetched, blocks_fetched_at_use=self.blocks_fetched_at_use,
                 prefix_blocks=len(table.prefix), prefix_hits=self.prefix_hits,
-                prefix_blocks_reused=self.prefix_blocks_reused, expired=table.num_expired)
+                prefix_blocks_reused=self.prefix_blocks_reused, expired=table.num_expired, stage_s=self.stage_s,
+                spill_s=self.spill_s)
 
     # -- serving blocks to other nodes ----------------------------------------------------
 
-    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, ...]:
-        """Copies of blocks: (data [n, L, 2, H, B, D], summary [n, L, 3, H, D]) and, in an FP8
-        arena, their scales [n, L, 2, H] (``HostArena.read``)."""
+    def read_blocks(self, host_ids: list[int]) -> Rows:
+        """Copies of blocks as uint8 numpy arrays: (data [n, L, 2, H, B, D'], summary [n, L, 3, H, D'])
+        and, in an FP8 arena, their scales [n, L, 2, H'] (``HostArena.read_bytes``; ' in bytes)."""
         with self.lock:
             self.blocks_sent += len(host_ids)
-            return self.arena.read(host_ids)
+        return self.arena.read_bytes(host_ids)  # blocks read are held by their session: no lock to copy
 
-    def write_blocks(self, owner: str, rows: tuple[torch.Tensor, ...]) -> list[int]:
+    def read_runs(self, host_ids: list[int]) -> Rows:
+        """Blocks without a copy, per run of consecutive ids (``HostArena.read_runs``): Ray
+        copies them once, into its object store, when this returns."""
+        with self.lock:
+            self.blocks_sent += len(host_ids)
+        return self.arena.read_runs(host_ids)
+
+    def read_batches(self, host_ids: list[int], batch: int) -> Iterator[tuple[int, Rows]]:
+        for start in range(0, len(host_ids), batch):
+            yield start, self.read_runs(host_ids[start:start + batch])
+
+    def write_blocks(self, owner: str, rows: Rows) -> list[int]:
         """Store blocks (``read_blocks`` of another store) for ``owner`` (that store's spilled
         session); returns their ids."""
         with self.lock:
-            ids = self.table.lease(owner, rows[0].shape[0])
+            ids = self.table.lease(owner, num_rows(rows))
             self.arena.write(ids, rows)
             self.foreign.setdefault(owner, []).extend(ids)
             self.blocks_received += len(ids)
             return ids
 
-    def drop_foreign(self, owner: str) -> None:
-        """Free the blocks kept for ``owner`` (another store's session, deleted there)."""
+    def write_batches(self, owner: str, batches: Iterable[Rows]) -> list[int]:
+        return [i for rows in batches for i in self.write_blocks(owner, rows)]
+
+    def drop_foreign(self, owner: str, host_ids: list[int] | None = None) -> None:
+        """Free the blocks kept for ``owner`` (another store's session, deleted there): all, or
+        ``host_ids`` of them."""
         with self.lock:
-            self.foreign.pop(owner, None)
-            self.table.drop_owner(owner)
+            if host_ids is None:
+                self.foreign.pop(owner, None)
+                self.table.drop_owner(owner)
+                return
+            drop = set(host_ids)
+            kept = [i for i in self.foreign.get(owner, []) if i not in drop]
+            self.table.give_back(owner, [i for i in self.foreign.pop(owner, []) if i in drop])
+            if kept:
+                self.foreign[owner] = kept
 
     # -- spilling and staging -------------------------------------------------------------
 
@@ -257,20 +286,36 @@ class KVStoreCore:
         local = [j for j, h in enumerate(rec.host_ids) if h != SPILLED and j > 0]
         return local[-num_blocks:] if num_blocks else []
 
-    def spill(self, session_id: str, logical: list[int], peer: str) -> None:
-        """Move blocks of an idle session to node ``peer``'s store."""
+    def spill(self, session_id: str, logical: list[int], peer: str) -> bool:
+        """Move blocks of an idle session to node ``peer``'s store, in batches streamed to it.
+        False (the peer's copies dropped, nothing moved) when a turn pinned the session or it
+        was deleted meanwhile."""
         with self.lock:
             rec = self.table.get(session_id)
-            if rec.pins:
+            if rec.pins or session_id in self._spilling:
                 raise CacheFullError(f"session {session_id} is in use and cannot spill")
             local = [rec.host_ids[j] for j in logical]
-            rows = self.read_blocks(local)
-        remote_ids = self.stores.store(peer).write_blocks(f"spill:{self.node_id}:{session_id}", rows)
+            self._spilling.add(session_id)
+        owner = f"spill:{self.node_id}:{session_id}"
+        batch = batch_blocks(self.layout.block_bytes)
+        batches = (self.read_runs(local[s:s + batch]) for s in range(0, len(local), batch))
+        peer_store = self.stores.store(peer)
+        t0 = time.perf_counter()
+        try:
+            remote_ids = peer_store.write_batches(owner, batches)
+        finally:
+            with self.lock:
+                self._spilling.discard(session_id)
         with self.lock:
-            for j, rid in zip(logical, remote_ids):
-                rec.host_ids[j] = SPILLED
-                self.remote.setdefault(session_id, {})[j] = (peer, rid)
-            self.table.free.extend(local)
+            self.spill_s += time.perf_counter() - t0
+            if self.table.records.get(session_id) is rec and not rec.pins:
+                for j, rid in zip(logical, remote_ids):
+                    rec.host_ids[j] = SPILLED
+                    self.remote.setdefault(session_id, {})[j] = (peer, rid)
+                self.table.free.extend(local)
+                return True
+        peer_store.drop_foreign(owner, remote_ids)
+        return False
 
     def spill_session(self, session_id: str, num_blocks: int, peer: str) -> list[int]:
         """Move the last ``num_blocks`` local blocks of an idle session to ``peer``'s store
@@ -290,48 +335,62 @@ class KVStoreCore:
 
     def stage(self, session_id: str, logical: list[int] | None = None, plan: bool = False) -> int:
         """Copy the session's spilled blocks (all, or those of ``logical``) into this arena;
-        returns the number of blocks fetched. ``plan``: a prefetch plan from the Indexer
-        (the blocks its next cycles want): those copies stay after the turn, until the
-        session is deleted; other staged copies are dropped when the session is idle again.
-        Fetches without a plan happen at use time and are counted as such."""
-        self.table.get(session_id)
-        want = None if logical is None else set(logical)
-        missing = {peer: [(j, rid) for j, rid in blocks if want is None or j in want]
-                   for peer, blocks in self.missing(session_id).items()}
-        self.make_room(sum(len(b) for b in missing.values()), keep=session_id)
-        fetched = 0
-        for peer, blocks in missing.items():
-            if not blocks:
-                continue
-            rows = self.stores.store(peer).read_blocks([rid for _, rid in blocks])
-            with self.lock:
-                if session_id not in self.table.records:
-                    break
-                ids = self.table.lease(f"stage:{session_id}", len(blocks))
-                self.arena.write(ids, rows)
-                self.staged.setdefault(session_id, {}).update({j: i for (j, _), i in zip(blocks, ids)})
-                self.blocks_received += len(ids)
-                fetched += len(ids)
-        with self.lock:
-            if plan and want is not None:
-                self.planned.setdefault(session_id, set()).update(
-                    j for j in want if j in self.remote.get(session_id, {}))
-            if plan:
-                self.blocks_prefetched += fetched
-            else:
-                self.blocks_fetched_at_use += fetched
-        return fetched
+        returns the number of blocks fetched. ``plan``: a prefetch plan from the Indexer (the
+        blocks its next cycles want), counted as prefetched; fetches without a plan happen at
+        use time and are counted as such. Staged copies stay until the session is deleted or
+        ``make_room`` needs their blocks (idle sessions' copies go first there).
 
-    def _drop_staged(self, session_id: str, keep_planned: bool = False) -> None:
-        staged = self.staged.pop(session_id, None)
-        if staged is None:
-            return
-        keep = self.planned.get(session_id, set()) if keep_planned else set()
-        drop = [i for j, i in staged.items() if j not in keep]
-        kept = {j: i for j, i in staged.items() if j in keep}
-        self.table.give_back(f"stage:{session_id}", drop)
-        if kept:
-            self.staged[session_id] = kept
-        else:
+        Blocks come in batches of ``BATCH_BYTES``, ``IN_FLIGHT`` on the way at once, each
+        written here as it lands (into blocks leased to an in-flight owner, outside the lock);
+        two stages of one session run one after the other, the second fetching what is left."""
+        self.table.get(session_id)
+        with self._stage_lock(session_id):
+            want = None if logical is None else set(logical)
+            missing = {peer: [(j, rid) for j, rid in blocks if want is None or j in want]
+                       for peer, blocks in self.missing(session_id).items()}
+            self.make_room(sum(len(b) for b in missing.values()), keep=session_id)
+            fetched = 0
+            batch = batch_blocks(self.layout.block_bytes)
+            for peer, blocks in missing.items():
+                if not blocks:
+                    continue
+                landing = f"landing:{session_id}"
+                with self.lock:
+                    if session_id not in self.table.records:
+                        break
+                    ids = self.table.lease(landing, len(blocks))
+                    self._drop_staged_of_evicted()
+                t0 = time.perf_counter()
+                try:
+                    for start, rows in self.stores.store(peer).read_batches([rid for _, rid in blocks], batch):
+                        self.arena.write(ids[start:start + num_rows(rows)], rows)
+                except BaseException:
+                    with self.lock:
+                        self.table.give_back(landing, ids)
+                    raise
+                with self.lock:
+                    self.stage_s += time.perf_counter() - t0
+                    if session_id not in self.table.records:  # deleted meanwhile
+                        self.table.give_back(landing, ids)
+                        break
+                    self.table.transfer(landing, f"stage:{session_id}", ids)
+                    self.staged.setdefault(session_id, {}).update({j: i for (j, _), i in zip(blocks, ids)})
+                    self.blocks_received += len(ids)
+                    fetched += len(ids)
+            with self.lock:
+                if plan:
+                    self.blocks_prefetched += fetched
+                else:
+                    self.blocks_fetched_at_use += fetched
+            return fetched
+
+    def _stage_lock(self, session_id: str) -> threading.Lock:
+        with self.lock:
+            if len(self._stage_locks) > 10_000:  # forget idle ones
+                for key in [k for k, lock in self._stage_locks.items() if not lock.locked()]:
+                    del self._stage_locks[key]
+            return self._stage_locks.setdefault(session_id, threading.Lock())
+
+    def _drop_staged(self, session_id: str) -> None:
+        if self.staged.pop(session_id, None) is not None:
             self.table.drop_owner(f"stage:{session_id}")
-            self.planned.pop(session_id, None)

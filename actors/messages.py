@@ -78,6 +78,8 @@ class StoreStats:
     prefix_hits: int = 0  # requests that reused prefix blocks
     prefix_blocks_reused: int = 0
     expired: int = 0  # sessions deleted after their idle TTL
+    stage_s: float = 0.0  # seconds spent staging blocks from other stores (its batches' wall time)
+    spill_s: float = 0.0  # seconds spent spilling blocks to other stores
 
     @property
     def capacity_bytes(self) -> int:

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 from actors.messages import SessionView
-from actors.session_store import SessionStore
+from actors.session_store import SessionStore, batch_blocks, num_rows
 from engine.errors import SessionEvicted, SessionNotFound
 
 
@@ -93,17 +93,25 @@ class SessionRecovery:
         """Copy a session from another node's store into this one, then drop it there."""
         try:
             view = peer.pin(session_id)
-            try:
-                if not view.complete:
-                    peer.stage(session_id)
-                    view = peer.view(session_id)
-                rows = peer.read_blocks(view.host_ids)
-            finally:
-                peer.unpin(session_id)
         except Exception:  # gone meanwhile, or its node is failing: prefill instead
             return False
-        ids = store.lease(self.core.owner, len(view.host_ids))
-        self.core.arena.write(ids, rows)
+        ids: list[int] = []
+        try:
+            if not view.complete:
+                peer.stage(session_id)
+                view = peer.view(session_id)
+            ids = store.lease(self.core.owner, len(view.host_ids))
+            for start, rows in peer.read_batches(view.host_ids, batch_blocks(self.core.arena.block_bytes)):
+                self.core.arena.write(ids[start:start + num_rows(rows)], rows)
+        except Exception:
+            if ids:
+                store.give_back(self.core.owner, ids)
+            return False
+        finally:
+            try:
+                peer.unpin(session_id)
+            except Exception:
+                pass
         store.put(self.core.owner, session_id, view.context_ids, ids)
         peer.delete(session_id)
         return True

@@ -10,15 +10,27 @@ cluster with Ray handles, method by method.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from actors.messages import ArenaInfo, SessionView, StoreStats
 from engine.errors import StoreUnavailable
 
-if TYPE_CHECKING:
-    import torch
-
 STORE_PREFIX = "kvstore"  # the store of node N is the actor "kvstore:N"
+BATCH_BYTES = 64 << 20  # blocks travel between stores in batches of about this many bytes
+IN_FLIGHT = 4  # batches a stager or spiller has on the way at once (pulls overlap copies)
+
+# Blocks between stores: a tuple of uint8 numpy arrays [n, ...] (``read_blocks``, one gathered copy)
+# or a list of such tuples, one per run of consecutive ids (``read_runs``, views: what batches carry)
+Rows = tuple | list
+
+
+def batch_blocks(block_bytes: int) -> int:
+    """Blocks per batch between stores."""
+    return max(1, BATCH_BYTES // block_bytes)
+
+
+def num_rows(rows: Rows) -> int:
+    return sum(piece[0].shape[0] for piece in (rows if isinstance(rows, list) else [rows]))
 
 
 class SessionStore(Protocol):
@@ -68,12 +80,22 @@ class SessionStore(Protocol):
 
     def holding_prefixes(self, hashes: list[str]) -> list[str]: ...
 
-    # -- blocks between stores
-    def read_blocks(self, host_ids: list[int]) -> tuple[torch.Tensor, ...]: ...
+    # -- blocks between stores (``Rows``: numpy, so that Ray moves them without copies)
+    def read_blocks(self, host_ids: list[int]) -> Rows: ...
 
-    def write_blocks(self, owner: str, rows: tuple[torch.Tensor, ...]) -> list[int]: ...
+    def read_runs(self, host_ids: list[int]) -> Rows: ...
 
-    def drop_foreign(self, owner: str) -> None: ...
+    def read_batches(self, host_ids: list[int], batch: int) -> Iterator[tuple[int, Rows]]:
+        """``read_blocks`` of ``host_ids`` in slices of ``batch``: (offset of the slice, its rows)
+        as each arrives, in any order (over Ray, ``IN_FLIGHT`` slices on the way at once)."""
+
+    def write_blocks(self, owner: str, rows: Rows) -> list[int]: ...
+
+    def write_batches(self, owner: str, batches: Iterable[Rows]) -> list[int]:
+        """``write_blocks`` of each of ``batches`` (over Ray, ``IN_FLIGHT`` on the way at once);
+        returns the ids of all their blocks, in order."""
+
+    def drop_foreign(self, owner: str, host_ids: list[int] | None = None) -> None: ...
 
 
 class Stores(Protocol):
@@ -123,14 +145,14 @@ class RayStore:
 
     def _call(self, method: str, *args, **kwargs):
         """One call; a store that died or does not answer raises ``StoreUnavailable``."""
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import RayActorError
 
         try:
             ref = getattr(self.handle, method).remote(*args, **kwargs)
-            return self._ray.get(ref, timeout=self.timeout_s)
-        except (RayActorError, GetTimeoutError) as exc:
+        except RayActorError as exc:
             raise StoreUnavailable(f"the node's KV store does not answer {method} ({type(exc).__name__}): it died "
                                    f"or its node is going away") from None
+        return self._get(ref, method)
 
     def ping(self, timeout_s: float = 5.0) -> str:
         """The store's node id, within ``timeout_s`` (health checks)."""
@@ -187,11 +209,56 @@ class RayStore:
     def read_blocks(self, host_ids: list[int]):
         return self._call("read_blocks", host_ids)
 
+    def read_runs(self, host_ids: list[int]):
+        return self._call("read_runs", host_ids)
+
+    def read_batches(self, host_ids: list[int], batch: int) -> Iterator[tuple[int, Rows]]:
+        starts = iter(range(0, len(host_ids), batch))
+        pending: dict = {}  # ref -> offset
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending[self.handle.read_runs.remote(host_ids[start:start + batch])] = start
+
+        for _ in range(IN_FLIGHT):
+            submit()
+        while pending:  # ray.wait pulls every pending batch to this node meanwhile
+            done, _ = self._wait(list(pending), 1)
+            start = pending.pop(done[0])
+            submit()
+            yield start, self._get(done[0], "read_runs")
+
     def write_blocks(self, owner: str, rows) -> list[int]:
         return self._call("write_blocks", owner, rows)
 
-    def drop_foreign(self, owner: str) -> None:
-        self._call("drop_foreign", owner)
+    def write_batches(self, owner: str, batches: Iterable[Rows]) -> list[int]:
+        refs, pending = [], []
+        for rows in batches:
+            if len(pending) >= IN_FLIGHT:
+                _, pending = self._wait(pending, len(pending) - IN_FLIGHT + 1)
+            refs.append(self.handle.write_blocks.remote(owner, rows))
+            pending.append(refs[-1])
+        return [i for ref in refs for i in self._get(ref, "write_blocks")]
+
+    def _wait(self, refs: list, num_returns: int) -> tuple[list, list]:
+        done, rest = self._ray.wait(refs, num_returns=num_returns, timeout=self.timeout_s)
+        if len(done) < num_returns:
+            raise StoreUnavailable("the node's KV store does not answer a block transfer: it died or its node "
+                                   "is going away")
+        return done, rest
+
+    def _get(self, ref, method: str):
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return self._ray.get(ref, timeout=self.timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise StoreUnavailable(f"the node's KV store does not answer {method} ({type(exc).__name__}): it died "
+                                   f"or its node is going away") from None
+
+    def drop_foreign(self, owner: str, host_ids: list[int] | None = None) -> None:
+        self._call("drop_foreign", owner, host_ids)
 
 
 def store_name(node_id: str) -> str:

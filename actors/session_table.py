@@ -132,6 +132,17 @@ class SessionTable:
         held.difference_update(ids)
         self.free.extend(ids)
 
+    def transfer(self, owner: str, to: str, ids: list[int]) -> None:
+        """Blocks ``ids`` leased to ``owner`` are leased to ``to`` from now on."""
+        held = self.leases.get(owner, set())
+        bad = [i for i in ids if i not in held]
+        if bad:
+            raise ValueError(f"{owner} does not lease host blocks {bad[:5]}")
+        held.difference_update(ids)
+        if not held:
+            self.leases.pop(owner, None)
+        self.leases.setdefault(to, set()).update(ids)
+
     def drop_owner(self, owner: str) -> int:
         """Free every block leased to ``owner`` (an engine that died); sessions stay."""
         ids = self.leases.pop(owner, set())

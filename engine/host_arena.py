@@ -12,8 +12,10 @@ the ``IdPool`` of host ids its engine may use; ``read`` / ``write`` move whole b
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.block_manager import BlockAllocator
@@ -131,6 +133,11 @@ class HostArena:
     def num_blocks(self) -> int:
         return self.host.shape[0]
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block: its K/V, its key summary and its scales."""
+        return sum(t[0].nbytes for t in (self.host, self.summary, self.scale) if t is not None)
+
     @classmethod
     def private(cls, layout: ArenaLayout, num_blocks: int) -> HostArena:
         flat = torch.empty(num_blocks * layout.block_bytes, dtype=torch.uint8)
@@ -157,15 +164,45 @@ class HostArena:
             return self.host[idx], self.summary[idx]
         return self.host.view(torch.uint8)[idx], self.summary[idx], self.scale[idx]
 
-    def write(self, ids: list[int], rows: tuple[torch.Tensor, ...]) -> None:
-        """Blocks ``ids`` := ``rows`` (what ``read`` returns, here or from another arena)."""
-        if len(rows) != (3 if self.scale is not None else 2):
+    def read_bytes(self, ids: list[int]) -> tuple[np.ndarray, ...]:
+        """``read`` as uint8 numpy arrays (the last dimension in bytes): Ray passes numpy
+        buffers through its object store without pickling them (torch tensors it pickles whole)."""
+        return tuple(t.view(torch.uint8).numpy() for t in self.read(ids))
+
+    def read_runs(self, ids: list[int]) -> list[tuple[np.ndarray, ...]]:
+        """Blocks ``ids`` without a copy: per run of consecutive ids, uint8 numpy views of its
+        K/V, summaries and (FP8) scales, in the order of ``ids``. What stores send each other:
+        Ray copies the views once, into its object store, where a gather would copy twice and
+        fault fresh pages in between."""
+        regions = self._byte_regions()
+        return [tuple(r[ids[i]:ids[i] + n].numpy() for r in regions) for i, n in _runs(ids)]
+
+    def write(self, ids: list[int], rows: tuple | list[tuple]) -> None:
+        """Blocks ``ids`` := ``rows``: what ``read``, ``read_bytes`` (a tuple of arrays) or
+        ``read_runs`` (a list of such tuples, one after the other) returns, here or from
+        another arena. One slice copy per run of consecutive ids on both sides."""
+        pieces = rows if isinstance(rows, list) else [rows]
+        regions = self._byte_regions()
+        if any(len(piece) != len(regions) for piece in pieces):
             raise ValueError("blocks of an FP8 arena carry their scales, others do not: the arenas differ")
-        idx = torch.tensor(ids, dtype=torch.long)
-        self.host[idx] = rows[0].view(self.host.dtype)
-        self.summary[idx] = rows[1]
-        if self.scale is not None:
-            self.scale[idx] = rows[2]
+        with warnings.catch_warnings():  # a numpy buffer from Ray's object store is read-only; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            pieces = [[torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in piece] for piece in pieces]
+        pos = 0
+        for piece in pieces:
+            n = piece[0].shape[0]
+            for i, r in _runs(ids[pos:pos + n]):
+                first = ids[pos + i]
+                for region, src in zip(regions, piece):
+                    region[first:first + r].copy_(src[i:i + r].reshape(r, -1).view(torch.uint8))
+            pos += n
+        if pos != len(ids):
+            raise ValueError(f"{pos} blocks of rows for {len(ids)} ids")
+
+    def _byte_regions(self) -> list[torch.Tensor]:
+        """The arena's regions as uint8 [N, bytes of a block's part]."""
+        return [t.view(t.shape[0], -1).view(torch.uint8) for t in (self.host, self.summary, self.scale)
+                if t is not None]
 
     def copy(self, src: list[int], dst: list[int]) -> None:
         """Blocks ``dst`` := blocks ``src`` of this arena, one slice copy per run of consecutive
@@ -181,3 +218,15 @@ class HostArena:
             if self.scale is not None:
                 self.scale[b] = self.scale[a]
             i += r
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """(position, length) of each run of consecutive values in ``ids``."""
+    out, i = [], 0
+    while i < len(ids):
+        r = 1
+        while i + r < len(ids) and ids[i + r] == ids[i] + r:
+            r += 1
+        out.append((i, r))
+        i += r
+    return out

@@ -80,5 +80,6 @@ def check_pooled(pooled: dict, context: int = 1024, max_tokens: int = 128) -> No
     for turn in pooled["all_local"] + pooled["spilled_turns"]:
         assert turn["num_tokens"] == max_tokens and turn["prefill_tokens"] < context  # never re-prefilled
     assert all(t["cross_node_bytes"] == 0 for t in pooled["all_local"])
-    assert all(t["cross_node_bytes"] > 0 for t in pooled["spilled_turns"])  # staged back from the peer
+    assert all(t["cross_node_bytes"] > 0 and t["stage_s"] > 0 for t in pooled["spilled_turns"])  # staged back
+    assert all(t["cross_node_bytes"] == 0 for t in pooled["spilled_again"])  # its staged copies stayed
     assert pooled["spilled_vs_local_tokens_per_s"] > 0

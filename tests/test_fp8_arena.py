@@ -76,13 +76,13 @@ def test_sessions_on_an_fp8_store_decode_as_on_a_private_fp8_arena(tmp_path):
 
         ids = a.view("s").host_ids
         original = a.read_blocks(ids)
-        assert len(original) == 3 and (original[2] > 0).all()  # every block carries its scales
+        assert len(original) == 3 and (original[2].view("float32") > 0).all()  # every block carries its scales (bytes)
         logical = a.spill_plan("s", 10)
         a.spill("s", logical, "b")
         assert a.view("s").host_ids.count(SPILLED) == 10
         moved = b.read_blocks([rid for _, rid in a.missing("s")["b"]])
         for got, before in zip(moved, original):
-            assert torch.equal(got.view(torch.uint8), before[logical].view(torch.uint8))
+            assert (got == before[logical]).all()  # uint8 numpy: byte-identical
         a.stage("s")
         again = worker.ask("s", question, GREEDY).result(timeout=60)
         assert again.token_ids == want

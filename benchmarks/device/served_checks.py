@@ -14,7 +14,9 @@ CPU with tiny-random (tests/test_device_session.py, session.sh's rehearsal).
         two Ray nodes on this machine: the head (the GPU, the worker) and a CPU-only node with a KV
         store; each store holds N sessions of T tokens (kv_store_bytes is set here). N sessions,
         then K more (their creation spills idle sessions to the peer store), then one turn on
-        each: tokens/s and bytes moved across nodes per turn and per cycle, local against spilled.
+        each: tokens/s and bytes moved across nodes per turn and per cycle, local against spilled
+        (with the staging seconds and GB/s), and a second turn on each spilled session (its
+        staged copies stayed: nothing moves).
 """
 from __future__ import annotations
 
@@ -173,7 +175,11 @@ def store_stats() -> dict:
 def moved(before: dict, after: dict, block_bytes: int) -> dict:
     sent = sum(after[n]["blocks_sent"] - before.get(n, {}).get("blocks_sent", 0) for n in after)
     received = sum(after[n]["blocks_received"] - before.get(n, {}).get("blocks_received", 0) for n in after)
-    return {"blocks_sent": sent, "blocks_received": received, "bytes": (sent + received) * block_bytes}
+    delta = lambda key: sum(after[n].get(key, 0) - before.get(n, {}).get(key, 0) for n in after)  # noqa: E731
+    staged, stage_s = delta("blocks_fetched_at_use") + delta("blocks_prefetched"), delta("stage_s")
+    return {"blocks_sent": sent, "blocks_received": received, "bytes": (sent + received) * block_bytes,
+            "blocks_staged": staged, "stage_s": stage_s,
+            "stage_gb_per_s": staged * block_bytes / 1e9 / stage_s if stage_s else None}
 
 
 def timed_turn(client, session_id: str, question: str, max_tokens: int, cycle: int, block_bytes: int) -> dict:
@@ -256,15 +262,20 @@ def run_pooled(args, app_args: dict) -> dict:
         spilled = _spilled_sessions(home, local + extra)
         out["spilled_sessions"] = len(spilled)
         out["spilled_turns"] = [ask(sid, 100 + i) for i, sid in enumerate(spilled)]
+        out["spilled_again"] = [ask(sid, 200 + i) for i, sid in enumerate(spilled)]  # its staged copies stayed
         out["stores_end"] = store_stats()
         for sid in local + extra:
             client.delete_session(sid)
         loc = [t["tokens_per_s"] for t in out["all_local"]]
         spl = [t["tokens_per_s"] for t in out["spilled_turns"]]
+        again = [t["tokens_per_s"] for t in out["spilled_again"]]
         if loc and spl:
             out["spilled_vs_local_tokens_per_s"] = (sum(spl) / len(spl)) / (sum(loc) / len(loc))
-        print(f"pooled: {len(spilled)} spilled of {len(local) + len(extra)}; tokens/s local {loc}, spilled {spl}; "
-              f"cross-node bytes per cycle {[t['cross_node_bytes_per_cycle'] for t in out['spilled_turns']]}",
+            out["spilled_again_vs_local_tokens_per_s"] = (sum(again) / len(again)) / (sum(loc) / len(loc))
+        print(f"pooled: {len(spilled)} spilled of {len(local) + len(extra)}; tokens/s local {loc}, spilled {spl}, "
+              f"its next turn {again}; "
+              f"cross-node bytes per cycle {[t['cross_node_bytes_per_cycle'] for t in out['spilled_turns']]}; "
+              f"staging {[(round(t['stage_s'], 2), t['stage_gb_per_s']) for t in out['spilled_turns']]} (s, GB/s)",
               flush=True)
     finally:
         serve.shutdown()
