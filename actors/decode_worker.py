@@ -216,6 +216,7 @@ class DecodeWorkerCore:
             raise
         result: Future = Future()
         result.set_running_or_notify_cancel()
+        request.mark("admission")
         self._commands.put(lambda: self._begin(turn, result, on_text, request))
         return result
 
@@ -250,6 +251,7 @@ class DecodeWorkerCore:
             return
         self._pending[seq.seq_id] = (result, on_text, request)
         request.seq_id = seq.seq_id
+        request.mark("queued")
         if request.cancelled:
             self._abort(request)
 
@@ -295,6 +297,8 @@ class DecodeWorkerCore:
         for turn in turns:
             self.generated_tokens += len(turn.seq.output_ids)
             result, on_text, request = self._pending.pop(turn.seq.seq_id)
+            request.mark("first_token")
+            request.mark("decode")
             self._settling.submit(self._settle, turn, result, on_text, turn.seq.error, request)
 
     def abort_all(self, exc: Exception) -> None:
@@ -305,9 +309,11 @@ class DecodeWorkerCore:
 
     def _stream_updates(self) -> None:
         for seq_id, turn in self.sessions.turns.items():  # running: the finished ones left
-            on_text = self._pending[seq_id][1]
-            if on_text is not None and turn.seq.output_ids:
-                on_text(turn.seq.text, False)
+            _, on_text, request = self._pending[seq_id]
+            if turn.seq.output_ids:
+                request.mark("first_token")
+                if on_text is not None:
+                    on_text(turn.seq.text, False)
 
     def _report_plans(self) -> None:
         """Offer each session turn's new Level-1 plan (context blocks only) to the reporter."""
@@ -347,9 +353,11 @@ class DecodeWorkerCore:
         seq = turn.seq
         if on_text is not None:
             on_text(seq.text, True)
+        request.mark("settle")
         result.set_result(TurnResult(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_len,
                                      turn.prefill_tokens, seq.prefill_s, seq.decode_s, dict(seq.kv),
-                                     cached_tokens=len(turn.prefix) * self.sessions.block_size, logprobs=logprobs))
+                                     cached_tokens=len(turn.prefix) * self.sessions.block_size, logprobs=logprobs,
+                                     timings=request.timings()))
 
     def _settle_blocks(self, turn: Turn, request: Request) -> None:
         """With the store the request was admitted against (a dead one raises StoreUnavailable)."""

@@ -89,6 +89,7 @@ class SessionsAPI:
         question_ids = await edge.off_loop(self.question_ids, req)
         limit = req.max_tokens or edge.config.default_max_tokens
         params = sampling_params(req, limit, default_temperature=0.0)  # session turns: greedy by default
+        ingress_s = time.perf_counter() - start
         try:
             out = await self._call("ask", session_id=session_id, question_ids=question_ids, params=params,
                                    context_ids=record.context_ids, holder=record.replica,
@@ -99,7 +100,7 @@ class SessionsAPI:
             raise
         self.directory.served.remote(session_id, out.replica, out.node_id)
         edge.metrics.answered(out, stateless=False, elapsed_s=time.perf_counter() - start)
-        return self._answer(session_id, out)
+        return self._answer(session_id, out, ingress_s)
 
     async def ask_stream(self, session_id: str, req: ps.SessionAsk, owner: str | None) -> AsyncIterator[bytes]:
         """A turn as Server-Sent Events: ``{"text": piece}`` as tokens decode, then the answer
@@ -111,6 +112,7 @@ class SessionsAPI:
         record = await self.record(session_id, owner)
         question_ids = await edge.off_loop(self.question_ids, req)
         params = sampling_params(req, req.max_tokens or edge.config.default_max_tokens, default_temperature=0.0)
+        ingress_s = time.perf_counter() - start
         gen = edge.worker.options(method_name="ask_stream", stream=True).remote(
             session_id=session_id, question_ids=question_ids, params=params, context_ids=record.context_ids,
             holder=record.replica, kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
@@ -130,7 +132,7 @@ class SessionsAPI:
                     if not isinstance(item, str):  # the TurnResult closes the turn
                         self.directory.served.remote(session_id, item.replica, item.node_id)
                         edge.metrics.answered(item, stateless=False, elapsed_s=time.perf_counter() - start)
-                        yield sse(self._answer(session_id, item))
+                        yield sse(self._answer(session_id, item, ingress_s))
                         break
                     yield sse({"text": item})
                     item = await gen.__anext__()
@@ -142,12 +144,13 @@ class SessionsAPI:
 
         return events()
 
-    def _answer(self, session_id: str, out) -> ps.SessionAnswer:
+    def _answer(self, session_id: str, out, ingress_s: float = 0.0) -> ps.SessionAnswer:
         return ps.SessionAnswer(session=session_id, text=out.text, num_tokens=len(out.token_ids),
                                prefill_tokens=out.prefill_tokens, cached_tokens=cached_tokens(out),
                                decode_s=round(out.decode_s, 4), prefill_s=round(out.prefill_s, 4),
                                finish_reason=out.finish_reason, replica=out.replica, node=out.node_id, held=out.held,
-                               ingress=self.edge.replica)
+                               ingress=self.edge.replica,
+                               timings={"ingress": round(ingress_s, 6), **(getattr(out, "timings", None) or {})})
 
     async def delete(self, session_id: str, owner: str | None) -> ps.SessionDeleted:
         self.check_served("deleting a session")
