@@ -199,7 +199,7 @@ class DecodeWorkerCore:
     def _generate(self, request: Request, prompt_ids, params, on_text) -> Future:
         hashes = block_hashes(prompt_ids, self.sessions.block_size) if self.prefix_reuse else []
         matched = request.store.match_prefix(hashes) if hashes else []
-        request.prefix_hashes = hashes[: len(matched)]
+        request.prompt_hashes, request.prefix_hashes = hashes, hashes[: len(matched)]
         try:
             return self._start(self.sessions.admit_generate(prompt_ids, params, matched), request, on_text)
         except BaseException:
@@ -373,7 +373,7 @@ class DecodeWorkerCore:
         elif turn.pinned:
             store.unpin(turn.session_id)
         elif turn.kept:
-            hashes = block_hashes(turn.all_ids, self.sessions.block_size, len(turn.kept))
+            hashes = block_hashes(turn.all_ids, self.sessions.block_size, len(turn.kept), request.prompt_hashes)
             store.put_prefix(self.owner, hashes, turn.kept, pinned=len(request.prefix_hashes))
             self._note_prefix(hashes)
         elif request.prefix_hashes:

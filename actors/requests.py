@@ -25,7 +25,8 @@ class Request:
         self.seq_id: int | None = None  # the sequence running for it now
         self.generation = 0  # the store generation it was admitted under...
         self.store: SessionStore | None = None  # ... and that store, which its turn settles with
-        self.prefix_hashes: list[str] = []  # prefix blocks pinned for it in the store
+        self.prompt_hashes: list[str] = []  # chain keys of its prompt's complete blocks (engine/prefix.py)
+        self.prefix_hashes: list[str] = []  # ... the first of them, pinned for it in the store
         self.cancelled = False
         self.marks: dict[str, float] = {"received": time.perf_counter()}  # phase -> when it ended
 
