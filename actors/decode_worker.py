@@ -44,14 +44,17 @@ class DecodeWorkerCore:
                  stores: Stores | None = None, prefetch: Callable[[str], int] | None = None,
                  plans: PlanReporter | None = None, spare_blocks: int = 16, admission_threads: int = 8,
                  prefix_reuse: bool = True, resolve_store: Callable[[], SessionStore] | None = None,
-                 arena_info: ArenaInfo | None = None, pin: bool = False):
+                 arena_info: ArenaInfo | None = None, pin: bool = False,
+                 context_of: Callable[[str], list[int] | None] | None = None):
         """``store``: this node's store, whose arena ``arena`` maps; ``owner`` names this
         worker's leases there. ``stores``: every node's store, to find a session held by
         another node. ``prefetch(session_id)``: stage a session's spilled blocks on this node
         (the Indexer; default the store itself). ``plans``: per-cycle plans to the Indexer.
         ``prefix_reuse``: keep finished requests' blocks as prefix blocks and reuse them.
         ``resolve_store()``: this node's store after the current one died (None: no healing);
-        ``arena_info`` what the store said of ``arena``; ``pin``: page-lock arenas for DMA."""
+        ``arena_info`` what the store said of ``arena``; ``pin``: page-lock arenas for DMA.
+        ``context_of(session_id)``: the context ids of a session no store holds (the session
+        directory's), to prefill it again when a turn's caller passes none."""
         self.engine = engine
         self.arena = arena
         self.store = store
@@ -63,6 +66,7 @@ class DecodeWorkerCore:
         self.prefix_reuse = prefix_reuse
         self.spare_blocks = spare_blocks
         self.arena_info = arena_info
+        self.context_of = context_of
         self.sessions = SessionManager(engine, arena.allocator, spare_blocks, arena.num_blocks)
         self.recovery = SessionRecovery(self)
         self.healing = StoreHealing(self, resolve_store, pin=pin)
@@ -112,8 +116,8 @@ class DecodeWorkerCore:
 
     def ask(self, session_id: str, question_ids: list[int], params: SamplingParams,
             context_ids: list[int] | None = None, on_text=None) -> Future:
-        """A turn on ``session_id``; ``context_ids`` (the session's context) lets the worker
-        re-prefill a session no store holds any more."""
+        """A turn on ``session_id``; ``context_ids`` (the session's context; else ``context_of``
+        is asked, only then) lets the worker re-prefill a session no store holds any more."""
         return self._submit(Request(lambda r: self.recovery.ask(r, session_id, question_ids, params, context_ids,
                                                                 on_text)))
 

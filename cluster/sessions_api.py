@@ -74,8 +74,10 @@ class SessionsAPI:
                                 ingress=edge.replica)
 
     async def record(self, session_id: str, owner: str | None):
-        """The session's directory record; 404 when unknown, or another key's."""
-        record = await self.directory.get.remote(session_id)
+        """The session's directory record, without its context ids (a turn does not ship them: a
+        worker that must prefill the session again reads them from the directory); 404 when
+        unknown, or another key's."""
+        record = await self.directory.get.remote(session_id, False)
         if record is None or (owner is not None and getattr(record, "owner", None) != owner):
             raise EdgeError(404, f"no session {session_id} (deleted, evicted, expired or never created): create it "
                             f"with POST /v1/sessions", "session_not_found", None, "session_not_found")
@@ -92,8 +94,7 @@ class SessionsAPI:
         ingress_s = time.perf_counter() - start
         try:
             out = await self._call("ask", session_id=session_id, question_ids=question_ids, params=params,
-                                   context_ids=record.context_ids, holder=record.replica,
-                                   kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
+                                   holder=record.replica, kv_bytes=record.num_tokens * edge.kv_bytes_per_token)
         except Exception as exc:
             if error_answer(exc)[1].error.type == "session_not_found":  # evicted: the client creates it again
                 await self.directory.delete.remote(session_id)
@@ -114,8 +115,8 @@ class SessionsAPI:
         params = sampling_params(req, req.max_tokens or edge.config.default_max_tokens, default_temperature=0.0)
         ingress_s = time.perf_counter() - start
         gen = edge.worker.options(method_name="ask_stream", stream=True).remote(
-            session_id=session_id, question_ids=question_ids, params=params, context_ids=record.context_ids,
-            holder=record.replica, kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
+            session_id=session_id, question_ids=question_ids, params=params, holder=record.replica,
+            kv_bytes=record.num_tokens * edge.kv_bytes_per_token)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
