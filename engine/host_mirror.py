@@ -195,8 +195,9 @@ class HostMirror:
         gather_rows(out, self.host[:, layer], hosts)
         if self.scale is None:
             return out
-        self.wait_writes()  # the scales are gathered on the host
-        scale = self.scale[torch.tensor(hosts), layer].pin_memory().to(self.device, non_blocking=True)
+        # the scales by DMA too, ordered after the stream's writes (a gather on the host had to wait for them)
+        scale = torch.empty((len(hosts), *self.scale.shape[2:]), dtype=self.scale.dtype, device=self.device)
+        gather_rows(scale, self.scale[:, layer], hosts)
         return kernels.reference.dequantize_blocks(out, scale, self.format, self.dtype)
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:

@@ -58,3 +58,24 @@ def test_2d_copies_match_indexing_on_cuda(registered, dtype):
     assert torch.equal(table[index, 2].view(torch.uint8), new[:, 2].cpu().view(torch.uint8))
     if registered:
         torch.cuda.cudart().cudaHostUnregister(table.data_ptr())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("host_dtype", [None, "fp8"])
+def test_a_page_locked_mirror_fetches_a_layer_as_the_host_gather_does(host_dtype):
+    """``HostMirror.fetch_layer`` (2-D copies of the rows and, FP8, of their scales) against
+    ``fetch`` (a gather on the host), after ``store`` wrote the rows asynchronously."""
+    from engine.host_mirror import HostMirror
+    from tiny import TINY
+
+    block, device = 16, torch.device("cuda")
+    mirror = HostMirror(TINY, block, 24, torch.bfloat16, device, host_dtype=host_dtype)
+    assert mirror.pinned
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hosts = [5, 6, 7, 8, 2, 20, 21]
+    shape = (len(hosts), TINY.num_layers, 2, TINY.num_kv_heads, block, TINY.head_dim)
+    mirror.store(hosts, slice(None), torch.randn(shape, generator=gen, device="cuda").to(torch.bfloat16))
+    for layer in range(TINY.num_layers):
+        got = mirror.fetch_layer(hosts, layer)
+        want = mirror.fetch(torch.tensor(hosts), layer)
+        assert torch.equal(got, want), layer
