@@ -44,14 +44,17 @@ class DecodeWorkerCore:
                  stores: Stores | None = None, prefetch: Callable[[str], int] | None = None,
                  plans: PlanReporter | None = None, spare_blocks: int = 16, admission_threads: int = 8,
                  prefix_reuse: bool = True, resolve_store: Callable[[], SessionStore] | None = None,
-                 arena_info: ArenaInfo | None = None, pin: bool = False):
+                 arena_info: ArenaInfo | None = None, pin: bool = False,
+                 context_of: Callable[[str], list[int] | None] | None = None):
         """``store``: this node's store, whose arena ``arena`` maps; ``owner`` names this
         worker's leases there. ``stores``: every node's store, to find a session held by
         another node. ``prefetch(session_id)``: stage a session's spilled blocks on this node
         (the Indexer; default the store itself). ``plans``: per-cycle plans to the Indexer.
         ``prefix_reuse``: keep finished requests' blocks as prefix blocks and reuse them.
         ``resolve_store()``: this node's store after the current one died (None: no healing);
-        ``arena_info`` what the store said of ``arena``; ``pin``: page-lock arenas for DMA."""
+        ``arena_info`` what the store said of ``arena``; ``pin``: page-lock arenas for DMA.
+        ``context_of(session_id)``: the context ids of a session no store holds (the session
+        directory's), to prefill it again when a turn's caller passes none."""
         self.engine = engine
         self.arena = arena
         self.store = store
@@ -63,6 +66,7 @@ class DecodeWorkerCore:
         self.prefix_reuse = prefix_reuse
         self.spare_blocks = spare_blocks
         self.arena_info = arena_info
+        self.context_of = context_of
         self.sessions = SessionManager(engine, arena.allocator, spare_blocks, arena.num_blocks)
         self.recovery = SessionRecovery(self)
         self.healing = StoreHealing(self, resolve_store, pin=pin)
@@ -112,8 +116,8 @@ class DecodeWorkerCore:
 
     def ask(self, session_id: str, question_ids: list[int], params: SamplingParams,
             context_ids: list[int] | None = None, on_text=None) -> Future:
-        """A turn on ``session_id``; ``context_ids`` (the session's context) lets the worker
-        re-prefill a session no store holds any more."""
+        """A turn on ``session_id``; ``context_ids`` (the session's context; else ``context_of``
+        is asked, only then) lets the worker re-prefill a session no store holds any more."""
         return self._submit(Request(lambda r: self.recovery.ask(r, session_id, question_ids, params, context_ids,
                                                                 on_text)))
 
@@ -210,7 +214,7 @@ class DecodeWorkerCore:
     def _generate(self, request: Request, prompt_ids, params, on_text) -> Future:
         hashes = block_hashes(prompt_ids, self.sessions.block_size) if self.prefix_reuse else []
         matched = request.store.match_prefix(hashes) if hashes else []
-        request.prefix_hashes = hashes[: len(matched)]
+        request.prompt_hashes, request.prefix_hashes = hashes, hashes[: len(matched)]
         try:
             return self._start(self.sessions.admit_generate(prompt_ids, params, matched), request, on_text)
         except BaseException:
@@ -227,6 +231,7 @@ class DecodeWorkerCore:
             raise
         result: Future = Future()
         result.set_running_or_notify_cancel()
+        request.mark("admission")
         self._commands.put(lambda: self._begin(turn, result, on_text, request))
         return result
 
@@ -261,6 +266,7 @@ class DecodeWorkerCore:
             return
         self._pending[seq.seq_id] = (result, on_text, request)
         request.seq_id = seq.seq_id
+        request.mark("queued")
         if request.cancelled:
             self._abort(request)
 
@@ -306,6 +312,8 @@ class DecodeWorkerCore:
         for turn in turns:
             self.generated_tokens += len(turn.seq.output_ids)
             result, on_text, request = self._pending.pop(turn.seq.seq_id)
+            request.mark("first_token")
+            request.mark("decode")
             self._settling.submit(self._settle, turn, result, on_text, turn.seq.error, request)
 
     def abort_all(self, exc: Exception) -> None:
@@ -316,9 +324,11 @@ class DecodeWorkerCore:
 
     def _stream_updates(self) -> None:
         for seq_id, turn in self.sessions.turns.items():  # running: the finished ones left
-            on_text = self._pending[seq_id][1]
-            if on_text is not None and turn.seq.output_ids:
-                on_text(turn.seq.text, False)
+            _, on_text, request = self._pending[seq_id]
+            if turn.seq.output_ids:
+                request.mark("first_token")
+                if on_text is not None:
+                    on_text(turn.seq.text, False)
 
     def _report_plans(self) -> None:
         """Offer each session turn's new Level-1 plan (context blocks only) to the reporter."""
@@ -358,9 +368,11 @@ class DecodeWorkerCore:
         seq = turn.seq
         if on_text is not None:
             on_text(seq.text, True)
+        request.mark("settle")
         result.set_result(TurnResult(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_len,
                                      turn.prefill_tokens, seq.prefill_s, seq.decode_s, dict(seq.kv),
-                                     cached_tokens=len(turn.prefix) * self.sessions.block_size, logprobs=logprobs))
+                                     cached_tokens=len(turn.prefix) * self.sessions.block_size, logprobs=logprobs,
+                                     timings=request.timings()))
 
     def _settle_blocks(self, turn: Turn, request: Request) -> None:
         """With the store the request was admitted against (a dead one raises StoreUnavailable)."""
@@ -376,7 +388,7 @@ class DecodeWorkerCore:
         elif turn.pinned:
             store.unpin(turn.session_id)
         elif turn.kept:
-            hashes = block_hashes(turn.all_ids, self.sessions.block_size, len(turn.kept))
+            hashes = block_hashes(turn.all_ids, self.sessions.block_size, len(turn.kept), request.prompt_hashes)
             store.put_prefix(self.owner, hashes, turn.kept, pinned=len(request.prefix_hashes))
             self._note_prefix(hashes)
         elif request.prefix_hashes:

@@ -4,9 +4,9 @@
     ingress replica 2 ---+--> SessionDirectory --'   (blocks: the node's arena)
     ...                 -'    session_id -> context ids, holder replica, node, turns
 
-Any ingress replica serves any session: it reads the record here, passes the holder as a
-routing hint, and the context ids along with the turn, so that a worker can rebuild a
-session whose node is gone by prefilling it again. The actor runs on the head node
+Any ingress replica serves any session: it reads the record here (without the context ids) and
+passes the holder as a routing hint; a worker that must rebuild a session whose node is gone
+reads the context ids here and prefills them again. The actor runs on the head node
 (``HEAD``), which outlives worker nodes; ``SessionDirectoryCore`` is plain (tests drive it
 without Ray). Context ids are kept packed (int32 bytes): 4 bytes a token.
 """
@@ -48,10 +48,11 @@ class SessionDirectoryCore:
         self.entries[session_id] = _Entry(array("i", context_ids).tobytes(), replica, node_id, len(context_ids),
                                           owner=owner)
 
-    def get(self, session_id: str) -> DirectoryEntry | None:
-        """The session's record with its context ids, or None when it is unknown."""
+    def get(self, session_id: str, with_context: bool = True) -> DirectoryEntry | None:
+        """The session's record (with its context ids, unless ``with_context`` is False), or None
+        when it is unknown."""
         entry = self.entries.get(session_id)
-        return None if entry is None else entry.message(session_id)
+        return None if entry is None else entry.message(session_id, with_context)
 
     def served(self, session_id: str, replica: str, node_id: str) -> None:
         """A turn was answered by ``replica`` on ``node_id`` (which now holds the session)."""

@@ -145,6 +145,7 @@ class TurnResult:
     held: bool = False  # the replica held the session before this turn
     cached_tokens: int = 0  # prompt tokens loaded from the host KV (a session's, prefix blocks): not computed
     logprobs: list | None = None  # per generated token [id, logprob, [[id, logprob], ...]] when asked
+    timings: dict = field(default_factory=dict)  # seconds per phase in the worker (``Request.timings``)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Per-cycle plans, from a worker's decode loop to the Indexer, without blocking the loop.
 
     decode loop --offer()--> bounded queue --background thread, batches--> send(batch)
-                  (never waits; when full,    (every period_s, or as soon as   (Indexer.report_plans:
-                   the oldest report drops)    ``batch`` reports wait)          prefetch plans to stores)
+                  (never waits; when full,    (period_s after the first report (Indexer.report_plans:
+                   the oldest report drops)    of a batch, or as soon as        prefetch plans to stores)
+                                               ``batch`` reports wait; idle
+                                               without a report: it sleeps)
 
 A report names the blocks of a session that the next cycle wants (its Level-1 plan:
 logical context blocks). The Indexer turns them into prefetch plans: the worker's node
@@ -41,13 +43,15 @@ class PlanReporter:
                 self._queue.popleft()
                 self.num_dropped += 1
             self._queue.append(report)
-            if len(self._queue) >= self.batch:
+            if len(self._queue) in (1, self.batch):  # a batch starts (its period runs), or is full
                 self._cond.notify()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._queue and not self._stop:
+                while not self._queue and not self._stop:  # idle: no wake-ups until a report comes
+                    self._cond.wait()
+                if len(self._queue) < self.batch and not self._stop:  # gather the period's reports
                     self._cond.wait(self.period_s)
                 if self._stop and not self._queue:
                     return

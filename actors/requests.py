@@ -4,6 +4,7 @@ to the turn's future; plus what the worker reports of its process's memory."""
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future
 from typing import Callable
 
@@ -24,8 +25,26 @@ class Request:
         self.seq_id: int | None = None  # the sequence running for it now
         self.generation = 0  # the store generation it was admitted under...
         self.store: SessionStore | None = None  # ... and that store, which its turn settles with
-        self.prefix_hashes: list[str] = []  # prefix blocks pinned for it in the store
+        self.prompt_hashes: list[str] = []  # chain keys of its prompt's complete blocks (engine/prefix.py)
+        self.prefix_hashes: list[str] = []  # ... the first of them, pinned for it in the store
         self.cancelled = False
+        self.marks: dict[str, float] = {"received": time.perf_counter()}  # phase -> when it ended
+
+    def mark(self, phase: str) -> None:
+        """``phase`` ended now (the first time only: a retried request keeps its first marks)."""
+        self.marks.setdefault(phase, time.perf_counter())
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase, in order: ``admission`` (pin or prefix match, lease: the store
+        calls), ``queued`` (until the decode loop took it), ``first_token`` (its prefill over the
+        cached prefix, in engine steps), ``decode`` (the other tokens), ``settle`` (the store
+        calls after it); phases it never reached are left out."""
+        out, last = {}, self.marks["received"]
+        for phase in ("admission", "queued", "first_token", "decode", "settle"):
+            if phase in self.marks:
+                out[phase] = round(self.marks[phase] - last, 6)
+                last = self.marks[phase]
+        return out
 
 
 def process_memory(device: torch.device) -> dict[str, int]:

@@ -81,7 +81,9 @@ class SessionRecovery:
         if holder is not None and self._copy_session(request.store, core.stores.store(holder), session_id):
             self.rebuilt["remote"] += 1
             return self.start_turn(request, self.pin(request.store, session_id), question_ids, params, on_text)
-        if context_ids is None:
+        if context_ids is None and core.context_of is not None:
+            context_ids = core.context_of(session_id)
+        if not context_ids:
             raise missing
         self.rebuilt["prefill"] += 1
         # waits on this admission thread while the context is prefilled: rare (a lost node or store)

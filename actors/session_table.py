@@ -120,7 +120,7 @@ class SessionTable:
 
     def lease(self, owner: str, n: int) -> list[int]:
         self.make_room(n)
-        ids = [self.free.popleft() for _ in range(n)]
+        ids = sorted(self.free.popleft() for _ in range(n))  # ascending: adjacent ids are one copy (engine/host_copy.py)
         self.leases.setdefault(owner, set()).update(ids)
         return ids
 

@@ -127,7 +127,8 @@ class DecodeWorker:
         self.core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), self._resolve_store(),
                                            self.owner, pin=cfg.engine.device_name.startswith("cuda"),
                                            stores=RayStores(context.namespace), prefetch=self._prefetch, plans=plans,
-                                           prefix_reuse=cfg.prefix_reuse, resolve_store=self._resolve_store)
+                                           prefix_reuse=cfg.prefix_reuse, resolve_store=self._resolve_store,
+                                           context_of=self._context_of)
         for warning in self.core.warnings:
             log.warning("decode worker %s: %s", self.replica, warning)
         # kernels compiled and decode graphs captured now: Serve routes nothing here until __init__ returns
@@ -143,6 +144,13 @@ class DecodeWorker:
     @property
     def store(self) -> RayStore:
         return self.core.store
+
+    def _context_of(self, session_id: str) -> list[int] | None:
+        """The session's context ids from the session directory (a turn does not carry them)."""
+        from actors.directory import directory_handle
+
+        entry = ray.get(directory_handle(self._cfg.session_ttl_s).get.remote(session_id))
+        return entry.context_ids if entry is not None else None
 
     def _prefetch(self, session_id: str) -> int:
         """The Indexer stages the session's spilled blocks on this node (and counts them)."""

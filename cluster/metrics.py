@@ -38,11 +38,14 @@ COUNTERS = {  # name: (description, tag keys)
     "late_blocks": ("Blocks loaded at a cycle boundary that the prefetch missed.", ()),
     "misses": ("Blocks needed but not in the host mirror.", ()),
 }
-HISTOGRAMS = {
-    "time_to_first_token_seconds": ("Request arrival at the ingress to its first token.", LATENCY_BUCKETS),
-    "inter_token_latency_seconds": ("Mean time between generated tokens, one sample per request.", ITL_BUCKETS),
+HISTOGRAMS = {  # name: (description, boundaries, tag keys)
+    "time_to_first_token_seconds": ("Request arrival at the ingress to its first token.", LATENCY_BUCKETS, ()),
+    "inter_token_latency_seconds": ("Mean time between generated tokens, one sample per request.", ITL_BUCKETS, ()),
     "bytes_copied_per_cycle": ("Host-to-device bytes per LSA cycle, one sample per request.",
-                               [2 ** k for k in range(10, 34, 2)]),
+                               [2 ** k for k in range(10, 34, 2)], ()),
+    "worker_phase_seconds": ("Seconds of each phase of a request in its decode worker: admission (store calls), "
+                             "queued, first_token (its prefill), decode, settle (store calls).", LATENCY_BUCKETS,
+                             ("phase",)),
 }
 
 
@@ -58,8 +61,8 @@ class EdgeMetrics:
 
             self.counters = {name: metrics.Counter(PREFIX + name, description=d, tag_keys=tags)
                              for name, (d, tags) in COUNTERS.items()}
-            self.histograms = {name: metrics.Histogram(PREFIX + name, description=d, boundaries=b)
-                               for name, (d, b) in HISTOGRAMS.items()}
+            self.histograms = {name: metrics.Histogram(PREFIX + name, description=d, boundaries=b, tag_keys=tags)
+                               for name, (d, b, tags) in HISTOGRAMS.items()}
 
     def inc(self, name: str, value: float = 1.0, **tags) -> None:
         if value <= 0:
@@ -69,11 +72,11 @@ class EdgeMetrics:
         if name in self.counters:
             self.counters[name].inc(value, tags={k: str(v) for k, v in tags.items()} or None)
 
-    def observe(self, name: str, value: float) -> None:
-        key = (name, "count")
+    def observe(self, name: str, value: float, **tags) -> None:
+        key = (name, "count", *sorted(tags.items()))
         self.totals[key] = self.totals.get(key, 0.0) + 1
         if name in self.histograms:
-            self.histograms[name].observe(value)
+            self.histograms[name].observe(value, tags={k: str(v) for k, v in tags.items()} or None)
 
     def answered(self, out, stateless: bool, elapsed_s: float | None, ttft_s: float | None = None) -> None:
         """A worker's ``TurnResult`` reached its client (``elapsed_s`` since the request arrived)."""
@@ -96,6 +99,8 @@ class EdgeMetrics:
             self.observe("time_to_first_token_seconds", ttft_s)
         if len(out.token_ids) > 1 and out.decode_s > 0:
             self.observe("inter_token_latency_seconds", out.decode_s / (len(out.token_ids) - 1))
+        for phase, seconds in (getattr(out, "timings", None) or {}).items():
+            self.observe("worker_phase_seconds", seconds, phase=phase)
 
 
 def scrape_ray_nodes(timeout_s: float = 2.0) -> str:

@@ -70,6 +70,7 @@ class SessionAnswer(Reply):
     node: str = ""
     held: bool = False
     ingress: str = ""
+    timings: dict = {}  # seconds per phase: ``ingress`` (to the worker call), then the worker's (admission, ...)
 
 
 class SessionDeleted(Reply):

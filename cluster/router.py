@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import random
 import time
+import weakref
 from collections import Counter, OrderedDict, defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -90,6 +91,9 @@ class KVLocalityRouter(RequestRouter):
         self._owner: "OrderedDict[str, ReplicaID]" = OrderedDict()
         # replica -> session_id -> (bytes, time reserved)
         self._reserved: Dict[ReplicaID, Dict[str, Tuple[int, float]]] = defaultdict(dict)
+        # id(pending request) -> (a weak reference to it, its prompt keys): hashed once, when first routed, not again when
+        # Serve asks again (a busy replica) or when it is routed
+        self._prompt_keys: "OrderedDict[int, tuple]" = OrderedDict()
 
     # -- what the router knows -------------------------------------------------------------
 
@@ -192,6 +196,17 @@ class KVLocalityRouter(RequestRouter):
         depths 1, 2, 4, ...), shallowest first, and the prompt's number of complete blocks."""
         if pending_request is None:
             return [], 0
+        cached = self._prompt_keys.get(id(pending_request))
+        if cached is not None and cached[0]() is pending_request:
+            return cached[1]
+        keys = self._hash_prompt(pending_request)
+        if keys[0]:
+            self._prompt_keys[id(pending_request)] = (weakref.ref(pending_request), keys)
+            while len(self._prompt_keys) > 256:
+                self._prompt_keys.popitem(last=False)
+        return keys
+
+    def _hash_prompt(self, pending_request: PendingRequest) -> Tuple[List[str], int]:
         prompt = pending_request.kwargs.get(self._prompt_kwarg)
         if prompt is None and pending_request.args and isinstance(pending_request.args[0], list):
             prompt = pending_request.args[0]
@@ -226,7 +241,9 @@ class KVLocalityRouter(RequestRouter):
                           result: ReplicaResult) -> None:
         session_id = self.session_key(pending_request)
         if session_id is None:
-            for key in self.prompt_keys(pending_request)[0]:  # its blocks will be held there
+            keys = self.prompt_keys(pending_request)[0]
+            self._prompt_keys.pop(id(pending_request), None)
+            for key in keys:  # its blocks will be held there
                 previous = self._prefix_owner.get(key)
                 if previous != replica_id:
                     if previous is not None:

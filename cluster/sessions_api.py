@@ -74,8 +74,10 @@ class SessionsAPI:
                                 ingress=edge.replica)
 
     async def record(self, session_id: str, owner: str | None):
-        """The session's directory record; 404 when unknown, or another key's."""
-        record = await self.directory.get.remote(session_id)
+        """The session's directory record, without its context ids (a turn does not ship them: a
+        worker that must prefill the session again reads them from the directory); 404 when
+        unknown, or another key's."""
+        record = await self.directory.get.remote(session_id, False)
         if record is None or (owner is not None and getattr(record, "owner", None) != owner):
             raise EdgeError(404, f"no session {session_id} (deleted, evicted, expired or never created): create it "
                             f"with POST /v1/sessions", "session_not_found", None, "session_not_found")
@@ -89,17 +91,17 @@ class SessionsAPI:
         question_ids = await edge.off_loop(self.question_ids, req)
         limit = req.max_tokens or edge.config.default_max_tokens
         params = sampling_params(req, limit, default_temperature=0.0)  # session turns: greedy by default
+        ingress_s = time.perf_counter() - start
         try:
             out = await self._call("ask", session_id=session_id, question_ids=question_ids, params=params,
-                                   context_ids=record.context_ids, holder=record.replica,
-                                   kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
+                                   holder=record.replica, kv_bytes=record.num_tokens * edge.kv_bytes_per_token)
         except Exception as exc:
             if error_answer(exc)[1].error.type == "session_not_found":  # evicted: the client creates it again
                 await self.directory.delete.remote(session_id)
             raise
         self.directory.served.remote(session_id, out.replica, out.node_id)
         edge.metrics.answered(out, stateless=False, elapsed_s=time.perf_counter() - start)
-        return self._answer(session_id, out)
+        return self._answer(session_id, out, ingress_s)
 
     async def ask_stream(self, session_id: str, req: ps.SessionAsk, owner: str | None) -> AsyncIterator[bytes]:
         """A turn as Server-Sent Events: ``{"text": piece}`` as tokens decode, then the answer
@@ -111,9 +113,10 @@ class SessionsAPI:
         record = await self.record(session_id, owner)
         question_ids = await edge.off_loop(self.question_ids, req)
         params = sampling_params(req, req.max_tokens or edge.config.default_max_tokens, default_temperature=0.0)
+        ingress_s = time.perf_counter() - start
         gen = edge.worker.options(method_name="ask_stream", stream=True).remote(
-            session_id=session_id, question_ids=question_ids, params=params, context_ids=record.context_ids,
-            holder=record.replica, kv_bytes=len(record.context_ids) * edge.kv_bytes_per_token)
+            session_id=session_id, question_ids=question_ids, params=params, holder=record.replica,
+            kv_bytes=record.num_tokens * edge.kv_bytes_per_token)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -130,7 +133,7 @@ class SessionsAPI:
                     if not isinstance(item, str):  # the TurnResult closes the turn
                         self.directory.served.remote(session_id, item.replica, item.node_id)
                         edge.metrics.answered(item, stateless=False, elapsed_s=time.perf_counter() - start)
-                        yield sse(self._answer(session_id, item))
+                        yield sse(self._answer(session_id, item, ingress_s))
                         break
                     yield sse({"text": item})
                     item = await gen.__anext__()
@@ -142,12 +145,13 @@ class SessionsAPI:
 
         return events()
 
-    def _answer(self, session_id: str, out) -> ps.SessionAnswer:
+    def _answer(self, session_id: str, out, ingress_s: float = 0.0) -> ps.SessionAnswer:
         return ps.SessionAnswer(session=session_id, text=out.text, num_tokens=len(out.token_ids),
                                prefill_tokens=out.prefill_tokens, cached_tokens=cached_tokens(out),
                                decode_s=round(out.decode_s, 4), prefill_s=round(out.prefill_s, 4),
                                finish_reason=out.finish_reason, replica=out.replica, node=out.node_id, held=out.held,
-                               ingress=self.edge.replica)
+                               ingress=self.edge.replica,
+                               timings={"ingress": round(ingress_s, 6), **(getattr(out, "timings", None) or {})})
 
     async def delete(self, session_id: str, owner: str | None) -> ps.SessionDeleted:
         self.check_served("deleting a session")

@@ -27,6 +27,7 @@ import torch
 import kernels
 from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
+from engine.host_copy import gather_rows, scatter_rows
 from engine.host_memory import FP8, host_empty, quantize_fp8
 
 HOST_DTYPES = (None, "fp8", "int4")
@@ -114,9 +115,10 @@ class HostMirror:
         ``layers``, with their key summaries; returns the summaries [n, Lsel, 3, H, D] (model
         dtype) on the device.
 
-        Into page-locked memory each row is an asynchronous copy on the compute stream: the host
-        does not wait (the step's sampled tokens, which it does wait for, come after), and later
-        loads of the row are ordered after it (copies ahead wait for the compute stream)."""
+        Into page-locked memory the rows are asynchronous copies on the compute stream (one per
+        run of consecutive rows, engine/host_copy.py): the host does not wait (the step's sampled
+        tokens, which it does wait for, come after), and later loads of the row are ordered after
+        it (copies ahead wait for the compute stream)."""
         keys = blocks[:, :, 0].float()  # [n, Lsel, H, B, D]
         summary = torch.stack([keys.amin(3), keys.amax(3), keys.mean(3)], 2).to(self.dtype)  # [n, Lsel, 3, H, D]
         scale = None
@@ -125,12 +127,10 @@ class HostMirror:
         elif self.format == "int4":  # codes and float16 scales cross, a bit over half the e4m3 bytes
             blocks, scale = kernels.quantize_int4(blocks)
         if self.pinned:
-            blocks, summary_c = blocks.contiguous(), summary.contiguous()
-            for i, h in enumerate(hosts):
-                self.host[h, layers].copy_(blocks[i], non_blocking=True)
-                self.summary[h, layers].copy_(summary_c[i], non_blocking=True)
-                if scale is not None:
-                    self.scale[h, layers].copy_(scale[i], non_blocking=True)
+            scatter_rows(self.host[:, layers], hosts, blocks.contiguous())
+            scatter_rows(self.summary[:, layers], hosts, summary.contiguous())
+            if scale is not None:
+                scatter_rows(self.scale[:, layers], hosts, scale.contiguous())
             self._d2h = torch.cuda.Event()
             self._d2h.record()
             return summary
@@ -180,30 +180,24 @@ class HostMirror:
         data = torch.empty((n, *self.host.shape[1:]), dtype=self.host.dtype, device=self.device)
         scale = (torch.empty((n, *self.scale.shape[1:]), dtype=self.scale.dtype, device=self.device)
                  if self.scale is not None else None)
-        i = 0
-        while i < n:
-            r = 1
-            while i + r < n and hosts[i + r] == hosts[i] + r:
-                r += 1
-            data[i: i + r].copy_(self.host[hosts[i]: hosts[i] + r], non_blocking=True)
-            if scale is not None:
-                scale[i: i + r].copy_(self.scale[hosts[i]: hosts[i] + r], non_blocking=True)
-            i += r
+        gather_rows(data, self.host, hosts)
+        if scale is not None:
+            gather_rows(scale, self.scale, hosts)
         return data, scale
 
     def fetch_layer(self, hosts: list[int], layer: int) -> torch.Tensor:
         """One layer of rows on the device in the model dtype, [n, 2, H, B, D]. From page-locked
-        memory each row's layer (K and V of one block, contiguous) is one DMA copy; the host
-        neither gathers nor waits."""
+        memory a run of consecutive rows' layer (K and V of each block, contiguous, a row apart)
+        is one strided DMA copy (engine/host_copy.py); the host neither gathers nor waits."""
         if not self.pinned:
             return self.fetch(torch.tensor(hosts), layer)
         out = torch.empty((len(hosts), *self.host.shape[2:]), dtype=self.host.dtype, device=self.device)
-        for i, h in enumerate(hosts):
-            out[i].copy_(self.host[h, layer], non_blocking=True)
+        gather_rows(out, self.host[:, layer], hosts)
         if self.scale is None:
             return out
-        self.wait_writes()  # the scales are gathered on the host
-        scale = self.scale[torch.tensor(hosts), layer].pin_memory().to(self.device, non_blocking=True)
+        # the scales by DMA too, ordered after the stream's writes (a gather on the host had to wait for them)
+        scale = torch.empty((len(hosts), *self.scale.shape[2:]), dtype=self.scale.dtype, device=self.device)
+        gather_rows(scale, self.scale[:, layer], hosts)
         return kernels.reference.dequantize_blocks(out, scale, self.format, self.dtype)
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:

@@ -177,10 +177,12 @@ class BlockKVCache:
 
     def _refresh_index_keys(self, hosts: list[int], summaries: dict[int, torch.Tensor]) -> None:
         """Device index keys of new host rows, from their summaries computed on the device."""
+        wanted = [(li, layer) for li, layer in enumerate(self.index_layers) if layer in summaries]
+        if not wanted:  # a layer-by-layer prefill's other layers: no copy of the ids (it waits for the stream)
+            return
         rows = torch.tensor(hosts, device=self.device)
-        for li, layer in enumerate(self.index_layers):
-            if layer in summaries:
-                self.index_keys[li][:, rows] = summaries[layer].transpose(0, 1)
+        for li, layer in wanted:
+            self.index_keys[li][:, rows] = summaries[layer].transpose(0, 1)
 
     # ------------------------------------------------------------ residency changes
 

@@ -129,7 +129,7 @@ class LLMEngine:
             if prompt is not None and list(prompt) != list(prompt_state.prompt_ids):
                 raise InvalidRequestError("the prompt differs from the prompt state's tokens")
             prompt = list(prompt_state.prompt_ids)
-        ids = self._encode(prompt, chat)
+        ids = self._encode(prompt, chat, trusted=len(prefix_host_ids) * self.cache.block_size)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens; the context holds {self.max_model_len} including at least one "
@@ -149,7 +149,10 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
+    def _encode(self, prompt: str | list[int], chat: bool, trusted: int = 0) -> list[int]:
+        """Token ids of a prompt; given as ids, checked against the vocabulary, but for the first
+        ``trusted`` (a prefix whose KV is mirrored: checked when it was first computed; a
+        session turn's context need not be walked again in Python every turn)."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidRequestError("the prompt is empty: give some text or token ids")
@@ -162,7 +165,7 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty: give some text or token ids")
         vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids[trusted:]):
             raise InvalidRequestError(f"token ids must be integers in [0, {vocab})")
         return ids
 

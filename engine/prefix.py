@@ -15,11 +15,15 @@ import hashlib
 from array import array
 
 
-def block_hashes(token_ids: list[int], block_size: int, max_blocks: int | None = None) -> list[str]:
-    """The chain keys of the complete blocks of ``token_ids`` (at most ``max_blocks``)."""
+def block_hashes(token_ids: list[int], block_size: int, max_blocks: int | None = None,
+                 known: list[str] = ()) -> list[str]:
+    """The chain keys of the complete blocks of ``token_ids`` (at most ``max_blocks``). ``known``:
+    the keys of its first blocks, already computed (e.g. a prompt's, for the prompt and its
+    answer): only the blocks after them are hashed."""
     num = len(token_ids) // block_size if max_blocks is None else min(max_blocks, len(token_ids) // block_size)
-    keys, parent = [], b""
-    for j in range(num):
+    keys = list(known[:num])
+    parent = bytes.fromhex(keys[-1]) if keys else b""
+    for j in range(len(keys), num):
         digest = hashlib.blake2b(parent, digest_size=16)
         digest.update(array("q", token_ids[j * block_size:(j + 1) * block_size]).tobytes())
         parent = digest.digest()

@@ -101,6 +101,27 @@ def test_worker_restart_resumes_sessions_from_the_store(stores, model):
         second.close()
 
 
+def test_a_turn_reads_the_context_of_a_session_only_to_rebuild_it(stores, model):
+    """A turn carries no context: a held session's comes from its store; one no store holds any
+    more (its node was lost) is prefilled again from what ``context_of`` (the session directory)
+    says, asked then only."""
+    store = stores["node-b"]
+    context, question = tokens(120, 4), tokens(6, 5)
+    asked = []
+    worker = DecodeWorkerCore.build(make_engine(model), store, "w",
+                                    context_of=lambda session_id: asked.append(session_id) or context)
+    try:
+        worker.create_session("s", context).result(timeout=60)
+        held = worker.ask("s", question, GREEDY).result(timeout=60)
+        assert asked == [] and held.prefill_tokens == 120 % BLOCK + len(question)
+        store.delete("s")  # gone with its node
+        rebuilt = worker.ask("s", question, GREEDY).result(timeout=60)
+        assert asked == ["s"] and rebuilt.prefill_tokens == len(context) + held.prefill_tokens
+        assert rebuilt.token_ids == held.token_ids == reference(model, context + question)
+    finally:
+        worker.close()
+
+
 def test_spilled_session_staged_by_the_indexer_decodes_like_a_local_one(stores, model):
     a, b = stores["node-a"], stores["node-b"]
     context, question = tokens(200, 6), tokens(7, 8)

@@ -90,6 +90,43 @@ def test_a_chat_prefills_only_its_new_tokens_each_turn(worker, model):
     assert worker.held_prefix_keys()  # what the router is told
 
 
+def test_a_turn_hashes_each_block_of_its_prompt_and_answer_once(worker, monkeypatch):
+    """The worker hashes a prompt's blocks at admission (to match held prefix blocks) and, when
+    the request ends, only the answer's blocks after them (to keep them): never the prompt again,
+    which at 128K tokens was milliseconds a turn."""
+    import actors.decode_worker as decode_worker
+
+    hashed = []
+
+    def counting(token_ids, block_size, max_blocks=None, known=()):
+        keys = block_hashes(token_ids, block_size, max_blocks, known)
+        hashed.append(len(keys) - len(known[: len(keys)]))
+        return keys
+
+    monkeypatch.setattr(decode_worker, "block_hashes", counting)
+    prompt = tokens(600, 4)
+    worker.generate(prompt, ANSWER).result(timeout=120)
+    out = worker.generate(prompt + tokens(20, 5), ANSWER).result(timeout=120)
+    kept = (len(prompt) + 20 + len(out.token_ids) - 1) // BLOCK
+    assert out.cached_tokens and sum(hashed[2:]) == kept  # the second turn: each of its blocks once
+
+
+def test_the_router_hashes_a_prompt_once_per_request(monkeypatch):
+    import cluster.router as router_module
+
+    calls = []
+    monkeypatch.setattr(router_module, "block_hashes", lambda *a, **k: calls.append(1) or block_hashes(*a, **k))
+    router = KVLocalityRouter.__new__(KVLocalityRouter)
+    router.initialize_state()
+    a = _Replica("a", {"sessions": [], "prefixes": [], "free_kv_bytes": 100})
+    router._replicas, router._replicas_list = {a.replica_id: a}, [a]
+    pending = _Pending(tokens(400, 1))
+    for _ in range(3):  # Serve asks again while every replica is busy
+        asyncio.run(router.choose_replicas([a], pending))
+    router.on_request_routed(pending, a.replica_id, None)
+    assert len(calls) == 1 and not router._prompt_keys
+
+
 class _Meta:
     def __init__(self, session_id=""):
         self.session_id = session_id

@@ -358,6 +358,7 @@ def test_metrics_need_the_admin_key_and_add_up_over_ingress_replicas(server):
     assert len(replicas) == 2  # both ingress replicas served some of them
     _, text, _ = http(server, "GET", "/metrics", key=ADMIN)
     assert sum_series(text, "lsa_decode_tokens_total") > 0 and "lsa_time_to_first_token_seconds_bucket" in text
+    assert 'lsa_worker_phase_seconds_bucket{' in text and 'phase="first_token"' in text  # where a turn's time went
     assert sum_series(text, "lsa_arena_capacity_bytes") > (64 << 20) - 100_000  # gauges from the workers' stats
 
 
