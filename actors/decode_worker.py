@@ -23,14 +23,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-import torch
-
 from actors.messages import ArenaInfo, PlanReport, TurnResult, WorkerStats
 from actors.plans import PlanReporter
 from actors.requests import Request, copy_outcome, process_memory, relay
 from actors.session_recovery import SessionRecovery
 from actors.session_store import SessionStore, Stores
 from actors.store_healing import StoreHealing
+from actors.warm_up import warm_up
 from engine.errors import RequestCancelled, StoreUnavailable
 from engine.host_arena import HostArena
 from engine.logprobs import LogprobsRecorder
@@ -132,45 +131,21 @@ class DecodeWorkerCore:
         return done
 
     def warm_up(self, seed: int = 0, decode: bool = True) -> dict:
-        """Compile the kernels and capture the decode graphs before the first user request (the
-        replica calls this before it reports ready): on CUDA, plain requests of random tokens,
-        first one whose prompt takes two prefill segments and whose decode crosses an LSA cycle
-        boundary (Level-1 scoring), then 2, 4, 8, ... at once up to ``max_num_seqs``, then the
-        graphs of the batch buckets still missing (16, 24, 32, ...: engine/graphs.py), so that
-        none is captured while serving (``decode=False``, a prefill worker: the long prompt only,
-        one token). Elsewhere one tiny request. Returns what ran."""
-        engine = self.engine
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed)
-        vocab = engine.model.config.vocab_size
-        short = 2 * engine.cache.block_size + 3
-        scheduler = engine.config.scheduler
-        if engine.device.type == "cuda":
-            long = min(2 * scheduler.prefill_chunk, engine.max_model_len // 2)
-            cycle = getattr(engine.config.policy, "cycle", 1)
-            batches = [(1, long, cycle + 2)] + [(b, short, b + 4) for b in (2, 4, 8, 16, 32, 64)
-                                                 if b <= scheduler.max_num_seqs] if decode else [(1, long, 1)]
-        else:
-            batches = [(1, short, 2)]
-        for count, length, max_tokens in batches:
-            params = SamplingParams(max_tokens=min(max_tokens, engine.max_model_len - length), ignore_eos=True)
-            futures = [self.generate(torch.randint(vocab, (length,), generator=gen).tolist(), params)
-                       for _ in range(count)]
-            for future in futures:
-                future.result()
-        graphs = engine.runner.graphs
-        if graphs is not None and decode:  # on the loop thread, the only one that touches the engine
-            captured: Future = Future()
+        """Compile the kernels and capture the decode graphs before the first user request
+        (actors/warm_up.py). Returns what ran."""
+        return warm_up(self, seed, decode)
 
-            def capture() -> None:
-                try:
-                    captured.set_result(graphs.capture_batches(scheduler.max_num_seqs))
-                except BaseException as exc:  # reported to the caller; the loop goes on
-                    captured.set_exception(exc)
-            self._commands.put(capture)
-            captured.result()
-        return {"seconds": time.perf_counter() - t0, "requests": sum(b[0] for b in batches),
-                "graphs": graphs.captures if graphs is not None else 0}
+    def on_loop(self, fn: Callable) -> Future:
+        """Run ``fn()`` on the decode loop thread (the only one that touches the engine): its result."""
+        done: Future = Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # reported to the caller; the loop goes on
+                done.set_exception(exc)
+        self._commands.put(call)
+        return done
 
     def close(self) -> None:
         self._stop.set()

@@ -1,0 +1,42 @@
+"""A decode worker's warm-up: kernels compiled and decode graphs captured before it serves."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.sampling import SamplingParams
+
+
+def warm_up(core, seed: int = 0, decode: bool = True) -> dict:
+    """Warm ``core`` (a DecodeWorkerCore) up before the first user request (the replica calls
+    this before it reports ready): on CUDA, plain requests of random tokens, first one whose
+    prompt takes two prefill segments and whose decode crosses an LSA cycle boundary (Level-1
+    scoring), then 2, 4, 8, ... at once up to ``max_num_seqs``, then the graphs of the batch
+    buckets still missing (16, 24, 32, ...: engine/graphs.py), so that none is captured while
+    serving (``decode=False``, a prefill worker: the long prompt only, one token). Elsewhere
+    one tiny request. Returns what ran."""
+    engine = core.engine
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model.config.vocab_size
+    short = 2 * engine.cache.block_size + 3
+    scheduler = engine.config.scheduler
+    if engine.device.type == "cuda":
+        long = min(2 * scheduler.prefill_chunk, engine.max_model_len // 2)
+        cycle = getattr(engine.config.policy, "cycle", 1)
+        batches = [(1, long, cycle + 2)] + [(b, short, b + 4) for b in (2, 4, 8, 16, 32, 64)
+                                             if b <= scheduler.max_num_seqs] if decode else [(1, long, 1)]
+    else:
+        batches = [(1, short, 2)]
+    for count, length, max_tokens in batches:
+        params = SamplingParams(max_tokens=min(max_tokens, engine.max_model_len - length), ignore_eos=True)
+        futures = [core.generate(torch.randint(vocab, (length,), generator=gen).tolist(), params)
+                   for _ in range(count)]
+        for future in futures:
+            future.result()
+    graphs = engine.runner.graphs
+    if graphs is not None and decode:
+        core.on_loop(lambda: graphs.capture_batches(scheduler.max_num_seqs)).result()
+    return {"seconds": time.perf_counter() - t0, "requests": sum(b[0] for b in batches),
+            "graphs": graphs.captures if graphs is not None else 0}
