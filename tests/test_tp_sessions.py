@@ -130,3 +130,55 @@ def test_stateless_requests_lease_and_give_back(rank):
     got = run(rank, "g")
     assert len(got["tokens"]) == PARAMS.max_tokens and got["finished"].cached_tokens == 0
     assert rank.store.stats().free_blocks == free
+
+
+# ------------------------------------------------------ the replica's core and deployment over one rank
+
+class OneRankGroup:
+    """TensorParallelEngine's lockstep calls, on one in-process rank (refusals raised as themselves)."""
+
+    size, failure = 1, None
+
+    def __init__(self, rank: SessionRank):
+        self.rank = rank
+
+    def __getattr__(self, method: str):
+        return getattr(self.rank, method)
+
+
+class Indexer:
+    class report_worker:  # noqa: N801 - a Ray actor method's shape
+        reports: list = []
+
+        @classmethod
+        def remote(cls, replica, stats):
+            cls.reports.append(stats)
+
+
+def test_the_replica_serves_sessions_and_publishes_them(rank):
+    import asyncio
+
+    from actors.tp_deployment import TensorParallelWorker
+    from actors.tp_worker import TensorParallelWorkerCore
+
+    core = TensorParallelWorkerCore(OneRankGroup(rank), node_id="n1", vocab_size=LLAMA.vocab_size)
+    worker = object.__new__(TensorParallelWorker.func_or_class)
+    worker.core, worker.call_timeout_s, worker.held, worker.indexer = core, 60, set(), Indexer
+    worker.replica, worker.node_id = "r1", "n1"
+    try:
+        empty = asyncio.run(worker.record_routing_stats())
+        assert empty["sessions"] == [] and empty["free_kv_bytes"] > 0
+        created = asyncio.run(worker.create_session("doc", CONTEXT))
+        assert created.held and created.prefill_tokens == len(CONTEXT) and created.replica == "r1"
+        first = asyncio.run(worker.ask("doc", QUESTIONS[0], PARAMS))
+        assert first.held and first.cached_tokens > 0 and len(first.token_ids) == PARAMS.max_tokens
+        stats = asyncio.run(worker.record_routing_stats())
+        assert stats["sessions"] == ["doc"] and stats["free_kv_bytes"] < empty["free_kv_bytes"]
+        report = Indexer.report_worker.reports[-1]
+        assert report.sessions == 1 and report.cached_tokens == first.cached_tokens and report.store.sessions == 1
+        assert asyncio.run(worker.delete_session("doc"))
+        with pytest.raises(SessionNotFound):
+            asyncio.run(worker.ask("doc", QUESTIONS[0], PARAMS))
+        assert asyncio.run(worker.record_routing_stats()) == empty
+    finally:
+        core.close()
