@@ -10,9 +10,10 @@ calls, and requests from any thread go to it as commands:
            <-- Future (TurnResult); on_text(text_so_far, done) as the tokens arrive
 
 Each rank keeps its ``1/P`` of every session's KV in a store of its own (actors/tp_sessions.py),
-so a session is created, turned and deleted on all ranks by one lockstep call each. Cancelling a request's future aborts it on every rank before the next step. When the group fails
-(a rank died or hung), every request in flight fails with the group's error, and so does every
-later one: ``failure`` says why, and the deployment's health check fails on it.
+so a session is created, turned and deleted on all ranks by one lockstep call each. Cancelling
+a request's future aborts it on every rank before the next step. When the group fails (a rank
+died or hung), every request in flight fails with the group's error, and so does every later
+one: ``failure`` says why, and the deployment's health check fails on it.
 """
 from __future__ import annotations
 

@@ -145,6 +145,9 @@ class OneRankGroup:
     def __getattr__(self, method: str):
         return getattr(self.rank, method)
 
+    def shutdown(self) -> None:
+        pass
+
 
 class Indexer:
     class report_worker:  # noqa: N801 - a Ray actor method's shape
@@ -172,10 +175,15 @@ def test_the_replica_serves_sessions_and_publishes_them(rank):
         assert created.held and created.prefill_tokens == len(CONTEXT) and created.replica == "r1"
         first = asyncio.run(worker.ask("doc", QUESTIONS[0], PARAMS))
         assert first.held and first.cached_tokens > 0 and len(first.token_ids) == PARAMS.max_tokens
+        async def streamed():
+            return [item async for item in worker.ask_stream("doc", QUESTIONS[0], PARAMS)]
+
+        *pieces, last = asyncio.run(streamed())
+        assert "".join(pieces) == last.text == first.text and last.token_ids == first.token_ids and last.held
         stats = asyncio.run(worker.record_routing_stats())
         assert stats["sessions"] == ["doc"] and stats["free_kv_bytes"] < empty["free_kv_bytes"]
         report = Indexer.report_worker.reports[-1]
-        assert report.sessions == 1 and report.cached_tokens == first.cached_tokens and report.store.sessions == 1
+        assert report.sessions == 1 and report.cached_tokens == 2 * first.cached_tokens and report.store.sessions == 1
         assert asyncio.run(worker.delete_session("doc"))
         with pytest.raises(SessionNotFound):
             asyncio.run(worker.ask("doc", QUESTIONS[0], PARAMS))
