@@ -138,9 +138,14 @@ class TensorParallelEngine:
         return self._call_all("delete_session", session_id)
 
     def store_report(self, session_ids: list[str]) -> tuple[StoreStats, list[str]]:
-        """Rank 0's store counters (every rank's are the same in blocks), and which of
-        ``session_ids`` the ranks hold."""
-        return self._call_all("store_report", session_ids)
+        """Rank 0's store counters, and which of ``session_ids`` the ranks hold. Every rank's
+        store must agree with rank 0's (sessions, blocks held, leased and free, the sessions
+        held): ranks that disagree are out of step, and the group fails."""
+        reports = self._call_every("store_report", session_ids)
+        books = [(s.sessions, s.session_blocks, s.leased_blocks, s.free_blocks, held) for s, held in reports]
+        if any(b != books[0] for b in books):
+            self._fail(f"the ranks' KV stores disagree (sessions, session / leased / free blocks, held): {books}")
+        return reports[0]
 
     def has_work(self) -> bool:
         return self._call_all("has_work")
@@ -160,6 +165,10 @@ class TensorParallelEngine:
     def _call_all(self, method: str, *args):
         """``method(*args)`` on every rank; rank 0's result. A refusal on every rank is raised
         as itself; a dead, hung or disagreeing rank fails the group."""
+        return self._call_every(method, *args)[0]
+
+    def _call_every(self, method: str, *args) -> list:
+        """``_call_all``, but every rank's result."""
         if self._failure:
             raise TensorParallelGroupError(self._failure)
         results = self._get([rank.execute.remote(method, *args) for rank in self.ranks], method)
@@ -169,7 +178,7 @@ class TensorParallelEngine:
         if any(refused):
             self._fail(f"ranks {[i for i, r in enumerate(refused) if r]} of {self.size} refused {method} and "
                        f"the others did not: the ranks are out of step")
-        return results[0]
+        return results
 
     def _get(self, refs: list, method: str) -> list:
         """The results of ``refs`` (one per rank), failing the group on the first rank error or at
