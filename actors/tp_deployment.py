@@ -7,12 +7,12 @@
 
 Bound as the ``DecodeWorker`` deployment (same name, same methods as actors/worker_deployment.py),
 so the ingress and the router need no change. It serves stateless completions and chats
-(streamed too) and sessions: each rank keeps its ``1/P`` of every session's KV in a store of its own
-(actors/tp_sessions.py, ``kv_store_bytes / P`` each), and every session call reaches all ranks in
-lockstep. Like a one-GPU worker it publishes the sessions it holds and its free KV (the ranks'
+(streamed too) and sessions: each rank keeps its ``1/P`` of every session's KV in a store of its
+own (actors/tp_sessions.py, ``kv_store_bytes / P`` each), and every session call reaches all ranks
+in lockstep. Like a one-GPU worker it publishes the sessions it holds and its free KV (the ranks'
 stores, counted in whole-model bytes), so a session's turns go to it; no prefixes (no prefix
-reuse on TP replicas). The health check fails once the group has failed (a rank died or hung): Serve replaces
-the replica, and its placement group with its ranks.
+reuse on TP replicas). The health check fails once the group has failed (a rank died or hung):
+Serve replaces the replica, and its placement group with its ranks.
 """
 from __future__ import annotations
 
