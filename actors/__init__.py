@@ -2,7 +2,7 @@
 
     decode_worker.DecodeWorkerCore   <- worker_deployment.DecodeWorker (Serve deployment, one per GPU)
     tp_worker.TensorParallelWorkerCore <- tp_deployment.TensorParallelWorker (the same, over P GPUs' ranks:
-                                         tp_engine.TensorParallelEngine; stateless requests only)
+                                         tp_engine.TensorParallelEngine; tp_sessions.SessionRank per rank)
     kv_store.KVStoreCore             <- kv_store_actor.KVStore (one per node, placement.ensure_per_node)
     indexer.IndexerCore              <- indexer.Indexer (prefetch plans, worker stats)
     directory.SessionDirectoryCore   <- directory.SessionDirectory (session records, head node)

@@ -17,9 +17,10 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     num_workers: int = option(1, "decode worker replicas (one per GPU, or per tensor_parallel_size GPUs)")
     tensor_parallel_size: int = option(1, "GPUs (ranks) per decode worker replica, the model split over them "
-                                          "(docs/parallel.md); above 1: stateless requests only, no sessions")
+                                          "(docs/parallel.md); above 1: sessions live in the replica's ranks")
     num_ingress: int = option(1, "HTTP ingress replicas")
-    kv_store_bytes: int = option(1 << 30, "host KV arena of each node's store, in bytes")
+    kv_store_bytes: int = option(1 << 30, "host KV arena of each node's store, in bytes (tensor_parallel_size "
+                                       "> 1: of each replica, split over its ranks)")
     kv_dir: str | None = option(None, "where stores create their arenas (default: LSA_KV_DIR, else /dev/shm)")
     cluster: str = option("lsa", "names the arenas: two apps on one machine do not share one")
     api_keys: list = option([], "accepted API keys (comma-separated); none: no authentication")

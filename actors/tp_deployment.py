@@ -7,11 +7,12 @@
 
 Bound as the ``DecodeWorker`` deployment (same name, same methods as actors/worker_deployment.py),
 so the ingress and the router need no change. It serves stateless completions and chats
-(streamed too); session routes are refused with ``NotServedError`` (HTTP 501): a rank does not
-keep its share of a session's KV in the node's KV store yet (docs/parallel.md). It publishes no
-sessions, no prefixes and no free KV, so the router spreads requests over the replicas by queue
-length. The health check fails once the group has failed (a rank died or hung): Serve replaces
-the replica, and its placement group with its ranks.
+(streamed too) and sessions: each rank keeps its ``1/P`` of every session's KV in a store of its
+own (actors/tp_sessions.py, ``kv_store_bytes / P`` each), and every session call reaches all ranks
+in lockstep. Like a one-GPU worker it publishes the sessions it holds and its free KV (the ranks'
+stores, counted in whole-model bytes), so a session's turns go to it; no prefixes (no prefix
+reuse on TP replicas). The health check fails once the group has failed (a rank died or hung):
+Serve replaces the replica, and its placement group with its ranks.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from ray import serve
 
 from actors.config import ServeConfig
 from actors.messages import TurnResult, WorkerStats
-from actors.tp_worker import sessions_not_served
 from actors.worker_deployment import indexer_handle, stream_request
+from engine.errors import SessionNotFound
 from engine.sampling import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -79,21 +80,32 @@ class TensorParallelWorker:
                                       load_tokenizer(cfg.engine),
                                       resources=RankResources(cfg.worker_num_cpus, cfg.worker_num_gpus),
                                       call_timeout_s=call_timeout_s,
-                                      placement_group=ray.util.get_current_placement_group(), first_bundle=1)
+                                      placement_group=ray.util.get_current_placement_group(), first_bundle=1,
+                                      store_bytes=cfg.kv_store_bytes // size)
         self.core = TensorParallelWorkerCore(engine, self.node_id, vocab_size=model_layout(cfg.engine)[0].vocab_size)
         # the group's first collectives now: Serve routes nothing here until __init__ returns
         self.warm_up = self.core.warm_up()
+        self.held: set[str] = set()  # sessions created or served here
+        store, _ = self.core.store_report([]).result(timeout=call_timeout_s)
+        self.kv_capacity_bytes = size * store.capacity_bytes  # the ranks' stores, in whole-model bytes
         log.info("tensor-parallel decode worker %s: %d ranks up, warm-up %.1f s", self.replica, size,
                  self.warm_up["seconds"])
 
     # -- what Serve and the router call ---------------------------------------------------
 
     async def record_routing_stats(self) -> dict:
-        self.indexer.report_worker.remote(self.replica, self.core.stats())
-        return {"sessions": [], "prefixes": []}  # no free KV reported: the router spreads by queue
+        checked = sorted(self.held)
+        store, holding = await asyncio.wait_for(asyncio.wrap_future(self.core.store_report(checked)),
+                                                self.call_timeout_s)
+        self.held.difference_update(set(checked) - set(holding))  # evicted, deleted
+        self.indexer.report_worker.remote(self.replica, self.stats(store))
+        size = self.core.engine.size  # a rank's block holds 1/P of the model's: the replica's room is P times
+        return {"sessions": sorted(self.held), "prefixes": [],
+                "free_kv_bytes": size * (store.capacity_bytes - store.session_bytes)}
 
     def record_replica_metadata(self) -> dict:
-        return {"node_id": self.node_id, "tensor_parallel_size": self.core.engine.size}
+        return {"node_id": self.node_id, "tensor_parallel_size": self.core.engine.size,
+                "kv_capacity_bytes": self.kv_capacity_bytes}
 
     async def check_health(self) -> None:
         """Fails once the group has failed (Serve then replaces the replica and its group); a
@@ -108,11 +120,12 @@ class TensorParallelWorker:
         if self.core.failure is not None:
             raise RuntimeError(self.core.failure)
 
-    def stats(self) -> WorkerStats:
-        return self.core.stats()
+    def stats(self, store=None) -> WorkerStats:
+        """The replica's counters; ``store``: rank 0's store counters (every rank's, in blocks)."""
+        return replace(self.core.stats(), sessions=len(self.held), store=store)
 
-    def _answer(self, result: TurnResult) -> TurnResult:
-        return replace(result, replica=self.replica, node_id=self.node_id)
+    def _answer(self, result: TurnResult, held: bool = False) -> TurnResult:
+        return replace(result, replica=self.replica, node_id=self.node_id, held=held)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> TurnResult:
         return self._answer(await asyncio.wrap_future(self.core.generate(prompt_ids, params)))
@@ -124,17 +137,40 @@ class TensorParallelWorker:
             yield item
 
     async def create_session(self, session_id: str, context_ids: list[int], kv_bytes: int = 0) -> TurnResult:
-        raise sessions_not_served("creating a session")
+        """``kv_bytes``: the session's expected KV (read by the router to place it)."""
+        result = await asyncio.wrap_future(self.core.create_session(session_id, context_ids))
+        self.held.add(session_id)
+        return self._answer(result, held=True)
 
-    async def ask(self, session_id: str, *args, **kwargs) -> TurnResult:
-        raise sessions_not_served("a session's turn")
+    async def ask(self, session_id: str, question_ids: list[int], params: SamplingParams,
+                  context_ids: list[int] | None = None, holder: str | None = None, kv_bytes: int = 0) -> TurnResult:
+        """``holder``, ``kv_bytes``: routing hints (read by the router). ``context_ids`` is not
+        used: a session the ranks do not hold (evicted, or its replica replaced) is
+        ``SessionNotFound``, and the client creates it again."""
+        held = session_id in self.held
+        try:
+            result = await asyncio.wrap_future(self.core.ask(session_id, question_ids, params))
+        except SessionNotFound:
+            self.held.discard(session_id)
+            raise
+        return self._answer(result, held=held)
 
-    async def ask_stream(self, session_id: str, *args, **kwargs):
-        raise sessions_not_served("a session's turn")
-        yield  # an async generator, as the streamed call expects
+    async def ask_stream(self, session_id: str, question_ids: list[int], params: SamplingParams,
+                         context_ids: list[int] | None = None, holder: str | None = None, kv_bytes: int = 0):
+        """``ask``, streamed: yields text pieces as the turn decodes, then the ``TurnResult``."""
+        held = session_id in self.held
+        answer = functools.partial(self._answer, held=held)
+        try:
+            async for item in stream_request(lambda on_text: self.core.ask(session_id, question_ids, params,
+                                                                           on_text=on_text), answer):
+                yield item
+        except SessionNotFound:
+            self.held.discard(session_id)
+            raise
 
     async def delete_session(self, session_id: str) -> bool:
-        raise sessions_not_served("deleting a session")
+        self.held.discard(session_id)
+        return await asyncio.wrap_future(self.core.delete_session(session_id))
 
     def __del__(self):
         core = getattr(self, "core", None)

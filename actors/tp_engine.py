@@ -22,9 +22,11 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.messages import StoreStats
+from actors.tp_sessions import SessionRank
 from engine.config import EngineConfig
 from engine.errors import LSAError, UnavailableError
-from engine.parallel.rank import RankWorker, TokenUpdate, free_port
+from engine.parallel.rank import TokenUpdate, free_port
 from engine.sampling import SamplingParams
 
 
@@ -44,10 +46,10 @@ class RankRefusal:
 
 @ray.remote
 class RankActor:
-    """A thin actor around ``RankWorker``: every call goes through ``execute``."""
+    """A thin actor around ``SessionRank`` (a ``RankWorker``): every call goes through ``execute``."""
 
     def __init__(self, rank: int, size: int):
-        self.worker = RankWorker(rank, size)
+        self.worker = SessionRank(rank, size)
 
     def rendezvous(self) -> tuple[str, int]:
         host = ray.util.get_node_ip_address()
@@ -75,11 +77,12 @@ class TensorParallelEngine:
     """``size`` rank actors that build ``make_model(device, dtype)`` sharded with ``config``.
 
     ``placement_group``: the group to place the ranks in, bundles ``first_bundle ..
-    first_bundle + size - 1`` (a Serve replica passes its own); None makes and owns one."""
+    first_bundle + size - 1`` (a Serve replica passes its own); None makes and owns one.
+    ``store_bytes``: each rank's KV store (actors/tp_sessions.py), for sessions; 0: none."""
 
     def __init__(self, size: int, make_model: Callable, config: EngineConfig, tokenizer=None,
                  resources: RankResources = RankResources(), call_timeout_s: float = 120.0,
-                 placement_group=None, first_bundle: int = 0):
+                 placement_group=None, first_bundle: int = 0, store_bytes: int = 0):
         if size < 1:
             raise ValueError(f"tensor-parallel size must be >= 1, got {size}")
         self.size = size
@@ -99,7 +102,7 @@ class TensorParallelEngine:
         try:
             host, port = self._get([self.ranks[0].rendezvous.remote()], "rendezvous")[0]
             self._call_all("join", host, port, config.device_name, call_timeout_s)
-            self.build(make_model, config, tokenizer)
+            self.build(make_model, config, tokenizer, store_bytes)
         except BaseException:
             self.shutdown()
             raise
@@ -111,9 +114,9 @@ class TensorParallelEngine:
 
     # ------------------------------------------------------------ lockstep calls
 
-    def build(self, make_model: Callable, config: EngineConfig, tokenizer=None) -> None:
-        """A new engine shard on every rank (same group; earlier requests are dropped)."""
-        self._call_all("build", make_model, config, tokenizer)
+    def build(self, make_model: Callable, config: EngineConfig, tokenizer=None, store_bytes: int = 0) -> None:
+        """A new engine shard on every rank (same group; earlier requests and sessions are dropped)."""
+        self._call_all("build", make_model, config, tokenizer, store_bytes)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> str:
         return self._call_all("add_request", prompt, params, request_id)
@@ -121,6 +124,28 @@ class TensorParallelEngine:
     def abort(self, request_id: str) -> bool:
         """Finish a running request on every rank (its KV freed); False when none runs by that id."""
         return self._call_all("abort", request_id)
+
+    def create_session(self, session_id: str, context_ids: list[int], request_id: str) -> str:
+        """Prefill the session's context on every rank (request ``request_id``, one token)."""
+        return self._call_all("create_session", session_id, context_ids, request_id)
+
+    def ask(self, session_id: str, question_ids: list[int], params: SamplingParams, request_id: str) -> str:
+        """A turn on the session on every rank, its context loaded from each rank's store."""
+        return self._call_all("ask", session_id, question_ids, params, request_id)
+
+    def delete_session(self, session_id: str) -> bool:
+        """Cancel the session's turns and delete its blocks on every rank."""
+        return self._call_all("delete_session", session_id)
+
+    def store_report(self, session_ids: list[str]) -> tuple[StoreStats, list[str]]:
+        """Rank 0's store counters, and which of ``session_ids`` the ranks hold. Every rank's
+        store must agree with rank 0's (sessions, blocks held, leased and free, the sessions
+        held): ranks that disagree are out of step, and the group fails."""
+        reports = self._call_every("store_report", session_ids)
+        books = [(s.sessions, s.session_blocks, s.leased_blocks, s.free_blocks, held) for s, held in reports]
+        if any(b != books[0] for b in books):
+            self._fail(f"the ranks' KV stores disagree (sessions, session / leased / free blocks, held): {books}")
+        return reports[0]
 
     def has_work(self) -> bool:
         return self._call_all("has_work")
@@ -140,6 +165,10 @@ class TensorParallelEngine:
     def _call_all(self, method: str, *args):
         """``method(*args)`` on every rank; rank 0's result. A refusal on every rank is raised
         as itself; a dead, hung or disagreeing rank fails the group."""
+        return self._call_every(method, *args)[0]
+
+    def _call_every(self, method: str, *args) -> list:
+        """``_call_all``, but every rank's result."""
         if self._failure:
             raise TensorParallelGroupError(self._failure)
         results = self._get([rank.execute.remote(method, *args) for rank in self.ranks], method)
@@ -149,7 +178,7 @@ class TensorParallelEngine:
         if any(refused):
             self._fail(f"ranks {[i for i, r in enumerate(refused) if r]} of {self.size} refused {method} and "
                        f"the others did not: the ranks are out of step")
-        return results[0]
+        return results
 
     def _get(self, refs: list, method: str) -> list:
         """The results of ``refs`` (one per rank), failing the group on the first rank error or at

@@ -1,17 +1,19 @@
-"""A tensor-parallel decode worker's core: stateless requests over a group of ranks in lockstep.
+"""A tensor-parallel decode worker's core: requests and sessions over a group of ranks in lockstep.
 
 The engine is a ``TensorParallelEngine`` (actors/tp_engine.py; anything with its lockstep calls
-``add_request``, ``abort``, ``has_work``, ``step`` and ``failure``): one call reaches every rank, so only the
-loop thread makes calls, and requests from any thread go to it as commands:
+``add_request``, ``create_session``, ``ask``, ``delete_session``, ``store_report``, ``abort``,
+``has_work``, ``step`` and ``failure``): one call reaches every rank, so only the loop thread makes
+calls, and requests from any thread go to it as commands:
 
-    caller --generate()--> commands --> loop thread: add_request | abort | step --> every rank
+    caller --generate() / create_session() / ask()--> commands --> loop thread: add_request |
+           create_session | ask | delete_session | abort | step --> every rank
            <-- Future (TurnResult); on_text(text_so_far, done) as the tokens arrive
 
-No sessions, prefix reuse or host KV arena here: each rank's engine keeps its own host mirror of
-its KV heads, and a request's KV lives only while it runs (docs/parallel.md says what is missing).
-Cancelling a request's future aborts it on every rank before the next step. When the group fails
-(a rank died or hung), every request in flight fails with the group's error, and so does every
-later one: ``failure`` says why, and the deployment's health check fails on it.
+Each rank keeps its ``1/P`` of every session's KV in a store of its own (actors/tp_sessions.py),
+so a session is created, turned and deleted on all ranks by one lockstep call each. Cancelling
+a request's future aborts it on every rank before the next step. When the group fails (a rank
+died or hung), every request in flight fails with the group's error, and so does every later
+one: ``failure`` says why, and the deployment's health check fails on it.
 """
 from __future__ import annotations
 
@@ -27,15 +29,8 @@ import torch
 
 from actors.messages import TurnResult, WorkerStats
 from actors.requests import complete, process_memory
-from engine.errors import LSAError, NotServedError
+from engine.errors import LSAError
 from engine.sampling import SamplingParams
-
-
-def sessions_not_served(what: str) -> NotServedError:
-    """The answer (HTTP 501) to a session route when the decode workers are tensor-parallel."""
-    return NotServedError(f"{what}: sessions are not served by tensor-parallel decode workers "
-                          f"(tensor_parallel_size > 1) yet; use /v1/completions or /v1/chat/completions, or a "
-                          f"deployment with tensor_parallel_size=1")
 
 
 @dataclass
@@ -56,6 +51,8 @@ class TensorParallelWorkerCore:
         self.node_id = node_id
         self.vocab_size = vocab_size
         self.generated_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed over all requests
+        self.cached_tokens = 0  # ... loaded from the ranks' stores instead (session turns)
         self.busy_s = 0.0
         self.cancelled = 0
         self._ids = itertools.count()
@@ -74,27 +71,59 @@ class TensorParallelWorkerCore:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> Future:
         """A ``TurnResult`` future; ``on_text(text_so_far, done)`` is called as tokens arrive."""
-        future: Future = Future()  # left pending (not running) until answered, so that cancel() works
-        request_id = f"tp-{next(self._ids)}"
-        future.add_done_callback(lambda f: f.cancelled() and self._cancelled(request_id))
-        self._commands.put(lambda: self._add(request_id, list(prompt_ids), params, future, on_text))
-        return future
+        prompt_ids = list(prompt_ids)
+        return self._submit(lambda request_id: self.engine.add_request(prompt_ids, params, request_id),
+                            len(prompt_ids), on_text)
+
+    def create_session(self, session_id: str, context_ids: list[int]) -> Future:
+        """Prefill the context on every rank; the ``TurnResult`` future of that one-token request."""
+        context_ids = list(context_ids)
+        return self._submit(lambda request_id: self.engine.create_session(session_id, context_ids, request_id),
+                            len(context_ids))
+
+    def ask(self, session_id: str, question_ids: list[int], params: SamplingParams, on_text=None) -> Future:
+        """A turn on the session (``SessionNotFound`` when the ranks do not hold it)."""
+        question_ids = list(question_ids)
+        return self._submit(lambda request_id: self.engine.ask(session_id, question_ids, params, request_id),
+                            len(question_ids), on_text)
+
+    def delete_session(self, session_id: str) -> Future:
+        """Cancel the session's turns and delete it on every rank; resolves to whether it was held."""
+        return self._call(lambda: self.engine.delete_session(session_id))
+
+    def store_report(self, session_ids: list[str]) -> Future:
+        """(the ranks' store counters, which of ``session_ids`` they hold)."""
+        return self._call(lambda: self.engine.store_report(list(session_ids)))
 
     def check(self) -> Future:
         """A no-op lockstep call, made by the loop: a rank that died while the group was idle
         fails the group now rather than at the next request. Resolves to True, or the error."""
+        return self._call(lambda: self.engine.has_work() or True)
+
+    def _submit(self, add: Callable[[str], object], num_prompt_tokens: int, on_text=None) -> Future:
+        """``add(request_id)`` (a lockstep call that starts a request) on the loop thread."""
+        future: Future = Future()  # left pending (not running) until answered, so that cancel() works
+        request_id = f"tp-{next(self._ids)}"
+        future.add_done_callback(lambda f: f.cancelled() and self._cancelled(request_id))
+        self._commands.put(lambda: self._add(request_id, add, num_prompt_tokens, future, on_text))
+        return future
+
+    def _call(self, call: Callable[[], object]) -> Future:
+        """``call()`` (one lockstep call) on the loop thread; its result, or its error (a group
+        that fails under it fails everything in flight too)."""
         done: Future = Future()
 
-        def probe() -> None:
+        def run() -> None:
             try:
-                self.engine.has_work()
+                result = call()
             except Exception as exc:  # noqa: BLE001
-                self._failed(exc)
+                if self.failure is not None:
+                    self._failed(exc)
                 complete(done, exc=exc)
                 return
-            complete(done, True)
+            complete(done, result)
 
-        self._commands.put(probe)
+        self._commands.put(run)
         return done
 
     def warm_up(self) -> dict:
@@ -124,15 +153,16 @@ class TensorParallelWorkerCore:
             if self._running:
                 self._step()
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, future: Future, on_text) -> None:
+    def _add(self, request_id: str, add: Callable[[str], object], num_prompt_tokens: int, future: Future,
+             on_text) -> None:
         if future.cancelled():
             return
         try:
-            self.engine.add_request(prompt_ids, params, request_id)
+            add(request_id)
         except Exception as exc:  # noqa: BLE001 - a refusal fails the request; a dead group, everything
             self._failed(exc, future)
             return
-        self._running[request_id] = Running(future, on_text, len(prompt_ids))
+        self._running[request_id] = Running(future, on_text, num_prompt_tokens)
 
     def _cancelled(self, request_id: str) -> None:
         self.cancelled += 1
@@ -174,10 +204,14 @@ class TensorParallelWorkerCore:
             return
         if running.on_text is not None:
             running.on_text(finished.text, True)
+        prompt, prefilled, cached = ((finished.prompt_tokens, finished.prefill_tokens, finished.cached_tokens)
+                                     if finished.prompt_tokens else (running.num_prompt_tokens,) * 2 + (0,))
+        self.prefill_tokens += prefilled
+        self.cached_tokens += cached
         complete(running.future, TurnResult(
-            finished.text, running.token_ids, finish_reason, running.num_prompt_tokens,
-            prefill_tokens=running.num_prompt_tokens, prefill_s=finished.prefill_s, decode_s=finished.decode_s,
-            kv=finished.kv, logprobs=finished.logprobs))
+            finished.text, running.token_ids, finish_reason, prompt, prefill_tokens=prefilled,
+            prefill_s=finished.prefill_s, decode_s=finished.decode_s, kv=finished.kv, cached_tokens=cached,
+            logprobs=finished.logprobs))
 
     def _failed(self, exc: BaseException, future: Future | None = None) -> None:
         """A request refused alike by every rank fails alone (``future``); a failed group fails
@@ -194,17 +228,18 @@ class TensorParallelWorkerCore:
     # -- what the router and /metrics read ------------------------------------------------
 
     def stats(self) -> WorkerStats:
-        """Counters of this replica (requests in flight as ``running``); the ranks' KV is not
-        reported (zeros)."""
+        """Counters of this replica (requests in flight as ``running``); the ranks' device KV is
+        not reported (zeros); the deployment adds the ranks' store."""
         return WorkerStats(
             queue=self._commands.qsize(), running=len(self._running), device_kv_bytes=0,
             device_kv_capacity_bytes=0, full_kv_bytes=0, host_kv_bytes_in_flight=0, resident_fraction=0.0,
             blocks_copied=0, bytes_copied=0, misses=0, generated_tokens=self.generated_tokens, busy_s=self.busy_s,
-            tokens_per_s=self.generated_tokens / self.busy_s if self.busy_s else 0.0, prefill_tokens=0, rebuilt={},
-            node_id=self.node_id, cancelled=self.cancelled, memory=process_memory(torch.device("cpu")))
+            tokens_per_s=self.generated_tokens / self.busy_s if self.busy_s else 0.0,
+            prefill_tokens=self.prefill_tokens, rebuilt={}, node_id=self.node_id, cached_tokens=self.cached_tokens,
+            cancelled=self.cancelled, memory=process_memory(torch.device("cpu")))
 
     def idle(self) -> bool:
         return not self._running and self._commands.empty()
 
 
-__all__ = ["TensorParallelWorkerCore", "sessions_not_served"]
+__all__ = ["TensorParallelWorkerCore"]

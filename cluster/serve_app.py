@@ -94,7 +94,7 @@ class Ingress:
         from cluster.ingress import build_api
 
         api = build_api(self.edge)
-        if self.config.tensor_parallel_size == 1:  # tensor-parallel workers use no node store (yet)
+        if self.config.tensor_parallel_size == 1:  # tensor-parallel ranks keep their own stores (docs/parallel.md)
             self._placer = asyncio.get_event_loop().create_task(self._place_stores())
         return api
 

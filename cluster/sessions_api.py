@@ -14,7 +14,6 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from actors.tp_worker import sessions_not_served
 from cluster import protocol_sessions as ps
 from cluster.openai_api import DONE, cached_tokens, sampling_params, sse
 from cluster.taxonomy import EdgeError, call_worker, error_answer
@@ -49,13 +48,7 @@ class SessionsAPI:
 
     # -- the routes -----------------------------------------------------------------------
 
-    def check_served(self, what: str) -> None:
-        """Tensor-parallel decode workers serve no sessions yet: every session route is a 501."""
-        if self.edge.config.tensor_parallel_size > 1:
-            raise sessions_not_served(what)
-
     async def create(self, req: ps.SessionCreate, owner: str | None) -> ps.SessionCreated:
-        self.check_served("creating a session")
         edge = self.edge
         context_ids = await edge.off_loop(self.context_ids, req)
         if len(context_ids) >= edge.max_model_len:
@@ -84,7 +77,6 @@ class SessionsAPI:
         return record
 
     async def ask(self, session_id: str, req: ps.SessionAsk, owner: str | None) -> ps.SessionAnswer:
-        self.check_served("a session's turn")
         edge = self.edge
         start = time.perf_counter()
         record = await self.record(session_id, owner)
@@ -107,7 +99,6 @@ class SessionsAPI:
         """A turn as Server-Sent Events: ``{"text": piece}`` as tokens decode, then the answer
         (the fields of a plain ask), then ``[DONE]``. The first item is awaited here, so that a
         bad request or an unknown session is a 4xx, not a broken stream."""
-        self.check_served("a session's turn")
         edge = self.edge
         start = time.perf_counter()
         record = await self.record(session_id, owner)
@@ -154,7 +145,6 @@ class SessionsAPI:
                                timings={"ingress": round(ingress_s, 6), **(getattr(out, "timings", None) or {})})
 
     async def delete(self, session_id: str, owner: str | None) -> ps.SessionDeleted:
-        self.check_served("deleting a session")
         await self.record(session_id, owner)
         if await self.directory.delete.remote(session_id) is None:  # deleted meanwhile by another request
             await self.record(session_id, None)

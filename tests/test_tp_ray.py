@@ -2,8 +2,9 @@
 exactly the single-process engine's tokens, and a killed rank fails the group with a typed error
 within a bounded time instead of hanging. Last, ``cluster:app`` with ``tensor_parallel_size=2``:
 a completion (plain, streamed, and through the deployment's handle) is the single-process
-engine's, the replica's placement group holds it and its 2 ranks, session routes are 501, and a
-killed rank makes the next request a 503."""
+engine's, the replica's placement group holds it and its 2 ranks, a session's turns are the
+one-GPU worker's (its context loaded from the ranks' stores, not prefilled again) and its delete
+frees every rank's blocks, and a killed rank makes the next request a 503."""
 from __future__ import annotations
 
 import functools
@@ -161,6 +162,59 @@ def generated_tokens(url: str) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith("lsa_generated_tokens{"))
 
 
+QUESTIONS = [[5, 9, 14, 3, 22, 8, 40], [17, 6, 33, 12, 9]]
+TURN = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+def one_gpu_session(context: list[int], tmp_path) -> list:
+    """The one-GPU decode worker's turns (``TurnResult``) on a session of ``context``."""
+    from actors.decode_worker import DecodeWorkerCore
+    from actors.kv_store import KVStoreCore, arena_path
+    from cluster.serve_app import parse_args
+    from engine.factory import arena_layout, build_engine
+
+    cfg = parse_args(SERVED)
+    store = KVStoreCore("n", arena_layout(cfg.engine), cfg.kv_store_bytes, arena_path("ref", "n", str(tmp_path)))
+    core = DecodeWorkerCore.build(lambda arena: build_engine(cfg.engine, arena), store, "w")
+    try:
+        core.create_session("doc", context).result(timeout=120)
+        return [core.ask("doc", q, TURN).result(timeout=120) for q in QUESTIONS]
+    finally:
+        core.close()
+        store.close()
+
+
+def check_sessions(url: str, handle, context: list[int]) -> None:
+    """A session over HTTP: two turns equal the one-GPU worker's and prefill only the new
+    tokens; a third through the handle has its very tokens; the delete frees every rank's blocks."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        want = one_gpu_session(context, tmp)
+    free = handle.record_routing_stats.remote().result(timeout_s=60)["free_kv_bytes"]
+    status, created = post(url + "/v1/sessions", {"context_ids": context})
+    assert status == 200 and created["prefill_tokens"] == len(context), created
+    session_id = created["id"]
+    for question, turn in zip(QUESTIONS, want):
+        status, answer = post(url + f"/v1/sessions/{session_id}/ask", {"question": question, "max_tokens": 8})
+        assert status == 200, answer
+        assert (answer["text"], answer["num_tokens"]) == (turn.text, len(turn.token_ids))
+        assert (answer["prefill_tokens"], answer["cached_tokens"]) == (turn.prefill_tokens, turn.cached_tokens)
+        assert answer["cached_tokens"] > 0 and answer["prefill_tokens"] < len(context) // 2
+        assert answer["replica"] == created["replica"] and answer["held"]
+    again = handle.ask.remote(session_id, QUESTIONS[1], TURN).result(timeout_s=60)
+    assert again.token_ids == want[1].token_ids
+    stats = handle.record_routing_stats.remote().result(timeout_s=60)
+    assert stats["sessions"] == [session_id] and stats["free_kv_bytes"] < free
+    request = urllib.request.Request(url + f"/v1/sessions/{session_id}", method="DELETE")
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert resp.status == 200
+    stats = handle.record_routing_stats.remote().result(timeout_s=60)
+    assert stats["sessions"] == [] and stats["free_kv_bytes"] == free
+    status, body = post(url + f"/v1/sessions/{session_id}/ask", {"question": QUESTIONS[0]})
+    assert status == 404, body
+
+
 def test_the_served_app_on_two_ranks_answers_as_one_process(cluster):
     from ray import serve
 
@@ -194,9 +248,7 @@ def test_the_served_app_on_two_ranks_answers_as_one_process(cluster):
     pieces = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
     assert status == 200 and "".join(c["choices"][0]["text"] for c in pieces if c["choices"]) == want.text
 
-    status, body = post(url + "/v1/sessions", {"context": "a long document"})
-    assert status == 501 and body["error"]["type"] == "not_implemented_error", body
-    assert "tensor-parallel" in body["error"]["message"]
+    check_sessions(url, handle, prompt)
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvstore:")]
     deadline = time.monotonic() + 30  # the replica's stats reach /metrics through the Indexer
     while generated_tokens(url) < 3 * len(want.token_ids) and time.monotonic() < deadline:

@@ -1,11 +1,12 @@
 """One tensor-parallel rank's engine: the sharded model and a policy that agrees across ranks."""
 from __future__ import annotations
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError
+from engine.host_arena import ArenaLayout
 from engine.model import LlamaForCausalLM
 from engine.parallel.group import TensorParallel
-from engine.parallel.layers import shard_model
+from engine.parallel.layers import shard_config, shard_model
 from engine.parallel.lsa import TensorParallelLSAPolicy
 from engine.policies import Policy
 
@@ -24,13 +25,23 @@ def tp_policy(config: EngineConfig, num_layers: int, block_size: int, tp: Tensor
                               f"{', '.join(TP_POLICIES)}")
 
 
-def build_tp_engine(model: LlamaForCausalLM, config: EngineConfig, tp: TensorParallel, tokenizer=None):
+def rank_arena_layout(model_config: ModelConfig, config: EngineConfig, tp: TensorParallel) -> ArenaLayout:
+    """The host arena layout of one rank's engine: the block size the engine resolves, the
+    rank's ``1/P`` of the KV heads (a block is ``1/P`` of a one-GPU arena's block)."""
+    max_len = min(config.scheduler.max_model_len or model_config.max_position_embeddings,
+                  model_config.max_position_embeddings)
+    return ArenaLayout.of(shard_config(model_config, tp), config.cache.block_size_for(max_len), config.torch_dtype,
+                          config.cache.host_dtype)
+
+
+def build_tp_engine(model: LlamaForCausalLM, config: EngineConfig, tp: TensorParallel, tokenizer=None, arena=None):
     """Shard ``model`` (whole weights) for ``tp.rank`` and wrap it in an ``LLMEngine``. Every rank
-    must get the same requests in the same order and step together (the collectives pair up)."""
+    must get the same requests in the same order and step together (the collectives pair up).
+    ``arena``: the rank's host mirror (a HostArena of ``rank_arena_layout``: its KV heads only)."""
     from engine.llm import LLMEngine
 
     full = model.config
     max_model_len = min(config.scheduler.max_model_len or full.max_position_embeddings,
                         full.max_position_embeddings)
     policy = tp_policy(config, full.num_layers, config.cache.block_size_for(max_model_len), tp)
-    return LLMEngine(shard_model(model, tp), config, tokenizer, policy=policy)
+    return LLMEngine(shard_model(model, tp), config, tokenizer, policy=policy, arena=arena)

@@ -31,7 +31,8 @@ from engine.sequence import Sequence, Status
 @dataclass(frozen=True)
 class Finished:
     """What a request's last update adds: its whole text, timings, KV accounting (this rank's),
-    the log-probabilities it asked for, and the error that failed it alone (finish reason "error")."""
+    the log-probabilities it asked for, the error that failed it alone (finish reason "error"),
+    and its prompt's tokens: all, those prefilled, those loaded from the host arena instead."""
 
     text: str
     prefill_s: float
@@ -39,6 +40,9 @@ class Finished:
     kv: dict
     logprobs: list | None = None
     error: Exception | None = None
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,11 @@ class RankWorker:
         """Build this rank's engine shard from ``make_model(device, dtype)`` (whole weights, sliced
         here; e.g. ``partial(load_model, source)``). Replaces an earlier engine and its requests."""
         model = make_model(config.device_name, config.torch_dtype)
-        self.engine = build_tp_engine(model, config, self.tp, tokenizer)
+        self._install(build_tp_engine(model, config, self.tp, tokenizer))
+
+    def _install(self, engine) -> None:
+        """``engine`` replaces this rank's engine; earlier requests are dropped."""
+        self.engine = engine
         self.logprobs = LogprobsRecorder()  # for requests that ask (SamplingParams.logprobs)
         self.engine.hooks.append(self.logprobs)
         self._seqs.clear()
@@ -118,7 +126,7 @@ class RankWorker:
 
     def step(self) -> list[TokenUpdate]:
         """One engine step; the new tokens of every request that moved, finished ones last seen."""
-        self.engine.step()
+        self._advance()
         updates = []
         for request_id, seq in list(self._seqs.items()):
             done = seq.status is Status.FINISHED
@@ -126,13 +134,20 @@ class RankWorker:
             new = seq.output_ids[tokens:]
             if new or done:
                 finished = Finished(seq.text, seq.prefill_s, seq.decode_s, dict(seq.kv), self.logprobs.pop(seq),
-                                    seq.error) if done else None
+                                    seq.error, *self._prompt_tokens(request_id, seq)) if done else None
                 updates.append(TokenUpdate(request_id, list(new), seq.finish_reason if done else None,
                                            seq.text[chars:], finished))
                 self._emitted[request_id] = (len(seq.output_ids), max(chars, len(seq.text)))
             if done:
                 del self._seqs[request_id], self._emitted[request_id]
         return updates
+
+    def _advance(self) -> None:
+        self.engine.step()
+
+    def _prompt_tokens(self, request_id: str, seq: Sequence) -> tuple[int, int, int]:
+        """(prompt, prefilled, loaded) tokens of a finished request: here all prefilled."""
+        return seq.prompt_len, seq.prompt_len, 0
 
     def close(self) -> None:
         self.engine = None
