@@ -117,7 +117,9 @@ def test_reported_plan_stages_spilled_blocks_before_the_turn(cluster):
     before = ray.get(a.stats.remote())
     indexer = ray.get_actor("lsa-indexer", namespace="lsa-multinode")
     report = PlanReport(local["replica"], home, session_id, logical)
-    assert ray.get(indexer.report_plans.remote([report])) == len(logical)
+    # the worker's own plan for this session (reported fire-and-forget after the first ask) may
+    # arrive after the spill and stage part of it first: this report fetches what is left
+    assert 0 <= ray.get(indexer.report_plans.remote([report])) <= len(logical)
     staged = ray.get(a.stats.remote())
     assert staged.staged_blocks == len(logical)  # on the worker's node before the turn
     # node-wide counter: plans the worker reported for the module's other sessions (sent in
