@@ -6,6 +6,8 @@ import weakref
 
 import torch
 
+from engine.host_copy import clear_cuda_error
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 
@@ -54,22 +56,8 @@ def register_host(ptr: int, nbytes: int) -> bool:
     err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
     if int(getattr(err, "value", err)) == 0:
         return True
-    _clear_cuda_error()
+    clear_cuda_error()
     return False
-
-
-def _clear_cuda_error() -> None:
-    """``cudaGetLastError()`` of the CUDA runtime PyTorch loaded (torch binds no such call): reads
-    and resets the calling thread's last error."""
-    import ctypes
-
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "libcudart.so" in line}
-    for path in paths:
-        try:
-            ctypes.CDLL(path).cudaGetLastError()
-        except (OSError, AttributeError):
-            continue
 
 
 def on_tmpfs(path: str) -> bool:
