@@ -152,17 +152,17 @@ def run_config(ctx, batch, fracs, copy_bw, rows, sweep):
                    gather_sdpa_ms=gather_ms,
                    speedup_vs_gather=gather_ms / sparse_ms if gather_ms else None,
                    rel_err_vs_gather_sdpa=err,
-                   num_splits=default_num_splits(batch, HKV, n_blocks, q.device))
+                   num_splits=default_num_splits(batch, HKV, q.device))
         rows.append(row)
         if sweep and (ctx, batch, frac) in SWEEP_AT:
-            row["sweep"] = sweep_config(sparse, batch, n_blocks, q.device)
+            row["sweep"] = sweep_config(sparse, batch, q.device)
     del pool
     torch.cuda.empty_cache()
 
 
-def sweep_config(sparse, batch, n_blocks, device):
+def sweep_config(sparse, batch, device):
     """Times of other tuning knobs for one config: {"splits/warps/stages": ms}."""
-    base = default_num_splits(batch, HKV, n_blocks, device)
+    base = default_num_splits(batch, HKV, device)
     out = {}
     for splits in sorted({max(1, base // 4), max(1, base // 2), base, base * 2}):
         for warps in (4, 8):

@@ -157,14 +157,17 @@ def default_num_stages(block: int, head_dim: int, elem_bytes: int) -> int:
     return 3 if 6 * tile <= 160 * 1024 else 2 if 4 * tile <= 160 * 1024 else 1
 
 
-def default_num_splits(n_seq: int, n_kvh: int, width: int, device: torch.device,
+def default_num_splits(n_seq: int, n_kvh: int, device: torch.device,
                        stages: int = 3, tile_bytes: int = 16384) -> int:
     """Split count that fills whole waves of the GPU, about two of them.
 
     Resident programs per SM are estimated from shared memory (``stages`` K and V tiles per
     program, 228 KB per SM). The smallest split count giving >= 1.5 waves at >= 95% wave
-    efficiency wins; if the table is too narrow for that, the most efficient one (>= 2 blocks
-    per split). Measured on the H200, 512K x 1 seq at 13.5%, 3 stages (2 programs per SM):
+    efficiency wins (at most 1024). It depends on the grid alone, never on the table's width: the
+    split count fixes the order in which partial sums are combined, so the same rows in a wider
+    table (an offloading policy's CUDA graph is as wide as its decode reserve) must give the same
+    bits as in a narrow one (budget 1.0 equals full attention bit-exactly); a row with fewer
+    blocks than splits leaves the extra programs empty. Measured on the H200, 512K x 1 seq at 13.5%, 3 stages (2 programs per SM):
     66 splits (2.0 waves) 85.5 us, 33 (1 wave) 89.7 us, 132 (4 waves) 87.0 us; with 2 stages
     (3 per SM, so 66 splits = 1.33 waves) 99.9 us.
     """
@@ -172,9 +175,8 @@ def default_num_splits(n_seq: int, n_kvh: int, width: int, device: torch.device,
     per_sm = max(1, min(4, (228 * 1024) // (2 * stages * tile_bytes + 1024)))
     slots = sms * per_sm
     base = n_seq * n_kvh
-    max_splits = max(1, min(1024, math.ceil(width / 2)))
     best, best_eff = 1, 0.0
-    for splits in range(1, max_splits + 1):
+    for splits in range(1, 1025):
         waves = base * splits / slots
         eff = waves / math.ceil(waves)
         if waves >= 1.5 and eff >= 0.95:
@@ -210,9 +212,8 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
     if num_stages is None:
         num_stages = default_num_stages(block, head_dim, k_cache.element_size())
     if num_splits is None:
-        num_splits = default_num_splits(n_seq, n_kvh, width, dev, num_stages,
-                                        block * head_dim * k_cache.element_size())
-    num_splits = max(1, min(num_splits, width))  # each row's blocks are shared out over them in the kernel
+        num_splits = default_num_splits(n_seq, n_kvh, dev, num_stages, block * head_dim * k_cache.element_size())
+    num_splits = max(1, num_splits)  # each row's blocks are shared out over them in the kernel
 
     o_part = torch.empty((n_seq, n_qh, num_splits, head_dim), dtype=torch.float32, device=dev)
     lse_part = torch.empty((n_seq, n_qh, num_splits), dtype=torch.float32, device=dev)

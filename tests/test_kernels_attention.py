@@ -125,6 +125,24 @@ def test_triton_split_counts(num_splits):
     assert (mass.double().cpu() - ref_mass).abs().max().item() < 5e-5
 
 
+def test_the_same_rows_give_the_same_bits_in_a_wider_table():
+    """The default split count depends on the grid, never on the table's width: an offloading
+    policy's CUDA graph holds its rows in a table as wide as the decode reserve, full attention's in
+    a narrow one, and budget 1.0 must equal full attention bit-exactly (it did not on the H200 when
+    a narrow table capped the splits: the partial sums were combined in another order)."""
+    device, dtype = DEVICE_DTYPES[0]
+    gen = torch.Generator().manual_seed(5)
+    q, pool, table, nb, last = make_case(gen, device, dtype, 8, 2, 64, 16, [5, 1, 3], [7, 2, 16], pad=0)
+    wide = torch.full((table.shape[0], 300), -7, dtype=table.dtype, device=table.device)
+    wide[:, :table.shape[1]] = table
+    from kernels.sparse_attention import sparse_decode_attention_triton
+    narrow_out = sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125)
+    wide_out = sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], wide, nb, last, 0.125)
+    assert torch.equal(narrow_out, wide_out)
+    ref_out, _ = attention_f64(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125)
+    assert rel_err(wide_out, ref_out) < TOL[dtype]
+
+
 def test_wide_table_shares_the_listed_blocks_out():
     """A table much wider than the rows list (a CUDA graph's, sized for its widest row): the
     splits share each row's own blocks, so a row of 40 blocks in a 300-wide table with 8 splits
