@@ -95,12 +95,19 @@ class DecodeWorkerCore:
 
     def _capacity_warnings(self) -> list[str]:
         """What the operator should know at start: an arena that cannot hold one request of the
-        model's full context (longer prompts are refused as too long)."""
+        model's full context (longer prompts are refused as too long), or that CUDA could not
+        page-lock (copies from it are slow)."""
         limit, held = self.engine.max_model_len, self.sessions.max_context
-        if held >= limit:
-            return []
-        return [f"the host KV arena holds {held} tokens, less than one request of the model's context "
-                f"({limit} tokens): longer requests are refused; raise kv_store_bytes"]
+        out = []
+        if held < limit:
+            out.append(f"the host KV arena holds {held} tokens, less than one request of the model's context "
+                       f"({limit} tokens): longer requests are refused; raise kv_store_bytes")
+        mirror = self.engine.cache.mirror
+        if self.engine.cache.device.type == "cuda" and not mirror.pinned:
+            out.append("the host KV arena is not page-locked (cudaHostRegister refused it: not on tmpfs, or more "
+                       "than the system lets one process lock): every copy to the GPU is gathered on the host "
+                       "and pageable, far below PCIe speed; put kv_dir on /dev/shm")
+        return out
 
     # -- requests (any thread) ------------------------------------------------------------
 

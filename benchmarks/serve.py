@@ -72,6 +72,7 @@ class Turn:
     num_tokens: int = 0
     prefill_tokens: int = 0
     done: float = 0.0
+    timings: dict = field(default_factory=dict)  # the answer's seconds per phase (ingress, admission, ...)
 
     @property
     def ttft(self) -> float:
@@ -89,6 +90,12 @@ def percentiles(values: list[float]) -> dict:
             "p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "max_ms": 1e3 * ordered[-1]}
 
 
+def phase_medians(turns: list[Turn]) -> dict:
+    """Median seconds of each phase the turns' answers report (where a turn's time went)."""
+    phases = dict.fromkeys(p for t in turns for p in t.timings)
+    return {p: statistics.median(t.timings[p] for t in turns if p in t.timings) for p in phases}
+
+
 def concurrent_stats(turns: list[Turn]) -> dict:
     start, end = min(t.sent for t in turns), max(t.done for t in turns)
     steady_from = max(t.arrivals[0] for t in turns if t.arrivals)
@@ -96,7 +103,7 @@ def concurrent_stats(turns: list[Turn]) -> dict:
     tokens = sum(t.num_tokens for t in turns)
     out = {"turns": len(turns), "tokens": tokens, "wall_s": end - start, "tokens_per_s": tokens / (end - start),
            "ttft": percentiles([t.ttft for t in turns]), "itl": percentiles([g for t in turns for g in t.gaps()]),
-           "prefill_tokens": [t.prefill_tokens for t in turns]}
+           "prefill_tokens": [t.prefill_tokens for t in turns], "phases_median_s": phase_medians(turns)}
     if steady_to > steady_from:
         pieces = sum(sum(1 for a in t.arrivals if steady_from <= a <= steady_to) for t in turns)
         out["steady"] = {"seconds": steady_to - steady_from, "pieces_per_s": pieces / (steady_to - steady_from),
@@ -126,6 +133,7 @@ class Served:
             now = time.perf_counter()
             if "num_tokens" in event:  # the last event: the whole answer
                 turn.num_tokens, turn.prefill_tokens = event["num_tokens"], event["prefill_tokens"]
+                turn.timings = event.get("timings") or {}
             elif event.get("text"):
                 turn.arrivals.append(now)
         turn.done = time.perf_counter()
@@ -182,6 +190,7 @@ class EngineAlone:
                                on_text=on_text).result()
         turn.done = time.perf_counter()
         turn.num_tokens, turn.prefill_tokens = len(result.token_ids), result.prefill_tokens
+        turn.timings = dict(getattr(result, "timings", None) or {})
         return turn
 
     def clone(self, session_id: str, context_ids: list[int]) -> tuple[str, dict]:
@@ -223,7 +232,8 @@ def run_workload(side, w: Workload, label: str) -> dict:
         for i in range(w.followups):
             turn = side.ask(session_id, w.question(i), w.max_tokens)
             entry["followups"].append({"ttft_s": turn.ttft, "num_tokens": turn.num_tokens,
-                                       "prefill_tokens": turn.prefill_tokens, "itl": percentiles(turn.gaps())})
+                                       "prefill_tokens": turn.prefill_tokens, "itl": percentiles(turn.gaps()),
+                                       "timings": turn.timings})
         if length == w.concurrency_context and w.sessions >= 1 and kept is None:
             kept = session_id
         else:
@@ -232,6 +242,9 @@ def run_workload(side, w: Workload, label: str) -> dict:
         print(f"[{label}] {length:>8} tokens: session in {seconds:.2f} s ({entry['prefill_tokens_per_s']:.0f} tok/s); "
               + ", ".join(f"turn TTFT {f['ttft_s']:.2f} s, ITL median {f['itl'].get('median_ms', 0):.1f} ms "
                           f"({f['prefill_tokens']} prefilled)" for f in entry["followups"]), flush=True)
+        if entry["followups"]:
+            print(f"[{label}] {length:>8} tokens: last turn's phases {format_phases(entry['followups'][-1]['timings'])}",
+                  flush=True)
     if w.sessions < 1:
         return out
     context = w.context(w.concurrency_context)
@@ -259,7 +272,23 @@ def run_workload(side, w: Workload, label: str) -> dict:
           f"{c['itl'].get('p99_ms', 0):.1f} ms" + (f"; steady ITL median {c['steady']['itl'].get('median_ms', 0):.1f} "
                                                    f"p99 {c['steady']['itl'].get('p99_ms', 0):.1f} ms"
                                                    if "steady" in c else ""), flush=True)
+    print(f"[{label}] concurrent turns' median phases {format_phases(c['phases_median_s'])}", flush=True)
     return out
+
+
+def health(url: str) -> str:
+    """The app's /health text: "ok", then the workers' warnings (e.g. an arena not page-locked)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            return r.read().decode()
+    except OSError as exc:
+        return f"unreachable: {exc}"
+
+
+def format_phases(timings: dict) -> str:
+    return ", ".join(f"{phase} {1e3 * seconds:.0f} ms" for phase, seconds in timings.items()) or "(none reported)"
 
 
 # ------------------------------------------------------------------ the command
@@ -347,6 +376,8 @@ def run_bench(args) -> int:
     t0 = time.perf_counter()
     with served.app_url(args, app_args) as url:
         report["served"] = run_workload(Served(url), w, "served")
+        report["served"]["health"] = health(url)
+        print(f"[served] /health: {report['served']['health']!r}", flush=True)
     if serve_config is not None and not args.no_engine:
         import lsa_env
 

@@ -148,3 +148,17 @@ def test_an_arena_smaller_than_the_context_warns_at_start(tmp_path, model):
         assert core.warnings and "160 tokens" in core.warnings[0] and core.stats().warnings == core.warnings
     finally:
         core.close()
+
+
+def test_a_cuda_worker_over_an_arena_it_could_not_page_lock_warns_at_start(tmp_path, model):
+    """Copies from a pageable arena are gathered on the host and far below PCIe speed: the
+    operator reads why in /health. (A CPU worker never page-locks: no warning.)"""
+    store = KVStoreCore("n", LAYOUT, 400 * LAYOUT.block_bytes, arena_path("pin", "n", str(tmp_path)))
+    core = DecodeWorkerCore.build(lambda arena: LLMEngine(model, config(), ByteTokenizer(), arena=arena), store, "w")
+    try:
+        assert not any("page-locked" in w for w in core.warnings)
+        core.engine.cache.device = torch.device("cuda", 0)  # as a CUDA engine whose registration was refused
+        assert core.engine.cache.mirror.pinned is False
+        assert any("not page-locked" in w and "/dev/shm" in w for w in core._capacity_warnings())
+    finally:
+        core.close()

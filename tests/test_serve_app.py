@@ -29,11 +29,10 @@ from cluster.batch_openai import BatchOutputLine  # noqa: E402
 from cluster.client import LSAClient, SessionNotFound  # noqa: E402
 from cluster.local import free_port  # noqa: E402
 from cluster.metrics import sum_series  # noqa: E402
+from bad_requests import BAD, CHAT, MAX_BODY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY, OTHER_KEY, ADMIN = "test-key", "other-key", "admin-key"
-MAX_BODY = 256 << 10
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -159,96 +158,6 @@ def test_litellm_openai_compatible_provider(server):
 
 # ------------------------------------------------------------------------------- bad requests
 
-M = [{"role": "user", "content": "hi"}]
-BAD = [  # (method, path, body | raw bytes, status, param, code)
-    ("POST", "/v1/chat/completions", {**CHAT, "_key": None}, 401, None, "invalid_api_key"),
-    ("POST", "/v1/chat/completions", {**CHAT, "_key": "nope"}, 401, None, "invalid_api_key"),
-    ("GET", "/v1/nothing", None, 404, None, "not_found"),
-    ("GET", "/v1/completions", None, 405, None, "method_not_allowed"),
-    ("PUT", "/v1/models", None, 405, None, "method_not_allowed"),
-    ("GET", "/v1/models/gpt-4", None, 404, "model", "model_not_found"),
-    ("POST", "/v1/chat/completions", b"{not json", 400, None, "invalid_body"),
-    ("POST", "/v1/chat/completions", b"[1, 2]", 400, None, "invalid_type"),
-    ("POST", "/v1/chat/completions", b"x" * (MAX_BODY + 1), 413, None, "request_too_large"),
-    ("POST", "/v1/chat/completions", {}, 400, "messages", "missing_required_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages", "invalid_value"),
-    ("POST", "/v1/chat/completions", {"messages": "hi"}, 400, "messages", "invalid_value"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content",
-     None),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                                 "image_url": {"url": "x"}}]}]},
-     400, "messages[0].content[0].type", None),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0]", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "temperature": "hot"}, 400, "temperature", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "temperature": -1}, 400, "temperature", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "temperature": 2.5}, 400, "temperature", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "top_p": 0}, 400, "top_p", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "top_p": 1.5}, 400, "top_p", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "top_k": 1.5, "temperature": 0.7}, 400, "top_k", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "top_k": "abc"}, 400, "top_k", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "seed": "abc"}, 400, "seed", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "seed": 2 ** 70}, 400, "seed", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stop": [1]}, 400, "stop[0]", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stop": 123}, 400, "stop", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stop": [""]}, 400, "stop", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "n": 0}, 400, "n", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "n": 100}, 400, "n", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "n": True}, 400, "n", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "max_tokens": 0}, 400, "max_tokens", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "max_tokens": "8"}, 400, "max_tokens", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "max_tokens": 10 ** 12}, 400, "max_tokens",
-     "context_length_exceeded"),
-    ("POST", "/v1/chat/completions", {"messages": M, "max_tokens": 4, "max_completion_tokens": 4}, 400, None, None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stream": "yes"}, 400, "stream", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stream_options": {"include_usage": True}}, 400, None, None),
-    ("POST", "/v1/chat/completions", {"messages": M, "stream": True, "stream_options": {"include_usage": 1}}, 400,
-     "stream_options.include_usage", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "logprobs": "yes"}, 400, "logprobs", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs",
-     None),
-    ("POST", "/v1/chat/completions", {"messages": M, "top_logprobs": 2}, 400, None, None),
-    ("POST", "/v1/chat/completions", {"messages": M, "tools": [{"type": "function"}]}, 400, "tools",
-     "unsupported_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "tool_choice": "auto"}, 400, "tool_choice",
-     "unsupported_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "response_format": {"type": "json_object"}}, 400,
-     "response_format", "unsupported_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "functions": [{"name": "f"}]}, 400, "functions",
-     "unsupported_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "logit_bias": {"5": 10}}, 400, "logit_bias",
-     "unsupported_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "frequency_penalty": 2.5}, 400, "frequency_penalty", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "presence_penalty": "high"}, 400, "presence_penalty", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "repetition_penalty": 1.2}, 400, "repetition_penalty",
-     "unsupported_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "foo": 1}, 400, "foo", "unknown_parameter"),
-    ("POST", "/v1/chat/completions", {"messages": M, "user": ""}, 400, "user", None),
-    ("POST", "/v1/chat/completions", {"messages": M, "model": "gpt-4"}, 404, "model", "model_not_found"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]}, 400, "messages",
-     "context_length_exceeded"),
-    ("POST", "/v1/completions", {"prompt": ""}, 400, "prompt", None),
-    ("POST", "/v1/completions", {"prompt": [99999]}, 400, "prompt", None),
-    ("POST", "/v1/completions", {"prompt": [-1]}, 400, "prompt", None),
-    ("POST", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", None),
-    ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt", None),
-    ("POST", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "unsupported_parameter"),
-    ("POST", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    ("POST", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter"),
-    ("POST", "/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs", None),
-    ("POST", "/v1/completions", {"prompt": "x" * 5000}, 400, "prompt", "context_length_exceeded"),
-    ("POST", "/v1/sessions", {}, 400, None, None),
-    ("POST", "/v1/sessions", {"context": ""}, 400, "context", None),
-    ("POST", "/v1/sessions", {"context_ids": [1, "a"]}, 400, "context_ids[1]", None),
-    ("POST", "/v1/sessions", {"context_ids": [5] * 5000}, 400, "context_ids", "context_length_exceeded"),
-    ("POST", "/v1/sessions/nope/ask", {"question": "q"}, 404, None, "session_not_found"),
-    ("POST", "/v1/sessions/nope/ask", {"question": " "}, 400, "question", None),
-    ("POST", "/v1/sessions/nope/ask", {"question": "q", "temperature": 5}, 400, "temperature", None),
-    ("DELETE", "/v1/sessions/nope", None, 404, None, "session_not_found"),
-    ("POST", "/v1/chat/completions", msgpack.packb({"messages": M, "n": "2"}), 400, "n", None),
-    ("POST", "/v1/chat/completions", b"\xc1\xc1", 400, None, "invalid_body"),
-]
 
 
 def test_bad_requests_get_their_status_and_a_good_request_succeeds_after_each(server):
