@@ -146,7 +146,7 @@ def test_a_session_turn_decodes_the_same_through_graphs(model):
     as eagerly. On the H200 (2026-12-02) this failed while test_static_decode_matches_eager passed:
     the graph run's logits equal the eager run's up to decode step 8 and then differ by ~2 (the
     layer-by-layer turn repeats one token from step 9; the whole-prefix turn diverges at 13);
-    eagerly on the GPU both turns give the CPU's tokens. Open: docs/perf.md."""
+    eagerly on the GPU the two turns agree bit for bit. Open: docs/perf.md."""
     from actors.session_table import SessionTable
     from engine.host_arena import ArenaLayout, HostArena
     from test_sessions import Sessions
