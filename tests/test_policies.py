@@ -121,6 +121,7 @@ def test_attention_score_keeps_sinks_and_tail_within_budget(model, per_layer):
     seqs, _ = run(engine, prompts(), max_tokens=50, hook=_check_residency)
     assert all(len(s.output_ids) == 50 for s in seqs)
     assert engine.policy.cycles > 0  # boundaries scored from the mirror's keys
+    assert engine.policy.index_fraction() == 0.0  # no device index keys to pay for
 
 
 @pytest.mark.parametrize("name", ["lsa", "snapkv"])

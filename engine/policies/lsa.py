@@ -117,6 +117,10 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
 
     observes_decode = True
 
+    def index_fraction(self) -> float:
+        """The attention score reads the keys from the host mirror: no index keys to budget for."""
+        return 0.0 if isinstance(self.indexer, AttentionIndexer) else super().index_fraction()
+
     @property
     def selects_each_step(self) -> bool:
         return self.config.level2_topk is not None  # Level-2 top-k is its only per-step selection
