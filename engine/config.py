@@ -274,8 +274,7 @@ class PolicyConfig:
     index_score: str = option("mean", "zero-training indexer score: mean (mean-key dot; the best measured, "
                                   "docs/accuracy.md), quest (min/max bounds), mass (attention mass with the mean "
                                   "key as the block's keys), attention (exact attention mass of the recent "
-                                  "queries on every complete block's keys from the host mirror; measured best "
-                                  "with early target_layers, docs/indexer.md)",
+                                  "queries on every complete block's keys from the host mirror, docs/indexer.md)",
                                   choices=("quest", "mean", "mass", "attention"))
 
     def __post_init__(self):

@@ -74,9 +74,10 @@ class AttentionIndexer:
     queries on each complete block (``window_block_mass``, the first plan's statistic), averaged
     over query heads, as a log. It reads every complete block's keys of the index layers from
     the host mirror at each boundary: one layer's keys per index layer and cycle, a 1 / (N x
-    layers) share of full attention's reads. Measured on held-out traces (docs/indexer.md) it is
-    the one zero-training score that beats recency, at early index layers (e.g. 3, 6, 9): the
-    block summaries lose what the keys know."""
+    layers) share of full attention's reads. On held-out traces (docs/indexer.md) it is the one
+    zero-training score whose plans hold more of the next cycle's attention mass than recency's,
+    at early index layers (3, 6, 9 on SmolLM2); perplexity does not follow that layer-averaged
+    mass (a shared set serving the early layers' far-back blocks starves the local layers)."""
 
     def score(self, queries: torch.Tensor, keys: torch.Tensor, last_position: int, block_size: int) -> torch.Tensor:
         """queries [W, Hq, D] (the last at ``last_position``); keys [Hkv, M * B, D] -> scores [M]."""
