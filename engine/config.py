@@ -273,8 +273,9 @@ class PolicyConfig:
                                     "own resident set and share of the budget; default: one set for all layers")
     index_score: str = option("mean", "zero-training indexer score: mean (mean-key dot; the best measured, "
                                   "docs/accuracy.md), quest (min/max bounds), mass (attention mass with the mean "
-                                  "key as the block's keys)",
-                                  choices=("quest", "mean", "mass"))
+                                  "key as the block's keys), attention (exact attention mass of the recent "
+                                  "queries on every complete block's keys from the host mirror, docs/indexer.md)",
+                                  choices=("quest", "mean", "mass", "attention"))
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -285,8 +286,8 @@ class PolicyConfig:
                 or self.page_blocks < 1 or self.neighbors < 0 or self.min_resident_tokens < 0:
             raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens, "
                                       "neighbors and min_resident_tokens >= 0")
-        if self.index_score not in ("quest", "mean", "mass"):
-            raise InvalidRequestError("index_score must be 'quest', 'mean' or 'mass'")
+        if self.index_score not in ("quest", "mean", "mass", "attention"):
+            raise InvalidRequestError("index_score must be 'quest', 'mean', 'mass' or 'attention'")
         if self.first_plan not in ("attention", "indexer"):
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if not 0.0 <= self.prefetch <= 1.0:

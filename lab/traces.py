@@ -16,6 +16,8 @@ Every ``stride`` decode steps (default: the cycle N) a boundary t yields one sam
     votes   [M] int32          per block, the most layers that picked it at one step of the window
     mass    [L, M] float32     per layer, mean over the window of the block's attention mass
                                (averaged over query heads), for mass-weighted recall
+    recent_mass [L, M] float32 the same over the W decode steps before t (what
+                               ``index_score="attention"`` computes at the boundary); zeros at t = 0
 
 Golden labels (the FlashMemory recipe, per token, then over the window): at each decode step and
 layer, the head-averaged attention mass over all blocks of the sequence is sorted and the
@@ -45,6 +47,7 @@ from engine.policies import Policy
 
 FORMAT = "lsa-traces/1"
 FIELDS = ("queries", "keys", "labels", "votes", "mass")
+OPTIONAL_FIELDS = ("recent_mass",)  # absent from shards written before 2026-12-02
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,12 @@ class TracePolicy(Policy):
                     mass[s, layer, : len(row)] = row
             counts = torch.tensor([len(layers[0]) for layers in steps])
             labels, votes = golden_labels(mass, counts, m, self.trace.top_p, self.trace.min_votes)
+            recent = torch.zeros(self.num_layers, m)
+            for layers in self.step_mass[max(0, t - self.trace.window): t]:  # rows may be shorter than m if W > B
+                for layer, row in enumerate(layers):
+                    recent[layer, : len(row)] += row[:m] / min(t, self.trace.window)
             out.append({"queries": snap["queries"], "keys": snap["keys"], "labels": labels, "votes": votes,
-                        "mass": mass[:, :, :m].mean(0), "t": torch.tensor(t)})
+                        "mass": mass[:, :, :m].mean(0), "recent_mass": recent, "t": torch.tensor(t)})
         return out
 
 
@@ -204,7 +211,7 @@ def read_shard(path: Path) -> list[dict[str, torch.Tensor]]:
 
     flat = load_file(str(path))
     n = len({k.split(".")[0] for k in flat})
-    return [{k: flat[f"{i}.{k}"] for k in (*FIELDS, "t")} for i in range(n)]
+    return [{k: flat[f"{i}.{k}"] for k in (*FIELDS, *OPTIONAL_FIELDS, "t") if f"{i}.{k}" in flat} for i in range(n)]
 
 
 def read_manifest(directory: str | Path) -> dict:

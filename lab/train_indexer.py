@@ -122,6 +122,16 @@ def cross_layer_scores(indexer, sample: dict[str, torch.Tensor]) -> torch.Tensor
                         for li in range(keys.shape[0])]).amax(0)
 
 
+def recent_attention_scores(sample: dict[str, torch.Tensor], layers: list[int]) -> torch.Tensor:
+    """[M]: ``index_score="attention"`` at the boundary, the max over ``layers`` of the exact
+    attention mass of the last W decode queries (head mean); at t = 0, where the window is the
+    prompt's (not traced), the mean-key score."""
+    if int(sample["t"]) == 0:
+        from engine.policies.lsa import QuestIndexer
+        return cross_layer_scores(QuestIndexer("mean"), sample).softmax(0)
+    return sample["recent_mass"][layers].float().amax(0)
+
+
 def budget_set(scores: torch.Tensor, budget: float, sink_blocks: int, tail_blocks: int) -> torch.Tensor:
     """bool [M]: the sinks and tail, then the best-scoring others, floor(budget * M) blocks in all
     (the resident set OffloadPolicy.target_set builds)."""
@@ -197,6 +207,9 @@ def add_train_indexer_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e = p.add_argument_group("evaluation (held-out split of the traces)")
     e.add_argument("--budgets", default="0.05,0.1,0.2", help="resident fractions, comma-separated")
+    e.add_argument("--attention-layers", type=lambda text: tuple(int(x) for x in text.split(",")), default=(3, 6, 9),
+                   help="layers of the exact-attention row (traces with recent_mass; SmolLM2's early layers; "
+                   "those the model lacks are left out)")
     e.add_argument("--sink-blocks", type=int, default=1, help="always resident, as in PolicyConfig")
     e.add_argument("--tail-blocks", type=int, default=1, help="always resident, as in PolicyConfig")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -241,6 +254,10 @@ def run_train_indexer(args) -> int:
                "recency": lambda s: cross_layer_scores(RecencyIndexer(), s),
                "learned, untrained": lambda s: cross_layer_scores(untrained, s),
                "oracle (future mass)": lambda s: s["mass"].float().mean(0)}
+    layers = [layer for layer in args.attention_layers if layer < shape["num_layers"]]
+    if layers and all("recent_mass" in s for s in held_out):
+        label = f"exact attention, layers {','.join(map(str, layers))} (zero-training, `index_score=attention`)"
+        scorers[label] = lambda s: recent_attention_scores(s, layers)
     report = recall_report(scorers, held_out, budgets, args.sink_blocks, args.tail_blocks)
     golden = [float(s["labels"].float().mean()) for s in held_out]
     summary = {
@@ -260,5 +277,6 @@ def run_train_indexer(args) -> int:
     return 0
 
 
-__all__ = ["TrainConfig", "train_indexer", "cross_layer_scores", "budget_set", "recall_report",
+__all__ = ["TrainConfig", "train_indexer", "cross_layer_scores", "recent_attention_scores", "budget_set",
+           "recall_report",
            "add_train_indexer_parser", "run_train_indexer"]

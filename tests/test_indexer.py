@@ -111,7 +111,7 @@ def test_trace_shapes_and_manifest(traces):
         assert s["queries"].shape == (2, TRACE.window, 4, 16)
         assert s["keys"].shape == (2, m, 2, 3, 16)
         assert s["labels"].shape == s["votes"].shape == (m,) and s["labels"].dtype == torch.bool
-        assert s["mass"].shape == (4, m)
+        assert s["mass"].shape == s["recent_mass"].shape == (4, m)
         assert torch.equal(s["labels"], s["votes"] >= TRACE.min_votes)
         assert (s["keys"][:, :, :, 0] <= s["keys"][:, :, :, 2]).all()  # min <= mean <= max
         assert (s["keys"][:, :, :, 2] <= s["keys"][:, :, :, 1]).all()
@@ -167,6 +167,24 @@ def test_labels_match_float64_full_attention(model, tmp_path):
             torch.testing.assert_close(s["keys"][li].double(), summary, atol=1e-4, rtol=1e-4)
             window = capture.q[layer][PROMPT + t - TRACE.window: PROMPT + t]
             torch.testing.assert_close(s["queries"][li].double(), window, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(s["recent_mass"].double(), reference_recent_mass(capture, t, m), atol=1e-4,
+                                   rtol=1e-4)
+
+
+def reference_recent_mass(capture, t, m):
+    """[L, m]: per layer, the head-mean attention mass of each block over the W decode steps before
+    t (zeros at t = 0), recomputed in float64."""
+    b, out = TRACE.block_size, torch.zeros(TINY.num_layers, m, dtype=torch.float64)
+    steps = range(max(0, t - TRACE.window), t)
+    for step in steps:
+        pos = PROMPT + step
+        for layer in range(TINY.num_layers):
+            q, k = capture.q[layer][pos], capture.k[layer][: pos + 1]
+            k = k.repeat_interleave(TINY.num_heads // TINY.num_kv_heads, dim=1)
+            p = torch.softmax(torch.einsum("hd,thd->ht", q, k) * TINY.head_dim ** -0.5, -1).mean(0)
+            per_block = torch.zeros(pos // b + 1, dtype=torch.float64).index_add_(0, torch.arange(pos + 1) // b, p)
+            out[layer] += per_block[:m] / len(steps)
+    return out
 
 
 def test_training_lowers_loss_and_beats_untrained_recall(traces, trained):

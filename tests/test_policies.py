@@ -51,7 +51,8 @@ def run(engine, ids, max_tokens=40, hook=None):
     return seqs, [torch.stack(logits[s.seq_id]) for s in seqs]
 
 
-@pytest.mark.parametrize("per_layer,index_score", [(False, "quest"), (True, "quest"), (False, "mass")])
+@pytest.mark.parametrize("per_layer,index_score", [(False, "quest"), (True, "quest"), (False, "mass"),
+                                                    (False, "attention"), (True, "attention")])
 def test_lsa_with_full_budget_equals_full_attention(model, per_layer, index_score):
     ids = prompts()
     full_seqs, full_logits = run(engine_for(model, name="full"), ids)
@@ -111,6 +112,16 @@ def test_resident_sets_hold_sinks_and_tail_within_budget(model, name, per_layer)
     assert all(len(s.output_ids) == 50 for s in seqs)
     for s in seqs:  # physical device KV well under full once prefill is done
         assert s.kv["device_kv_fraction"] < 0.45
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_attention_score_keeps_sinks_and_tail_within_budget(model, per_layer):
+    engine = engine_for(model, name="lsa", budget=0.2, cycle=8, per_layer=per_layer, index_score="attention",
+                        target_layers=(0, 2))
+    seqs, _ = run(engine, prompts(), max_tokens=50, hook=_check_residency)
+    assert all(len(s.output_ids) == 50 for s in seqs)
+    assert engine.policy.cycles > 0  # boundaries scored from the mirror's keys
+    assert engine.policy.index_fraction() == 0.0  # no device index keys to pay for
 
 
 @pytest.mark.parametrize("name", ["lsa", "snapkv"])
@@ -222,7 +233,8 @@ def test_page_recall_and_threshold_and_level2_run(model):
     for policy in (dict(page_blocks=2), dict(threshold=0.01), dict(level2_topk=3), dict(lookahead=0),
                    dict(first_plan="indexer"), dict(first_plan="indexer", index_score="mean"), dict(neighbors=0),
                    dict(index_score="mass"), dict(first_plan="indexer", index_score="mass"),
-                   dict(index_score="quest")):
+                   dict(index_score="quest"), dict(index_score="attention"),
+                   dict(first_plan="indexer", index_score="attention")):
         engine = engine_for(model, name="lsa", budget=0.25, cycle=4, **policy)
         seqs, logits = run(engine, prompts(2), max_tokens=24)
         assert all(len(s.output_ids) == 24 for s in seqs), policy
@@ -380,3 +392,39 @@ def test_mass_score_matches_a_float64_softmax_over_mean_keys():
         QuestIndexer("magic")
     with pytest.raises(InvalidRequestError, match="index_score"):
         PolicyConfig(name="lsa", index_score="magic")
+
+
+def test_attention_score_matches_a_float64_causal_softmax_over_the_keys():
+    """AttentionIndexer against a per-head, per-query float64 recomputation on fresh random
+    inputs: softmax of q . k / sqrt(D) over the keys at or before the query's position, summed
+    per block, mean over the window's queries and all query heads, log."""
+    from engine.policies.lsa import AttentionIndexer
+    g = torch.Generator().manual_seed(11)
+    w, hkv, group, d, block, m = 6, 2, 3, 16, 4, 9
+    queries = torch.randn(w, hkv * group, d, generator=g)
+    keys = torch.randn(hkv, m * block, d, generator=g) * 2
+    for last in (m * block - 1, m * block + 5, m * block - 3):  # window ends at, past, inside the last block
+        got = AttentionIndexer().score(queries, keys, last, block)
+        mass = torch.zeros(m, dtype=torch.float64)
+        for qi in range(w):
+            position = last - w + 1 + qi
+            seen = min(position + 1, m * block)
+            for h in range(hkv * group):
+                logits = keys[h // group, :seen].double() @ queries[qi, h].double() / d ** 0.5
+                p = torch.nn.functional.pad(torch.softmax(logits, 0), (0, m * block - seen))
+                mass += p.view(m, block).sum(1) / (w * hkv * group)
+        assert got.shape == (m,)
+        torch.testing.assert_close(got.double(), mass.clamp_min(1e-30).log(), rtol=1e-5, atol=1e-5)
+
+
+def test_host_keys_are_the_prompt_keys(model):
+    """The keys the attention score reads from the host mirror equal the device pool's."""
+    engine = engine_for(model, name="lsa", budget=1.0, index_score="attention")
+    seq = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    while seq.num_cached < seq.prompt_len:  # prefill chunks of 48 tokens
+        engine.step()
+    cache = engine.cache
+    host_ids = cache.host_blocks(seq.seq_id)
+    for layer in range(TINY.num_layers):
+        keys, _ = cache.gather(seq.seq_id, layer, len(host_ids) * BLOCK)
+        torch.testing.assert_close(cache.host_keys(host_ids, layer).float(), keys.float())

@@ -206,16 +206,20 @@ def narrow(scores, table, num_blocks, last_len, budget_fn):
     return out, out_n, last_len
 
 
-def window_block_mass(q: torch.Tensor, keys: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    """Attention mass per KV head and block of the last W prompt queries, causal.
+def window_block_mass(q: torch.Tensor, keys: torch.Tensor, scale: float, block_size: int,
+                      last_position: int | None = None) -> torch.Tensor:
+    """Attention mass per KV head and block of the last W queries, causal.
 
-    q [W, Hq, D] (positions n-W..n-1), keys [Hkv, n, D] -> [Hkv, num_blocks] (mean over queries).
-    One KV head at a time: the scores of a head are [G, W, n] float32 (256 MB at 512K tokens,
-    G = 4, W = 32), not Hkv times that."""
+    q [W, Hq, D] (positions last_position-W+1 .. last_position; default n-W .. n-1), keys
+    [Hkv, n, D] (positions 0 .. n-1) -> [Hkv, num_blocks] (mean over queries). Keys past n (the
+    open block at a decode boundary) are not in the softmax. One KV head at a time: the scores
+    of a head are [G, W, n] float32 (256 MB at 512K tokens, G = 4, W = 32), not Hkv times that."""
     w, hq, d = q.shape
     hkv, n, _ = keys.shape
     g = hq // hkv
-    causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - w, n, device=q.device)[:, None]  # [W, n]
+    last = n - 1 if last_position is None else last_position
+    positions = torch.arange(last - w + 1, last + 1, device=q.device)
+    causal = torch.arange(n, device=q.device)[None, :] <= positions[:, None]  # [W, n]
     per_token = [_head_mass(q[:, h * g: (h + 1) * g].float() * scale, keys[h], causal) for h in range(hkv)]
     return torch.nn.functional.pad(torch.stack(per_token), (0, (-n) % block_size)).view(hkv, -1, block_size).sum(-1)
 

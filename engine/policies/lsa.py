@@ -69,6 +69,22 @@ class QuestIndexer:
         return mass.clamp_min(1e-30).log().amax(0)
 
 
+class AttentionIndexer:
+    """Zero-training indexer from the keys themselves: the exact attention mass of the last W
+    queries on each complete block (``window_block_mass``, the first plan's statistic), averaged
+    over query heads, as a log. It reads every complete block's keys of the index layers from
+    the host mirror at each boundary: one layer's keys per index layer and cycle, a 1 / (N x
+    layers) share of full attention's reads. On held-out traces (docs/indexer.md) it is the one
+    zero-training score whose plans hold more of the next cycle's attention mass than recency's,
+    at early index layers (3, 6, 9 on SmolLM2); perplexity does not follow that layer-averaged
+    mass (a shared set serving the early layers' far-back blocks starves the local layers)."""
+
+    def score(self, queries: torch.Tensor, keys: torch.Tensor, last_position: int, block_size: int) -> torch.Tensor:
+        """queries [W, Hq, D] (the last at ``last_position``); keys [Hkv, M * B, D] -> scores [M]."""
+        mass = window_block_mass(queries, keys, queries.shape[-1] ** -0.5, block_size, last_position)  # [Hkv, M]
+        return mass.mean(0).clamp_min(1e-30).log()
+
+
 class LSAPolicy(CycleStaging, OffloadPolicy):
     """Level-1 plans at cycle boundaries from the indexer (``QuestIndexer``, or the learned one
     ``config.indexer`` names), applied one cycle later; Level-2 top-k inside the resident set.
@@ -81,6 +97,8 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         self.slot_summaries = config.level2_topk is not None
         if config.indexer:
             self.indexer = LearnedIndexer.load(config.indexer)
+        elif config.index_score == "attention":
+            self.indexer = AttentionIndexer()
         else:
             self.indexer = QuestIndexer(config.index_score)
         self._queries: dict[int, dict[int, deque]] = {}  # seq -> layer -> recent queries [Hq, D]
@@ -99,6 +117,10 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
             self.background_rank = cache.device.type == "cuda"
 
     observes_decode = True
+
+    def index_fraction(self) -> float:
+        """The attention score reads the keys from the host mirror: no index keys to budget for."""
+        return 0.0 if isinstance(self.indexer, AttentionIndexer) else super().index_fraction()
 
     @property
     def selects_each_step(self) -> bool:
@@ -145,6 +167,11 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
             per_layer = {}
             for li, layer in enumerate(self.index_layers()):
                 queries = torch.stack(list(self._queries[seq_id][layer]))  # [W, Hq, D]
+                if isinstance(self.indexer, AttentionIndexer):
+                    keys = self.cache.host_keys(host_ids, layer)  # [Hkv, M * B, D]
+                    last = self.cache.num_tokens(seq_id) - 1  # the newest query's position
+                    per_layer[layer] = self.indexer.score(queries, keys, last, self.block_size)
+                    continue
                 keys = self.cache.index_keys[li]
                 per_layer[layer] = self.indexer.score(queries, keys[0], keys[1], keys[2], ids)
         else:
