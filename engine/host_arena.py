@@ -139,8 +139,9 @@ class HostArena:
         return sum(t[0].nbytes for t in (self.host, self.summary, self.scale) if t is not None)
 
     @classmethod
-    def private(cls, layout: ArenaLayout, num_blocks: int) -> HostArena:
-        flat = torch.empty(num_blocks * layout.block_bytes, dtype=torch.uint8)
+    def private(cls, layout: ArenaLayout, num_blocks: int, pin: bool = False) -> HostArena:
+        """An arena in this process's memory (``pin``: page-locked, CUDA only)."""
+        flat = torch.empty(num_blocks * layout.block_bytes, dtype=torch.uint8, pin_memory=pin)
         host, summary, scale = layout.views(flat, num_blocks)
         return cls(host, summary, IdPool(), scale)
 
