@@ -11,8 +11,9 @@
 #              restart, (e) leak check (~1.5 min)
 #     pooled   (f) host RAM pooled over two Ray nodes, sessions of LSA_POOLED_CONTEXT (131072; 32768:
 #              -0.5 min) tokens (~2 min; makes the 8B model again if /tmp lost it: +0.5 min)
-#     floor    issue 13 (~5 min; ~7.5 at its limits): CUDA tests of the floor branch, step profile,
-#              bench decode 128K/512K batch 1, 128K at max batch (fp8 vs int4); log floor.log
+#     floor    issue 13 (~6 min at its limits): CUDA tests of the floor branch, step profile,
+#              bench decode 128K/512K batch 1; log floor.log (FLOOR_MAX=1: floor-max too, past 10 min)
+#     floor-max   128K at max batch, full vs lsa over the fp8 and the int4 mirror (~5 min; its own call)
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -181,8 +182,17 @@ phase_floor() {
   timeout $((110 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 $shapes $win1 \
     --out "$OUT/bench_decode_b1.json" 2>&1 | grep -v built | tail -6
   echo "batch 1 done ($((SECONDS - t0)) s)"
-  # 4. 128K at each policy's largest batch: full (GPU memory), lsa over the fp8 and the int4 mirror (host RAM)
-  timeout $((130 * slow)) python3 -m cli bench decode --contexts $ctx_max --batch max --rhos 0.1 --churn 0.33 $shapes \
+  # 4. 128K at each policy's largest batch: full (GPU memory), lsa over the fp8 and the int4 mirror (host RAM);
+  #    ~150 s per mirror: with the steps above it passes a call's 10 minutes, so FLOOR_MAX=1 or the floor-max phase
+  [ "${FLOOR_MAX:-0}" = 1 ] || { echo "floor phase done in $((SECONDS - t0)) s (batch max: the floor-max phase)"; return 0; }
+  phase_floor_max
+}
+
+phase_floor_max() {
+  t0=$SECONDS shapes=${shapes-} ctx_max=${ctx_max:-131072} win2=${win2:-"--rounds 2 --steps 32"} cap=${cap-} slow=${slow:-1}
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx_max=8192 \
+    win2="--rounds 1 --steps 8 --cycle 8" cap="--max-batch 3" slow=5
+  timeout $((280 * slow)) python3 -m cli bench decode --contexts $ctx_max --batch max --rhos 0.1 --churn 0.33 $shapes \
     --host-dtype fp8 int4 $win2 $cap --out "$OUT/bench_decode_max.json" 2>&1 | grep -v built | tail -6
   echo "floor phase done in $((SECONDS - t0)) s"
 }
@@ -218,6 +228,7 @@ for phase in "$@"; do
   served2) phase_checks; phase_pooled ;;
   prefill | serve | checks | pooled | early | fidelity) phase_$phase ;;
   floor) phase_floor 2>&1 | tee -a "$OUT/floor.log" ;;
+  floor-max) phase_floor_max 2>&1 | tee -a "$OUT/floor.log" ;;
   floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
