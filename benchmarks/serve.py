@@ -276,17 +276,6 @@ def run_workload(side, w: Workload, label: str) -> dict:
     return out
 
 
-def health(url: str) -> str:
-    """The app's /health text: "ok", then the workers' warnings (e.g. an arena not page-locked)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=30) as r:
-            return r.read().decode()
-    except OSError as exc:
-        return f"unreachable: {exc}"
-
-
 def format_phases(timings: dict) -> str:
     return ", ".join(f"{phase} {1e3 * seconds:.0f} ms" for phase, seconds in timings.items()) or "(none reported)"
 
@@ -375,8 +364,9 @@ def run_bench(args) -> int:
     report = {"app_args": app_args, "url": args.url, "workload": asdict(w)}
     t0 = time.perf_counter()
     with served.app_url(args, app_args) as url:
-        report["served"] = run_workload(Served(url), w, "served")
-        report["served"]["health"] = health(url)
+        side = Served(url)
+        report["served"] = run_workload(side, w, "served")
+        report["served"]["health"] = side.client.health()
         print(f"[served] /health: {report['served']['health']!r}", flush=True)
     if serve_config is not None and not args.no_engine:
         import lsa_env

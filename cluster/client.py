@@ -248,6 +248,12 @@ class LSAClient:
         except LSAError:
             return False
 
+    def health(self) -> str:
+        """The app's ``/health`` text: "ok", then the workers' warnings a line each (an arena too
+        small for one request, an arena CUDA could not page-lock)."""
+        with self._open_once("GET", "/health", None, "text/plain") as resp:
+            return resp.read().decode()
+
     # -- sessions --------------------------------------------------------------------
 
     def create_session(self, context: str | Sequence[int]) -> dict:

@@ -226,6 +226,7 @@ class SchedulerConfig:
 
 
 POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+INDEX_SCORES = ("quest", "mean", "mass", "attention")  # LSA's zero-training Level-1 scores
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ class PolicyConfig:
                                   "docs/accuracy.md), quest (min/max bounds), mass (attention mass with the mean "
                                   "key as the block's keys), attention (exact attention mass of the recent "
                                   "queries on every complete block's keys from the host mirror, docs/indexer.md)",
-                                  choices=("quest", "mean", "mass", "attention"))
+                                  choices=INDEX_SCORES)
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -286,8 +287,8 @@ class PolicyConfig:
                 or self.page_blocks < 1 or self.neighbors < 0 or self.min_resident_tokens < 0:
             raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens, "
                                       "neighbors and min_resident_tokens >= 0")
-        if self.index_score not in ("quest", "mean", "mass", "attention"):
-            raise InvalidRequestError("index_score must be 'quest', 'mean', 'mass' or 'attention'")
+        if self.index_score not in INDEX_SCORES:
+            raise InvalidRequestError(f"index_score must be one of {', '.join(INDEX_SCORES)}")
         if self.first_plan not in ("attention", "indexer"):
             raise InvalidRequestError("first_plan must be 'attention' or 'indexer'")
         if not 0.0 <= self.prefetch <= 1.0:

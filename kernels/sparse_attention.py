@@ -157,6 +157,7 @@ def default_num_stages(block: int, head_dim: int, elem_bytes: int) -> int:
     return 3 if 6 * tile <= 160 * 1024 else 2 if 4 * tile <= 160 * 1024 else 1
 
 
+@functools.lru_cache(maxsize=None)
 def default_num_splits(n_seq: int, n_kvh: int, device: torch.device,
                        stages: int = 3, tile_bytes: int = 16384) -> int:
     """Split count that fills whole waves of the GPU, about two of them.
@@ -167,9 +168,10 @@ def default_num_splits(n_seq: int, n_kvh: int, device: torch.device,
     split count fixes the order in which partial sums are combined, so the same rows in a wider
     table (an offloading policy's CUDA graph is as wide as its decode reserve) must give the same
     bits as in a narrow one (budget 1.0 equals full attention bit-exactly); a row with fewer
-    blocks than splits leaves the extra programs empty. Measured on the H200, 512K x 1 seq at 13.5%, 3 stages (2 programs per SM):
-    66 splits (2.0 waves) 85.5 us, 33 (1 wave) 89.7 us, 132 (4 waves) 87.0 us; with 2 stages
-    (3 per SM, so 66 splits = 1.33 waves) 99.9 us.
+    blocks than splits leaves the extra programs empty. Cached: eager decode asks every step.
+    Measured on the H200, 512K x 1 seq at 13.5%, 3 stages (2 programs per SM): 66 splits (2.0
+    waves) 85.5 us, 33 (1 wave) 89.7 us, 132 (4 waves) 87.0 us; with 2 stages (3 per SM, so 66
+    splits = 1.33 waves) 99.9 us.
     """
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     per_sm = max(1, min(4, (228 * 1024) // (2 * stages * tile_bytes + 1024)))

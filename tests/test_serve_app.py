@@ -195,6 +195,7 @@ def test_a_prompt_that_extends_an_earlier_one_reuses_its_kv(server):
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 64 > 0
     code, text, _ = http(server, "GET", "/health", key=None)  # Serve's proxy answers /-/healthz itself
     assert code == 200 and text.splitlines()[0] == "ok"
+    assert LSAClient(server).health() == text  # the client reads the same text (no key needed)
 
 
 def test_sessions_json_and_msgpack(server, client):
