@@ -11,6 +11,7 @@ step that sampled its first token, median over the turns after the first.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = next(model.parameters()).dtype
     layout = ArenaLayout.of(mc, args.block_size, dtype)
     blocks = 4 * (args.context // args.block_size + 64)
-    store = KVStoreCore("bench", layout, blocks * layout.block_bytes,
-                        arena_path("bench", "turn", tempfile.mkdtemp(dir="/dev/shm")))
+    shm = tempfile.mkdtemp(dir="/dev/shm")
+    store = KVStoreCore("bench", layout, blocks * layout.block_bytes, arena_path("bench", "turn", shm))
     try:
         arena = HostArena.from_file(store.path, layout, store.num_blocks, pin=device == "cuda")
         engine = LLMEngine(model, config, arena=arena)
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(later) * 1e3:.1f} ms", flush=True)
     finally:
         store.close()
+        shutil.rmtree(shm, ignore_errors=True)
     return 0
 
 
