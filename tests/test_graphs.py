@@ -3,6 +3,8 @@
 On CPU the runner runs its static-buffer forward without capturing (packing, padding rows,
 the trash slot, table caching); on CUDA it captures and replays real graphs (fp32, so that
 the comparison is tight)."""
+import time
+
 import pytest
 import torch
 
@@ -140,42 +142,67 @@ def test_policies_declare_per_step_work():
         assert engine_for(model, False, name="lsa", level2_topk=topk).policy.selects_each_step is want
 
 
-@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
-def test_a_session_turn_decodes_the_same_through_graphs(model, pinned):
-    """A session turn (prefix from the host arena, the question prefilled layer by layer, LSA plans
-    crossing boundaries every 4 steps) decodes the same tokens and logits through the graph runner
-    as eagerly. On the H200 (2026-12-02) this failed while test_static_decode_matches_eager passed:
-    the graph run's logits equal the eager run's up to decode step 8 and then differ by ~2 (the
-    layer-by-layer turn repeats one token from step 9; the whole-prefix turn diverges at 13);
-    eagerly on the GPU the two turns agree bit for bit. Open: docs/perf.md. That run's arena was
-    pageable (as here with ``pageable``); the served arena is page-locked (``pinned``, CUDA only)."""
-    device = next(model.parameters()).device
-    if pinned and device.type != "cuda":
-        pytest.skip("page-locked host memory needs CUDA")
+def session_turn(model, pinned: bool, graphs: bool, rank_delay: float | None = None, inline: bool = False):
+    """A session turn (prefix from a host arena, the question prefilled layer by layer, LSA plans
+    crossing boundaries every 4 steps): (its 16 tokens, their logits [16, V], the policy).
+    ``rank_delay``: Level-1 ordered on the worker thread (the CUDA default), each ordering held up
+    that many seconds; ``inline``: ordered in the step; neither: the device's default."""
     from actors.session_table import SessionTable
     from engine.host_arena import ArenaLayout, HostArena
     from test_sessions import Sessions
 
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(1)
     context = torch.randint(3, 64, (700,), generator=gen).tolist()
     question = torch.randint(3, 64, (20,), generator=gen).tolist()
-    results = []
-    for graphs in (False, True):
-        layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
-        arena = HostArena.private(layout, 256, pin=pinned)
-        engine = LLMEngine(model, EngineConfig(
-            device=str(device), cache=CacheConfig(block_size=BLOCK, num_device_blocks=128),
-            scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=48, cuda_graphs=False),
-            policy=PolicyConfig(name="lsa", budget=0.2, cycle=4, observation_window=16, min_resident_tokens=0)),
-            arena=arena)
-        if graphs:
-            engine.runner.graphs = DecodeGraphRunner(engine.runner, capture=device.type == "cuda")
-        sessions = Sessions(engine, SessionTable(256, layout.block_bytes), arena.allocator)
-        sessions.run(sessions.create("doc", context))
-        logits = []
-        engine.hooks.append(LogitsObserver(lambda seq, row: logits.append(row.float().cpu())))
-        turn = sessions.run(sessions.ask("doc", question, SamplingParams(max_tokens=16, ignore_eos=True)))
-        results.append((turn.seq.output_ids, torch.stack(logits)))
-    (eager_ids, eager_logits), (graph_ids, graph_logits) = results
-    assert len(eager_ids) == 16 and graph_ids == eager_ids
+    layout = ArenaLayout.of(TINY, BLOCK, torch.float32)
+    arena = HostArena.private(layout, 256, pin=pinned)
+    engine = LLMEngine(model, EngineConfig(
+        device=str(device), cache=CacheConfig(block_size=BLOCK, num_device_blocks=128),
+        scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=48, cuda_graphs=False),
+        policy=PolicyConfig(name="lsa", budget=0.2, cycle=4, observation_window=16, min_resident_tokens=0)),
+        arena=arena)
+    if graphs:
+        engine.runner.graphs = DecodeGraphRunner(engine.runner, capture=device.type == "cuda")
+    policy = engine.policy
+    if inline:
+        policy.background_rank = False
+    elif rank_delay is not None:
+        policy.background_rank = True
+        pages = policy._pages
+        policy._pages = lambda score: time.sleep(rank_delay) or pages(score)
+    sessions = Sessions(engine, SessionTable(256, layout.block_bytes), arena.allocator)
+    sessions.run(sessions.create("doc", context))
+    logits = []
+    engine.hooks.append(LogitsObserver(lambda seq, row: logits.append(row.float().cpu())))
+    turn = sessions.run(sessions.ask("doc", question, SamplingParams(max_tokens=16, ignore_eos=True)))
+    assert len(turn.seq.output_ids) == 16
+    return turn.seq.output_ids, torch.stack(logits), policy
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
+def test_a_session_turn_decodes_the_same_through_graphs(model, pinned):
+    """A session turn decodes the same tokens and logits through the graph runner as eagerly. On
+    the H200 (2026-12-02) this failed while test_static_decode_matches_eager passed: the next plan
+    was adopted whenever the background ranker finished, and graph launches return sooner than
+    eager ones, so fewer of its blocks were staged by the boundary and more were deferred (the CPU
+    case below reproduces it with a slow ranker). Plans are now adopted in the step after their
+    boundary, always. ``pinned``: the served arena is page-locked (CUDA only)."""
+    if pinned and next(model.parameters()).device.type != "cuda":
+        pytest.skip("page-locked host memory needs CUDA")
+    eager_ids, eager_logits, _ = session_turn(model, pinned, graphs=False)
+    graph_ids, graph_logits, _ = session_turn(model, pinned, graphs=True)
+    assert graph_ids == eager_ids
     torch.testing.assert_close(graph_logits, eager_logits, atol=2e-4, rtol=2e-4)
+
+
+def test_a_slow_background_ranker_decodes_a_session_turn_the_same(model):
+    """The same turn with Level-1 ordered inline and on a worker thread that takes 50 ms per plan:
+    the same plans are staged (the turn's plans bring in blocks), the same blocks deferred, the
+    same logits. Before plans were adopted at a fixed step, the slow ranker's plans arrived at
+    their boundary unstaged and the tokens differed from the 11th on."""
+    inline_ids, inline_logits, inline = session_turn(model, False, graphs=False, inline=True)
+    slow_ids, slow_logits, slow = session_turn(model, False, graphs=False, rank_delay=0.05)
+    assert sum(inline.churn) > 0 and slow.churn == inline.churn and slow.deferred == inline.deferred
+    assert slow_ids == inline_ids
+    torch.testing.assert_close(slow_logits, inline_logits, atol=0, rtol=0)

@@ -281,8 +281,9 @@ def test_vectorised_ranking_matches_the_plain_loop(model, neighbors, page):
 @pytest.mark.parametrize("slow", [0.0, 0.2])
 def test_ranking_in_the_background_applies_the_same_plans(model, slow):
     """Level-1 ordered on a worker thread (the CUDA default) gives the same resident sets at every
-    boundary, hence the same logits, as ordering inline; also when the ordering is still running
-    at the next boundary (``slow``: the boundary waits for it, and copies nothing ahead)."""
+    boundary, hence the same logits, as ordering inline; also when the ordering is slow (``slow``:
+    the step after the boundary waits for it). A session turn, whose plans bring in more blocks:
+    test_graphs.test_a_slow_background_ranker_decodes_a_session_turn_the_same."""
     ids = prompts(2)
     results = []
     for background in (False, True):

@@ -3,7 +3,7 @@ the step.
 
     step of a sequence   B ........................ B + N/2 ........................ B + N = next boundary
     before_decode        apply the plan (O(set) bookkeeping)                           apply the next one
-    after_launch         launch Level-1 | adopt the plan, stage its missing blocks | prepare the boundary
+    after_launch         launch Level-1 | adopt the plan (B + 1), stage its blocks | prepare the boundary
                          (each while the step's GPU work runs: none of it delays the step)
 
 - **Staging sized from the plan.** A plan is known a cycle before it applies, so the blocks it
@@ -127,7 +127,7 @@ class CycleStaging:
                     self._queue_prefetch(s)
                 self.timing["rank_s"] += time.perf_counter() - t0
                 continue
-            self._take_plan(s, wait=False)
+            self._take_plan(s, stage=True)
             self._prefetch_some(s)
             if s not in self._ready and s in self._plan and not self._queued(s) and s not in self._next:
                 self._prepare_boundary(s)
@@ -137,7 +137,7 @@ class CycleStaging:
     def _apply_plan(self, s: int) -> None:
         """The plan ranked one cycle ago becomes the resident set: prepared ahead if it was, else
         computed now; what was not staged is deferred (or loaded, ``late="load"``)."""
-        self._take_plan(s, wait=True)
+        self._take_plan(s, stage=False)
         self._prefetch.pop(s, None)
         ready = self._ready.pop(s, None)
         n = self.cache.num_tokens(s)
@@ -182,15 +182,22 @@ class CycleStaging:
 
     # ------------------------------------------------------------ plans and copies ahead
 
-    def _take_plan(self, s: int, wait: bool) -> None:
-        """Adopt a plan ranked in the background once it is ready (or now, with ``wait``)."""
-        future = self._next.get(s)
-        if future is not None and (wait or future.done()):
-            del self._next[s]
-            self._plan[s] = future.result()
-            self._ready.pop(s, None)
-            if not wait:  # at a boundary the plan is applied at once: nothing to copy ahead
-                self._queue_prefetch(s)
+    def _take_plan(self, s: int, stage: bool) -> None:
+        """Adopt the plan being ranked in the background, waiting for it, and with ``stage`` queue
+        its blocks for copying ahead (at a boundary the plan is applied at once: nothing to stage).
+
+        It is adopted in the step after its boundary, always: adopting it whenever the worker thread
+        happened to finish made what was staged by the next boundary, hence the blocks deferred,
+        hence the logits, depend on the host's timing (CUDA graphs, whose launches return sooner,
+        decoded a session turn differently from eager decode). The wait is short: the scores
+        reached the host with the last step's tokens, and the step's own GPU work is queued."""
+        future = self._next.pop(s, None)
+        if future is None:
+            return
+        self._plan[s] = future.result()
+        self._ready.pop(s, None)
+        if stage:
+            self._queue_prefetch(s)
 
     def _queue_prefetch(self, s: int) -> None:
         """Resize the sequence's staging area to the blocks the next plan brings in (within the
