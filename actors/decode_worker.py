@@ -36,6 +36,7 @@ from engine.logprobs import LogprobsRecorder
 from engine.prefix import block_hashes, routing_keys
 from engine.sampling import SamplingParams
 from engine.sessions import SessionManager, Turn
+from engine.trace import StepTrace
 
 
 class DecodeWorkerCore:
@@ -79,6 +80,8 @@ class DecodeWorkerCore:
         self.generated_tokens = 0
         self.busy_s = 0.0
         self.cancelled = 0
+        self.host_copy: dict[str, float] = {}  # GB/s to the GPU, measured at warm-up (actors/warm_up.py)
+        self._trace = StepTrace.from_env(engine, owner)
         self.prefix_keys: OrderedDict[str, None] = OrderedDict()  # routing keys of prefix blocks put, newest last
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="admission")
         self._settling = ThreadPoolExecutor(1, thread_name_prefix="settling")
@@ -235,6 +238,8 @@ class DecodeWorkerCore:
                 self._step()
             if not self.engine.has_work():
                 self._give_back_surplus()
+                if self._trace is not None:
+                    self._trace.flush()
 
     def _begin(self, turn: Turn, result: Future, on_text, request: Request) -> None:
         if request.generation != self.healing.generation:  # admitted against a store that died since
@@ -410,7 +415,7 @@ class DecodeWorkerCore:
             prefill_tokens=self.sessions.prefill_tokens, rebuilt=dict(self.recovery.rebuilt), node_id=self.node_id,
             cached_tokens=self.sessions.cached_tokens, cancelled=self.cancelled,
             store_generation=self.healing.generation, warnings=list(self.warnings),
-            memory=process_memory(eng.device))
+            memory=process_memory(eng.device), host_copy=dict(self.host_copy))
 
     def idle(self) -> bool:
         """Nothing admitted, running or waiting."""

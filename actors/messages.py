@@ -126,6 +126,8 @@ class WorkerStats:
     store: StoreStats | None = None
     memory: dict[str, int] = field(default_factory=dict)  # the worker process: pid, rss_bytes, gpu_allocated_bytes,
     # gpu_reserved_bytes, pinned_host_bytes (torch's pinned pool; the registered arena is not in it)
+    host_copy: dict[str, float] = field(default_factory=dict)  # GB/s to the GPU measured at warm-up: arena,
+    # arena_layer, pinned (engine/host_copy.py copy_probe); empty off CUDA
 
 
 @dataclass(frozen=True)

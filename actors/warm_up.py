@@ -38,5 +38,26 @@ def warm_up(core, seed: int = 0, decode: bool = True) -> dict:
     graphs = engine.runner.graphs
     if graphs is not None and decode:
         core.on_loop(lambda: graphs.capture_batches(scheduler.max_num_seqs)).result()
+    core.host_copy = core.on_loop(lambda: probe_host_copies(core)).result()
     return {"seconds": time.perf_counter() - t0, "requests": sum(b[0] for b in batches),
-            "graphs": graphs.captures if graphs is not None else 0}
+            "graphs": graphs.captures if graphs is not None else 0, "host_copy_gbps": core.host_copy}
+
+
+SLOW_ARENA = 0.6  # an arena copying below this fraction of page-locked private memory's speed is warned of
+
+
+def probe_host_copies(core) -> dict[str, float]:
+    """(On the loop thread) GB/s from the worker's host arena to its GPU (engine/host_copy.py's
+    ``copy_probe``); warns, in the worker's warnings (/health), when the arena copies well below
+    page-locked memory of the worker's own. Empty off CUDA or without a page-locked mirror."""
+    from engine.host_copy import copy_probe
+
+    mirror = getattr(core.engine.cache, "mirror", None)
+    if mirror is None or not mirror.pinned:
+        return {}
+    gbps = copy_probe(mirror.host, core.engine.device)
+    if gbps and gbps["arena"] < SLOW_ARENA * gbps["pinned"]:
+        core.warnings.append(f"the host KV arena copies to the GPU at {gbps['arena']:.1f} GB/s, page-locked memory "
+                             f"of the worker's own at {gbps['pinned']:.1f} GB/s: turns that stream their prefix "
+                             f"are slower by as much (is the store's memory on another NUMA node than the GPU?)")
+    return gbps

@@ -368,12 +368,20 @@ def run_bench(args) -> int:
         report["served"] = run_workload(side, w, "served")
         report["served"]["health"] = side.client.health()
         print(f"[served] /health: {report['served']['health']!r}", flush=True)
+        try:
+            report["served"]["host_copy_gbps"] = [line for line in side.client.metrics().splitlines()
+                                                  if line.startswith("lsa_host_copy")]
+        except Exception as exc:  # /metrics behind an admin key: the bench goes on without it
+            report["served"]["host_copy_gbps"] = [f"/metrics: {exc}"]
+        print(f"[served] host copies: {report['served']['host_copy_gbps']}", flush=True)
     if serve_config is not None and not args.no_engine:
         import lsa_env
 
         engine = EngineAlone(serve_config, serve_config.kv_dir or lsa_env.kv_dir())
         try:
             report["engine"] = run_workload(engine, w, "engine")
+            report["engine"]["host_copy_gbps"] = dict(engine.core.host_copy)
+            print(f"[engine] host copies (GB/s): {engine.core.host_copy}", flush=True)
         finally:
             engine.close()
         over_http, alone = report["served"].get("concurrent"), report["engine"].get("concurrent")

@@ -254,6 +254,11 @@ class LSAClient:
         with self._open_once("GET", "/health", None, "text/plain") as resp:
             return resp.read().decode()
 
+    def metrics(self) -> str:
+        """The app's ``/metrics`` text (Prometheus exposition: gauges per worker and node store)."""
+        with self._open_once("GET", "/metrics", None, "text/plain") as resp:
+            return resp.read().decode()
+
     # -- sessions --------------------------------------------------------------------
 
     def create_session(self, context: str | Sequence[int]) -> dict:

@@ -147,7 +147,8 @@ def sum_series(text: str, name: str) -> float:
 
 
 GAUGES = {  # name: (description, read from, field); from each worker's WorkerStats ("worker"), its
-    # memory dict ("memory"), each node's StoreStats ("node"), or the node stores summed ("stores")
+    # memory dict ("memory"), its host copy speeds ("copy"), each node's StoreStats ("node"), or the node
+    # stores summed ("stores")
     "sessions": ("Sessions the node stores hold.", "stores", "sessions"),
     "worker_sessions": ("Sessions a worker holds.", "worker", "sessions"),
     "queue_length": ("Requests waiting for admission.", "worker", "queue"),
@@ -167,6 +168,12 @@ GAUGES = {  # name: (description, read from, field); from each worker's WorkerSt
     "prefix_kv_bytes": ("Host KV bytes kept for prefix reuse, per node store.", "node", "prefix_bytes"),
     "spilled_blocks": ("Session blocks held by another node's store.", "node", "spilled_blocks"),
     "evictions": ("Idle sessions evicted since the store started, per node store.", "node", "evictions"),
+    "host_copy_arena_gbps": ("GB/s from a worker's host KV arena to its GPU, measured at warm-up (CUDA).", "copy",
+                             "arena"),
+    "host_copy_layer_gbps": ("GB/s of one layer of each arena row to the GPU (a turn's prefix), at warm-up.", "copy",
+                             "arena_layer"),
+    "host_copy_pinned_gbps": ("GB/s from the worker's own page-locked memory to its GPU (the reference), at "
+                              "warm-up.", "copy", "pinned"),
 }
 
 
@@ -177,6 +184,8 @@ def gauges(workers: dict) -> str:
     samples = {  # read from -> field -> [(labels, value)]
         "worker": lambda field: [({"replica": r}, getattr(w, field)) for r, w in sorted(workers.items())],
         "memory": lambda field: [({"replica": r}, w.memory.get(field, 0)) for r, w in sorted(workers.items())],
+        "copy": lambda field: [({"replica": r}, getattr(w, "host_copy", {})[field]) for r, w in sorted(workers.items())
+                               if field in getattr(w, "host_copy", {})],
         "node": lambda field: [({"node": n}, getattr(s, field)) for n, s in sorted(stores.items())],
         "stores": lambda field: [({}, sum(getattr(s, field) for s in stores.values()))],
     }

@@ -119,4 +119,38 @@ def _pieces(table: torch.Tensor, rows: list[int]) -> list[tuple[int, int, int]]:
     return [(i, r, 1) for i, r in enumerate(rows)]
 
 
-__all__ = ["cuda_runtime", "clear_cuda_error", "runs", "gather_rows", "scatter_rows"]
+def copy_probe(host: torch.Tensor, device: torch.device, nbytes: int = 128 << 20, repeats: int = 3) -> dict[str, float]:
+    """GB/s of the copies a turn makes from ``host`` (a page-locked table of rows, e.g. the host
+    mirror's arena) to ``device``, best of ``repeats``: ``arena`` whole rows (plans' loads),
+    ``arena_layer`` one layer of each row (a turn's prefix, a layer at a time: strided), and
+    ``pinned`` whole rows from a page-locked buffer of this process's own as the reference. An
+    arena well below the reference is memory the GPU reaches slowly (another NUMA node, a
+    registration the driver maps page by page). Empty where it cannot be measured (no CUDA, the
+    table not page-locked). Reads rows 0.. of ``host`` (their content does not matter)."""
+    if device.type != "cuda" or not host.is_pinned() or cuda_runtime() is None:
+        return {}
+    row = host[0].numel() * host.element_size()
+    n = max(1, min(host.shape[0], nbytes // row))
+    layer_rows = max(1, min(host.shape[0], nbytes // max(1, row // host.shape[1]))) if host.dim() > 1 else n
+    out: dict[str, float] = {}
+    cases = [("arena", host, n), ("arena_layer", host[:, 0], layer_rows)]
+    ref = torch.empty((n, *host.shape[1:]), dtype=host.dtype, pin_memory=True)
+    cases.append(("pinned", ref, n))
+    for name, table, rows in cases:
+        dense = torch.empty((rows, *table.shape[1:]), dtype=table.dtype, device=device)
+        ids = list(range(rows))
+        best = float("inf")
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            gather_rows(dense, table, ids)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        out[name] = round(dense.numel() * dense.element_size() / best / 1e9, 2)
+        del dense
+    del ref
+    return out
+
+
+__all__ = ["cuda_runtime", "clear_cuda_error", "runs", "gather_rows", "scatter_rows", "copy_probe"]

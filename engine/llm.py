@@ -20,7 +20,7 @@ from engine.model import LlamaForCausalLM
 from engine.policies import Policy, make_policy
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, make_generator, sample
-from engine.scheduler import OutputRules, Scheduler
+from engine.scheduler import Batch, DecodeBatch, OutputRules, Scheduler
 from engine.sequence import Completion, Sequence, Status
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
@@ -68,6 +68,7 @@ class LLMEngine:
                                    max_prefill_seqs=config.scheduler.max_prefill_seqs)
         self._generators: dict[int, torch.Generator | None] = {}
         self.hooks: list[StepHook] = []  # tools that watch or steer decoding (engine/hooks.py); none when serving
+        self.trace: list | None = None  # a list: each batch's timing appended (engine/trace.py)
 
     def _admit(self, seq: Sequence) -> None:
         self.cache.admit(seq.seq_id, self._admit_blocks(seq))
@@ -195,15 +196,23 @@ class LLMEngine:
                 finished += self.scheduler.fail(batch.seqs, exc)
                 continue
             if logits is None:  # a prefill segment short of its prompt's end
-                batch.add_time(time.perf_counter() - t0)
+                self._timed(batch, t0)
                 continue
             tokens, failed = self._sample(batch.seqs, logits)
-            batch.add_time(time.perf_counter() - t0)
+            self._timed(batch, t0)
             for i, exc in failed.items():
                 finished += self.scheduler.fail([batch.seqs[i]], exc)
             ok = [i for i in range(len(tokens)) if i not in failed]
             finished += self.scheduler.postprocess([batch.seqs[i] for i in ok], [tokens[i] for i in ok])
         return finished
+
+    def _timed(self, batch: Batch, t0: float) -> None:
+        seconds = time.perf_counter() - t0
+        batch.add_time(seconds)
+        if self.trace is not None:  # engine/trace.py
+            what = len(batch.seqs) if isinstance(batch, DecodeBatch) else [batch.seq.seq_id, batch.seq.num_cached]
+            self.trace.append([time.time() - seconds, "decode" if isinstance(batch, DecodeBatch) else "prefill",
+                               what, round(seconds, 6)])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int | None], dict[int, Exception]]:
         """One token per sequence from logits [n, V], and the rows whose sampling failed; the

@@ -37,6 +37,11 @@ def test_warm_up_leaves_nothing_behind_and_the_worker_serves(tmp_path, device):
         assert done["requests"] == (1 if device == "cpu" else 1 + 2 + 4) and done["seconds"] > 0
         if device == "cuda":
             assert done["graphs"] >= 3  # batch buckets 1, 2 and 4 at least
+        if device == "cuda":  # the arena's copy speeds to the GPU, measured, in the stats /metrics reads
+            assert set(done["host_copy_gbps"]) == {"arena", "arena_layer", "pinned"}
+            assert all(v > 0.1 for v in done["host_copy_gbps"].values()) and core.stats().host_copy == core.host_copy
+        else:
+            assert done["host_copy_gbps"] == {} and core.stats().host_copy == {}
         stats = store.stats()
         assert stats.sessions == 0 and stats.session_blocks == 0
         # the warm-up prompts' blocks may stay as prefix blocks (engine/prefix.py), which the store evicts at need
@@ -66,3 +71,28 @@ def test_warm_up_makes_every_batch_bucket_graph(tmp_path):
         assert set(graphs.steps) == {(b, graphs.max_width) for b in (1, 2, 4)}
     finally:
         core.close()
+
+
+def test_the_step_trace_logs_every_batch(tmp_path, monkeypatch):
+    """LSA_STEP_TRACE=DIR: the worker writes a line per batch the engine ran (engine/trace.py) once
+    idle: the prompt's prefill segments up to its length, then one decode batch per token after
+    the first."""
+    import json
+
+    monkeypatch.setenv("LSA_STEP_TRACE", str(tmp_path / "trace"))
+    store, core = worker(tmp_path, "cpu")
+    try:
+        prompt = torch.randint(3, 64, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+        answer = core.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True)).result(timeout=120)
+        assert len(answer.token_ids) == 6
+        core.on_loop(lambda: None).result(timeout=30)  # the loop went idle after the request: flushed
+        files = list((tmp_path / "trace").iterdir())
+        assert len(files) == 1 and files[0].name.startswith("steps-w-")
+        rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    finally:
+        core.close()
+    prefill = [r for r in rows if r[1] == "prefill"]
+    decode = [r for r in rows if r[1] == "decode"]
+    assert [r[2][1] for r in prefill] == [64, 128, 150]  # prefill_chunk 64: the position each segment reached
+    assert len(decode) == 5 and all(r[2] == 1 for r in decode)
+    assert all(r[3] > 0 for r in rows) and [r[0] for r in rows] == sorted(r[0] for r in rows)

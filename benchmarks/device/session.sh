@@ -107,7 +107,8 @@ print(*plan_store(sys.argv[4:], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
     $CONC "$(kv_budget $KV_RESERVE)" ${LSA_SESSIONS:-$SESSIONS} $APPBIG)
   [ -n "$kv" ] || { echo "serve: sizing the host KV store failed" | tee -a "$OUT/steps.txt"; return 1; }
   echo "host RAM holds $fit sessions of $CONC tokens; running $sessions in a host KV store of $kv bytes"
-  step serve $((200 + 30 * sessions)) python3 -m cli bench serve $APPBIG kv_store_bytes=$kv --contexts $CTX \
+  # every batch's timing in the served worker and the engine alone (engine/trace.py): where a turn's time goes
+  LSA_STEP_TRACE="$OUT/trace" step serve $((200 + 30 * sessions)) python3 -m cli bench serve $APPBIG kv_store_bytes=$kv --contexts $CTX \
     --followups 2 --concurrency-context $CONC --sessions $sessions --max-tokens 128 $PORT_ARGS --out "$OUT/serve.json"
 }
 

@@ -1,0 +1,37 @@
+"""A timing log of the engine's batches, for finding where a served turn's time goes.
+
+``LSA_STEP_TRACE=DIR`` in a decode worker's environment makes it write ``DIR/steps-OWNER-PID.jsonl``:
+one line per batch the engine ran, ``[start (time.time()), kind, what, seconds]``, where kind is
+"decode" (what: the batch's sequences) or "prefill" (what: [seq_id, prompt position reached]).
+``seconds`` is the host's time in ``runner.run`` and sampling: a prefill segment short of its
+prompt's end returns once launched, so its GPU time shows up in the batch that next waits.
+Lines are written when the worker goes idle. Unset (the default): nothing is recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+
+class StepTrace:
+    def __init__(self, engine, path: str):
+        self.path = path
+        self.rows: list = []
+        engine.trace = self.rows
+
+    @classmethod
+    def from_env(cls, engine, owner: str) -> StepTrace | None:
+        folder = os.environ.get("LSA_STEP_TRACE")
+        if not folder:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", owner)
+        return cls(engine, os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl"))
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows[:] = list(self.rows), []
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
