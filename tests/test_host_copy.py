@@ -79,3 +79,17 @@ def test_a_page_locked_mirror_fetches_a_layer_as_the_host_gather_does(host_dtype
         got = mirror.fetch_layer(hosts, layer)
         want = mirror.fetch(torch.tensor(hosts), layer)
         assert torch.equal(got, want), layer
+
+
+def test_the_copy_probe_measures_page_locked_tables_only():
+    """copy_probe: GB/s of whole rows, one layer of each row, and the reference buffer, from a
+    page-locked table to the GPU; nothing from pageable memory (or without CUDA)."""
+    from engine.host_copy import copy_probe
+
+    table = torch.randn(8, 3, 2, 16, 8)  # [N, L, 2, B, D]
+    assert copy_probe(table, torch.device("cpu")) == {}
+    if not torch.cuda.is_available():
+        return
+    assert copy_probe(table, torch.device("cuda")) == {}  # pageable
+    gbps = copy_probe(table.pin_memory(), torch.device("cuda"), nbytes=1 << 12)
+    assert set(gbps) == {"arena", "arena_layer", "pinned"} and all(v > 0 for v in gbps.values())
