@@ -1,12 +1,13 @@
 """Summarize the batch timing logs a worker writes with ``LSA_STEP_TRACE=DIR`` (engine/trace.py).
 
-    python -m benchmarks.step_trace DIR [--gap 0.5] [--out summary.json]
+    python -m benchmarks.step_trace DIR [--gap 0.5] [--turns] [--out summary.json]
 
 Per log (a worker process), the batches are cut into bursts wherever the worker sat idle for
 ``--gap`` seconds (a turn, or turns run together); per burst: its wall time, the time inside
 batches (prefill and decode, host side), what lies between batches (the loop's own work, waiting
 for commands), and the batch counts. Served and engine-alone logs of one ``lsa bench serve`` run
-list their bursts in the same order, so a turn's time can be compared where it is spent.
+list their bursts in the same order, so a turn's time can be compared where it is spent. ``--turns``:
+a line per prefilled sequence (a turn, a session's creation): its segments and their host times.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import json
 from pathlib import Path
 
 
-def bursts(rows: list, gap: float) -> list[dict]:
+def bursts(rows: list, gap: float, collections: list = ()) -> list[dict]:
+    """``rows``: the batches; ``collections``: the garbage collections, counted in the burst they fall in."""
     out, cur = [], []
     for row in rows:
         if cur and row[0] - (cur[-1][0] + cur[-1][3]) > gap:
@@ -27,33 +29,63 @@ def bursts(rows: list, gap: float) -> list[dict]:
     summary = []
     for b in out:
         wall = b[-1][0] + b[-1][3] - b[0][0]
+        inside_gc = [r for r in collections if b[0][0] <= r[0] <= b[-1][0] + b[-1][3]]
         prefill = [r for r in b if r[1] == "prefill"]
         decode = [r for r in b if r[1] == "decode"]
         inside = sum(r[3] for r in b)
         summary.append({"start": b[0][0], "wall_s": wall, "prefill_s": sum(r[3] for r in prefill),
                         "decode_s": sum(r[3] for r in decode), "between_s": wall - inside,
                         "prefill_batches": len(prefill), "decode_batches": len(decode),
-                        "max_decode_batch": max((r[2] for r in decode), default=0)})
+                        "max_decode_batch": max((r[2] for r in decode), default=0),
+                        "gc_s": sum(r[3] for r in inside_gc), "gc_max_s": max((r[3] for r in inside_gc), default=0)})
     return summary
+
+
+def turns(rows: list) -> list[dict]:
+    """Per sequence that prefilled: its segments, the wall time from its first segment to the end of
+    the next batch after its last (the one that samples its first token, or its own last segment),
+    the host time inside its segments, and every segment's (start offset, host time) in ms."""
+    out = []
+    by_seq: dict[int, list] = {}
+    for row in rows:
+        if row[1] == "prefill":
+            by_seq.setdefault(row[2][0], []).append(row)
+    for seq_id, segs in by_seq.items():
+        start, last_end = segs[0][0], segs[-1][0] + segs[-1][3]
+        after = next((r for r in rows if r[0] >= last_end - 1e-6 and r is not segs[-1]), None)
+        end = last_end if after is None or after[0] - last_end > 0.05 else after[0] + after[3]
+        out.append({"seq": seq_id, "tokens": max(r[2][1] for r in segs), "segments": len(segs),
+                    "wall_ms": round((end - start) * 1e3, 1), "host_ms": round(sum(r[3] for r in segs) * 1e3, 1),
+                    "detail": [(round((r[0] - start) * 1e3, 1), round(r[3] * 1e3, 1)) for r in segs]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder")
     p.add_argument("--gap", type=float, default=0.5)
+    p.add_argument("--turns", action="store_true", help="a line per prefilled sequence (its segments)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     report = {}
     for path in sorted(Path(args.folder).glob("steps-*.jsonl")):
         rows = sorted(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        report[path.name] = bursts(rows, args.gap)
+        collections = [r for r in rows if r[1] == "gc"]
+        rows = [r for r in rows if r[1] != "gc"]
+        report[path.name] = bursts(rows, args.gap, collections)
         print(f"\n{path.name}: {len(rows)} batches")
         print(f"{'burst':>5} {'wall ms':>9} {'prefill ms':>10} {'decode ms':>10} {'between ms':>10} "
-              f"{'prefills':>8} {'decodes':>8} {'batch':>5}")
+              f"{'prefills':>8} {'decodes':>8} {'batch':>5} {'gc ms':>7} {'gc max':>7}")
         for i, b in enumerate(report[path.name]):
             print(f"{i:5d} {b['wall_s'] * 1e3:9.1f} {b['prefill_s'] * 1e3:10.1f} {b['decode_s'] * 1e3:10.1f} "
                   f"{b['between_s'] * 1e3:10.1f} {b['prefill_batches']:8d} {b['decode_batches']:8d} "
-                  f"{b['max_decode_batch']:5d}")
+                  f"{b['max_decode_batch']:5d} {b['gc_s'] * 1e3:7.1f} {b['gc_max_s'] * 1e3:7.1f}")
+        if args.turns:
+            report[path.name + ":turns"] = found = turns(rows)
+            print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9}  segments (start, host ms) > 10 ms")
+            for t in found:
+                slow = [d for d in t["detail"] if d[1] > 10]
+                print(f"{t['seq']:5d} {t['tokens']:8d} {t['segments']:8d} {t['wall_ms']:9.1f} {t['host_ms']:9.1f}  {slow[:8]}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

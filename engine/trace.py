@@ -2,16 +2,19 @@
 
 ``LSA_STEP_TRACE=DIR`` in a decode worker's environment makes it write ``DIR/steps-OWNER-PID.jsonl``:
 one line per batch the engine ran, ``[start (time.time()), kind, what, seconds]``, where kind is
-"decode" (what: the batch's sequences) or "prefill" (what: [seq_id, prompt position reached]).
+"decode" (what: the batch's sequences) or "prefill" (what: [seq_id, prompt position reached]); and
+one line per garbage collection in the process, kind "gc" (what: the generation collected).
 ``seconds`` is the host's time in ``runner.run`` and sampling: a prefill segment short of its
 prompt's end returns once launched, so its GPU time shows up in the batch that next waits.
 Lines are written when the worker goes idle. Unset (the default): nothing is recorded.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
+import time
 
 
 class StepTrace:
@@ -19,6 +22,15 @@ class StepTrace:
         self.path = path
         self.rows: list = []
         engine.trace = self.rows
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            seconds = time.perf_counter() - self._gc_start
+            self.rows.append([time.time() - seconds, "gc", info.get("generation"), round(seconds, 6)])
 
     @classmethod
     def from_env(cls, engine, owner: str) -> StepTrace | None:
@@ -32,6 +44,7 @@ class StepTrace:
     def flush(self) -> None:
         if not self.rows:
             return
-        rows, self.rows[:] = list(self.rows), []
+        rows = list(self.rows)
+        del self.rows[: len(rows)]
         with open(self.path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
