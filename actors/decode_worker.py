@@ -254,6 +254,7 @@ class DecodeWorkerCore:
         self._pending[seq.seq_id] = (result, on_text, request)
         request.seq_id = seq.seq_id
         request.mark("queued")
+        self._traced("queued", seq.seq_id, time.perf_counter(), least=0.0)
         if request.cancelled:
             self._abort(request)
 
@@ -285,9 +286,20 @@ class DecodeWorkerCore:
             return
         self.busy_s += time.perf_counter() - t0
         if self.plans is not None:
+            t = time.perf_counter()
             self._report_plans()
+            self._traced("report_plans", len(self.sessions.turns), t)
+        t = time.perf_counter()
         self._stream_updates()
+        self._traced("stream_updates", len(self.sessions.turns), t)
+        t = time.perf_counter()
         self._finish(finished)
+        self._traced("finish", len(finished), t)
+
+    def _traced(self, kind: str, what, t0: float, least: float = 1e-3) -> None:
+        """Host work of the loop into the step trace (engine/trace.py), when one is kept."""
+        if self._trace is not None:
+            self._trace.note(kind, what, t0, least)
 
     def _give_back_surplus(self) -> None:
         """(The loop, idle) Pool blocks beyond the spare ones go back to the store."""
@@ -313,6 +325,8 @@ class DecodeWorkerCore:
         for seq_id, turn in self.sessions.turns.items():  # running: the finished ones left
             _, on_text, request = self._pending[seq_id]
             if turn.seq.output_ids:
+                if "first_token" not in request.marks:
+                    self._traced("first_token", seq_id, time.perf_counter(), least=0.0)
                 request.mark("first_token")
                 if on_text is not None:
                     on_text(turn.seq.text, False)

@@ -41,10 +41,13 @@ def bursts(rows: list, gap: float, collections: list = ()) -> list[dict]:
     return summary
 
 
-def turns(rows: list) -> list[dict]:
+def turns(rows: list, marks: dict | None = None) -> list[dict]:
     """Per sequence that prefilled: its segments, the wall time from its first segment to the end of
     the next batch after its last (the one that samples its first token, or its own last segment),
-    the host time inside its segments, and every segment's (start offset, host time) in ms."""
+    the host time inside its segments, every segment's (start offset, host time) in ms, and from
+    the worker's marks (``marks``: (kind, seq_id) -> time) the time from "queued" to its first
+    segment and from its last segment's end to "first_token" (-1: not marked)."""
+    marks = marks or {}
     out = []
     by_seq: dict[int, list] = {}
     for row in rows:
@@ -56,7 +59,11 @@ def turns(rows: list) -> list[dict]:
         end = last_end if after is None or after[0] - last_end > 0.05 else after[0] + after[3]
         out.append({"seq": seq_id, "tokens": max(r[2][1] for r in segs), "segments": len(segs),
                     "wall_ms": round((end - start) * 1e3, 1), "host_ms": round(sum(r[3] for r in segs) * 1e3, 1),
-                    "detail": [(round((r[0] - start) * 1e3, 1), round(r[3] * 1e3, 1)) for r in segs]})
+                    "detail": [(round((r[0] - start) * 1e3, 1), round(r[3] * 1e3, 1)) for r in segs],
+                    "queued_ms": round((start - marks[("queued", seq_id)]) * 1e3, 1)
+                    if ("queued", seq_id) in marks else -1.0,
+                    "first_token_ms": round((marks[("first_token", seq_id)] - last_end) * 1e3, 1)
+                    if ("first_token", seq_id) in marks else -1.0})
     return out
 
 
@@ -71,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(Path(args.folder).glob("steps-*.jsonl")):
         rows = sorted(json.loads(line) for line in path.read_text().splitlines() if line.strip())
         collections = [r for r in rows if r[1] == "gc"]
-        rows = [r for r in rows if r[1] != "gc"]
+        marks = {(r[1], r[2]): r[0] for r in rows if r[1] in ("queued", "first_token")}
+        other = [r for r in rows if r[1] not in ("gc", "queued", "first_token", "prefill", "decode")]
+        rows = [r for r in rows if r[1] in ("prefill", "decode")]
         report[path.name] = bursts(rows, args.gap, collections)
         print(f"\n{path.name}: {len(rows)} batches")
         print(f"{'burst':>5} {'wall ms':>9} {'prefill ms':>10} {'decode ms':>10} {'between ms':>10} "
@@ -81,11 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{b['between_s'] * 1e3:10.1f} {b['prefill_batches']:8d} {b['decode_batches']:8d} "
                   f"{b['max_decode_batch']:5d} {b['gc_s'] * 1e3:7.1f} {b['gc_max_s'] * 1e3:7.1f}")
         if args.turns:
-            report[path.name + ":turns"] = found = turns(rows)
-            print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9}  segments (start, host ms) > 10 ms")
+            report[path.name + ":turns"] = found = turns(rows, marks)
+            print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9} {'queued>':>8} "
+                  f"{'>first':>7}  segments (start, host ms) > 10 ms")
             for t in found:
                 slow = [d for d in t["detail"] if d[1] > 10]
-                print(f"{t['seq']:5d} {t['tokens']:8d} {t['segments']:8d} {t['wall_ms']:9.1f} {t['host_ms']:9.1f}  {slow[:8]}")
+                print(f"{t['seq']:5d} {t['tokens']:8d} {t['segments']:8d} {t['wall_ms']:9.1f} {t['host_ms']:9.1f} "
+                      f"{t['queued_ms']:8.1f} {t['first_token_ms']:7.1f}  {slow[:8]}")
+            slow = sorted(other, key=lambda r: -r[3])[:12]
+            report[path.name + ":host_work"] = slow
+            print("slowest host work around the batches (kind, what, ms):",
+                  [(r[1], r[2], round(r[3] * 1e3, 1)) for r in slow])
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

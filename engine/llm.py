@@ -68,7 +68,7 @@ class LLMEngine:
                                    max_prefill_seqs=config.scheduler.max_prefill_seqs)
         self._generators: dict[int, torch.Generator | None] = {}
         self.hooks: list[StepHook] = []  # tools that watch or steer decoding (engine/hooks.py); none when serving
-        self.trace: list | None = None  # a list: each batch's timing appended (engine/trace.py)
+        self.trace = None  # a StepTrace: each batch's timing, the host work around them (engine/trace.py)
 
     def _admit(self, seq: Sequence) -> None:
         self.cache.admit(seq.seq_id, self._admit_blocks(seq))
@@ -188,7 +188,11 @@ class LLMEngine:
         some sequences (a prefill segment, a row's sampling, its stop strings) finishes those
         with ``error`` set (finish reason "error"); the others go on."""
         finished = []
-        for batch in self.scheduler.schedule():
+        t = time.perf_counter()
+        batches = self.scheduler.schedule()
+        if self.trace is not None:
+            self.trace.note("schedule", len(batches), t)
+        for batch in batches:
             t0 = time.perf_counter()
             try:
                 logits = self.runner.run(batch)
@@ -203,16 +207,18 @@ class LLMEngine:
             for i, exc in failed.items():
                 finished += self.scheduler.fail([batch.seqs[i]], exc)
             ok = [i for i in range(len(tokens)) if i not in failed]
+            t = time.perf_counter()
             finished += self.scheduler.postprocess([batch.seqs[i] for i in ok], [tokens[i] for i in ok])
+            if self.trace is not None:
+                self.trace.note("postprocess", len(ok), t)
         return finished
 
     def _timed(self, batch: Batch, t0: float) -> None:
-        seconds = time.perf_counter() - t0
-        batch.add_time(seconds)
+        batch.add_time(time.perf_counter() - t0)
         if self.trace is not None:  # engine/trace.py
-            what = len(batch.seqs) if isinstance(batch, DecodeBatch) else [batch.seq.seq_id, batch.seq.num_cached]
-            self.trace.append([time.time() - seconds, "decode" if isinstance(batch, DecodeBatch) else "prefill",
-                               what, round(seconds, 6)])
+            decode = isinstance(batch, DecodeBatch)
+            what = len(batch.seqs) if decode else [batch.seq.seq_id, batch.seq.num_cached]
+            self.trace.note("decode" if decode else "prefill", what, t0, least=0.0)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int | None], dict[int, Exception]]:
         """One token per sequence from logits [n, V], and the rows whose sampling failed; the

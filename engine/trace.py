@@ -3,7 +3,10 @@
 ``LSA_STEP_TRACE=DIR`` in a decode worker's environment makes it write ``DIR/steps-OWNER-PID.jsonl``:
 one line per batch the engine ran, ``[start (time.time()), kind, what, seconds]``, where kind is
 "decode" (what: the batch's sequences) or "prefill" (what: [seq_id, prompt position reached]); and
-one line per garbage collection in the process, kind "gc" (what: the generation collected).
+one line per garbage collection in the process, kind "gc" (what: the generation collected); the host
+work around the batches where it took a millisecond or more ("schedule", "postprocess", and the
+worker's "report_plans", "stream_updates", "finish"); and a turn's marks, "queued" and "first_token"
+(what: its seq_id; seconds 0).
 ``seconds`` is the host's time in ``runner.run`` and sampling: a prefill segment short of its
 prompt's end returns once launched, so its GPU time shows up in the batch that next waits.
 Lines are written when the worker goes idle. Unset (the default): nothing is recorded.
@@ -21,7 +24,7 @@ class StepTrace:
     def __init__(self, engine, path: str):
         self.path = path
         self.rows: list = []
-        engine.trace = self.rows
+        engine.trace = self
         self._gc_start = 0.0
         gc.callbacks.append(self._gc)
 
@@ -40,6 +43,12 @@ class StepTrace:
         os.makedirs(folder, exist_ok=True)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", owner)
         return cls(engine, os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl"))
+
+    def note(self, kind: str, what, t0: float, least: float = 1e-3) -> None:
+        """A line for work that began at ``t0`` (time.perf_counter()), where it took ``least`` seconds or more."""
+        seconds = time.perf_counter() - t0
+        if seconds >= least:
+            self.rows.append([time.time() - seconds, kind, what, round(seconds, 6)])
 
     def flush(self) -> None:
         if not self.rows:

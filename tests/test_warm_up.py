@@ -97,4 +97,7 @@ def test_the_step_trace_logs_every_batch(tmp_path, monkeypatch):
     assert len(decode) == 5 and all(r[2] == 1 for r in decode)
     batches = prefill + decode
     assert all(r[3] > 0 for r in batches) and [r[0] for r in batches] == sorted(r[0] for r in batches)
-    assert {r[1] for r in rows} <= {"prefill", "decode", "gc"}  # gc: the process's collections meanwhile
+    marks = {r[1]: r[0] for r in rows if r[1] in ("queued", "first_token")}  # the turn's, in the loop
+    assert marks["queued"] <= prefill[0][0] and prefill[-1][0] <= marks["first_token"] <= decode[0][0]
+    assert {r[1] for r in rows} <= {"prefill", "decode", "gc", "queued", "first_token", "schedule", "postprocess",
+                                    "stream_updates", "finish"}  # the host work only where it took >= 1 ms
