@@ -108,12 +108,8 @@ class BlockKVCache:
         if not host_ids:
             return
         self.blocks.attach_prefix(seq_id, host_ids)
-        if self.index_layers:
-            self.mirror.wait_writes()
-            hosts = torch.tensor(host_ids)
-            idx = torch.tensor(self.index_layers)
-            self.index_keys[:, :, hosts.to(self.device)] = (
-                self.mirror.summary[hosts][:, idx].permute(1, 2, 0, 3, 4).to(self.device))
+        self._refresh_index_keys(host_ids, {layer: self.mirror.fetch_summary(host_ids, layer)
+                                            for layer in self.index_layers})
         if not load:
             return
         for g in range(len(self.groups)):
@@ -180,7 +176,7 @@ class BlockKVCache:
         wanted = [(li, layer) for li, layer in enumerate(self.index_layers) if layer in summaries]
         if not wanted:  # a layer-by-layer prefill's other layers: no copy of the ids (it waits for the stream)
             return
-        rows = torch.tensor(hosts, device=self.device)
+        rows = self.mirror.to_device(torch.tensor(hosts))
         for li, layer in wanted:
             self.index_keys[li][:, rows] = summaries[layer].transpose(0, 1)
 
@@ -236,7 +232,6 @@ class BlockKVCache:
         hosts = [host_ids[j] for j in blocks]
         dst = self.mirror.to_device(torch.tensor(slots))
         members = self.groups[group]
-        rows = torch.tensor(hosts)
         if len(members) == self.pool.shape[0]:  # all layers: one copy per run of host rows, one kernel per chunk
             for a in range(0, len(blocks), self.load_chunk_blocks):
                 chunk = slice(a, a + self.load_chunk_blocks)
@@ -245,9 +240,8 @@ class BlockKVCache:
             for layer in members:
                 self.mirror.load(hosts, slice(layer, layer + 1), self.pool[layer: layer + 1], dst)
         if self.slot_summary is not None:
-            self.mirror.wait_writes()
             for layer in members:
-                self.slot_summary[layer, :, dst] = self.mirror.summary[rows, layer].to(self.device).transpose(0, 1)
+                self.slot_summary[layer, :, dst] = self.mirror.fetch_summary(hosts, layer).transpose(0, 1)
         self.blocks_copied += len(blocks) * len(members)  # counted in single-layer blocks
         self.bytes_copied += len(blocks) * len(members) * self.mirror.bytes_per_layer_block
 

@@ -50,6 +50,23 @@ def test_store_then_fetch_round_trips_with_exact_summaries(where):
     assert torch.equal(mirror.fetch_rows([2])[0, 0], blocks[1, 0])
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_one_layers_summaries_come_back_as_stored(device):
+    """fetch_summary: a layer's key summaries of any rows, in the order asked (runs of consecutive
+    rows and single ones), equal to the rows the store wrote; on CUDA by DMA from page-locked rows."""
+    device = torch.device(device)
+    mirror = HostMirror(CFG, B, 12, torch.float32, device)
+    assert mirror.pinned == (device.type == "cuda")
+    hosts = [7, 2, 3, 9, 10, 11, 0]
+    mirror.store(hosts, slice(None), _blocks(len(hosts), 2).to(device))
+    for layer in range(CFG.num_layers):
+        asked = [9, 10, 11, 2, 7, 3]
+        got = mirror.fetch_summary(asked, layer)
+        assert got.device.type == device.type and got.shape == (6, 3, CFG.num_kv_heads, CFG.head_dim)
+        mirror.wait_writes()
+        assert torch.equal(got.cpu(), mirror.summary[torch.tensor(asked), layer])
+
+
 def test_fp8_rows_cost_a_byte_per_element_and_come_back_within_bound():
     exact = HostMirror(CFG, B, 6, torch.float32, CPU)
     fp8 = HostMirror(CFG, B, 6, torch.float32, CPU, host_dtype="fp8")

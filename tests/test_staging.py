@@ -121,7 +121,7 @@ def test_boundaries_apply_sets_prepared_ahead(model):
     def apply_plan(s):
         ready = policy._ready.get(s)
         if ready is not None:  # what the boundary would compute now is what was prepared
-            policy._take_plan(s, wait=True)
+            policy._take_plan(s, stage=False)
             assert ready.num_tokens == engine.cache.num_tokens(s)
             assert original_wanted(s, ready.num_tokens) == ready.wanted
             checked.append(s)
