@@ -200,6 +200,26 @@ class HostMirror:
         gather_rows(scale, self.scale[:, layer], hosts)
         return kernels.reference.dequantize_blocks(out, scale, self.format, self.dtype)
 
+    def fetch_keys(self, hosts: list[int], layer: int) -> torch.Tensor:
+        """One layer's keys of rows ``hosts`` on the device in the model dtype, [n, H, B, D]: half
+        of ``fetch_layer``'s bytes (exact-attention scoring reads keys only). The int4 format keeps a
+        row's key and value scales together: there the whole layer comes and its keys are kept."""
+        if self.format == "int4":
+            return self.fetch_layer(hosts, layer)[:, 0]
+        if not self.pinned:
+            self.wait_writes()
+            rows = torch.tensor(hosts, dtype=torch.long)
+            data = self.host[rows, layer, 0].to(self.device)
+            scale = self.scale[rows, layer, 0].to(self.device) if self.scale is not None else None
+        else:
+            data = torch.empty((len(hosts), *self.host.shape[3:]), dtype=self.host.dtype, device=self.device)
+            gather_rows(data, self.host[:, layer, 0], hosts)
+            scale = None
+            if self.scale is not None:
+                scale = torch.empty((len(hosts), *self.scale.shape[3:]), dtype=self.scale.dtype, device=self.device)
+                gather_rows(scale, self.scale[:, layer, 0], hosts)
+        return kernels.reference.dequantize_blocks(data, scale, self.format, self.dtype)
+
     def fetch_summary(self, hosts: list[int], layer: int) -> torch.Tensor:
         """One layer's key summaries of rows ``hosts`` on the device, [n, 3, H, D]. From page-locked
         memory one strided DMA copy per run of rows, ordered after the stream's writes: the host

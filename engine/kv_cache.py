@@ -279,8 +279,8 @@ class BlockKVCache:
     def host_keys(self, host_ids: list[int], layer: int) -> torch.Tensor:
         """Keys of complete blocks of one layer, from the host mirror, on the device: [H_kv, n, D]
         (n = len(host_ids) * block_size, in the order of ``host_ids``)."""
-        rows = self.mirror.fetch_layer(host_ids, layer)  # [n_blocks, 2, H, B, D]
-        return rows[:, 0].permute(1, 0, 2, 3).flatten(1, 2)
+        keys = self.mirror.fetch_keys(host_ids, layer)  # [n_blocks, H, B, D]
+        return keys.permute(1, 0, 2, 3).flatten(1, 2)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor) -> None:
         k_cache, v_cache = self.layer(layer)

@@ -67,6 +67,23 @@ def test_one_layers_summaries_come_back_as_stored(device):
         assert torch.equal(got.cpu(), mirror.summary[torch.tensor(asked), layer])
 
 
+@pytest.mark.parametrize("host_dtype", [None, "fp8", "int4"])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_one_layers_keys_come_back_as_the_whole_layer_has_them(device, host_dtype):
+    """fetch_keys (exact-attention scoring: keys only, half the bytes) equals the key half of
+    fetch_layer, in every host format, from pageable (CPU) and page-locked (CUDA) rows."""
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    mirror = HostMirror(CFG, B, 12, dtype, device, host_dtype=host_dtype)
+    hosts = [7, 2, 3, 9, 10, 11, 0]
+    mirror.store(hosts, slice(None), _blocks(len(hosts), 4).to(device, dtype))
+    asked = [9, 10, 11, 2, 7, 3]
+    for layer in range(CFG.num_layers):
+        keys = mirror.fetch_keys(asked, layer)
+        assert keys.dtype == dtype and keys.shape == (6, CFG.num_kv_heads, B, CFG.head_dim)
+        assert torch.equal(keys, mirror.fetch_layer(asked, layer)[:, 0])
+
+
 def test_fp8_rows_cost_a_byte_per_element_and_come_back_within_bound():
     exact = HostMirror(CFG, B, 6, torch.float32, CPU)
     fp8 = HostMirror(CFG, B, 6, torch.float32, CPU, host_dtype="fp8")
