@@ -53,13 +53,15 @@ class BlockKVCache:
     def __init__(self, config: ModelConfig, block_size: int, num_device_blocks: int, num_host_blocks: int,
                  dtype: torch.dtype, device: torch.device | str, groups: list[list[int]] | None = None,
                  index_layers: tuple[int, ...] = (), slot_summaries: bool = False, arena=None,
-                 host_dtype: str | None = None):
+                 host_dtype: str | None = None, index_keys: bool = True):
         """``arena`` (a HostArena: ``host``, ``summary``, ``allocator``): an external host mirror
         (e.g. a KV store's shared memory) with its own host-id allocator, instead of a private one.
         ``host_dtype="fp8"``: complete blocks are kept in host RAM as float8 e4m3 with one float32
         scale per (block, layer, K/V, KV head); ``"int4"``: as 4-bit codes with float16 scales
         (keys per channel, values per token); either is dequantized on the device after each
-        copy (``kernels.load_blocks``). Summaries stay in the model dtype."""
+        copy (``kernels.load_blocks``). Summaries stay in the model dtype. ``index_keys=False``:
+        the index layers' queries are observed but no device index keys are kept (a Level-1 score
+        that reads the host mirror: they would take device memory for every host block)."""
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
@@ -79,8 +81,9 @@ class BlockKVCache:
         self.trash_slot = num_device_blocks
         self.pool[:, :, self.trash_slot].zero_()
         self.index_layers = tuple(index_layers)
-        self.index_keys = torch.empty(len(index_layers), 3, num_host_blocks, heads, dim, dtype=dtype,
-                                      device=self.device)
+        self.keeps_index_keys = index_keys and bool(self.index_layers)
+        self.index_keys = torch.empty(len(index_layers) if index_keys else 0, 3, num_host_blocks, heads, dim,
+                                      dtype=dtype, device=self.device)
         self.slot_summary = (torch.empty(layers, 3, num_device_blocks, heads, dim, dtype=dtype, device=self.device)
                              if slot_summaries else None)
         self.bytes_per_token = config.kv_bytes_per_token(dtype)
@@ -108,8 +111,9 @@ class BlockKVCache:
         if not host_ids:
             return
         self.blocks.attach_prefix(seq_id, host_ids)
-        self._refresh_index_keys(host_ids, {layer: self.mirror.fetch_summary(host_ids, layer)
-                                            for layer in self.index_layers})
+        if self.keeps_index_keys:
+            self._refresh_index_keys(host_ids, {layer: self.mirror.fetch_summary(host_ids, layer)
+                                                for layer in self.index_layers})
         if not load:
             return
         for g in range(len(self.groups)):
@@ -173,6 +177,8 @@ class BlockKVCache:
 
     def _refresh_index_keys(self, hosts: list[int], summaries: dict[int, torch.Tensor]) -> None:
         """Device index keys of new host rows, from their summaries computed on the device."""
+        if not self.keeps_index_keys:
+            return
         wanted = [(li, layer) for li, layer in enumerate(self.index_layers) if layer in summaries]
         if not wanted:  # a layer-by-layer prefill's other layers: no copy of the ids (it waits for the stream)
             return
@@ -298,7 +304,7 @@ class BlockKVCache:
         layer_blocks = sum(s.held(g) * len(self.groups[g]) for s in seqs for g in range(len(self.groups)))
         staged = sum(len(st) * len(self.groups[g]) for s in seqs for g, st in enumerate(s.staged))
         host_blocks = sum(len(s.host_ids) for s in seqs)
-        index = host_blocks * len(self.index_layers) * self.summary_bytes_per_layer_block
+        index = host_blocks * self.index_keys.shape[0] * self.summary_bytes_per_layer_block
         if self.slot_summary is not None:
             index += layer_blocks * self.summary_bytes_per_layer_block
         capacity = self.blocks.num_device_blocks * self.bytes_per_block  # the trash slot not counted

@@ -58,7 +58,7 @@ class LLMEngine:
         self.cache = BlockKVCache(mc, self.block_size, num_device, num_host if cache_cfg.host_mirror else 0,
                                   self.dtype, self.device, groups=self.policy.groups(),
                                   index_layers=self.policy.index_layers(), slot_summaries=self.policy.slot_summaries,
-                                  arena=arena, host_dtype=cache_cfg.host_dtype)
+                                  arena=arena, host_dtype=cache_cfg.host_dtype, index_keys=self.policy.index_keys)
         self.policy.bind(self.cache)
         self.runner = ModelRunner(model, self.cache, self.policy, config.scheduler, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler.max_num_seqs, config.scheduler.prefill_chunk,

@@ -421,8 +421,13 @@ def test_attention_score_matches_a_float64_causal_softmax_over_the_keys():
 
 
 def test_host_keys_are_the_prompt_keys(model):
-    """The keys the attention score reads from the host mirror equal the device pool's."""
+    """The keys the attention score reads from the host mirror equal the device pool's; it keeps no
+    device index keys (nor counts them), which the Quest score does."""
+    quest = engine_for(model, name="lsa", budget=1.0, index_score="quest").cache
+    assert quest.keeps_index_keys and quest.index_keys.shape[0] == len(quest.index_layers) > 0
     engine = engine_for(model, name="lsa", budget=1.0, index_score="attention")
+    assert not engine.cache.keeps_index_keys and engine.cache.index_keys.numel() == 0
+    assert engine.policy.index_fraction() == 0.0 and engine.cache.index_layers  # its queries are still observed
     seq = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=20, ignore_eos=True))
     while seq.num_cached < seq.prompt_len:  # prefill chunks of 48 tokens
         engine.step()
@@ -431,3 +436,4 @@ def test_host_keys_are_the_prompt_keys(model):
     for layer in range(TINY.num_layers):
         keys, _ = cache.gather(seq.seq_id, layer, len(host_ids) * BLOCK)
         torch.testing.assert_close(cache.host_keys(host_ids, layer).float(), keys.float())
+    assert host_ids and cache.accounting(seq.seq_id).index_bytes == 0

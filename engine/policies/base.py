@@ -34,6 +34,7 @@ class Policy:
     prefill_window = 0  # prompt queries observed at the end of prefill
     selects_each_step = False  # select() narrows tables inside a step (such steps are not CUDA graphs)
     observes_decode = False  # observe_decode() wants each step's queries at the index layers
+    index_keys = True  # keeps the index layers' key summaries of every host block on the device (Level-1)
 
     def __init__(self, config: PolicyConfig, num_layers: int, block_size: int):
         self.config = config

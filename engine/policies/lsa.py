@@ -118,9 +118,14 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
 
     observes_decode = True
 
+    @property
+    def index_keys(self) -> bool:
+        """The attention score reads the keys from the host mirror: no device index keys."""
+        return not isinstance(self.indexer, AttentionIndexer)
+
     def index_fraction(self) -> float:
-        """The attention score reads the keys from the host mirror: no index keys to budget for."""
-        return 0.0 if isinstance(self.indexer, AttentionIndexer) else super().index_fraction()
+        """Nothing to budget for where no index keys are kept."""
+        return super().index_fraction() if self.index_keys else 0.0
 
     @property
     def selects_each_step(self) -> bool:
