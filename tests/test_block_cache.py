@@ -133,6 +133,38 @@ def test_offload_round_trip_restores_exact_blocks():
     assert torch.equal(cache.index_keys[0][:, host_ids], cache.mirror.summary[host_ids, 1].transpose(0, 1))
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_an_attached_prefix_gets_its_index_keys_from_the_mirror(device):
+    """A session turn's prefix (blocks another sequence left in the mirror) gets the index layers'
+    key summaries on the device, copied from the mirror's rows (on CUDA by DMA from page-locked
+    memory), and, loaded, the same K/V; other host blocks' index keys are left alone."""
+    torch.manual_seed(1)
+    cache = BlockKVCache(CFG, 4, num_device_blocks=24, num_host_blocks=16, dtype=torch.float32, device=device,
+                         index_layers=(0, 2))
+    cache.admit(0, 6)
+    [(slots, offsets)] = cache.append_slots([0], [20])
+    kv = torch.randn(20, CFG.num_layers, 2, CFG.num_kv_heads, CFG.head_dim, device=device)
+    for layer in range(CFG.num_layers):
+        cache.write(layer, kv[:, layer, 0], kv[:, layer, 1], slots, offsets)
+    cache.commit([0], [20])
+    before = [cache.gather(0, layer, 20) for layer in range(CFG.num_layers)]
+    prefix = cache.blocks.detach_host(0, 5)
+    cache.release(0)
+    cache.index_keys.fill_(7.0)  # stale: the attach must rewrite the prefix's columns
+    cache.admit(1, 8)
+    cache.attach_prefix(1, prefix, load=True)
+    hosts = torch.tensor(prefix)
+    cache.mirror.wait_writes()
+    for li, layer in enumerate((0, 2)):
+        want = cache.mirror.summary[hosts, layer].transpose(0, 1)  # [3, n, H, D]
+        assert torch.equal(cache.index_keys[li][:, hosts.to(device)].cpu(), want)
+    others = [h for h in range(16) if h not in prefix]
+    assert bool((cache.index_keys[:, :, torch.tensor(others, device=device)] == 7.0).all())
+    for layer in range(CFG.num_layers):
+        k, v = cache.gather(1, layer, 20)
+        assert torch.equal(k, before[layer][0]) and torch.equal(v, before[layer][1])
+
+
 def test_accounting_is_exact():
     block_size = 8
     cache = BlockKVCache(CFG, block_size, num_device_blocks=16, num_host_blocks=16, dtype=torch.float16,
