@@ -325,7 +325,7 @@ class DecodeWorkerCore:
         for seq_id, turn in self.sessions.turns.items():  # running: the finished ones left
             _, on_text, request = self._pending[seq_id]
             if turn.seq.output_ids:
-                if "first_token" not in request.marks:
+                if self._trace is not None and "first_token" not in request.marks:
                     self._traced("first_token", seq_id, time.perf_counter(), least=0.0)
                 request.mark("first_token")
                 if on_text is not None:

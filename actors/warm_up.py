@@ -1,11 +1,14 @@
 """A decode worker's warm-up: kernels compiled and decode graphs captured before it serves."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def warm_up(core, seed: int = 0, decode: bool = True) -> dict:
@@ -55,8 +58,12 @@ def probe_host_copies(core) -> dict[str, float]:
     mirror = getattr(core.engine.cache, "mirror", None)
     if mirror is None or not mirror.pinned:
         return {}
-    gbps = copy_probe(mirror.host, core.engine.device)
-    if gbps and gbps["arena"] < SLOW_ARENA * gbps["pinned"]:
+    try:
+        gbps = copy_probe(mirror.host, core.engine.device)
+    except Exception as exc:  # a diagnostic: the worker serves without it
+        log.warning("the host copy probe failed (%s); serving without it", exc)
+        return {}
+    if "pinned" in gbps and gbps["arena"] < SLOW_ARENA * gbps["pinned"]:
         core.warnings.append(f"the host KV arena copies to the GPU at {gbps['arena']:.1f} GB/s, page-locked memory "
                              f"of the worker's own at {gbps['pinned']:.1f} GB/s: turns that stream their prefix "
                              f"are slower by as much (is the store's memory on another NUMA node than the GPU?)")

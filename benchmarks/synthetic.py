@@ -210,5 +210,4 @@ def fill_host(cache, host_ids: list[int], gen: torch.Generator, bank_blocks: int
         mirror.summary[rows] = summary[:n]
         if scale is not None:
             mirror.scale[rows] = scale[:n]
-    for li, layer in enumerate(cache.index_layers):
-        cache.index_keys[li][:, ids.to(cache.device)] = mirror.summary[ids, layer].transpose(0, 1).to(cache.device)
+    cache.index_keys_from_mirror(host_ids)

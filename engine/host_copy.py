@@ -123,10 +123,12 @@ def copy_probe(host: torch.Tensor, device: torch.device, nbytes: int = 128 << 20
     """GB/s of the copies a turn makes from ``host`` (a page-locked table of rows, e.g. the host
     mirror's arena) to ``device``, best of ``repeats``: ``arena`` whole rows (plans' loads),
     ``arena_layer`` one layer of each row (a turn's prefix, a layer at a time: strided), and
-    ``pinned`` whole rows from a page-locked buffer of this process's own as the reference. An
-    arena well below the reference is memory the GPU reaches slowly (another NUMA node, a
-    registration the driver maps page by page). Empty where it cannot be measured (no CUDA, the
+    ``pinned`` whole rows from page-locked memory of this process's own as the reference (left out
+    where the driver refuses to lock it). An arena well below the reference is memory the GPU
+    reaches slowly (another NUMA node, a registration the driver maps page by page). Empty where it cannot be measured (no CUDA, the
     table not page-locked). Reads rows 0.. of ``host`` (their content does not matter)."""
+    from engine.host_memory import register_host  # it imports this module
+
     if device.type != "cuda" or not host.is_pinned() or cuda_runtime() is None:
         return {}
     row = host[0].numel() * host.element_size()
@@ -134,8 +136,23 @@ def copy_probe(host: torch.Tensor, device: torch.device, nbytes: int = 128 << 20
     layer_rows = max(1, min(host.shape[0], nbytes // max(1, row // host.shape[1]))) if host.dim() > 1 else n
     out: dict[str, float] = {}
     cases = [("arena", host, n), ("arena_layer", host[:, 0], layer_rows)]
-    ref = torch.empty((n, *host.shape[1:]), dtype=host.dtype, pin_memory=True)
-    cases.append(("pinned", ref, n))
+    # the reference registered and unregistered here: from torch's pinned pool it would stay cached
+    ref = torch.empty((n, *host.shape[1:]), dtype=host.dtype)
+    registered = register_host(ref.data_ptr(), ref.numel() * ref.element_size())
+    if registered:
+        cases.append(("pinned", ref, n))
+    try:
+        _time_copies(cases, device, repeats, out)
+    finally:
+        if registered:
+            torch.cuda.synchronize(device)
+            torch.cuda.cudart().cudaHostUnregister(ref.data_ptr())
+            clear_cuda_error()
+    return out
+
+
+def _time_copies(cases: list, device: torch.device, repeats: int, out: dict[str, float]) -> None:
+    """GB/s of ``gather_rows`` of each (name, table, rows) case into ``out``, best of ``repeats``."""
     for name, table, rows in cases:
         dense = torch.empty((rows, *table.shape[1:]), dtype=table.dtype, device=device)
         ids = list(range(rows))
@@ -149,8 +166,6 @@ def copy_probe(host: torch.Tensor, device: torch.device, nbytes: int = 128 << 20
             best = min(best, start.elapsed_time(end) / 1e3)
         out[name] = round(dense.numel() * dense.element_size() / best / 1e9, 2)
         del dense
-    del ref
-    return out
 
 
 __all__ = ["cuda_runtime", "clear_cuda_error", "runs", "gather_rows", "scatter_rows", "copy_probe"]

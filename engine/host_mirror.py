@@ -189,16 +189,10 @@ class HostMirror:
         """One layer of rows on the device in the model dtype, [n, 2, H, B, D]. From page-locked
         memory a run of consecutive rows' layer (K and V of each block, contiguous, a row apart)
         is one strided DMA copy (engine/host_copy.py); the host neither gathers nor waits."""
-        if not self.pinned:
-            return self.fetch(torch.tensor(hosts), layer)
-        out = torch.empty((len(hosts), *self.host.shape[2:]), dtype=self.host.dtype, device=self.device)
-        gather_rows(out, self.host[:, layer], hosts)
-        if self.scale is None:
-            return out
+        data = self._gather(self.host[:, layer], hosts)
         # the scales by DMA too, ordered after the stream's writes (a gather on the host had to wait for them)
-        scale = torch.empty((len(hosts), *self.scale.shape[2:]), dtype=self.scale.dtype, device=self.device)
-        gather_rows(scale, self.scale[:, layer], hosts)
-        return kernels.reference.dequantize_blocks(out, scale, self.format, self.dtype)
+        scale = self._gather(self.scale[:, layer], hosts) if self.scale is not None else None
+        return kernels.reference.dequantize_blocks(data, scale, self.format, self.dtype)
 
     def fetch_keys(self, hosts: list[int], layer: int) -> torch.Tensor:
         """One layer's keys of rows ``hosts`` on the device in the model dtype, [n, H, B, D]: half
@@ -206,30 +200,25 @@ class HostMirror:
         row's key and value scales together: there the whole layer comes and its keys are kept."""
         if self.format == "int4":
             return self.fetch_layer(hosts, layer)[:, 0]
-        if not self.pinned:
-            self.wait_writes()
-            rows = torch.tensor(hosts, dtype=torch.long)
-            data = self.host[rows, layer, 0].to(self.device)
-            scale = self.scale[rows, layer, 0].to(self.device) if self.scale is not None else None
-        else:
-            data = torch.empty((len(hosts), *self.host.shape[3:]), dtype=self.host.dtype, device=self.device)
-            gather_rows(data, self.host[:, layer, 0], hosts)
-            scale = None
-            if self.scale is not None:
-                scale = torch.empty((len(hosts), *self.scale.shape[3:]), dtype=self.scale.dtype, device=self.device)
-                gather_rows(scale, self.scale[:, layer, 0], hosts)
+        data = self._gather(self.host[:, layer, 0], hosts)
+        scale = self._gather(self.scale[:, layer, 0], hosts) if self.scale is not None else None
         return kernels.reference.dequantize_blocks(data, scale, self.format, self.dtype)
 
     def fetch_summary(self, hosts: list[int], layer: int) -> torch.Tensor:
-        """One layer's key summaries of rows ``hosts`` on the device, [n, 3, H, D]. From page-locked
-        memory one strided DMA copy per run of rows, ordered after the stream's writes: the host
-        neither gathers nor waits (gathering a 128K-token prefix's summaries on the host took 70 ms,
-        and 360-640 ms in a served worker whose mapping of the arena was not yet faulted in)."""
+        """One layer's key summaries of rows ``hosts`` on the device, [n, 3, H, D], by DMA where
+        page-locked (gathering a 128K-token prefix's summaries on the host took 70 ms, and 360-640
+        ms in a served worker whose mapping of the arena was not yet faulted in)."""
+        return self._gather(self.summary[:, layer], hosts)
+
+    def _gather(self, table: torch.Tensor, hosts: list[int]) -> torch.Tensor:
+        """``table[hosts]`` on the device, ``table`` a view of the host rows (e.g. one layer of
+        each): from page-locked memory one strided DMA copy per run of rows, ordered after the
+        stream's writes, the host neither gathering nor waiting; else gathered on the host."""
         if not self.pinned:
             self.wait_writes()
-            return self.summary[torch.tensor(hosts, dtype=torch.long), layer].to(self.device)
-        out = torch.empty((len(hosts), *self.summary.shape[2:]), dtype=self.summary.dtype, device=self.device)
-        gather_rows(out, self.summary[:, layer], hosts)
+            return table[torch.tensor(hosts, dtype=torch.long)].to(self.device, non_blocking=True)
+        out = torch.empty((len(hosts), *table.shape[1:]), dtype=table.dtype, device=self.device)
+        gather_rows(out, table, hosts)
         return out
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:

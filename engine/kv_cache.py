@@ -111,9 +111,7 @@ class BlockKVCache:
         if not host_ids:
             return
         self.blocks.attach_prefix(seq_id, host_ids)
-        if self.keeps_index_keys:
-            self._refresh_index_keys(host_ids, {layer: self.mirror.fetch_summary(host_ids, layer)
-                                                for layer in self.index_layers})
+        self.index_keys_from_mirror(host_ids)
         if not load:
             return
         for g in range(len(self.groups)):
@@ -174,6 +172,13 @@ class BlockKVCache:
         prefill): blocks [n, 2, H, B, D] on the device; refreshes the layer's device index keys."""
         summary = self.mirror.store(host_ids, slice(layer, layer + 1), blocks[:, None])
         self._refresh_index_keys(host_ids, {layer: summary[:, 0]})
+
+    def index_keys_from_mirror(self, host_ids: list[int]) -> None:
+        """Device index keys of rows already in the host mirror (a session's prefix, rows written
+        there directly), copied from their summaries (by DMA where the mirror is page-locked)."""
+        if self.keeps_index_keys:
+            self._refresh_index_keys(host_ids, {layer: self.mirror.fetch_summary(host_ids, layer)
+                                                for layer in self.index_layers})
 
     def _refresh_index_keys(self, hosts: list[int], summaries: dict[int, torch.Tensor]) -> None:
         """Device index keys of new host rows, from their summaries computed on the device."""
