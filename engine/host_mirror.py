@@ -222,9 +222,12 @@ class HostMirror:
         return out
 
     def to_device(self, index: torch.Tensor) -> torch.Tensor:
-        """A small host tensor (e.g. destination slots) on the device; asynchronous where the
-        mirror is page-locked (a pageable copy would wait for the stream)."""
-        return (index.pin_memory() if self.pinned else index).to(self.device, non_blocking=True)
+        """A small host tensor (e.g. destination slots, block ids) on the device, asynchronously:
+        through page-locked memory on CUDA (a copy from pageable memory waits for the stream, so
+        the host would wait for the step just launched)."""
+        if self.device.type != "cuda":
+            return index.to(self.device)
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     @contextmanager
     def ahead(self) -> Iterator[None]:

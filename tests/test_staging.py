@@ -176,3 +176,26 @@ def test_boundaries_of_a_batch_spread_over_the_cycle(model, batch):
     assert sorted(steps) == sorted(s.seq_id for s in seqs)
     assert all(len(v) >= 2 and all(b - a == CYCLE for a, b in zip(v, v[1:])) for v in steps.values())
     assert max(map(len, at.values())) == -(-batch // CYCLE)  # at most ceil(batch / cycle) in one step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits for the GPU stream need CUDA")
+def test_level1_launch_after_a_boundary_does_not_wait_for_the_step():
+    """Level-1 is launched right after the step's launch (``after_launch``): a copy from pageable
+    memory there (the block ids, the count) made the host wait for the whole step, the GPU then
+    idle while the host went on (the boundary steps' p99 at 128K). With CUDA's sync debug mode
+    set to "error", any synchronizing call inside the launch raises."""
+    model = random_model(CFG, "cuda", torch.float16, seed=0)
+    torch.manual_seed(0)
+    engine, (seq,) = build(model, Setup("lsa", (0.1,), 1, 8192, 200, 64, CYCLE, None), torch.device("cuda"),
+                           torch.Generator().manual_seed(1))
+    for _ in range(CYCLE + 2):  # past the first boundary: decode queries observed
+        engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        future = engine.policy._rank_in_background(seq.seq_id)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    plan = future.result()
+    complete = len(engine.cache.blocks.seqs[seq.seq_id].host_ids)
+    assert plan and all(0 <= j < complete for ranked in plan for j in ranked) and len(plan[0]) > 0

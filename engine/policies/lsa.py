@@ -50,8 +50,9 @@ class QuestIndexer:
         if self.kind == "mass":
             return self.mass(queries, kmean, host_ids)
         m = host_ids.numel()
+        # the count by a fill, not a copy from the host: a copy would wait for the step just launched
         quest, meandot = kernels.block_scores(queries[None], kmin, kmax, kmean, host_ids[None].to(torch.int32),
-                                              torch.tensor([m], dtype=torch.int32, device=host_ids.device))
+                                              torch.full((1,), m, dtype=torch.int32, device=host_ids.device))
         scale = queries.shape[-1] ** -0.5
         if self.kind == "mean":
             return (meandot[0] * scale).amax(0)  # [M]
@@ -168,7 +169,7 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         if not host_ids:
             return [torch.empty(0) for _ in self.groups()], 0
         if per_layer is None:
-            ids = torch.tensor(host_ids, device=self.cache.device)
+            ids = self.cache.mirror.to_device(torch.tensor(host_ids, dtype=torch.int32))  # no host wait
             per_layer = {}
             for li, layer in enumerate(self.index_layers()):
                 queries = torch.stack(list(self._queries[seq_id][layer]))  # [W, Hq, D]
