@@ -68,20 +68,45 @@ def device_free_bytes(device: torch.device, cpu_budget: int) -> int:
 # ------------------------------------------------------------------ timing
 
 class SwapTimer:
-    """Wraps ``policy.before_decode`` (cycle boundaries: Level-1 and the copies, synchronous in
-    this engine) and records its wall time, the device synchronised at its end."""
+    """Wraps the policy's host work around a step and records, per call, its wall time:
+    ``policy.before_decode`` (cycle boundaries: applying the plan) split into the host's own time
+    and the wait for the device after it (what it queued, and copies it must wait for), and
+    ``policy.after_launch`` (Level-1 launches, adopting and staging a plan), where a host wait for
+    the step just launched would show as time the GPU cannot hide."""
 
     def __init__(self, engine: LLMEngine, device: torch.device):
         self.seconds = 0.0
-        inner = engine.policy.before_decode
+        self.before_host: list[float] = []  # per call of before_decode
+        self.before_wait: list[float] = []
+        self.after_host: list[float] = []  # per call of after_launch
+        policy = engine.policy
+        inner, after = policy.before_decode, policy.after_launch
 
         def timed(seq_ids):
             t0 = time.perf_counter()
             inner(seq_ids)
+            t1 = time.perf_counter()
             _sync(device)
-            self.seconds += time.perf_counter() - t0
+            t2 = time.perf_counter()
+            self.seconds += t2 - t0
+            self.before_host.append(t1 - t0)
+            self.before_wait.append(t2 - t1)
 
-        engine.policy.before_decode = timed
+        def timed_after(seq_ids):
+            t0 = time.perf_counter()
+            after(seq_ids)
+            self.after_host.append(time.perf_counter() - t0)
+
+        policy.before_decode = timed
+        policy.after_launch = timed_after
+
+    def marks(self) -> tuple[int, int]:
+        return len(self.before_host), len(self.after_host)
+
+    def since(self, marks: tuple[int, int]) -> tuple[float, float, float]:
+        """(before_decode host, its device wait, after_launch host) seconds since ``marks``."""
+        b, a = marks
+        return sum(self.before_host[b:]), sum(self.before_wait[b:]), sum(self.after_host[a:])
 
 
 def graph_captures(engine: LLMEngine) -> int:
@@ -96,20 +121,23 @@ def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, peak, boundaries, captures = [], 0.0, [], []  # per step: boundaries it ran, graphs it captured
+    host = []  # per step: (before_decode host, its device wait, after_launch host) seconds
     for _ in range(steps):
         cycles, captured = getattr(policy, "cycles", 0), graph_captures(engine)
         _sync(device)
+        marks = swaps.marks()
         t0 = time.perf_counter()
         engine.step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        host.append(swaps.since(marks))
         boundaries.append(getattr(policy, "cycles", 0) - cycles)
         captures.append(graph_captures(engine) - captured)
         peak = max(peak, cache.accounting().device_fraction)  # untimed
     assert all(s.status is Status.DECODE for s in seqs), "a sequence finished inside the timed window"
     acc = cache.accounting()
     cycles = getattr(policy, "cycles", 0) - cycles0
-    return {"step_s": times, "boundaries": boundaries, "captures": captures,
+    return {"step_s": times, "boundaries": boundaries, "captures": captures, "host_s": host,
             "bytes_copied": cache.bytes_copied - copied0, "cycles": cycles,
             "late_blocks": cache.blocks_loaded_late - late0, "prefetched_blocks": cache.blocks_prefetched - ahead0,
             "deferred_blocks": getattr(policy, "deferred", 0) - deferred0,
@@ -126,6 +154,26 @@ def slow_steps(windows: list[dict], median: float, factor: float = 10.0) -> list
             for w, win in enumerate(windows) for i, t in enumerate(win["step_s"]) if t > factor * median]
 
 
+def boundary_anatomy(windows: list[dict]) -> dict:
+    """Where a boundary's extra time goes: per kind of step (a boundary, the step after one, the
+    others), the median step and its host parts (ms): ``before`` the plan applied before the
+    launch, ``wait`` the device wait right after it, ``after`` the host work after the launch
+    (Level-1 launches at the step after a boundary's, adopting and staging a plan later); a step
+    longer than the others with its GPU work unchanged shows here as host time."""
+    kinds: dict[str, list[tuple[float, tuple]]] = {"boundary": [], "after_boundary": [], "other": []}
+    for w in windows:
+        for i, (t, b) in enumerate(zip(w["step_s"], w["boundaries"])):
+            kind = "boundary" if b else "after_boundary" if i and w["boundaries"][i - 1] else "other"
+            kinds[kind].append((t, w["host_s"][i]))
+    out = {}
+    for kind, rows in kinds.items():
+        if rows:
+            out[kind] = {"steps": len(rows), "step_ms": 1e3 * statistics.median(t for t, _ in rows),
+                         **{name: 1e3 * statistics.median(h[k] for _, h in rows)
+                            for k, name in enumerate(("before_ms", "wait_ms", "after_ms"))}}
+    return out
+
+
 def summarise(label: dict, windows: list[dict], batch: int) -> dict:
     steps = sorted(t for w in windows for t in w["step_s"])
     p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
@@ -138,6 +186,7 @@ def summarise(label: dict, windows: list[dict], batch: int) -> dict:
             # captures while timed should be 0 (every graph made at warm-up); slow steps say where time went
             "graph_captures": sum(sum(w["captures"]) for w in windows), "slow_steps": slow_steps(windows, median),
             "boundary_steps": len(at_boundary), "boundary_ms_max": max(at_boundary, default=0.0) * 1e3,
+            "boundary_anatomy": boundary_anatomy(windows),
             "device_kv_fraction": last["device_kv_fraction"], "device_kv_bytes": last["device_kv_bytes"],
             # without the slots staged for the next plan: what decode attends to, plus index keys
             "resident_kv_fraction": (last["device_kv_bytes"] - last["staged_kv_bytes"]) / last["full_kv_bytes"],
@@ -290,6 +339,14 @@ def print_table(rows: list[dict]) -> None:
               f"{peak:>8} {r['host_kv_bytes'] / 1e9:>8.2f} {r['bytes_copied_per_cycle'] / 1e6:>9.1f} "
               f"{r['swap_wait_ms_per_cycle']:>11.2f} {r['boundary_ms_max']:>9.2f} {r['graph_captures']:>4} "
               f"{len(r['slow_steps']):>4}")
+    # a boundary's extra time by where it goes (median ms per kind of step): host before / device wait / host after
+    for r in rows:
+        anatomy = r.get("boundary_anatomy") or {}
+        if "boundary" in anatomy:
+            name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
+            parts = "; ".join(f"{kind} {a['step_ms']:.2f} ms (before {a['before_ms']:.2f}, wait {a['wait_ms']:.2f}, "
+                              f"after {a['after_ms']:.2f})" for kind, a in anatomy.items())
+            print(f"  steps of {r['context']} batch {r['batch']} {name}: {parts}")
     # steps over 10x the median: a capture (caps) or a boundary's work, or neither
     for r in rows:
         for slow in r.get("slow_steps", ()):

@@ -38,6 +38,9 @@ def test_bench_decode_runs_on_cpu_and_reports_every_policy(tmp_path, capsys):
     assert all(r["device_kv_fraction"] >= r["resident_kv_fraction"] for r in (lo, hi))  # plus staged slots
     for r in (lo, hi):
         assert r["cycles"] >= 2 and r["swap_wait_ms_per_cycle"] > 0 and r["boundary_steps"] >= r["cycles"] // r["batch"]
+        anatomy = r["boundary_anatomy"]  # every timed step in one kind, the boundaries as counted
+        assert anatomy["boundary"]["steps"] == r["boundary_steps"]
+        assert sum(a["steps"] for a in anatomy.values()) == r["steps"]
         # FP8 mirror: one byte per element plus a float32 scale per (layer, K/V, head), complete blocks only
         tokens = r["full_kv_bytes"] // (LAYERS * 2 * KV_HEADS * HEAD_DIM * 4)
         per_block = LAYERS * 2 * KV_HEADS * (BLOCK * HEAD_DIM + 4)
@@ -112,3 +115,18 @@ def test_slow_steps_say_where_they_were_and_what_they_ran():
     slow = slow_steps(windows, median=0.01)
     assert [(s["window"], s["step"], s["boundaries"], s["captures"]) for s in slow] == [(0, 5, 1, 0), (1, 1, 0, 1)]
     assert [round(s["ms"]) for s in slow] == [500, 250]
+
+
+def test_boundary_anatomy_sorts_steps_by_kind_and_takes_medians():
+    from benchmarks.decode import boundary_anatomy
+
+    host = lambda b, w, a: (b / 1e3, w / 1e3, a / 1e3)  # noqa: E731 (ms -> s)
+    windows = [{"step_s": [0.005, 0.009, 0.006, 0.005, 0.005], "boundaries": [0, 1, 0, 0, 0],
+                "host_s": [host(0, 0, 0.1), host(1.0, 0.5, 0.2), host(0, 0, 2.0), host(0, 0, 0.3), host(0, 0, 0.1)]},
+               {"step_s": [0.008, 0.007], "boundaries": [2, 0],  # a boundary first: the next step follows one
+                "host_s": [host(3.0, 0.1, 0.4), host(0, 0, 1.0)]}]
+    a = boundary_anatomy(windows)
+    assert a["boundary"]["steps"] == 2 and a["after_boundary"]["steps"] == 2 and a["other"]["steps"] == 3
+    assert abs(a["boundary"]["step_ms"] - 8.5) < 1e-9 and abs(a["boundary"]["before_ms"] - 2.0) < 1e-9
+    assert abs(a["boundary"]["wait_ms"] - 0.3) < 1e-9 and abs(a["after_boundary"]["after_ms"] - 1.5) < 1e-9
+    assert abs(a["other"]["step_ms"] - 5.0) < 1e-9 and abs(a["other"]["after_ms"] - 0.1) < 1e-9
