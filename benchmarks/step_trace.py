@@ -8,6 +8,8 @@ batches (prefill and decode, host side), what lies between batches (the loop's o
 for commands), and the batch counts. Served and engine-alone logs of one ``lsa bench serve`` run
 list their bursts in the same order, so a turn's time can be compared where it is spent. ``--turns``:
 a line per prefilled sequence (a turn, a session's creation): its segments and their host times.
+Per burst, the decode steps' median, p99 and max, those that ran an LSA cycle boundary apart from
+the others (where an ITL tail comes from).
 """
 from __future__ import annotations
 
@@ -37,8 +39,23 @@ def bursts(rows: list, gap: float, collections: list = ()) -> list[dict]:
                         "decode_s": sum(r[3] for r in decode), "between_s": wall - inside,
                         "prefill_batches": len(prefill), "decode_batches": len(decode),
                         "max_decode_batch": max((r[2] for r in decode), default=0),
-                        "gc_s": sum(r[3] for r in inside_gc), "gc_max_s": max((r[3] for r in inside_gc), default=0)})
+                        "gc_s": sum(r[3] for r in inside_gc), "gc_max_s": max((r[3] for r in inside_gc), default=0),
+                        **decode_steps(decode)})
     return summary
+
+
+def decode_steps(decode: list) -> dict:
+    """A burst's decode batches, ms: median, p99 and max of all, and of those that ran an LSA cycle
+    boundary (a row's fifth field; logs without it count none) against those that did not."""
+    def pct(values: list[float]) -> dict:
+        if not values:
+            return {"n": 0}
+        v = sorted(values)
+        return {"n": len(v), "median_ms": 1e3 * v[len(v) // 2], "p99_ms": 1e3 * v[min(len(v) - 1, int(0.99 * len(v)))],
+                "max_ms": 1e3 * v[-1]}
+    at = [r[3] for r in decode if len(r) > 4 and r[4]]
+    return {"decode_steps": pct([r[3] for r in decode]), "boundary_steps": pct(at),
+            "other_steps": pct([r[3] for r in decode if not (len(r) > 4 and r[4])])}
 
 
 def turns(rows: list, marks: dict | None = None) -> list[dict]:
@@ -89,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:5d} {b['wall_s'] * 1e3:9.1f} {b['prefill_s'] * 1e3:10.1f} {b['decode_s'] * 1e3:10.1f} "
                   f"{b['between_s'] * 1e3:10.1f} {b['prefill_batches']:8d} {b['decode_batches']:8d} "
                   f"{b['max_decode_batch']:5d} {b['gc_s'] * 1e3:7.1f} {b['gc_max_s'] * 1e3:7.1f}")
+        for i, b in enumerate(report[path.name]):  # decode steps: boundaries against the rest
+            parts = [f"{name} n={p['n']} median {p['median_ms']:.2f} p99 {p['p99_ms']:.2f} max {p['max_ms']:.2f} ms"
+                     for name in ("boundary_steps", "other_steps") for p in [b[name]] if p["n"]]
+            if parts:
+                print(f"  burst {i} decode steps: " + "; ".join(parts))
         if args.turns:
             report[path.name + ":turns"] = found = turns(rows, marks)
             print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9} {'queued>':>8} "

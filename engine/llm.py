@@ -194,16 +194,17 @@ class LLMEngine:
             self.trace.note("schedule", len(batches), t)
         for batch in batches:
             t0 = time.perf_counter()
+            cycles = getattr(self.policy, "cycles", 0)  # cycle boundaries run so far (the trace counts a batch's)
             try:
                 logits = self.runner.run(batch)
             except Exception as exc:  # a prefill segment is one sequence's; a decode batch, its rows'
                 finished += self.scheduler.fail(batch.seqs, exc)
                 continue
             if logits is None:  # a prefill segment short of its prompt's end
-                self._timed(batch, t0)
+                self._timed(batch, t0, cycles)
                 continue
             tokens, failed = self._sample(batch.seqs, logits)
-            self._timed(batch, t0)
+            self._timed(batch, t0, cycles)
             for i, exc in failed.items():
                 finished += self.scheduler.fail([batch.seqs[i]], exc)
             ok = [i for i in range(len(tokens)) if i not in failed]
@@ -213,12 +214,13 @@ class LLMEngine:
                 self.trace.note("postprocess", len(ok), t)
         return finished
 
-    def _timed(self, batch: Batch, t0: float) -> None:
+    def _timed(self, batch: Batch, t0: float, cycles: int) -> None:
         batch.add_time(time.perf_counter() - t0)
         if self.trace is not None:  # engine/trace.py
-            decode = isinstance(batch, DecodeBatch)
-            what = len(batch.seqs) if decode else [batch.seq.seq_id, batch.seq.num_cached]
-            self.trace.note("decode" if decode else "prefill", what, t0, least=0.0)
+            if isinstance(batch, DecodeBatch):  # with the cycle boundaries it ran
+                self.trace.note("decode", len(batch.seqs), t0, 0.0, getattr(self.policy, "cycles", 0) - cycles)
+            else:
+                self.trace.note("prefill", [batch.seq.seq_id, batch.seq.num_cached], t0, least=0.0)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int | None], dict[int, Exception]]:
         """One token per sequence from logits [n, V], and the rows whose sampling failed; the

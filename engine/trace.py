@@ -2,7 +2,8 @@
 
 ``LSA_STEP_TRACE=DIR`` in a decode worker's environment makes it write ``DIR/steps-OWNER-PID.jsonl``:
 one line per batch the engine ran, ``[start (time.time()), kind, what, seconds]``, where kind is
-"decode" (what: the batch's sequences) or "prefill" (what: [seq_id, prompt position reached]); and
+"decode" (what: the batch's sequences; a fifth field, the LSA cycle boundaries it ran) or "prefill"
+(what: [seq_id, prompt position reached]); and
 one line per garbage collection in the process, kind "gc" (what: the generation collected); the host
 work around the batches where it took a millisecond or more ("schedule", "postprocess", and the
 worker's "report_plans", "stream_updates", "finish"); and a turn's marks, "queued" and "first_token"
@@ -44,11 +45,12 @@ class StepTrace:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", owner)
         return cls(engine, os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl"))
 
-    def note(self, kind: str, what, t0: float, least: float = 1e-3) -> None:
-        """A line for work that began at ``t0`` (time.perf_counter()), where it took ``least`` seconds or more."""
+    def note(self, kind: str, what, t0: float, least: float = 1e-3, *extra) -> None:
+        """A line for work that began at ``t0`` (time.perf_counter()), where it took ``least`` seconds
+        or more; ``extra`` fields follow (a decode batch: the cycle boundaries it ran)."""
         seconds = time.perf_counter() - t0
         if seconds >= least:
-            self.rows.append([time.time() - seconds, kind, what, round(seconds, 6)])
+            self.rows.append([time.time() - seconds, kind, what, round(seconds, 6), *extra])
 
     def flush(self) -> None:
         if not self.rows:

@@ -89,15 +89,35 @@ def test_the_step_trace_logs_every_batch(tmp_path, monkeypatch):
         files = list((tmp_path / "trace").iterdir())
         assert len(files) == 1 and files[0].name.startswith("steps-w-")
         rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+        cycles = core.engine.policy.cycles
     finally:
         core.close()
     prefill = [r for r in rows if r[1] == "prefill"]
     decode = [r for r in rows if r[1] == "decode"]  # in the order they ran
     assert [r[2][1] for r in prefill] == [64, 128, 150]  # prefill_chunk 64: the position each segment reached
     assert len(decode) == 5 and all(r[2] == 1 for r in decode)
+    # each decode batch with the LSA cycle boundaries it ran (cycle 4: one among the five)
+    assert cycles == 1 and sum(r[4] for r in decode) == cycles and all(r[4] in (0, 1) for r in decode)
     batches = prefill + decode
     assert all(r[3] > 0 for r in batches) and [r[0] for r in batches] == sorted(r[0] for r in batches)
     marks = {r[1]: r[0] for r in rows if r[1] in ("queued", "first_token")}  # the turn's, in the loop
     assert marks["queued"] <= prefill[0][0] and prefill[-1][0] <= marks["first_token"] <= decode[0][0]
     assert {r[1] for r in rows} <= {"prefill", "decode", "gc", "queued", "first_token", "schedule", "postprocess",
                                     "stream_updates", "finish"}  # the host work only where it took >= 1 ms
+
+
+def test_the_step_trace_summary_sets_boundary_steps_apart():
+    """benchmarks/step_trace.py: per burst, the decode steps that ran a cycle boundary apart from
+    the others (median, p99, max in ms); rows without the boundary field (older logs) count as others."""
+    from benchmarks.step_trace import bursts
+
+    rows = [[0.0, "prefill", [1, 64], 0.050]]
+    rows += [[0.1 + 0.01 * i, "decode", 2, 0.007, int(i % 8 == 7)] for i in range(32)]
+    rows += [[0.5, "decode", 2, 0.020]]  # an older log's row: no boundary field
+    rows[8][3] = 0.012  # the first boundary step (i = 7) is the slow one
+    (b,) = bursts(rows, gap=0.5)
+    at, rest, every = b["boundary_steps"], b["other_steps"], b["decode_steps"]
+    assert at["n"] == 4 and rest["n"] == 29 and every["n"] == 33
+    assert abs(at["max_ms"] - 12.0) < 1e-9 and abs(at["median_ms"] - 7.0) < 1e-9
+    assert abs(rest["max_ms"] - 20.0) < 1e-9 and abs(rest["median_ms"] - 7.0) < 1e-9
+    assert abs(every["max_ms"] - 20.0) < 1e-9 and abs(every["p99_ms"] - 20.0) < 1e-9
