@@ -1,10 +1,56 @@
-"""Tokenizer and chat template through transformers (from a HF directory or from the GGUF)."""
+"""Tokenizer and chat template through transformers (from a HF directory or from the GGUF).
+
+A GGUF's tokenizer is converted by transformers from the file's vocabulary and merges (~15 s on a
+small CPU, at every model load); the converted tokenizer is kept on disk (``LSA_CACHE_DIR``,
+default ``~/.cache/lsa-serve``), keyed by the file (path, size, modification time) and the
+transformers version, and loaded from there in a fraction of that. Where the cache cannot be
+written, every load converts."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from engine.errors import InvalidRequestError, ModelFormatError
 from engine.weights import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LSA_CACHE_DIR") or Path.home() / ".cache" / "lsa-serve")
+
+
+def _gguf_tokenizer(path: Path):
+    """The GGUF's tokenizer: from the cache where converted before, else converted and cached."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
+    folder = cache_root() / "tokenizers" / key[:20]
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:  # a damaged cache entry: convert again, replace it
+            log.warning("cached tokenizer %s unreadable (%s): converting the GGUF's again", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".new-", dir=folder.parent))
+        tok.save_pretrained(str(staging))
+        try:
+            os.rename(staging, folder)  # whole or not at all; another process may have put it there first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        log.info("tokenizer cache %s not writable (%s): the GGUF's tokenizer is converted at each load", folder, exc)
+    return tok
 
 
 class Tokenizer:
@@ -16,7 +62,7 @@ class Tokenizer:
         logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
             if source.kind == "gguf":
-                self._tok = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+                self._tok = _gguf_tokenizer(source.path)
             else:
                 self._tok = AutoTokenizer.from_pretrained(str(source.path))
         except Exception as exc:  # transformers raises many kinds here
