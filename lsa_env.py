@@ -24,6 +24,12 @@ def haystack_dir() -> str | None:
     return os.environ.get("LSA_HAYSTACK") or None
 
 
+def cache_dir() -> str:
+    """``LSA_CACHE_DIR``: what is derived once from a model file and kept (a GGUF's converted
+    tokenizer; default ``~/.cache/lsa-serve``)."""
+    return os.environ.get("LSA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lsa-serve")
+
+
 def kv_dir() -> str:
     """``LSA_KV_DIR``: where KV stores create their shared-memory block arenas (default
     ``/dev/shm``, else the temp directory)."""

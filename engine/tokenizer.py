@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LSA_CACHE_DIR") or Path.home() / ".cache" / "lsa-serve")
+    import lsa_env
+
+    return Path(lsa_env.cache_dir())
 
 
 def _gguf_tokenizer(path: Path):
