@@ -50,8 +50,8 @@ def _gguf_tokenizer(path: Path):
             os.rename(staging, folder)  # whole or not at all; another process may have put it there first
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
-    except OSError as exc:
-        log.info("tokenizer cache %s not writable (%s): the GGUF's tokenizer is converted at each load", folder, exc)
+    except Exception as exc:  # the cache is an optimisation: never a reason to fail the load
+        log.info("tokenizer cache %s not written (%s): the GGUF's tokenizer is converted at each load", folder, exc)
     return tok
 
 

@@ -81,3 +81,14 @@ def test_the_tokenizer_is_converted_once_then_loaded_from_the_cache(source, tmp_
     again = Tokenizer(source)
     assert again.encode(texts[2]) == converted.encode(texts[2])
     assert (entry / "tokenizer.json").read_text().startswith("{") and Tokenizer(source).encode("ok") == converted.encode("ok")
+
+
+def test_an_unwritable_cache_only_costs_time(source, tmp_path, monkeypatch):
+    """LSA_CACHE_DIR under a plain file: nothing can be cached, the tokenizer still loads."""
+    from engine.tokenizer import Tokenizer
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("LSA_CACHE_DIR", str(blocker / "cache"))
+    tok = Tokenizer(source)
+    assert tok.encode("Hello", add_special_tokens=False) and tok.has_chat_template
