@@ -194,7 +194,8 @@ class LLMEngine:
             self.trace.note("schedule", len(batches), t)
         for batch in batches:
             t0 = time.perf_counter()
-            cycles = getattr(self.policy, "cycles", 0)  # cycle boundaries run so far (the trace counts a batch's)
+            # cycle boundaries run so far: the trace counts each batch's (nothing to do untraced)
+            cycles = getattr(self.policy, "cycles", 0) if self.trace is not None else 0
             try:
                 logits = self.runner.run(batch)
             except Exception as exc:  # a prefill segment is one sequence's; a decode batch, its rows'

@@ -14,16 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import lsa_env
 from engine.errors import InvalidRequestError, ModelFormatError
 from engine.weights import ModelSource
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    import lsa_env
-
-    return Path(lsa_env.cache_dir())
 
 
 def _gguf_tokenizer(path: Path):
@@ -34,7 +29,7 @@ def _gguf_tokenizer(path: Path):
     path = path.resolve()
     stat = path.stat()
     key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
-    folder = cache_root() / "tokenizers" / key[:20]
+    folder = Path(lsa_env.cache_dir()) / "tokenizers" / key[:20]
     if (folder / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(folder))
