@@ -9,7 +9,8 @@ for commands), and the batch counts. Served and engine-alone logs of one ``lsa b
 list their bursts in the same order, so a turn's time can be compared where it is spent. ``--turns``:
 a line per prefilled sequence (a turn, a session's creation): its segments and their host times.
 Per burst, the decode steps' median, p99 and max, those that ran an LSA cycle boundary apart from
-the others (where an ITL tail comes from).
+the others (where an ITL tail comes from), and the cadence at the burst's largest batch (start to
+start of consecutive decode batches: the inter-token gap the worker produces, before the stream).
 """
 from __future__ import annotations
 
@@ -40,8 +41,30 @@ def bursts(rows: list, gap: float, collections: list = ()) -> list[dict]:
                         "prefill_batches": len(prefill), "decode_batches": len(decode),
                         "max_decode_batch": max((r[2] for r in decode), default=0),
                         "gc_s": sum(r[3] for r in inside_gc), "gc_max_s": max((r[3] for r in inside_gc), default=0),
-                        **decode_steps(decode)})
+                        **decode_steps(decode), "cadence": cadence(b)})
     return summary
+
+
+def cadence(burst: list) -> dict:
+    """The token cadence where every sequence of the burst decodes: between consecutive decode
+    batches of the burst's largest batch with nothing else between them, the time from one
+    batch's start to the next (what a client's inter-token gap is at best) and the part of it
+    outside the batches (the loop's own work), ms: median, p99, max."""
+    decode = [r for r in burst if r[1] == "decode"]
+    if not decode:
+        return {"n": 0}
+    full = max(r[2] for r in decode)
+    period, idle = [], []
+    for a, b in zip(burst, burst[1:]):
+        if a[1] == b[1] == "decode" and a[2] == b[2] == full:
+            period.append(b[0] - a[0])
+            idle.append(b[0] - (a[0] + a[3]))
+
+    def pct(values: list[float]) -> dict:
+        v = sorted(values)
+        return {"median_ms": 1e3 * v[len(v) // 2], "p99_ms": 1e3 * v[min(len(v) - 1, int(0.99 * len(v)))],
+                "max_ms": 1e3 * v[-1]} if v else {}
+    return {"n": len(period), "batch": full, "period": pct(period), "outside": pct(idle)}
 
 
 def decode_steps(decode: list) -> dict:
@@ -111,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                      for name in ("boundary_steps", "other_steps") for p in [b[name]] if p["n"]]
             if parts:
                 print(f"  burst {i} decode steps: " + "; ".join(parts))
+            c = b["cadence"]
+            if c["n"]:
+                print(f"  burst {i} cadence at batch {c['batch']} (n={c['n']}): start to start median "
+                      f"{c['period']['median_ms']:.2f} p99 {c['period']['p99_ms']:.2f} max {c['period']['max_ms']:.2f} ms; "
+                      f"outside the batches median {c['outside']['median_ms']:.2f} p99 {c['outside']['p99_ms']:.2f} ms")
         if args.turns:
             report[path.name + ":turns"] = found = turns(rows, marks)
             print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9} {'queued>':>8} "

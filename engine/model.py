@@ -93,13 +93,15 @@ class Attention(nn.Module):
         t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:  # views of one [T, (Hq + 2 Hkv) D] output
-            q, k, v = self.qkv_proj(x).split((hq * d, hkv * d, hkv * d), dim=-1)
+            kernels.rotary(q.view(t, hq, d), cos, sin)  # in place
+            kernels.rotary(k.view(t, hkv, d), cos, sin)
+        else:  # views of one [T, (Hq + 2 Hkv) D] output; q and k rotated in one launch
+            qkv = self.qkv_proj(x)
+            kernels.rotary(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
+            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         q = q.view(t, hq, d)  # [T, Hq, D]
         k = k.view(t, hkv, d)  # [T, Hkv, D]
         v = v.view(t, hkv, d)
-        kernels.rotary(q, cos, sin)  # in place
-        kernels.rotary(k, cos, sin)
         out = backend(self.layer, q, k, v)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 

@@ -121,3 +121,18 @@ def test_the_step_trace_summary_sets_boundary_steps_apart():
     assert abs(at["max_ms"] - 12.0) < 1e-9 and abs(at["median_ms"] - 7.0) < 1e-9
     assert abs(rest["max_ms"] - 20.0) < 1e-9 and abs(rest["median_ms"] - 7.0) < 1e-9
     assert abs(every["max_ms"] - 20.0) < 1e-9 and abs(every["p99_ms"] - 20.0) < 1e-9
+
+
+def test_the_step_trace_summary_gives_the_cadence_at_the_full_batch():
+    """The cadence: start to start of consecutive decode batches at the burst's largest batch, and
+    the time outside them; a smaller batch or a prefill between two breaks the pair."""
+    from benchmarks.step_trace import bursts
+
+    rows = [[0.0, "decode", 1, 0.005]]  # one sequence alone: not the full batch
+    rows += [[0.010 + 0.008 * i, "decode", 3, 0.006] for i in range(10)]  # period 8 ms, 2 ms outside
+    rows += [[0.095, "prefill", [7, 64], 0.010], [0.110, "decode", 3, 0.006], [0.130, "decode", 3, 0.006]]
+    (b,) = bursts(rows, gap=0.5)
+    c = b["cadence"]
+    assert c["n"] == 10 and c["batch"] == 3  # 9 pairs in the run, 1 after the prefill
+    assert abs(c["period"]["median_ms"] - 8.0) < 1e-6 and abs(c["period"]["max_ms"] - 20.0) < 1e-6
+    assert abs(c["outside"]["median_ms"] - 2.0) < 1e-6 and abs(c["outside"]["max_ms"] - 14.0) < 1e-6
