@@ -1,7 +1,7 @@
 """Sparse paged decode attention in Triton (flash-decoding over a list of KV blocks).
 
 One decode query per sequence attends to the blocks its block-table row lists, read in place
-from the paged pool (docs/kv-layout.md). Two launches, or one (the default without block mass):
+from the paged pool (docs/kv-layout.md). Two launches:
 
 ```
 pass 1, grid (SPLITS, H_kv, N)                 pass 2, grid (H_q, N)
@@ -12,12 +12,6 @@ pass 1, grid (SPLITS, H_kv, N)                 pass 2, grid (H_q, N)
   lse_part[n, hG:hG+G, s]   (log2 units)
   block_lse[n, hG:hG+G, j]  (if mass wanted)
 ```
-
-With ``fuse_combine`` (the default when no block mass is asked for) there is no pass 2: each
-program counts itself done on a per-(sequence, KV head) counter, and the last of the SPLITS
-programs of (n, h) combines the G heads' partials (read back through L2) and resets the counter
-to 0 for the next call. That removes a launch per layer and its gap (~4-5 us at batch 1, 32 per
-step of an 8B model). The counters live per device (``_counters``), zero between calls.
 
 Each K/V tile [B, D] of a (slot, KV head) is contiguous and read exactly once; the G query
 heads of the group share it through one tl.dot with G padded to 16 rows. A row's listed blocks
@@ -37,7 +31,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, TABLE, NUM_BLOCKS, LAST_LEN, O_PART, LSE_PART, BLOCK_LSE, COUNTER, OUT,
+    Q, K, V, TABLE, NUM_BLOCKS, LAST_LEN, O_PART, LSE_PART, BLOCK_LSE,
     qk_scale,  # softmax scale * log2(e)
     stride_qn, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kb, stride_kd,
@@ -46,10 +40,8 @@ def _split_kernel(
     stride_on, stride_oh, stride_os, stride_od,
     stride_ln, stride_lh, stride_ls,
     stride_mn, stride_mh, stride_mm,
-    stride_outn, stride_outh, stride_outd,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     RETURN_MASS: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
-    FUSE_COMBINE: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_TILE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -111,48 +103,6 @@ def _split_kernel(
               + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out, mask=mask_g[:, None])
     tl.store(LSE_PART + pid_n * stride_ln + heads * stride_lh + pid_s * stride_ls, lse, mask=mask_g)
-
-    if FUSE_COMBINE:
-        # every thread's stores issued, then one release/acquire count: the last split sees them all
-        tl.debug_barrier()
-        counter = COUNTER + pid_n * tl.num_programs(1) + pid_h
-        done = tl.atomic_add(counter, 1, sem="acq_rel")
-        if done == tl.num_programs(0) - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next call
-            _combine_heads(O_PART, LSE_PART, OUT, pid_n, pid_h * GROUP, GROUP, tl.num_programs(0),
-                           stride_on, stride_oh, stride_os, stride_od, stride_ln, stride_lh, stride_ls,
-                           stride_outn, stride_outh, stride_outd, SPLITS_PAD, SPLIT_TILE, HEAD_DIM)
-
-
-@triton.jit
-def _combine_heads(O_PART, LSE_PART, OUT, n, first_head, n_heads, num_splits,
-                   stride_on, stride_oh, stride_os, stride_od, stride_ln, stride_lh, stride_ls,
-                   stride_outn, stride_outh, stride_outd,
-                   SPLITS_PAD: tl.constexpr, SPLIT_TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Combine the partials of query heads [first_head, first_head + n_heads) of sequence n by
-    their log-sum-exp (the last split's program; ``.cg`` loads: written by other SMs). The
-    partials are read SPLIT_TILE splits at a time, to keep the registers of a pass-1 program."""
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_t = tl.arange(0, SPLIT_TILE)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for g in range(n_heads):
-        head = first_head + g
-        lse_row = LSE_PART + n * stride_ln + head * stride_lh
-        lse = tl.load(lse_row + offs_s * stride_ls, mask=offs_s < num_splits, other=float("-inf"),
-                      cache_modifier=".cg")
-        lse_max = tl.max(lse, 0)                                      # finite: split 0 has a block
-        w_sum = tl.sum(tl.exp2(lse - lse_max), 0)
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        for s0 in range(0, num_splits, SPLIT_TILE):
-            splits = s0 + offs_t
-            mask = splits < num_splits
-            w = tl.exp2(tl.load(lse_row + splits * stride_ls, mask=mask, other=float("-inf"),
-                                cache_modifier=".cg") - lse_max)
-            o = tl.load(O_PART + n * stride_on + head * stride_oh + splits[:, None] * stride_os
-                        + offs_d[None, :] * stride_od, mask=mask[:, None], other=0.0, cache_modifier=".cg")
-            acc += tl.sum(o * w[:, None], 0)
-        tl.store(OUT + n * stride_outn + head * stride_outh + offs_d * stride_outd,
-                 (acc / w_sum).to(OUT.dtype.element_ty))
 
 
 @triton.jit
@@ -238,36 +188,15 @@ def default_num_splits(n_seq: int, n_kvh: int, device: torch.device,
     return best
 
 
-_COUNTERS: dict = {}  # device -> [int32 counters], zero between calls; never freed (graphs keep the address)
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """At least ``n`` zeroed int32 counters for the fused combine on ``device``, or None when
-    there are too few and a CUDA graph is being captured (no allocation inside a capture: the
-    caller runs the two-launch path). A larger set replaces a smaller one for later calls; the
-    smaller stays allocated, since a captured graph keeps its address. One set per device: the
-    engine runs its decode attention on one stream (a rank per process), so no two launches
-    count on it at once."""
-    have = _COUNTERS.setdefault(str(device), [])
-    if have and have[-1].numel() >= n:
-        return have[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    have.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return have[-1]
-
-
 def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
                                    return_block_mass=False, *, out=None, mass_out=None,
-                                   num_splits=None, num_warps=4, num_stages=None, fuse_combine=None):
+                                   num_splits=None, num_warps=4, num_stages=None):
     """Triton version of :func:`kernels.sparse_decode_attention` (same contract).
 
     ``out`` / ``mass_out``: optional preallocated outputs. Keyword-only tuning knobs, defaults
     chosen by ``benchmarks/kernels.py --sweep`` on the H200: ``num_splits`` (programs per
     (sequence, KV head) in pass 1; default :func:`default_num_splits`), ``num_warps``,
-    ``num_stages`` (software pipelining depth of the block loop), ``fuse_combine`` (the last
-    split of each (sequence, KV head) combines, no second launch; default: when no block mass
-    is asked for).
+    ``num_stages`` (software pipelining depth of the block loop).
     """
     n_seq, n_qh, head_dim = q.shape
     n_slots, n_kvh, block, head_dim_k = k_cache.shape
@@ -301,27 +230,16 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
         mass = mass_out
         assert mass.shape == (n_seq, n_qh, width) and mass.dtype == torch.float32
 
-    if fuse_combine is None:
-        fuse_combine = not return_block_mass
-    assert not (fuse_combine and return_block_mass), "block mass needs the combine pass"
-    counters = _counters(dev, n_seq * n_kvh) if fuse_combine else None
-    fuse_combine = counters is not None
-    if counters is None:
-        counters = lse_part  # never touched
-    splits_pad = triton.next_power_of_2(num_splits)
     _split_kernel[(num_splits, n_kvh, n_seq)](
-        q, k_cache, v_cache, block_table, num_blocks, last_len, o_part, lse_part, mass, counters, out,
+        q, k_cache, v_cache, block_table, num_blocks, last_len, o_part, lse_part, mass,
         scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
-        *o_part.stride(), *lse_part.stride(), *mass.stride()[:3], *out.stride(),
+        *o_part.stride(), *lse_part.stride(), *mass.stride()[:3],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=block,
         HEAD_DIM=head_dim, RETURN_MASS=return_block_mass,
         IEEE_DOT=k_cache.dtype == torch.float32, NUM_STAGES=num_stages,
-        FUSE_COMBINE=fuse_combine, SPLITS_PAD=splits_pad, SPLIT_TILE=min(splits_pad, 32),
         num_warps=num_warps,
     )
-    if fuse_combine:
-        return out
     _combine_kernel[(n_qh, n_seq)](
         o_part, lse_part, out, mass, num_blocks,
         *o_part.stride(), *lse_part.stride(), *out.stride(), *mass.stride()[:3],

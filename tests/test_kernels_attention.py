@@ -125,28 +125,6 @@ def test_triton_split_counts(num_splits):
     assert (mass.double().cpu() - ref_mass).abs().max().item() < 5e-5
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 12])
-def test_fused_combine_equals_the_combine_pass(num_splits):
-    """The last split of each (sequence, KV head) combines (one launch): the same output as the
-    second pass up to the summation order, and every counter back at 0 after each call (the next
-    call, with another split count, counts from 0 again)."""
-    device, dtype = DEVICE_DTYPES[0]
-    gen = torch.Generator().manual_seed(100 + num_splits)
-    q, pool, table, nb, last = make_case(gen, device, dtype, 8, 2, 64, 16, [37, 1, 6], [5, 9, 16])
-    from kernels.sparse_attention import _COUNTERS, sparse_decode_attention_triton
-    ref_out, _ = attention_f64(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125)
-    two = sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125,
-                                         num_splits=num_splits, fuse_combine=False)
-    for splits in (num_splits, num_splits + 2):
-        one = sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125,
-                                             num_splits=splits, fuse_combine=True)
-        assert rel_err(one, ref_out) < TOL[dtype]
-        assert all(int(c.count_nonzero()) == 0 for c in _COUNTERS[str(q.device)])
-    assert rel_err(two, ref_out) < TOL[dtype]
-    assert torch.allclose(sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125,
-                                                         num_splits=num_splits), two, rtol=1e-3, atol=1e-3)
-
-
 def test_the_same_rows_give_the_same_bits_in_a_wider_table():
     """The default split count depends on the grid, never on the table's width: an offloading
     policy's CUDA graph holds its rows in a table as wide as the decode reserve, full attention's in
