@@ -49,22 +49,26 @@ def cadence(burst: list) -> dict:
     """The token cadence where every sequence of the burst decodes: between consecutive decode
     batches of the burst's largest batch with nothing else between them, the time from one
     batch's start to the next (what a client's inter-token gap is at best) and the part of it
-    outside the batches (the loop's own work), ms: median, p99, max."""
+    outside the batches (the loop's own work), ms: median, p99, max; the five slowest periods
+    with their step's time, the time outside it and whether the step ran a cycle boundary."""
     decode = [r for r in burst if r[1] == "decode"]
     if not decode:
         return {"n": 0}
     full = max(r[2] for r in decode)
-    period, idle = [], []
+    period, idle, pairs = [], [], []
     for a, b in zip(burst, burst[1:]):
         if a[1] == b[1] == "decode" and a[2] == b[2] == full:
             period.append(b[0] - a[0])
             idle.append(b[0] - (a[0] + a[3]))
+            pairs.append((b[0] - a[0], a[3], idle[-1], len(a) > 4 and a[4]))
 
     def pct(values: list[float]) -> dict:
         v = sorted(values)
         return {"median_ms": 1e3 * v[len(v) // 2], "p99_ms": 1e3 * v[min(len(v) - 1, int(0.99 * len(v)))],
                 "max_ms": 1e3 * v[-1]} if v else {}
-    return {"n": len(period), "batch": full, "period": pct(period), "outside": pct(idle)}
+    slowest = [{"period_ms": 1e3 * p, "step_ms": 1e3 * st, "outside_ms": 1e3 * o, "boundary": int(bd)}
+               for p, st, o, bd in sorted(pairs, reverse=True)[:5]]
+    return {"n": len(period), "batch": full, "period": pct(period), "outside": pct(idle), "slowest": slowest}
 
 
 def decode_steps(decode: list) -> dict:
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  burst {i} cadence at batch {c['batch']} (n={c['n']}): start to start median "
                       f"{c['period']['median_ms']:.2f} p99 {c['period']['p99_ms']:.2f} max {c['period']['max_ms']:.2f} ms; "
                       f"outside the batches median {c['outside']['median_ms']:.2f} p99 {c['outside']['p99_ms']:.2f} ms")
+                print("    slowest (period, its step, outside, boundary): " + ", ".join(
+                    f"({x['period_ms']:.2f}, {x['step_ms']:.2f}, {x['outside_ms']:.2f}, {x['boundary']})"
+                    for x in c["slowest"]))
         if args.turns:
             report[path.name + ":turns"] = found = turns(rows, marks)
             print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9} {'queued>':>8} "

@@ -136,3 +136,5 @@ def test_the_step_trace_summary_gives_the_cadence_at_the_full_batch():
     assert c["n"] == 10 and c["batch"] == 3  # 9 pairs in the run, 1 after the prefill
     assert abs(c["period"]["median_ms"] - 8.0) < 1e-6 and abs(c["period"]["max_ms"] - 20.0) < 1e-6
     assert abs(c["outside"]["median_ms"] - 2.0) < 1e-6 and abs(c["outside"]["max_ms"] - 14.0) < 1e-6
+    slowest = c["slowest"][0]  # the pair around the prefill
+    assert abs(slowest["period_ms"] - 20.0) < 1e-6 and abs(slowest["step_ms"] - 6.0) < 1e-6 and slowest["boundary"] == 0

@@ -110,6 +110,7 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         # Level-1 ordering on a worker thread (CUDA: the host would otherwise hold up a step)
         self.background_rank = None
         self._ranker: ThreadPoolExecutor | None = None
+        self._level1_stream = None  # CUDA: Level-1 scoring beside the decode steps
         self._next: dict[int, Future] = {}  # seq -> the next plan, being ordered
 
     def bind(self, cache) -> None:
@@ -195,15 +196,27 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
 
     def _rank_in_background(self, seq_id: int) -> Future:
         """Score now (kernel launches only), order on a worker thread once the scores reach the
-        host: the decode steps go on meanwhile. The plan is used at the next boundary."""
-        scores, limit = self._scores(seq_id)
+        host: the decode steps go on meanwhile. The plan is used at the next boundary. On CUDA
+        the scoring runs on a stream of its own, beside the next decode steps rather than ahead
+        of them (the boundary step no longer carries Level-1's GPU time)."""
         if self.cache.device.type == "cuda":
-            host = [torch.empty(sc.shape, dtype=torch.float32, pin_memory=True) for sc in scores]
-            for buf, sc in zip(host, scores):
-                buf.copy_(sc, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            main = torch.cuda.current_stream(self.cache.device)
+            if self._level1_stream is None:
+                self._level1_stream = torch.cuda.Stream(self.cache.device)
+            side = self._level1_stream
+            side.wait_stream(main)  # the queries the boundary step observed are written
+            for window in self._queries[seq_id].values():
+                for q in window:  # made on the main stream: not reused while the side stream reads
+                    q.record_stream(side)
+            with torch.cuda.stream(side):
+                scores, limit = self._scores(seq_id)
+                host = [torch.empty(sc.shape, dtype=torch.float32, pin_memory=True) for sc in scores]
+                for buf, sc in zip(host, scores):
+                    buf.copy_(sc, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(side)
         else:
+            scores, limit = self._scores(seq_id)
             host, ready = [sc.float().cpu() for sc in scores], None
 
         def order() -> list[list[int]]:
