@@ -72,13 +72,29 @@ class OutputRules:
         elif len(seq.output_ids) >= seq.params.max_tokens:
             reason = "length"
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids)
-            for stop in seq.params.stop:
-                cut = seq.text.find(stop)
+            before = len(seq.text)
+            seq.text += self.new_text(seq, final=reason is not None)
+            for stop in seq.params.stop:  # the text before held none: look where the new text may complete one
+                cut = seq.text.find(stop, max(0, before - len(stop) + 1))
                 if cut >= 0:
                     seq.text, reason = seq.text[:cut], "stop"
                     break
         return reason
+
+    def new_text(self, seq: Sequence, final: bool = False) -> str:
+        """The text the newest token adds, from two decodes of a few tokens (decoding the whole
+        output at every token costs O(n) per token: ~1 ms per sequence and step at 4,000 tokens).
+        Decoded from the window's start, a few tokens back, so that text that depends on the token
+        before (a leading space) comes out as in the whole output's decode; held back while it ends
+        in an incomplete character (a byte-level token split it), unless ``final``."""
+        start, end = seq.text_offsets
+        ids = seq.output_ids
+        known = self.tokenizer.decode(ids[start:end])
+        grown = self.tokenizer.decode(ids[start:])
+        if len(grown) <= len(known) or (grown.endswith("\ufffd") and not final):
+            return ""
+        seq.text_offsets = (end, len(ids))
+        return grown[len(known):]
 
 
 class Scheduler:

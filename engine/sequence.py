@@ -27,6 +27,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_cached: int = 0  # tokens whose K/V are in the cache (vLLM's num_computed_tokens)
     text: str = ""
+    text_offsets: tuple[int, int] = (0, 0)  # output tokens: where the last decode window began, and its end
     finish_reason: str | None = None  # stop, length, abort (cancelled), error (``error`` set)
     error: Exception | None = None  # why the engine failed this sequence (alone)
     prefill_s: float = 0.0

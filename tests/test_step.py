@@ -151,3 +151,34 @@ def test_decode_steps_run_between_the_layers_of_a_layerwise_prefill(model):
         engine.step()
     alone = LLMEngine(model, cfg).generate([long_ids], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert long.output_ids == alone.token_ids
+
+
+def test_streamed_text_is_the_whole_outputs_decode_token_by_token():
+    """OutputRules decodes only a window of the newest tokens (not the whole output at every token):
+    on the embedded model's byte-level tokenizer, text with accents, CJK and emoji split across
+    tokens, the text after every token is a prefix of the whole output's decode (a character whose
+    bytes are not all there yet is held back) and equals it at the end; random token ids too."""
+    from engine.errors import ModelNotFoundError
+    from engine.tokenizer import Tokenizer
+    from engine.weights import resolve_model
+
+    try:
+        tok = Tokenizer(resolve_model("smollm2-135m"))
+    except ModelNotFoundError:
+        pytest.skip("embedded model not installed")
+    gen = torch.Generator().manual_seed(17)
+    text = ("Zoë's café served crème brûlée. 東京の天気は晴れです。 The 🦙 and the 🐍 met at "
+            "naïve coördinates;\n\tindented  spaces,   and ü-umlauts ") * 3
+    for ids, expect in ((tok.encode(text, add_special_tokens=False), text),
+                        (torch.randint(0, 49152, (300,), generator=gen).tolist(), None)):
+        rules = OutputRules(set(), tok)
+        seq = Sequence([1], SamplingParams(max_tokens=len(ids), ignore_eos=True))
+        held = 0
+        for i, t in enumerate(ids):
+            reason = rules.append(seq, t)
+            whole = tok.decode(ids[: i + 1])
+            assert whole.startswith(seq.text) and len(whole) - len(seq.text) <= 2, (i, seq.text[-20:], whole[-20:])
+            held += len(whole) > len(seq.text)
+        assert reason == "length" and seq.text == tok.decode(ids)
+        if expect is not None:
+            assert seq.text == expect and held > 0  # split characters were held back, then given
