@@ -61,25 +61,23 @@ def cadence(burst: list) -> dict:
             period.append(b[0] - a[0])
             idle.append(b[0] - (a[0] + a[3]))
             pairs.append((b[0] - a[0], a[3], idle[-1], len(a) > 4 and a[4]))
-
-    def pct(values: list[float]) -> dict:
-        v = sorted(values)
-        return {"median_ms": 1e3 * v[len(v) // 2], "p99_ms": 1e3 * v[min(len(v) - 1, int(0.99 * len(v)))],
-                "max_ms": 1e3 * v[-1]} if v else {}
     slowest = [{"period_ms": 1e3 * p, "step_ms": 1e3 * st, "outside_ms": 1e3 * o, "boundary": int(bd)}
                for p, st, o, bd in sorted(pairs, reverse=True)[:5]]
     return {"n": len(period), "batch": full, "period": pct(period), "outside": pct(idle), "slowest": slowest}
 
 
+def pct(values: list[float]) -> dict:
+    """Seconds -> their count and median, p99 and max in ms."""
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+    return {"n": len(v), "median_ms": 1e3 * v[len(v) // 2], "p99_ms": 1e3 * v[min(len(v) - 1, int(0.99 * len(v)))],
+            "max_ms": 1e3 * v[-1]}
+
+
 def decode_steps(decode: list) -> dict:
     """A burst's decode batches, ms: median, p99 and max of all, and of those that ran an LSA cycle
     boundary (a row's fifth field; logs without it count none) against those that did not."""
-    def pct(values: list[float]) -> dict:
-        if not values:
-            return {"n": 0}
-        v = sorted(values)
-        return {"n": len(v), "median_ms": 1e3 * v[len(v) // 2], "p99_ms": 1e3 * v[min(len(v) - 1, int(0.99 * len(v)))],
-                "max_ms": 1e3 * v[-1]}
     at = [r[3] for r in decode if len(r) > 4 and r[4]]
     return {"decode_steps": pct([r[3] for r in decode]), "boundary_steps": pct(at),
             "other_steps": pct([r[3] for r in decode if not (len(r) > 4 and r[4])])}
