@@ -10,7 +10,9 @@ list their bursts in the same order, so a turn's time can be compared where it i
 a line per prefilled sequence (a turn, a session's creation): its segments and their host times.
 Per burst, the decode steps' median, p99 and max, those that ran an LSA cycle boundary apart from
 the others (where an ITL tail comes from), and the cadence at the burst's largest batch (start to
-start of consecutive decode batches: the inter-token gap the worker produces, before the stream).
+start of consecutive decode batches: the inter-token gap the worker produces, before the stream),
+each decode step split into its host parts (plan applied, launch, the policy's work after the launch,
+the rest: the device wait and sampling) where the log has them.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def cadence(burst: list) -> dict:
     batches of the burst's largest batch with nothing else between them, the time from one
     batch's start to the next (what a client's inter-token gap is at best) and the part of it
     outside the batches (the loop's own work), ms: median, p99, max; the five slowest periods
-    with their step's time, the time outside it and whether the step ran a cycle boundary."""
+    with their step's time, the time outside it, whether the step ran a cycle boundary and its
+    host parts (``host_parts``)."""
     decode = [r for r in burst if r[1] == "decode"]
     if not decode:
         return {"n": 0}
@@ -60,10 +63,21 @@ def cadence(burst: list) -> dict:
         if a[1] == b[1] == "decode" and a[2] == b[2] == full:
             period.append(b[0] - a[0])
             idle.append(b[0] - (a[0] + a[3]))
-            pairs.append((b[0] - a[0], a[3], idle[-1], len(a) > 4 and a[4]))
-    slowest = [{"period_ms": 1e3 * p, "step_ms": 1e3 * st, "outside_ms": 1e3 * o, "boundary": int(bd)}
-               for p, st, o, bd in sorted(pairs, reverse=True)[:5]]
+            pairs.append((b[0] - a[0], a))
+    slowest = [{"period_ms": 1e3 * p, "step_ms": 1e3 * a[3], "outside_ms": 1e3 * (p - a[3]),
+                "boundary": int(len(a) > 4 and a[4]), **host_parts(a)}
+               for p, a in sorted(pairs, key=lambda x: -x[0])[:5]]
     return {"n": len(period), "batch": full, "period": pct(period), "outside": pct(idle), "slowest": slowest}
+
+
+def host_parts(row: list) -> dict:
+    """A decode row's host parts in ms (logs that have them): the plan applied before the launch,
+    the launch, the policy's work after it, and the rest (waiting for the device, sampling)."""
+    if len(row) < 8:
+        return {}
+    before, launch, after = row[5:8]
+    return {"before_ms": 1e3 * before, "launch_ms": 1e3 * launch, "after_ms": 1e3 * after,
+            "rest_ms": 1e3 * (row[3] - before - launch - after)}
 
 
 def pct(values: list[float]) -> dict:
@@ -78,9 +92,17 @@ def pct(values: list[float]) -> dict:
 def decode_steps(decode: list) -> dict:
     """A burst's decode batches, ms: median, p99 and max of all, and of those that ran an LSA cycle
     boundary (a row's fifth field; logs without it count none) against those that did not."""
-    at = [r[3] for r in decode if len(r) > 4 and r[4]]
-    return {"decode_steps": pct([r[3] for r in decode]), "boundary_steps": pct(at),
-            "other_steps": pct([r[3] for r in decode if not (len(r) > 4 and r[4])])}
+    at = [r for r in decode if len(r) > 4 and r[4]]
+    rest = [r for r in decode if not (len(r) > 4 and r[4])]
+    return {"decode_steps": pct([r[3] for r in decode]),
+            "boundary_steps": {**pct([r[3] for r in at]), **median_parts(at)},
+            "other_steps": {**pct([r[3] for r in rest]), **median_parts(rest)}}
+
+
+def median_parts(rows: list) -> dict:
+    """The median of each host part (``host_parts``) over decode rows that have them, in ms."""
+    parts = [host_parts(r) for r in rows if len(r) >= 8]
+    return {f"median_{k}": sorted(p[k] for p in parts)[len(parts) // 2] for k in parts[0]} if parts else {}
 
 
 def turns(rows: list, marks: dict | None = None) -> list[dict]:
@@ -133,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{b['max_decode_batch']:5d} {b['gc_s'] * 1e3:7.1f} {b['gc_max_s'] * 1e3:7.1f}")
         for i, b in enumerate(report[path.name]):  # decode steps: boundaries against the rest
             parts = [f"{name} n={p['n']} median {p['median_ms']:.2f} p99 {p['p99_ms']:.2f} max {p['max_ms']:.2f} ms"
+                     + (f" (host before / launch / after / rest medians {p['median_before_ms']:.2f} / "
+                        f"{p['median_launch_ms']:.2f} / {p['median_after_ms']:.2f} / {p['median_rest_ms']:.2f})"
+                        if "median_before_ms" in p else "")
                      for name in ("boundary_steps", "other_steps") for p in [b[name]] if p["n"]]
             if parts:
                 print(f"  burst {i} decode steps: " + "; ".join(parts))
@@ -141,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  burst {i} cadence at batch {c['batch']} (n={c['n']}): start to start median "
                       f"{c['period']['median_ms']:.2f} p99 {c['period']['p99_ms']:.2f} max {c['period']['max_ms']:.2f} ms; "
                       f"outside the batches median {c['outside']['median_ms']:.2f} p99 {c['outside']['p99_ms']:.2f} ms")
-                print("    slowest (period, its step, outside, boundary): " + ", ".join(
-                    f"({x['period_ms']:.2f}, {x['step_ms']:.2f}, {x['outside_ms']:.2f}, {x['boundary']})"
-                    for x in c["slowest"]))
+                print("    slowest (period, its step, outside, boundary; step's host before / launch / after / rest): "
+                      + ", ".join(f"({x['period_ms']:.2f}, {x['step_ms']:.2f}, {x['outside_ms']:.2f}, {x['boundary']}"
+                                  + (f"; {x['before_ms']:.2f} / {x['launch_ms']:.2f} / {x['after_ms']:.2f} / "
+                                     f"{x['rest_ms']:.2f}" if "before_ms" in x else "") + ")" for x in c["slowest"]))
         if args.turns:
             report[path.name + ":turns"] = found = turns(rows, marks)
             print(f"{'seq':>5} {'tokens':>8} {'segments':>8} {'wall ms':>9} {'host ms':>9} {'queued>':>8} "

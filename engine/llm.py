@@ -219,7 +219,8 @@ class LLMEngine:
         batch.add_time(time.perf_counter() - t0)
         if self.trace is not None:  # engine/trace.py
             if isinstance(batch, DecodeBatch):  # with the cycle boundaries it ran
-                self.trace.note("decode", len(batch.seqs), t0, 0.0, getattr(self.policy, "cycles", 0) - cycles)
+                self.trace.note("decode", len(batch.seqs), t0, 0.0, getattr(self.policy, "cycles", 0) - cycles,
+                                *(round(x, 6) for x in self.runner.decode_host_s))
             else:
                 self.trace.note("prefill", [batch.seq.seq_id, batch.seq.num_cached], t0, least=0.0)
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import torch
@@ -39,6 +40,7 @@ class ModelRunner:
         self.layerwise = LayerwisePrefill(model, cache, policy, config.prefill_chunk)
         self.graphs = self._graph_runner(config.cuda_graphs)
         self._layerwise_runs: dict[int, Iterator] = {}  # seq_id -> its layer-by-layer prefill, a layer a segment
+        self.decode_host_s = (0.0, 0.0, 0.0)  # the last decode step's host parts: plan applied, launch, after it
 
     def _graph_runner(self, mode: bool | None) -> DecodeGraphRunner | None:
         selects = self.policy.selects_each_step
@@ -68,7 +70,9 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         ids = [s.seq_id for s in seqs]
+        t0 = time.perf_counter()
         self.policy.before_decode(ids)
+        t1 = time.perf_counter()
         if self.graphs is not None:
             logits = self.graphs.run(ids, [s.last_token for s in seqs], [s.num_cached for s in seqs])
         else:
@@ -76,7 +80,9 @@ class ModelRunner:
             positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
             self.attention.plan_decode(ids)
             logits = self.model.logits(self.model(tokens, positions, self.attention))
+        t2 = time.perf_counter()
         self.policy.after_launch(ids)  # before anything waits for the step: hidden behind its GPU work
+        self.decode_host_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # for the step trace
         self.cache.commit(ids, [1] * len(ids))
         for seq in seqs:
             seq.num_cached += 1

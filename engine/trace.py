@@ -2,7 +2,9 @@
 
 ``LSA_STEP_TRACE=DIR`` in a decode worker's environment makes it write ``DIR/steps-OWNER-PID.jsonl``:
 one line per batch the engine ran, ``[start (time.time()), kind, what, seconds]``, where kind is
-"decode" (what: the batch's sequences; a fifth field, the LSA cycle boundaries it ran) or "prefill"
+"decode" (what: the batch's sequences; then the LSA cycle boundaries it ran, and the host's
+seconds applying the policy's plan before the launch, launching, and in the policy's work after
+the launch: the rest of ``seconds`` is the wait for the device and sampling) or "prefill"
 (what: [seq_id, prompt position reached]); and
 one line per garbage collection in the process, kind "gc" (what: the generation collected); the host
 work around the batches where it took a millisecond or more ("schedule", "postprocess", and the
@@ -47,7 +49,7 @@ class StepTrace:
 
     def note(self, kind: str, what, t0: float, least: float = 1e-3, *extra) -> None:
         """A line for work that began at ``t0`` (time.perf_counter()), where it took ``least`` seconds
-        or more; ``extra`` fields follow (a decode batch: the cycle boundaries it ran)."""
+        or more; ``extra`` fields follow (a decode batch: the cycle boundaries it ran, its host parts)."""
         seconds = time.perf_counter() - t0
         if seconds >= least:
             self.rows.append([time.time() - seconds, kind, what, round(seconds, 6), *extra])

@@ -98,6 +98,8 @@ def test_the_step_trace_logs_every_batch(tmp_path, monkeypatch):
     assert len(decode) == 5 and all(r[2] == 1 for r in decode)
     # each decode batch with the LSA cycle boundaries it ran (cycle 4: one among the five)
     assert cycles == 1 and sum(r[4] for r in decode) == cycles and all(r[4] in (0, 1) for r in decode)
+    # and its host parts: the plan applied, the launch, the policy's work after it (within the batch's time)
+    assert all(len(r) == 8 and min(r[5:8]) >= 0 and r[5] + r[6] + r[7] <= r[3] and r[6] > 0 for r in decode)
     batches = prefill + decode
     assert all(r[3] > 0 for r in batches) and [r[0] for r in batches] == sorted(r[0] for r in batches)
     marks = {r[1]: r[0] for r in rows if r[1] in ("queued", "first_token")}  # the turn's, in the loop
@@ -138,3 +140,23 @@ def test_the_step_trace_summary_gives_the_cadence_at_the_full_batch():
     assert abs(c["outside"]["median_ms"] - 2.0) < 1e-6 and abs(c["outside"]["max_ms"] - 14.0) < 1e-6
     slowest = c["slowest"][0]  # the pair around the prefill
     assert abs(slowest["period_ms"] - 20.0) < 1e-6 and abs(slowest["step_ms"] - 6.0) < 1e-6 and slowest["boundary"] == 0
+    assert "before_ms" not in slowest  # rows without host parts (older logs)
+
+
+def test_the_step_trace_summary_splits_the_steps_host_parts():
+    """Decode rows with their host parts (plan applied, launch, work after it): the slowest periods
+    show them, the rest of the step being the device wait and sampling; boundary and other steps
+    give each part's median."""
+    from benchmarks.step_trace import bursts
+
+    rows = [[0.010 * i, "decode", 2, 0.006, 0, 0.0001, 0.0005, 0.0002] for i in range(9)]
+    rows[4] = [0.040, "decode", 2, 0.009, 1, 0.0021, 0.0005, 0.0004]  # a boundary: 2 ms of plan before it
+    rows[5][0] = 0.052  # the period after the boundary step: 12 ms
+    (b,) = bursts(rows, gap=0.5)
+    top = b["cadence"]["slowest"][0]
+    assert abs(top["period_ms"] - 12.0) < 1e-6 and top["boundary"] == 1
+    assert abs(top["before_ms"] - 2.1) < 1e-6 and abs(top["launch_ms"] - 0.5) < 1e-6
+    assert abs(top["after_ms"] - 0.4) < 1e-6 and abs(top["rest_ms"] - 6.0) < 1e-6
+    at, rest = b["boundary_steps"], b["other_steps"]
+    assert abs(at["median_before_ms"] - 2.1) < 1e-6 and abs(rest["median_before_ms"] - 0.1) < 1e-6
+    assert abs(rest["median_rest_ms"] - 5.2) < 1e-6
