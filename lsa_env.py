@@ -37,3 +37,20 @@ def kv_dir() -> str:
     if value:
         return value
     return "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
+
+
+def gil_switch_s() -> float | None:
+    """``LSA_GIL_SWITCH_MS``: the GIL switch interval of a decode worker's process, in ms (unset:
+    Python's own, 5 ms): how long a thread that wants the GIL (the decode loop, back from waiting
+    for the device) may wait while another thread runs Python. A knob for measuring that wait in
+    a served worker, not a tuned setting."""
+    value = os.environ.get("LSA_GIL_SWITCH_MS", "").strip()
+    if not value:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not 0.01 <= ms <= 100:
+        raise ValueError(f"LSA_GIL_SWITCH_MS must be a number of milliseconds in 0.01..100, got {value!r}")
+    return ms / 1e3

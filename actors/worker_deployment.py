@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import replace
 
 import ray
 from ray import serve
+
+import lsa_env
 
 from actors.config import ServeConfig
 from actors.decode_worker import DecodeWorkerCore
@@ -115,6 +118,9 @@ class DecodeWorker:
         if cfg.torch_threads:
             import torch
             torch.set_num_threads(cfg.torch_threads)
+        switch = lsa_env.gil_switch_s()
+        if switch is not None:
+            sys.setswitchinterval(switch)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
