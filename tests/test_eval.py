@@ -1,7 +1,9 @@
-"""``lsa eval`` end to end on SmolLM2 at a tiny context (every task, every policy), the shared
-prefill against separate ones, plus the pieces that decide the numbers: needle scoring,
-needles-file validation, multi-key and session prompts, token agreement. The model is loaded
-once for the module and handed to ``lsa eval``."""
+"""``lsa eval`` end to end on SmolLM2 at a tiny context (every task, every policy, in one grid),
+the shared prefill against separate ones, a grid without full (its own agreement reference),
+plus the pieces that decide the numbers: needle scoring, needles-file validation, multi-key and
+session prompts, token agreement. The model is loaded once for the module and handed to
+``lsa eval``."""
+import itertools
 import json
 import random
 
@@ -55,22 +57,52 @@ def _spec(**kw):
 
 # ------------------------------------------------------------------ end to end
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_eval_end_to_end(policy, shared_model, tmp_path):
-    out = tmp_path / "out"
-    rc = main(["eval", "--policies", policy, "--tasks", ",".join(TASKS), "--texts", "essays,pydoc", "--out", str(out),
-               *TINY])
+@pytest.fixture(scope="module")
+def every_policy(loaded, tmp_path_factory):
+    """One ``lsa eval`` over every policy and task (full first: the others' agreement reference):
+    its out directory and results.json."""
+    out = tmp_path_factory.mktemp("every-policy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "load", lambda *a: loaded)
+        rc = main(["eval", "--policies", ",".join(POLICIES), "--tasks", ",".join(TASKS), "--texts", "essays,pydoc",
+                   "--out", str(out), *TINY])
     assert rc == 0
+    return out, json.loads((out / "results.json").read_text())
 
-    result = json.loads((out / "results.json").read_text())
+
+def test_eval_end_to_end(every_policy):
+    out, result = every_policy
     assert {"config", "timings", "aggregates", "records", "errors"} <= set(result)
     assert result["errors"] == []
-    assert result["config"]["command"].startswith("lsa eval --policies " + policy)
+    assert result["config"]["command"].startswith("lsa eval --policies " + ",".join(POLICIES))
     assert result["timings"]["total_s"] > 0 and result["timings"]["captured_prompts"] == 6
-    records = result["records"]
+    assert [run["policy"] for run in result["timings"]["runs"]] == list(POLICIES)
+    md = (out / "results.md").read_text()
+    for title in ("niah", "multikey", "session", "ppl (essays)", "ppl (pydoc)", "agreement (essays)"):
+        assert f"### {title}:" in md
+    assert "| agreement % | teacher-forced % | first div. | n |" in md
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = md_tables(md)
+    assert len(tables) == 7  # niah, multikey, session, ppl and agreement on each text
+    for header, rows in tables:  # every policy has a row in every table, as wide as its header
+        assert sorted(row.split("|")[1].strip() for row in rows) == sorted(POLICIES), header
+        assert all(len(row.split("|")) == len(header.split("|")) for row in rows), header
+    for policy in POLICIES:
+        check_policy(result, policy)
+
+
+def md_tables(md: str) -> list[tuple[str, list[str]]]:
+    """results.md's tables: (header line, row lines)."""
+    lines = md.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("| policy |")]
+    return [(lines[i], list(itertools.takewhile(lambda line: line.startswith("| "), lines[i + 2:]))) for i in starts]
+
+
+def check_policy(result: dict, policy: str) -> None:
+    """One policy's records and aggregates in the grid's results."""
+    records = [r for r in result["records"] if r["policy"] == policy]
     assert sorted(r["task"] for r in records) == sorted(["niah", "multikey", "ppl", "ppl", "agreement", "agreement"]
-                                                        + ["session"] * 5)
-    assert {r["policy"] for r in records} == {policy}
+                                                        + ["session"] * 5), policy
     assert {r["budget"] for r in records} == ({None} if policy == "full" else {0.25})
     by_task = {r["task"]: r for r in records}
     for task in ("niah", "multikey", "session"):
@@ -88,29 +120,22 @@ def test_eval_end_to_end(policy, shared_model, tmp_path):
     assert len(by_task["agreement"]["forced_token_ids"]) == 8
     assert 0.0 <= by_task["agreement"]["agreement_forced"] <= 1.0
     if policy not in ("full", "quest", "oracle"):  # a resident set under the budget (lsa: + a cycle's blocks)
-        assert by_task["ppl"]["kv"]["device_kv_fraction"] < 0.5
+        assert by_task["ppl"]["kv"]["device_kv_fraction"] < 0.5, policy
 
-    totals = {(r["task"], r["text"]): r for r in result["aggregates"] if r["context"] == "all"}
+    aggregates = [r for r in result["aggregates"] if r["policy"] == policy]
+    totals = {(r["task"], r["text"]): r for r in aggregates if r["context"] == "all"}
     assert {t for t, _ in totals} == set(TASKS)
     niah = totals[("niah", None)]
     assert niah["accuracy"] == float(by_task["niah"]["correct"]) and niah["ci"][0] <= niah["accuracy"] <= niah["ci"][1]
     ppl = [r for r in records if r["task"] == "ppl" and r["text"] == "pydoc"][0]
     assert totals[("ppl", "pydoc")]["ppl"] == pytest.approx(ppl["ppl"])
-    (depth_row,) = [r for r in result["aggregates"] if r["task"] == "niah" and r["depth"] is not None]
+    (depth_row,) = [r for r in aggregates if r["task"] == "niah" and r["depth"] is not None]
     assert (depth_row["context"], depth_row["depth"], depth_row["n"]) == (384, 0.5, 1)
     if policy == "full":  # the reference compared with itself
         agree = totals[("agreement", "essays")]
         assert agree["agreement"] == 1.0 and agree["agreement_forced"] == 1.0
         assert by_task["agreement"]["first_divergence"] is None
         assert totals[("ppl", "essays")]["vs_full"] == 0.0
-
-    md = (out / "results.md").read_text()
-    for title in ("niah", "multikey", "session", "ppl (essays)", "ppl (pydoc)", "agreement (essays)"):
-        assert f"### {title}:" in md
-    assert "| agreement % | teacher-forced % | first div. | n |" in md
-    row = next(line for line in md.splitlines() if line.startswith(f"| {policy} |"))
-    assert len(row.split("|")) == len(md.splitlines()[md.splitlines().index(row) - 2].split("|"))
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shared_prefill_gives_the_numbers_of_separate_prefills(shared_model, tmp_path):
@@ -135,6 +160,8 @@ def test_shared_prefill_gives_the_numbers_of_separate_prefills(shared_model, tmp
 
 
 def test_keep_going_records_a_failing_policy(shared_model, tmp_path, monkeypatch):
+    """A grid without full: its agreement reference comes from a full engine run for it alone;
+    streaming fails, and with --keep-going lsa's records are kept and the failure recorded."""
     from lab import grid
 
     real = grid.run_samples
@@ -146,13 +173,15 @@ def test_keep_going_records_a_failing_policy(shared_model, tmp_path, monkeypatch
 
     monkeypatch.setattr(grid, "run_samples", run_samples)
     out = tmp_path / "out"
-    argv = ["eval", "--policies", "full,streaming", "--tasks", "niah", "--out", str(out), *TINY]
+    argv = ["eval", "--policies", "streaming,lsa", "--tasks", "agreement", "--out", str(out), *TINY]
     with pytest.raises(RuntimeError, match="boom"):
         main(argv)
     assert main([*argv, "--keep-going"]) == 1
     result = json.loads((out / "results.json").read_text())
     assert result["errors"] == [{"policy": "streaming", "budget": 0.25, "error": "RuntimeError: boom"}]
-    assert [r["policy"] for r in result["records"]] == ["full"]
+    (agreement,) = result["records"]
+    assert (agreement["policy"], agreement["task"]) == ("lsa", "agreement")
+    assert len(agreement["forced_token_ids"]) == 8 and 0.0 <= agreement["agreement"] <= 1.0  # against the reference
     assert "streaming@0.25: RuntimeError: boom" in (out / "results.md").read_text()
 
 
