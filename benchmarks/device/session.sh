@@ -63,11 +63,13 @@ step() {  # step NAME SECONDS command...: run with a timeout (x SLOW), log to $O
 
 if [ "${LSA_REHEARSE:-0}" = 1 ]; then  # the served phases' steps, tiny, on the CPU
   MODEL=${TMPDIR:-/tmp}/lsa-rehearse-model SHAPE=tiny CTX="512 1024" CONC=1024 ORDINARY=512 RATE=256 CHUNK=256 SESSIONS=2 SLOW=3  # a shared CPU
+  TURN_TOKENS=72  # a turn's tokens: past one LSA cycle (64), so a turn still refreshes its plan
   APP="device=cpu worker_num_gpus=0 block_size=16 torch_threads=1 worker_num_cpus=0.5 max_num_seqs=3"
   SMALL="--context-tokens 250 model=tiny-random $APP" KV_RESERVE=0 DEVICE_KV="" PORT_ARGS="--port ${LSA_PORT:-8000} --num-cpus 4"
   export LSA_KV_MAX=${LSA_KV_MAX:-268435456}
 else
   MODEL=/tmp/llama3-8b-random SHAPE=llama3-8b CTX="32768 131072" CONC=131072 ORDINARY=32768 RATE=32768 CHUNK=8192 SESSIONS=4 SLOW=1
+  TURN_TOKENS=128
   APP="device=cuda worker_num_gpus=1 max_num_seqs=16"
   # host RAM kept off the arena: a model load (16 GB, transient), Ray's processes, the driver
   SMALL="model=${LSA_MODEL:-smollm2-135m} $APP block_size=16 max_num_seqs=4" KV_RESERVE=${LSA_KV_RESERVE:-24e9}
@@ -109,7 +111,7 @@ print(*plan_store(sys.argv[4:], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
   echo "host RAM holds $fit sessions of $CONC tokens; running $sessions in a host KV store of $kv bytes"
   # every batch's timing in the served worker and the engine alone (engine/trace.py): where a turn's time goes
   LSA_STEP_TRACE="$OUT/trace" step serve $((200 + 30 * sessions)) python3 -m cli bench serve $APPBIG kv_store_bytes=$kv --contexts $CTX \
-    --followups 2 --concurrency-context $CONC --sessions $sessions --max-tokens 128 $PORT_ARGS --out "$OUT/serve.json"
+    --followups 2 --concurrency-context $CONC --sessions $sessions --max-tokens $TURN_TOKENS $PORT_ARGS --out "$OUT/serve.json"
 }
 
 phase_checks() {  # (c) (d) (e) on one SmolLM2 app
@@ -120,7 +122,7 @@ phase_checks() {  # (c) (d) (e) on one SmolLM2 app
 phase_pooled() {
   make_model
   step pooled 240 python3 benchmarks/device/served_checks.py pooled "$OUT/pooled.json" \
-    --context ${LSA_POOLED_CONTEXT:-$CONC} --sessions 1 --extra 1 --max-tokens 128 $APPBIG $PORT_ARGS
+    --context ${LSA_POOLED_CONTEXT:-$CONC} --sessions 1 --extra 1 --max-tokens $TURN_TOKENS $APPBIG $PORT_ARGS
 }
 
 phase_early() {
