@@ -4,7 +4,11 @@ n, seed, logprobs) and LiteLLM's OpenAI-compatible provider; a table of bad and 
 requests, each its status with an OpenAI error naming the param, a good request answered after
 each; sessions over JSON and msgpack owned by their API key; the body limit; admin-only
 /metrics whose counters from both ingress replicas add up to the requests sent; the batch
-client; a worker restart that resumes a session from the node's KV store without prefill."""
+client; a worker restart that resumes a session from the node's KV store without prefill. Last,
+the faults: a decode worker killed during a 6-job batch, and separately the node's KV store
+killed during another, lose no job (6 of 6 answered exactly once: the client retries what the
+server calls retryable); after the store's death no worker is left serving with the dead store
+(each moves to the new one: its store generation goes up, and it answers)."""
 import asyncio
 import collections
 import json
@@ -30,6 +34,7 @@ from cluster.client import LSAClient, SessionNotFound  # noqa: E402
 from cluster.local import free_port  # noqa: E402
 from cluster.metrics import sum_series  # noqa: E402
 from bad_requests import BAD, CHAT, MAX_BODY  # noqa: E402
+from fault_batch import batch_with_a_fault, named, worker_stats_by_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY, OTHER_KEY, ADMIN = "test-key", "other-key", "admin-key"
@@ -355,3 +360,41 @@ def test_a_streamed_turn_is_the_plain_turn_in_pieces(server, client):
     with pytest.raises(SessionNotFound):  # an unknown session is a 404 before any event
         list(client.stream("/v1/sessions/nope/ask", {"question": "Which?"}))
     s.close()
+
+
+# ------------------------------------------------------------------------------- faults (last: they kill)
+
+
+def test_a_decode_worker_killed_during_a_batch_loses_no_job(server, client, tmp_path):
+    def kill_a_worker():
+        worker = next(a for a in named("DecodeWorker"))
+        ray.kill(ray.get_actor(worker["name"], namespace=worker["namespace"]), no_restart=True)
+
+    batch_with_a_fault(client, tmp_path, "w", kill_a_worker)
+
+
+def test_a_store_killed_during_a_batch_loses_no_job_and_every_worker_moves_to_the_new_store(server, client,
+                                                                                            tmp_path):
+    before = worker_stats_by_process()
+    assert len(before) == 2
+    store = named("kvstore:")
+    assert len(store) == 1  # one node, one store
+
+    def kill_the_store():
+        ray.kill(ray.get_actor(store[0]["name"], namespace=store[0]["namespace"]), no_restart=True)
+
+    batch_with_a_fault(client, tmp_path, "s", kill_the_store)
+    # no worker left with the dead store: both move to its successor (the one that took no turn
+    # since learns of it from its routing stats or its health check)
+    deadline = time.monotonic() + 60
+    while True:
+        after = worker_stats_by_process()
+        moved = {pid: after[pid].store_generation > before[pid].store_generation for pid in before if pid in after}
+        if len(moved) == 2 and all(moved.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert len(moved) == 2 and all(moved.values()), {pid: s.store_generation for pid, s in after.items()}
+    assert named("kvstore:") and named("kvstore:")[0]["name"] == store[0]["name"]  # a new store, same name
+    for i in range(4):  # and the app still serves sessions
+        s = client.session(f"After the fault {i}. " * 20)
+        assert client.ask(s.session_id, "Still there?", max_tokens=3).text is not None
