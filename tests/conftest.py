@@ -8,11 +8,13 @@ own when the session also runs other modules. Ray Serve keeps driver-side state 
 threads and long-poll clients) after ``serve.shutdown()`` and ``ray.shutdown()``, and a later
 module's Ray cluster in the same process could then wait for ever on its first handle call
 (seen late in full runs, never alone). The module then shows as one test here; its own
-results, failures in full, are in that test's report.
+results, failures in full, are in that test's report. These modules come last, two at a time.
 """
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,28 +44,52 @@ class ModuleProcessFailed(Exception):
 
 
 class ModuleInOwnProcess(pytest.Item):
-    """A module's selected tests, run by ``python -m pytest`` in a child process."""
+    """A module's selected tests, run by ``python -m pytest`` in a child process. Two such modules
+    run at a time: when one starts, so does the next (each mostly waits on its Ray cluster and
+    uses a thread or two of the machine's cores)."""
 
     def __init__(self, *, node_ids: list[str], **kwargs):
         super().__init__(**kwargs)
         self.node_ids = node_ids
         self.add_marker(pytest.mark.timeout(OWN_PROCESS_TIMEOUT_S))
+        self.next: ModuleInOwnProcess | None = None  # started alongside this one
+        self.child: subprocess.Popen | None = None
 
-    def runtest(self):
-        root = Path(self.config.rootpath)
+    def start(self):
+        if self.child is not None:
+            return
         env = {**os.environ, CHILD: "1"}
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.node_ids]
+        self.output = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
+        self.started = time.monotonic()
+        self.child = subprocess.Popen(cmd, cwd=self.config.rootpath, env=env, stdout=self.output,
+                                      stderr=subprocess.STDOUT, text=True)
+
+    def stop(self):
+        if self.child is not None and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+
+    def runtest(self):
+        self.start()
+        if self.next is not None:
+            self.next.start()
+        limit = OWN_PROCESS_TIMEOUT_S - 60
         try:
-            done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                                  timeout=OWN_PROCESS_TIMEOUT_S - 60)
-        except subprocess.TimeoutExpired as exc:
-            raise ModuleProcessFailed(f"{self.name}: no result after {exc.timeout:.0f} s\n"
-                                      f"{(exc.stdout or '')[-20000:]}") from None
-        summary = done.stdout.strip().splitlines()[-1:] or ["(no output)"]
+            self.child.wait(timeout=max(1.0, limit - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise ModuleProcessFailed(f"{self.name}: no result after {limit:.0f} s\n{self.read()[-20000:]}") from None
+        output = self.read()
+        summary = output.strip().splitlines()[-1:] or ["(no output)"]
         self.config.stash.setdefault(SUMMARIES, []).append(f"{self.name}: {summary[0].strip('= ')}")
-        if done.returncode != 0:
-            raise ModuleProcessFailed(f"{self.name} (exit {done.returncode}): {summary[0]}\n"
-                                      f"{done.stdout[-20000:]}\n{done.stderr[-5000:]}")
+        if self.child.returncode != 0:
+            raise ModuleProcessFailed(f"{self.name} (exit {self.child.returncode}): {summary[0]}\n"
+                                      f"{output[-25000:]}")
+
+    def read(self) -> str:
+        self.output.seek(0)
+        return self.output.read()
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, ModuleProcessFailed):
@@ -84,11 +110,18 @@ def pytest_collection_modifyitems(session, config, items):
     if not own or len({Path(item.path) for item in items}) == 1:
         return  # only one module: it has the process to itself already
     kept = [item for item in items if Path(item.path) not in own]
-    for path, module_items in own.items():
-        name = str(path.relative_to(config.rootpath))
-        kept.append(ModuleInOwnProcess.from_parent(session, name=name, path=path,
-                                                   node_ids=[item.nodeid for item in module_items]))
-    items[:] = kept
+    modules = [ModuleInOwnProcess.from_parent(session, name=str(path.relative_to(config.rootpath)), path=path,
+                                              node_ids=[item.nodeid for item in module_items])
+               for path, module_items in own.items()]
+    for module, after in zip(modules, modules[1:]):
+        module.next = after
+    items[:] = kept + modules
+
+
+def pytest_sessionfinish(session):
+    for item in session.items:  # a run stopped early (-x, Ctrl-C): no module's process left running
+        if isinstance(item, ModuleInOwnProcess):
+            item.stop()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
