@@ -65,9 +65,14 @@ def cadence(burst: list) -> dict:
             idle.append(b[0] - (a[0] + a[3]))
             pairs.append((b[0] - a[0], a))
     slowest = [{"period_ms": 1e3 * p, "step_ms": 1e3 * a[3], "outside_ms": 1e3 * (p - a[3]),
-                "boundary": int(len(a) > 4 and a[4]), **host_parts(a)}
+                "boundary": int(ran_boundary(a)), **host_parts(a)}
                for p, a in sorted(pairs, key=lambda x: -x[0])[:5]]
     return {"n": len(period), "batch": full, "period": pct(period), "outside": pct(idle), "slowest": slowest}
+
+
+def ran_boundary(row: list) -> bool:
+    """A decode row's fifth field: it ran an LSA cycle boundary (older logs have none)."""
+    return len(row) > 4 and bool(row[4])
 
 
 def host_parts(row: list) -> dict:
@@ -92,8 +97,8 @@ def pct(values: list[float]) -> dict:
 def decode_steps(decode: list) -> dict:
     """A burst's decode batches, ms: median, p99 and max of all, and of those that ran an LSA cycle
     boundary (a row's fifth field; logs without it count none) against those that did not."""
-    at = [r for r in decode if len(r) > 4 and r[4]]
-    rest = [r for r in decode if not (len(r) > 4 and r[4])]
+    at = [r for r in decode if ran_boundary(r)]
+    rest = [r for r in decode if not ran_boundary(r)]
     return {"decode_steps": pct([r[3] for r in decode]),
             "boundary_steps": {**pct([r[3] for r in at]), **median_parts(at)},
             "other_steps": {**pct([r[3] for r in rest]), **median_parts(rest)}}
