@@ -94,7 +94,7 @@ def sdpa_gqa(q, k, v, scale):
 SDPA = {"gqa": sdpa_gqa, "grouped": sdpa_grouped}
 
 
-def run_config(ctx, batch, fracs, copy_bw, rows, sweep):
+def run_config(ctx, batch, fracs, copy_bw, rows, sweep, sweep_at=SWEEP_AT):
     scale = D ** -0.5
     q = torch.randn(batch, HQ, D, dtype=DT, device=DEV)
     full_bytes = ctx * batch * BYTES_PER_TOKEN
@@ -154,7 +154,7 @@ def run_config(ctx, batch, fracs, copy_bw, rows, sweep):
                    rel_err_vs_gather_sdpa=err,
                    num_splits=default_num_splits(batch, HKV, q.device))
         rows.append(row)
-        if sweep and (ctx, batch, frac) in SWEEP_AT:
+        if sweep and (ctx, batch, frac) in sweep_at:
             row["sweep"] = sweep_config(sparse, batch, q.device)
     del pool
     torch.cuda.empty_cache()
@@ -164,7 +164,7 @@ def sweep_config(sparse, batch, device):
     """Times of other tuning knobs for one config: {"splits/warps/stages": ms}."""
     base = default_num_splits(batch, HKV, device)
     out = {}
-    for splits in sorted({max(1, base // 4), max(1, base // 2), base, base * 2}):
+    for splits in sorted({max(1, base * f // 8) for f in (1, 2, 3, 4, 6, 8, 16)}):
         for warps in (4, 8):
             for stages in (1, 2, 3):
                 try:
@@ -205,10 +205,14 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--fracs", default="0.05,0.10,0.135")
     ap.add_argument("--sweep", action="store_true", help="also time other split/warp/stage choices")
+    ap.add_argument("--sweep-at", default=None, help="the configs swept, as ctx:batch:frac,... "
+                    "(default: " + ",".join(f"{c}:{b}:{f}" for c, b, f in sorted(SWEEP_AT)) + ")")
     args = ap.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     fracs = [float(x) for x in args.fracs.split(",")]
+    sweep_at = SWEEP_AT if args.sweep_at is None else {
+        (int(c), int(b), float(f)) for c, b, f in (x.split(":") for x in args.sweep_at.split(","))}
 
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
@@ -216,7 +220,7 @@ def main():
     for ctx in contexts:
         for batch in batches:
             try:
-                run_config(ctx, batch, fracs, copy_bw, rows, args.sweep)
+                run_config(ctx, batch, fracs, copy_bw, rows, args.sweep, sweep_at)
             except torch.OutOfMemoryError as e:
                 rows.append(dict(context=ctx, batch=batch, error=repr(e)[:200]))
                 torch.cuda.empty_cache()

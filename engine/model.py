@@ -137,9 +137,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, backend):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        x, mlp = self.forward_deferred(x, None, cos, sin, backend)
+        return x.add_(mlp)
+
+    def forward_deferred(self, x, pending, cos, sin, backend):
+        """The layer with the residual adds folded into its norms: ``pending`` (the previous layer's
+        MLP output, or None) is added to ``x`` in place by the input norm, the attention output by
+        the post-attention norm; returns ``(x, mlp)``, the MLP output still to add (by the next
+        layer's input norm, or the final norm). One elementwise launch a layer fewer."""
+        attn = self.self_attn(self.input_layernorm(x, residual_in=pending), cos, sin, backend)
         h = self.post_attention_layernorm(x, residual_in=attn)  # x += attn, in place
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -165,9 +173,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.model.rotary(positions, x.dtype)
+        pending = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, backend)
-        return self.model.norm(x)
+            x, pending = layer.forward_deferred(x, pending, cos, sin, backend)
+        return self.model.norm(x, residual_in=pending)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [T, V]
