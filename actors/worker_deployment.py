@@ -72,36 +72,38 @@ def indexer_handle():
 
 async def stream_request(start, answer):
     """Run ``start(on_text)`` (a core's request, a future): yield its text as it grows, then
-    ``answer(result)``. A consumer that goes away (or the end) cancels the request."""
+    ``answer(result)``. A consumer that goes away (or the end) cancels the request.
+
+    One queue carries the text and the end (the future's done callback), so a token costs the
+    event loop one wake-up and one ``get``, not a ``wait`` over two futures; texts queued while
+    the consumer was busy are yielded as one piece (each is the whole text so far). The loop
+    shares the GIL with the replica's decode loop: what it does per token shows in the ITL."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
+    ended = object()
     sent = 0
 
     def on_text(text: str, done: bool) -> None:
         loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-    done = asyncio.ensure_future(asyncio.wrap_future(start(on_text)))
-    getter = None
+    request = start(on_text)
+    request.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, ended))
     try:
         while True:
-            getter = asyncio.ensure_future(pieces.get())
-            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                text = getter.result()
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
-                continue
-            getter.cancel()
-            result = done.result()  # raises the request's error
-            if len(result.text) > sent:
-                yield result.text[sent:]
-            yield answer(result)
-            return
+            item = await pieces.get()
+            while item is not ended and not pieces.empty():
+                item = pieces.get_nowait()  # the newest text (or the end) supersedes the queued ones
+            if item is ended:
+                result = request.result()  # done: raises the request's error
+                if len(result.text) > sent:
+                    yield result.text[sent:]
+                yield answer(result)
+                return
+            if len(item) > sent:
+                yield item[sent:]
+                sent = len(item)
     finally:  # the consumer went away (or the stream ended): a running request is aborted
-        done.cancel()
-        if getter is not None:
-            getter.cancel()
+        request.cancel()
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
