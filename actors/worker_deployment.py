@@ -120,9 +120,7 @@ class DecodeWorker:
         if cfg.torch_threads:
             import torch
             torch.set_num_threads(cfg.torch_threads)
-        switch = lsa_env.gil_switch_s()
-        if switch is not None:
-            sys.setswitchinterval(switch)
+        sys.setswitchinterval(lsa_env.gil_switch_s())  # the decode loop waits less for the GIL
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
