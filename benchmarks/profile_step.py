@@ -29,7 +29,7 @@ KINDS = (  # first match wins: a kernel name -> its kind
     ("attention_combine", r"combine|reduce_splits"),
     ("kv_write", r"kv_write|paged_kv"),
     ("block_scores", r"block_score|scores"),
-    ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|matmul|_mm_|splitK"),
+    ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|matmul|_mm_|splitK|decode_linear"),
     ("rmsnorm", r"rms"),
     ("rotary", r"rotary|rope"),
     ("silu_mul", r"silu"),

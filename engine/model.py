@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import kernels
+import lsa_env
 
 from engine.config import ModelConfig, RopeScaling
 
@@ -95,15 +96,19 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
             kernels.rotary(q.view(t, hq, d), cos, sin)  # in place
             kernels.rotary(k.view(t, hkv, d), cos, sin)
-        else:  # views of one [T, (Hq + 2 Hkv) D] output; q and k rotated in one launch
-            qkv = self.qkv_proj(x)
-            kernels.rotary(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
-            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
-        q = q.view(t, hq, d)  # [T, Hq, D]
-        k = k.view(t, hkv, d)  # [T, Hkv, D]
-        v = v.view(t, hkv, d)
-        out = backend(self.layer, q, k, v)  # [T, Hq, D]
+            out = backend(self.layer, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))  # [T, Hq, D]
+        else:
+            out = self.attend(self.qkv_proj(x), cos, sin, backend)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               backend: AttentionBackend) -> torch.Tensor:
+        """Attention from the fused projection's output [T, (Hq + 2 Hkv) D] (q and k rotated in one
+        launch, in place; q, k, v are views of it) -> [T, Hq, D], before o_proj."""
+        t, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        kernels.rotary(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
+        q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+        return backend(self.layer, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
 
 
 class MLP(nn.Module):
@@ -140,6 +145,18 @@ class DecoderLayer(nn.Module):
         x, mlp = self.forward_deferred(x, None, cos, sin, backend)
         return x.add_(mlp)
 
+    def forward_decode(self, x, cos, sin, backend):
+        """A decode batch (at most ``kernels.decode_linear``'s rows) through the layer in 4
+        projections with the norms, SiLU and residual adds inside them (kernels.decode_linear):
+        x, the residual stream, is updated in place and returned. Needs the fused projections
+        without biases (``LlamaForCausalLM.decode_fusable``)."""
+        attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        qkv = kernels.decode_linear(x, attn.qkv_proj.weight, norm_weight=ln1.weight, eps=ln1.eps)
+        out = attn.attend(qkv, cos, sin, backend)
+        kernels.decode_linear(out.reshape(x.shape[0], -1), attn.o_proj.weight, residual=x)  # x += o_proj(out)
+        gate_up = kernels.decode_linear(x, mlp.gate_up_proj.weight, norm_weight=ln2.weight, eps=ln2.eps)
+        return kernels.decode_linear(gate_up, mlp.down_proj.weight, silu_input=True, residual=x)  # x += mlp
+
     def forward_deferred(self, x, pending, cos, sin, backend):
         """The layer with the residual adds folded into its norms: ``pending`` (the previous layer's
         MLP output, or None) is added to ``x`` in place by the input norm, the attention output by
@@ -169,17 +186,48 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fused_decode = False  # fuse_projections sets it (LSA_FUSED_DECODE)
+        self._decode_fusable: bool | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.model.rotary(positions, x.dtype)
+        if self.decode_fused_for(x):
+            for layer in self.model.layers:
+                x = layer.forward_decode(x, cos, sin, backend)
+            return self.model.norm(x)
         pending = None
         for layer in self.model.layers:
             x, pending = layer.forward_deferred(x, pending, cos, sin, backend)
         return self.model.norm(x, residual_in=pending)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.decode_fused_for(hidden):
+            return kernels.decode_linear(hidden, self.lm_head.weight).float()
         return self.lm_head(hidden).float()  # [T, V]
+
+    def decode_fused_for(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` ([T, H] activations) goes through the fused decode path: a decode batch
+        (T <= 16) where the Triton kernels run, ``fused_decode`` on and the model fusable."""
+        if not self.fused_decode or x.shape[0] > kernels.DECODE_LINEAR_MAX_ROWS or not kernels.use_triton(x):
+            return False
+        if self._decode_fusable is None:
+            self._decode_fusable = self.decode_fusable()
+        return self._decode_fusable
+
+    def decode_fusable(self) -> bool:
+        """Fused q|k|v and gate|up, no biases, plain Linears (not a tensor-parallel shard's, whose
+        o and down sum over ranks before the residual add), norm weights in the weights' dtype."""
+        dtype = self.lm_head.weight.dtype
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            if any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears):
+                return False
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(t.dtype != dtype for t in norms + tuple(lin.weight for lin in linears)):
+                return False
+        return type(self.lm_head) is nn.Linear and self.model.norm.weight.dtype == dtype
 
 
 def concat_linear(*linears: nn.Linear) -> nn.Linear:
@@ -202,4 +250,6 @@ def fuse_projections(model: LlamaForCausalLM) -> LlamaForCausalLM:
             layer.self_attn.fuse()
         if layer.mlp.gate_up_proj is None:
             layer.mlp.fuse()
+    model.fused_decode = lsa_env.fused_decode()
+    model._decode_fusable = None
     return model

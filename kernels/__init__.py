@@ -8,10 +8,12 @@ The pool layout is docs/kv-layout.md; the design is docs/kernels.md. No model, n
 import torch
 
 from . import reference
-from .dispatch import pick
+from .dispatch import pick, use_triton
+
+DECODE_LINEAR_MAX_ROWS = 16  # kernels.decode_linear's rows (a decode batch)
 
 __all__ = ["sparse_decode_attention", "prefill_attention", "block_scores", "select_blocks", "paged_kv_write",
-           "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "reference"]
+           "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "decode_linear", "reference"]
 
 
 def _dim(t, i: int) -> int | None:
@@ -169,6 +171,24 @@ def rms_norm(x, weight, eps, residual_in=None):
         [T, H] in the promoted dtype of weight and x.
     """
     return pick(x, "fused", "rms_norm")(x, weight, eps, residual_in)
+
+
+def decode_linear(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None):
+    """A decode batch's projection ``y = a @ weight.T``, with its neighbours in the layer fused.
+
+    Args:
+        x:           [M, K] activations, M <= 16 (a decode batch; the last dim contiguous).
+        weight:      [N, K] (an ``nn.Linear``'s, no bias).
+        norm_weight: optional [K]: ``a = rms_norm(x, norm_weight, eps)`` (as :func:`rms_norm`,
+                     without its residual add); else ``a = x``.
+        silu_input:  ``x`` is [M, 2K], gate | up: ``a = silu_mul(gate, up)`` (as :func:`silu_mul`).
+        residual:    optional [M, N]: ``residual += y`` **in place** (the residual stream after
+                     the sublayer; ``y`` rounded to the activation dtype first) and returned.
+
+    Returns:
+        [M, N] in x's dtype: ``y``, or ``residual`` when given.
+    """
+    return pick(x, "projection", "decode_linear")(x, weight, norm_weight, eps, silu_input, residual)
 
 
 def rotary(x, cos, sin):

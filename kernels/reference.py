@@ -140,6 +140,19 @@ def rms_norm(x, weight, eps, residual_in=None):
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def decode_linear(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None):
+    """Reference of :func:`kernels.decode_linear`; see there for the contract."""
+    if silu_input:
+        gate, up = x.chunk(2, dim=-1)
+        x = silu_mul(gate, up)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    y = torch.nn.functional.linear(x, weight)
+    if residual is None:
+        return y
+    return residual.copy_(residual + y)
+
+
 def rotary(x, cos, sin):
     """Reference of :func:`kernels.rotary`; see there for the contract."""
     x1, x2 = x.chunk(2, dim=-1)

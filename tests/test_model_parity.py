@@ -158,3 +158,39 @@ def test_fused_projections_give_the_unfused_logits():
         logits.append(torch.stack(recorded))
     scale = logits[0].abs().max().item()
     assert logits[0].shape == (12, 96) and (logits[0] - logits[1]).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_fused_decode_gives_the_unfused_logits(monkeypatch):
+    """The decode path with the norms, SiLU and residual adds inside the projections
+    (kernels.decode_linear; Triton's interpreter on the CPU) against the separate kernels, both on
+    the Triton backend: prefill and continuous-batch decode of the same random model (GQA, no
+    biases), logits equal to fp32 rounding; a model with biases keeps the separate kernels."""
+    from engine.config import ModelConfig
+    from engine.loader import random_model
+    from kernel_cases import CUDA  # sets TRITON_INTERPRET on CPU
+
+    device = "cuda" if CUDA else "cpu"
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    cfg = ModelConfig(architecture="llama", vocab_size=96, hidden_size=64, intermediate_size=112, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (9, 40)]
+    logits = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("LSA_FUSED_DECODE", fused)
+        model = random_model(cfg, device, torch.float32, seed=11)
+        probe = torch.zeros(2, 64, device=device)
+        assert model.decode_fused_for(probe) == (fused == "1")
+        assert not model.decode_fused_for(torch.zeros(17, 64, device=device))  # prefill-sized: cuBLAS
+        engine = LLMEngine(model, EngineConfig(device=device, cache=CacheConfig(block_size=16, num_device_blocks=64),
+                                               scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=24)))
+        recorded = []
+        engine.hooks.append(LogitsObserver(lambda seq, row: recorded.append(row.float().cpu().clone())))
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+        logits.append(torch.stack(recorded))
+    scale = logits[0].abs().max().item()
+    assert logits[0].shape == (12, 96) and (logits[0] - logits[1]).abs().max().item() <= 1e-5 * max(1.0, scale)
+    biased = random_model(ModelConfig(**{**cfg.__dict__, "qkv_bias": True}), device, torch.float32, seed=11)
+    assert not biased.decode_fused_for(torch.zeros(2, 64, device=device))

@@ -1,0 +1,97 @@
+"""A decode batch's projections in Triton, with the decoder layer's small kernels fused in.
+
+At decode a projection multiplies a few rows (the batch) by a weight read once from HBM: a
+GEMV, bound by the weight's bytes. cuBLAS runs it well, but around it the layer launches small
+kernels of a few microseconds each (an RMSNorm before q|k|v and before gate|up, SiLU(gate) * up
+before down, split-K reductions after o and down, the residual adds), ~5 a layer. Here they
+become the GEMV's prologue and epilogue:
+
+```
+grid (cdiv(N, BLOCK_N),)    program: BLOCK_N output columns of every row, the whole K loop
+  NORM   a = w_norm * (x * rsqrt(mean(x^2) + eps))    each program computes its rows' rstd
+  SILU   a = silu(gate) * up, x = gate | up [M, 2K]    (reads 2K per row, no product stored)
+  ADD    residual[:, cols] += a @ W[cols].T            in place: each column has one owner
+```
+
+Every step rounds where the unfused modules round (the norm's product and the SiLU in the
+activation dtype, the projection's output before the residual add), so the result is the
+unfused layer's up to the order of the fp32 sums. Rows padded to 16 for ``tl.dot``; for a few
+rows only (a decode batch): prefill keeps cuBLAS.
+"""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N, BLOCK_K, NUM_STAGES, NUM_WARPS = 64, 256, 5, 4  # benchmarks/decode_linear.py, H200: within 3% of the best tile
+MAX_ROWS = 16  # kernels.DECODE_LINEAR_MAX_ROWS
+
+
+@triton.jit
+def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          NUM_STAGES: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, ADD: tl.constexpr,
+                          IEEE_DOT: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, M_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    dtype = Y.dtype.element_ty
+    x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+    if NORM:  # the rows' rstd over all of K (each program reads the rows again: a few KB, from L2)
+        ss = tl.zeros((M_PAD,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            xk = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xk * xk, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        mask_x = mask_m[:, None] & mask_k[None, :]
+        w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if SILU:  # as kernels.silu_mul: silu rounded to the activation dtype, then the product
+            g = tl.load(x_rows + kk[None, :], mask=mask_x, other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + kk[None, :], mask=mask_x, other=0.0).to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+            a = (s * u).to(dtype)
+        elif NORM:  # as kernels.rms_norm: the normalised row rounded, then times the weight, rounded
+            xf = tl.load(x_rows + kk[None, :], mask=mask_x, other=0.0).to(tl.float32)
+            normed = (xf * rstd[:, None]).to(dtype).to(tl.float32)
+            a = (tl.load(NORM_W + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :] * normed).to(dtype)
+        else:
+            a = tl.load(x_rows + kk[None, :], mask=mask_x, other=0.0).to(dtype)
+        if IEEE_DOT:  # fp32 activations (tests on the CPU): no tf32
+            acc += tl.dot(a, tl.trans(w.to(dtype)), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(w.to(dtype)))
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    out = acc.to(dtype)
+    if ADD:  # the residual stream after the sublayer: the projection rounded, then the add rounded
+        out = (tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dtype)
+    tl.store(y_ptrs, out, mask=mask_y)
+
+
+def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None):
+    """See :func:`kernels.decode_linear`."""
+    m, kx = x.shape
+    n, k = weight.shape
+    assert m <= MAX_ROWS, f"decode_linear takes at most {MAX_ROWS} rows, got {m}"
+    assert kx == (2 * k if silu_input else k), f"x has {kx} columns for a weight of {k}"
+    assert x.stride(1) == 1 and weight.stride(1) == 1
+    assert not (silu_input and norm_weight is not None), "one prologue: the norm or the SiLU"
+    if residual is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = residual
+        assert out.shape == (m, n) and out.stride(1) == 1 and out.dtype == x.dtype
+    norm_w = norm_weight if norm_weight is not None else weight  # never read without NORM
+    _decode_linear_kernel[(triton.cdiv(n, BLOCK_N),)](
+        x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
+        M_PAD=MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
+        NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None,
+        IEEE_DOT=x.dtype == torch.float32, num_warps=NUM_WARPS)
+    return out
