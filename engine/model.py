@@ -7,7 +7,7 @@ Module names follow Hugging Face, so a safetensors state dict loads as it is.
 After loading, ``fuse_projections`` concatenates q|k|v and gate|up into one Linear each: a
 decode step then runs 4 GEMMs per layer instead of 7 (each a few microseconds of fixed cost on
 the GPU, and small ones such as k and v read the weights below the memory rate). A decode batch
-(at most 16 tokens, where the Triton kernels run) then goes through ``DecoderLayer.forward_decode``:
+(at most 32 tokens, where the Triton kernels run) then goes through ``DecoderLayer.forward_decode``:
 the same 4 projections as ``kernels.decode_linear`` GEMVs with the norms, SiLU and residual adds
 inside them, 4 kernels a layer fewer (``LSA_FUSED_DECODE=0`` keeps the separate kernels).
 """
@@ -211,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
 
     def decode_fused_for(self, x: torch.Tensor) -> bool:
         """Whether ``x`` ([T, H] activations) goes through the fused decode path: a decode batch
-        (T <= 16) where the Triton kernels run, ``fused_decode`` on and the model fusable."""
+        (T <= 32) where the Triton kernels run, ``fused_decode`` on and the model fusable."""
         if not self.fused_decode or x.shape[0] > kernels.DECODE_LINEAR_MAX_ROWS or not kernels.use_triton(x):
             return False
         if self._decode_fusable is None:

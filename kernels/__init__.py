@@ -10,7 +10,7 @@ import torch
 from . import reference
 from .dispatch import pick, use_triton
 
-DECODE_LINEAR_MAX_ROWS = 16  # kernels.decode_linear's rows (a decode batch)
+DECODE_LINEAR_MAX_ROWS = 32  # kernels.decode_linear's rows (a decode batch)
 
 __all__ = ["sparse_decode_attention", "prefill_attention", "block_scores", "select_blocks", "paged_kv_write",
            "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "decode_linear", "reference"]
@@ -177,7 +177,7 @@ def decode_linear(x, weight, norm_weight=None, eps=0.0, silu_input=False, residu
     """A decode batch's projection ``y = a @ weight.T``, with its neighbours in the layer fused.
 
     Args:
-        x:           [M, K] activations, M <= 16 (a decode batch; the last dim contiguous).
+        x:           [M, K] activations, M <= 32 (a decode batch; the last dim contiguous).
         weight:      [N, K] (an ``nn.Linear``'s, no bias).
         norm_weight: optional [K]: ``a = rms_norm(x, norm_weight, eps)`` (as :func:`rms_norm`,
                      without its residual add); else ``a = x``.

@@ -15,15 +15,15 @@ grid (cdiv(N, BLOCK_N),)    program: BLOCK_N output columns of every row, the wh
 
 Every step rounds where the unfused modules round (the norm's product and the SiLU in the
 activation dtype, the projection's output before the residual add), so the result is the
-unfused layer's up to the order of the fp32 sums. Rows padded to 16 for ``tl.dot``; for a few
-rows only (a decode batch): prefill keeps cuBLAS.
+unfused layer's up to the order of the fp32 sums. Rows padded to 16 or 32 for ``tl.dot``; for a
+few rows only (a decode batch): prefill keeps cuBLAS.
 """
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_N, BLOCK_K, NUM_STAGES, NUM_WARPS = 64, 256, 5, 4  # benchmarks/decode_linear.py, H200: within 3% of the best tile
-MAX_ROWS = 16  # kernels.DECODE_LINEAR_MAX_ROWS
+MAX_ROWS = 32  # kernels.DECODE_LINEAR_MAX_ROWS
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
     norm_w = norm_weight if norm_weight is not None else weight  # never read without NORM
     _decode_linear_kernel[(triton.cdiv(n, BLOCK_N),)](
         x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
-        M_PAD=MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
+        M_PAD=16 if m <= 16 else 32, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
         NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None,
         IEEE_DOT=x.dtype == torch.float32, num_warps=NUM_WARPS)
     return out

@@ -180,7 +180,7 @@ def test_fused_decode_gives_the_unfused_logits(monkeypatch):
         model = random_model(cfg, device, torch.float32, seed=11)
         probe = torch.zeros(2, 64, device=device)
         assert model.decode_fused_for(probe) == (fused == "1")
-        assert not model.decode_fused_for(torch.zeros(17, 64, device=device))  # prefill-sized: cuBLAS
+        assert not model.decode_fused_for(torch.zeros(33, 64, device=device))  # prefill-sized: cuBLAS
         engine = LLMEngine(model, EngineConfig(device=device, cache=CacheConfig(block_size=16, num_device_blocks=64),
                                                scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=24)))
         recorded = []
