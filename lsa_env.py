@@ -39,11 +39,14 @@ def kv_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
 
 
+FUSED_DECODE = "0"  # off until measured on the GPU (docs/perf.md, seventh session)
+
+
 def fused_decode() -> bool:
-    """``LSA_FUSED_DECODE``: ``1`` (default) runs a decode batch's projections with the layer's
-    norms, SiLU and residual adds fused in (``kernels.decode_linear``, where the Triton kernels
-    run: CUDA); ``0`` keeps cuBLAS and the separate kernels (the A/B of docs/perf.md)."""
-    value = os.environ.get("LSA_FUSED_DECODE", "1").strip()
+    """``LSA_FUSED_DECODE``: ``1`` runs a decode batch's projections with the layer's norms, SiLU
+    and residual adds fused in (``kernels.decode_linear``, where the Triton kernels run: CUDA);
+    ``0`` keeps cuBLAS and the separate kernels. Default: ``FUSED_DECODE``."""
+    value = os.environ.get("LSA_FUSED_DECODE", FUSED_DECODE).strip()
     if value not in ("0", "1"):
         raise ValueError(f"LSA_FUSED_DECODE must be 0 or 1, got {value!r}")
     return value == "1"
