@@ -16,3 +16,15 @@ def test_the_gil_switch_knob_reads_milliseconds_and_rejects_the_rest(monkeypatch
         with pytest.raises(ValueError, match="LSA_GIL_SWITCH_MS"):
             lsa_env.gil_switch_s()
     assert sys.getswitchinterval() == pytest.approx(0.005)  # reading it changes nothing
+
+
+def test_the_fused_decode_switch_reads_0_or_1_and_rejects_the_rest(monkeypatch):
+    monkeypatch.delenv("LSA_FUSED_DECODE", raising=False)
+    assert lsa_env.fused_decode() is (lsa_env.FUSED_DECODE == "1")
+    for value, want in (("1", True), (" 0 ", False)):
+        monkeypatch.setenv("LSA_FUSED_DECODE", value)
+        assert lsa_env.fused_decode() is want
+    for bad in ("yes", "2", "on"):
+        monkeypatch.setenv("LSA_FUSED_DECODE", bad)
+        with pytest.raises(ValueError, match="LSA_FUSED_DECODE"):
+            lsa_env.fused_decode()
