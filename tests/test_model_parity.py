@@ -55,10 +55,21 @@ def pair(request, tmp_path_factory):
     return hf, ours
 
 
-def _engine(model, block_size=16, chunk=24, seqs=4):
+def _engine(model, block_size=16, chunk=24, seqs=4, **engine):
     cfg = EngineConfig(cache=CacheConfig(block_size=block_size, num_device_blocks=64),
-                       scheduler=SchedulerConfig(max_num_seqs=seqs, prefill_chunk=chunk))
+                       scheduler=SchedulerConfig(max_num_seqs=seqs, prefill_chunk=chunk), **engine)
     return LLMEngine(model, cfg)
+
+
+def _sampled_logits(engine, prompts, max_tokens=6):
+    """Prefill and continuous-batch decode of ``prompts``: every sampled row's logits, fp32 on the CPU."""
+    recorded = []
+    engine.hooks.append(LogitsObserver(lambda seq, row: recorded.append(row.float().cpu().clone())))
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    return torch.stack(recorded)
 
 
 def test_prefill_logits_match(pair):
@@ -148,14 +159,7 @@ def test_fused_projections_give_the_unfused_logits():
     prompts = [torch.randint(3, 96, (n,)).tolist() for n in (9, 40)]
     logits = []
     for model in (plain, fused):
-        engine = _engine(model, seqs=2)
-        recorded = []
-        engine.hooks.append(LogitsObserver(lambda seq, row: recorded.append(row.clone())))
-        for p in prompts:
-            engine.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True))
-        while engine.has_work():
-            engine.step()
-        logits.append(torch.stack(recorded))
+        logits.append(_sampled_logits(_engine(model, seqs=2), prompts))
     scale = logits[0].abs().max().item()
     assert logits[0].shape == (12, 96) and (logits[0] - logits[1]).abs().max().item() <= 1e-5 * max(1.0, scale)
 
@@ -181,15 +185,7 @@ def test_fused_decode_gives_the_unfused_logits(monkeypatch):
         probe = torch.zeros(2, 64, device=device)
         assert model.decode_fused_for(probe) == (fused == "1")
         assert not model.decode_fused_for(torch.zeros(33, 64, device=device))  # prefill-sized: cuBLAS
-        engine = LLMEngine(model, EngineConfig(device=device, cache=CacheConfig(block_size=16, num_device_blocks=64),
-                                               scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=24)))
-        recorded = []
-        engine.hooks.append(LogitsObserver(lambda seq, row: recorded.append(row.float().cpu().clone())))
-        for p in prompts:
-            engine.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True))
-        while engine.has_work():
-            engine.step()
-        logits.append(torch.stack(recorded))
+        logits.append(_sampled_logits(_engine(model, seqs=2, device=device), prompts))
     scale = logits[0].abs().max().item()
     assert logits[0].shape == (12, 96) and (logits[0] - logits[1]).abs().max().item() <= 1e-5 * max(1.0, scale)
     biased = random_model(ModelConfig(**{**cfg.__dict__, "qkv_bias": True}), device, torch.float32, seed=11)
