@@ -14,6 +14,8 @@
 #     floor    issue 13 (~6 min at its limits): CUDA tests of the floor branch, step profile,
 #              bench decode 128K/512K batch 1; log floor.log (FLOOR_MAX=1: floor-max too, past 10 min)
 #     floor-max   128K at max batch, full vs lsa over the fp8 and the int4 mirror (~5 min; its own call)
+#     fused-ab    issue 13 (~3 min): bench decode b1 with the fused decode path (LSA_FUSED_DECODE=1) and
+#              without, then its step profile; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -200,6 +202,23 @@ phase_floor_max() {
   echo "floor phase done in $((SECONDS - t0)) s"
 }
 
+phase_fused_ab() {
+  # The fused decode path (kernels.decode_linear, LSA_FUSED_DECODE=1) against the separate kernels (~3 min):
+  # bench decode at batch 1 (full and lsa alive together) with each, then the fused step's profile at 128K.
+  # JSON: bench_fused{1,0}.json, profile_fused.json. FLOOR_REHEARSE=1: tiny shapes on the CPU.
+  local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" slow=1 pctx=131072 psteps=32
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192" \
+    win="--rounds 1 --steps 12 --cycle 8" slow=5 pctx=8192 psteps=4
+  for f in 1 0; do
+    echo "== LSA_FUSED_DECODE=$f"
+    LSA_FUSED_DECODE=$f timeout $((110 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 \
+      --churn 0.33 $shapes $win --out "$OUT/bench_fused$f.json" 2>&1 | grep -v built | tail -6
+  done
+  LSA_FUSED_DECODE=1 timeout $((100 * slow)) python3 -m benchmarks.profile_step --contexts $pctx --steps $psteps $shapes \
+    --out "$OUT/profile_fused.json" 2>&1 | grep -v Warning | head -14
+  echo "fused-ab done in $((SECONDS - t0)) s"
+}
+
 phase_floor_eval() {
   # Issue 13, the int4 mirror's accuracy cost against the bf16 and FP8 mirrors (~2 min): SmolLM2, LSA 0.10,
   # cycle 16 (so that blocks come back from the mirror every 16 tokens), ppl / NIAH / agreement at 4K. The three
@@ -233,6 +252,7 @@ for phase in "$@"; do
   floor) phase_floor 2>&1 | tee -a "$OUT/floor.log" ;;
   floor-max) phase_floor_max 2>&1 | tee -a "$OUT/floor.log" ;;
   floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
+  fused-ab) phase_fused_ab 2>&1 | tee -a "$OUT/fused_ab.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
