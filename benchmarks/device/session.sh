@@ -14,8 +14,8 @@
 #     floor    issue 13 (~6 min at its limits): CUDA tests of the floor branch, step profile,
 #              bench decode 128K/512K batch 1; log floor.log (FLOOR_MAX=1: floor-max too, past 10 min)
 #     floor-max   128K at max batch, full vs lsa over the fp8 and the int4 mirror (~5 min; its own call)
-#     fused-ab    issue 13 (~3 min): bench decode b1 with the fused decode path (LSA_FUSED_DECODE=1) and
-#              without, then its step profile; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
+#     fused-ab    issue 13 (~4 min): the fused decode path's CUDA tests, bench decode b1 with it
+#              (LSA_FUSED_DECODE=1) and without, then its step profile; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -206,9 +206,15 @@ phase_fused_ab() {
   # The fused decode path (kernels.decode_linear, LSA_FUSED_DECODE=1) against the separate kernels (~3 min):
   # bench decode at batch 1 (full and lsa alive together) with each, then the fused step's profile at 128K.
   # JSON: bench_fused{1,0}.json, profile_fused.json. FLOOR_REHEARSE=1: tiny shapes on the CPU.
-  local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" slow=1 pctx=131072 psteps=32
+  local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" slow=1 pctx=131072 psteps=32 collect=""
   [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192" \
-    win="--rounds 1 --steps 12 --cycle 8" slow=5 pctx=8192 psteps=4
+    win="--rounds 1 --steps 12 --cycle 8" slow=5 pctx=8192 psteps=4 collect="--collect-only"
+  # its CUDA tests first: the kernel in bf16 / fp16, the fused model against transformers and the unfused
+  # path, CUDA graphs and budget 1.0 = full attention with it on
+  LSA_FUSED_DECODE=1 timeout $((120 * slow)) python3 -m pytest -q -p no:warnings $collect tests/test_kernels_decode_linear.py \
+    tests/test_model_parity.py tests/test_graphs.py "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" \
+    > "$OUT/fused_tests.log" 2>&1
+  echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed|tests collected" "$OUT/fused_tests.log" | head -8
   for f in 1 0; do
     echo "== LSA_FUSED_DECODE=$f"
     LSA_FUSED_DECODE=$f timeout $((110 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 \
