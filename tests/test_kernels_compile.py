@@ -1,4 +1,5 @@
-"""Triton kernels compile for the GPU (sm_90: Hopper, the H200) on a machine without one.
+"""Triton kernels compile for the GPU (sm_90: Hopper, the H200) on a machine without one: the
+block load in each host format, the decode projection in each fused variant.
 
 The interpreter (TRITON_INTERPRET=1) runs a kernel's Python, so it accepts code that the
 compiler refuses, e.g. a name whose shape differs between the branches of an ``if`` on a
@@ -37,6 +38,21 @@ for fmt in sorted(FORMATS):
         out[fmt] = "front end" if "ptxas" in str(exc) else f"{type(exc).__name__}: {exc}"
     except Exception as exc:
         out[fmt] = f"{type(exc).__name__}: {exc}"
+from kernels.projection import _decode_linear_kernel
+
+for variant, flags in {"plain": (0, 0, 0), "norm": (1, 0, 0), "silu_add": (0, 1, 1), "norm_add": (1, 0, 1)}.items():
+    constexprs = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 256, "NUM_STAGES": 5, "NORM": bool(flags[0]),
+                  "SILU": bool(flags[1]), "ADD": bool(flags[2]), "IEEE_DOT": False}
+    pointers = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "NORM_W": "*bf16", "eps": "fp32"}
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in _decode_linear_kernel.arg_names}
+    try:
+        compiled = triton.compile(ASTSource(_decode_linear_kernel, sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        out["decode_linear_" + variant] = "ttir" if compiled.asm.get("ttir") else "no ttir"
+    except RuntimeError as exc:
+        out["decode_linear_" + variant] = "front end" if "ptxas" in str(exc) else f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        out["decode_linear_" + variant] = f"{type(exc).__name__}: {exc}"
 print(json.dumps(out))
 """
 
@@ -53,3 +69,8 @@ def compiled() -> dict[str, str]:
 @pytest.mark.parametrize("fmt", ["model", "fp8", "int4"])
 def test_load_blocks_kernel_compiles_for_hopper(compiled, fmt):
     assert compiled[fmt] in ("ttir", "front end"), compiled[fmt]
+
+
+@pytest.mark.parametrize("variant", ["plain", "norm", "silu_add", "norm_add"])
+def test_decode_linear_kernel_compiles_for_hopper(compiled, variant):
+    assert compiled["decode_linear_" + variant] in ("ttir", "front end"), compiled["decode_linear_" + variant]
