@@ -5,11 +5,14 @@
 Llama-3-8B shapes (hidden 4096, 32 query heads, 8 KV heads, intermediate 14336), bf16, at decode
 batch sizes: the fused q|k|v, o, gate|up and down projections and the LM head. Per shape: F.linear
 as the engine calls it (the weight [N, K] row-major), the same product against the weight stored
-transposed ([K, N], x @ Wt), and a Triton GEMV (a program per BLOCK_N output columns, the whole K
-loop pipelined; swept over tile sizes, the best reported). Each is a median of do_bench (the L2
+transposed ([K, N], x @ Wt), and ``kernels.decode_linear``'s Triton GEMV without its prologue and
+epilogue (a program per BLOCK_N output columns, the whole K loop pipelined; swept over tile sizes,
+the best reported, and its default tiles). Each is a median of do_bench (the L2
 cache cleared before every call) over a CUDA graph replay, with the bytes each must read (the
 weight) over that time against the device-to-device copy bandwidth measured in the run. The
-Triton GEMV's result is checked against a float64 product. Prints a table, writes JSON.
+Triton GEMV's result is checked against a float64 product. Then a decoder layer's projections with
+the kernels around them (norms, SiLU, residual adds), separate as the engine runs them by default and
+fused (``kernels.decode_linear``, ``LSA_FUSED_DECODE=1``). Prints a table, writes JSON.
 """
 import argparse
 import datetime
@@ -21,37 +24,16 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.kernels import copy_bandwidth, graph_bench  # noqa: E402
+from kernels.projection import decode_linear_triton  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """y[M, N] = x[M, K] @ w[N, K]^T for a few rows of x; K a multiple of BLOCK_K, N of BLOCK_N."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, M_PAD)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :])
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=offs_m[:, None] < M, other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=offs_m[:, None] < M)
-
-
-def gemv(x, w, out, block_n, block_k, stages, warps):
-    m, k = x.shape
-    n = w.shape[0]
-    _gemv_kernel[(n // block_n,)](x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-                                  M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                  NUM_STAGES=stages, num_warps=warps)
-    return out
+def gemv(x, w, block_n, block_k, stages, warps):
+    return decode_linear_triton(x, w, block_n=block_n, block_k=block_k, num_stages=stages, num_warps=warps)
 
 
 GEMV_CONFIGS = list(itertools.product((16, 32, 64), (128, 256, 512), (3, 5), (4, 8)))
@@ -61,7 +43,6 @@ def run_shape(name, n, k, batch, copy_bw):
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5
     x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
     wt = w.t().contiguous()
-    out = torch.empty(batch, n, dtype=torch.bfloat16, device="cuda")
     ref = (x.double() @ w.double().t())
     floor_ms = n * k * 2 / copy_bw * 1e3
     row = dict(shape=name, n=n, k=k, batch=batch, weight_bytes=n * k * 2, floor_ms=floor_ms)
@@ -74,12 +55,12 @@ def run_shape(name, n, k, batch, copy_bw):
             continue
         key = f"{bn}/{bk}/{stages}/{warps}"
         try:
-            gemv(x, w, out, bn, bk, stages, warps)
+            out = gemv(x, w, bn, bk, stages, warps)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             if err > 1e-2:
                 sweep[key] = f"rel err {err:.2e}"
                 continue
-            ms = graph_bench(lambda: gemv(x, w, out, bn, bk, stages, warps), rep=30, what=f"{name} gemv {key}")
+            ms = graph_bench(lambda: gemv(x, w, bn, bk, stages, warps), rep=30, what=f"{name} gemv {key}")
         except Exception as e:  # e.g. out of shared memory at this tile
             sweep[key] = repr(e)[:80]
             continue
@@ -97,6 +78,44 @@ def run_shape(name, n, k, batch, copy_bw):
     return row
 
 
+def layer_bench(batch, copy_bw):
+    """A decoder layer's projections and the kernels around them (attention left out: its output is
+    stood in by q's columns), as the engine runs them without and with the fusion, one graph replay
+    each; their results compared."""
+    import kernels
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.bfloat16, device="cuda") * scale
+    h, q = HIDDEN, HEADS * HEAD_DIM
+    w_qkv, w_o = rnd((HEADS + 2 * KV_HEADS) * HEAD_DIM, h, scale=h ** -0.5), rnd(h, q, scale=q ** -0.5)
+    w_gu, w_down = rnd(2 * INTER, h, scale=h ** -0.5), rnd(h, INTER, scale=INTER ** -0.5)
+    ln1, ln2 = 1 + 0.1 * rnd(h), 1 + 0.1 * rnd(h)
+    x0 = rnd(batch, h)
+
+    def unfused():
+        x = x0.clone()
+        qkv = F.linear(kernels.rms_norm(x, ln1, 1e-5), w_qkv)
+        a = kernels.rms_norm(x, ln2, 1e-5, residual_in=F.linear(qkv[:, :q], w_o))  # x += o
+        gate, up = F.linear(a, w_gu).chunk(2, dim=-1)
+        return x + F.linear(kernels.silu_mul(gate, up), w_down)
+
+    def fused():
+        x = x0.clone()
+        qkv = kernels.decode_linear(x, w_qkv, norm_weight=ln1, eps=1e-5)
+        kernels.decode_linear(qkv[:, :q], w_o, residual=x)
+        gate_up = kernels.decode_linear(x, w_gu, norm_weight=ln2, eps=1e-5)
+        return kernels.decode_linear(gate_up, w_down, silu_input=True, residual=x)
+
+    want, got = unfused().double(), fused().double()
+    weight_bytes = 2 * sum(t.numel() for t in (w_qkv, w_o, w_gu, w_down))
+    row = dict(batch=batch, weight_bytes=weight_bytes, floor_ms=weight_bytes / copy_bw * 1e3,
+               unfused_ms=graph_bench(unfused, what="layer unfused"), fused_ms=graph_bench(fused, what="layer fused"),
+               rel_err=((got - want).norm() / want.norm()).item())
+    del w_qkv, w_o, w_gu, w_down
+    torch.cuda.empty_cache()
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,4")
@@ -109,8 +128,10 @@ def main():
               ("gate_up", 2 * INTER, HIDDEN), ("down", HIDDEN, INTER)]
     shapes += [(f"lm_head_{v}", v, HIDDEN) for v in map(int, args.vocab.split(","))]
     rows = [run_shape(name, n, k, b, copy_bw) for b in map(int, args.batches.split(",")) for name, n, k in shapes]
+    layers = [layer_bench(b, copy_bw) for b in map(int, args.batches.split(","))]
     result = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=triton.__version__, command=" ".join(sys.argv), copy_bw_gbps=copy_bw / 1e9, rows=rows)
+                  triton=triton.__version__, command=" ".join(sys.argv), copy_bw_gbps=copy_bw / 1e9, rows=rows,
+                  layers=layers)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -130,6 +151,9 @@ def main():
                 per_step[kind] = per_step.get(kind, 0.0) + 32 * r.get(f"{kind}_ms", r["linear_ms"])
     print(f"32 layers' projections at batch {rows[0]['batch']}: F.linear {per_step['linear']:.3f} ms, "
           f"best GEMV per shape {per_step['gemv']:.3f} ms")
+    for r in layers:
+        print(f"a layer's projections at batch {r['batch']} (x32 = a step): separate kernels {r['unfused_ms'] * 1e3:.1f} us, "
+              f"fused {r['fused_ms'] * 1e3:.1f} us (floor {r['floor_ms'] * 1e3:.1f} us; rel err {r['rel_err']:.1e})")
     print("json:", args.out)
 
 

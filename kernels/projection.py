@@ -86,8 +86,10 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
     tl.store(y_ptrs, out, mask=mask_y)
 
 
-def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None):
-    """See :func:`kernels.decode_linear`."""
+def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None, *,
+                         block_n=None, block_k=BLOCK_K, num_stages=None, num_warps=NUM_WARPS):
+    """See :func:`kernels.decode_linear`. Keyword-only tuning knobs (``benchmarks/decode_linear.py``
+    sweeps them): ``block_n`` and ``num_stages`` default to :func:`tiles`'s."""
     m, kx = x.shape
     n, k = weight.shape
     assert m <= MAX_ROWS, f"decode_linear takes at most {MAX_ROWS} rows, got {m}"
@@ -101,10 +103,11 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
         assert out.shape == (m, n) and out.stride(1) == 1 and out.dtype == x.dtype
     norm_w = norm_weight if norm_weight is not None else weight  # never read without NORM
     rows_pad = 16 if m <= 16 else 32
-    block_n, stages = tiles(rows_pad, silu_input, weight.element_size())
+    default_n, default_stages = tiles(rows_pad, silu_input, weight.element_size())
+    block_n = block_n or default_n
     _decode_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
-        M_PAD=rows_pad, BLOCK_N=block_n, BLOCK_K=BLOCK_K, NUM_STAGES=stages,
+        M_PAD=rows_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages or default_stages,
         NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None,
-        IEEE_DOT=x.dtype == torch.float32, num_warps=NUM_WARPS)
+        IEEE_DOT=x.dtype == torch.float32, num_warps=num_warps)
     return out

@@ -14,8 +14,8 @@
 #     floor    issue 13 (~6 min at its limits): CUDA tests of the floor branch, step profile,
 #              bench decode 128K/512K batch 1; log floor.log (FLOOR_MAX=1: floor-max too, past 10 min)
 #     floor-max   128K at max batch, full vs lsa over the fp8 and the int4 mirror (~5 min; its own call)
-#     fused-ab    issue 13 (~4 min): the fused decode path's CUDA tests, bench decode b1 with it
-#              (LSA_FUSED_DECODE=1) and without, then its step profile; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
+#     fused-ab    issue 13 (~5 min): the fused decode path's CUDA tests, bench decode b1 with it
+#              (LSA_FUSED_DECODE=1) and without, its step profile, benchmarks/decode_linear; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -205,7 +205,7 @@ phase_floor_max() {
 phase_fused_ab() {
   # The fused decode path (kernels.decode_linear, LSA_FUSED_DECODE=1) against the separate kernels (~3 min):
   # bench decode at batch 1 (full and lsa alive together) with each, then the fused step's profile at 128K.
-  # JSON: bench_fused{1,0}.json, profile_fused.json. FLOOR_REHEARSE=1: tiny shapes on the CPU.
+  # JSON: bench_fused{1,0}.json, profile_fused.json, decode_linear.json. FLOOR_REHEARSE=1: tiny shapes on the CPU.
   local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" slow=1 pctx=131072 psteps=32 collect=""
   [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192" \
     win="--rounds 1 --steps 12 --cycle 8" slow=5 pctx=8192 psteps=4 collect="--collect-only"
@@ -222,6 +222,8 @@ phase_fused_ab() {
   done
   LSA_FUSED_DECODE=1 timeout $((100 * slow)) python3 -m benchmarks.profile_step --contexts $pctx --steps $psteps $shapes \
     --out "$OUT/profile_fused.json" 2>&1 | grep -v Warning | head -14
+  # a layer's projections with and without the fusion, in isolation, and the GEMV's tile sweep (CUDA only)
+  [ -z "${FLOOR_REHEARSE:-}" ] && timeout 150 python3 -m benchmarks.decode_linear --out "$OUT/decode_linear.json" 2>&1 | tail -4
   echo "fused-ab done in $((SECONDS - t0)) s"
 }
 
