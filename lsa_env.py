@@ -39,7 +39,7 @@ def kv_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
 
 
-FUSED_DECODE = "0"  # off until measured on the GPU (docs/perf.md, seventh session)
+FUSED_DECODE = "0"  # measured slower on the H200 (docs/perf.md, eighth session): off
 
 
 def fused_decode() -> bool:

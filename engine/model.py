@@ -9,7 +9,7 @@ decode step then runs 4 GEMMs per layer instead of 7 (each a few microseconds of
 the GPU, and small ones such as k and v read the weights below the memory rate). A decode batch
 (at most 32 tokens, where the Triton kernels run) then goes through ``DecoderLayer.forward_decode``:
 the same 4 projections as ``kernels.decode_linear`` GEMVs with the norms, SiLU and residual adds
-inside them, 4 kernels a layer fewer (``LSA_FUSED_DECODE=1``; off by default until measured on the GPU).
+inside them, 4 kernels a layer fewer (``LSA_FUSED_DECODE=1``; off by default: slower on the H200, docs/perf.md).
 """
 from __future__ import annotations
 
