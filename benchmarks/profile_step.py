@@ -4,7 +4,7 @@ against the step's memory floor (issue 13: "find where the time above the floor 
     python -m benchmarks.profile_step --contexts 131072 524288 --out profile.json
 
 Builds the synthetic-KV LSA engine of ``lsa bench decode`` (Llama-3-8B shapes, random
-weights, batch 1), decodes into steady state, then profiles ``--steps`` engine steps with
+weights, batch 1 or ``--batch``), decodes into steady state, then profiles ``--steps`` engine steps with
 torch.profiler (CUDA activity): every kernel's name, count and GPU time, grouped by kind.
 The floor is the bytes one step must read (weights + attended KV + index keys, benchmarks/floor.py)
 at the copy bandwidth measured in the same run.
@@ -47,8 +47,8 @@ def kind_of(name: str) -> str:
 
 
 def profile_context(model, context: int, rho: float, steps: int, device, bandwidth: float,
-                    churn: float | None = None) -> dict:
-    s = Setup("lsa", (rho,), 1, context, steps * 4 + 256, 64, 64, None, churn=churn)
+                    churn: float | None = None, batch: int = 1, host_dtype: str | None = None) -> dict:
+    s = Setup("lsa", (rho,), batch, context, steps * 4 + 256, 64, 64, host_dtype, churn=churn)
     gen = torch.Generator().manual_seed(0)
     engine, seqs = build(model, s, device, gen)
     for _ in range(96):  # past the first boundary, graphs captured
@@ -85,7 +85,8 @@ def profile_context(model, context: int, rho: float, steps: int, device, bandwid
     floor = floor_fields(step_bytes(model, engine), bandwidth, step_ms)  # each byte read once (benchmarks/floor.py)
     per_step = {k: {"count": v["count"] / steps, "ms": v["ms"] / steps} for k, v in by_kind.items()}
     top = sorted(((n, c / steps, ms / steps) for n, (c, ms) in kernels.items()), key=lambda r: -r[2])[:25]
-    return {"context": context, "rho": rho, "churn": churn, "step_ms_median": step_ms,
+    return {"context": context, "rho": rho, "churn": churn, "batch": batch, "host_dtype": host_dtype,
+            "step_ms_median": step_ms, "step_ms_mean": statistics.fmean(wall) * 1e3,
             "step_ms_p99": sorted(wall)[int(0.99 * (len(wall) - 1))] * 1e3, **floor,
             "kernels_per_step": sum(v["count"] for v in per_step.values()),
             "gpu_ms_per_step": sum(v["ms"] for v in per_step.values()),
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     p.add_argument("--churn", type=float, default=None, help="plans replace about this share of the resident "
                    "set (real text: 0.33; default: random KV, most of it)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together (boundaries staggered)")
+    p.add_argument("--host-dtype", default=None, choices=("fp8", "int4"), help="the host mirror's format "
+                   "(default: the model's dtype)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="profile_step.json")
     args = p.parse_args(argv)
@@ -111,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device)
     rows = []
     for context in args.contexts:
-        row = profile_context(model, context, args.rho, args.steps, device, bandwidth, args.churn)
+        row = profile_context(model, context, args.rho, args.steps, device, bandwidth, args.churn, args.batch,
+                              args.host_dtype)
         rows.append(row)
-        print(f"{context:>8} tokens: step {row['step_ms_median']:.2f} ms (p99 {row['step_ms_p99']:.2f}), floor "
+        print(f"{context:>8} tokens x {args.batch}: step {row['step_ms_median']:.2f} ms (mean {row['step_ms_mean']:.2f}, "
+              f"p99 {row['step_ms_p99']:.2f}), floor "
               f"{row['floor_ms']:.2f} ms ({row['ratio_to_floor']:.2f}x), {row['kernels_per_step']:.0f} kernels, "
               f"GPU {row['gpu_ms_per_step']:.2f} ms/step; {row['profiler_error'] or ''}")
         for kind, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):

@@ -172,7 +172,7 @@ class DecodeGraphRunner:
                 key = (seq_id, seq.versions[g])
                 length = seq.num_tokens + 1
                 if rows[i] is None or rows[i][:2] != key:
-                    _, row, _ = blocks.table(seq_id, g, pending=1)
+                    row = blocks.table_slots(seq_id, g, pending=1)
                     table[i, : len(row)] = row
                     rows[i] = key + (len(row),)
                     changed = True

@@ -40,6 +40,35 @@ def test_manager_tables_follow_appends():
     assert bm.device[0].num_used == 0 and bm.host.num_used == 0
 
 
+def test_table_slots_is_the_table_row_after_random_evictions_loads_and_stages():
+    """The graphs' vectorised row (``table_slots``) equals ``table``'s slots, through random
+    evictions, loads and promotions (dict order then differs from logical order)."""
+    import random
+    rng = random.Random(0)
+    bm = BlockManager(block_size=4, num_device_blocks=200, num_host_blocks=200, num_groups=2)
+    bm.admit(3, 60)
+    bm.append_slots(3, 40 * 4 - 1)
+    bm.commit(3, 40 * 4 - 1)  # blocks 0..39, the last one open
+    for _ in range(30):
+        g = rng.randrange(2)
+        resident = [j for j in bm.seqs[3].resident[g] if j < 39]
+        absent = [j for j in range(39) if j not in bm.seqs[3].resident[g] and j not in bm.seqs[3].staged[g]]
+        bm.evict(3, g, rng.sample(resident, min(len(resident), rng.randrange(4))))
+        if absent:
+            bm.load(3, g, rng.sample(absent, min(len(absent), rng.randrange(3))))
+        absent = [j for j in range(39) if j not in bm.seqs[3].resident[g] and j not in bm.seqs[3].staged[g]]
+        if absent and bm.seqs[3].held(g) < 58:
+            staged = rng.sample(absent, 1)
+            bm.stage(3, g, staged)
+            bm.promote(3, g, staged)
+        for group in range(2):
+            for pending in (0, 1):
+                assert bm.table_slots(3, group, pending).tolist() == bm.table(3, group, pending)[1]
+    bm.evict(3, 0, [39])
+    with pytest.raises(ValueError, match="last token"):
+        bm.table_slots(3, 0)
+
+
 def test_evict_and_load_keep_the_table_in_logical_order():
     bm = BlockManager(block_size=2, num_device_blocks=8, num_host_blocks=8, num_groups=2)
     bm.admit(1, 5)

@@ -82,8 +82,8 @@ def test_static_decode_matches_eager(model, policy):
 def test_tables_rebuilt_only_when_residency_changes(model):
     engine = engine_for(model, True, name="full")
     calls = []
-    table = engine.cache.blocks.table
-    engine.cache.blocks.table = lambda *a, **k: calls.append(a) or table(*a, **k)
+    table = engine.cache.blocks.table_slots
+    engine.cache.blocks.table_slots = lambda *a, **k: calls.append(a) or table(*a, **k)
     prompt = torch.randint(3, 64, (100,), generator=torch.Generator().manual_seed(3)).tolist()
     seq = engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
     while engine.has_work():

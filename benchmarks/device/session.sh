@@ -13,6 +13,8 @@
 #              -0.5 min) tokens (~2 min; makes the 8B model again if /tmp lost it: +0.5 min)
 #     floor    issue 13 (~6 min at its limits): CUDA tests of the floor branch, step profile,
 #              bench decode 128K/512K batch 1; log floor.log (FLOOR_MAX=1: floor-max too, past 10 min)
+#     boundary-max issue 13 (~7 min): 128K x 24 over int4, the step profiled over 64 steps with boundaries, then
+#              bench decode at batch max over int4; log boundary_max.log
 #     floor-max   128K at max batch, full vs lsa over the fp8 and the int4 mirror (~5 min; its own call)
 #     fused-ab    issue 13 (~5 min): the fused decode path's CUDA tests, bench decode b1 with it
 #              (LSA_FUSED_DECODE=1) and without, its step profile, benchmarks/decode_linear; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
@@ -193,6 +195,18 @@ phase_floor() {
   phase_floor_max
 }
 
+phase_boundary_max() {
+  # issue 13's 7x at 128K x 24 over int4: where a boundary step's extra time goes at batch 24 (the step's
+  # kernels over 64 steps with boundaries, against the same profile's median), then the batch-max row itself
+  t0=$SECONDS
+  timeout 240 python3 -m benchmarks.profile_step --contexts 131072 --batch ${BMAX_BATCH:-24} --host-dtype int4 --churn 0.33 \
+    --steps 64 --out "$OUT/profile_max.json" 2>&1 | grep -v -E "Warning|warn|USDT"
+  echo "profile done ($((SECONDS - t0)) s)"
+  timeout 280 python3 -m cli bench decode --contexts 131072 --batch max --rhos 0.1 --churn 0.33 --host-dtype int4 \
+    --rounds 2 --steps 32 --out "$OUT/bench_decode_max.json" 2>&1 | grep -v built | tail -8
+  echo "boundary-max done in $((SECONDS - t0)) s"
+}
+
 phase_floor_max() {
   t0=$SECONDS shapes=${shapes-} ctx_max=${ctx_max:-131072} win2=${win2:-"--rounds 2 --steps 32"} cap=${cap-} slow=${slow:-1}
   [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx_max=8192 \
@@ -259,6 +273,7 @@ for phase in "$@"; do
   prefill | serve | checks | pooled | early | fidelity) phase_$phase ;;
   floor) phase_floor 2>&1 | tee -a "$OUT/floor.log" ;;
   floor-max) phase_floor_max 2>&1 | tee -a "$OUT/floor.log" ;;
+  boundary-max) phase_boundary_max 2>&1 | tee -a "$OUT/boundary_max.log" ;;
   floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
   fused-ab) phase_fused_ab 2>&1 | tee -a "$OUT/fused_ab.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
