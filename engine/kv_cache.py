@@ -101,7 +101,8 @@ class BlockKVCache:
         self.blocks.admit(seq_id, num_blocks)
 
     def release(self, seq_id: int) -> None:
-        self.mirror.join()  # staged copies into its slots finish before the slots are reused
+        self.mirror.join(seq_id)  # staged copies into its slots finish before the slots are reused
+        self.mirror.forget(seq_id)
         self.blocks.release(seq_id)
 
     def attach_prefix(self, seq_id: int, host_ids: list[int], load: bool = True) -> None:
@@ -208,7 +209,7 @@ class BlockKVCache:
         ready = [j for j in blocks if j in staged]
         rest = [j for j in blocks if j not in staged]
         if ready:
-            self.mirror.join()
+            self.mirror.join(seq_id)
             self.blocks.promote(seq_id, group, ready)
         if rest:
             self._copy_in(seq_id, group, rest, self.blocks.load(seq_id, group, rest))
@@ -219,7 +220,7 @@ class BlockKVCache:
         it promoted once their copies have arrived (the compute stream waits, the host does not),
         other staged ones dropped. Returns the wanted blocks to ``load``."""
         if self.blocks.seqs[seq_id].staged[group]:
-            self.mirror.join()  # promoted slots are read, dropped ones reused, only after their copies
+            self.mirror.join(seq_id)  # promoted slots are read, dropped ones reused, only after their copies
         return self.blocks.retain(seq_id, group, want)
 
     def stage(self, seq_id: int, group: int, blocks: list[int]) -> None:
@@ -228,14 +229,14 @@ class BlockKVCache:
         if not blocks:
             return
         slots = self.blocks.stage(seq_id, group, blocks)
-        with self.mirror.ahead():  # after queued steps, which may still read slots an eviction freed
+        with self.mirror.ahead(seq_id):  # after queued steps, which may still read slots an eviction freed
             self._copy_in(seq_id, group, blocks, slots)
         self.blocks_prefetched += len(blocks) * len(self.groups[group])
 
     def unstage(self, seq_id: int, group: int, keep=()) -> None:
         """Drop the staged blocks of a group that the plan no longer wants (all but ``keep``)."""
         if self.blocks.seqs[seq_id].staged[group]:
-            self.mirror.join()  # their slots are free for compute work afterwards
+            self.mirror.join(seq_id)  # their slots are free for compute work afterwards
             self.blocks.unstage(seq_id, group, keep)
 
     def _copy_in(self, seq_id: int, group: int, blocks: list[int], slots: list[int]) -> None:

@@ -140,3 +140,28 @@ def test_copies_ahead_run_in_place_without_cuda_and_bad_settings_are_refused():
         HostMirror(CFG, B, 2, torch.float32, CPU, host_dtype="int4", arena=arena)
     with pytest.raises(InvalidRequestError, match="shared arena"):  # and no store sizes one for it
         ArenaLayout.of(CFG, B, torch.float32, "int4")
+
+
+def test_copies_ahead_per_sequence_order_only_that_sequences_reads_and_land_intact():
+    """``join(owner)`` orders the compute stream after that owner's copies alone (a boundary does
+    not wait for copies queued since for other sequences); a global ``join`` after all. CUDA: the
+    copies land as stored when read after their owner's join; on the CPU the same calls run in place."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else CPU
+    mirror = HostMirror(CFG, B, 8, torch.float32, dev)
+    data = _blocks(4, 11).to(dev)
+    mirror.store([0, 1, 2, 3], slice(None), data)
+    L, _, H, _, D = data.shape[1:]
+    pool = torch.zeros(L, 2, 8, H, B, D, device=dev)  # [L, 2, S, H, B, D]
+    as_slots = lambda rows: rows.permute(1, 2, 0, 3, 4, 5)  # noqa: E731  [n, L, 2, ...] -> [L, 2, n, ...]
+    with mirror.ahead("a"):
+        mirror.load([0, 1], slice(None), pool, torch.tensor([5, 6], device=dev))
+    with mirror.ahead("b"):
+        mirror.load([2, 3], slice(None), pool, torch.tensor([1, 2], device=dev))
+    mirror.join("a")
+    assert torch.equal(pool[:, :, 5:7], as_slots(data[0:2]))  # read on the compute stream, after a's copies
+    if dev.type == "cuda":
+        assert set(mirror._owner_copies) == {"a", "b"} and mirror._copies_pending  # b's not waited for
+    mirror.forget("a")
+    mirror.join()
+    assert torch.equal(pool[:, :, 1:3], as_slots(data[2:4])) and not mirror._owner_copies and not mirror._copies_pending
+    mirror.join("b")  # nothing left to wait for: no-op
