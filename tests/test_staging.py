@@ -199,3 +199,15 @@ def test_level1_launch_after_a_boundary_does_not_wait_for_the_step():
     plan = future.result()
     complete = len(engine.cache.blocks.seqs[seq.seq_id].host_ids)
     assert plan and all(0 <= j < complete for ranked in plan for j in ranked) and len(plan[0]) > 0
+
+
+def test_the_churn_record_is_bounded(model, monkeypatch):
+    """A long-running server adopts plans for days: the churn kept for reporting is the last
+    ``CHURN_KEPT`` plans', not every plan's."""
+    from engine.policies.staging import CycleStaging
+    monkeypatch.setattr(CycleStaging, "CHURN_KEPT", 2)
+    engine, (seq,) = bench_engine(model)
+    policy = engine.policy
+    for _ in range(5 * CYCLE):
+        engine.step()
+    assert policy.cycles >= 4 and len(policy.churn) == 2

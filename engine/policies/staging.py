@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -43,13 +44,17 @@ class CycleStaging:
     """Cycle mechanics of ``LSAPolicy``: it provides ``rank``, ``_rank_in_background``, ``_plan``,
     ``_next``, ``_step``, ``target_set`` and ``apply``; this class decides when they run."""
 
+    CHURN_KEPT = 4096
+
     def _init_staging(self) -> None:
         self._prefetch: dict[int, tuple[int, list[list[int]]]] = {}  # seq -> (blocks per step, per group queue)
         self._ready: dict[int, PreparedBoundary] = {}  # seq -> its next boundary, prepared
         self._rank_due: set[int] = set()  # sequences whose boundary ran this step: Level-1 to launch
         self.cycles = 0
         self.deferred = 0  # plan blocks kept out one more cycle (single-layer blocks, as blocks_loaded_late)
-        self.churn: list[int] = []  # per plan adopted: blocks it brings in (group 0), for reporting
+        # per plan adopted, the last CHURN_KEPT: blocks it brings in (group 0), for reporting (bounded: a
+        # server adopts ~25 plans a second at 128K x 24)
+        self.churn: deque[int] = deque(maxlen=self.CHURN_KEPT)
         self.timing = {"rank_s": 0.0, "apply_s": 0.0}  # host time: launching Level-1, applying plans
 
     # ------------------------------------------------------------ device budget
