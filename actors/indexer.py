@@ -8,7 +8,7 @@ memory before the engine loads it. ``IndexerCore`` is plain; ``Indexer`` is the 
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from actors import lazy_attr
 from actors.messages import PlanReport, WorkerStats
@@ -18,9 +18,13 @@ from actors.session_store import Stores
 class IndexerCore:
     """``stores``: every node's store, where prefetch plans run."""
 
+    PLANS_KEPT = 4096  # sessions whose last plan is kept (for inspection): the most recently reported
+
     def __init__(self, stores: Stores | None = None):
         self.stores = stores
-        self.plans: dict[str, PlanReport] = {}  # session_id -> last reported plan
+        # session_id -> last reported plan, the PLANS_KEPT latest sessions': stateless requests and
+        # deleted sessions report once and never again, so an unbounded map grows with the traffic
+        self.plans: OrderedDict[str, PlanReport] = OrderedDict()
         self.prefetched = defaultdict(int)  # node_id -> blocks staged there
         self.num_plans = 0
         self.workers: dict[str, WorkerStats] = {}  # worker -> its last published stats
@@ -42,6 +46,9 @@ class IndexerCore:
         fetched = 0
         for plan in batch:
             self.plans[plan.session_id] = plan
+            self.plans.move_to_end(plan.session_id)
+            while len(self.plans) > self.PLANS_KEPT:
+                self.plans.popitem(last=False)
             self.num_plans += 1
             if self.stores is not None and plan.blocks:
                 try:

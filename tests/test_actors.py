@@ -317,6 +317,19 @@ def test_plan_reporter_never_blocks_and_batches():
         reporter.close()
 
 
+def test_the_indexer_keeps_the_last_plans_of_the_latest_sessions_only(monkeypatch):
+    """Stateless requests and deleted sessions report plans once: the Indexer keeps the last plan of
+    the ``PLANS_KEPT`` most recently reported sessions, so its memory does not grow with traffic."""
+    from actors.messages import PlanReport
+    monkeypatch.setattr(IndexerCore, "PLANS_KEPT", 3)
+    indexer = IndexerCore()
+    for i in range(6):
+        indexer.report_plans([PlanReport("w", "n", f"s{i}", [i])])
+    indexer.report_plans([PlanReport("w", "n", "s3", [9])])  # s3 reported again: the most recent
+    assert list(indexer.plans) == ["s4", "s5", "s3"] and indexer.plans["s3"].blocks == [9]
+    assert indexer.stats()["plans"] == 7
+
+
 def test_per_cycle_plans_stage_spilled_blocks_before_the_turn_needs_them(stores, model):
     from actors.plans import PlanReporter
 
