@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.config import PolicyConfig
 from engine.errors import InvalidRequestError
 from engine.policies.layer_plan import GroupPlan, LayerPlan
 
@@ -45,7 +46,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                    "more mass than the recent window")
     p.add_argument("--local-recent", type=float, default=1.0, help="share of a local layer's budget kept recent")
     p.add_argument("--local-weight", type=float, default=1.0, help="budget of a local layer against a retrieving one")
-    p.add_argument("--targets", type=int, default=3, help="Level-1 index layers, the retrieving layers that gain most")
+    p.add_argument("--targets", type=int, default=0, help="Level-1 index layers: 0, LSA's default (three over the "
+                   "middle); N > 0, the N retrieving layers that gain most (on SmolLM2 those, layers 3, 4 and 7, "
+                   "took NIAH at 4K from 80%% to 10%%: docs/accuracy.md)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     p.add_argument("--out", default=None, help="plan file (default: beside the model, <model>.lsa-plan.json)")
@@ -71,6 +74,9 @@ def derive_plan(profiles, identity: dict, k: int, margin: float, local_recent: f
         raise InvalidRequestError("no layer holds more with a fixed selection than with a recent window here: "
                                   "a layer plan would be StreamingLLM; lower --margin or calibrate on other text")
     ranked = sorted(retrieve, key=lambda i: -gains[i])
+    # index layers: LSA's default unless asked for by gain (the layers where a fixed set gains most
+    # over a window are not the ones whose queries find what a question needs: docs/accuracy.md)
+    index_layers = ranked[:targets] if targets > 0 else PolicyConfig(name="lsa").layers(len(profiles))
     groups = [GroupPlan(tuple(retrieve), 1.0, None, "retrieve")]
     if local:
         groups.append(GroupPlan(tuple(local), local_weight, local_recent, "local"))
@@ -82,13 +88,13 @@ def derive_plan(profiles, identity: dict, k: int, margin: float, local_recent: f
                    "heads_against_their_layer": heads,
                    "per_layer": [{"recent": p.recent[:, k].tolist(), "selected": p.selected[:, k].tolist(),
                                   "oracle": p.oracle[:, k].tolist()} for p in profiles]}
-    return LayerPlan(identity, tuple(groups), tuple(sorted(ranked[:targets])), calibration)
+    return LayerPlan(identity, tuple(groups), tuple(sorted(index_layers)), calibration)
 
 
 def run_calibrate(args) -> int:
     import torch
 
-    from engine.config import CacheConfig, EngineConfig, PolicyConfig, SchedulerConfig
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.llm import LLMEngine
     from engine.policies.layer_plan import model_identity
     from engine.prompt_state import PromptRecorder, capture_prompt
@@ -96,8 +102,8 @@ def run_calibrate(args) -> int:
     from lab.evaluation import load
     from lab.haystack import load_text
 
-    if args.observe >= args.queries or min(args.windows, args.context, args.targets) < 1:
-        raise InvalidRequestError("--observe must be below --queries; --windows, --context, --targets >= 1")
+    if args.observe >= args.queries or min(args.windows, args.context) < 1 or args.targets < 0:
+        raise InvalidRequestError("--observe must be below --queries; --windows, --context >= 1; --targets >= 0")
     if not 0.0 < args.budget <= 1.0:
         raise InvalidRequestError(f"--budget must be in (0, 1], got {args.budget}")
     out = Path(args.out) if args.out else default_plan_path(args.model)

@@ -73,7 +73,10 @@ def test_derive_plan_splits_local_and_retrieving_layers():
     (retrieve, local) = plan.groups
     assert (retrieve.layers, retrieve.recent, retrieve.weight) == ((1, 2), None, 1.0)
     assert (local.layers, local.recent, local.weight) == ((0, 3), 1.0, 0.5)
-    assert plan.target_layers == (1,)  # the layer the fixed set helps most
+    assert plan.target_layers == (1,)  # asked for by gain: the layer the fixed set helps most
+    default = derive_plan(profiles, identity, k=2, margin=0.0, local_recent=1.0, local_weight=0.5, targets=0,
+                          calibration={})
+    assert default.target_layers == (1, 2)  # LSA's default index layers for 4 layers: 4 * (3, 4, 5) // 8
     assert plan.calibration["selection_gain"] == pytest.approx([-0.2, 0.4, 0.1, -0.05])
     with pytest.raises(InvalidRequestError, match="no layer"):
         derive_plan(profiles, identity, 2, margin=0.5, local_recent=1.0, local_weight=1.0, targets=1, calibration={})
