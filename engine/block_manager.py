@@ -254,31 +254,30 @@ class BlockManager:
         self.device[group].free([staged.pop(j) for j in drop])
         return len(drop)
 
-    def table_slots(self, seq_id: int, group: int = 0, pending: int = 0) -> np.ndarray:
-        """The slots of ``table``'s row as an int32 array, built without a Python sort: the graphs'
-        table fill rebuilds a row whenever residency changes (a 1M-token full-attention row of 16K
-        blocks: 3.1 -> 1.2 ms on the dev machine, docs/perf.md); the same row as ``table``."""
+    def _row(self, seq_id: int, group: int, pending: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(logical ids int64, slots int32, valid tokens of the last block) of the resident blocks up
+        to the one holding the last token, in logical order; sorted by numpy, not a Python sort (a
+        1M-token full-attention row of 16K blocks: 3.1 -> 1.2 ms on the dev machine, docs/perf.md)."""
         seq = self.seqs[seq_id]
         resident = seq.resident[group]
-        last_block = (seq.num_tokens + pending - 1) // self.block_size
+        n = seq.num_tokens + pending
+        last_block = (n - 1) // self.block_size
         logical = np.fromiter(resident.keys(), dtype=np.int64, count=len(resident))
         slots = np.fromiter(resident.values(), dtype=np.int32, count=len(resident))
         order = np.argsort(logical)
         count = int(np.searchsorted(logical[order], last_block, side="right"))
         if not count or logical[order[count - 1]] != last_block:
             raise ValueError(f"the block holding the last token of sequence {seq_id} is not resident")
-        return slots[order[:count]]
+        return logical[order[:count]], slots[order[:count]], n - last_block * self.block_size
+
+    def table_slots(self, seq_id: int, group: int = 0, pending: int = 0) -> np.ndarray:
+        """``table``'s slots as an int32 array (the graphs' table fill writes it as it is)."""
+        return self._row(seq_id, group, pending)[1]
 
     def table(self, seq_id: int, group: int = 0, pending: int = 0) -> tuple[list[int], list[int], int]:
         """Resident blocks of a sequence in logical order, the block holding the last token last.
 
         Returns (logical ids, slots, valid tokens of the last listed block), counting ``pending``
         tokens appended but not yet committed."""
-        seq = self.seqs[seq_id]
-        n = seq.num_tokens + pending
-        last_block = (n - 1) // self.block_size
-        logical = sorted(j for j in seq.resident[group] if j <= last_block)
-        if not logical or logical[-1] != last_block:
-            raise ValueError(f"the block holding the last token of sequence {seq_id} is not resident")
-        resident = seq.resident[group]
-        return logical, [resident[j] for j in logical], n - last_block * self.block_size
+        logical, slots, last_len = self._row(seq_id, group, pending)
+        return logical.tolist(), slots.tolist(), last_len
