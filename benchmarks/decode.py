@@ -122,18 +122,29 @@ def time_window(engine: LLMEngine, seqs, device, steps: int, swaps: SwapTimer) -
         torch.cuda.reset_peak_memory_stats(device)
     times, peak, boundaries, captures = [], 0.0, [], []  # per step: boundaries it ran, graphs it captured
     host = []  # per step: (before_decode host, its device wait, after_launch host) seconds
+    # Overlapped decode (engine/llm.py) keeps a step in flight across step() calls: a step's time is
+    # then the interval between two calls' returns (each returns once a token per sequence is on the
+    # host: the inter-token time a client sees), with no device sync inside the window. Without it,
+    # each step is timed alone between two syncs.
+    overlapped = engine.overlap_decode
+    _sync(device)
+    last = time.perf_counter()
     for _ in range(steps):
         cycles, captured = getattr(policy, "cycles", 0), graph_captures(engine)
-        _sync(device)
+        if not overlapped:
+            _sync(device)
         marks = swaps.marks()
-        t0 = time.perf_counter()
+        t0 = last if overlapped else time.perf_counter()
         engine.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        if not overlapped:
+            _sync(device)
+        last = time.perf_counter()
+        times.append(last - t0)
         host.append(swaps.since(marks))
         boundaries.append(getattr(policy, "cycles", 0) - cycles)
         captures.append(graph_captures(engine) - captured)
-        peak = max(peak, cache.accounting().device_fraction)  # untimed
+        # untimed; overlapped, inside the next interval (as a server's own host work between steps is)
+        peak = max(peak, cache.accounting().device_fraction)
     assert all(s.status is Status.DECODE for s in seqs), "a sequence finished inside the timed window"
     acc = cache.accounting()
     cycles = getattr(policy, "cycles", 0) - cycles0
@@ -217,7 +228,9 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
         print(f"  built {s.policy} batch {s.batch} at {s.context} tokens in {time.perf_counter() - t0:.1f} s "
               f"(synthetic KV, prefill skipped; {made} decode graphs made)", file=sys.stderr)
         engines.append((s, engine, seqs, SwapTimer(engine, device)))
-    pairs = [(i, rho) for i, (s, *_) in enumerate(engines) for rho in (s.rhos if s.policy == "lsa" else (None,))]
+    flags = {"on": [True], "off": [False], "both": [True, False]}.get(args.overlap, [device.type == "cuda"])
+    pairs = [(i, rho, flag) for i, (s, *_) in enumerate(engines) for rho in (s.rhos if s.policy == "lsa" else (None,))
+             for flag in flags]
     windows = {p: [] for p in pairs}
     step_bytes = {}  # (engine, rho) -> what its step reads, taken at the end of its last window
     # lsa warms up through each sequence's first boundary too: it re-applies the prefill's plan (copies
@@ -228,22 +241,26 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
             engine.step()
     warm_captures = [graph_captures(engine) for _, engine, *_ in engines]
     for _ in range(args.rounds):
-        for i, rho in pairs:
+        for i, rho, flag in pairs:
             s, engine, seqs, swaps = engines[i]
             if rho is not None and engine.policy.config.budget != rho:
                 engine.policy.config = dataclasses.replace(engine.policy.config, budget=rho)
                 for _ in range(s.cycle):  # one boundary applies the new budget, untimed
                     engine.step()
-            windows[(i, rho)].append(time_window(engine, seqs, device, args.steps, swaps))
-            step_bytes[(i, rho)] = engine_step_bytes(model, engine)
+            if engine.overlap_decode != flag:  # (a step in flight lands in the first step after)
+                engine.overlap_decode = flag
+                for _ in range(2):
+                    engine.step()
+            windows[(i, rho, flag)].append(time_window(engine, seqs, device, args.steps, swaps))
+            step_bytes[(i, rho, flag)] = engine_step_bytes(model, engine)
     rows = []
-    for i, rho in pairs:
+    for i, rho, flag in pairs:
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
-                 "churn": s.churn, "max_batch": s.max_batch, "alternated": len(pairs) > 1,
+                 "churn": s.churn, "max_batch": s.max_batch, "alternated": len(pairs) > 1, "overlap": flag,
                  "cuda_graphs": engines[i][1].runner.graphs is not None, "graph_captures_warmup": warm_captures[i]}
-        row = summarise(label, windows[(i, rho)], s.batch)
-        rows.append({**row, **floor_fields(step_bytes[(i, rho)], bandwidth, row["token_ms_median"])})
+        row = summarise(label, windows[(i, rho, flag)], s.batch)
+        rows.append({**row, **floor_fields(step_bytes[(i, rho, flag)], bandwidth, row["token_ms_median"])})
     engines.clear()  # and the loop variables: the last engine must not outlive its group
     s = engine = seqs = swaps = None
     gc.collect()
@@ -311,18 +328,18 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ms/tok':>8} {'p99':>8} {'floor':>7} {'x floor':>7} "
+    head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ovl':>3} {'ms/tok':>8} {'p99':>8} {'floor':>7} {'x floor':>7} "
             f"{'tok/s':>9} {'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'late %':>6} {'defer/c':>7} {'peak GB':>8} "
             f"{'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11} {'bound max':>9} {'caps':>4} {'slow':>4}")
     print(head)
-    full = {(r["context"], "max" if r["max_batch"] else r["batch"]): r for r in rows
-            if r.get("policy") == "full" and "skipped" not in r}
+    full = {(r["context"], "max" if r["max_batch"] else r["batch"], r.get("overlap")): r for r in rows
+            if r.get("policy") == "full" and "skipped" not in r}  # the same run's, with overlap as the row's
     for r in rows:
         if "skipped" in r:
             print(f"{r['context']:>8} {str(r['batch']):>5} {r['policy']:>10}  skipped: {r['skipped']}")
             continue
         name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
-        ref = full.get((r["context"], "max" if r["max_batch"] else r["batch"]))
+        ref = full.get((r["context"], "max" if r["max_batch"] else r["batch"], r.get("overlap")))
         if not ref or ref is r:
             speed = "-"
         elif r["max_batch"]:  # each at its own largest batch: aggregate tokens/s
@@ -331,7 +348,8 @@ def print_table(rows: list[dict]) -> None:
             speed = f"{ref['token_ms_median'] / r['token_ms_median']:.2f}x"
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
         host = "-" if r["policy"] == "full" else r["host_dtype"]
-        print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {r['token_ms_median']:>8.2f} "
+        ovl = {True: "on", False: "off"}.get(r.get("overlap"), "-")
+        print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {ovl:>3} {r['token_ms_median']:>8.2f} "
               f"{r['token_ms_p99']:>8.2f} {r['floor_ms']:>7.2f} {r['ratio_to_floor'] or 0:>7.2f} "
               f"{r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['resident_kv_fraction']:>6.1f}% "
               f"{100 * r['peak_device_kv_fraction']:>6.1f}% {100 * r['late_fraction']:>5.1f}% "
@@ -343,7 +361,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         anatomy = r.get("boundary_anatomy") or {}
         if "boundary" in anatomy:
-            name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
+            name = (r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}") + {True: " overlap on", False: " overlap off"}.get(
+                r.get("overlap"), "")
             parts = "; ".join(f"{kind} {a['step_ms']:.2f} ms (before {a['before_ms']:.2f}, wait {a['wait_ms']:.2f}, "
                               f"after {a['after_ms']:.2f})" for kind, a in anatomy.items())
             print(f"  steps of {r['context']} batch {r['batch']} {name}: {parts}")
@@ -376,6 +395,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "resident set (real text: 0.33; default: random KV, most of it)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--eager", action="store_true", help="decode steps launched from Python (no CUDA graphs)")
+    p.add_argument("--overlap", choices=("auto", "on", "off", "both"), default="auto",
+                   help="overlapped decode (a step launched before the step before's tokens are read; engine/llm.py): "
+                        "auto = the engine's default (on CUDA), both = each engine timed with and without it, "
+                        "in alternation")
     p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--max-batch", type=int, default=256, help="cap on the computed largest batch")
     p.add_argument("--device-fraction", type=float, default=0.92, help="share of free GPU memory for KV")

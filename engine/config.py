@@ -219,6 +219,10 @@ class SchedulerConfig:
                                             "device pool)")
     cuda_graphs: bool | None = option(None, "decode steps as CUDA graphs (default: on CUDA for policies "
                                       "without per-step selection)")
+    overlap_decode: bool | None = option(None, "launch a decode step before reading the step before's tokens "
+                                         "(greedy rows no hook acts on, the batch unchanged): the GPU does not "
+                                         "wait for the host between steps; a finishing sequence costs one step "
+                                         "more (default: on CUDA)")
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.prefill_chunk < 1 or self.max_prefill_seqs < 1:

@@ -61,6 +61,7 @@ class StaticStep:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # index layer -> [b, Hq, D]
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
+    copied: "torch.cuda.Event | None" = None  # recorded after the last copy out of ``host``
     rows: list = field(default_factory=list)  # per group, per row: (seq_id, version, length) held, or None
 
     @property
@@ -106,9 +107,11 @@ class DecodeGraphRunner:
 
     # ------------------------------------------------------------ one step
 
-    def run(self, seq_ids: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def run(self, seq_ids: list[int], tokens: list[int], positions: list[int],
+            fed: torch.Tensor | None = None) -> torch.Tensor:
         """Forward of one decode token per sequence: logits [n, V] float32. Appends the tokens'
-        slots (like ``PagedAttention.plan_decode``); the caller commits."""
+        slots (like ``PagedAttention.plan_decode``); the caller commits. ``fed``: the tokens [n]
+        already on the device (the step before's, sampled there), in place of ``tokens``."""
         blocks = self.cache.blocks
         n = len(seq_ids)
         per_group = [[] for _ in self.cache.groups]  # (slot, offset) per row
@@ -120,11 +123,18 @@ class DecodeGraphRunner:
             resident = blocks.seqs[seq_id].resident
             width = max(width, max(len(r) for r in resident))
         step = self._step(batch_bucket(n), self.table_width(width))
+        if step.copied is not None:  # the pinned buffer's last copy has left it (the step before may still run)
+            step.copied.synchronize()
         tables_changed = self._fill(step, seq_ids, tokens, positions, per_group)
         head = step.head
         step.packed[:head].copy_(step.host[:head], non_blocking=True)
         if tables_changed:  # rows change at boundaries and new blocks only: a wide table is not copied every step
             step.packed[head:].copy_(step.host[head:], non_blocking=True)
+        if self.cache.device.type == "cuda":
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        if fed is not None:
+            step.packed[:n].copy_(fed)
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits

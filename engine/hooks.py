@@ -25,6 +25,11 @@ from engine.sequence import Sequence, Status
 class StepHook:
     """Base of the hooks: observes nothing, overrides nothing."""
 
+    def acts_on(self, seq: Sequence) -> bool:
+        """Whether the hook may observe or override ``seq``'s tokens. A sequence no hook acts on
+        may decode with its next step launched before its token is read (engine/llm.py)."""
+        return True
+
     def observe(self, seq: Sequence, logits: torch.Tensor) -> None:
         """``logits`` [V] float32 predict ``seq``'s next token (called before it is sampled)."""
 
@@ -49,6 +54,9 @@ class TeacherForcing(StepHook):
 
     def __init__(self, seq: Sequence, continuation: list[int], visit: Callable[[int, torch.Tensor], None]):
         self.seq, self.continuation, self.visit = seq, list(continuation), visit
+
+    def acts_on(self, seq: Sequence) -> bool:
+        return seq is self.seq
 
     def observe(self, seq: Sequence, logits: torch.Tensor) -> None:
         if seq is self.seq:

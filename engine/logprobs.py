@@ -21,6 +21,9 @@ class LogprobsRecorder(StepHook):
         self.records: dict[int, list[Entry]] = {}
         self._rows: dict[int, torch.Tensor] = {}
 
+    def acts_on(self, seq: Sequence) -> bool:
+        return getattr(seq.params, "logprobs", None) is not None
+
     def observe(self, seq: Sequence, logits: torch.Tensor) -> None:
         if getattr(seq.params, "logprobs", None) is not None:
             self._rows[seq.seq_id] = torch.log_softmax(logits.float(), dim=-1)  # [V]

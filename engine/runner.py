@@ -61,22 +61,25 @@ class ModelRunner:
         return bool(self.layerwise_prefill) or bool(seq.prefix_host_ids) or (self.policy.admit_blocks(seq.prompt_len, seq.max_len)
                                                 > self.cache.blocks.num_device_blocks)
 
-    def run(self, batch: Batch) -> torch.Tensor | None:
+    def run(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [n, V] float32 that predict the next token of each of ``batch.seqs``, or None
-        for a prefill segment short of its prompt's end."""
+        for a prefill segment short of its prompt's end. ``tokens``: a decode batch's input
+        tokens [n] on the device (the step before's, not yet read by the host), instead of each
+        sequence's last token."""
         if isinstance(batch, DecodeBatch):
-            return self._decode(batch.seqs)
+            return self._decode(batch.seqs, tokens)
         return self._prefill(batch.seq, batch.end)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _decode(self, seqs: list[Sequence], fed: torch.Tensor | None = None) -> torch.Tensor:
         ids = [s.seq_id for s in seqs]
         t0 = time.perf_counter()
         self.policy.before_decode(ids)
         t1 = time.perf_counter()
         if self.graphs is not None:
-            logits = self.graphs.run(ids, [s.last_token for s in seqs], [s.num_cached for s in seqs])
+            logits = self.graphs.run(ids, [0] * len(seqs) if fed is not None else [s.last_token for s in seqs],
+                                     [s.num_cached for s in seqs], fed=fed)
         else:
-            tokens = torch.tensor([s.last_token for s in seqs], device=self.device)
+            tokens = fed if fed is not None else torch.tensor([s.last_token for s in seqs], device=self.device)
             positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
             self.attention.plan_decode(ids)
             logits = self.model.logits(self.model(tokens, positions, self.attention))

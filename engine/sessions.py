@@ -63,8 +63,11 @@ class Turn:
 
     @property
     def all_ids(self) -> list[int]:
-        """Every token id whose KV the turn's sequence holds (prompt, then the answer but its last)."""
-        return self.prompt_ids + self.seq.output_ids[:-1] if self.seq is not None else list(self.prompt_ids)
+        """Every token id whose KV the turn's sequence holds: the prompt, then the answer but its
+        last token (all of it when overlapped decode ran one step past the end, engine/llm.py)."""
+        if self.seq is None:
+            return list(self.prompt_ids)
+        return (self.prompt_ids + self.seq.output_ids)[: self.seq.num_cached]
 
 
 class SessionManager:

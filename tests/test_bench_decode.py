@@ -130,3 +130,22 @@ def test_boundary_anatomy_sorts_steps_by_kind_and_takes_medians():
     assert abs(a["boundary"]["step_ms"] - 8.5) < 1e-9 and abs(a["boundary"]["before_ms"] - 2.0) < 1e-9
     assert abs(a["boundary"]["wait_ms"] - 0.3) < 1e-9 and abs(a["after_boundary"]["after_ms"] - 1.5) < 1e-9
     assert abs(a["other"]["step_ms"] - 5.0) < 1e-9 and abs(a["other"]["after_ms"] - 0.1) < 1e-9
+
+
+def test_bench_decode_times_each_engine_with_and_without_overlap(tmp_path, capsys):
+    """``--overlap both``: every (policy, rho) timed with overlapped decode and without, in
+    alternation on the same engine, each compared with full attention in the same mode."""
+    out = tmp_path / "decode.json"
+    rc = main(["bench", "decode", "--config", "tiny", "--layers", "2", "--contexts", "2048", "--device", "cpu",
+               "--batch", "1", "--rhos", "0.1", "--steps", "5", "--rounds", "2", "--cycle", "4", "--warmup", "1",
+               "--overlap", "both", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["policy"], r["overlap"]) for r in rows) == [("full", False), ("full", True),
+                                                                 ("lsa", False), ("lsa", True)]
+    for r in rows:  # each mode timed every step of its windows, nothing finished inside them
+        assert r["steps"] == 10 and 0 < r["token_ms_median"] <= r["token_ms_p99"]
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("2048")]
+    assert sorted((line[2], line[4]) for line in lines) == [("full", "off"), ("full", "on"), ("lsa@0.1", "off"),
+                                                            ("lsa@0.1", "on")]
+    assert all(line[10].endswith("x") for line in lines if line[2] == "lsa@0.1")  # compared with full, same mode

@@ -27,8 +27,9 @@ LAYOUT = ArenaLayout.of(MODEL, BLOCK, torch.float32)
 ANSWER = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
-def config():
-    return engine_config(BLOCK, 400, prefill_chunk=256)
+def config(overlap: bool = False):
+    cfg = engine_config(BLOCK, 400, prefill_chunk=256)
+    return replace(cfg, scheduler=replace(cfg.scheduler, overlap_decode=overlap))
 
 
 def tokens(n, seed):
@@ -58,18 +59,21 @@ def test_prefix_blocks_are_evicted_before_sessions_and_never_while_pinned():
     assert not table.prefix and "s" in table.records
 
 
-@pytest.fixture()
-def worker(tmp_path, model):
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def worker(tmp_path, model, request):
     store = KVStoreCore("n", LAYOUT, 400 * LAYOUT.block_bytes, arena_path("prefix", "n", str(tmp_path)))
-    core = DecodeWorkerCore.build(lambda arena: LLMEngine(model, config(), ByteTokenizer(), arena=arena), store,
-                                  "w", spare_blocks=0)
+    core = DecodeWorkerCore.build(lambda arena: LLMEngine(model, config(request.param), ByteTokenizer(), arena=arena),
+                                  store, "w", spare_blocks=0)
+    core.overlap = request.param
     yield core
     core.close()
 
 
 def test_a_chat_prefills_only_its_new_tokens_each_turn(worker, model):
     """Each turn's prompt is the last turn's prompt, its answer and a new message; the answer
-    equals a fresh engine's, and only the tokens after the held blocks are prefilled."""
+    equals a fresh engine's, and only the tokens after the held blocks are prefilled. With
+    overlapped decode the answer's last token was fed too (the step past the end): its KV is
+    kept as well."""
     fresh = LLMEngine(model, config(), ByteTokenizer())
     prompt = tokens(600, 3)
     held = 0  # tokens of complete blocks the store holds for this conversation
@@ -80,7 +84,8 @@ def test_a_chat_prefills_only_its_new_tokens_each_turn(worker, model):
         assert out.cached_tokens == cached and out.prefill_tokens == len(prompt) - cached
         if turn:
             assert out.prefill_tokens < BLOCK + 6 + 11  # the partial block, the last answer, the new message
-        held = (len(prompt) + len(out.token_ids) - 1) // BLOCK * BLOCK  # its KV: the answer but its last token
+        # its KV: the answer but its last token (overlapped decode: all of it)
+        held = (len(prompt) + len(out.token_ids) - (not worker.overlap)) // BLOCK * BLOCK
         prompt = prompt + out.token_ids + tokens(5 + turn, 100 + turn)
     deadline = time.monotonic() + 5
     while worker.store.stats().leased_blocks and time.monotonic() < deadline:  # given back after the answer
@@ -107,7 +112,7 @@ def test_a_turn_hashes_each_block_of_its_prompt_and_answer_once(worker, monkeypa
     prompt = tokens(600, 4)
     worker.generate(prompt, ANSWER).result(timeout=120)
     out = worker.generate(prompt + tokens(20, 5), ANSWER).result(timeout=120)
-    kept = (len(prompt) + 20 + len(out.token_ids) - 1) // BLOCK
+    kept = (len(prompt) + 20 + len(out.token_ids) - (not worker.overlap)) // BLOCK
     assert out.cached_tokens and sum(hashed[2:]) == kept  # the second turn: each of its blocks once
 
 

@@ -1,5 +1,7 @@
 """Engine sessions: a follow-up turn equals a fresh request over the whole prompt and skips the
 prefix prefill; LRU eviction of idle sessions; host blocks accounted."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -20,8 +22,9 @@ GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 SEED = 5  # the conftest's model fixture
 
 
-def config(policy="full", chunk=40, **kw):
-    return engine_config(BLOCK, prefill_chunk=chunk, policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
+def config(policy="full", chunk=40, overlap=False, **kw):
+    cfg = engine_config(BLOCK, prefill_chunk=chunk, policy=PolicyConfig(name=policy, **{"min_resident_tokens": 0, **kw}))
+    return replace(cfg, scheduler=replace(cfg.scheduler, overlap_decode=overlap))
 
 
 class Sessions:
@@ -118,8 +121,9 @@ def test_turn_equals_fresh_request_and_skips_prefix(model, context_len):
     assert mgr.table.num_free == mgr.table.num_blocks
 
 
-def test_concurrent_turns_on_one_and_several_sessions(model):
-    mgr = manager(model)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_concurrent_turns_on_one_and_several_sessions(model, overlap):
+    mgr = manager(model, overlap=overlap)
     contexts = {"a": tokens(130, 2), "b": tokens(75, 3)}
     for session_id, ctx in contexts.items():
         mgr.run(mgr.create(session_id, ctx))
@@ -130,6 +134,8 @@ def test_concurrent_turns_on_one_and_several_sessions(model):
     for session_id, q, seq in seqs:
         assert seq.output_ids == fresh(model, contexts[session_id] + q)[0]
     assert mgr.table.records["a"].pins == 0
+    # the sessions hold their context blocks only; the turns' blocks went back
+    assert mgr.table.session_blocks == 130 // BLOCK + 75 // BLOCK and not mgr.engine.cache.blocks.seqs
 
 
 def test_lsa_turn_matches_fresh_lsa(model):

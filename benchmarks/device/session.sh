@@ -18,6 +18,8 @@
 #     floor-max   128K at max batch, full vs lsa over the fp8 and the int4 mirror (~5 min; its own call)
 #     fused-ab    issue 13 (~5 min): the fused decode path's CUDA tests, bench decode b1 with it
 #              (LSA_FUSED_DECODE=1) and without, its step profile, benchmarks/decode_linear; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
+#     overlap  issue 13 (~7 min): overlapped decode's CUDA tests, bench decode b1 (128K, 512K) and 128K x 24 over
+#              int4, each engine with and without overlap (--overlap both); log overlap.log. FLOOR_REHEARSE=1: tiny, CPU
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -241,6 +243,29 @@ phase_fused_ab() {
   echo "fused-ab done in $((SECONDS - t0)) s"
 }
 
+phase_overlap() {
+  # issue 13's batch-1 targets: overlapped decode (engine/llm.py: a step launched before the step before's
+  # tokens are read) against the same engines without it, in alternation (~7 min). JSON: bench_overlap_b1.json,
+  # bench_overlap_max.json; log overlap.log. FLOOR_REHEARSE=1: tiny shapes on the CPU.
+  local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" win2="--rounds 2 --steps 32" slow=1 \
+    collect="" max="--host-fraction 0.87 --max-batch 24"
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192" \
+    win="--rounds 1 --steps 12 --cycle 8" win2="--rounds 1 --steps 8 --cycle 8" slow=5 collect="--collect-only" \
+    max="--max-batch 3"
+  # its CUDA tests: overlap on and off give the same answers through captured graphs; the graphs' and the
+  # full-budget tests with it on (the default on CUDA)
+  timeout $((120 * slow)) python3 -m pytest -q -p no:warnings $collect tests/test_overlap_decode.py tests/test_graphs.py \
+    "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" > "$OUT/overlap_tests.log" 2>&1
+  echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed|tests collected" "$OUT/overlap_tests.log" | head -8
+  timeout $((200 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 --overlap both \
+    $shapes $win --out "$OUT/bench_overlap_b1.json" 2>&1 | grep -v built | tail -10
+  echo "batch 1 done ($((SECONDS - t0)) s)"
+  [ "${OVERLAP_MAX:-1}" = 1 ] && timeout $((260 * slow)) python3 -m cli bench decode --contexts ${ctx%% *} --batch max \
+    --rhos 0.1 --churn 0.33 --host-dtype int4 --overlap both $max $shapes $win2 --out "$OUT/bench_overlap_max.json" \
+    2>&1 | grep -v built | tail -8
+  echo "overlap done in $((SECONDS - t0)) s"
+}
+
 phase_floor_eval() {
   # Issue 13, the int4 mirror's accuracy cost against the bf16 and FP8 mirrors (~2 min): SmolLM2, LSA 0.10,
   # cycle 16 (so that blocks come back from the mirror every 16 tokens), ppl / NIAH / agreement at 4K. The three
@@ -276,6 +301,7 @@ for phase in "$@"; do
   boundary-max) phase_boundary_max 2>&1 | tee -a "$OUT/boundary_max.log" ;;
   floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
   fused-ab) phase_fused_ab 2>&1 | tee -a "$OUT/fused_ab.log" ;;
+  overlap) phase_overlap 2>&1 | tee -a "$OUT/overlap.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
