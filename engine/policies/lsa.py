@@ -285,7 +285,8 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         return self._plan.get(seq_id)
 
     def forget(self, seq_id: int) -> None:
-        for state in (self._queries, self._step, self._plan, self._first, self._prefetch, self._next, self._ready):
+        for state in (self._queries, self._step, self._plan, self._first, self._prefetch, self._next, self._ready,
+                      self._adopt_at):
             state.pop(seq_id, None)
         self._rank_due.discard(seq_id)
 

@@ -45,11 +45,13 @@ class CycleStaging:
     ``_next``, ``_step``, ``target_set`` and ``apply``; this class decides when they run."""
 
     CHURN_KEPT = 4096
+    ADOPT_AFTER = 2  # a plan ranked at a boundary is adopted at the launch of the second step after it
 
     def _init_staging(self) -> None:
         self._prefetch: dict[int, tuple[int, list[list[int]]]] = {}  # seq -> (blocks per step, per group queue)
         self._ready: dict[int, PreparedBoundary] = {}  # seq -> its next boundary, prepared
         self._rank_due: set[int] = set()  # sequences whose boundary ran this step: Level-1 to launch
+        self._adopt_at: dict[int, int] = {}  # seq -> the step whose launch adopts the plan being ranked
         self.cycles = 0
         self.deferred = 0  # plan blocks kept out one more cycle (single-layer blocks, as blocks_loaded_late)
         # per plan adopted, the last CHURN_KEPT: blocks it brings in (group 0), for reporting (bounded: a
@@ -127,12 +129,14 @@ class CycleStaging:
                 t0 = time.perf_counter()
                 if self.background_rank:
                     self._next[s] = self._rank_in_background(s)
+                    self._adopt_at[s] = self._step[s] + self.ADOPT_AFTER
                 else:
                     self._plan[s] = self.rank(s)  # for the next boundary
                     self._queue_prefetch(s)
                 self.timing["rank_s"] += time.perf_counter() - t0
                 continue
-            self._take_plan(s, stage=True)
+            if self._step[s] >= self._adopt_at.get(s, 0):
+                self._take_plan(s, stage=True)
             self._prefetch_some(s)
             if s not in self._ready and s in self._plan and not self._queued(s) and s not in self._next:
                 self._prepare_boundary(s)
@@ -191,11 +195,15 @@ class CycleStaging:
         """Adopt the plan being ranked in the background, waiting for it, and with ``stage`` queue
         its blocks for copying ahead (at a boundary the plan is applied at once: nothing to stage).
 
-        It is adopted in the step after its boundary, always: adopting it whenever the worker thread
-        happened to finish made what was staged by the next boundary, hence the blocks deferred,
-        hence the logits, depend on the host's timing (CUDA graphs, whose launches return sooner,
-        decoded a session turn differently from eager decode). The wait is short: the scores
-        reached the host with the last step's tokens, and the step's own GPU work is queued."""
+        It is adopted at the launch of the second step after its boundary (``ADOPT_AFTER``), always:
+        adopting it whenever the worker thread happened to finish made what was staged by the next
+        boundary, hence the blocks deferred, hence the logits, depend on the host's timing (CUDA
+        graphs, whose launches return sooner, decoded a session turn differently from eager decode).
+        The wait is short: the scores were computed beside the step after the boundary, whose
+        tokens the host has read by then, with overlapped decode too (engine/llm.py; adopted one
+        step earlier, the host waited there for the boundary step and Level-1 with the GPU idle
+        behind it: the 128K step after a boundary took 5.3 ms of host work, the p99 2.2x)."""
+        self._adopt_at.pop(s, None)
         future = self._next.pop(s, None)
         if future is None:
             return
