@@ -211,3 +211,33 @@ def test_the_churn_record_is_bounded(model, monkeypatch):
     for _ in range(5 * CYCLE):
         engine.step()
     assert policy.cycles >= 4 and len(policy.churn) == 2
+
+
+def test_a_plan_is_adopted_at_the_second_step_after_its_boundary(model):
+    """Level-1 ranks at a boundary; the plan is adopted (and its blocks queued for copying) at the
+    launch of the second step after it, never the first: with overlapped decode the host has
+    read the boundary step's tokens only by then (adopting at the first step waited for that
+    step and Level-1 with the GPU idle). The same step with and without overlap."""
+    from engine.policies.staging import CycleStaging
+
+    engine, (seq,) = bench_engine(model)
+    policy, s = engine.policy, seq.seq_id
+    policy.background_rank = True  # as on CUDA: ranked on the worker thread, adopted later
+    adopted = []  # the policy's step counter at each adoption
+    take = policy._take_plan
+
+    def recording(seq_id, stage):
+        if policy._next.get(seq_id) is not None and stage:
+            adopted.append(policy._step[seq_id])
+        take(seq_id, stage)
+
+    policy._take_plan = recording
+    boundaries = []
+    for _ in range(3 * CYCLE):
+        cycles = policy.cycles
+        engine.step()
+        if policy.cycles > cycles:
+            boundaries.append(policy._step[s])
+    assert len(boundaries) >= 2 and len(adopted) >= 2
+    assert CycleStaging.ADOPT_AFTER == 2
+    assert adopted[: len(boundaries)] == [b + 2 for b in boundaries][: len(adopted)]
