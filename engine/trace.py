@@ -7,9 +7,11 @@ seconds applying the policy's plan before the launch, launching, and in the poli
 the launch: the rest of ``seconds`` is the wait for the device and sampling) or "prefill"
 (what: [seq_id, prompt position reached]); and
 one line per garbage collection in the process, kind "gc" (what: the generation collected); the host
-work around the batches where it took a millisecond or more ("schedule", "postprocess", and the
+work around the batches where it took a millisecond or more ("schedule", "postprocess", "land": reading
+and post-processing an overlapped decode step's tokens, the wait for the device included, and the
 worker's "report_plans", "stream_updates", "finish"); and a turn's marks, "queued" and "first_token"
-(what: its seq_id; seconds 0).
+(what: its seq_id; seconds 0). With overlapped decode (engine/llm.py) a "decode" line is the launch
+of a step whose tokens the next call's "land" reads.
 ``seconds`` is the host's time in ``runner.run`` and sampling: a prefill segment short of its
 prompt's end returns once launched, so its GPU time shows up in the batch that next waits.
 Lines are written when the worker goes idle. Unset (the default): nothing is recorded.
