@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from dataclasses import replace
 
 import ray
 from ray import serve
+
+import lsa_env
 
 from actors.config import ServeConfig
 from actors.messages import TurnResult, WorkerStats
@@ -72,6 +75,7 @@ class TensorParallelWorker:
         from actors.tp_worker import TensorParallelWorkerCore
         from engine.factory import load_tokenizer, load_weights, model_layout
 
+        sys.setswitchinterval(lsa_env.gil_switch_s())  # the loop thread waits less for the GIL (as DecodeWorker)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.indexer = indexer_handle()
