@@ -216,7 +216,11 @@ def summarise(label: dict, windows: list[dict], batch: int) -> dict:
             "late_fraction": (sum(w["late_blocks"] for w in windows)
                               / max(1, sum(w["late_blocks"] + w["prefetched_blocks"] for w in windows))),
             "swap_wait_ms_per_cycle": 1e3 * sum(w["swap_wait_s"] for w in windows) / cycles if cycles else 0.0,
-            "swap_wait_fraction": sum(w["swap_wait_s"] for w in windows) / sum(steps)}
+            "swap_wait_fraction": sum(w["swap_wait_s"] for w in windows) / sum(steps),
+            # every timed step, per window: its ms, the boundaries it ran, its host parts (ms: before the
+            # launch, the device wait after it, after the launch): where a p99 step sits in the cycle
+            "windows": [{"step_ms": [round(t * 1e3, 3) for t in w["step_s"]], "boundaries": w["boundaries"],
+                         "host_ms": [[round(x * 1e3, 3) for x in h] for h in w["host_s"]]} for w in windows]}
 
 
 def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -> list[dict]:

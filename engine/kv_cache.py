@@ -155,7 +155,9 @@ class BlockKVCache:
         hosts = [h for _, h in done]
         summaries = {}  # layer -> [n, 3, H, D] on the device
         for g, members in enumerate(self.groups):
-            slots = torch.tensor([s[g] for s, _ in done], device=self.device)
+            # through page-locked memory: a copy from pageable memory waits for the stream, i.e. for the
+            # step just launched (with overlapped decode, the GPU then idled once a block: the batch-1 p99)
+            slots = self.mirror.to_device(torch.tensor([s[g] for s, _ in done]))
             if len(members) == self.pool.shape[0]:
                 summary = self.mirror.store(hosts, slice(None), self.pool[:, :, slots].permute(2, 0, 1, 3, 4, 5))
                 summaries.update((layer, summary[:, layer]) for layer in members)

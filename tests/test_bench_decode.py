@@ -145,6 +145,9 @@ def test_bench_decode_times_each_engine_with_and_without_overlap(tmp_path, capsy
                                                                  ("lsa", False), ("lsa", True)]
     for r in rows:  # each mode timed every step of its windows, nothing finished inside them
         assert r["steps"] == 10 and 0 < r["token_ms_median"] <= r["token_ms_p99"]
+        steps = [t for w in r["windows"] for t in w["step_ms"]]  # every step kept, as summarised
+        assert len(steps) == 10 and max(steps) >= r["token_ms_p99"] - 1e-3
+        assert all(len(w["host_ms"]) == len(w["step_ms"]) == len(w["boundaries"]) for w in r["windows"])
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("2048")]
     assert sorted((line[2], line[4]) for line in lines) == [("full", "off"), ("full", "on"), ("lsa@0.1", "off"),
                                                             ("lsa@0.1", "on")]

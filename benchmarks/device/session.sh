@@ -256,7 +256,9 @@ phase_overlap() {
   # full-budget tests with it on (the default on CUDA)
   if [ "${OVERLAP_TESTS:-1}" = 1 ]; then  # OVERLAP_TESTS=0: the benches alone (-1 min)
     timeout $((120 * slow)) python3 -m pytest -q -p no:warnings $collect tests/test_overlap_decode.py tests/test_graphs.py \
-      "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" > "$OUT/overlap_tests.log" 2>&1
+      "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" \
+      "tests/test_staging.py::test_overlapped_decode_steps_never_wait_for_the_stream" \
+      "tests/test_staging.py::test_level1_launch_after_a_boundary_does_not_wait_for_the_step" > "$OUT/overlap_tests.log" 2>&1
     echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed|tests collected" "$OUT/overlap_tests.log" | head -8
   fi
   timeout $((200 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 --overlap both \
