@@ -116,6 +116,10 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         """A sequence finished: snapshot its accounting, keep its session blocks, free the rest."""
         if seq.status in (Status.PREFILL, Status.DECODE):
+            if self._in_flight is not None:
+                # the step in flight may still be writing this sequence's completed blocks into their host
+                # rows, which now go on (a session's, prefix blocks, the pool): only once they have landed
+                self.cache.mirror.wait_writes()
             seq.kv = {**self.cache.accounting(seq.seq_id).as_dict(), **self._policy_stats(seq)}
             seq.kept_host_ids = self.cache.blocks.detach_host(seq.seq_id, seq.keep_host_blocks)
             self.cache.release(seq.seq_id)
@@ -284,10 +288,10 @@ class LLMEngine:
             launched, error = self._launch(batch, flight.tokens, t0, cycles), None
         except Exception as exc:  # the step in flight is good: its tokens land, then its rows fail
             launched, error = None, exc
+        self._in_flight = launched  # in flight while the step before lands (a sequence finishing waits for it)
         finished = self._land(flight)
         if error is not None:
             finished += self.scheduler.fail([s for s in batch.seqs if s.status is not Status.FINISHED], error)
-        self._in_flight = launched
         return finished
 
     def _launch(self, batch: DecodeBatch, fed: torch.Tensor | None, t0: float, cycles: int) -> InFlight:

@@ -189,3 +189,20 @@ def test_overlap_on_cuda_with_graphs_answers_as_without(policy):
     assert overlapped.fed_steps >= overlapped.decode_steps // 2 and sync.fed_steps == 0
     assert_nothing_held(sync)
     assert_nothing_held(overlapped)
+
+
+def test_a_sequence_finishing_under_a_step_in_flight_waits_for_its_host_rows(model):
+    """A sequence that finishes while the next step is in flight hands its blocks on (a session's,
+    prefix blocks, the pool) only after that step's writes into their host rows have landed:
+    its release waits for the mirror's writes; without a step in flight it does not."""
+    waits = {}
+    for overlap in (False, True):
+        engine = make_engine(model, overlap, POLICIES[1])
+        calls = []
+        wait = engine.cache.mirror.wait_writes
+        engine.cache.mirror.wait_writes = lambda: calls.append(engine._in_flight is not None) or wait()
+        engine.generate([tokens(60, 6)], SamplingParams(max_tokens=20, ignore_eos=True))
+        waits[overlap] = calls
+        assert_nothing_held(engine)
+    assert True not in waits[False]
+    assert waits[True].count(True) == 1  # the one sequence, finishing with its extra step in flight
