@@ -124,14 +124,13 @@ class DecodeGraphRunner:
             width = max(width, max(len(r) for r in resident))
         step = self._step(batch_bucket(n), self.table_width(width))
         if step.copied is not None:  # the pinned buffer's last copy has left it (the step before may still run)
-            step.copied.synchronize()
+            step.copied.synchronize()  # (returns at once before its first record)
         tables_changed = self._fill(step, seq_ids, tokens, positions, per_group)
         head = step.head
         step.packed[:head].copy_(step.host[:head], non_blocking=True)
         if tables_changed:  # rows change at boundaries and new blocks only: a wide table is not copied every step
             step.packed[head:].copy_(step.host[head:], non_blocking=True)
-        if self.cache.device.type == "cuda":
-            step.copied = torch.cuda.Event()
+        if step.copied is not None:
             step.copied.record()
         if fed is not None:
             step.packed[:n].copy_(fed)
@@ -205,7 +204,8 @@ class DecodeGraphRunner:
         size = 2 * batch + groups * (4 * batch + batch * width)  # head, then the tables
         dev = self.cache.device
         host = torch.zeros(size, dtype=torch.int32, pin_memory=dev.type == "cuda")
-        step = StaticStep(batch, width, groups, torch.zeros(size, dtype=torch.int32, device=dev), host)
+        step = StaticStep(batch, width, groups, torch.zeros(size, dtype=torch.int32, device=dev), host,
+                          copied=torch.cuda.Event() if dev.type == "cuda" else None)
         step.rows = [[None] * batch for _ in range(groups)]
         # every row a padding row until filled: trash slot, one block, one token
         _, _, views = step.views(step.host)

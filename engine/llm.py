@@ -99,7 +99,9 @@ class LLMEngine:
         overlap = config.scheduler.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else overlap
         self._in_flight: InFlight | None = None  # the decode step launched, its tokens not read (overlap)
-        self._token_buffers: torch.Tensor | None = None  # two page-locked rows: a step in flight's tokens each
+        # CUDA: two page-locked rows and their events, for the step in flight's tokens and the one launched after
+        self._token_buffers: torch.Tensor | None = None
+        self._token_events: list[torch.cuda.Event] = []
         self._flip = 0
 
     def _admit(self, seq: Sequence) -> None:
@@ -304,10 +306,11 @@ class LLMEngine:
             if self._token_buffers is None:
                 self._token_buffers = torch.empty(2, self.config.scheduler.max_num_seqs, dtype=torch.int64,
                                                   pin_memory=True)
-            host = self._token_buffers[self._flip, : len(batch.seqs)]  # the other row: the step in flight's
+                self._token_events = [torch.cuda.Event(), torch.cuda.Event()]
+            # the other row is the step in flight's; this one's last step has landed
+            host, ready = self._token_buffers[self._flip, : len(batch.seqs)], self._token_events[self._flip]
             self._flip ^= 1
             host.copy_(tokens, non_blocking=True)
-            ready = torch.cuda.Event()
             ready.record()
         else:
             host = tokens.cpu()

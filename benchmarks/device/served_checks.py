@@ -132,8 +132,8 @@ def check_leaks(client, out: dict, tokens: int, rounds: int = 3) -> None:
                         for r, w in first["workers"].items() for s in snapshots)
     # each worker's own growth, last snapshot against first (the replicas' sizes differ by tens of MB:
     # a max - min over all of them, as reported until 2026-12-03, measured that difference, not growth)
-    growth = {r: s_last["workers"][r].get("rss_bytes", 0) - w.get("rss_bytes", 0)
-              for s_last in snapshots[-1:] for r, w in first["workers"].items() if r in s_last["workers"]}
+    last = snapshots[-1]["workers"]
+    growth = {r: last[r].get("rss_bytes", 0) - w.get("rss_bytes", 0) for r, w in first["workers"].items() if r in last}
     out["leaks"] = {"rounds": rounds, "snapshots": snapshots, "flat": flat, "flat_all": all(flat.values()),
                     "rss_growth_bytes": max(growth.values()) if growth else None, "rss_growth_by_worker": growth}
     print(f"leaks: {flat}; store free blocks {[s['store_free_blocks'] for s in snapshots]}; "
