@@ -52,6 +52,19 @@ def fused_decode() -> bool:
     return value == "1"
 
 
+DECODE_GEMV = "0"  # to be measured on the H200 (docs/perf.md, eleventh session)
+
+
+def decode_gemv() -> bool:
+    """``LSA_DECODE_GEMV``: ``1`` runs a small decode batch's o, gate|up, down and LM-head
+    projections through the plain Triton GEMV where its measured tiles beat cuBLAS
+    (``kernels.decode_gemv``; CUDA only); ``0`` keeps cuBLAS. Default: ``DECODE_GEMV``."""
+    value = os.environ.get("LSA_DECODE_GEMV", DECODE_GEMV).strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"LSA_DECODE_GEMV must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 GIL_SWITCH_MS = 0.5  # a decode worker's default (Python's own: 5 ms)
 
 

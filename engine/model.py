@@ -10,6 +10,8 @@ the GPU, and small ones such as k and v read the weights below the memory rate).
 (at most 32 tokens, where the Triton kernels run) then goes through ``DecoderLayer.forward_decode``:
 the same 4 projections as ``kernels.decode_linear`` GEMVs with the norms, SiLU and residual adds
 inside them, 4 kernels a layer fewer (``LSA_FUSED_DECODE=1``; off by default: slower on the H200, docs/perf.md).
+Without it, ``LSA_DECODE_GEMV=1`` runs only the plain projections of a small decode batch (o, gate|up,
+down, the LM head) as Triton GEMVs where their tiles beat cuBLAS (``kernels.decode_gemv``).
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.o_bias)
         self.qkv_proj: nn.Linear | None = None  # q|k|v in one Linear, once fused
+        self.gemv = False  # o through kernels.decode_gemv at decode (fuse_projections sets it: LSA_DECODE_GEMV)
 
     def fuse(self) -> None:
         """Replace q_proj, k_proj and v_proj by ``qkv_proj``, their rows concatenated."""
@@ -102,7 +105,8 @@ class Attention(nn.Module):
             out = backend(self.layer, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))  # [T, Hq, D]
         else:
             out = self.attend(self.qkv_proj(x), cos, sin, backend)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return kernels.decode_gemv(self.o_proj, out) if self.gemv else self.o_proj(out)
 
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                backend: AttentionBackend) -> torch.Tensor:
@@ -122,6 +126,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
         self.gate_up_proj: nn.Linear | None = None  # gate|up in one Linear, once fused
+        self.gemv = False  # gate|up and down through kernels.decode_gemv at decode (LSA_DECODE_GEMV)
 
     def fuse(self) -> None:
         """Replace gate_proj and up_proj by ``gate_up_proj``, their rows concatenated."""
@@ -131,9 +136,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        elif self.gemv:
+            gate, up = kernels.decode_gemv(self.gate_up_proj, x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one [T, 2I] output
-        return self.down_proj(kernels.silu_mul(gate, up))
+        act = kernels.silu_mul(gate, up)
+        return kernels.decode_gemv(self.down_proj, act) if self.gemv else self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
@@ -190,6 +198,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fused_decode = False  # fuse_projections sets it (LSA_FUSED_DECODE)
+        self.decode_gemv = False  # fuse_projections sets it (LSA_DECODE_GEMV): see set_decode_gemv
         self._decode_fusable: bool | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
@@ -207,7 +216,18 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.decode_fused_for(hidden):
             return kernels.decode_linear(hidden, self.lm_head.weight).float()
+        if self.decode_gemv:
+            return kernels.decode_gemv(self.lm_head, hidden).float()
         return self.lm_head(hidden).float()  # [T, V]
+
+    def set_decode_gemv(self, on: bool) -> None:
+        """A decode batch's o, gate|up, down and LM-head projections through the plain Triton GEMV
+        (``kernels.decode_gemv``: where its tiles beat cuBLAS on the H200, on CUDA, at most 4 rows;
+        cuBLAS elsewhere) instead of cuBLAS: no split-K reduce kernels, fewer microseconds per
+        call at decode shapes."""
+        self.decode_gemv = on
+        for layer in self.model.layers:
+            layer.self_attn.gemv = layer.mlp.gemv = on
 
     def decode_fused_for(self, x: torch.Tensor) -> bool:
         """Whether ``x`` ([T, H] activations) goes through the fused decode path: a decode batch
@@ -254,5 +274,6 @@ def fuse_projections(model: LlamaForCausalLM) -> LlamaForCausalLM:
         if layer.mlp.gate_up_proj is None:
             layer.mlp.fuse()
     model.fused_decode = lsa_env.fused_decode()
+    model.set_decode_gemv(lsa_env.decode_gemv())
     model._decode_fusable = None
     return model

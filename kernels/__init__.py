@@ -11,9 +11,10 @@ from . import reference
 from .dispatch import pick, use_triton
 
 DECODE_LINEAR_MAX_ROWS = 32  # kernels.decode_linear's rows (a decode batch)
+DECODE_GEMV_MAX_ROWS = 4  # kernels.projection.GEMV_MAX_ROWS: decode_gemv's rows (measured at 1 and 4)
 
 __all__ = ["sparse_decode_attention", "prefill_attention", "block_scores", "select_blocks", "paged_kv_write",
-           "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "decode_linear", "reference"]
+           "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "decode_linear", "decode_gemv", "reference"]
 
 
 def _dim(t, i: int) -> int | None:
@@ -189,6 +190,27 @@ def decode_linear(x, weight, norm_weight=None, eps=0.0, silu_input=False, residu
         [M, N] in x's dtype: ``y``, or ``residual`` when given.
     """
     return pick(x, "projection", "decode_linear")(x, weight, norm_weight, eps, silu_input, residual)
+
+
+def decode_gemv(linear, x):
+    """``linear(x)`` for a decode batch, through the plain Triton GEMV where it beat cuBLAS on the
+    H200 (``kernels.projection.gemv_tiles``: o, down, gate|up and the LM head of Llama-3-8B shapes,
+    at most ``GEMV_MAX_ROWS`` rows, bf16 / fp16, no bias); ``linear(x)`` otherwise (the CPU,
+    larger batches, other shapes). The same product up to the order of the fp32 sums.
+
+    Args:
+        linear: an ``nn.Linear`` ([N, K] weight); a subclass (a tensor-parallel shard) is called as it is.
+        x:      [M, K] activations, the last dim contiguous.
+    """
+    weight = linear.weight
+    if (type(linear) is torch.nn.Linear and linear.bias is None and use_triton(x) and x.dim() == 2
+            and x.shape[0] <= DECODE_GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.stride(1) == 1):
+        from .projection import decode_gemv_triton, gemv_tiles
+        tiles = gemv_tiles(*weight.shape)
+        if tiles is not None:
+            return decode_gemv_triton(x, weight, tiles)
+    return linear(x)
 
 
 def rotary(x, cos, sin):

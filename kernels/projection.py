@@ -86,6 +86,25 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
     tl.store(y_ptrs, out, mask=mask_y)
 
 
+# Plain GEMV tilings (BLOCK_N, BLOCK_K, stages, warps) where the H200 sweep of 36 tilings
+# (benchmarks/decode_linear.py, docs/results/2026-12-03h/call1/decode_linear.json, bf16, L2 cleared)
+# beat cuBLAS at 1 and 4 rows: narrow outputs (o: N 4096, K 4096; down: N 4096, K 14336) with 32
+# columns and K tiles of 512, 17.8 / 40.8 us against F.linear's 19.1 / 42.6; wide ones (gate|up
+# N 28672, the LM heads) with 64 x 256, 67.7 / 104.4 us against 70.7 / 110.7. Between the two
+# (q|k|v, N 6144) the best tiling was level with cuBLAS (22.8 vs 22.5 us): cuBLAS keeps it.
+GEMV_NARROW, GEMV_WIDE = (32, 512, 3, 4), (64, 256, 3, 4)
+GEMV_MAX_ROWS = 4  # the rows the sweep measured (batch 1 and 4); larger batches keep cuBLAS
+
+
+def gemv_tiles(n: int, k: int) -> tuple[int, int, int, int] | None:
+    """The plain GEMV's tiling for an [N, K] weight, or None where cuBLAS is kept (a shape between
+    the measured ones, or one its tiles do not divide)."""
+    for tiles, fits in ((GEMV_NARROW, n <= 4096), (GEMV_WIDE, n >= 16384)):
+        if fits and n % tiles[0] == 0 and k % tiles[1] == 0:
+            return tiles
+    return None
+
+
 def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None, *,
                          block_n=None, block_k=BLOCK_K, num_stages=None, num_warps=NUM_WARPS):
     """See :func:`kernels.decode_linear`. Keyword-only tuning knobs (``benchmarks/decode_linear.py``
@@ -111,3 +130,9 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
         NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None,
         IEEE_DOT=x.dtype == torch.float32, num_warps=num_warps)
     return out
+
+
+def decode_gemv_triton(x, weight, tiles):
+    """``x @ weight.T`` for a decode batch through the plain GEMV with ``tiles`` (:func:`gemv_tiles`)."""
+    block_n, block_k, stages, warps = tiles
+    return decode_linear_triton(x, weight, block_n=block_n, block_k=block_k, num_stages=stages, num_warps=warps)

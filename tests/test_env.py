@@ -28,3 +28,15 @@ def test_the_fused_decode_switch_reads_0_or_1_and_rejects_the_rest(monkeypatch):
         monkeypatch.setenv("LSA_FUSED_DECODE", bad)
         with pytest.raises(ValueError, match="LSA_FUSED_DECODE"):
             lsa_env.fused_decode()
+
+
+def test_the_decode_gemv_switch_reads_0_or_1_and_rejects_the_rest(monkeypatch):
+    monkeypatch.delenv("LSA_DECODE_GEMV", raising=False)
+    assert lsa_env.decode_gemv() is (lsa_env.DECODE_GEMV == "1")
+    for value, want in (("1", True), (" 0 ", False)):
+        monkeypatch.setenv("LSA_DECODE_GEMV", value)
+        assert lsa_env.decode_gemv() is want
+    for bad in ("yes", "2", "on"):
+        monkeypatch.setenv("LSA_DECODE_GEMV", bad)
+        with pytest.raises(ValueError, match="LSA_DECODE_GEMV"):
+            lsa_env.decode_gemv()

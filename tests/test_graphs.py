@@ -142,7 +142,8 @@ def test_policies_declare_per_step_work():
         assert engine_for(model, False, name="lsa", level2_topk=topk).policy.selects_each_step is want
 
 
-def session_turn(model, pinned: bool, graphs: bool, rank_delay: float | None = None, inline: bool = False):
+def session_turn(model, pinned: bool, graphs: bool, rank_delay: float | None = None, inline: bool = False,
+                 overlap: bool | None = None):
     """A session turn (prefix from a host arena, the question prefilled layer by layer, LSA plans
     crossing boundaries every 4 steps): (its 16 tokens, their logits [16, V], the policy).
     ``rank_delay``: Level-1 ordered on the worker thread (the CUDA default), each ordering held up
@@ -159,7 +160,7 @@ def session_turn(model, pinned: bool, graphs: bool, rank_delay: float | None = N
     arena = HostArena.private(layout, 256, pin=pinned)
     engine = LLMEngine(model, EngineConfig(
         device=str(device), cache=CacheConfig(block_size=BLOCK, num_device_blocks=128),
-        scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=48, cuda_graphs=False),
+        scheduler=SchedulerConfig(max_num_seqs=2, prefill_chunk=48, cuda_graphs=False, overlap_decode=overlap),
         policy=PolicyConfig(name="lsa", budget=0.2, cycle=4, observation_window=16, min_resident_tokens=0)),
         arena=arena)
     if graphs:
@@ -196,13 +197,16 @@ def test_a_session_turn_decodes_the_same_through_graphs(model, pinned):
     torch.testing.assert_close(graph_logits, eager_logits, atol=2e-4, rtol=2e-4)
 
 
-def test_a_slow_background_ranker_decodes_a_session_turn_the_same(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_a_slow_background_ranker_decodes_a_session_turn_the_same(model, overlap):
     """The same turn with Level-1 ordered inline and on a worker thread that takes 50 ms per plan:
     the same plans are staged (the turn's plans bring in blocks), the same blocks deferred, the
     same logits. Before plans were adopted at a fixed step, the slow ranker's plans arrived at
-    their boundary unstaged and the tokens differed from the 11th on."""
-    inline_ids, inline_logits, inline = session_turn(model, False, graphs=False, inline=True)
-    slow_ids, slow_logits, slow = session_turn(model, False, graphs=False, rank_delay=0.05)
+    their boundary unstaged and the tokens differed from the 11th on. With and without overlapped
+    decode (on the H200, 2026-12-03, the CUDA case with overlap on, the default there, deferred 4
+    blocks inline and none with the slow ranker; the CPU defers 4 in both)."""
+    inline_ids, inline_logits, inline = session_turn(model, False, graphs=False, inline=True, overlap=overlap)
+    slow_ids, slow_logits, slow = session_turn(model, False, graphs=False, rank_delay=0.05, overlap=overlap)
     assert sum(inline.churn) > 0 and slow.churn == inline.churn and slow.deferred == inline.deferred
     assert slow_ids == inline_ids
     torch.testing.assert_close(slow_logits, inline_logits, atol=0, rtol=0)

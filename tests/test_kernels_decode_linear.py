@@ -62,3 +62,63 @@ def test_decode_linear_refuses_what_it_does_not_take():
         decode_linear_triton(torch.randn(33, 32), w)
     with pytest.raises(AssertionError, match="columns"):
         decode_linear_triton(torch.randn(2, 32), w, silu_input=True)
+
+
+def test_gemv_tiles_follow_the_measured_shapes():
+    """The plain GEMV's tiles where the H200 sweep beat cuBLAS (Llama-3-8B: o, down, gate|up, the LM
+    heads), None where cuBLAS is kept (q|k|v, undivided shapes)."""
+    from kernels.projection import GEMV_NARROW, GEMV_WIDE, gemv_tiles
+    assert gemv_tiles(4096, 4096) == GEMV_NARROW and gemv_tiles(4096, 14336) == GEMV_NARROW  # o, down
+    assert gemv_tiles(28672, 4096) == GEMV_WIDE and gemv_tiles(128256, 4096) == GEMV_WIDE  # gate|up, LM head
+    assert gemv_tiles(6144, 4096) is None  # q|k|v: level with cuBLAS
+    assert gemv_tiles(4096, 4000) is None and gemv_tiles(4080, 4096) is None and gemv_tiles(28672, 4000) is None
+
+
+def _counting_gemv(monkeypatch):
+    import kernels.projection as projection
+    calls = []
+    real = projection.decode_gemv_triton
+    monkeypatch.setattr(projection, "decode_gemv_triton", lambda x, w, tiles: calls.append(tiles) or real(x, w, tiles))
+    return calls
+
+
+@pytest.mark.parametrize("device,dtype", [dd for dd in DEVICE_DTYPES if dd[1] != torch.float32])
+@pytest.mark.parametrize("n,k", [(64, 1024), (16384, 256)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_decode_gemv_against_float64(monkeypatch, device, dtype, n, k, rows):
+    """kernels.decode_gemv runs the Triton GEMV (both tilings) on a decode batch and gives the
+    product of float64 math on random inputs, within one rounding of the dtype."""
+    import kernels
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = _counting_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(n + rows)
+    linear = torch.nn.Linear(k, n, bias=False).to(device, dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * k ** -0.5)
+    x = torch.randn(rows, k, generator=gen).to(device, dtype)
+    out = kernels.decode_gemv(linear, x)
+    assert len(calls) == 1 and out.shape == (rows, n) and out.dtype == dtype
+    want = x.double().cpu() @ linear.weight.double().cpu().t()
+    assert rel_err(out, want) < TOL[dtype], rel_err(out, want)
+
+
+def test_decode_gemv_keeps_the_linear_where_it_does_not_apply(monkeypatch):
+    """More rows than measured, fp32, a bias, an unmeasured shape, or the torch backend: the
+    Linear itself (its exact output)."""
+    import kernels
+    from kernel_cases import CUDA
+    device = "cuda" if CUDA else "cpu"
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = _counting_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    plain = torch.nn.Linear(1024, 64, bias=False).to(device, torch.float16)
+    biased = torch.nn.Linear(1024, 64, bias=True).to(device, torch.float16)
+    odd = torch.nn.Linear(1000, 64, bias=False).to(device, torch.float16)
+    fp32 = torch.nn.Linear(1024, 64, bias=False).to(device)
+    x = torch.randn(5, 1024, generator=gen).to(device, torch.float16)
+    cases = [(plain, x), (fp32, x[:2].float()), (biased, x[:2]), (odd, torch.randn(2, 1000).to(device, torch.float16))]
+    for linear, inp in cases:
+        assert torch.equal(kernels.decode_gemv(linear, inp), linear(inp))
+    monkeypatch.setenv("LSA_KERNELS", "torch")
+    assert torch.equal(kernels.decode_gemv(plain, x[:2]), plain(x[:2]))
+    assert calls == []

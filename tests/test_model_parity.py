@@ -190,3 +190,38 @@ def test_fused_decode_gives_the_unfused_logits(monkeypatch):
     assert logits[0].shape == (12, 96) and (logits[0] - logits[1]).abs().max().item() <= 1e-5 * max(1.0, scale)
     biased = random_model(ModelConfig(**{**cfg.__dict__, "qkv_bias": True}), device, torch.float32, seed=11)
     assert not biased.decode_fused_for(torch.zeros(2, 64, device=device))
+
+
+def test_decode_gemv_gives_the_cublas_logits(monkeypatch):
+    """``LSA_DECODE_GEMV=1``: a decode batch's o, gate|up, down and LM-head projections through the
+    plain Triton GEMV (Triton's interpreter on the CPU, fp16; bf16 on CUDA) give the logits of the
+    Linears to half-precision rounding, through the engine (prefill keeps the Linears); the
+    switch reaches every layer and is off by default."""
+    import kernels.projection as projection
+    from engine.config import ModelConfig
+    from engine.loader import random_model
+    from kernel_cases import CUDA  # sets TRITON_INTERPRET on CPU
+
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float16)
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = []
+    real = projection.decode_gemv_triton
+    monkeypatch.setattr(projection, "decode_gemv_triton", lambda x, w, t: calls.append(w.shape) or real(x, w, t))
+    cfg = ModelConfig(architecture="llama", vocab_size=512, hidden_size=512, intermediate_size=512, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=128, max_position_embeddings=512)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (9, 30)]
+    logits = []
+    for gemv in ("0", "1"):
+        monkeypatch.setenv("LSA_DECODE_GEMV", gemv)
+        model = random_model(cfg, device, dtype, seed=13)
+        assert all(layer.mlp.gemv == layer.self_attn.gemv == (gemv == "1") for layer in model.model.layers)
+        calls.clear()
+        logits.append(_sampled_logits(_engine(model, seqs=2, device=device), prompts, max_tokens=4))
+        # o, down and the LM head [512, 512], gate|up [1024, 512]; q|k|v ([1024, 512] too) stays cuBLAS
+        assert (len(calls) > 0) == (gemv == "1")
+        assert set(calls) <= {(512, 512), (1024, 512)}
+    rel = (logits[0] - logits[1]).norm() / logits[0].norm()
+    assert logits[0].shape == (8, 512) and rel < 2e-2, rel
+    monkeypatch.delenv("LSA_DECODE_GEMV")
+    assert not random_model(cfg, "cpu", torch.float32, seed=13).decode_gemv  # the default: cuBLAS

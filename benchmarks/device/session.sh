@@ -20,6 +20,9 @@
 #              (LSA_FUSED_DECODE=1) and without, its step profile, benchmarks/decode_linear; log fused_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU
 #     overlap  issue 13 (~7 min): overlapped decode's CUDA tests, bench decode b1 (128K, 512K) and 128K x 24 over
 #              int4, each engine with and without overlap (--overlap both); log overlap.log. FLOOR_REHEARSE=1: tiny, CPU
+#     gemv-ab  issue 13 (~6 min): the plain Triton GEMV (LSA_DECODE_GEMV=1) against cuBLAS, its CUDA tests, bench
+#              decode b1 (128K, 512K, overlap on) alternated over GEMV_ROUNDS (2) rounds, its step profile at 128K;
+#              log gemv_ab.log. FLOOR_REHEARSE=1: tiny, CPU
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -270,6 +273,32 @@ phase_overlap() {
   echo "overlap done in $((SECONDS - t0)) s"
 }
 
+phase_gemv_ab() {
+  # issue 13's batch-1 medians: the plain Triton GEMV for o, gate|up, down and the LM head (LSA_DECODE_GEMV=1,
+  # kernels.decode_gemv) against cuBLAS, bench decode b1 (128K, 512K; overlap on, full and lsa alive together)
+  # alternated over GEMV_ROUNDS rounds (~4.5 min at 2), then the step's profile at 128K with it. JSON:
+  # bench_gemv{1,0}_r{N}.json, profile_gemv.json; log gemv_ab.log. FLOOR_REHEARSE=1: tiny shapes on the CPU.
+  local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" slow=1 pctx=131072 psteps=32 collect=""
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192" \
+    win="--rounds 1 --steps 12 --cycle 8" slow=5 pctx=8192 psteps=4 collect="--collect-only"
+  # its CUDA tests: the GEMV in bf16 / fp16 against float64, the model with it against cuBLAS, CUDA graphs,
+  # overlapped decode and budget 1.0 = full attention with it on
+  LSA_DECODE_GEMV=1 timeout $((150 * slow)) python3 -m pytest -q -p no:warnings $collect tests/test_kernels_decode_linear.py \
+    tests/test_model_parity.py tests/test_graphs.py tests/test_overlap_decode.py tests/test_env.py \
+    "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" > "$OUT/gemv_tests.log" 2>&1
+  echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed|tests collected" "$OUT/gemv_tests.log" | head -10
+  for r in $(seq 1 "${GEMV_ROUNDS:-2}"); do
+    for g in 1 0; do
+      echo "== round $r LSA_DECODE_GEMV=$g ($((SECONDS - t0)) s)"
+      LSA_DECODE_GEMV=$g timeout $((110 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 \
+        --churn 0.33 --overlap on $shapes $win --out "$OUT/bench_gemv${g}_r$r.json" 2>&1 | grep -v built | grep -E "^ +[0-9]" | head -4
+    done
+  done
+  LSA_DECODE_GEMV=1 timeout $((100 * slow)) python3 -m benchmarks.profile_step --contexts $pctx --steps $psteps $shapes \
+    --out "$OUT/profile_gemv.json" 2>&1 | grep -v Warning | head -14
+  echo "gemv-ab done in $((SECONDS - t0)) s"
+}
+
 phase_floor_eval() {
   # Issue 13, the int4 mirror's accuracy cost against the bf16 and FP8 mirrors (~2 min): SmolLM2, LSA 0.10,
   # cycle 16 (so that blocks come back from the mirror every 16 tokens), ppl / NIAH / agreement at 4K. The three
@@ -306,6 +335,7 @@ for phase in "$@"; do
   floor-eval) phase_floor_eval 2>&1 | tee -a "$OUT/floor_eval.log" ;;
   fused-ab) phase_fused_ab 2>&1 | tee -a "$OUT/fused_ab.log" ;;
   overlap) phase_overlap 2>&1 | tee -a "$OUT/overlap.log" ;;
+  gemv-ab) phase_gemv_ab 2>&1 | tee -a "$OUT/gemv_ab.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
