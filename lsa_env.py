@@ -46,9 +46,14 @@ def fused_decode() -> bool:
     """``LSA_FUSED_DECODE``: ``1`` runs a decode batch's projections with the layer's norms, SiLU
     and residual adds fused in (``kernels.decode_linear``, where the Triton kernels run: CUDA);
     ``0`` keeps cuBLAS and the separate kernels. Default: ``FUSED_DECODE``."""
-    value = os.environ.get("LSA_FUSED_DECODE", FUSED_DECODE).strip()
+    return _switch("LSA_FUSED_DECODE", FUSED_DECODE)
+
+
+def _switch(name: str, default: str) -> bool:
+    """An on/off variable: ``1`` or ``0`` (spaces ignored), ``default`` when unset."""
+    value = os.environ.get(name, default).strip()
     if value not in ("0", "1"):
-        raise ValueError(f"LSA_FUSED_DECODE must be 0 or 1, got {value!r}")
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
 
 
@@ -59,10 +64,7 @@ def decode_gemv() -> bool:
     """``LSA_DECODE_GEMV``: ``1`` runs a small decode batch's o, gate|up, down and LM-head
     projections through the plain Triton GEMV where its measured tiles beat cuBLAS
     (``kernels.decode_gemv``; CUDA only); ``0`` keeps cuBLAS. Default: ``DECODE_GEMV``."""
-    value = os.environ.get("LSA_DECODE_GEMV", DECODE_GEMV).strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"LSA_DECODE_GEMV must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("LSA_DECODE_GEMV", DECODE_GEMV)
 
 
 GIL_SWITCH_MS = 0.5  # a decode worker's default (Python's own: 5 ms)

@@ -18,25 +18,15 @@ def test_the_gil_switch_knob_reads_milliseconds_and_rejects_the_rest(monkeypatch
     assert sys.getswitchinterval() == pytest.approx(0.005)  # reading it changes nothing
 
 
-def test_the_fused_decode_switch_reads_0_or_1_and_rejects_the_rest(monkeypatch):
-    monkeypatch.delenv("LSA_FUSED_DECODE", raising=False)
-    assert lsa_env.fused_decode() is (lsa_env.FUSED_DECODE == "1")
+@pytest.mark.parametrize("name,read,default", [("LSA_FUSED_DECODE", lsa_env.fused_decode, lsa_env.FUSED_DECODE),
+                                                   ("LSA_DECODE_GEMV", lsa_env.decode_gemv, lsa_env.DECODE_GEMV)])
+def test_the_decode_switches_read_0_or_1_and_reject_the_rest(monkeypatch, name, read, default):
+    monkeypatch.delenv(name, raising=False)
+    assert read() is (default == "1")
     for value, want in (("1", True), (" 0 ", False)):
-        monkeypatch.setenv("LSA_FUSED_DECODE", value)
-        assert lsa_env.fused_decode() is want
+        monkeypatch.setenv(name, value)
+        assert read() is want
     for bad in ("yes", "2", "on"):
-        monkeypatch.setenv("LSA_FUSED_DECODE", bad)
-        with pytest.raises(ValueError, match="LSA_FUSED_DECODE"):
-            lsa_env.fused_decode()
-
-
-def test_the_decode_gemv_switch_reads_0_or_1_and_rejects_the_rest(monkeypatch):
-    monkeypatch.delenv("LSA_DECODE_GEMV", raising=False)
-    assert lsa_env.decode_gemv() is (lsa_env.DECODE_GEMV == "1")
-    for value, want in (("1", True), (" 0 ", False)):
-        monkeypatch.setenv("LSA_DECODE_GEMV", value)
-        assert lsa_env.decode_gemv() is want
-    for bad in ("yes", "2", "on"):
-        monkeypatch.setenv("LSA_DECODE_GEMV", bad)
-        with pytest.raises(ValueError, match="LSA_DECODE_GEMV"):
-            lsa_env.decode_gemv()
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            read()
