@@ -57,7 +57,7 @@ def _switch(name: str, default: str) -> bool:
     return value == "1"
 
 
-DECODE_GEMV = "0"  # to be measured on the H200 (docs/perf.md, eleventh session)
+DECODE_GEMV = "1"  # faster on the H200: 128K b1 LSA 4.95 vs 5.09 ms/token (docs/perf.md, eleventh session)
 
 
 def decode_gemv() -> bool:
