@@ -78,6 +78,11 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def project(linear: nn.Module, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """``linear(x)``; with ``gemv``, through ``kernels.decode_gemv`` (a small decode batch on CUDA)."""
+    return kernels.decode_gemv(linear, x) if gemv else linear(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -106,8 +111,7 @@ class Attention(nn.Module):
             out = backend(self.layer, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))  # [T, Hq, D]
         else:
             out = self.attend(self.qkv_proj(x), cos, sin, backend)
-        out = out.reshape(t, self.num_heads * self.head_dim)
-        return kernels.decode_gemv(self.o_proj, out) if self.gemv else self.o_proj(out)
+        return project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim), self.gemv)
 
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                backend: AttentionBackend) -> torch.Tensor:
@@ -137,12 +141,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        elif self.gemv:
-            gate, up = kernels.decode_gemv(self.gate_up_proj, x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one [T, 2I] output
-        act = kernels.silu_mul(gate, up)
-        return kernels.decode_gemv(self.down_proj, act) if self.gemv else self.down_proj(act)
+            gate, up = project(self.gate_up_proj, x, self.gemv).chunk(2, dim=-1)  # views of one [T, 2I] output
+        return project(self.down_proj, kernels.silu_mul(gate, up), self.gemv)
 
 
 class DecoderLayer(nn.Module):
@@ -217,9 +218,7 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.decode_fused_for(hidden):
             return kernels.decode_linear(hidden, self.lm_head.weight).float()
-        if self.decode_gemv:
-            return kernels.decode_gemv(self.lm_head, hidden).float()
-        return self.lm_head(hidden).float()  # [T, V]
+        return project(self.lm_head, hidden, self.decode_gemv).float()  # [T, V]
 
     def set_decode_gemv(self, on: bool) -> None:
         """A decode batch's o, gate|up, down and LM-head projections through the plain Triton GEMV

@@ -11,7 +11,7 @@ from . import reference
 from .dispatch import pick, use_triton
 
 DECODE_LINEAR_MAX_ROWS = 32  # kernels.decode_linear's rows (a decode batch)
-DECODE_GEMV_MAX_ROWS = 4  # kernels.projection.GEMV_MAX_ROWS: decode_gemv's rows (measured at 1 and 4)
+DECODE_GEMV_MAX_ROWS = 4  # decode_gemv's rows: the H200 sweep measured batch 1 and 4; larger keep cuBLAS
 
 __all__ = ["sparse_decode_attention", "prefill_attention", "block_scores", "select_blocks", "paged_kv_write",
            "load_blocks", "quantize_int4", "rms_norm", "rotary", "silu_mul", "decode_linear", "decode_gemv", "reference"]
@@ -195,7 +195,7 @@ def decode_linear(x, weight, norm_weight=None, eps=0.0, silu_input=False, residu
 def decode_gemv(linear, x):
     """``linear(x)`` for a decode batch, through the plain Triton GEMV where it beat cuBLAS on the
     H200 (``kernels.projection.gemv_tiles``: o, down, gate|up and the LM head of Llama-3-8B shapes,
-    at most ``GEMV_MAX_ROWS`` rows, bf16 / fp16, no bias); ``linear(x)`` otherwise (the CPU,
+    at most ``DECODE_GEMV_MAX_ROWS`` rows, bf16 / fp16, no bias); ``linear(x)`` otherwise (the CPU,
     larger batches, other shapes). The same product up to the order of the fp32 sums.
 
     Args:

@@ -93,7 +93,6 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
 # N 28672, the LM heads) with 64 x 256, 67.7 / 104.4 us against 70.7 / 110.7. Between the two
 # (q|k|v, N 6144) the best tiling was level with cuBLAS (22.8 vs 22.5 us): cuBLAS keeps it.
 GEMV_NARROW, GEMV_WIDE = (32, 512, 3, 4), (64, 256, 3, 4)
-GEMV_MAX_ROWS = 4  # the rows the sweep measured (batch 1 and 4); larger batches keep cuBLAS
 
 
 def gemv_tiles(n: int, k: int) -> tuple[int, int, int, int] | None:
