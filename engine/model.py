@@ -12,7 +12,8 @@ the same 4 projections as ``kernels.decode_linear`` GEMVs with the norms, SiLU a
 inside them, 4 kernels a layer fewer (``LSA_FUSED_DECODE=1``; off by default: slower on the H200, docs/perf.md).
 Without it, ``LSA_DECODE_GEMV=1`` (the default) runs only the plain projections of a small decode batch (o,
 gate|up, down, the LM head) as Triton GEMVs where their tiles beat cuBLAS (``kernels.decode_gemv``; on the
-H200 the 128K step 4.95 ms against 5.09, docs/perf.md eleventh session).
+H200 the 128K step 4.95 ms against 5.09, docs/perf.md eleventh session); gate|up's ends with the SwiGLU
+(``kernels.decode_gemv_glu``), so that the SiLU kernel goes too.
 """
 from __future__ import annotations
 
@@ -140,10 +141,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            h = kernels.silu_mul(self.gate_proj(x), self.up_proj(x))
+        elif self.gemv:  # one kernel: the GEMV ending with the SwiGLU (or the Linear, then silu_mul)
+            h = kernels.decode_gemv_glu(self.gate_up_proj, x)
         else:
-            gate, up = project(self.gate_up_proj, x, self.gemv).chunk(2, dim=-1)  # views of one [T, 2I] output
-        return project(self.down_proj, kernels.silu_mul(gate, up), self.gemv)
+            h = kernels.silu_mul(*self.gate_up_proj(x).chunk(2, dim=-1))  # views of one [T, 2I] output
+        return project(self.down_proj, h, self.gemv)
 
 
 class DecoderLayer(nn.Module):

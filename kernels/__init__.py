@@ -192,6 +192,17 @@ def decode_linear(x, weight, norm_weight=None, eps=0.0, silu_input=False, residu
     return pick(x, "projection", "decode_linear")(x, weight, norm_weight, eps, silu_input, residual)
 
 
+def _gemv_tiles_for(linear, x):
+    """The plain GEMV's tiles for ``linear(x)``, or None where the Linear runs (see decode_gemv)."""
+    weight = linear.weight
+    if (type(linear) is torch.nn.Linear and linear.bias is None and use_triton(x) and x.dim() == 2
+            and x.shape[0] <= DECODE_GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.stride(1) == 1):
+        from .projection import gemv_tiles
+        return gemv_tiles(*weight.shape)
+    return None
+
+
 def decode_gemv(linear, x):
     """``linear(x)`` for a decode batch, through the plain Triton GEMV where it beat cuBLAS on the
     H200 (``kernels.projection.gemv_tiles``: o, down, gate|up and the LM head of Llama-3-8B shapes,
@@ -202,15 +213,24 @@ def decode_gemv(linear, x):
         linear: an ``nn.Linear`` ([N, K] weight); a subclass (a tensor-parallel shard) is called as it is.
         x:      [M, K] activations, the last dim contiguous.
     """
-    weight = linear.weight
-    if (type(linear) is torch.nn.Linear and linear.bias is None and use_triton(x) and x.dim() == 2
-            and x.shape[0] <= DECODE_GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and x.stride(1) == 1):
-        from .projection import decode_gemv_triton, gemv_tiles
-        tiles = gemv_tiles(*weight.shape)
-        if tiles is not None:
-            return decode_gemv_triton(x, weight, tiles)
-    return linear(x)
+    tiles = _gemv_tiles_for(linear, x)
+    if tiles is None:
+        return linear(x)
+    from .projection import decode_gemv_triton
+    return decode_gemv_triton(x, linear.weight, tiles)
+
+
+def decode_gemv_glu(gate_up, x):
+    """``silu_mul(gate, up)`` of ``gate_up(x)`` (the fused gate|up Linear, [2I, K]): where
+    :func:`decode_gemv` would run the Triton GEMV, one kernel whose programs own the same columns of
+    gate and up and end with the SwiGLU (no [M, 2I] output, no separate SiLU kernel); otherwise the
+    Linear then :func:`silu_mul`. Rounds where they do (gate and up, the SiLU, the product)."""
+    tiles = _gemv_tiles_for(gate_up, x)
+    if tiles is None:
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return silu_mul(gate, up)
+    from .projection import decode_gemv_triton
+    return decode_gemv_triton(x, gate_up.weight, tiles, glu=True)
 
 
 def rotary(x, cos, sin):

@@ -13,6 +13,11 @@ grid (cdiv(N, BLOCK_N),)    program: BLOCK_N output columns of every row, the wh
   ADD    residual[:, cols] += a @ W[cols].T            in place: each column has one owner
 ```
 
+The plain GEMV (no prologue, no epilogue; :func:`gemv_tiles`) may instead end with the SwiGLU
+of the MLP: the gate|up projection's program owns the same columns of gate and of up (two
+accumulators over the K loop) and writes ``silu(gate) * up`` [M, I] (``GLU``), so that the
+separate SiLU kernel is gone and down reads I columns.
+
 Every step rounds where the unfused modules round (the norm's product and the SiLU in the
 activation dtype, the projection's output before the residual add), so the result is the
 unfused layer's up to the order of the fp32 sums. Rows padded to 16 or 32 for ``tl.dot``; for a
@@ -41,7 +46,7 @@ def tiles(rows_pad: int, silu: bool, elem_bytes: int) -> tuple[int, int]:
 def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride_ym, eps,
                           M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           NUM_STAGES: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, ADD: tl.constexpr,
-                          IEEE_DOT: tl.constexpr):
+                          GLU: tl.constexpr, IEEE_DOT: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, M_PAD)
     offs_k = tl.arange(0, BLOCK_K)
@@ -57,6 +62,7 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
             ss += tl.sum(xk * xk, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)  # GLU: up's columns (W's rows N + offs_n)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         mask_k = kk < K
@@ -78,9 +84,20 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
             acc += tl.dot(a, tl.trans(w.to(dtype)), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w.to(dtype)))
+        if GLU:
+            w_up = tl.load(W + (N + offs_n[:, None]).to(tl.int64) * stride_wn + kk[None, :],
+                           mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if IEEE_DOT:
+                acc_up += tl.dot(a, tl.trans(w_up.to(dtype)), input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, tl.trans(w_up.to(dtype)))
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     mask_y = mask_m[:, None] & mask_n[None, :]
     out = acc.to(dtype)
+    if GLU:  # as kernels.silu_mul on the rounded gate and up: silu rounded, then the product
+        g = out.to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        out = (s * acc_up.to(dtype).to(tl.float32)).to(dtype)
     if ADD:  # the residual stream after the sublayer: the projection rounded, then the add rounded
         out = (tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dtype)
     tl.store(y_ptrs, out, mask=mask_y)
@@ -105,11 +122,18 @@ def gemv_tiles(n: int, k: int) -> tuple[int, int, int, int] | None:
 
 
 def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None, *,
-                         block_n=None, block_k=BLOCK_K, num_stages=None, num_warps=NUM_WARPS):
-    """See :func:`kernels.decode_linear`. Keyword-only tuning knobs (``benchmarks/decode_linear.py``
-    sweeps them): ``block_n`` and ``num_stages`` default to :func:`tiles`'s."""
+                         glu_output=False, block_n=None, block_k=BLOCK_K, num_stages=None, num_warps=NUM_WARPS):
+    """See :func:`kernels.decode_linear`. ``glu_output``: ``weight`` is gate|up [2N, K] and the
+    result ``silu(x @ gate.T) * (x @ up.T)`` [M, N] (no prologue or residual with it); ``block_n``
+    then counts output columns (each two weight rows). Keyword-only tuning knobs
+    (``benchmarks/decode_linear.py`` sweeps them): ``block_n`` and ``num_stages`` default to
+    :func:`tiles`'s."""
     m, kx = x.shape
     n, k = weight.shape
+    if glu_output:
+        assert n % 2 == 0 and norm_weight is None and not silu_input and residual is None, \
+            "the GLU output takes a plain gate|up projection"
+        n //= 2
     assert m <= MAX_ROWS, f"decode_linear takes at most {MAX_ROWS} rows, got {m}"
     assert kx == (2 * k if silu_input else k), f"x has {kx} columns for a weight of {k}"
     assert x.stride(1) == 1 and weight.stride(1) == 1
@@ -126,12 +150,15 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
     _decode_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
         M_PAD=rows_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages or default_stages,
-        NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None,
+        NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None, GLU=glu_output,
         IEEE_DOT=x.dtype == torch.float32, num_warps=num_warps)
     return out
 
 
-def decode_gemv_triton(x, weight, tiles):
-    """``x @ weight.T`` for a decode batch through the plain GEMV with ``tiles`` (:func:`gemv_tiles`)."""
+def decode_gemv_triton(x, weight, tiles, glu=False):
+    """``x @ weight.T`` for a decode batch through the plain GEMV with ``tiles`` (:func:`gemv_tiles`);
+    with ``glu``, ``silu(gate) * up`` of the gate|up ``weight``, each program reading as many weight
+    rows as the tiling says (half its columns gate's, half up's)."""
     block_n, block_k, stages, warps = tiles
-    return decode_linear_triton(x, weight, block_n=block_n, block_k=block_k, num_stages=stages, num_warps=warps)
+    return decode_linear_triton(x, weight, glu_output=glu, block_n=block_n // 2 if glu else block_n,
+                                block_k=block_k, num_stages=stages, num_warps=warps)

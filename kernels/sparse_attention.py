@@ -33,6 +33,7 @@ LOG2E = 1.4426950408889634
 def _split_kernel(
     Q, K, V, TABLE, NUM_BLOCKS, LAST_LEN, O_PART, LSE_PART, BLOCK_LSE,
     qk_scale,  # softmax scale * log2(e)
+    min_blocks,  # a row's blocks go to at most cdiv(num_blocks, min_blocks) of the splits
     stride_qn, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kb, stride_kd,
     stride_vs, stride_vh, stride_vb, stride_vd,
@@ -49,7 +50,8 @@ def _split_kernel(
 
     n_blocks = tl.load(NUM_BLOCKS + pid_n)
     last_len = tl.load(LAST_LEN + pid_n)
-    per_split = tl.cdiv(n_blocks, tl.num_programs(0))                # this row's blocks, not the width
+    active = tl.minimum(tl.num_programs(0), tl.cdiv(n_blocks, min_blocks))
+    per_split = tl.cdiv(n_blocks, active)                             # this row's blocks, not the width
     start = pid_s * per_split
     end = tl.minimum(start + per_split, n_blocks)
 
@@ -190,13 +192,16 @@ def default_num_splits(n_seq: int, n_kvh: int, device: torch.device,
 
 def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
                                    return_block_mass=False, *, out=None, mass_out=None,
-                                   num_splits=None, num_warps=4, num_stages=None):
+                                   num_splits=None, num_warps=4, num_stages=None, min_blocks=1):
     """Triton version of :func:`kernels.sparse_decode_attention` (same contract).
 
     ``out`` / ``mass_out``: optional preallocated outputs. Keyword-only tuning knobs, defaults
     chosen by ``benchmarks/kernels.py --sweep`` on the H200: ``num_splits`` (programs per
     (sequence, KV head) in pass 1; default :func:`default_num_splits`), ``num_warps``,
-    ``num_stages`` (software pipelining depth of the block loop).
+    ``num_stages`` (software pipelining depth of the block loop), ``min_blocks`` (a row's blocks
+    are shared out over at most ``cdiv(num_blocks, min_blocks)`` splits, the others stay empty:
+    a short row keeps a few programs busy instead of many for one block each; it depends on
+    the row alone, so the bits do not depend on the table's width).
     """
     n_seq, n_qh, head_dim = q.shape
     n_slots, n_kvh, block, head_dim_k = k_cache.shape
@@ -232,7 +237,7 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
 
     _split_kernel[(num_splits, n_kvh, n_seq)](
         q, k_cache, v_cache, block_table, num_blocks, last_len, o_part, lse_part, mass,
-        scale * LOG2E,
+        scale * LOG2E, max(1, min_blocks),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
         *o_part.stride(), *lse_part.stride(), *mass.stride()[:3],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=block,

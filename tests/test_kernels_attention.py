@@ -111,15 +111,16 @@ def test_sparse_attention_matches_f64(backend, device, dtype, n_qh, n_kvh, head_
     assert rel_err(plain, ref_out) < TOL[dtype]
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
-def test_triton_split_counts(num_splits):
-    """Split-K with 1 split, uneven splits, and more splits than blocks (empty programs)."""
+@pytest.mark.parametrize("num_splits,min_blocks", [(1, 1), (2, 1), (3, 1), (64, 1), (8, 2), (3, 4), (64, 16)])
+def test_triton_split_counts(num_splits, min_blocks):
+    """Split-K with 1 split, uneven splits, more splits than blocks (empty programs), and rows
+    shared out over fewer splits than launched (``min_blocks``: the rest stay empty)."""
     device, dtype = DEVICE_DTYPES[0]
-    gen = torch.Generator().manual_seed(num_splits)
+    gen = torch.Generator().manual_seed(num_splits * 31 + min_blocks)
     q, pool, table, nb, last = make_case(gen, device, dtype, 8, 2, 64, 16, [5, 1, 3], [7, 2, 16])
     from kernels.sparse_attention import sparse_decode_attention_triton
     out, mass = sparse_decode_attention_triton(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125,
-                                               True, num_splits=num_splits)
+                                               True, num_splits=num_splits, min_blocks=min_blocks)
     ref_out, ref_mass = attention_f64(q, pool[1, 0], pool[1, 1], table, nb, last, 0.125)
     assert rel_err(out, ref_out) < TOL[dtype]
     assert (mass.double().cpu() - ref_mass).abs().max().item() < 5e-5

@@ -78,7 +78,8 @@ def _counting_gemv(monkeypatch):
     import kernels.projection as projection
     calls = []
     real = projection.decode_gemv_triton
-    monkeypatch.setattr(projection, "decode_gemv_triton", lambda x, w, tiles: calls.append(tiles) or real(x, w, tiles))
+    monkeypatch.setattr(projection, "decode_gemv_triton",
+                        lambda x, w, tiles, **kw: calls.append(tiles) or real(x, w, tiles, **kw))
     return calls
 
 
@@ -122,3 +123,52 @@ def test_decode_gemv_keeps_the_linear_where_it_does_not_apply(monkeypatch):
     monkeypatch.setenv("LSA_KERNELS", "torch")
     assert torch.equal(kernels.decode_gemv(plain, x[:2]), plain(x[:2]))
     assert calls == []
+
+
+def glu64(x, weight):
+    gate, up = (x.double().cpu() @ weight.double().cpu().t()).chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up
+
+
+@pytest.mark.parametrize("device,dtype", [dd for dd in DEVICE_DTYPES if dd[1] != torch.float32])
+@pytest.mark.parametrize("n,k", [(128, 1024), (16384, 256)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_gemv_glu_against_float64(monkeypatch, device, dtype, n, k, rows):
+    """kernels.decode_gemv_glu: the gate|up GEMV ending with the SwiGLU gives float64's
+    silu(x gate^T) * (x up^T) on random inputs, and the unfused pair's result (the GEMV, then
+    silu_mul) within one rounding; one kernel, no [M, 2I] output."""
+    import kernels
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = _counting_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(n + k + rows)
+    linear = torch.nn.Linear(k, n, bias=False).to(device, dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 2 * k ** -0.5)
+    x = torch.randn(rows, k, generator=gen).to(device, dtype)
+    out = kernels.decode_gemv_glu(linear, x)
+    assert len(calls) == 1 and out.shape == (rows, n // 2) and out.dtype == dtype
+    assert rel_err(out, glu64(x, linear.weight)) < 2 * TOL[dtype], rel_err(out, glu64(x, linear.weight))
+    unfused = kernels.silu_mul(*kernels.decode_gemv(linear, x).chunk(2, dim=-1))
+    assert rel_err(out, unfused.double().cpu()) < TOL[dtype]
+
+
+def test_decode_gemv_glu_keeps_the_linear_where_the_gemv_does_not_apply(monkeypatch):
+    """Where decode_gemv keeps the Linear (too many rows, the torch backend, an unmeasured shape),
+    decode_gemv_glu is the Linear then silu_mul, exactly; the GLU output takes no prologue."""
+    import kernels
+    from kernel_cases import CUDA
+    from kernels.projection import decode_linear_triton
+    device = "cuda" if CUDA else "cpu"
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = _counting_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(1024, 128, bias=False).to(device, torch.float16)
+    odd = torch.nn.Linear(1000, 128, bias=False).to(device, torch.float16)
+    x = torch.randn(6, 1024, generator=gen).to(device, torch.float16)
+    for lin, inp in ((linear, x), (odd, torch.randn(2, 1000, generator=gen).to(device, torch.float16))):
+        assert torch.equal(kernels.decode_gemv_glu(lin, inp), kernels.silu_mul(*lin(inp).chunk(2, dim=-1)))
+    monkeypatch.setenv("LSA_KERNELS", "torch")
+    assert torch.equal(kernels.decode_gemv_glu(linear, x[:2]), kernels.silu_mul(*linear(x[:2]).chunk(2, dim=-1)))
+    assert calls == []
+    with pytest.raises(AssertionError, match="plain gate.up"):
+        decode_linear_triton(x[:2].float(), linear.weight.float(), residual=torch.zeros(2, 64), glu_output=True)
