@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+MIN_BLOCKS = 1  # the default of sparse_decode_attention_triton's min_blocks
 
 
 @triton.jit
@@ -192,7 +193,7 @@ def default_num_splits(n_seq: int, n_kvh: int, device: torch.device,
 
 def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks, last_len, scale,
                                    return_block_mass=False, *, out=None, mass_out=None,
-                                   num_splits=None, num_warps=4, num_stages=None, min_blocks=1):
+                                   num_splits=None, num_warps=4, num_stages=None, min_blocks=None):
     """Triton version of :func:`kernels.sparse_decode_attention` (same contract).
 
     ``out`` / ``mass_out``: optional preallocated outputs. Keyword-only tuning knobs, defaults
@@ -237,7 +238,7 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
 
     _split_kernel[(num_splits, n_kvh, n_seq)](
         q, k_cache, v_cache, block_table, num_blocks, last_len, o_part, lse_part, mass,
-        scale * LOG2E, max(1, min_blocks),
+        scale * LOG2E, max(1, MIN_BLOCKS if min_blocks is None else min_blocks),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
         *o_part.stride(), *lse_part.stride(), *mass.stride()[:3],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=block,

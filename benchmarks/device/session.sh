@@ -23,6 +23,9 @@
 #     gemv-ab  issue 13 (~6 min): the plain Triton GEMV (LSA_DECODE_GEMV=1) against cuBLAS, its CUDA tests, bench
 #              decode b1 (128K, 512K, overlap on) alternated over GEMV_ROUNDS (2) rounds, its step profile at 128K;
 #              log gemv_ab.log. FLOOR_REHEARSE=1: tiny, CPU
+#     step-ab  issue 13 (~7 min at 2 variants): the step as it is against STEP_VARIANTS (benchmarks/variant.py;
+#              default the step before the twelfth session), its CUDA tests, bench decode b1 (128K, 512K) alternated
+#              over STEP_ROUNDS (2) rounds, its step profile at 128K; log step_ab.log. FLOOR_REHEARSE=1: tiny, CPU
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -299,6 +302,35 @@ phase_gemv_ab() {
   echo "gemv-ab done in $((SECONDS - t0)) s"
 }
 
+phase_step_ab() {
+  # issue 13's batch-1 medians, the step as it is ("base") against variants with a choice set otherwise
+  # (benchmarks/variant.py; STEP_VARIANTS, ";" between variants, default "no-glu min-blocks=1": the step before
+  # the twelfth session), bench decode b1 (128K, 512K; overlap on, full and lsa alive together) alternated over
+  # STEP_ROUNDS (2) rounds (~2 min a variant a round), after the step's CUDA tests; then its profile at 128K.
+  # JSON: bench_step{0,1,...}_r{N}.json (0 = base), profile_step.json; log step_ab.log. FLOOR_REHEARSE=1: tiny, CPU.
+  local t0=$SECONDS shapes="" ctx="131072 524288" win="--rounds 2 --steps 64" slow=1 pctx=131072 psteps=32 collect=""
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx="8192" \
+    win="--rounds 1 --steps 12 --cycle 8" slow=5 pctx=8192 psteps=4 collect="--collect-only"
+  timeout $((170 * slow)) python3 -m pytest -q -p no:warnings $collect tests/test_kernels_decode_linear.py \
+    tests/test_kernels_attention.py tests/test_model_parity.py tests/test_graphs.py tests/test_overlap_decode.py \
+    "tests/test_policies.py::test_lsa_with_full_budget_equals_full_attention" > "$OUT/step_tests.log" 2>&1
+  echo "tests rc=$? ($((SECONDS - t0)) s):"; grep -E "^E |FAILED|passed|failed|tests collected" "$OUT/step_tests.log" | head -10
+  local variants="base;${STEP_VARIANTS:-no-glu min-blocks=1}"
+  for r in $(seq 1 "${STEP_ROUNDS:-2}"); do
+    local i=0
+    while IFS= read -r v; do
+      echo "== round $r variant $i: $v ($((SECONDS - t0)) s)"
+      # shellcheck disable=SC2086
+      timeout $((110 * slow)) python3 -m benchmarks.variant $v -- bench decode --contexts $ctx --batch 1 --rhos 0.1 \
+        --churn 0.33 --overlap on $shapes $win --out "$OUT/bench_step${i}_r$r.json" 2>&1 | grep -v built | grep -E "^ +[0-9]" | head -4
+      i=$((i + 1))
+    done < <(tr ';' '\n' <<< "$variants")
+  done
+  timeout $((100 * slow)) python3 -m benchmarks.profile_step --contexts $pctx --steps $psteps $shapes \
+    --out "$OUT/profile_step.json" 2>&1 | grep -v Warning | head -14
+  echo "step-ab done in $((SECONDS - t0)) s"
+}
+
 phase_floor_eval() {
   # Issue 13, the int4 mirror's accuracy cost against the bf16 and FP8 mirrors (~2 min): SmolLM2, LSA 0.10,
   # cycle 16 (so that blocks come back from the mirror every 16 tokens), ppl / NIAH / agreement at 4K. The three
@@ -336,6 +368,7 @@ for phase in "$@"; do
   fused-ab) phase_fused_ab 2>&1 | tee -a "$OUT/fused_ab.log" ;;
   overlap) phase_overlap 2>&1 | tee -a "$OUT/overlap.log" ;;
   gemv-ab) phase_gemv_ab 2>&1 | tee -a "$OUT/gemv_ab.log" ;;
+  step-ab) phase_step_ab 2>&1 | tee -a "$OUT/step_ab.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

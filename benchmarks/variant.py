@@ -1,0 +1,39 @@
+"""``lsa`` (the cli) with one of the decode step's choices set otherwise, for A/B runs in one session:
+
+    python -m benchmarks.variant NAME [NAME...] -- bench decode --contexts 131072 ...
+
+NAME: ``base`` (nothing changed), ``no-glu`` (the gate|up GEMV writes gate|up and a separate
+silu_mul kernel follows, as before kernels.decode_gemv_glu), ``min-blocks=N`` (sparse attention
+shares a row's blocks over at most cdiv(blocks, N) splits: kernels.sparse_attention.MIN_BLOCKS).
+The patch applies in this process only (the engine of ``bench decode`` runs here).
+"""
+import sys
+
+
+def apply(name: str) -> None:
+    import kernels
+    import kernels.sparse_attention as sparse_attention
+    if name == "base":
+        return
+    if name == "no-glu":
+        kernels.decode_gemv_glu = lambda gate_up, x: kernels.silu_mul(
+            *kernels.decode_gemv(gate_up, x).chunk(2, dim=-1))
+        return
+    if name.startswith("min-blocks="):
+        sparse_attention.MIN_BLOCKS = int(name.split("=", 1)[1])
+        return
+    raise SystemExit(f"unknown variant {name!r} (base, no-glu, min-blocks=N)")
+
+
+def main(argv: list[str]) -> int:
+    if "--" not in argv:
+        raise SystemExit(__doc__)
+    cut = argv.index("--")
+    for name in argv[:cut]:
+        apply(name)
+    from cli import main as lsa
+    return lsa(argv[cut + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
