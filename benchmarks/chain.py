@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels.fused import silu_mul_triton  # noqa: E402
+from kernels.fused import rotary_triton, silu_mul_triton  # noqa: E402
 from kernels.projection import decode_gemv_triton, decode_linear_triton, gemv_tiles  # noqa: E402
 from kernels.sparse_attention import (default_num_splits, default_num_stages,  # noqa: E402
                                       sparse_decode_attention_triton)
@@ -120,7 +120,7 @@ def gemv_rows(layers: int, bw: float) -> list[dict]:
         for m in (1, 4):
             x = torch.randn(layers, m, k, dtype=DT, device="cuda")
             floor_us = n * k * 2 / bw * 1e6
-            configs = [None] + [(bn, bk, st, 4) for bn in (16, 32, 64) for bk in (256, 512) for st in (2, 3, 4)]
+            configs = [None] + [(bn, bk, st, 4) for bn in (16, 32, 64) for bk in (256, 512) for st in (3, 4)]
             for tiles in configs:
                 if tiles is None:
                     def step():
@@ -150,6 +150,23 @@ def gemv_rows(layers: int, bw: float) -> list[dict]:
                     us = replay_ms(lambda call=call: [call(layer) for layer in range(layers)], layers) * 1e3
                     rows.append(dict(proj="gate_up+silu", n=n, k=k, rows=m, tiles=label, us=us,
                                      x_floor=us / floor_us, rule=label == "gemv_glu"))
+            if name == "qkv":  # q|k|v then the rotary of q and k (32 + 8 heads of 128), or the GEMV ending with it
+                tiles = gemv_tiles(n, k)
+                cos, sin = torch.rand(m, D, dtype=DT, device="cuda"), torch.rand(m, D, dtype=DT, device="cuda")
+                rot = (HQ + HKV) * D
+
+                def then_rotary(y):
+                    rotary_triton(y[:, :rot].view(m, HQ + HKV, D), cos, sin)
+                    return y
+                variants = {
+                    "cublas+rotary": lambda layer: then_rotary(F.linear(x[layer], weights[layer])),
+                    "gemv+rotary": lambda layer: then_rotary(decode_gemv_triton(x[layer], weights[layer], tiles)),
+                    "gemv_rope": lambda layer: decode_gemv_triton(x[layer], weights[layer], tiles,
+                                                                  rotary=(cos, sin, D, rot))}
+                for label, call in variants.items():
+                    us = replay_ms(lambda call=call: [call(layer) for layer in range(layers)], layers) * 1e3
+                    rows.append(dict(proj="qkv+rotary", n=n, k=k, rows=m, tiles=label, us=us,
+                                     x_floor=us / floor_us, rule=label == "gemv_rope"))
         del weights
         torch.cuda.empty_cache()
     return rows
@@ -184,7 +201,7 @@ def main():
         result["gemv"] = gemv_rows(args.layers, bw)
         for key in sorted({(r["proj"], r["rows"]) for r in result["gemv"]}):
             ok = [r for r in result["gemv"] if (r["proj"], r["rows"]) == key and "us" in r]
-            if key[0] == "gate_up+silu":
+            if key[0] in ("gate_up+silu", "qkv+rotary"):
                 print(f"{key[0]} x {key[1]} rows: " + ", ".join(f"{r['tiles']} {r['us']:.1f} us" for r in ok))
                 continue
             cublas = [r for r in ok if r["tiles"] == "cublas"]

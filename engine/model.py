@@ -13,7 +13,8 @@ inside them, 4 kernels a layer fewer (``LSA_FUSED_DECODE=1``; off by default: sl
 Without it, ``LSA_DECODE_GEMV=1`` (the default) runs only the plain projections of a small decode batch (o,
 gate|up, down, the LM head) as Triton GEMVs where their tiles beat cuBLAS (``kernels.decode_gemv``; on the
 H200 the 128K step 4.95 ms against 5.09, docs/perf.md eleventh session); gate|up's ends with the SwiGLU
-(``kernels.decode_gemv_glu``), so that the SiLU kernel goes too.
+(``kernels.decode_gemv_glu``) and q|k|v's with the rotary of q and k (``kernels.decode_gemv_rope``), so
+that the SiLU and rotary kernels go too (twelfth session).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.o_bias)
         self.qkv_proj: nn.Linear | None = None  # q|k|v in one Linear, once fused
-        self.gemv = False  # o through kernels.decode_gemv at decode (fuse_projections sets it: LSA_DECODE_GEMV)
+        self.gemv = False  # q|k|v (rotary inside) and o through Triton GEMVs at decode (LSA_DECODE_GEMV)
 
     def fuse(self) -> None:
         """Replace q_proj, k_proj and v_proj by ``qkv_proj``, their rows concatenated."""
@@ -110,16 +111,20 @@ class Attention(nn.Module):
             kernels.rotary(q.view(t, hq, d), cos, sin)  # in place
             kernels.rotary(k.view(t, hkv, d), cos, sin)
             out = backend(self.layer, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))  # [T, Hq, D]
+        elif self.gemv:  # a small decode batch: one kernel for q|k|v with q and k rotated (or cuBLAS, rotary)
+            qkv = kernels.decode_gemv_rope(self.qkv_proj, x, cos, sin, d, (hq + hkv) * d)
+            out = self.attend(qkv, cos, sin, backend, rotated=True)
         else:
             out = self.attend(self.qkv_proj(x), cos, sin, backend)
         return project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim), self.gemv)
 
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               backend: AttentionBackend) -> torch.Tensor:
+               backend: AttentionBackend, rotated: bool = False) -> torch.Tensor:
         """Attention from the fused projection's output [T, (Hq + 2 Hkv) D] (q and k rotated in one
-        launch, in place; q, k, v are views of it) -> [T, Hq, D], before o_proj."""
+        launch, in place, unless ``rotated`` already; q, k, v are views of it) -> [T, Hq, D], before o_proj."""
         t, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        kernels.rotary(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
+        if not rotated:
+            kernels.rotary(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
         q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         return backend(self.layer, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
 
@@ -224,10 +229,10 @@ class LlamaForCausalLM(nn.Module):
         return project(self.lm_head, hidden, self.decode_gemv).float()  # [T, V]
 
     def set_decode_gemv(self, on: bool) -> None:
-        """A decode batch's o, gate|up, down and LM-head projections through the plain Triton GEMV
-        (``kernels.decode_gemv``: where its tiles beat cuBLAS on the H200, on CUDA, at most 4 rows;
-        cuBLAS elsewhere) instead of cuBLAS: no split-K reduce kernels, fewer microseconds per
-        call at decode shapes."""
+        """A decode batch's projections through the plain Triton GEMV (``kernels.decode_gemv``: where
+        its tiles beat cuBLAS on the H200, on CUDA, at most 4 rows; cuBLAS elsewhere) instead of
+        cuBLAS: no split-K reduce kernels, fewer microseconds per call at decode shapes; q|k|v's
+        ends with the rotary of q and k, gate|up's with the SwiGLU (one kernel each, not two)."""
         self.decode_gemv = on
         for layer in self.model.layers:
             layer.self_attn.gemv = layer.mlp.gemv = on

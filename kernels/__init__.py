@@ -233,6 +233,21 @@ def decode_gemv_glu(gate_up, x):
     return decode_gemv_triton(x, gate_up.weight, tiles, glu=True)
 
 
+def decode_gemv_rope(qkv_proj, x, cos, sin, head_dim, rot_cols):
+    """``qkv_proj(x)`` with its first ``rot_cols`` columns (q and k, whole heads of ``head_dim``)
+    rotated as :func:`rotary` does: where :func:`decode_gemv` would run the Triton GEMV, one kernel
+    whose programs own both halves of their heads' columns and rotate them before the store (no
+    separate rotary kernel); otherwise the Linear (or decode_gemv's GEMV) then :func:`rotary`.
+    cos, sin: [M, head_dim]. Rounds where they do (the projection, then each product and the sum)."""
+    tiles = _gemv_tiles_for(qkv_proj, x)
+    if tiles is not None and head_dim % 2 == 0 and cos.stride(1) == 1:
+        from .projection import decode_gemv_triton
+        return decode_gemv_triton(x, qkv_proj.weight, tiles, rotary=(cos, sin, head_dim, rot_cols))
+    qkv = decode_gemv(qkv_proj, x)
+    rotary(qkv[:, :rot_cols].view(x.shape[0], rot_cols // head_dim, head_dim), cos, sin)
+    return qkv
+
+
 def rotary(x, cos, sin):
     """Rotary embedding applied **in place**: ``x * cos + rotate_half(x) * sin``.
 

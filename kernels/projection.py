@@ -43,11 +43,20 @@ def tiles(rows_pad: int, silu: bool, elem_bytes: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+def _decode_linear_kernel(X, W, Y, NORM_W, COS, SIN, M, N, K, stride_xm, stride_wn, stride_ym, stride_cm, eps,
+                          rot_cols,
                           M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           NUM_STAGES: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, ADD: tl.constexpr,
-                          GLU: tl.constexpr, IEEE_DOT: tl.constexpr):
+                          GLU: tl.constexpr, ROPE_HALF: tl.constexpr, PAIRS: tl.constexpr, IEEE_DOT: tl.constexpr):
+    # offs_n: this program's output columns; with GLU or ROPE_HALF, pairs of them (N pairs): the
+    # weight rows (and, ROPE, the output columns) rows_1 and rows_2 of each pair
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE_HALF > 0:  # pair (head h, j < HALF): columns h * 2 HALF + j and + HALF
+        rows_1 = (offs_n // ROPE_HALF) * (2 * ROPE_HALF) + offs_n % ROPE_HALF
+        rows_2 = rows_1 + ROPE_HALF
+    else:  # GLU: gate's column n and up's (weight row N + n)
+        rows_1 = offs_n
+        rows_2 = N + offs_n
     offs_m = tl.arange(0, M_PAD)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
@@ -62,12 +71,12 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
             ss += tl.sum(xk * xk, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)  # GLU: up's columns (W's rows N + offs_n)
+    acc_2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)  # pairs: the second member's
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         mask_k = kk < K
         mask_x = mask_m[:, None] & mask_k[None, :]
-        w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+        w = tl.load(W + rows_1[:, None].to(tl.int64) * stride_wn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if SILU:  # as kernels.silu_mul: silu rounded to the activation dtype, then the product
             g = tl.load(x_rows + kk[None, :], mask=mask_x, other=0.0).to(tl.float32)
@@ -84,62 +93,92 @@ def _decode_linear_kernel(X, W, Y, NORM_W, M, N, K, stride_xm, stride_wn, stride
             acc += tl.dot(a, tl.trans(w.to(dtype)), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w.to(dtype)))
-        if GLU:
-            w_up = tl.load(W + (N + offs_n[:, None]).to(tl.int64) * stride_wn + kk[None, :],
-                           mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if PAIRS:
+            w_2 = tl.load(W + rows_2[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                          mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if IEEE_DOT:
-                acc_up += tl.dot(a, tl.trans(w_up.to(dtype)), input_precision="ieee")
+                acc_2 += tl.dot(a, tl.trans(w_2.to(dtype)), input_precision="ieee")
             else:
-                acc_up += tl.dot(a, tl.trans(w_up.to(dtype)))
+                acc_2 += tl.dot(a, tl.trans(w_2.to(dtype)))
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     mask_y = mask_m[:, None] & mask_n[None, :]
     out = acc.to(dtype)
     if GLU:  # as kernels.silu_mul on the rounded gate and up: silu rounded, then the product
         g = out.to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        out = (s * acc_up.to(dtype).to(tl.float32)).to(dtype)
-    if ADD:  # the residual stream after the sublayer: the projection rounded, then the add rounded
-        out = (tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dtype)
-    tl.store(y_ptrs, out, mask=mask_y)
+        out = (s * acc_2.to(dtype).to(tl.float32)).to(dtype)
+    if ROPE_HALF > 0:  # as kernels.rotary on the rounded projection, where rows_1 < rot_cols (q, k)
+        x1 = out.to(tl.float32)
+        x2 = acc_2.to(dtype).to(tl.float32)
+        c_ptrs = offs_m[:, None].to(tl.int64) * stride_cm + (offs_n % ROPE_HALF)[None, :]
+        mask_c = mask_m[:, None] & mask_n[None, :]
+        c1 = tl.load(COS + c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + c_ptrs + ROPE_HALF, mask=mask_c, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + c_ptrs + ROPE_HALF, mask=mask_c, other=0.0).to(tl.float32)
+        y1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
+        y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+        rotate = (rows_1 < rot_cols)[None, :]
+        y_rows = Y + offs_m[:, None].to(tl.int64) * stride_ym
+        tl.store(y_rows + rows_1[None, :], tl.where(rotate, y1, x1).to(dtype), mask=mask_c)
+        tl.store(y_rows + rows_2[None, :], tl.where(rotate, y2, x2).to(dtype), mask=mask_c)
+    else:
+        if ADD:  # the residual stream after the sublayer: the projection rounded, then the add rounded
+            out = (tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dtype)
+        tl.store(y_ptrs, out, mask=mask_y)
 
 
-# Plain GEMV tilings (BLOCK_N, BLOCK_K, stages, warps) where the H200 sweep of 36 tilings
-# (benchmarks/decode_linear.py, docs/results/2026-12-03h/call1/decode_linear.json, bf16, L2 cleared)
-# beat cuBLAS at 1 and 4 rows: narrow outputs (o: N 4096, K 4096; down: N 4096, K 14336) with 32
-# columns and K tiles of 512, 17.8 / 40.8 us against F.linear's 19.1 / 42.6; wide ones (gate|up
-# N 28672, the LM heads) with 64 x 256, 67.7 / 104.4 us against 70.7 / 110.7. Between the two
-# (q|k|v, N 6144) the best tiling was level with cuBLAS (22.8 vs 22.5 us): cuBLAS keeps it.
-GEMV_NARROW, GEMV_WIDE = (32, 512, 3, 4), (64, 256, 3, 4)
+# Plain GEMV tilings (BLOCK_N, BLOCK_K, stages, warps). First chosen by the H200 sweep of 36 tilings
+# (benchmarks/decode_linear.py, docs/results/2026-12-03h/call1/decode_linear.json, bf16, L2 cleared
+# before each call): narrow outputs (o: N 4096, K 4096; down: N 4096, K 14336) with 32 columns and
+# K tiles of 512, wide ones (gate|up N 28672, the LM heads) with 64 x 256; q|k|v (N 6144) level with
+# cuBLAS there. Then timed as the step runs them (benchmarks/chain.py: one call per layer of 32 in a
+# CUDA graph, nothing in L2; docs/results/2026-12-03k/call1/chain.json, batch 1): narrow with 4
+# stages (o 11.3 us, down 29.4, against 11.5 / 30.1 with 3 and cuBLAS's 13.4 / 31.4), and q|k|v
+# with 64 x 256 x 4 stages 14.8 us against cuBLAS's 15.9 (GEMV_MID, for outputs between the two).
+GEMV_NARROW, GEMV_MID, GEMV_WIDE = (32, 512, 4, 4), (64, 256, 4, 4), (64, 256, 3, 4)
 
 
 def gemv_tiles(n: int, k: int) -> tuple[int, int, int, int] | None:
-    """The plain GEMV's tiling for an [N, K] weight, or None where cuBLAS is kept (a shape between
-    the measured ones, or one its tiles do not divide)."""
-    for tiles, fits in ((GEMV_NARROW, n <= 4096), (GEMV_WIDE, n >= 16384)):
-        if fits and n % tiles[0] == 0 and k % tiles[1] == 0:
+    """The plain GEMV's tiling for an [N, K] weight, or None where cuBLAS is kept (a shape its
+    tiles do not divide)."""
+    for tiles, fits in ((GEMV_NARROW, n <= 4096), (GEMV_MID, 4096 < n < 16384), (GEMV_WIDE, n >= 16384)):
+        if tiles is not None and fits and n % tiles[0] == 0 and k % tiles[1] == 0:
             return tiles
     return None
 
 
 def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False, residual=None, *,
-                         glu_output=False, block_n=None, block_k=BLOCK_K, num_stages=None, num_warps=NUM_WARPS):
+                         glu_output=False, rotary=None, block_n=None, block_k=BLOCK_K, num_stages=None,
+                         num_warps=NUM_WARPS):
     """See :func:`kernels.decode_linear`. ``glu_output``: ``weight`` is gate|up [2N, K] and the
-    result ``silu(x @ gate.T) * (x @ up.T)`` [M, N] (no prologue or residual with it); ``block_n``
-    then counts output columns (each two weight rows). Keyword-only tuning knobs
-    (``benchmarks/decode_linear.py`` sweeps them): ``block_n`` and ``num_stages`` default to
-    :func:`tiles`'s."""
+    result ``silu(x @ gate.T) * (x @ up.T)`` [M, N]. ``rotary=(cos, sin, head_dim, rot_cols)``: the
+    result [M, N] with its first ``rot_cols`` columns (q and k of a q|k|v projection, whole heads)
+    rotated as :func:`kernels.rotary` does, cos / sin [M, head_dim]. Either takes a plain projection
+    (no prologue, no residual), and ``block_n`` then counts pairs of columns (two weight rows each).
+    Keyword-only tuning knobs (``benchmarks/decode_linear.py`` sweeps them): ``block_n`` and
+    ``num_stages`` default to :func:`tiles`'s."""
     m, kx = x.shape
     n, k = weight.shape
-    if glu_output:
+    out_n, half = n, 0
+    if glu_output or rotary is not None:
         assert n % 2 == 0 and norm_weight is None and not silu_input and residual is None, \
-            "the GLU output takes a plain gate|up projection"
+            "the GLU output and the rotary take a plain projection"
+        assert not (glu_output and rotary is not None), "the GLU output or the rotary"
         n //= 2
+        out_n = n if glu_output else out_n
+    cos = sin = weight  # never read without ROPE_HALF
+    if rotary is not None:
+        cos, sin, head_dim, rot_cols = rotary
+        half = head_dim // 2
+        assert head_dim % 2 == 0 and out_n % head_dim == 0 and rot_cols % head_dim == 0, "whole heads"
+        assert cos.shape == sin.shape == (m, head_dim) and cos.stride() == sin.stride() and cos.stride(1) == 1
     assert m <= MAX_ROWS, f"decode_linear takes at most {MAX_ROWS} rows, got {m}"
     assert kx == (2 * k if silu_input else k), f"x has {kx} columns for a weight of {k}"
     assert x.stride(1) == 1 and weight.stride(1) == 1
     assert not (silu_input and norm_weight is not None), "one prologue: the norm or the SiLU"
     if residual is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
     else:
         out = residual
         assert out.shape == (m, n) and out.stride(1) == 1 and out.dtype == x.dtype
@@ -148,17 +187,20 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
     default_n, default_stages = tiles(rows_pad, silu_input, weight.element_size())
     block_n = block_n or default_n
     _decode_linear_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
+        x, weight, out, norm_w, cos, sin, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        cos.stride(0), eps, rotary[3] if rotary is not None else 0,
         M_PAD=rows_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages or default_stages,
         NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None, GLU=glu_output,
-        IEEE_DOT=x.dtype == torch.float32, num_warps=num_warps)
+        ROPE_HALF=half, PAIRS=glu_output or rotary is not None, IEEE_DOT=x.dtype == torch.float32, num_warps=num_warps)
     return out
 
 
-def decode_gemv_triton(x, weight, tiles, glu=False):
+def decode_gemv_triton(x, weight, tiles, glu=False, rotary=None):
     """``x @ weight.T`` for a decode batch through the plain GEMV with ``tiles`` (:func:`gemv_tiles`);
-    with ``glu``, ``silu(gate) * up`` of the gate|up ``weight``, each program reading as many weight
-    rows as the tiling says (half its columns gate's, half up's)."""
+    with ``glu``, ``silu(gate) * up`` of the gate|up ``weight``; with ``rotary`` (see
+    :func:`decode_linear_triton`) q and k rotated. With either, each program reads as many weight
+    rows as the tiling says, in pairs."""
     block_n, block_k, stages, warps = tiles
-    return decode_linear_triton(x, weight, glu_output=glu, block_n=block_n // 2 if glu else block_n,
+    pairs = glu or rotary is not None
+    return decode_linear_triton(x, weight, glu_output=glu, rotary=rotary, block_n=block_n // 2 if pairs else block_n,
                                 block_k=block_k, num_stages=stages, num_warps=warps)

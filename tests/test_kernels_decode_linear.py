@@ -65,12 +65,12 @@ def test_decode_linear_refuses_what_it_does_not_take():
 
 
 def test_gemv_tiles_follow_the_measured_shapes():
-    """The plain GEMV's tiles where the H200 sweep beat cuBLAS (Llama-3-8B: o, down, gate|up, the LM
-    heads), None where cuBLAS is kept (q|k|v, undivided shapes)."""
-    from kernels.projection import GEMV_NARROW, GEMV_WIDE, gemv_tiles
+    """The plain GEMV's tiles where the H200 beat cuBLAS (Llama-3-8B: q|k|v, o, down, gate|up, the LM
+    heads), None where cuBLAS is kept (undivided shapes)."""
+    from kernels.projection import GEMV_MID, GEMV_NARROW, GEMV_WIDE, gemv_tiles
     assert gemv_tiles(4096, 4096) == GEMV_NARROW and gemv_tiles(4096, 14336) == GEMV_NARROW  # o, down
     assert gemv_tiles(28672, 4096) == GEMV_WIDE and gemv_tiles(128256, 4096) == GEMV_WIDE  # gate|up, LM head
-    assert gemv_tiles(6144, 4096) is None  # q|k|v: level with cuBLAS
+    assert gemv_tiles(6144, 4096) == GEMV_MID  # q|k|v
     assert gemv_tiles(4096, 4000) is None and gemv_tiles(4080, 4096) is None and gemv_tiles(28672, 4000) is None
 
 
@@ -170,5 +170,76 @@ def test_decode_gemv_glu_keeps_the_linear_where_the_gemv_does_not_apply(monkeypa
     monkeypatch.setenv("LSA_KERNELS", "torch")
     assert torch.equal(kernels.decode_gemv_glu(linear, x[:2]), kernels.silu_mul(*linear(x[:2]).chunk(2, dim=-1)))
     assert calls == []
-    with pytest.raises(AssertionError, match="plain gate.up"):
+    with pytest.raises(AssertionError, match="plain projection"):
         decode_linear_triton(x[:2].float(), linear.weight.float(), residual=torch.zeros(2, 64), glu_output=True)
+
+
+def rope64(y, cos, sin, head_dim, rot_cols):
+    """kernels.rotary's math in float64 on the first rot_cols columns of y [M, N]."""
+    y = y.clone()
+    m, half = y.shape[0], head_dim // 2
+    heads = y[:, :rot_cols].view(m, -1, head_dim)
+    c, s_ = cos.double().cpu()[:, None], sin.double().cpu()[:, None]
+    rotated = torch.cat([-heads[..., half:], heads[..., :half]], dim=-1)
+    y[:, :rot_cols] = (heads * c + rotated * s_).reshape(m, rot_cols)
+    return y
+
+
+@pytest.mark.parametrize("device,dtype", [dd for dd in DEVICE_DTYPES if dd[1] != torch.float32])
+@pytest.mark.parametrize("n,k,head_dim", [(1024, 512, 128), (6144, 256, 64)], ids=["narrow", "mid"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_gemv_rope_against_float64(monkeypatch, device, dtype, n, k, head_dim, rows):
+    """kernels.decode_gemv_rope: the q|k|v GEMV ending with the rotary of its q and k heads (v's
+    columns as they are) gives float64's projection then rotation on random inputs (random
+    angles), and the unfused pair's (the GEMV, then kernels.rotary) within one rounding."""
+    import kernels
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = _counting_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(n + k + rows)
+    linear = torch.nn.Linear(k, n, bias=False).to(device, dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * k ** -0.5)
+    x = torch.randn(rows, k, generator=gen).to(device, dtype)
+    angles = torch.rand(rows, head_dim // 2, generator=gen) * 6.3
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(device, dtype)
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(device, dtype)
+    rot_cols = n - 2 * head_dim  # all heads but the last two (v's)
+    out = kernels.decode_gemv_rope(linear, x, cos, sin, head_dim, rot_cols)
+    assert len(calls) == 1 and out.shape == (rows, n) and out.dtype == dtype
+    want = rope64(x.double().cpu() @ linear.weight.double().cpu().t(), cos, sin, head_dim, rot_cols)
+    assert rel_err(out, want) < 2 * TOL[dtype], rel_err(out, want)
+    assert rel_err(out[:, rot_cols:], want[:, rot_cols:]) < TOL[dtype]  # v's columns: not rotated
+    unfused = kernels.decode_gemv(linear, x)
+    kernels.rotary(unfused[:, :rot_cols].view(rows, -1, head_dim), cos, sin)
+    assert rel_err(out, unfused.double().cpu()) < TOL[dtype]
+
+
+def test_decode_gemv_rope_keeps_the_linear_and_rotary_where_the_gemv_does_not_apply(monkeypatch):
+    """Too many rows, an unmeasured shape or the torch backend: the Linear, then kernels.rotary,
+    exactly; the rotary takes whole heads and no prologue."""
+    import kernels
+    from kernel_cases import CUDA
+    from kernels.projection import decode_linear_triton
+    device = "cuda" if CUDA else "cpu"
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    calls = _counting_gemv(monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    linear = torch.nn.Linear(1024, 512, bias=False).to(device, torch.float16)
+    odd = torch.nn.Linear(1000, 512, bias=False).to(device, torch.float16)
+
+    def unfused(lin, inp, cos, sin):
+        y = lin(inp)
+        kernels.rotary(y[:, :256].view(inp.shape[0], 2, 128), cos, sin)
+        return y
+
+    for lin, rows in ((linear, 6), (odd, 2)):
+        inp = torch.randn(rows, lin.in_features, generator=gen).to(device, torch.float16)
+        cos, sin = (torch.rand(rows, 128, generator=gen).to(device, torch.float16) for _ in range(2))
+        assert torch.equal(kernels.decode_gemv_rope(lin, inp, cos, sin, 128, 256), unfused(lin, inp, cos, sin))
+    assert calls == []
+    x = torch.randn(2, 1024).to(device, torch.float16)
+    cos = torch.ones(2, 128).to(device, torch.float16)
+    with pytest.raises(AssertionError, match="whole heads"):
+        decode_linear_triton(x, linear.weight, rotary=(cos, cos, 128, 100))
+    with pytest.raises(AssertionError, match="plain projection"):
+        decode_linear_triton(x, linear.weight, rotary=(cos, cos, 128, 256), residual=torch.zeros_like(x[:, :512]))

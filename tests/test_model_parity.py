@@ -193,8 +193,8 @@ def test_fused_decode_gives_the_unfused_logits(monkeypatch):
 
 
 def test_decode_gemv_gives_the_cublas_logits(monkeypatch):
-    """``LSA_DECODE_GEMV=1``: a decode batch's o, gate|up (with the SwiGLU), down and LM-head
-    projections through the plain Triton GEMV (Triton's interpreter on the CPU, fp16; bf16 on CUDA) give the logits of the
+    """``LSA_DECODE_GEMV=1``: a decode batch's q|k|v (with the rotary), o, gate|up (with the SwiGLU),
+    down and LM-head projections through the plain Triton GEMV (Triton's interpreter on the CPU, fp16; bf16 on CUDA) give the logits of the
     Linears to half-precision rounding, through the engine (prefill keeps the Linears); the
     switch reaches every layer and is on by default."""
     import kernels.projection as projection
@@ -207,7 +207,8 @@ def test_decode_gemv_gives_the_cublas_logits(monkeypatch):
     calls = []
     real = projection.decode_gemv_triton
     monkeypatch.setattr(projection, "decode_gemv_triton",
-                        lambda x, w, t, glu=False: calls.append((*w.shape, glu)) or real(x, w, t, glu))
+                        lambda x, w, t, glu=False, rotary=None: calls.append((*w.shape, glu, rotary is not None))
+                        or real(x, w, t, glu, rotary))
     cfg = ModelConfig(architecture="llama", vocab_size=512, hidden_size=512, intermediate_size=512, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=128, max_position_embeddings=512)
     gen = torch.Generator().manual_seed(2)
@@ -219,9 +220,10 @@ def test_decode_gemv_gives_the_cublas_logits(monkeypatch):
         assert all(layer.mlp.gemv == layer.self_attn.gemv == (gemv == "1") for layer in model.model.layers)
         calls.clear()
         logits.append(_sampled_logits(_engine(model, seqs=2, device=device), prompts, max_tokens=4))
-        # o, down and the LM head [512, 512], gate|up [1024, 512] ending with the SwiGLU; q|k|v
-        # ([1024, 512] too) stays cuBLAS
-        assert set(calls) == (set() if gemv == "0" else {(512, 512, False), (1024, 512, True)})
+        # o, down and the LM head [512, 512], gate|up [1024, 512] ending with the SwiGLU, q|k|v
+        # ([1024, 512] too) with the rotary
+        assert set(calls) == (set() if gemv == "0" else {(512, 512, False, False), (1024, 512, True, False),
+                                                          (1024, 512, False, True)})
     rel = (logits[0] - logits[1]).norm() / logits[0].norm()
     assert logits[0].shape == (8, 512) and rel < 2e-2, rel
     monkeypatch.delenv("LSA_DECODE_GEMV")
