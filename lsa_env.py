@@ -67,6 +67,17 @@ def decode_gemv() -> bool:
     return _switch("LSA_DECODE_GEMV", DECODE_GEMV)
 
 
+PDL = "0"  # off until measured on the H200 (docs/perf.md, twelfth session)
+
+
+def pdl() -> bool:
+    """``LSA_PDL``: ``1`` launches the decode step's Triton kernels (projections, norms, KV write,
+    sparse attention) with programmatic dependent launch where the GPU has it (Hopper and later):
+    a kernel's programs may start while the previous kernel finishes and wait inside
+    (``gdc_wait``) before they touch memory. Default: ``PDL``."""
+    return _switch("LSA_PDL", PDL)
+
+
 GIL_SWITCH_MS = 0.5  # a decode worker's default (Python's own: 5 ms)
 
 

@@ -6,7 +6,7 @@ NAME: ``base`` (nothing changed), ``no-glu`` (the gate|up GEMV writes gate|up an
 silu_mul kernel follows, as before kernels.decode_gemv_glu), ``no-rope`` (q|k|v on cuBLAS and a
 separate rotary kernel, as before kernels.decode_gemv_rope), ``old-tiles`` (the GEMV tilings of the
 eleventh session: narrow with 3 stages, no q|k|v tiling), ``eleventh`` (all three: the step of the
-eleventh session), ``min-blocks=N`` (sparse attention shares a row's blocks over at most
+eleventh session), ``pdl`` (LSA_PDL=1: programmatic dependent launch, kernels/pdl.py), ``min-blocks=N`` (sparse attention shares a row's blocks over at most
 cdiv(blocks, N) splits: kernels.sparse_attention.MIN_BLOCKS).
 The patch applies in this process only (the engine of ``bench decode`` runs here).
 """
@@ -37,10 +37,14 @@ def apply(name: str) -> None:
         kernels.decode_gemv_glu = lambda gate_up, x: kernels.silu_mul(
             *kernels.decode_gemv(gate_up, x).chunk(2, dim=-1))
         return
+    if name == "pdl":
+        import os
+        os.environ["LSA_PDL"] = "1"
+        return
     if name.startswith("min-blocks="):
         sparse_attention.MIN_BLOCKS = int(name.split("=", 1)[1])
         return
-    raise SystemExit(f"unknown variant {name!r} (base, no-glu, no-rope, old-tiles, eleventh, min-blocks=N)")
+    raise SystemExit(f"unknown variant {name!r} (base, no-glu, no-rope, old-tiles, eleventh, pdl, min-blocks=N)")
 
 
 def main(argv: list[str]) -> int:

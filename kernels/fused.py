@@ -20,10 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled as pdl_enabled
+
 
 @triton.jit
 def _rms_norm_kernel(X, H, W, Y, stride_x, stride_h, stride_y, n_cols, eps,
-                     ADD: tl.constexpr, BLOCK: tl.constexpr):
+                     ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched before the previous kernel is done (kernels/pdl.py): wait for it here
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -47,7 +51,8 @@ def rms_norm_triton(x, weight, eps, residual_in=None):
     assert h.shape == x.shape and h.stride(1) == 1
     _rms_norm_kernel[(x.shape[0],)](
         x, h, weight, out, x.stride(0), h.stride(0), out.stride(0), x.shape[1], eps,
-        ADD=residual_in is not None, BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+        ADD=residual_in is not None, BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl_enabled(x), num_warps=8,
+        launch_pdl=pdl_enabled(x))
     return out
 
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled as pdl_enabled
+
 
 @triton.jit
 def _write_kernel(
@@ -25,8 +27,10 @@ def _write_kernel(
     stride_cs, stride_ch, stride_cb, stride_cd,
     stride_ds, stride_dh, stride_db, stride_dd,
     n_kvh,
-    HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched before the previous kernel is done (kernels/pdl.py): wait for it here
+        tl.extra.cuda.gdc_wait()
     pid_t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + pid_t).to(tl.int64)
     off = tl.load(OFFSETS + pid_t).to(tl.int64)
@@ -88,8 +92,8 @@ def paged_kv_write_triton(k, v, k_cache, v_cache, slot_ids, offsets, kmin=None, 
     _write_kernel[(n_tok,)](
         k, v, k_cache, v_cache, slot_ids, offsets,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        n_kvh, HEADS_PAD=triton.next_power_of_2(n_kvh), HEAD_DIM=head_dim,
-        num_warps=4,
+        n_kvh, HEADS_PAD=triton.next_power_of_2(n_kvh), HEAD_DIM=head_dim, PDL=pdl_enabled(k),
+        num_warps=4, launch_pdl=pdl_enabled(k),
     )
     if kmin is None:
         return

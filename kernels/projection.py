@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled as pdl_enabled
+
 BLOCK_K, MAX_STAGES, NUM_WARPS = 256, 5, 4  # benchmarks/decode_linear.py on the H200 (docs/kernels.md)
 MAX_ROWS = 32  # kernels.DECODE_LINEAR_MAX_ROWS
 SMEM_BUDGET = 200 * 1024  # of the 227 KB a Hopper block may use: the pipeline's tiles
@@ -47,7 +49,10 @@ def _decode_linear_kernel(X, W, Y, NORM_W, COS, SIN, M, N, K, stride_xm, stride_
                           rot_cols,
                           M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           NUM_STAGES: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, ADD: tl.constexpr,
-                          GLU: tl.constexpr, ROPE_HALF: tl.constexpr, PAIRS: tl.constexpr, IEEE_DOT: tl.constexpr):
+                          GLU: tl.constexpr, ROPE_HALF: tl.constexpr, PAIRS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                          PDL: tl.constexpr):
+    if PDL:  # launched before the previous kernel is done (kernels/pdl.py): wait for it here
+        tl.extra.cuda.gdc_wait()
     # offs_n: this program's output columns; with GLU or ROPE_HALF, pairs of them (N pairs): the
     # weight rows (and, ROPE, the output columns) rows_1 and rows_2 of each pair
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,6 +188,7 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
         out = residual
         assert out.shape == (m, n) and out.stride(1) == 1 and out.dtype == x.dtype
     norm_w = norm_weight if norm_weight is not None else weight  # never read without NORM
+    pdl = pdl_enabled(x)
     rows_pad = 16 if m <= 16 else 32
     default_n, default_stages = tiles(rows_pad, silu_input, weight.element_size())
     block_n = block_n or default_n
@@ -191,7 +197,8 @@ def decode_linear_triton(x, weight, norm_weight=None, eps=0.0, silu_input=False,
         cos.stride(0), eps, rotary[3] if rotary is not None else 0,
         M_PAD=rows_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages or default_stages,
         NORM=norm_weight is not None, SILU=silu_input, ADD=residual is not None, GLU=glu_output,
-        ROPE_HALF=half, PAIRS=glu_output or rotary is not None, IEEE_DOT=x.dtype == torch.float32, num_warps=num_warps)
+        ROPE_HALF=half, PAIRS=glu_output or rotary is not None, IEEE_DOT=x.dtype == torch.float32, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl)
     return out
 
 

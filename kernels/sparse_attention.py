@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import enabled as pdl_enabled
+
 LOG2E = 1.4426950408889634
 MIN_BLOCKS = 1  # the default of sparse_decode_attention_triton's min_blocks
 
@@ -43,8 +45,10 @@ def _split_kernel(
     stride_ln, stride_lh, stride_ls,
     stride_mn, stride_mh, stride_mm,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    RETURN_MASS: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    RETURN_MASS: tl.constexpr, IEEE_DOT: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched before the previous kernel is done (kernels/pdl.py): wait for it here
+        tl.extra.cuda.gdc_wait()
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_n = tl.program_id(2).to(tl.int64)
@@ -117,8 +121,10 @@ def _combine_kernel(
     stride_mn, stride_mh, stride_mm,
     num_splits, width,
     SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, RETURN_MASS: tl.constexpr,
-    MASS_TILE: tl.constexpr,
+    MASS_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched before the previous kernel is done (kernels/pdl.py): wait for it here
+        tl.extra.cuda.gdc_wait()
     pid_h = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -222,6 +228,7 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
     if num_splits is None:
         num_splits = default_num_splits(n_seq, n_kvh, dev, num_stages, block * head_dim * k_cache.element_size())
     num_splits = max(1, num_splits)  # each row's blocks are shared out over them in the kernel
+    pdl = pdl_enabled(q)
 
     o_part = torch.empty((n_seq, n_qh, num_splits, head_dim), dtype=torch.float32, device=dev)
     lse_part = torch.empty((n_seq, n_qh, num_splits), dtype=torch.float32, device=dev)
@@ -243,15 +250,15 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, block_table, num_blocks,
         *o_part.stride(), *lse_part.stride(), *mass.stride()[:3],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=block,
         HEAD_DIM=head_dim, RETURN_MASS=return_block_mass,
-        IEEE_DOT=k_cache.dtype == torch.float32, NUM_STAGES=num_stages,
-        num_warps=num_warps,
+        IEEE_DOT=k_cache.dtype == torch.float32, NUM_STAGES=num_stages, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl,
     )
     _combine_kernel[(n_qh, n_seq)](
         o_part, lse_part, out, mass, num_blocks,
         *o_part.stride(), *lse_part.stride(), *out.stride(), *mass.stride()[:3],
         num_splits, width,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-        RETURN_MASS=return_block_mass, MASS_TILE=128,
-        num_warps=4,
+        RETURN_MASS=return_block_mass, MASS_TILE=128, PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )
     return (out, mass) if return_block_mass else out

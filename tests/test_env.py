@@ -19,7 +19,8 @@ def test_the_gil_switch_knob_reads_milliseconds_and_rejects_the_rest(monkeypatch
 
 
 @pytest.mark.parametrize("name,read,default", [("LSA_FUSED_DECODE", lsa_env.fused_decode, lsa_env.FUSED_DECODE),
-                                                   ("LSA_DECODE_GEMV", lsa_env.decode_gemv, lsa_env.DECODE_GEMV)])
+                                                   ("LSA_DECODE_GEMV", lsa_env.decode_gemv, lsa_env.DECODE_GEMV),
+                                                   ("LSA_PDL", lsa_env.pdl, lsa_env.PDL)])
 def test_the_decode_switches_read_0_or_1_and_reject_the_rest(monkeypatch, name, read, default):
     monkeypatch.delenv(name, raising=False)
     assert read() is (default == "1")
@@ -30,3 +31,12 @@ def test_the_decode_switches_read_0_or_1_and_reject_the_rest(monkeypatch, name, 
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
             read()
+
+
+def test_pdl_is_never_used_off_cuda(monkeypatch):
+    """LSA_PDL=1 changes nothing on the CPU (Triton's interpreter has no PDL)."""
+    import torch
+
+    from kernels.pdl import enabled
+    monkeypatch.setenv("LSA_PDL", "1")
+    assert not enabled(torch.zeros(2))
