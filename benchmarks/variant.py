@@ -1,4 +1,4 @@
-"""``lsa`` (the cli) with one of the decode step's choices set otherwise, for A/B runs in one session:
+"""A benchmark (``lsa bench BENCHMARK``) with the decode step's choices set otherwise, for A/B runs in one session:
 
     python -m benchmarks.variant NAME [NAME...] -- bench decode --contexts 131072 ...
 
@@ -8,7 +8,8 @@ separate rotary kernel, as before kernels.decode_gemv_rope), ``old-tiles`` (the 
 eleventh session: narrow with 3 stages, no q|k|v tiling), ``eleventh`` (all three: the step of the
 eleventh session), ``pdl`` (LSA_PDL=1: programmatic dependent launch, kernels/pdl.py), ``min-blocks=N`` (sparse attention shares a row's blocks over at most
 cdiv(blocks, N) splits: kernels.sparse_attention.MIN_BLOCKS).
-The patch applies in this process only (the engine of ``bench decode`` runs here).
+The patch applies in this process only (the engine of ``bench decode`` runs here). What follows
+``--`` is ``bench BENCHMARK ARGS`` as ``lsa`` takes it.
 """
 import sys
 
@@ -53,8 +54,11 @@ def main(argv: list[str]) -> int:
     cut = argv.index("--")
     for name in argv[:cut]:
         apply(name)
-    from cli import main as lsa
-    return lsa(argv[cut + 1:])
+    rest = argv[cut + 1:]
+    if len(rest) < 2 or rest[0] != "bench":
+        raise SystemExit("after --: bench BENCHMARK [ARGS...]")
+    from benchmarks.commands import main as bench
+    return bench(rest[1], rest[2:])
 
 
 if __name__ == "__main__":

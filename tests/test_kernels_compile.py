@@ -40,10 +40,15 @@ for fmt in sorted(FORMATS):
         out[fmt] = f"{type(exc).__name__}: {exc}"
 from kernels.projection import _decode_linear_kernel
 
-for variant, flags in {"plain": (0, 0, 0), "norm": (1, 0, 0), "silu_add": (0, 1, 1), "norm_add": (1, 0, 1)}.items():
-    constexprs = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 256, "NUM_STAGES": 5, "NORM": bool(flags[0]),
-                  "SILU": bool(flags[1]), "ADD": bool(flags[2]), "IEEE_DOT": False}
-    pointers = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "NORM_W": "*bf16", "eps": "fp32"}
+for variant, flags in {"plain": (0, 0, 0, 0, 0, 0), "norm": (1, 0, 0, 0, 0, 0), "silu_add": (0, 1, 1, 0, 0, 0),
+                      "norm_add": (1, 0, 1, 0, 0, 0), "glu": (0, 0, 0, 1, 0, 0), "rope": (0, 0, 0, 0, 64, 0),
+                      "rope_pdl": (0, 0, 0, 0, 64, 1)}.items():
+    norm, silu, add, glu, rope_half, pdl = flags
+    constexprs = {"M_PAD": 16, "BLOCK_N": 64, "BLOCK_K": 256, "NUM_STAGES": 5, "NORM": bool(norm),
+                  "SILU": bool(silu), "ADD": bool(add), "GLU": bool(glu), "ROPE_HALF": rope_half,
+                  "PAIRS": bool(glu or rope_half), "IEEE_DOT": False, "PDL": bool(pdl)}
+    pointers = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "NORM_W": "*bf16", "COS": "*bf16", "SIN": "*bf16",
+                "eps": "fp32"}
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in _decode_linear_kernel.arg_names}
     try:
         compiled = triton.compile(ASTSource(_decode_linear_kernel, sig, constexprs=constexprs),
@@ -71,6 +76,6 @@ def test_load_blocks_kernel_compiles_for_hopper(compiled, fmt):
     assert compiled[fmt] in ("ttir", "front end"), compiled[fmt]
 
 
-@pytest.mark.parametrize("variant", ["plain", "norm", "silu_add", "norm_add"])
+@pytest.mark.parametrize("variant", ["plain", "norm", "silu_add", "norm_add", "glu", "rope", "rope_pdl"])
 def test_decode_linear_kernel_compiles_for_hopper(compiled, variant):
     assert compiled["decode_linear_" + variant] in ("ttir", "front end"), compiled["decode_linear_" + variant]
