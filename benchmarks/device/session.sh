@@ -26,6 +26,8 @@
 #     step-ab  issue 13 (~7 min at 2 variants): the step as it is against STEP_VARIANTS (benchmarks/variant.py;
 #              default the step before the twelfth session), its CUDA tests, bench decode b1 (128K, 512K) alternated
 #              over STEP_ROUNDS (2) rounds, its step profile at 128K; log step_ab.log. FLOOR_REHEARSE=1: tiny, CPU
+#     served-gemv issue 13 (~1 min; after setup.sh receive 1): the served app (LSA, CUDA graphs) on the step's
+#              kernels, 8B shapes cut to 2 layers, two rounds of served_smoke.py; log served_gemv.log
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
@@ -146,6 +148,19 @@ phase_early() {
   fi
   timeout 200 python3 -m cli bench decode --contexts 131072 --batch 1 --rounds 3 --steps 32 \
     --out "$OUT/bench_decode_128k.json" 2>&1 | grep -v built | tail -8
+}
+
+phase_served_gemv() {
+  # the served app (cluster:app through `lsa serve`, CUDA graphs, LSA) on the step's kernels of a small decode batch
+  # (the GEMVs with the rotary and the SwiGLU, PDL): Llama-3-8B shapes cut to 2 layers (~1 min in all; ray: after
+  # setup.sh receive 1), two rounds of the served smoke (sessions, turns, completions, streaming).
+  local m=/tmp/llama3-8b-2layers
+  [ -f $m/config.json ] || step make_model_2l 120 python3 -m benchmarks.make_random_model $m --shape llama3-8b \
+    --layers 2 ${LSA_TOKENIZER_DIR:+--tokenizer $LSA_TOKENIZER_DIR}
+  if serve_start 8012 model=$m $APP policy=lsa kv_store_bytes=4000000000; then
+    timeout 120 python3 benchmarks/device/served_smoke.py http://127.0.0.1:8012 "$OUT/served_smoke.json" 2>&1 | tail -12
+    serve_stop 8012
+  fi
 }
 
 phase_fidelity() {
@@ -371,6 +386,7 @@ for phase in "$@"; do
   overlap) phase_overlap 2>&1 | tee -a "$OUT/overlap.log" ;;
   gemv-ab) phase_gemv_ab 2>&1 | tee -a "$OUT/gemv_ab.log" ;;
   step-ab) phase_step_ab 2>&1 | tee -a "$OUT/step_ab.log" ;;
+  served-gemv) phase_served_gemv 2>&1 | tee -a "$OUT/served_gemv.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
