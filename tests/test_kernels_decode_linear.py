@@ -83,6 +83,13 @@ def _counting_gemv(monkeypatch):
     return calls
 
 
+def _triton_on_this_device(monkeypatch):
+    """(device, calls): the Triton backend chosen, the GEMV's calls counted (CUDA if present)."""
+    from kernel_cases import CUDA
+    monkeypatch.setenv("LSA_KERNELS", "triton")
+    return ("cuda" if CUDA else "cpu"), _counting_gemv(monkeypatch)
+
+
 @pytest.mark.parametrize("device,dtype", [dd for dd in DEVICE_DTYPES if dd[1] != torch.float32])
 @pytest.mark.parametrize("n,k", [(64, 1024), (16384, 256)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("rows", [1, 4])
@@ -107,10 +114,7 @@ def test_decode_gemv_keeps_the_linear_where_it_does_not_apply(monkeypatch):
     """More rows than measured, fp32, a bias, an unmeasured shape, or the torch backend: the
     Linear itself (its exact output)."""
     import kernels
-    from kernel_cases import CUDA
-    device = "cuda" if CUDA else "cpu"
-    monkeypatch.setenv("LSA_KERNELS", "triton")
-    calls = _counting_gemv(monkeypatch)
+    device, calls = _triton_on_this_device(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     plain = torch.nn.Linear(1024, 64, bias=False).to(device, torch.float16)
     biased = torch.nn.Linear(1024, 64, bias=True).to(device, torch.float16)
@@ -156,11 +160,8 @@ def test_decode_gemv_glu_keeps_the_linear_where_the_gemv_does_not_apply(monkeypa
     """Where decode_gemv keeps the Linear (too many rows, the torch backend, an unmeasured shape),
     decode_gemv_glu is the Linear then silu_mul, exactly; the GLU output takes no prologue."""
     import kernels
-    from kernel_cases import CUDA
     from kernels.projection import decode_linear_triton
-    device = "cuda" if CUDA else "cpu"
-    monkeypatch.setenv("LSA_KERNELS", "triton")
-    calls = _counting_gemv(monkeypatch)
+    device, calls = _triton_on_this_device(monkeypatch)
     gen = torch.Generator().manual_seed(4)
     linear = torch.nn.Linear(1024, 128, bias=False).to(device, torch.float16)
     odd = torch.nn.Linear(1000, 128, bias=False).to(device, torch.float16)
@@ -218,11 +219,8 @@ def test_decode_gemv_rope_keeps_the_linear_and_rotary_where_the_gemv_does_not_ap
     """Too many rows, an unmeasured shape or the torch backend: the Linear, then kernels.rotary,
     exactly; the rotary takes whole heads and no prologue."""
     import kernels
-    from kernel_cases import CUDA
     from kernels.projection import decode_linear_triton
-    device = "cuda" if CUDA else "cpu"
-    monkeypatch.setenv("LSA_KERNELS", "triton")
-    calls = _counting_gemv(monkeypatch)
+    device, calls = _triton_on_this_device(monkeypatch)
     gen = torch.Generator().manual_seed(6)
     linear = torch.nn.Linear(1024, 512, bias=False).to(device, torch.float16)
     odd = torch.nn.Linear(1000, 512, bias=False).to(device, torch.float16)
