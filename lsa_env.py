@@ -61,9 +61,10 @@ DECODE_GEMV = "1"  # faster on the H200: 128K b1 LSA 4.95 vs 5.09 ms/token (docs
 
 
 def decode_gemv() -> bool:
-    """``LSA_DECODE_GEMV``: ``1`` runs a small decode batch's o, gate|up, down and LM-head
-    projections through the plain Triton GEMV where its measured tiles beat cuBLAS
-    (``kernels.decode_gemv``; CUDA only); ``0`` keeps cuBLAS. Default: ``DECODE_GEMV``."""
+    """``LSA_DECODE_GEMV``: ``1`` runs a small decode batch's projections (q|k|v with the rotary of
+    q and k inside, o, gate|up with the SwiGLU inside, down, the LM head) through the plain Triton
+    GEMV where its measured tiles beat cuBLAS (``kernels.decode_gemv``; CUDA only); ``0`` keeps
+    cuBLAS and the separate rotary and SiLU kernels. Default: ``DECODE_GEMV``."""
     return _switch("LSA_DECODE_GEMV", DECODE_GEMV)
 
 

@@ -205,7 +205,7 @@ def _gemv_tiles_for(linear, x):
 
 def decode_gemv(linear, x):
     """``linear(x)`` for a decode batch, through the plain Triton GEMV where it beat cuBLAS on the
-    H200 (``kernels.projection.gemv_tiles``: o, down, gate|up and the LM head of Llama-3-8B shapes,
+    H200 (``kernels.projection.gemv_tiles``: q|k|v, o, down, gate|up and the LM head of Llama-3-8B shapes,
     at most ``DECODE_GEMV_MAX_ROWS`` rows, bf16 / fp16, no bias); ``linear(x)`` otherwise (the CPU,
     larger batches, other shapes). The same product up to the order of the fp32 sums.
 

@@ -14,9 +14,12 @@ grid (cdiv(N, BLOCK_N),)    program: BLOCK_N output columns of every row, the wh
 ```
 
 The plain GEMV (no prologue, no epilogue; :func:`gemv_tiles`) may instead end with the SwiGLU
-of the MLP: the gate|up projection's program owns the same columns of gate and of up (two
-accumulators over the K loop) and writes ``silu(gate) * up`` [M, I] (``GLU``), so that the
-separate SiLU kernel is gone and down reads I columns.
+of the MLP or with the rotary of q and k. Its programs then own pairs of columns, two accumulators
+over the one K loop: the gate|up projection's the same columns of gate and of up, writing
+``silu(gate) * up`` [M, I] (``GLU``: no separate SiLU kernel, down reads I columns); the q|k|v
+projection's both halves of a head's columns, rotated before the store where they are q's or k's
+(``ROPE_HALF``: no separate rotary kernel). Any of these kernels may be launched with programmatic
+dependent launch (``PDL``, kernels/pdl.py).
 
 Every step rounds where the unfused modules round (the norm's product and the SiLU in the
 activation dtype, the projection's output before the residual add), so the result is the
