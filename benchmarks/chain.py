@@ -13,7 +13,8 @@ as in the step), and the time per call is the replay's median over rounds divide
 batch 1 and 128K batch 4, rho 0.10, over split count x warps x stages x ``min_blocks``.
 ``gemv``: each Llama-3-8B decode projection at 1 and 4 rows, cuBLAS (``F.linear``) against the
 plain Triton GEMV (kernels/projection.py) over its tilings. Floors: the bytes read at the
-device-to-device copy bandwidth measured in this run. Prints tables, writes JSON.
+device-to-device copy bandwidth measured in this run as ``lsa bench decode`` measures it
+(benchmarks/floor.py; the first run, docs/results/2026-12-03k/call1, timed its own graph-captured copy). Prints tables, writes JSON.
 """
 import argparse
 import datetime
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.floor import copy_bandwidth  # noqa: E402
 from kernels.fused import rotary_triton, silu_mul_triton  # noqa: E402
 from kernels.projection import decode_gemv_triton, decode_linear_triton, gemv_tiles  # noqa: E402
 from kernels.sparse_attention import (default_num_splits, default_num_stages,  # noqa: E402
@@ -61,15 +63,6 @@ def replay_ms(fn, layers: int, rounds: int = 7, reps: int = 10) -> float:
         times.append(start.elapsed_time(end) / reps / layers)
     del graph
     return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 30
-    src = torch.randn(n, dtype=DT, device="cuda")
-    dst = torch.empty_like(src)
-    ms = replay_ms(lambda: dst.copy_(src), 1)
-    del src, dst
-    return 2 * n * 2 / (ms * 1e-3)
 
 
 def attention_rows(layers: int, bw: float) -> list[dict]:
@@ -179,7 +172,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     args = ap.parse_args()
     torch.manual_seed(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))  # as bench decode measures it, so that the floors compare
     result = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(), command=" ".join(sys.argv),
                   copy_bw_gbps=bw / 1e9, layers=args.layers)

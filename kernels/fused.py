@@ -49,10 +49,11 @@ def rms_norm_triton(x, weight, eps, residual_in=None):
     out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
     h = residual_in if residual_in is not None else x
     assert h.shape == x.shape and h.stride(1) == 1
+    pdl = pdl_enabled(x)
     _rms_norm_kernel[(x.shape[0],)](
         x, h, weight, out, x.stride(0), h.stride(0), out.stride(0), x.shape[1], eps,
-        ADD=residual_in is not None, BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl_enabled(x), num_warps=8,
-        launch_pdl=pdl_enabled(x))
+        ADD=residual_in is not None, BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl, num_warps=8,
+        launch_pdl=pdl)
     return out
 
 

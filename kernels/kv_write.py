@@ -89,11 +89,12 @@ def paged_kv_write_triton(k, v, k_cache, v_cache, slot_ids, offsets, kmin=None, 
     assert slot_ids.shape == (n_tok,) and offsets.shape == (n_tok,)
     if n_tok == 0:
         return
+    pdl = pdl_enabled(k)
     _write_kernel[(n_tok,)](
         k, v, k_cache, v_cache, slot_ids, offsets,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        n_kvh, HEADS_PAD=triton.next_power_of_2(n_kvh), HEAD_DIM=head_dim, PDL=pdl_enabled(k),
-        num_warps=4, launch_pdl=pdl_enabled(k),
+        n_kvh, HEADS_PAD=triton.next_power_of_2(n_kvh), HEAD_DIM=head_dim, PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )
     if kmin is None:
         return
