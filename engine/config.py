@@ -276,6 +276,10 @@ class PolicyConfig:
     indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
     layer_plan: str | None = option(None, "lsa: layer plan file (lsa calibrate): the layers in groups, each with its "
                                     "own resident set and share of the budget; default: one set for all layers")
+    recency_bonus: float = option(0.0, "lsa: a complete block among the newest budget's worth (StreamingLLM's "
+                                  "window) ranks as if the indexer gave it (1 + this) times the attention "
+                                  "mass: a far block replaces one of them only where it outweighs it that "
+                                  "much (0: off; large: the window, plus only the far blocks that dominate)")
     index_score: str = option("mean", "zero-training indexer score: mean (mean-key dot; the best measured, "
                                   "docs/accuracy.md), quest (min/max bounds), mass (attention mass with the mean "
                                   "key as the block's keys), attention (exact attention mass of the recent "
@@ -291,6 +295,8 @@ class PolicyConfig:
                 or self.page_blocks < 1 or self.neighbors < 0 or self.min_resident_tokens < 0:
             raise InvalidRequestError("cycle and page_blocks must be >= 1; sink_blocks, tail_blocks, tail_tokens, "
                                       "neighbors and min_resident_tokens >= 0")
+        if not self.recency_bonus >= 0.0:
+            raise InvalidRequestError(f"recency_bonus must be >= 0, got {self.recency_bonus}")
         if self.index_score not in INDEX_SCORES:
             raise InvalidRequestError(f"index_score must be one of {', '.join(INDEX_SCORES)}")
         if self.first_plan not in ("attention", "indexer"):

@@ -51,13 +51,15 @@ def run(engine, ids, max_tokens=40, hook=None):
     return seqs, [torch.stack(logits[s.seq_id]) for s in seqs]
 
 
-@pytest.mark.parametrize("per_layer,index_score", [(False, "quest"), (True, "quest"), (False, "mass"),
-                                                    (False, "attention"), (True, "attention")])
-def test_lsa_with_full_budget_equals_full_attention(model, per_layer, index_score):
+@pytest.mark.parametrize("per_layer,index_score,bonus", [(False, "quest", 0.0), (True, "quest", 0.0),
+                                                          (False, "mass", 0.0), (False, "attention", 0.0),
+                                                          (True, "attention", 0.0), (False, "mean", 3.0),
+                                                          (False, "attention", 3.0)])
+def test_lsa_with_full_budget_equals_full_attention(model, per_layer, index_score, bonus):
     ids = prompts()
     full_seqs, full_logits = run(engine_for(model, name="full"), ids)
     lsa_seqs, lsa_logits = run(engine_for(model, name="lsa", budget=1.0, cycle=4, per_layer=per_layer,
-                                          index_score=index_score), ids)
+                                          index_score=index_score, recency_bonus=bonus), ids)
     for f, s, fl, sl in zip(full_seqs, lsa_seqs, full_logits, lsa_logits):
         assert s.output_ids == f.output_ids
         assert torch.equal(sl, fl)  # same blocks, same order, same kernel: bit-identical
@@ -122,6 +124,64 @@ def test_attention_score_keeps_sinks_and_tail_within_budget(model, per_layer):
     assert all(len(s.output_ids) == 50 for s in seqs)
     assert engine.policy.cycles > 0  # boundaries scored from the mirror's keys
     assert engine.policy.index_fraction() == 0.0  # no device index keys to pay for
+
+
+@pytest.mark.parametrize("index_score", ["mean", "attention"])
+def test_recency_bonus_keeps_sinks_and_tail_within_budget(model, index_score):
+    engine = engine_for(model, name="lsa", budget=0.2, cycle=8, recency_bonus=2.0, index_score=index_score)
+    seqs, _ = run(engine, prompts(), max_tokens=50, hook=_check_residency)
+    assert all(len(s.output_ids) == 50 for s in seqs)
+    assert engine.policy.cycles > 0
+
+
+def test_recency_bonus_favours_the_window_by_its_ratio(model):
+    """The newest (budget - sinks - open block) complete blocks gain log(1 + bonus); a far block
+    displaces one of them only where its score is higher by more than that."""
+    policy = engine_for(model, name="lsa", recency_bonus=1.0, neighbors=0).policy
+    gen = torch.Generator().manual_seed(5)
+    score = torch.randn(40, generator=gen, dtype=torch.float64)
+    budget = 9  # 1 sink + 1 open block: a window of the newest 7 complete blocks
+    favoured = policy.favour_recent(score, budget)
+    want = score.clone()
+    want[33:] += torch.log(torch.tensor(2.0, dtype=torch.float64))
+    assert torch.equal(favoured, want) and torch.equal(score, torch.randn(40, generator=torch.Generator().manual_seed(5),
+                                                                          dtype=torch.float64))  # not in place
+    # a far block just above the weakest window block's boosted score outranks it; just below, not
+    weakest = int(torch.argmin(favoured[33:])) + 33
+    for delta, ahead in ((1e-3, True), (-1e-3, False)):
+        s = score.clone()
+        s[:33] = -10.0
+        s[3] = favoured[weakest] + delta
+        order = policy._pages(policy.favour_recent(s, budget)).tolist()
+        assert (order.index(3) < order.index(weakest)) == ahead
+    # 0 or a budget with no room for a window: the scores unchanged
+    assert torch.equal(policy.favour_recent(score, 2), score)
+    with pytest.raises(InvalidRequestError, match="recency_bonus"):
+        PolicyConfig(name="lsa", recency_bonus=-1.0)
+    with pytest.raises(InvalidRequestError, match="recency_bonus"):
+        PolicyConfig(name="lsa", recency_bonus=float("nan"))
+
+
+def test_a_large_recency_bonus_plans_the_streaming_window(model):
+    """With a bonus no score overcomes, every plan is StreamingLLM's window (sinks, then the newest
+    blocks), so LSA resides exactly where StreamingLLM does at the same budget at its boundaries."""
+    engine = engine_for(model, name="lsa", budget=0.2, cycle=8, recency_bonus=1e30, neighbors=0, tail_tokens=0,
+                        lookahead=0)
+    checked = []
+
+    def check(engine, seq):
+        policy, cache = engine.policy, engine.cache
+        if seq.seq_id not in cache.blocks.seqs or policy._step.get(seq.seq_id, 0) % 8 != 1:
+            return
+        n = cache.num_tokens(seq.seq_id)
+        budget = policy.budget_blocks(-(-n // BLOCK))
+        complete = (n - 1) // BLOCK  # complete when the boundary ranked (one token ago)
+        window = set(range(complete - (budget - 2), complete)) | {0}
+        assert window <= set(cache.blocks.seqs[seq.seq_id].resident[0])
+        checked.append(n)
+
+    run(engine, prompts(), max_tokens=40, hook=check)
+    assert checked
 
 
 @pytest.mark.parametrize("name", ["lsa", "snapkv"])

@@ -13,6 +13,7 @@ every complete block). Sinks, the recent tail and the open block are always resi
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -189,10 +190,24 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         limit = (self.max_group_budget(ahead) + self.config.sink_blocks
                  + max(self.group_tail(g, ahead) for g in range(len(self.groups()))) + 2)
         scores = []
-        for members in self.groups():
+        for g, members in enumerate(self.groups()):
             layers = [m for m in members if m in per_layer] or list(per_layer)
-            scores.append(torch.stack([per_layer[m] for m in layers]).amax(0))  # cross-layer max, [M]
+            score = torch.stack([per_layer[m] for m in layers]).amax(0)  # cross-layer max, [M]
+            if self.config.recency_bonus > 0:
+                score = self.favour_recent(score, self.group_budget(g, ahead))
+            scores.append(score)
         return scores, limit
+
+    def favour_recent(self, score: torch.Tensor, budget: int) -> torch.Tensor:
+        """``score`` [M] (log-mass units: every Level-1 score is a log of an attention mass, or a
+        logit) with log(1 + recency_bonus) added to the newest complete blocks that StreamingLLM's
+        window would hold in a resident set of ``budget`` blocks (all but the sinks and the open
+        block). A far block then displaces one of them only where its score is that much higher."""
+        window = max(0, budget - self.config.sink_blocks - 1)
+        bonus = torch.zeros_like(score)
+        if window:
+            bonus[-window:] = math.log1p(self.config.recency_bonus)
+        return score + bonus
 
     def _rank_in_background(self, seq_id: int) -> Future:
         """Score now (kernel launches only), order on a worker thread once the scores reach the
