@@ -276,11 +276,11 @@ class PolicyConfig:
     indexer: str | None = option(None, "lsa: learned indexer directory (lsa train-indexer); default: zero-training")
     layer_plan: str | None = option(None, "lsa: layer plan file (lsa calibrate): the layers in groups, each with its "
                                     "own resident set and share of the budget; default: one set for all layers")
-    recency_bonus: float = option(4.0, "lsa: a complete block among the newest budget's worth (StreamingLLM's "
+    recency_bonus: float = option(2.0, "lsa: a complete block among the newest budget's worth (StreamingLLM's "
                                   "window) ranks as if the indexer gave it (1 + this) times the attention "
                                   "mass: a far block replaces one of them only where it outweighs it that "
                                   "much (0: off; large: the window, plus only the far blocks that dominate; "
-                                  "4: the best measured, docs/accuracy.md)")
+                                  "2: the best measured with the mean-key score, docs/accuracy.md)")
     index_score: str = option("mean", "zero-training indexer score: mean (mean-key dot; the best measured, "
                                   "docs/accuracy.md), quest (min/max bounds), mass (attention mass with the mean "
                                   "key as the block's keys), attention (exact attention mass of the recent "
