@@ -87,8 +87,11 @@ def probe_policy(cfg: ModelConfig, s: Setup):
 def policy_config(s: Setup) -> PolicyConfig:
     if s.policy == "full":
         return PolicyConfig(name="full")
-    # rho itself is measured: no resident floor (at the benchmark's 32K+ contexts it never binds)
-    return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer", min_resident_tokens=0)
+    # rho itself is measured: no resident floor (at the benchmark's 32K+ contexts it never binds). No recency
+    # bonus: ``--churn`` sets how much each plan replaces (a third: real text's with the bonus off; the bonus
+    # lowers it, 28% fewer blocks copied at 8K on essays, docs/accuracy.md), and random KV would not churn anyway
+    return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer", min_resident_tokens=0,
+                        recency_bonus=0.0)
 
 
 def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[LLMEngine, list]:
