@@ -9,7 +9,9 @@ At each boundary the indexer scores every complete block of the sequence at the 
 layers (cross-layer max) from the queries of the last W decode steps; the plan it yields is
 applied one cycle later (``lookahead=1``, the paper's; ``0`` applies it at once). Applying a
 plan copies in only the blocks that changed; evicting costs nothing (the host mirror has
-every complete block). Sinks, the recent tail and the open block are always resident.
+every complete block). Sinks, the recent tail and the open block are always resident. Every
+plan favours StreamingLLM's window by ``recency_bonus`` (``favour_recent``): a far block must
+outscore a window block by that mass ratio to take its place.
 """
 from __future__ import annotations
 
