@@ -206,10 +206,10 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
         window would hold in a resident set of ``budget`` blocks (all but the sinks and the open
         block). A far block then displaces one of them only where its score is that much higher."""
         window = max(0, budget - self.config.sink_blocks - 1)
-        bonus = torch.zeros_like(score)
+        out = score.clone()
         if window:
-            bonus[-window:] = math.log1p(self.config.recency_bonus)
-        return score + bonus
+            out[-window:] += math.log1p(self.config.recency_bonus)
+        return out
 
     def _rank_in_background(self, seq_id: int) -> Future:
         """Score now (kernel launches only), order on a worker thread once the scores reach the
