@@ -262,7 +262,8 @@ def run_group(model, setups: list[Setup], device, args, gen, bandwidth: float) -
     for i, rho, flag in pairs:
         s = engines[i][0]
         label = {"context": s.context, "policy": s.policy, "rho": rho, "host_dtype": s.host_dtype or "model",
-                 "churn": s.churn, "max_batch": s.max_batch, "alternated": len(pairs) > 1, "overlap": flag,
+                 "churn": s.churn, "max_batch": s.max_batch,
+                 "index_score": s.index_score if s.policy == "lsa" else None, "alternated": len(pairs) > 1, "overlap": flag,
                  "cuda_graphs": engines[i][1].runner.graphs is not None, "graph_captures_warmup": warm_captures[i]}
         row = summarise(label, windows[(i, rho, flag)], s.batch)
         rows.append({**row, **floor_fields(step_bytes[(i, rho, flag)], bandwidth, row["token_ms_median"])})
@@ -285,18 +286,20 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
         6 * GiB if device.type == "cuda" else 64 * 2 ** 20)
     dev_budget = int(device_free_bytes(device, args.cpu_device_bytes) * args.device_fraction) - activations
 
-    def setup(policy, batch, host_dtype=None):
+    def setup(policy, batch, host_dtype=None, index_score="mean"):
         if policy == "lsa":
             if host_dtype == "auto":  # the model dtype if one sequence's mirror fits in host RAM, else fp8
-                probe = Setup(policy, rhos, 1, context, max_tokens, args.block_size, args.cycle, None)
+                probe = Setup(policy, rhos, 1, context, max_tokens, args.block_size, args.cycle, None,
+                              index_score=index_score)
                 host_dtype = None if per_seq_bytes(cfg, probe, dtype)[1] <= host_budget else "fp8"
             host_dtype = None if host_dtype in ("bf16", "model") else host_dtype
         return Setup(policy, rhos if policy == "lsa" else (), batch, context, max_tokens, args.block_size,
                      args.cycle, host_dtype, graphs=False if args.eager else None,
-                     churn=args.churn if policy == "lsa" else None)
+                     churn=args.churn if policy == "lsa" else None, index_score=index_score)
 
-    # (policy, host mirror format): full attention, then LSA over each format asked for
-    variants = [("full", None)] + [("lsa", h) for h in dict.fromkeys(args.host_dtype)]
+    # (policy, host mirror format, Level-1 score): full attention, then LSA over each format and score asked for
+    variants = [("full", None, "mean")] + [("lsa", h, sc) for h in dict.fromkeys(args.host_dtype)
+                                           for sc in dict.fromkeys(args.index_score)]
 
     def largest(s: Setup) -> int:
         dev, host = per_seq_bytes(cfg, s, dtype)
@@ -308,17 +311,17 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
     groups, skipped = [], []
     for b in batches:
         if b == "max":  # each policy (and mirror format) alone, at its own largest batch
-            for policy, host_dtype in variants:
-                n = largest(setup(policy, 1, host_dtype))
+            for policy, host_dtype, score in variants:
+                n = largest(setup(policy, 1, host_dtype, score))
                 if n >= 1:
-                    groups.append([dataclasses.replace(setup(policy, n, host_dtype), max_batch=True)])
+                    groups.append([dataclasses.replace(setup(policy, n, host_dtype, score), max_batch=True)])
                 else:
                     skipped.append({"context": context, "policy": policy, "batch": "max",
                                     "skipped": "one sequence does not fit"})
             continue
         group, dev_left, host_left = [], dev_budget, host_budget  # alive together: lsa first, full in what is left
-        for policy, host_dtype in variants[1:] + variants[:1]:
-            s = setup(policy, int(b), host_dtype)
+        for policy, host_dtype, score in variants[1:] + variants[:1]:
+            s = setup(policy, int(b), host_dtype, score)
             dev, host = (x * int(b) for x in per_seq_bytes(cfg, s, dtype))
             if dev <= dev_left and host <= host_left:
                 group.append(s)
@@ -332,8 +335,15 @@ def plan_groups(cfg: ModelConfig, context: int, batches: list[str], args, dtype,
     return groups, skipped
 
 
+def row_name(r: dict) -> str:
+    """full, lsa@rho, or lsa@rho/att for the ``attention`` Level-1 score."""
+    if r["rho"] is None:
+        return r["policy"]
+    return f"lsa@{r['rho']:g}" + ("/att" if r.get("index_score") == "attention" else "")
+
+
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'context':>8} {'batch':>5} {'policy':>10} {'host':>5} {'ovl':>3} {'ms/tok':>8} {'p99':>8} {'floor':>7} {'x floor':>7} "
+    head = (f"{'context':>8} {'batch':>5} {'policy':>12} {'host':>5} {'ovl':>3} {'ms/tok':>8} {'p99':>8} {'floor':>7} {'x floor':>7} "
             f"{'tok/s':>9} {'vs full':>7} {'GPU KV':>7} {'KV peak':>7} {'late %':>6} {'defer/c':>7} {'peak GB':>8} "
             f"{'host GB':>8} {'MB/cycle':>9} {'swap ms/cyc':>11} {'bound max':>9} {'caps':>4} {'slow':>4}")
     print(head)
@@ -341,9 +351,9 @@ def print_table(rows: list[dict]) -> None:
             if r.get("policy") == "full" and "skipped" not in r}  # the same run's, with overlap as the row's
     for r in rows:
         if "skipped" in r:
-            print(f"{r['context']:>8} {str(r['batch']):>5} {r['policy']:>10}  skipped: {r['skipped']}")
+            print(f"{r['context']:>8} {str(r['batch']):>5} {r['policy']:>12}  skipped: {r['skipped']}")
             continue
-        name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
+        name = row_name(r)
         ref = full.get((r["context"], "max" if r["max_batch"] else r["batch"], r.get("overlap")))
         if not ref or ref is r:
             speed = "-"
@@ -354,7 +364,7 @@ def print_table(rows: list[dict]) -> None:
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
         host = "-" if r["policy"] == "full" else r["host_dtype"]
         ovl = {True: "on", False: "off"}.get(r.get("overlap"), "-")
-        print(f"{r['context']:>8} {r['batch']:>5} {name:>10} {host:>5} {ovl:>3} {r['token_ms_median']:>8.2f} "
+        print(f"{r['context']:>8} {r['batch']:>5} {name:>12} {host:>5} {ovl:>3} {r['token_ms_median']:>8.2f} "
               f"{r['token_ms_p99']:>8.2f} {r['floor_ms']:>7.2f} {r['ratio_to_floor'] or 0:>7.2f} "
               f"{r['tokens_per_s']:>9.1f} {speed:>7} {100 * r['resident_kv_fraction']:>6.1f}% "
               f"{100 * r['peak_device_kv_fraction']:>6.1f}% {100 * r['late_fraction']:>5.1f}% "
@@ -366,7 +376,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         anatomy = r.get("boundary_anatomy") or {}
         if "boundary" in anatomy:
-            name = (r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}") + {True: " overlap on", False: " overlap off"}.get(
+            name = row_name(r) + {True: " overlap on", False: " overlap off"}.get(
                 r.get("overlap"), "")
             parts = "; ".join(f"{kind} {a['step_ms']:.2f} ms (before {a['before_ms']:.2f}, wait {a['wait_ms']:.2f}, "
                               f"after {a['after_ms']:.2f})" for kind, a in anatomy.items())
@@ -374,7 +384,7 @@ def print_table(rows: list[dict]) -> None:
     # steps over 10x the median: a capture (caps) or a boundary's work, or neither
     for r in rows:
         for slow in r.get("slow_steps", ()):
-            name = r["policy"] if r["rho"] is None else f"lsa@{r['rho']:g}"
+            name = row_name(r)
             print(f"  slow step: {r['context']} batch {r['batch']} {name}: window {slow['window']} step "
                   f"{slow['step']} {slow['ms']:.1f} ms (median {r['token_ms_median']:.2f}), boundaries "
                   f"{slow['boundaries']}, graph captures {slow['captures']}")
@@ -396,6 +406,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
     p.add_argument("--host-dtype", nargs="+", default=["auto"], help="lsa host mirror formats, each its own lsa "
                    "engine: auto (model dtype if it fits, else fp8), model, fp8, int4")
+    p.add_argument("--index-score", nargs="+", choices=("mean", "attention"), default=["mean"],
+                   help="lsa's Level-1 score, each its own lsa engine: mean (device index keys) or attention (exact "
+                        "attention of the last queries on the index layers' keys, read from the host mirror)")
     p.add_argument("--churn", type=float, default=None, help="lsa: make plans replace about this share of the "
                    "resident set (real text: 0.33; default: random KV, most of it)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -59,6 +59,7 @@ class Setup:
     graphs: bool | None = None  # CUDA-graph decode (None: the engine's auto)
     churn: float | None = None  # plans replace about this share of the resident set (None: random KV, most of it)
     max_batch: bool = False  # the largest batch the policy fits (lsa bench decode --batch max)
+    index_score: str = "mean"  # lsa's Level-1 score: mean (device index keys) or attention (keys from the mirror)
 
     @property
     def max_len(self) -> int:
@@ -74,7 +75,7 @@ def per_seq_bytes(cfg: ModelConfig, s: Setup, dtype: torch.dtype) -> tuple[int, 
         return blocks * block, 0
     probe = probe_policy(cfg, s)
     host_block = row_bytes(cfg, bs, dtype, s.host_dtype)
-    index = len(probe.index_layers()) * 3 * blocks * cfg.num_kv_heads * cfg.head_dim * 2
+    index = len(probe.index_layers()) * 3 * blocks * cfg.num_kv_heads * cfg.head_dim * 2 if probe.index_keys else 0
     return probe.decode_reserve(s.max_len) * block + index, blocks * host_block
 
 
@@ -91,7 +92,7 @@ def policy_config(s: Setup) -> PolicyConfig:
     # bonus: ``--churn`` sets how much each plan replaces (a third: real text's with the bonus off; the bonus
     # lowers it, 28% fewer blocks copied at 8K on essays, docs/accuracy.md), and random KV would not churn anyway
     return PolicyConfig(name="lsa", budget=max(s.rhos), cycle=s.cycle, first_plan="indexer", min_resident_tokens=0,
-                        recency_bonus=0.0)
+                        recency_bonus=0.0, index_score=s.index_score)
 
 
 def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[LLMEngine, list]:
@@ -107,9 +108,12 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
         scheduler=SchedulerConfig(max_num_seqs=s.batch, max_model_len=s.max_len + 1, cuda_graphs=s.graphs),
         policy=policy_config(s)))
     cache, policy = engine.cache, engine.policy
-    if lsa and s.churn is not None:
-        policy.indexer = SyntheticChurn(policy.indexer, cache.mirror.summary.shape[0], device,
+    churn = lsa and s.churn is not None
+    if churn:
+        policy.indexer = SyntheticChurn(policy.indexer, cache.mirror.summary.shape[0], -(-s.max_len // bs), device,
                                         int(torch.randint(2 ** 31, (1,), generator=gen)))
+        # an indexer that reads the keys ranks logical blocks: one set kept for every sequence
+        shared_hot = hot_blocks(probe, s, gen) if policy.reads_keys else None
     params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True)
     seqs = []
     for _ in range(s.batch):
@@ -119,8 +123,9 @@ def build(model, s: Setup, device: torch.device, gen: torch.Generator) -> tuple[
         if lsa:
             ids = [h for _, h in cache.blocks.commit(seq.seq_id, s.context)]
             fill_host(cache, ids, gen)
-            if s.churn is not None:
-                policy.indexer.keep([ids[j] for j in hot_blocks(probe, s, gen)])
+            if churn:
+                hot = shared_hot if shared_hot is not None else hot_blocks(probe, s, gen)
+                policy.indexer.keep([ids[j] for j in hot], hot)
         else:
             cache.append_slots([seq.seq_id], [s.context])
             cache.blocks.commit(seq.seq_id, s.context)
@@ -164,21 +169,26 @@ class SyntheticChurn:
 
     Random KV alone does not churn: its summaries are a bank of 64 blocks tiled over the
     context (ties, broken by position), and the Quest bound of random summaries hardly depends
-    on the query, so successive plans were the same and boundaries copied nothing."""
+    on the query, so successive plans were the same and boundaries copied nothing. An indexer
+    that reads the keys (``reads_keys``: the ``attention`` score) is given logical blocks, not
+    host rows: its kept blocks are logical ones, the same for every sequence."""
 
-    def __init__(self, indexer, num_host_blocks: int, device: torch.device, seed: int):
+    def __init__(self, indexer, num_host_blocks: int, num_logical_blocks: int, device: torch.device, seed: int):
         self.indexer = indexer
-        self.rank = torch.zeros(num_host_blocks, device=device)  # per host block: > 1 for kept blocks
+        self.reads_keys = getattr(indexer, "reads_keys", False)
+        rows = num_logical_blocks if self.reads_keys else num_host_blocks
+        self.rank = torch.zeros(rows, device=device)  # per host row (or logical block): > 1 for kept blocks
         self.gen = torch.Generator(device=device).manual_seed(seed)
 
-    def keep(self, host_ids: list[int]) -> None:
-        """Blocks every plan keeps, best first."""
-        self.rank[torch.tensor(host_ids, dtype=torch.long, device=self.rank.device)] = \
-            2.0 + torch.arange(len(host_ids), 0, -1, device=self.rank.device, dtype=torch.float32)
+    def keep(self, host_ids: list[int], logical: list[int]) -> None:
+        """Blocks every plan keeps, best first (host rows and their logical blocks)."""
+        ids = logical if self.reads_keys else host_ids
+        self.rank[torch.tensor(ids, dtype=torch.long, device=self.rank.device)] = \
+            2.0 + torch.arange(len(ids), 0, -1, device=self.rank.device, dtype=torch.float32)
 
-    def score(self, queries, kmin, kmax, kmean, host_ids: torch.Tensor) -> torch.Tensor:
-        self.indexer.score(queries, kmin, kmax, kmean, host_ids)
-        kept = self.rank[host_ids]
+    def score(self, queries, *args) -> torch.Tensor:
+        real = self.indexer.score(queries, *args)
+        kept = self.rank[: real.numel()] if self.reads_keys else self.rank[args[-1]]  # args[-1]: host_ids
         noise = torch.rand(kept.shape, generator=self.gen, device=kept.device)  # in [0, 1): below every kept block
         return torch.where(kept > 0, kept, noise)
 

@@ -1,6 +1,7 @@
 """``lsa bench decode`` at tiny sizes on CPU: every policy row is measured and consistent."""
 import json
 
+import pytest
 import torch
 
 from benchmarks.synthetic import model_config
@@ -79,17 +80,21 @@ def test_bench_decode_int4_mirror_with_real_text_churn(tmp_path, capsys):
     assert lsa["late_fraction"] == 0 and lsa["bytes_copied_per_cycle"] > 0  # every timed plan brings blocks in
 
 
-def test_churned_plans_copy_the_blocks_they_change():
+@pytest.mark.parametrize("score", ["mean", "attention"])
+def test_churned_plans_copy_the_blocks_they_change(score):
     """``--churn 0.33``: each plan replaces about a third of the resident set, and what the
     boundaries copy is exactly the blocks that entered the resident set x their bytes (random
-    summaries alone never changed a plan: 0 bytes copied per cycle on the H200)."""
+    summaries alone never changed a plan: 0 bytes copied per cycle on the H200). The same with
+    the ``attention`` score (``--index-score attention``): it keeps no device index keys and
+    ranks logical blocks, read from the mirror at each boundary."""
     from benchmarks.synthetic import Setup, build
 
     cycle, cycles = 8, 4
     model = random_model(model_config("tiny", LAYERS, 20000), "cpu", torch.float32, seed=0)
-    setup = Setup("lsa", (0.1,), 1, 16384, 6 * cycle, BLOCK, cycle, None, churn=0.33)
+    setup = Setup("lsa", (0.1,), 1, 16384, 6 * cycle, BLOCK, cycle, None, churn=0.33, index_score=score)
     engine, seqs = build(model, setup, torch.device("cpu"), torch.Generator().manual_seed(0))
     cache, policy = engine.cache, engine.policy
+    assert policy.reads_keys == (score == "attention") and cache.keeps_index_keys == (score == "mean")
     blocks = cache.blocks.seqs[seqs[0].seq_id]
     for _ in range(cycle + 1):  # past the first boundary (the prefill's plan again) and its step
         engine.step()

@@ -30,6 +30,9 @@
 #              kernels, 8B shapes cut to 2 layers, two rounds of served_smoke.py; log served_gemv.log
 #     floor-eval  issue 13 (~2 min): SmolLM2 ppl / NIAH / agreement, LSA over the bf16, fp8 and int4
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
+#     index-score issue 10 (~8 min): what the exact-attention Level-1 score (index_score=attention) costs in decode
+#              against the mean-key score: bench decode b1 (128K, 512K; full, lsa mean, lsa attention alternated),
+#              then 128K at each one's largest batch over int4; log index_score.log. FLOOR_REHEARSE=1: tiny, CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
 #     fidelity issue 10's accuracy grids on SmolLM2 (<= 7 min; docs/accuracy.md): layer plan by lsa calibrate,
 #              every task at rho 0.10 (8K, 4K; essays and pydoc; n = 20 per cell), the budget sweep 0.05-0.5
@@ -348,6 +351,22 @@ phase_step_ab() {
   echo "step-ab done in $((SECONDS - t0)) s"
 }
 
+phase_index_score() {
+  # Issue 10: the attention score reads the index layers' keys of the whole context from the host mirror at each
+  # boundary (no device index keys); the mean-key score reads the device summaries. Both churn a third of the set.
+  # JSON: bench_decode_score_b1.json, bench_decode_score_max.json.
+  t0=$SECONDS shapes="" ctx="131072 524288" ctx_max=131072 win1="--rounds 2 --steps 64" win2="--rounds 2 --steps 32" cap="" slow=1
+  [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx=8192 ctx_max=8192 \
+    win1="--rounds 1 --steps 8 --cycle 8" win2="--rounds 1 --steps 8 --cycle 8" cap="--max-batch 3" slow=5
+  timeout $((230 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 \
+    --index-score mean attention $shapes $win1 --out "$OUT/bench_decode_score_b1.json" 2>&1 | grep -v built | tail -14
+  echo "batch 1 done ($((SECONDS - t0)) s)"
+  timeout $((320 * slow)) python3 -m cli bench decode --contexts $ctx_max --batch max --rhos 0.1 --churn 0.33 \
+    --host-dtype int4 --index-score mean attention $shapes $win2 $cap --out "$OUT/bench_decode_score_max.json" 2>&1 \
+    | grep -v built | tail -10
+  echo "index-score done in $((SECONDS - t0)) s"
+}
+
 phase_floor_eval() {
   # Issue 13, the int4 mirror's accuracy cost against the bf16 and FP8 mirrors (~2 min): SmolLM2, LSA 0.10,
   # cycle 16 (so that blocks come back from the mirror every 16 tokens), ppl / NIAH / agreement at 4K. The three
@@ -387,6 +406,7 @@ for phase in "$@"; do
   gemv-ab) phase_gemv_ab 2>&1 | tee -a "$OUT/gemv_ab.log" ;;
   step-ab) phase_step_ab 2>&1 | tee -a "$OUT/step_ab.log" ;;
   served-gemv) phase_served_gemv 2>&1 | tee -a "$OUT/served_gemv.log" ;;
+  index-score) phase_index_score 2>&1 | tee -a "$OUT/index_score.log" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

@@ -83,6 +83,8 @@ class AttentionIndexer:
     at early index layers (3, 6, 9 on SmolLM2); perplexity does not follow that layer-averaged
     mass (a shared set serving the early layers' far-back blocks starves the local layers)."""
 
+    reads_keys = True  # scores from the keys in the host mirror, not from device index keys
+
     def score(self, queries: torch.Tensor, keys: torch.Tensor, last_position: int, block_size: int) -> torch.Tensor:
         """queries [W, Hq, D] (the last at ``last_position``); keys [Hkv, M * B, D] -> scores [M]."""
         mass = window_block_mass(queries, keys, queries.shape[-1] ** -0.5, block_size, last_position)  # [Hkv, M]
@@ -126,7 +128,11 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
     @property
     def index_keys(self) -> bool:
         """The attention score reads the keys from the host mirror: no device index keys."""
-        return not isinstance(self.indexer, AttentionIndexer)
+        return not self.reads_keys
+
+    @property
+    def reads_keys(self) -> bool:
+        return getattr(self.indexer, "reads_keys", False)
 
     def index_fraction(self) -> float:
         """Nothing to budget for where no index keys are kept."""
@@ -177,7 +183,7 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
             per_layer = {}
             for li, layer in enumerate(self.index_layers()):
                 queries = torch.stack(list(self._queries[seq_id][layer]))  # [W, Hq, D]
-                if isinstance(self.indexer, AttentionIndexer):
+                if self.reads_keys:
                     keys = self.cache.host_keys(host_ids, layer)  # [Hkv, M * B, D]
                     last = self.cache.num_tokens(seq_id) - 1  # the newest query's position
                     per_layer[layer] = self.indexer.score(queries, keys, last, self.block_size)
