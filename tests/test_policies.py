@@ -184,6 +184,35 @@ def test_a_large_recency_bonus_plans_the_streaming_window(model):
     assert checked
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # one KV head at a time; all of them at once
+@pytest.mark.parametrize("last_position", [None, 70])  # the prompt's last queries; a decode boundary's
+def test_window_block_mass_matches_float64_attention(chunk_bytes, last_position):
+    """The exact attention mass of the last W queries per KV head and block (the first plan's and
+    the ``attention`` score's statistic), against a float64 softmax over the causal keys, on
+    random queries and keys; the same whether the KV heads go one at a time or together."""
+    from engine.policies.base import window_block_mass
+
+    gen = torch.Generator().manual_seed(7)
+    w, hkv, g, d, n, block = 6, 3, 3, 32, 67, 16  # n not a multiple of the block: a partial last block
+    q = torch.randn(w, hkv * g, d, generator=gen)
+    keys = torch.randn(hkv, n, d, generator=gen)
+    scale = d ** -0.5
+    got = window_block_mass(q, keys, scale, block, last_position, chunk_bytes=chunk_bytes)
+    last = n - 1 if last_position is None else last_position
+    want = torch.zeros(hkv, -(-n // block), dtype=torch.float64)
+    for h in range(hkv):
+        for i in range(w):
+            visible = min(n, last - w + 1 + i + 1)  # keys at positions <= this query's
+            for j in range(g):
+                logits = keys[h, :visible].double() @ q[i, h * g + j].double() * scale
+                p = torch.softmax(logits, 0)
+                for b in range(want.shape[1]):
+                    want[h, b] += p[b * block: (b + 1) * block].sum() / (w * g)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got.sum(1).double(), torch.ones(hkv, dtype=torch.float64))  # a distribution per head
+
+
 @pytest.mark.parametrize("name", ["lsa", "snapkv"])
 def test_tail_in_tokens_is_resident_within_budget(model, name):
     # 0.45: LSA counts its index keys inside the budget (2 of 4 layers' summaries: 4.7% at 16-token blocks)

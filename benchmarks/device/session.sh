@@ -32,7 +32,8 @@
 #              mirrors; log floor_eval.log. FLOOR_REHEARSE=1: both with tiny shapes on the CPU
 #     index-score issue 10 (~8 min): what the exact-attention Level-1 score (index_score=attention) costs in decode
 #              against the mean-key score: bench decode b1 (128K, 512K; full, lsa mean, lsa attention alternated),
-#              then 128K at each one's largest batch over int4; log index_score.log. FLOOR_REHEARSE=1: tiny, CPU
+#              then 128K at each one's largest batch over int4, after benchmarks/level1_probe.py (a boundary's scoring by
+#              piece); log index_score.log. FLOOR_REHEARSE=1: tiny, CPU
 #     served1 = prefill serve (call 1: ray only, no GGUF); served2 = checks pooled (call 2)
 #     fidelity issue 10's accuracy grids on SmolLM2 (<= 7 min; docs/accuracy.md): layer plan by lsa calibrate,
 #              every task at rho 0.10 (8K, 4K; essays and pydoc; n = 20 per cell), the budget sweep 0.05-0.5
@@ -358,6 +359,10 @@ phase_index_score() {
   t0=$SECONDS shapes="" ctx="131072 524288" ctx_max=131072 win1="--rounds 2 --steps 64" win2="--rounds 2 --steps 32" cap="" slow=1
   [ -n "${FLOOR_REHEARSE:-}" ] && shapes="--config tiny --layers 2 --device cpu" ctx=8192 ctx_max=8192 \
     win1="--rounds 1 --steps 8 --cycle 8" win2="--rounds 1 --steps 8 --cycle 8" cap="--max-batch 3" slow=5
+  # one boundary's scoring by piece, host and device ms (128K; bf16 and int4 mirrors)
+  probe="--context 131072"; [ -n "${FLOOR_REHEARSE:-}" ] && probe="--config tiny --layers 2 --device cpu --context 8192 --repeats 2"
+  timeout $((120 * slow)) python3 -m benchmarks.level1_probe $probe --host-dtype model int4 \
+    --out "$OUT/level1_probe.json" 2>&1 | grep -v -E "USDT|Warning" | tail -5
   timeout $((230 * slow)) python3 -m cli bench decode --contexts $ctx --batch 1 --rhos 0.1 --churn 0.33 \
     --index-score mean attention $shapes $win1 --out "$OUT/bench_decode_score_b1.json" 2>&1 | grep -v built | tail -14
   echo "batch 1 done ($((SECONDS - t0)) s)"

@@ -207,25 +207,31 @@ def narrow(scores, table, num_blocks, last_len, budget_fn):
     return out, out_n, last_len
 
 
+MASS_CHUNK_BYTES = 512 << 20  # window_block_mass's transient float32 work per group of KV heads
+
+
 def window_block_mass(q: torch.Tensor, keys: torch.Tensor, scale: float, block_size: int,
-                      last_position: int | None = None) -> torch.Tensor:
+                      last_position: int | None = None, chunk_bytes: int = MASS_CHUNK_BYTES) -> torch.Tensor:
     """Attention mass per KV head and block of the last W queries, causal.
 
     q [W, Hq, D] (positions last_position-W+1 .. last_position; default n-W .. n-1), keys
     [Hkv, n, D] (positions 0 .. n-1) -> [Hkv, num_blocks] (mean over queries). Keys past n (the
-    open block at a decode boundary) are not in the softmax. One KV head at a time: the scores
-    of a head are [G, W, n] float32 (256 MB at 512K tokens, G = 4, W = 32), not Hkv times that."""
+    open block at a decode boundary) are not in the softmax. As many KV heads at a time as fit
+    ``chunk_bytes`` of float32 work (a head's keys, scores and softmax: 96 MB at 128K tokens,
+    G = 4, W = 8), at least one: a decode boundary at 128K is two groups of launches where one
+    launch set per head cost the host 2.2 ms per layer on the H200 (benchmarks/level1_probe.py)."""
     w, hq, d = q.shape
     hkv, n, _ = keys.shape
     g = hq // hkv
     last = n - 1 if last_position is None else last_position
     positions = torch.arange(last - w + 1, last + 1, device=q.device)
-    causal = torch.arange(n, device=q.device)[None, :] <= positions[:, None]  # [W, n]
-    per_token = [_head_mass(q[:, h * g: (h + 1) * g].float() * scale, keys[h], causal) for h in range(hkv)]
-    return torch.nn.functional.pad(torch.stack(per_token), (0, (-n) % block_size)).view(hkv, -1, block_size).sum(-1)
-
-
-def _head_mass(q: torch.Tensor, keys: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """Mean attention of one KV head's scaled queries q [W, G, D] on keys [n, D]: [n]."""
-    s = torch.einsum("wgd,nd->gwn", q, keys.float()).masked_fill_(~causal, float("-inf"))  # [G, W, n]
-    return torch.softmax(s, dim=-1).mean((0, 1))
+    future = torch.arange(n, device=q.device)[None, :] > positions[:, None]  # [W, n]: keys after a query
+    qs = (q.float() * scale).reshape(w, hkv, g, d)
+    per_head = 4 * n * (d + 2 * g * w)  # float32 keys, scores, softmax
+    step = max(1, min(hkv, chunk_bytes // max(per_head, 1)))
+    mass = []
+    for h in range(0, hkv, step):
+        s = torch.einsum("whgd,hnd->hgwn", qs[:, h: h + step], keys[h: h + step].float())  # [h, G, W, n]
+        mass.append(torch.softmax(s.masked_fill_(future, float("-inf")), dim=-1).mean((1, 2)))
+    mass = torch.cat(mass) if len(mass) > 1 else mass[0]  # [Hkv, n]
+    return torch.nn.functional.pad(mass, (0, (-n) % block_size)).view(hkv, -1, block_size).sum(-1)
