@@ -2,7 +2,8 @@
 
 ``plan_*`` builds tensors for the whole step (outside any CUDA graph); ``__call__`` is the
 per-layer run: write the new K/V into their slots, let the policy narrow the block table
-(Level-2, Quest, oracle), then attend with ``kernels.sparse_decode_attention``.
+(Level-2, Quest, oracle), then attend with ``kernels.sparse_decode_attention``; a policy with
+``attends`` (per-KV-head block sets: oracle_head) computes decode attention itself.
 """
 from __future__ import annotations
 
@@ -70,9 +71,14 @@ class PagedAttention:
             t = plan.groups[group]
             self.cache.write(layer, k, v, t.slots, t.offsets)
             self.policy.observe_decode(layer, plan.seq_ids, q)
+            k_cache, v_cache = self.cache.layer(layer)
+            if self.policy.attends:  # per-KV-head block sets: the policy attends itself
+                out = self.policy.attend(layer, q, k_cache, v_cache, t.block_table, t.num_blocks, t.last_len,
+                                         self.scale)
+                if out is not None:
+                    return out
             narrowed = self.policy.select(layer, q, t.block_table, t.num_blocks, t.last_len, t.logical)
             table, num_blocks, last_len = narrowed or (t.block_table, t.num_blocks, t.last_len)
-            k_cache, v_cache = self.cache.layer(layer)
             return kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len, self.scale)
         slots, offsets = plan.slots[group]
         self.cache.write(layer, k, v, slots, offsets)

@@ -229,7 +229,7 @@ class SchedulerConfig:
             raise InvalidRequestError("max_num_seqs, prefill_chunk and max_prefill_seqs must be positive")
 
 
-POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+POLICIES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle", "oracle_head")
 INDEX_SCORES = ("quest", "mean", "mass", "attention")  # LSA's zero-training Level-1 scores
 
 

@@ -25,7 +25,7 @@ from lab.report import run_label
 from lab.runs import Run
 from lab.tasks import SESSION_TURNS, TASKS, TEXT_TASKS, TaskSpec, build_samples, load_needles
 
-POLICY_NAMES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle")
+POLICY_NAMES = ("full", "lsa", "quest", "streaming", "snapkv", "oracle", "oracle_head")
 GRID_FIELDS = ("policy", "budget", "max_num_seqs", "max_model_len")  # set per run by the grid
 EVAL_DEFAULTS = {"stagger_boundaries": False}  # a sample's numbers do not depend on its batch
 

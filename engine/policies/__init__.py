@@ -1,7 +1,7 @@
 """Attention policies, by name: ``make_policy(config, num_layers, block_size)``.
 
     base.py        the interface (Policy: full attention), OffloadPolicy, shared helpers
-    baselines.py   streaming, snapkv, quest, oracle
+    baselines.py   streaming, snapkv, quest, oracle, oracle_head
     lsa.py         Lookahead Sparse Attention and its zero-training indexer
     layer_plan.py  LSA with a layer plan: per-group budgets for local and retrieving layers
     indexer.py     the learned Level-1 indexer LSA loads (trained in the lab)
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from engine.config import PolicyConfig
 from engine.policies.base import OffloadPolicy, Policy
-from engine.policies.baselines import OraclePolicy, QuestPolicy, SnapKVPolicy, StreamingPolicy
+from engine.policies.baselines import (OracleHeadPolicy, OraclePolicy, QuestPolicy, SnapKVPolicy,
+                                      StreamingPolicy)
 from engine.policies.layer_plan import LayerPlanPolicy
 from engine.policies.lsa import LSAPolicy
 
 POLICY_CLASSES: dict[str, type[Policy]] = {"full": Policy, "lsa": LSAPolicy, "quest": QuestPolicy,
                                            "streaming": StreamingPolicy, "snapkv": SnapKVPolicy,
-                                           "oracle": OraclePolicy}
+                                           "oracle": OraclePolicy, "oracle_head": OracleHeadPolicy}
 
 
 def make_policy(config: PolicyConfig, num_layers: int, block_size: int) -> Policy:
@@ -28,5 +29,5 @@ def make_policy(config: PolicyConfig, num_layers: int, block_size: int) -> Polic
     return POLICY_CLASSES[config.name](config, num_layers, block_size)
 
 
-__all__ = ["POLICY_CLASSES", "make_policy", "Policy", "LayerPlanPolicy", "OffloadPolicy", "LSAPolicy", "OraclePolicy", "QuestPolicy",
-           "SnapKVPolicy", "StreamingPolicy"]
+__all__ = ["POLICY_CLASSES", "make_policy", "Policy", "LayerPlanPolicy", "OffloadPolicy", "LSAPolicy", "OraclePolicy",
+           "OracleHeadPolicy", "QuestPolicy", "SnapKVPolicy", "StreamingPolicy"]

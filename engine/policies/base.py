@@ -12,6 +12,8 @@ The hooks the engine calls:
                                         step's GPU work hides (copies ahead, Level-1 launches)
     observe_prefill(...) / observe_decode(...)   queries seen at the Level-1 layers
     select(layer, ...)                  per step and layer: narrow the table (Level-2, Quest, oracle)
+    attend(layer, ...)                  per step and layer, instead of select: the attention itself,
+                                        each KV head over blocks of its own (oracle_head)
 
 ``Policy`` is full attention and the base of the others; ``OffloadPolicy`` the base of those
 that keep only a resident set on the device. The baselines are in baselines.py, LSA in lsa.py.
@@ -35,6 +37,7 @@ class Policy:
     selects_each_step = False  # select() narrows tables inside a step (such steps are not CUDA graphs)
     observes_decode = False  # observe_decode() wants each step's queries at the index layers
     index_keys = True  # keeps the index layers' key summaries of every host block on the device (Level-1)
+    attends = False  # attend() computes decode attention itself (per-KV-head sets); select() is then not called
 
     def __init__(self, config: PolicyConfig, num_layers: int, block_size: int):
         self.config = config
@@ -113,6 +116,11 @@ class Policy:
 
     def select(self, layer, q, table, num_blocks, last_len, logical):
         """Return a narrower (table, num_blocks, last_len) for this layer, or None for all of it."""
+        return None
+
+    def attend(self, layer, q, k_cache, v_cache, table, num_blocks, last_len, scale):
+        """Decode attention of this layer, out [N, Hq, D], for a policy whose KV heads attend to
+        different blocks (``attends = True``); None: the backend narrows with select() and attends."""
         return None
 
     def forget(self, seq_id: int) -> None:

@@ -4,6 +4,7 @@
     snapkv      blocks fixed after prefill by the prompt's last queries (SnapKV)
     quest       all KV on the device, per step and layer the top blocks by Quest bounds
     oracle      per step and layer the blocks holding the most true attention mass
+    oracle_head the oracle per KV head: each KV head its own best blocks, as many as the oracle's
 """
 from __future__ import annotations
 
@@ -94,3 +95,27 @@ class OraclePolicy(Policy):
         _, mass = kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len,
                                                   q.shape[-1] ** -0.5, return_block_mass=True)
         return narrow(mass.sum(1), table, num_blocks, last_len, self.budget_blocks)
+
+
+class OracleHeadPolicy(Policy):
+    """Oracle per KV head: per step and layer, each KV head attends to the blocks holding most of
+    its own query heads' true attention mass, as many blocks as the oracle's set (same budget);
+    an upper bound for per-KV-head selection. Attends itself (``attends``): one kernel call per
+    KV head over that head's blocks, of which only the head's query heads are kept."""
+
+    selects_each_step = True
+    attends = True
+
+    def attend(self, layer, q, k_cache, v_cache, table, num_blocks, last_len, scale):
+        _, mass = kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len, scale,
+                                                  return_block_mass=True)  # [N, Hq, M]
+        n, hq, width = mass.shape
+        hkv = k_cache.shape[1]
+        g = hq // hkv
+        per_head = mass.view(n, hkv, g, width).sum(2)  # [N, Hkv, M]: query head i uses KV head i // g
+        out = torch.empty_like(q)
+        for h in range(hkv):
+            t, nb, ll = narrow(per_head[:, h], table, num_blocks, last_len, self.budget_blocks)
+            out[:, h * g:(h + 1) * g] = kernels.sparse_decode_attention(q, k_cache, v_cache, t, nb, ll,
+                                                                        scale)[:, h * g:(h + 1) * g]
+        return out
