@@ -20,6 +20,8 @@ Each row carries the step's memory floor (benchmarks/floor.py: weights + attende
 per step, at the device copy bandwidth measured in the same run) and the median's ratio to it;
 ``--churn 0.33`` gives each sequence blocks every plan keeps, so that a plan replaces about a third
 of the resident set, as plans do on real text (docs/perf.md), instead of most of it.
+``--index-score mean attention`` times LSA with each Level-1 score, each its own engine: ``attention``
+reads the index layers' keys of the whole context from the host mirror at every boundary.
 
 Windows alternate: batch 1 (and any explicit batch) keeps one full engine and one LSA engine
 alive and times, round-robin, full / lsa at each rho (the LSA engine's budget is switched
