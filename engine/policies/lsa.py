@@ -132,6 +132,8 @@ class LSAPolicy(CycleStaging, OffloadPolicy):
 
     @property
     def reads_keys(self) -> bool:
+        """Whether the indexer scores from the keys in the host mirror (``AttentionIndexer``, or a
+        wrapper of it such as bench decode's churn) rather than from the device index keys."""
         return getattr(self.indexer, "reads_keys", False)
 
     def index_fraction(self) -> float:
