@@ -73,10 +73,8 @@ class PagedAttention:
             self.policy.observe_decode(layer, plan.seq_ids, q)
             k_cache, v_cache = self.cache.layer(layer)
             if self.policy.attends:  # per-KV-head block sets: the policy attends itself
-                out = self.policy.attend(layer, q, k_cache, v_cache, t.block_table, t.num_blocks, t.last_len,
-                                         self.scale)
-                if out is not None:
-                    return out
+                return self.policy.attend(layer, q, k_cache, v_cache, t.block_table, t.num_blocks, t.last_len,
+                                          self.scale)
             narrowed = self.policy.select(layer, q, t.block_table, t.num_blocks, t.last_len, t.logical)
             table, num_blocks, last_len = narrowed or (t.block_table, t.num_blocks, t.last_len)
             return kernels.sparse_decode_attention(q, k_cache, v_cache, table, num_blocks, last_len, self.scale)

@@ -120,8 +120,8 @@ class Policy:
 
     def attend(self, layer, q, k_cache, v_cache, table, num_blocks, last_len, scale):
         """Decode attention of this layer, out [N, Hq, D], for a policy whose KV heads attend to
-        different blocks (``attends = True``); None: the backend narrows with select() and attends."""
-        return None
+        different blocks; called instead of select() where ``attends`` is True."""
+        raise NotImplementedError(f"{type(self).__name__} sets attends but has no attend()")
 
     def forget(self, seq_id: int) -> None:
         pass
